@@ -1,0 +1,127 @@
+/**
+ * `shm-fd`: finds or creates a named memfd, passes it to a program as a systemd-style
+ * descriptor, and replaces itself with that program.
+ * @module
+ */
+import { ShmfdError } from '../errors.js';
+import { execReplace } from '../exec.js';
+import { findPassedFd, listenEnv, readListenFds, withEnv, type PassedFd } from '../listen-fds.js';
+import { MemoryFile } from '../memory-file.js';
+import { fdStoreCapacity, Notifier } from '../notify.js';
+import { SHARED_FD_NAME } from '../shared-fd.js';
+import { isSystemError } from '../system.js';
+import { last, packageVersion, parseArgs, parseSize, usageError, type OptionSpec } from './args.js';
+import { isLogLevel, Logger } from './log.js';
+
+const USAGE = `Usage: shm-fd [OPTIONS] [--] COMMAND [ARGS...]
+
+Runs COMMAND in place of shm-fd (same pid) with a named shared memory file (memfd)
+passed as a systemd-style descriptor (LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID). The file
+comes from the descriptors shm-fd was given (e.g. by systemd's fd store) when one has
+the name; otherwise it is created and, under systemd (NOTIFY_SOCKET), parked in the fd
+store (FDSTORE=1) so that it survives restarts of the service.
+
+Options:
+      --name NAME       descriptor name of the memory file (default ${SHARED_FD_NAME})
+      --size BYTES      size of a new file (suffixes K, M, G); an existing one grows to it
+      --no-pid          leave LISTEN_PID unset, for COMMANDs that re-spawn the program
+      --log-level LEVEL silent, error, warn (default), info or debug; also SHMFD_LOG
+  -h, --help            show this help
+  -V, --version         show the version
+
+Exit status: that of COMMAND; 125 if shm-fd fails, 126 if COMMAND cannot be executed,
+127 if it is not found.
+
+Example: shm-fd watch -n 0.1 node examples/primes.js`;
+
+const OPTIONS: OptionSpec[] = [
+  { name: 'name', value: true },
+  { name: 'size', value: true },
+  { name: 'no-pid' },
+  { name: 'log-level', value: true },
+  { name: 'help', short: 'h' },
+  { name: 'version', short: 'V' },
+];
+
+export const EXIT_FAILURE = 125;
+
+function run(argv: readonly string[], log: Logger): number {
+  const args = parseArgs(argv, OPTIONS);
+  if (args.options.has('help')) {
+    process.stdout.write(`${USAGE}\n`);
+    return 0;
+  }
+  if (args.options.has('version')) {
+    process.stdout.write(`shm-fd ${packageVersion()}\n`);
+    return 0;
+  }
+  const level = last(args, 'log-level') ?? process.env.SHMFD_LOG;
+  if (level !== undefined) {
+    if (!isLogLevel(level)) throw usageError(`--log-level: unknown level ${JSON.stringify(level)}`);
+    log.level = level;
+  }
+  const [command, ...commandArgs] = args.rest;
+  if (command === undefined) throw usageError('no COMMAND given (see shm-fd --help)');
+  const name = last(args, 'name') ?? SHARED_FD_NAME;
+  const sizeText = last(args, 'size');
+  const size = sizeText === undefined ? undefined : parseSize('--size', sizeText);
+
+  const passed = readListenFds();
+  const fds: PassedFd[] = [...passed];
+  const found = findPassedFd(passed, name);
+  if (found !== undefined) {
+    const file = MemoryFile.fromFd(found.fd, name);
+    if (size !== undefined) file.grow(size);
+    log.info(`using the passed memory file ${name} (fd ${found.fd}, ${file.size} bytes)`);
+  } else {
+    const file = MemoryFile.create(name, { size: size ?? 0 });
+    fds.push({ fd: file.fd, name });
+    log.info(`created memory file ${name} (${file.size} bytes)`);
+    const notifier = Notifier.fromEnv();
+    if (notifier !== undefined) {
+      if (fdStoreCapacity() === 0) {
+        log.warn(
+          `the service manager's fd store is disabled ($FDSTORE is not set): ${name} will not survive a restart; set FileDescriptorStoreMax=1 or more`,
+        );
+      }
+      notifier.storeFds(name, [file.fd]);
+      notifier.close();
+      log.info(`stored ${name} in the fd store of ${notifier.address}`);
+    }
+  }
+
+  const first = 3;
+  const placements = fds.map((f, i) => ({ from: f.fd, to: first + i }));
+  const env = withEnv(
+    process.env,
+    listenEnv(
+      fds.map((f) => f.name),
+      { pid: args.options.has('no-pid') ? undefined : process.pid, first },
+    ),
+  );
+  log.debug(`exec ${command} with LISTEN_FDS=${env.LISTEN_FDS} LISTEN_FDNAMES=${env.LISTEN_FDNAMES}`);
+  return execReplace({ command, args: commandArgs, env, fds: placements, programName: 'shm-fd' });
+}
+
+/** Runs the command line; returns an exit status only when it did not exec. */
+export function main(argv: readonly string[]): number {
+  const log = new Logger('shm-fd');
+  try {
+    return run(argv, log);
+  } catch (err) {
+    log.error(describeError(err));
+    if (err instanceof ShmfdError && err.code === 'ERR_COMMAND_NOT_FOUND') return 127;
+    if (isSystemError(err, 'EACCES') && err.syscall === 'access') return 126;
+    return EXIT_FAILURE;
+  }
+}
+
+/** One line that names the thing and the problem. */
+export function describeError(err: unknown): string {
+  if (err instanceof ShmfdError) return err.message;
+  if (isSystemError(err)) {
+    if (err.syscall === 'sendmsg') return `cannot reach the service manager at NOTIFY_SOCKET: ${err.message}`;
+    return err.message;
+  }
+  return err instanceof Error ? `${err.name}: ${err.message}` : String(err);
+}

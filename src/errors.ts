@@ -1,0 +1,35 @@
+/**
+ * Errors raised by shmfd itself (as opposed to {@link SystemError}s from the kernel).
+ * Every one carries a stable `code`; match on it, not on the message. The codes are
+ * listed in docs/errors.md.
+ * @module
+ */
+
+/** Stable error codes of shmfd. */
+export type ShmfdErrorCode =
+  | 'ERR_LISTEN_FDS_INVALID'
+  | 'ERR_LISTEN_FDNAMES_MISMATCH'
+  | 'ERR_LISTEN_FDNAME_INVALID'
+  | 'ERR_FD_NOT_PASSED'
+  | 'ERR_NOT_A_MEMORY_FILE'
+  | 'ERR_MAPPING_RANGE'
+  | 'ERR_NOTIFY_SOCKET_INVALID'
+  | 'ERR_NOTIFY_UNSUPPORTED'
+  | 'ERR_NOTIFY_MESSAGE'
+  | 'ERR_FD_STORE_DISABLED'
+  | 'ERR_INVALID_ARGUMENT'
+  | 'ERR_COMMAND_NOT_FOUND'
+  | 'ERR_SOCKET_SPEC'
+  | 'ERR_BACKUP_INVALID'
+  | 'ERR_BACKUP_ACCESS';
+
+/** Base class of the errors shmfd raises. */
+export class ShmfdError extends Error {
+  readonly code: ShmfdErrorCode;
+
+  constructor(code: ShmfdErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'ShmfdError';
+    this.code = code;
+  }
+}

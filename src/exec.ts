@@ -1,0 +1,107 @@
+/**
+ * Replacing the current Node process with another program (execve), so that it keeps the
+ * pid, and finding that program in `PATH`. A Node process is not a clean parent: the
+ * steps here undo what Node and libuv leave behind (see docs/exec.md).
+ * @module
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { ShmfdError } from './errors.js';
+import type { Environment } from './listen-fds.js';
+import * as sys from './system.js';
+
+const DEFAULT_PATH = '/usr/local/bin:/usr/bin:/bin';
+
+/**
+ * Finds `command` the way execvp(3) does: a name with a `/` is used as it is, anything else
+ * is searched in `PATH` (an empty entry is the current directory).
+ * @throws ShmfdError `ERR_COMMAND_NOT_FOUND`; SystemError `EACCES` when found but not executable
+ */
+export function resolveCommand(command: string, env: Environment = process.env): string {
+  if (command === '') throw new ShmfdError('ERR_COMMAND_NOT_FOUND', 'empty command name');
+  const candidates = command.includes('/')
+    ? [command]
+    : (env.PATH ?? DEFAULT_PATH).split(':').map((dir) => path.join(dir === '' ? '.' : dir, command));
+  let denied: unknown;
+  for (const candidate of candidates) {
+    let stat: fs.Stats;
+    try {
+      stat = fs.statSync(candidate);
+    } catch {
+      continue;
+    }
+    if (!stat.isFile()) continue;
+    try {
+      fs.accessSync(candidate, fs.constants.X_OK);
+      return candidate;
+    } catch (err) {
+      denied ??= err;
+    }
+  }
+  if (denied !== undefined) throw denied;
+  throw new ShmfdError('ERR_COMMAND_NOT_FOUND', `${command}: command not found`);
+}
+
+/** Where a descriptor goes in the new program. */
+export interface FdPlacement {
+  /** An open descriptor of this process. */
+  from: number;
+  /** The number it gets in the program. */
+  to: number;
+}
+
+/** What to run in place of this process. */
+export interface ExecRequest {
+  /** Command name or path; looked up in `env.PATH` (see {@link resolveCommand}). */
+  command: string;
+  args: readonly string[];
+  env: Environment;
+  /** Descriptors the program gets, besides stdio. Every other descriptor is closed. */
+  fds: readonly FdPlacement[];
+  /** Prefix of the one line written if execve fails (default `shmfd`). */
+  programName?: string;
+}
+
+/**
+ * Replaces this process with `request.command` (same pid). Never returns: when execve
+ * itself fails, it writes one line to stderr and ends the process with status 126 (or 127
+ * for a vanished file), because by then Node's own descriptors are gone.
+ *
+ * Errors found before anything is changed (command not found, not executable, bad
+ * descriptors) are thrown, and the process is left intact.
+ */
+export function execReplace(request: ExecRequest): never {
+  const file = resolveCommand(request.command, request.env);
+  const env = Object.entries(request.env)
+    .filter((entry): entry is [string, string] => entry[1] !== undefined)
+    .map(([key, value]) => `${key}=${value}`);
+  const argv = [request.command, ...request.args];
+  for (const { from } of request.fds) {
+    if (!sys.isOpen(from)) throw new sys.SystemError('fcntl', 9 /* EBADF */);
+  }
+  const highest = Math.max(3, ...request.fds.flatMap(({ from, to }) => [from, to])) + 1;
+
+  // Past this point the process is committed: no JavaScript that touches libuv runs again.
+  sys.resetSignalsForExec();
+  for (let fd = 0; fd <= 2; fd++) {
+    if (!sys.isOpen(fd)) continue;
+    sys.setCloexec(fd, false);
+    // Node may have made stdio non-blocking; most programs don't expect EAGAIN on stdout.
+    sys.setNonBlocking(fd, false);
+  }
+  sys.cloexecFrom(3);
+  // Move every source out of the way first, so that placing one never clobbers another.
+  const staged = request.fds.map(({ from, to }) => ({ from: sys.dupAbove(from, highest), to }));
+  // fd 3 is usually libuv's epoll descriptor: overwriting it is the last thing before execve.
+  for (const { from, to } of staged) sys.dup2(from, to, false);
+  try {
+    sys.execve(file, argv, env);
+  } catch (err) {
+    const message = err instanceof Error ? err.message : String(err);
+    try {
+      fs.writeSync(2, `${request.programName ?? 'shmfd'}: cannot execute ${request.command}: ${message}\n`);
+    } finally {
+      sys.exitNow(sys.isSystemError(err, 'ENOENT') ? 127 : 126);
+    }
+  }
+}

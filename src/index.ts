@@ -1,0 +1,40 @@
+/**
+ * shmfd: keep a program's in-memory state across restarts, crashes and upgrades.
+ * @module
+ */
+export { ShmfdError, type ShmfdErrorCode } from './errors.js';
+export { SystemError, isSystemError, Seal } from './system.js';
+export {
+  MemoryFile,
+  Mapping,
+  type CreateMemoryFileOptions,
+  type MapOptions,
+  type TypedArrayConstructor,
+} from './memory-file.js';
+export {
+  readListenFds,
+  findPassedFd,
+  listenPidTarget,
+  listenEnv,
+  withEnv,
+  checkFdName,
+  DEFAULT_FIRST_FD,
+  UNKNOWN_NAME,
+  type PassedFd,
+  type Environment,
+  type ReadListenFdsOptions,
+  type ListenEnvOptions,
+} from './listen-fds.js';
+export {
+  Notifier,
+  parseNotifySocket,
+  fdStoreCapacity,
+  watchdogUsec,
+  keepWatchdogFed,
+  MAX_MESSAGE_BYTES,
+  type NotifyState,
+  type StoreFdsOptions,
+  type WatchdogKeeper,
+} from './notify.js';
+export { SharedFd, SHARED_FD_NAME, type SharedFdOptions } from './shared-fd.js';
+export { execReplace, resolveCommand, type ExecRequest, type FdPlacement } from './exec.js';

@@ -1,0 +1,184 @@
+/**
+ * The systemd descriptor-passing convention (sd_listen_fds(3)): `LISTEN_FDS`,
+ * `LISTEN_FDNAMES`, `LISTEN_PID`, and listenfd's `LISTEN_FDS_FIRST_FD`. Reading what a
+ * parent passed, looking descriptors up by name, and describing what to pass on.
+ * @module
+ */
+import fs from 'node:fs';
+import { ShmfdError } from './errors.js';
+import * as sys from './system.js';
+
+/** The first passed descriptor when `LISTEN_FDS_FIRST_FD` is not set. */
+export const DEFAULT_FIRST_FD = 3;
+/** The name of a passed descriptor when `LISTEN_FDNAMES` is absent. */
+export const UNKNOWN_NAME = 'unknown';
+
+const MAX_FD = 0x7fffffff;
+const MAX_NAME_LENGTH = 255;
+
+/** A descriptor passed in by a parent, at its number, with its name. */
+export interface PassedFd {
+  fd: number;
+  name: string;
+}
+
+/** Environment variables, as in `process.env`. */
+export type Environment = Record<string, string | undefined>;
+
+/** Options of {@link readListenFds}. */
+export interface ReadListenFdsOptions {
+  /** The environment to read (default `process.env`). */
+  env?: Environment;
+  /** The pid the descriptors must be meant for (default: this process). */
+  pid?: number;
+  /** Mark the descriptors close-on-exec, as libsystemd does (default true). */
+  cloexec?: boolean;
+  /** Remove the variables from `env` afterwards so children don't misread them (default false). */
+  unsetEnv?: boolean;
+}
+
+function parseDecimal(variable: string, value: string, min: number, max: number): number {
+  if (!/^[0-9]+$/.test(value)) {
+    throw new ShmfdError('ERR_LISTEN_FDS_INVALID', `${variable}=${value} is not a decimal number`);
+  }
+  const n = Number(value);
+  if (!Number.isSafeInteger(n) || n < min || n > max) {
+    throw new ShmfdError('ERR_LISTEN_FDS_INVALID', `${variable}=${value} is out of range (${min}..${max})`);
+  }
+  return n;
+}
+
+/** The parent pid of `pid`, from /proc; undefined once at the root or when unreadable. */
+function parentOf(pid: number): number | undefined {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
+    // The command name in parentheses may itself contain spaces and parentheses.
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    const ppid = Number(fields[1]);
+    return ppid > 0 ? ppid : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+function isAncestor(candidate: number, of: number): boolean {
+  for (let pid = parentOf(of), depth = 0; pid !== undefined && depth < 64; pid = parentOf(pid), depth++) {
+    if (pid === candidate) return true;
+  }
+  return false;
+}
+
+/**
+ * Whom `LISTEN_PID` says the descriptors are for, seen from `pid`:
+ * - `'self'`: missing (accepted, as listenfd does) or equal to `pid`;
+ * - `'ancestor'`: a process that `pid` descends from, which handed the descriptors down
+ *   through a tool that re-spawns its program (`watch`, `node --watch`, nodemon);
+ * - `'other'`: anybody else: the descriptors are not ours.
+ */
+export function listenPidTarget(env: Environment = process.env, pid: number = process.pid): 'self' | 'ancestor' | 'other' {
+  const value = env.LISTEN_PID;
+  if (value === undefined) return 'self';
+  const target = parseDecimal('LISTEN_PID', value, 1, MAX_FD);
+  if (target === pid) return 'self';
+  return isAncestor(target, pid) ? 'ancestor' : 'other';
+}
+
+/**
+ * Reads the descriptors passed in the environment, with the exact semantics of
+ * sd_listen_fds(3) plus listenfd's extensions:
+ * - no `LISTEN_FDS`: none;
+ * - `LISTEN_PID` naming a process other than this one or one of its ancestors: none;
+ * - `LISTEN_FDS`, `LISTEN_PID` or `LISTEN_FDS_FIRST_FD` not a decimal number in range: error;
+ * - `LISTEN_FDNAMES` with another count of names than `LISTEN_FDS`: error;
+ * - `LISTEN_FDNAMES` absent: every descriptor is named `unknown`;
+ * - a descriptor in the range that is not open: error.
+ * @throws ShmfdError `ERR_LISTEN_FDS_INVALID`, `ERR_LISTEN_FDNAMES_MISMATCH`, `ERR_FD_NOT_PASSED`
+ */
+export function readListenFds(options: ReadListenFdsOptions = {}): PassedFd[] {
+  const env = options.env ?? process.env;
+  const countText = env.LISTEN_FDS;
+  if (countText === undefined) return [];
+  if (listenPidTarget(env, options.pid ?? process.pid) === 'other') return [];
+  const first =
+    env.LISTEN_FDS_FIRST_FD === undefined
+      ? DEFAULT_FIRST_FD
+      : parseDecimal('LISTEN_FDS_FIRST_FD', env.LISTEN_FDS_FIRST_FD, 0, MAX_FD);
+  const count = parseDecimal('LISTEN_FDS', countText, 0, MAX_FD - first);
+  let names: string[];
+  if (env.LISTEN_FDNAMES === undefined) {
+    names = new Array<string>(count).fill(UNKNOWN_NAME);
+  } else {
+    // An empty LISTEN_FDNAMES is one empty name; with LISTEN_FDS=0 it stands for none.
+    names = count === 0 && env.LISTEN_FDNAMES === '' ? [] : env.LISTEN_FDNAMES.split(':');
+    if (names.length !== count) {
+      throw new ShmfdError(
+        'ERR_LISTEN_FDNAMES_MISMATCH',
+        `LISTEN_FDNAMES has ${names.length} names but LISTEN_FDS=${count}`,
+      );
+    }
+  }
+  const fds = names.map((name, i) => ({ fd: first + i, name }));
+  for (const { fd, name } of fds) {
+    if (!sys.isOpen(fd)) {
+      throw new ShmfdError('ERR_FD_NOT_PASSED', `LISTEN_FDS=${count} but descriptor ${fd} (${name}) is not open`);
+    }
+  }
+  if (options.cloexec !== false) for (const { fd } of fds) sys.setCloexec(fd, true);
+  if (options.unsetEnv === true) {
+    for (const key of ['LISTEN_FDS', 'LISTEN_FDNAMES', 'LISTEN_PID', 'LISTEN_FDS_FIRST_FD']) delete env[key];
+  }
+  return fds;
+}
+
+/** The first passed descriptor with this name, if any. Names are not unique: the first wins. */
+export function findPassedFd(fds: readonly PassedFd[], name: string): PassedFd | undefined {
+  return fds.find((f) => f.name === name);
+}
+
+/**
+ * Checks a name for `LISTEN_FDNAMES` and `FDNAME=`: ASCII 32..126 without `:`, at most 255
+ * characters. An empty name is valid.
+ * @throws ShmfdError `ERR_LISTEN_FDNAME_INVALID`
+ */
+export function checkFdName(name: string): string {
+  if (name.length > MAX_NAME_LENGTH || !/^[\x20-\x39\x3b-\x7e]*$/.test(name)) {
+    throw new ShmfdError(
+      'ERR_LISTEN_FDNAME_INVALID',
+      `invalid descriptor name ${JSON.stringify(name)}: use at most ${MAX_NAME_LENGTH} printable ASCII characters without ':'`,
+    );
+  }
+  return name;
+}
+
+/** Options of {@link listenEnv}. */
+export interface ListenEnvOptions {
+  /** `LISTEN_PID`; undefined removes it (`--no-pid`). */
+  pid: number | undefined;
+  /** First descriptor number (default 3; other values set `LISTEN_FDS_FIRST_FD`). */
+  first?: number;
+}
+
+/**
+ * The `LISTEN_*` variables that describe `names` passed at `first, first+1, ...`: assign
+ * them over an environment (an `undefined` value means: remove the variable).
+ */
+export function listenEnv(names: readonly string[], options: ListenEnvOptions): Environment {
+  const first = options.first ?? DEFAULT_FIRST_FD;
+  names.forEach(checkFdName);
+  return {
+    LISTEN_FDS: String(names.length),
+    LISTEN_FDNAMES: names.join(':'),
+    LISTEN_PID: options.pid === undefined ? undefined : String(options.pid),
+    LISTEN_FDS_FIRST_FD: first === DEFAULT_FIRST_FD ? undefined : String(first),
+  };
+}
+
+/** Applies {@link listenEnv}-style updates to a copy of `env`. */
+export function withEnv(env: Environment, updates: Environment): Environment {
+  const next: Environment = { ...env };
+  for (const [key, value] of Object.entries(updates)) {
+    if (value === undefined) delete next[key];
+    else next[key] = value;
+  }
+  return next;
+}

@@ -1,0 +1,468 @@
+/**
+ * The system layer: every call into libc that Node does not offer goes through here, and
+ * this is the only module that touches koffi. Each wrapper is typed, takes and returns
+ * plain numbers, strings and buffers, and throws a {@link SystemError} that looks like the
+ * ones `node:fs` throws (`code`, `errno`, `syscall`).
+ *
+ * Where Node already has a correct primitive (fstat, fsync, close, pread), the wrapper
+ * delegates to `node:fs` so that the rest of the code base has one place to look.
+ *
+ * Linux only; the layouts below are those of x86-64 and aarch64 (LP64, little-endian).
+ * @module
+ */
+import fs from 'node:fs';
+import util from 'node:util';
+import koffi from 'koffi';
+
+/** An error from a failed system call, shaped like the errors of `node:fs`. */
+export class SystemError extends Error {
+  /** Symbolic errno, e.g. `'EBADF'`. Match on this. */
+  readonly code: string;
+  /** Positive errno number. */
+  readonly errno: number;
+  /** The failing call, e.g. `'memfd_create'`. */
+  readonly syscall: string;
+  /** The file system path or socket address involved, when there is one. */
+  readonly path?: string;
+
+  constructor(syscall: string, errno: number, path?: string) {
+    const [code, description] = util.getSystemErrorMap().get(-errno) ?? [`E${errno}`, 'unknown error'];
+    super(`${code}: ${description}, ${syscall}${path === undefined ? '' : ` '${path}'`}`);
+    this.name = 'SystemError';
+    this.code = code;
+    this.errno = errno;
+    this.syscall = syscall;
+    if (path !== undefined) this.path = path;
+  }
+}
+
+/** True when `err` is a system error (ours or Node's) with the given code. */
+export function isSystemError(err: unknown, code?: string): err is NodeJS.ErrnoException & { code: string } {
+  return (
+    err instanceof Error &&
+    typeof (err as NodeJS.ErrnoException).code === 'string' &&
+    typeof (err as NodeJS.ErrnoException).syscall === 'string' &&
+    (code === undefined || (err as NodeJS.ErrnoException).code === code)
+  );
+}
+
+const libc = koffi.load('libc.so.6');
+
+// Prototypes are declared once; koffi parses them at load time (about 1 ms in total).
+const c = {
+  memfd_create: libc.func('int memfd_create(const char *name, unsigned int flags)'),
+  ftruncate: libc.func('int ftruncate(int fd, int64_t length)'),
+  fallocate: libc.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)'),
+  fcntl: libc.func('int fcntl(int fd, int cmd, ...)'),
+  mmap: libc.func('void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset)'),
+  munmap: libc.func('int munmap(void *addr, size_t length)'),
+  madvise: libc.func('int madvise(void *addr, size_t length, int advice)'),
+  dup: libc.func('int dup(int fd)'),
+  dup3: libc.func('int dup3(int oldfd, int newfd, int flags)'),
+  close_range: libc.func('int close_range(unsigned int first, unsigned int last, int flags)'),
+  execve: libc.func('int execve(const char *path, const char **argv, const char **envp)'),
+  signal: libc.func('void *signal(int signum, void *handler)'),
+  sigprocmask: libc.func('int sigprocmask(int how, const void *set, void *oldset)'),
+  socket: libc.func('int socket(int domain, int type, int protocol)'),
+  bind: libc.func('int bind(int fd, const void *addr, uint32_t addrlen)'),
+  sendmsg: libc.func('intptr_t sendmsg(int fd, const void *msg, int flags)'),
+  recvmsg: libc.func('intptr_t recvmsg(int fd, void *msg, int flags)'),
+  sendfile: libc.func('intptr_t sendfile(int out_fd, int in_fd, _Inout_ int64_t *offset, size_t count)'),
+  lseek: libc.func('int64_t lseek(int fd, int64_t offset, int whence)'),
+  getpid: libc.func('int getpid()'),
+  _exit: libc.func('void _exit(int status)'),
+};
+
+function fail(syscall: string, path?: string): never {
+  throw new SystemError(syscall, koffi.errno(), path);
+}
+
+/** A pointer into native memory, as koffi represents it. */
+export type Pointer = bigint;
+
+const MAP_FAILED = 0xffffffffffffffffn;
+
+// ---------------------------------------------------------------- constants
+
+export const MFD_CLOEXEC = 0x1;
+export const MFD_ALLOW_SEALING = 0x2;
+
+export const F_GETFD = 1;
+export const F_SETFD = 2;
+export const F_GETFL = 3;
+export const F_SETFL = 4;
+export const FD_CLOEXEC = 1;
+export const O_NONBLOCK = 0o4000;
+export const O_CLOEXEC = 0o2000000;
+const F_ADD_SEALS = 1033;
+const F_GET_SEALS = 1034;
+
+/** File seals (fcntl(2)). */
+export const Seal = {
+  SEAL: 0x1,
+  SHRINK: 0x2,
+  GROW: 0x4,
+  WRITE: 0x8,
+  FUTURE_WRITE: 0x10,
+} as const;
+
+export const PROT_READ = 0x1;
+export const PROT_WRITE = 0x2;
+export const MAP_SHARED = 0x1;
+export const MAP_PRIVATE = 0x2;
+export const MAP_FIXED = 0x10;
+export const MAP_ANONYMOUS = 0x20;
+export const MAP_NORESERVE = 0x4000;
+
+export const MADV_DONTNEED = 4;
+export const MADV_POPULATE_WRITE = 23;
+
+const CLOSE_RANGE_CLOEXEC = 1 << 2;
+const SIG_SETMASK = 2;
+const SIGSET_BYTES = 128;
+
+const AF_UNIX = 1;
+const SOCK_DGRAM = 2;
+const SOCK_CLOEXEC = 0o2000000;
+const SOL_SOCKET = 1;
+const SCM_RIGHTS = 1;
+const MSG_NOSIGNAL = 0x4000;
+const MSG_CTRUNC = 0x8;
+const MSG_CMSG_CLOEXEC = 0x40000000;
+
+/** The most descriptors the kernel accepts in one `SCM_RIGHTS` message (SCM_MAX_FD). */
+export const MAX_FDS_PER_MESSAGE = 253;
+
+export const SEEK_DATA = 3;
+export const SEEK_HOLE = 4;
+
+// ---------------------------------------------------------------- descriptors
+
+/** Creates an anonymous memory file (memfd_create(2)). */
+export function memfdCreate(name: string, flags: number = MFD_CLOEXEC | MFD_ALLOW_SEALING): number {
+  const fd = c.memfd_create(name, flags) as number;
+  if (fd < 0) fail('memfd_create');
+  return fd;
+}
+
+export function ftruncate(fd: number, length: number): void {
+  if (c.ftruncate(fd, length) !== 0) fail('ftruncate');
+}
+
+/** Allocates backing pages for a range (fallocate(2) mode 0); ENOSPC surfaces here, not as SIGBUS later. */
+export function fallocate(fd: number, offset: number, length: number): void {
+  if (c.fallocate(fd, 0, offset, length) !== 0) fail('fallocate');
+}
+
+export function fstat(fd: number): fs.Stats {
+  return fs.fstatSync(fd);
+}
+
+export function fsync(fd: number): void {
+  fs.fsyncSync(fd);
+}
+
+export function fdatasync(fd: number): void {
+  fs.fdatasyncSync(fd);
+}
+
+export function close(fd: number): void {
+  fs.closeSync(fd);
+}
+
+function fcntlInt(fd: number, cmd: number, arg: number, name: string): number {
+  const r = c.fcntl(fd, cmd, 'int', arg) as number;
+  if (r < 0) fail(name);
+  return r;
+}
+
+export function getFdFlags(fd: number): number {
+  return fcntlInt(fd, F_GETFD, 0, 'fcntl');
+}
+
+export function setCloexec(fd: number, on: boolean): void {
+  const flags = getFdFlags(fd);
+  const next = on ? flags | FD_CLOEXEC : flags & ~FD_CLOEXEC;
+  if (next !== flags) fcntlInt(fd, F_SETFD, next, 'fcntl');
+}
+
+export function getStatusFlags(fd: number): number {
+  return fcntlInt(fd, F_GETFL, 0, 'fcntl');
+}
+
+export function setNonBlocking(fd: number, on: boolean): void {
+  const flags = getStatusFlags(fd);
+  const next = on ? flags | O_NONBLOCK : flags & ~O_NONBLOCK;
+  if (next !== flags) fcntlInt(fd, F_SETFL, next, 'fcntl');
+}
+
+/** Adds seals (a combination of {@link Seal} bits) to a memfd. */
+export function addSeals(fd: number, seals: number): void {
+  fcntlInt(fd, F_ADD_SEALS, seals, 'fcntl');
+}
+
+/** The seals of a file; EINVAL when the file does not support sealing (it is no memfd). */
+export function getSeals(fd: number): number {
+  return fcntlInt(fd, F_GET_SEALS, 0, 'fcntl');
+}
+
+/** True when `fd` is an open descriptor. An expected condition, so a value, not an error. */
+export function isOpen(fd: number): boolean {
+  return (c.fcntl(fd, F_GETFD, 'int', 0) as number) >= 0;
+}
+
+export function dup(fd: number): number {
+  const r = c.dup(fd) as number;
+  if (r < 0) fail('dup');
+  return r;
+}
+
+const F_DUPFD_CLOEXEC = 1030;
+
+/** Duplicates `fd` to the lowest free number >= `min`, close-on-exec. */
+export function dupAbove(fd: number, min: number): number {
+  return fcntlInt(fd, F_DUPFD_CLOEXEC, min, 'fcntl');
+}
+
+/** dup2 with an explicit close-on-exec choice (dup3(2)); `oldfd === newfd` only adjusts the flag. */
+export function dup2(oldfd: number, newfd: number, cloexec = false): number {
+  if (oldfd === newfd) {
+    setCloexec(newfd, cloexec);
+    return newfd;
+  }
+  const r = c.dup3(oldfd, newfd, cloexec ? O_CLOEXEC : 0) as number;
+  if (r < 0) fail('dup3');
+  return r;
+}
+
+/** Marks every descriptor from `first` on close-on-exec (close_range(2) with CLOSE_RANGE_CLOEXEC). */
+export function cloexecFrom(first: number): void {
+  if ((c.close_range(first, 0xffffffff, CLOSE_RANGE_CLOEXEC) as number) === 0) return;
+  const errno = koffi.errno();
+  // Kernels before 5.11 lack the flag: walk the open descriptors instead.
+  if (errno !== 22 && errno !== 38) throw new SystemError('close_range', errno);
+  for (const entry of fs.readdirSync('/proc/self/fd')) {
+    const fd = Number(entry);
+    if (fd >= first && isOpen(fd)) setCloexec(fd, true);
+  }
+}
+
+/** Moves the file offset (lseek(2)); for SEEK_DATA/SEEK_HOLE an ENXIO past the data is returned as -1. */
+export function lseek(fd: number, offset: number, whence: number): number {
+  const r = Number(c.lseek(fd, offset, whence));
+  if (r < 0) {
+    if (koffi.errno() === 6 /* ENXIO */ && (whence === SEEK_DATA || whence === SEEK_HOLE)) return -1;
+    fail('lseek');
+  }
+  return r;
+}
+
+/**
+ * Copies up to `count` bytes from `inFd` at `offset` to the current position of `outFd`
+ * (sendfile(2)); returns the number of bytes copied, 0 at the end of the input.
+ */
+export function sendfile(outFd: number, inFd: number, offset: number, count: number): number {
+  const off = [BigInt(offset)];
+  const r = Number(c.sendfile(outFd, inFd, off, count));
+  if (r < 0) fail('sendfile');
+  return r;
+}
+
+export function getpid(): number {
+  return c.getpid() as number;
+}
+
+/** Ends the process at once (_exit(2)): no exit handlers, no flushing, nothing of libuv. */
+export function exitNow(status: number): never {
+  c._exit(status);
+  throw new Error('unreachable: _exit returned');
+}
+
+// ---------------------------------------------------------------- memory
+
+/** Maps `length` bytes of `fd` at `offset` (mmap(2)); returns the address. */
+export function mmap(length: number, prot: number, flags: number, fd: number, offset = 0, addr: Pointer = 0n): Pointer {
+  if (length <= 0) throw new SystemError('mmap', 22);
+  const p = koffi.address(c.mmap(addr === 0n ? null : addr, length, prot, flags, fd, offset)) as Pointer;
+  if (p === MAP_FAILED) fail('mmap');
+  return p;
+}
+
+export function munmap(addr: Pointer, length: number): void {
+  if (c.munmap(addr, length) !== 0) fail('munmap');
+}
+
+export function madvise(addr: Pointer, length: number, advice: number): void {
+  if (c.madvise(addr, length, advice) !== 0) fail('madvise');
+}
+
+/**
+ * The largest ArrayBuffer Node can hand out over native memory; koffi aborts the whole
+ * process above it, so callers must check first.
+ */
+export const MAX_VIEW_BYTES = Math.min(2 ** 32, Number.MAX_SAFE_INTEGER);
+
+/** An ArrayBuffer over native memory. Never call with a null pointer or a length over {@link MAX_VIEW_BYTES}. */
+export function view(addr: Pointer, length: number): ArrayBuffer {
+  if (addr === 0n || length <= 0 || length > MAX_VIEW_BYTES) {
+    throw new RangeError(`cannot view ${length} bytes at 0x${addr.toString(16)}`);
+  }
+  return koffi.view(addr, length);
+}
+
+// ---------------------------------------------------------------- exec
+
+/** Resets the signal mask and the dispositions a Node process leaves behind, for execve. */
+export function resetSignalsForExec(): void {
+  const empty = Buffer.alloc(SIGSET_BYTES);
+  if (c.sigprocmask(SIG_SETMASK, empty, null) !== 0) fail('sigprocmask');
+  // Node ignores SIGPIPE and SIGXFSZ, and an ignored signal stays ignored across execve;
+  // handled ones revert by themselves, but resetting 1..31 costs nothing and leaves no doubt.
+  for (let sig = 1; sig < 32; sig++) {
+    if (sig === 9 || sig === 19) continue; // SIGKILL, SIGSTOP
+    c.signal(sig, null);
+  }
+}
+
+/**
+ * Replaces the process image (execve(2)). Returns only by throwing. The caller prepares the
+ * descriptors; see `src/exec.ts` for the steps a Node process needs first.
+ */
+export function execve(path: string, argv: readonly string[], env: readonly string[]): never {
+  c.execve(path, [...argv, null], [...env, null]);
+  fail('execve', path);
+}
+
+// ---------------------------------------------------------------- unix datagram sockets
+
+/** Encodes a `NOTIFY_SOCKET`-style address: `/path`, or `@name` for the abstract namespace. */
+function sockaddrUn(address: string): Buffer {
+  const abstract = address.startsWith('@');
+  const name = Buffer.from(abstract ? address.slice(1) : address);
+  // sun_path is 108 bytes; a path needs room for its NUL, an abstract name for its leading NUL.
+  if (name.length + 1 > 108) throw new SystemError('connect', 36 /* ENAMETOOLONG */, address);
+  const addr = Buffer.alloc(abstract ? 3 + name.length : 2 + name.length + 1);
+  addr.writeUInt16LE(AF_UNIX, 0);
+  name.copy(addr, abstract ? 3 : 2);
+  return addr;
+}
+
+/** Opens an AF_UNIX datagram socket (close-on-exec). */
+export function unixDatagramSocket(): number {
+  const fd = c.socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0) as number;
+  if (fd < 0) fail('socket');
+  return fd;
+}
+
+/** Binds a datagram socket to a path or `@abstract` address (used by receivers, e.g. in tests). */
+export function bindUnix(fd: number, address: string): void {
+  const addr = sockaddrUn(address);
+  if (c.bind(fd, addr, addr.length) !== 0) fail('bind', address);
+}
+
+/** Scratch native memory that lives for one call; Buffers may move or be pooled, this does not. */
+class Scratch {
+  readonly ptr: Pointer;
+  readonly bytes: Buffer;
+  constructor(readonly size: number) {
+    this.ptr = koffi.address(koffi.alloc('uint8_t', size)) as Pointer;
+    this.bytes = Buffer.from(koffi.view(this.ptr, size));
+    this.bytes.fill(0);
+  }
+  at(offset: number): Pointer {
+    return this.ptr + BigInt(offset);
+  }
+  free(): void {
+    koffi.free(this.ptr);
+  }
+}
+
+const MSGHDR_BYTES = 56;
+const IOVEC_BYTES = 16;
+const CMSG_HEADER_BYTES = 16;
+
+function cmsgSpace(fdCount: number): number {
+  return (CMSG_HEADER_BYTES + 4 * fdCount + 7) & ~7;
+}
+
+/**
+ * Sends one datagram, with descriptors as `SCM_RIGHTS`, to a path or `@abstract` address.
+ * @returns the number of payload bytes sent.
+ */
+export function sendDatagram(fd: number, address: string, payload: Uint8Array, fds: readonly number[] = []): number {
+  if (fds.length > MAX_FDS_PER_MESSAGE) throw new SystemError('sendmsg', 22 /* EINVAL */, address);
+  const addr = sockaddrUn(address);
+  const control = fds.length === 0 ? 0 : cmsgSpace(fds.length);
+  const layout = { msg: 0, iov: MSGHDR_BYTES, name: MSGHDR_BYTES + IOVEC_BYTES };
+  const controlAt = layout.name + ((addr.length + 7) & ~7);
+  const dataAt = controlAt + control;
+  const s = new Scratch(dataAt + Math.max(payload.length, 1));
+  try {
+    const b = s.bytes;
+    addr.copy(b, layout.name);
+    b.set(payload, dataAt);
+    b.writeBigUInt64LE(s.at(layout.name), layout.msg + 0);
+    b.writeUInt32LE(addr.length, layout.msg + 8);
+    b.writeBigUInt64LE(s.at(layout.iov), layout.msg + 16);
+    b.writeBigUInt64LE(1n, layout.msg + 24);
+    if (control > 0) {
+      b.writeBigUInt64LE(s.at(controlAt), layout.msg + 32);
+      b.writeBigUInt64LE(BigInt(control), layout.msg + 40);
+      b.writeBigUInt64LE(BigInt(CMSG_HEADER_BYTES + 4 * fds.length), controlAt);
+      b.writeInt32LE(SOL_SOCKET, controlAt + 8);
+      b.writeInt32LE(SCM_RIGHTS, controlAt + 12);
+      fds.forEach((d, i) => b.writeInt32LE(d, controlAt + CMSG_HEADER_BYTES + 4 * i));
+    }
+    b.writeBigUInt64LE(s.at(dataAt), layout.iov);
+    b.writeBigUInt64LE(BigInt(payload.length), layout.iov + 8);
+    const r = Number(c.sendmsg(fd, s.ptr, MSG_NOSIGNAL));
+    if (r < 0) fail('sendmsg', address);
+    return r;
+  } finally {
+    s.free();
+  }
+}
+
+/** A received datagram and the descriptors that came with it (already close-on-exec). */
+export interface ReceivedDatagram {
+  data: Buffer;
+  fds: number[];
+  /** The kernel dropped descriptors that did not fit (MSG_CTRUNC). */
+  truncatedFds: boolean;
+}
+
+/** Receives one datagram (blocking unless the socket is non-blocking), with its descriptors. */
+export function receiveDatagram(fd: number, maxBytes = 4096, maxFds = MAX_FDS_PER_MESSAGE): ReceivedDatagram {
+  const control = cmsgSpace(maxFds);
+  const controlAt = MSGHDR_BYTES + IOVEC_BYTES;
+  const dataAt = controlAt + control;
+  const s = new Scratch(dataAt + maxBytes);
+  try {
+    const b = s.bytes;
+    b.writeBigUInt64LE(s.at(MSGHDR_BYTES), 16);
+    b.writeBigUInt64LE(1n, 24);
+    b.writeBigUInt64LE(s.at(controlAt), 32);
+    b.writeBigUInt64LE(BigInt(control), 40);
+    b.writeBigUInt64LE(s.at(dataAt), MSGHDR_BYTES);
+    b.writeBigUInt64LE(BigInt(maxBytes), MSGHDR_BYTES + 8);
+    const n = Number(c.recvmsg(fd, s.ptr, MSG_CMSG_CLOEXEC));
+    if (n < 0) fail('recvmsg');
+    const fds: number[] = [];
+    const controlLen = Number(b.readBigUInt64LE(40));
+    for (let at = controlAt; at + CMSG_HEADER_BYTES <= controlAt + controlLen; ) {
+      const len = Number(b.readBigUInt64LE(at));
+      if (len < CMSG_HEADER_BYTES) break;
+      if (b.readInt32LE(at + 8) === SOL_SOCKET && b.readInt32LE(at + 12) === SCM_RIGHTS) {
+        for (let i = at + CMSG_HEADER_BYTES; i + 4 <= at + len; i += 4) fds.push(b.readInt32LE(i));
+      }
+      at += (len + 7) & ~7;
+    }
+    return {
+      data: Buffer.from(b.subarray(dataAt, dataAt + Math.min(n, maxBytes))),
+      fds,
+      truncatedFds: (b.readInt32LE(48) & MSG_CTRUNC) !== 0,
+    };
+  } finally {
+    s.free();
+  }
+}
