@@ -87,13 +87,17 @@ export class Mapping {
 
   /**
    * A typed array over `count` elements starting at `byteOffset` of this mapping (default:
-   * all whole elements to the end). `byteOffset` must be a multiple of the element size.
+   * all whole elements to the end). The element must be aligned in the file: `offset +
+   * byteOffset` a multiple of the element size.
    */
   array<T>(type: TypedArrayConstructor<T>, byteOffset = 0, count?: number): T {
     const size = type.BYTES_PER_ELEMENT;
     const available = Math.floor((this.length - byteOffset) / size);
     const n = count ?? available;
-    if (!Number.isInteger(byteOffset) || byteOffset < 0 || byteOffset % size !== 0 || n < 0 || n > available) {
+    // Alignment counts from the page the mapping starts at: a mapping at an unaligned file
+    // offset needs a matching byteOffset, or the typed-array constructor throws a RangeError.
+    const aligned = (this.bytes.byteOffset + byteOffset) % size === 0;
+    if (!Number.isInteger(byteOffset) || byteOffset < 0 || !aligned || !Number.isInteger(n) || n < 0 || n > available) {
       throw new ShmfdError(
         'ERR_MAPPING_RANGE',
         `${n} elements of ${size} bytes at offset ${byteOffset} do not fit a mapping of ${this.length} bytes`,

@@ -1,0 +1,178 @@
+// Shared helpers of the tests: run the real CLIs as child processes, temp directories,
+// a real AF_UNIX datagram receiver, and small assertions on error output.
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import * as sys from '../dist/system.js';
+
+/** The repository root. */
+export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+/** The node binary running the tests: children use the same one. */
+export const NODE = process.execPath;
+export const SHM_FD = path.join(ROOT, 'bin', 'shm-fd.js');
+export const PRIMES = path.join(ROOT, 'examples', 'primes.js');
+export const FIXTURES = path.join(ROOT, 'test', 'fixtures');
+export const PYTHON = '/usr/bin/python3';
+
+/** True when the tests run as root (needed by the systemd sandbox). */
+export const isRoot = typeof process.getuid === 'function' && process.getuid() === 0;
+
+/** Path of a fixture in test/fixtures. */
+export function fixture(name) {
+  return path.join(FIXTURES, name);
+}
+
+/**
+ * Runs a program and collects its output.
+ * @param {string} command
+ * @param {string[]} args
+ * @param {object} [options]
+ * @param {Record<string, string | undefined>} [options.env] the whole environment (default: process.env)
+ * @param {Array<number | 'pipe' | 'ignore' | 'inherit' | null>} [options.extraFds] stdio entries 3, 4, ...
+ * @param {string | Buffer} [options.input] written to stdin, which is then closed
+ * @param {number} [options.timeoutMs] SIGKILL after this long (a guard against hangs, not an assertion)
+ * @param {(child: import('node:child_process').ChildProcess) => void} [options.onSpawn]
+ * @returns {Promise<{code: number | null, signal: string | null, stdout: string, stderr: string, pid: number}>}
+ */
+export function run(command, args, options = {}) {
+  const env = Object.fromEntries(Object.entries(options.env ?? process.env).filter(([, v]) => v !== undefined));
+  const child = spawn(command, args, {
+    cwd: options.cwd ?? ROOT,
+    env,
+    stdio: ['pipe', 'pipe', 'pipe', ...(options.extraFds ?? [])],
+  });
+  const stdout = [];
+  const stderr = [];
+  child.stdout.on('data', (d) => stdout.push(d));
+  child.stderr.on('data', (d) => stderr.push(d));
+  child.stdin.on('error', () => {});
+  child.stdin.end(options.input ?? '');
+  const timer = setTimeout(() => child.kill('SIGKILL'), options.timeoutMs ?? 30_000);
+  options.onSpawn?.(child);
+  return new Promise((resolve, reject) => {
+    child.on('error', reject);
+    child.on('close', (code, signal) => {
+      clearTimeout(timer);
+      resolve({
+        code,
+        signal,
+        stdout: Buffer.concat(stdout).toString(),
+        stderr: Buffer.concat(stderr).toString(),
+        pid: child.pid,
+      });
+    });
+  });
+}
+
+/** Runs `node bin/shm-fd.js ARGS...`. */
+export function runShmFd(args, options = {}) {
+  return run(NODE, [SHM_FD, ...args], options);
+}
+
+/** process.env without the variables that would change what shm-fd and the programs see. */
+export function cleanEnv(updates = {}) {
+  const env = { ...process.env };
+  for (const key of Object.keys(env)) {
+    if (/^(LISTEN_|NOTIFY_SOCKET$|FDSTORE$|WATCHDOG_|SHMFD_LOG$|NODE_OPTIONS$|NODE_TEST_CONTEXT$)/.test(key)) {
+      delete env[key];
+    }
+  }
+  for (const [key, value] of Object.entries(updates)) {
+    if (value === undefined) delete env[key];
+    else env[key] = value;
+  }
+  return env;
+}
+
+/** A new temporary directory, removed when the test `t` ends. */
+export function tempDir(t, prefix = 'shmfd-test-') {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+/**
+ * Asserts that `stderr` is exactly one line of the form `PROGRAM: error: ...` matching
+ * `pattern`, with nothing of a Node stack trace.
+ */
+export function assertOneErrorLine(stderr, pattern, program = 'shm-fd') {
+  const lines = stderr.split('\n').filter((l) => l !== '');
+  assert.equal(lines.length, 1, `expected one line on stderr, got:\n${stderr}`);
+  assert.match(lines[0], new RegExp(`^${program}: error: `));
+  assert.match(lines[0], pattern);
+  assert.doesNotMatch(stderr, /\n\s+at |node:internal|Error:/);
+}
+
+/**
+ * A datagram socket bound to `address` (`/path` or `@abstract`), non-blocking, for
+ * receiving notifications. `receive()` returns the next datagram or undefined when none
+ * is queued; `close()` closes the socket and every descriptor received.
+ */
+export function datagramReceiver(address) {
+  const fd = sys.unixDatagramSocket();
+  sys.bindUnix(fd, address);
+  sys.setNonBlocking(fd, true);
+  const received = [];
+  return {
+    fd,
+    address,
+    receive() {
+      try {
+        const message = sys.receiveDatagram(fd);
+        received.push(...message.fds);
+        return { text: message.data.toString(), fds: message.fds, truncatedFds: message.truncatedFds };
+      } catch (err) {
+        if (sys.isSystemError(err, 'EAGAIN')) return undefined;
+        throw err;
+      }
+    },
+    /** Waits (polling) until a datagram arrives; throws after `timeoutMs`. */
+    async next(timeoutMs = 10_000) {
+      const deadline = Date.now() + timeoutMs;
+      for (;;) {
+        const message = this.receive();
+        if (message !== undefined) return message;
+        if (Date.now() > deadline) throw new Error(`no datagram on ${address} within ${timeoutMs} ms`);
+        await sleep(10);
+      }
+    },
+    close() {
+      for (const received_fd of received) {
+        try {
+          fs.closeSync(received_fd);
+        } catch {
+          // already closed by the test
+        }
+      }
+      fs.closeSync(fd);
+    },
+  };
+}
+
+export function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** Polls `check` until it returns a truthy value; throws after `timeoutMs` (a guard, not an assertion on speed). */
+export async function waitFor(check, timeoutMs = 20_000, what = 'condition') {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = check();
+    if (value) return value;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await sleep(20);
+  }
+}
+
+/** A unique abstract socket address for this test process. */
+export function abstractAddress(tag) {
+  return `@shmfd-test-${tag}-${process.pid}-${Math.random().toString(36).slice(2)}`;
+}
+
+/** The `generated N more primes, total T` totals printed by examples/primes.js, in order. */
+export function primeTotals(stdout) {
+  return [...stdout.matchAll(/^generated \d+ more primes, total (\d+)$/gm)].map((m) => Number(m[1]));
+}
