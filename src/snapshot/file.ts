@@ -1,0 +1,200 @@
+/**
+ * A mapped snapshot file: recovering its configuration and snapshots, and turning it into
+ * a writer (the Rust crate's `File` and `FileDiscovery`).
+ * @module
+ */
+import { ConfigureFile, checkConfig, type SnapshotConfig } from './config.js';
+import { SnapshotFormatError } from './errors.js';
+import {
+  HEAD,
+  MAGIC,
+  PAGE,
+  computeLayout,
+  layoutFits,
+  parseHead,
+  readSlots,
+  type DiscoveredHead,
+  type Snapshot,
+} from './format.js';
+import { Memory } from './memory.js';
+import { SnapshotWriter, readRing } from './writer.js';
+
+const VERSION_WORD = HEAD.version / 8;
+const ENTRY_MASK_WORD = HEAD.entryMask / 8;
+const DATA_MASK_WORD = HEAD.dataMask / 8;
+const WRITE_OFFSET_WORD = HEAD.writeOffset / 8;
+
+/**
+ * The memory of a whole snapshot file, typically `mapping.bytes` of a mapped memfd. It
+ * must cover the entire file (its length is taken as the file length) and start 8-byte
+ * aligned, as every mapping does.
+ */
+export class SnapshotFile {
+  readonly #mem: Memory;
+
+  /**
+   * @throws {@link SnapshotFormatError} `ERR_SNAPSHOT_ALIGNMENT` when `bytes` does not
+   *   start at a multiple of 8 in its buffer
+   */
+  constructor(bytes: Uint8Array) {
+    this.#mem = new Memory(bytes);
+  }
+
+  /** Same as the constructor. */
+  static open(bytes: Uint8Array): SnapshotFile {
+    return new SnapshotFile(bytes);
+  }
+
+  /** The file's bytes. */
+  get bytes(): Uint8Array {
+    return this.#mem.bytes;
+  }
+
+  /**
+   * Recovers the configuration and snapshots of a configured file.
+   *
+   * @param into filled with the discovered configuration (left alone when the file is not
+   *   configured), for the Rust crate's `recover(&mut cfg)` flow
+   * @returns a view of the snapshots, or `undefined` when the file is not configured
+   * @throws {@link SnapshotFormatError} for a file that is too small or whose head is
+   *   inconsistent (see {@link parseHead})
+   */
+  recover(into?: ConfigureFile): FileDiscovery | undefined {
+    const head = parseHead(this.#mem.bytes, this.#mem.length);
+    if (head === undefined) return undefined;
+    const configuration = ConfigureFile.fromHead(head);
+    into?.copyFrom(configuration);
+    return new FileDiscovery(this.#mem, head, configuration);
+  }
+
+  /**
+   * Applies a configuration and returns a writer.
+   *
+   * If the file already has this layout (same `entries` and `data`), its snapshots are
+   * kept and writing continues after the newest one (never before `initialOffset`).
+   * Otherwise the file is first marked unconfigured and its sequence region cleared, so
+   * no reader ever sees the new layout with stale slots. Then `entry_mask`, `data_mask`,
+   * `write_offset` are stored, and `version` last.
+   *
+   * @throws {@link SnapshotFormatError} `ERR_SNAPSHOT_NOT_CONFIGURED` for an empty
+   *   {@link ConfigureFile}, `ERR_SNAPSHOT_BAD_CONFIG` for invalid values,
+   *   `ERR_SNAPSHOT_TOO_SMALL` when the layout does not fit the file
+   */
+  configure(config: SnapshotConfig): SnapshotWriter {
+    const { entries, data, initialOffset } = checkConfig(config);
+    const mem = this.#mem;
+    const layout = computeLayout(entries, data, mem.length);
+    if (!layoutFits(layout)) {
+      throw new SnapshotFormatError('ERR_SNAPSHOT_TOO_SMALL', `entries ${entries} and data ${data} need ${layout.tailStart} bytes; the file has ${mem.length}`);
+    }
+    const current = headOrUndefined(mem);
+    const keep = current !== undefined && current.entries === entries && current.data === data;
+    if (!keep) {
+      Atomics.store(mem.u64, VERSION_WORD, 0n);
+      mem.bytes.fill(0, PAGE, layout.dataStart);
+    }
+    const head: DiscoveredHead = { ...layout, writeOffset: keep ? current.writeOffset : initialOffset };
+    const writer = new SnapshotWriter(mem, head, initialOffset);
+    mem.u64[ENTRY_MASK_WORD] = BigInt(entries - 1);
+    mem.u64[DATA_MASK_WORD] = BigInt(data - 1);
+    mem.u64[WRITE_OFFSET_WORD] = BigInt(writer.writeOffset);
+    Atomics.store(mem.u64, VERSION_WORD, MAGIC);
+    return writer;
+  }
+
+  /**
+   * A writer for the file as it is configured, continuing after its newest snapshot.
+   * @throws {@link SnapshotFormatError} `ERR_SNAPSHOT_NOT_CONFIGURED` for an unconfigured
+   *   file, and the errors of {@link recover}
+   */
+  intoWriter(): SnapshotWriter {
+    const head = parseHead(this.#mem.bytes, this.#mem.length);
+    if (head === undefined) {
+      throw new SnapshotFormatError('ERR_SNAPSHOT_NOT_CONFIGURED', 'the file is not configured (no snapshot magic in its head): use configure()');
+    }
+    return new SnapshotWriter(this.#mem, head, head.writeOffset);
+  }
+}
+
+/** The configured head, or `undefined` for an unconfigured or damaged one. */
+function headOrUndefined(mem: Memory): DiscoveredHead | undefined {
+  try {
+    return parseHead(mem.bytes, mem.length);
+  } catch (err) {
+    // Configuring is how a damaged head gets replaced.
+    if (err instanceof SnapshotFormatError) return undefined;
+    throw err;
+  }
+}
+
+/** The snapshots of a configured file, as recovered (the Rust crate's `FileDiscovery`). */
+export class FileDiscovery {
+  /** The configuration found in the file (initialized). */
+  readonly configuration: ConfigureFile;
+  /** Layout and stored write position. */
+  readonly head: DiscoveredHead;
+  readonly #mem: Memory;
+
+  /** @internal use {@link SnapshotFile.recover}. */
+  constructor(mem: Memory, head: DiscoveredHead, configuration: ConfigureFile) {
+    this.#mem = mem;
+    this.head = head;
+    this.configuration = configuration;
+  }
+
+  /** The valid snapshots, oldest first (read afresh on every call; see {@link readSlots}). */
+  valid(): Snapshot[] {
+    return readSlots(this.#mem.bytes, this.head);
+  }
+
+  /** The newest valid snapshot (largest offset), if any. */
+  newest(): Snapshot | undefined {
+    const all = this.valid();
+    return all[all.length - 1];
+  }
+
+  /**
+   * Copies a snapshot's bytes. When another process may be writing, check
+   * {@link isCurrent} afterwards: the bytes are intact if it is still true.
+   * @param into destination; a new array of `snapshot.length` bytes by default
+   * @returns `into`, or the part of it that was filled
+   */
+  read(snapshot: Pick<Snapshot, 'offset' | 'length'>, into?: Uint8Array): Uint8Array {
+    return readRing(this.#mem, this.head, snapshot, into);
+  }
+
+  /** True when slot `snapshot.index` still holds exactly this snapshot. */
+  isCurrent(snapshot: Snapshot): boolean {
+    return this.#mem.holds(this.head, snapshot);
+  }
+
+  /**
+   * Empties the slot of `snapshot` if it still holds it.
+   * @returns whether the slot was emptied
+   */
+  invalidate(snapshot: Snapshot): boolean {
+    if (!this.#mem.holds(this.head, snapshot)) return false;
+    this.#mem.clearSlot(snapshot.index);
+    return true;
+  }
+
+  /**
+   * Keeps only the valid snapshots for which `keep` returns true (the Rust crate's
+   * `retain`); every other slot that claims a snapshot, including the ones
+   * {@link valid} does not report, is emptied.
+   * @returns the number of slots emptied
+   */
+  retain(keep: (snapshot: Snapshot) => boolean): number {
+    const mem = this.#mem;
+    const kept = new Uint8Array(this.head.entries);
+    for (const s of this.valid()) if (keep(s)) kept[s.index] = 1;
+    let cleared = 0;
+    for (let i = 0; i < this.head.entries; i++) {
+      if (kept[i] === 0 && mem.slotLength(i) !== 0) {
+        mem.clearSlot(i);
+        cleared++;
+      }
+    }
+    return cleared;
+  }
+}

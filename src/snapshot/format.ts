@@ -1,0 +1,302 @@
+/**
+ * The on-memory layout of a snapshot file (snapshot-format.md), as pure functions over
+ * bytes. Nothing here maps a file: the functions work on any `Uint8Array` that holds the
+ * pages they need (the head page; for slots also the sequence region) while the real
+ * file length is passed separately, so a reader that `pread`s only those pages can use
+ * them. All integers are little-endian u64.
+ * @module
+ */
+import { SnapshotFormatError } from './errors.js';
+
+/** Page size of the format, in bytes. */
+export const PAGE = 4096;
+/** `version` of a configured file. */
+export const MAGIC = 0x96c2a6f4b68519b3n;
+/** Byte offsets of the head page's fields. */
+export const HEAD = Object.freeze({ version: 0x00, entryMask: 0x08, dataMask: 0x10, writeOffset: 0x18 });
+/** Bytes per snapshot slot (`offset` then `length`). */
+export const SLOT_SIZE = 16;
+/** Byte offsets of a slot's fields, relative to the slot. */
+export const SLOT = Object.freeze({ offset: 0, length: 8 });
+/** Slots per page of the sequence region. */
+export const SLOTS_PER_PAGE = PAGE / SLOT_SIZE;
+/** The smallest configured file: head, one sequence page, one data page. */
+export const MIN_FILE_LENGTH = 3 * PAGE;
+/**
+ * Largest data ring this implementation accepts (4 GiB). Bigger rings are legal in the
+ * Rust crate but absurd for snapshot payloads, and cannot be mapped by Node 20 anyway.
+ */
+export const MAX_DATA = 2 ** 32;
+
+/**
+ * A snapshot slot that claims to hold a snapshot. Stream positions are plain numbers:
+ * files whose positions exceed `Number.MAX_SAFE_INTEGER` are rejected.
+ */
+export interface Snapshot {
+  /** Slot index, `0 <= index < entries`. */
+  readonly index: number;
+  /** Stream position of the first data byte. */
+  readonly offset: number;
+  /** Number of data bytes, `1 <= length <= data - 1`. */
+  readonly length: number;
+}
+
+/** Where the regions of a configured file lie (all in bytes). */
+export interface SnapshotLayout {
+  /** Number of slots (a power of two). */
+  readonly entries: number;
+  /** Size of the data ring (a power of two). */
+  readonly data: number;
+  /** `P_seq`: pages of the sequence region. */
+  readonly sequencePages: number;
+  /** `P_data`: pages of the data ring. */
+  readonly dataPages: number;
+  /** File offset of the data ring. */
+  readonly dataStart: number;
+  /** File offset of the tail (the program's own area). */
+  readonly tailStart: number;
+  /** Bytes of the tail: the whole pages after the data ring. */
+  readonly tailLength: number;
+  /** Length of the file this layout was computed for. */
+  readonly fileLength: number;
+}
+
+/** A layout recovered from a configured head page, with the stored write position. */
+export interface DiscoveredHead extends SnapshotLayout {
+  /** `write_offset` as stored in the head page. */
+  readonly writeOffset: number;
+}
+
+/** `P_seq = ceil(entries / 256)`. */
+export function sequencePages(entries: number): number {
+  return Math.ceil(entries / SLOTS_PER_PAGE);
+}
+
+/** `P_data = ceil(data / PAGE)`, at least one page. */
+export function dataPages(data: number): number {
+  return Math.max(1, Math.ceil(data / PAGE));
+}
+
+/** File offset of the data ring for `entries` slots. */
+export function dataStart(entries: number): number {
+  return PAGE * (1 + sequencePages(entries));
+}
+
+/** File offset of the tail for a layout of `entries` slots and a `data`-byte ring. */
+export function tailStart(entries: number, data: number): number {
+  return dataStart(entries) + PAGE * dataPages(data);
+}
+
+/** Bytes of the tail: whole pages only, since a partial last page belongs to nobody. */
+export function tailLength(entries: number, data: number, fileLength: number): number {
+  return Math.max(0, wholePages(fileLength) - tailStart(entries, data));
+}
+
+/** File offset of slot `index`. */
+export function slotPosition(index: number): number {
+  return PAGE + SLOT_SIZE * index;
+}
+
+/** File offset of the byte at stream position `stream`. */
+export function ringPosition(layout: SnapshotLayout, stream: number): number {
+  return layout.dataStart + (stream % layout.data);
+}
+
+/**
+ * The file ranges (one, or two when it wraps around the ring) that hold a snapshot's
+ * bytes, in stream order.
+ */
+export function snapshotRanges(
+  layout: SnapshotLayout,
+  snapshot: Pick<Snapshot, 'offset' | 'length'>,
+): { position: number; length: number }[] {
+  checkSnapshot(layout, snapshot);
+  const pos = snapshot.offset % layout.data;
+  const first = Math.min(snapshot.length, layout.data - pos);
+  const ranges = [{ position: layout.dataStart + pos, length: first }];
+  if (first < snapshot.length) ranges.push({ position: layout.dataStart, length: snapshot.length - first });
+  return ranges;
+}
+
+/** True for 1, 2, 4, ... up to 2^53. */
+export function isPowerOfTwo(n: number): boolean {
+  return Number.isSafeInteger(n) && n > 0 && 2 ** Math.round(Math.log2(n)) === n;
+}
+
+/** Computes a layout without validating it against the file; see {@link parseHead}. */
+export function computeLayout(entries: number, data: number, fileLength: number): SnapshotLayout {
+  const seq = sequencePages(entries);
+  const pdata = dataPages(data);
+  const start = PAGE * (1 + seq);
+  const tail = start + PAGE * pdata;
+  return {
+    entries,
+    data,
+    sequencePages: seq,
+    dataPages: pdata,
+    dataStart: start,
+    tailStart: tail,
+    tailLength: Math.max(0, wholePages(fileLength) - tail),
+    fileLength,
+  };
+}
+
+/** True when the regions of `layout` end within the whole pages of its file. */
+export function layoutFits(layout: SnapshotLayout): boolean {
+  return layout.tailStart <= wholePages(layout.fileLength);
+}
+
+/**
+ * Recovers the configuration of a file from its head page.
+ *
+ * @param bytes at least the first page of the file (more is fine)
+ * @param fileLength the real length of the file
+ * @returns the layout and stored write position, or `undefined` when the file is not
+ *   configured (`version` is not the magic, e.g. an all-zero new memfd)
+ * @throws {@link SnapshotFormatError} `ERR_SNAPSHOT_TOO_SMALL` (file shorter than a page,
+ *   or configured but shorter than the smallest layout), `ERR_SNAPSHOT_SHORT_BUFFER`
+ *   (`bytes` lacks the head page), `ERR_SNAPSHOT_BAD_MASK` (a mask not of the form
+ *   2^k - 1, or a ring above {@link MAX_DATA}), `ERR_SNAPSHOT_BEYOND_END` (regions past
+ *   the end of the file), `ERR_SNAPSHOT_BAD_OFFSET` (write position not representable).
+ */
+export function parseHead(bytes: Uint8Array, fileLength: number): DiscoveredHead | undefined {
+  checkLength(fileLength);
+  if (fileLength < PAGE) {
+    throw new SnapshotFormatError('ERR_SNAPSHOT_TOO_SMALL', `a snapshot file needs at least one page (${PAGE} bytes) for its head; this one has ${fileLength}`);
+  }
+  if (bytes.length < PAGE) {
+    throw new SnapshotFormatError('ERR_SNAPSHOT_SHORT_BUFFER', `the head page needs ${PAGE} bytes, only ${bytes.length} were given`);
+  }
+  const view = new DataView(bytes.buffer, bytes.byteOffset, PAGE);
+  if (view.getBigUint64(HEAD.version, true) !== MAGIC) return undefined;
+  if (fileLength < MIN_FILE_LENGTH) {
+    throw new SnapshotFormatError('ERR_SNAPSHOT_TOO_SMALL', `a configured snapshot file needs at least ${MIN_FILE_LENGTH} bytes; this one has ${fileLength}`);
+  }
+  const entryMask = view.getBigUint64(HEAD.entryMask, true);
+  const dataMask = view.getBigUint64(HEAD.dataMask, true);
+  const writeOffset = view.getBigUint64(HEAD.writeOffset, true);
+  checkMask('entry_mask', entryMask);
+  checkMask('data_mask', dataMask);
+  if (dataMask >= BigInt(MAX_DATA)) {
+    throw new SnapshotFormatError('ERR_SNAPSHOT_BAD_MASK', `data_mask 0x${dataMask.toString(16)} describes a data ring above ${MAX_DATA} bytes`);
+  }
+  // Both masks are checked against the file before converting, so the numbers stay exact.
+  const fileBig = BigInt(fileLength);
+  if ((entryMask + 1n) * BigInt(SLOT_SIZE) > fileBig || dataMask + 1n > fileBig) {
+    throw beyondEnd(entryMask, dataMask, fileLength);
+  }
+  const layout = computeLayout(Number(entryMask + 1n), Number(dataMask + 1n), fileLength);
+  if (!layoutFits(layout)) throw beyondEnd(entryMask, dataMask, fileLength);
+  if (writeOffset > BigInt(Number.MAX_SAFE_INTEGER - layout.data)) {
+    throw new SnapshotFormatError('ERR_SNAPSHOT_BAD_OFFSET', `write_offset ${writeOffset} is beyond the stream positions this implementation represents (2^53)`);
+  }
+  return { ...layout, writeOffset: Number(writeOffset) };
+}
+
+/**
+ * Reads the slots that hold a usable snapshot, oldest first (by stream position).
+ *
+ * A slot counts when its `length` is not 0 (the spec's validity), and it also describes
+ * bytes the ring can still hold: `length <= data - 1`, and not older than `data` bytes
+ * before the newest write. Slots failing that can only come from a foreign or damaged
+ * writer (the Rust crate never invalidates), and their bytes are not what was committed.
+ *
+ * @param bytes at least the head page and the sequence region of the file
+ * @param head the result of {@link parseHead} on the same bytes
+ * @throws {@link SnapshotFormatError} `ERR_SNAPSHOT_SHORT_BUFFER` if `bytes` ends before
+ *   the last slot
+ */
+export function readSlots(bytes: Uint8Array, head: DiscoveredHead): Snapshot[] {
+  const needed = slotPosition(head.entries);
+  if (bytes.length < needed) {
+    throw new SnapshotFormatError('ERR_SNAPSHOT_SHORT_BUFFER', `the sequence region ends at byte ${needed}, only ${bytes.length} bytes were given`);
+  }
+  const view = new DataView(bytes.buffer, bytes.byteOffset, needed);
+  const found: Snapshot[] = [];
+  let end = head.writeOffset;
+  for (let index = 0, at = PAGE; index < head.entries; index++, at += SLOT_SIZE) {
+    const length = view.getUint32(at + SLOT.length, true);
+    const lengthHigh = view.getUint32(at + SLOT.length + 4, true);
+    if (length === 0 && lengthHigh === 0) continue;
+    const offsetHigh = view.getUint32(at + SLOT.offset + 4, true);
+    if (lengthHigh !== 0 || length >= head.data || offsetHigh >= 0x200000) continue;
+    const offset = offsetHigh * 0x1_0000_0000 + view.getUint32(at + SLOT.offset, true);
+    if (offset + length > Number.MAX_SAFE_INTEGER) continue;
+    if (offset + length > end) end = offset + length;
+    found.push({ index, offset, length });
+  }
+  const oldest = end - head.data;
+  const intact = found.filter((s) => s.offset >= oldest);
+  return intact.sort((a, b) => a.offset - b.offset || a.index - b.index);
+}
+
+/**
+ * Sets `length = 0` in every slot of `bytes` that is not one of `keep` (same index,
+ * offset and length). Meant for a private copy of the sequence region, such as the
+ * restore host's temporary file; plain (non-atomic) stores.
+ *
+ * @returns the number of slots cleared
+ */
+export function clearSlotsExcept(bytes: Uint8Array, head: SnapshotLayout, keep: readonly Snapshot[]): number {
+  const needed = slotPosition(head.entries);
+  if (bytes.length < needed) {
+    throw new SnapshotFormatError('ERR_SNAPSHOT_SHORT_BUFFER', `the sequence region ends at byte ${needed}, only ${bytes.length} bytes were given`);
+  }
+  const kept = new Map<number, Snapshot>();
+  for (const s of keep) kept.set(s.index, s);
+  const view = new DataView(bytes.buffer, bytes.byteOffset, needed);
+  let cleared = 0;
+  for (let index = 0, at = PAGE; index < head.entries; index++, at += SLOT_SIZE) {
+    const length = view.getBigUint64(at + SLOT.length, true);
+    if (length === 0n) continue;
+    const k = kept.get(index);
+    if (k !== undefined && BigInt(k.length) === length && BigInt(k.offset) === view.getBigUint64(at + SLOT.offset, true)) continue;
+    view.setBigUint64(at + SLOT.length, 0n, true);
+    cleared++;
+  }
+  return cleared;
+}
+
+/** True when two snapshots name the same slot contents. */
+export function sameSnapshot(a: Snapshot, b: Snapshot): boolean {
+  return a.index === b.index && a.offset === b.offset && a.length === b.length;
+}
+
+/**
+ * Throws `ERR_SNAPSHOT_BAD_SNAPSHOT` unless `snapshot` can describe bytes of `layout`'s ring.
+ * @internal
+ */
+export function checkSnapshot(layout: SnapshotLayout, snapshot: Pick<Snapshot, 'offset' | 'length'>): void {
+  const { offset, length } = snapshot;
+  if (
+    !Number.isSafeInteger(offset) || offset < 0 ||
+    !Number.isSafeInteger(length) || length < 1 || length >= layout.data ||
+    offset + length > Number.MAX_SAFE_INTEGER
+  ) {
+    throw new SnapshotFormatError('ERR_SNAPSHOT_BAD_SNAPSHOT', `(offset ${offset}, length ${length}) is not a snapshot of a ${layout.data}-byte data ring`);
+  }
+}
+
+function wholePages(fileLength: number): number {
+  return Math.floor(fileLength / PAGE) * PAGE;
+}
+
+function checkLength(fileLength: number): void {
+  if (!Number.isSafeInteger(fileLength) || fileLength < 0) {
+    throw new TypeError(`file length must be a non-negative integer, got ${fileLength}`);
+  }
+}
+
+function checkMask(name: string, mask: bigint): void {
+  // 2^k - 1 has no zero bit below its highest one bit, so adding 1 carries through all of them.
+  if ((mask & (mask + 1n)) !== 0n) {
+    throw new SnapshotFormatError('ERR_SNAPSHOT_BAD_MASK', `${name} 0x${mask.toString(16)} is not of the form 2^k - 1`);
+  }
+}
+
+function beyondEnd(entryMask: bigint, dataMask: bigint, fileLength: number): SnapshotFormatError {
+  return new SnapshotFormatError(
+    'ERR_SNAPSHOT_BEYOND_END',
+    `entries 0x${(entryMask + 1n).toString(16)} and data 0x${(dataMask + 1n).toString(16)} need regions beyond the end of the ${fileLength}-byte file`,
+  );
+}

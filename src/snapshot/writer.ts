@@ -1,0 +1,422 @@
+/**
+ * The writer: appends snapshots with the corrected protocol of snapshot-format.md.
+ * @module
+ */
+import { SnapshotFormatError } from './errors.js';
+import { checkSnapshot, readSlots, type DiscoveredHead, type Snapshot, type SnapshotLayout } from './format.js';
+import { LENGTH_WORDS, Memory, NEEDS_FENCE, WRITE_OFFSET_WORD, slotWord } from './memory.js';
+
+const TWO_32 = 0x1_0000_0000;
+
+/** What {@link SnapshotWriter.commitWith} returns for a published snapshot. */
+export interface CommitResult<T> {
+  /** Slot the snapshot was published in. */
+  readonly index: number;
+  /** What the step returned. */
+  readonly value: T;
+}
+
+/**
+ * A snapshot being written, handed to the step of {@link SnapshotWriter.commitWith}.
+ * Its payload is in the ring but not published; the step may rewrite it in place,
+ * change the tail, or {@link abort}. Usable only while the step runs (synchronously).
+ */
+export class PreparedTransaction {
+  #writer: SnapshotWriter;
+  #open = false;
+  #aborted = false;
+  #index = 0;
+  #offset = 0;
+  #length = 0;
+  #ringPos = 0;
+
+  /** @internal created by the writer, one per writer, reused for every commit. */
+  constructor(writer: SnapshotWriter) {
+    this.#writer = writer;
+  }
+
+  /** Slot the snapshot will be published in. */
+  get index(): number {
+    return this.#index;
+  }
+
+  /** Stream position of the payload's first byte. */
+  get offset(): number {
+    return this.#offset;
+  }
+
+  /** Payload length; {@link replace} can never make it longer. */
+  get length(): number {
+    return this.#length;
+  }
+
+  /** True after {@link abort}. */
+  get aborted(): boolean {
+    return this.#aborted;
+  }
+
+  /** The tail bytes (the same view as {@link SnapshotWriter.tail}). */
+  get tail(): Uint8Array {
+    this.#check();
+    return this.#writer.tail;
+  }
+
+  /** The tail as u64 words (the same view as {@link SnapshotWriter.tailU64}). */
+  get tailU64(): BigUint64Array {
+    this.#check();
+    return this.#writer.tailU64;
+  }
+
+  /**
+   * Overwrites the start of the payload with `bytes`; the published length stays the one
+   * given to `commitWith`.
+   * @throws {@link SnapshotFormatError} `ERR_SNAPSHOT_PAYLOAD_SIZE` when `bytes` is longer
+   *   than the payload, `ERR_SNAPSHOT_TRANSACTION_CLOSED` after the step returned
+   */
+  replace(bytes: Uint8Array): void {
+    this.#check();
+    if (bytes.length > this.#length) {
+      throw new SnapshotFormatError('ERR_SNAPSHOT_PAYLOAD_SIZE', `a replacement of ${bytes.length} bytes is longer than the ${this.#length}-byte payload`);
+    }
+    this.#writer.writeRing(this.#ringPos, bytes);
+  }
+
+  /** Drops the snapshot: nothing is published, and its slot stays empty. */
+  abort(): void {
+    this.#check();
+    this.#aborted = true;
+  }
+
+  /** @internal */
+  open(index: number, offset: number, length: number, ringPos: number): void {
+    this.#index = index;
+    this.#offset = offset;
+    this.#length = length;
+    this.#ringPos = ringPos;
+    this.#aborted = false;
+    this.#open = true;
+  }
+
+  /** @internal */
+  close(): boolean {
+    this.#open = false;
+    return this.#aborted;
+  }
+
+  #check(): void {
+    if (!this.#open) {
+      throw new SnapshotFormatError('ERR_SNAPSHOT_TRANSACTION_CLOSED', 'the transaction is only usable while its commitWith step runs');
+    }
+  }
+}
+
+/**
+ * Appends snapshots to a configured file. There must be one writer per file at a time
+ * (across all processes); readers may run concurrently.
+ *
+ * Obtain one from {@link SnapshotFile.configure} or {@link SnapshotFile.intoWriter}.
+ */
+export class SnapshotWriter {
+  /** Layout of the file. */
+  readonly layout: SnapshotLayout;
+  /** The tail: the program's own area after the data ring. */
+  readonly tail: Uint8Array;
+  /** The tail as native (little-endian) u64 words. */
+  readonly tailU64: BigUint64Array;
+
+  private readonly mem: Memory;
+  private readonly bytes: Uint8Array;
+  private readonly u32: Uint32Array;
+  private readonly ringStart: number;
+  private readonly data: number;
+  private readonly entries: number;
+  private readonly entryMask: number;
+  private readonly tx: PreparedTransaction;
+  /** Offset of each slot we consider published, -1 for an empty one. */
+  private readonly offsets: Float64Array;
+  private stream: number;
+  private ringPos: number;
+  /** Slot the next commit publishes in. */
+  private next = 0;
+  /**
+   * Published slots form a ring range `oldest .. next-1` (`rangeLength` slots, holes
+   * allowed) whose offsets grow, so invalidation walks forward from `oldest` and stops
+   * at the first slot it need not touch: no scan per commit.
+   */
+  private oldest = 0;
+  private rangeLength = 0;
+  private busy = false;
+
+  /**
+   * @internal use {@link SnapshotFile.configure} or {@link SnapshotFile.intoWriter}.
+   * Takes over the slots of `head`: the valid ones that follow the ring order stay,
+   * every other slot that claims a snapshot is emptied.
+   */
+  constructor(mem: Memory, head: DiscoveredHead, initialOffset: number) {
+    this.mem = mem;
+    this.bytes = mem.bytes;
+    this.u32 = mem.u32;
+    this.layout = {
+      entries: head.entries,
+      data: head.data,
+      sequencePages: head.sequencePages,
+      dataPages: head.dataPages,
+      dataStart: head.dataStart,
+      tailStart: head.tailStart,
+      tailLength: head.tailLength,
+      fileLength: head.fileLength,
+    };
+    this.ringStart = head.dataStart;
+    this.data = head.data;
+    this.entries = head.entries;
+    this.entryMask = head.entries - 1;
+    const tail = mem.tail(head);
+    this.tail = tail.bytes;
+    this.tailU64 = tail.u64;
+    this.offsets = new Float64Array(head.entries).fill(-1);
+    this.tx = new PreparedTransaction(this);
+    this.stream = Math.max(head.writeOffset, initialOffset);
+    this.adopt(readSlots(mem.bytes, head));
+    this.ringPos = this.stream % this.data;
+  }
+
+  /** Stream position of the next write. */
+  get writeOffset(): number {
+    return this.stream;
+  }
+
+  /** Slot the next commit publishes in. */
+  get nextIndex(): number {
+    return this.next;
+  }
+
+  /** Largest payload a commit accepts: `data - 1` bytes. */
+  get maxPayload(): number {
+    return this.data - 1;
+  }
+
+  /**
+   * Publishes `payload` as a new snapshot.
+   * @returns the slot index it was published in
+   * @throws {@link SnapshotFormatError} `ERR_SNAPSHOT_PAYLOAD_SIZE` unless
+   *   `1 <= payload.length <= data - 1`; `ERR_SNAPSHOT_BUSY` from inside a commitWith step
+   */
+  commit(payload: Uint8Array): number {
+    const n = payload.length;
+    if (n === 0 || n >= this.data || this.busy) this.reject(n);
+    const index = this.reserve(n);
+    const pos = this.ringPos;
+    if (n <= this.data - pos) this.bytes.set(payload, this.ringStart + pos);
+    else this.writeRing(pos, payload);
+    this.publish(index, n);
+    return index;
+  }
+
+  /**
+   * Writes `payload` into the ring, runs `step` with the prepared transaction, then
+   * publishes the snapshot, unless the step aborted or threw (then the slot stays empty
+   * and the next commit reuses the same position). The step runs synchronously: do not
+   * hand the transaction to asynchronous code.
+   *
+   * @returns the slot and the step's value, or `undefined` when the step aborted
+   * @throws whatever the step throws; {@link SnapshotFormatError} as for {@link commit}
+   */
+  commitWith<T>(payload: Uint8Array, step: (tx: PreparedTransaction) => T): CommitResult<T> | undefined {
+    const n = payload.length;
+    if (n === 0 || n >= this.data || this.busy) this.reject(n);
+    const index = this.reserve(n);
+    this.writeRing(this.ringPos, payload);
+    const tx = this.tx;
+    tx.open(index, this.stream, n, this.ringPos);
+    this.busy = true;
+    let value: T;
+    try {
+      value = step(tx);
+    } finally {
+      this.busy = false;
+      tx.close();
+    }
+    if (tx.aborted) return undefined;
+    this.publish(index, n);
+    return { index, value };
+  }
+
+  /** The snapshot in slot `index`, or `undefined` when the slot is empty. */
+  snapshotAt(index: number): Snapshot | undefined {
+    if (!Number.isInteger(index) || index < 0 || index >= this.entries) return undefined;
+    const length = this.mem.slotLength(index);
+    if (length <= 0) return undefined;
+    const w = slotWord(index);
+    return { index, offset: Atomics.load(this.u32, w + 1) * TWO_32 + Atomics.load(this.u32, w), length };
+  }
+
+  /** The valid snapshots, oldest first. */
+  valid(): Snapshot[] {
+    const out: Snapshot[] = [];
+    for (let k = 0, i = this.oldest; k < this.rangeLength; k++, i = (i + 1) & this.entryMask) {
+      const offset = this.offsets[i] ?? -1;
+      const length = offset < 0 ? 0 : this.mem.slotLength(i);
+      if (length > 0) out.push({ index: i, offset, length });
+    }
+    return out;
+  }
+
+  /** The newest valid snapshot, if any. */
+  newest(): Snapshot | undefined {
+    const all = this.valid();
+    return all[all.length - 1];
+  }
+
+  /**
+   * Copies a snapshot's bytes.
+   * @param into destination; a new array of `snapshot.length` bytes by default
+   * @returns `into`, or the part of it that was filled when it is longer than the snapshot
+   * @throws {@link SnapshotFormatError} `ERR_SNAPSHOT_BAD_SNAPSHOT` for a snapshot that
+   *   cannot belong to this ring; `ERR_SNAPSHOT_PAYLOAD_SIZE` when `into` is too short
+   */
+  read(snapshot: Pick<Snapshot, 'offset' | 'length'>, into?: Uint8Array): Uint8Array {
+    return readRing(this.mem, this.layout, snapshot, into);
+  }
+
+  /** True when slot `snapshot.index` still holds exactly this snapshot. */
+  isCurrent(snapshot: Snapshot): boolean {
+    return this.mem.holds(this.layout, snapshot);
+  }
+
+  /** @internal writes ring bytes at ring position `pos`. */
+  writeRing(pos: number, src: Uint8Array): void {
+    const first = this.data - pos;
+    if (src.length <= first) {
+      this.bytes.set(src, this.ringStart + pos);
+    } else {
+      this.bytes.set(src.subarray(0, first), this.ringStart + pos);
+      this.bytes.set(src.subarray(first), this.ringStart);
+    }
+  }
+
+  /**
+   * Protocol step 2: empties every slot whose bytes the write of `n` bytes will
+   * overwrite (offset older than `end - data`), and the slot about to be reused.
+   */
+  private reserve(n: number): number {
+    const end = this.stream + n;
+    if (end > Number.MAX_SAFE_INTEGER) {
+      throw new SnapshotFormatError('ERR_SNAPSHOT_BAD_OFFSET', 'the stream position would pass 2^53');
+    }
+    const limit = end - this.data;
+    const offsets = this.offsets;
+    let oldest = this.oldest;
+    let range = this.rangeLength;
+    // Steady state: the oldest slot is the one to reuse or to invalidate, or none is.
+    while (range > 0) {
+      const offset = offsets[oldest]!; // in bounds: oldest < entries
+      // A full range means `oldest` is the slot `next` reuses, whatever its offset.
+      if (offset >= limit && range < this.entries) break;
+      if (offset >= 0) {
+        this.clearSlot(oldest);
+        offsets[oldest] = -1;
+      }
+      oldest = (oldest + 1) & this.entryMask;
+      range--;
+    }
+    this.oldest = oldest;
+    this.rangeLength = range;
+    return this.next;
+  }
+
+  /**
+   * Empties a slot of ours. Its high length word is 0, so one 32-bit store clears the
+   * u64. On x86 (TSO) stores become visible in program order, and the ring copy that
+   * follows is a call the JIT does not move stores across, so a plain store already
+   * precedes the new bytes; elsewhere an atomic store plus an acquire load fence it.
+   */
+  private clearSlot(index: number): void {
+    const word = slotWord(index) + LENGTH_WORDS;
+    if (NEEDS_FENCE) {
+      Atomics.store(this.u32, word, 0);
+      Atomics.load(this.u32, word);
+    } else {
+      this.u32[word] = 0;
+    }
+  }
+
+  /** Protocol steps 5 to 7. */
+  private publish(index: number, n: number): void {
+    const start = this.stream;
+    const end = start + n;
+    const u32 = this.u32;
+    // Plain stores are enough for these: the length store below is atomic and orders them.
+    u32[WRITE_OFFSET_WORD] = end >>> 0;
+    u32[WRITE_OFFSET_WORD + 1] = (end / TWO_32) >>> 0;
+    const w = slotWord(index);
+    u32[w] = start >>> 0;
+    u32[w + 1] = (start / TWO_32) >>> 0;
+    // The slot was emptied as a whole u64, so its high length word is already 0 and this
+    // single store publishes the complete length.
+    Atomics.store(u32, w + LENGTH_WORDS, n);
+    this.offsets[index] = start;
+    this.rangeLength++;
+    this.next = (index + 1) & this.entryMask;
+    this.stream = end;
+    const pos = this.ringPos + n;
+    this.ringPos = pos >= this.data ? pos - this.data : pos;
+  }
+
+  private reject(n: number): never {
+    if (this.busy) {
+      throw new SnapshotFormatError('ERR_SNAPSHOT_BUSY', 'a commit cannot start inside a commitWith step');
+    }
+    throw new SnapshotFormatError('ERR_SNAPSHOT_PAYLOAD_SIZE', `a payload must have 1 to ${this.data - 1} bytes, got ${n}`);
+  }
+
+  /**
+   * Rebuilds the published range from recovered slots: walking back from the newest,
+   * keep each slot whose offset does not grow; empty every other slot that claims data,
+   * since a later write could overwrite its bytes without invalidating it first.
+   */
+  private adopt(slots: Snapshot[]): void {
+    const newest = slots[slots.length - 1];
+    const kept = new Uint8Array(this.entries);
+    if (newest !== undefined) {
+      const byIndex: (Snapshot | undefined)[] = new Array<Snapshot | undefined>(this.entries);
+      for (const s of slots) byIndex[s.index] = s;
+      let bound = newest.offset;
+      let oldest = newest.index;
+      for (let k = 0; k < this.entries; k++) {
+        const i = (newest.index - k) & this.entryMask;
+        const s = byIndex[i];
+        if (s === undefined || s.offset > bound) continue;
+        kept[i] = 1;
+        this.offsets[i] = s.offset;
+        bound = s.offset;
+        oldest = i;
+      }
+      this.oldest = oldest;
+      this.rangeLength = ((newest.index - oldest) & this.entryMask) + 1;
+      this.next = (newest.index + 1) & this.entryMask;
+      this.stream = Math.max(this.stream, newest.offset + newest.length);
+    }
+    for (let i = 0; i < this.entries; i++) {
+      if (kept[i] === 0 && this.mem.slotLength(i) !== 0) this.mem.clearSlot(i);
+    }
+  }
+}
+
+/**
+ * Copies a snapshot's bytes out of the ring.
+ * @internal
+ */
+export function readRing(
+  mem: Memory,
+  layout: SnapshotLayout,
+  snapshot: Pick<Snapshot, 'offset' | 'length'>,
+  into?: Uint8Array,
+): Uint8Array {
+  checkSnapshot(layout, snapshot);
+  const out = into ?? new Uint8Array(snapshot.length);
+  if (out.length < snapshot.length) {
+    throw new SnapshotFormatError('ERR_SNAPSHOT_PAYLOAD_SIZE', `${snapshot.length} bytes do not fit a ${out.length}-byte buffer`);
+  }
+  mem.copyOut(layout, snapshot.offset, snapshot.length, out);
+  return out.length === snapshot.length ? out : out.subarray(0, snapshot.length);
+}
