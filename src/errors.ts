@@ -20,6 +20,7 @@ export type ShmfdErrorCode =
   | 'ERR_INVALID_ARGUMENT'
   | 'ERR_COMMAND_NOT_FOUND'
   | 'ERR_SOCKET_SPEC'
+  | 'ERR_SOCKET_OPEN'
   | 'ERR_BACKUP_INVALID'
   | 'ERR_BACKUP_ACCESS';
 

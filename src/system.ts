@@ -70,6 +70,13 @@ const c = {
   sendfile: libc.func('intptr_t sendfile(int out_fd, int in_fd, _Inout_ int64_t *offset, size_t count)'),
   lseek: libc.func('int64_t lseek(int fd, int64_t offset, int whence)'),
   getpid: libc.func('int getpid()'),
+  setsockopt: libc.func('int setsockopt(int fd, int level, int name, const void *value, uint32_t len)'),
+  getsockopt: libc.func('int getsockopt(int fd, int level, int name, _Out_ int *value, _Inout_ uint32_t *len)'),
+  getsockname: libc.func('int getsockname(int fd, _Out_ uint8_t *addr, _Inout_ uint32_t *len)'),
+  listen: libc.func('int listen(int fd, int backlog)'),
+  connect: libc.func('int connect(int fd, const void *addr, uint32_t addrlen)'),
+  inet_pton: libc.func('int inet_pton(int af, const char *src, _Out_ uint8_t *dst)'),
+  inet_ntop: libc.func('const char *inet_ntop(int af, const uint8_t *src, _Out_ uint8_t *dst, uint32_t size)'),
   _exit: libc.func('void _exit(int status)'),
 };
 
@@ -465,4 +472,132 @@ export function receiveDatagram(fd: number, maxBytes = 4096, maxFds = MAX_FDS_PE
   } finally {
     s.free();
   }
+}
+
+// ---------------------------------------------------------------- listening sockets
+
+export const AF_UNIX_DOMAIN = AF_UNIX;
+export const AF_INET = 2;
+export const AF_INET6 = 10;
+export const SOCK_STREAM = 1;
+export const SOCK_DATAGRAM = SOCK_DGRAM;
+const SOCK_NONBLOCK = 0o4000;
+const SO_REUSEADDR = 2;
+const SO_TYPE = 3;
+const SO_ACCEPTCONN = 30;
+const SO_DOMAIN = 39;
+
+/** A socket address: an IP address and port, or a unix path (`@name`: abstract namespace). */
+export type SocketAddress =
+  | { family: 'ipv4' | 'ipv6'; address: string; port: number }
+  | { family: 'unix'; path: string };
+
+function ipBytes(af: number, address: string): Buffer {
+  const bytes = Buffer.alloc(af === AF_INET ? 4 : 16);
+  if ((c.inet_pton(af, address, bytes) as number) !== 1) {
+    throw new SystemError('inet_pton', 22 /* EINVAL */, address);
+  }
+  return bytes;
+}
+
+/** Encodes a socket address as the kernel's sockaddr_in, sockaddr_in6 or sockaddr_un. */
+export function encodeSocketAddress(addr: SocketAddress): Buffer {
+  if (addr.family === 'unix') return sockaddrUn(addr.path);
+  if (addr.family === 'ipv4') {
+    const b = Buffer.alloc(16);
+    b.writeUInt16LE(AF_INET, 0);
+    b.writeUInt16BE(addr.port, 2);
+    ipBytes(AF_INET, addr.address).copy(b, 4);
+    return b;
+  }
+  const b = Buffer.alloc(28);
+  b.writeUInt16LE(AF_INET6, 0);
+  b.writeUInt16BE(addr.port, 2);
+  ipBytes(AF_INET6, addr.address).copy(b, 8);
+  return b;
+}
+
+function decodeSocketAddress(b: Buffer): SocketAddress | undefined {
+  const family = b.length >= 2 ? b.readUInt16LE(0) : -1;
+  if (family === AF_UNIX) {
+    const raw = b.subarray(2);
+    if (raw.length > 0 && raw[0] === 0) return { family: 'unix', path: `@${raw.subarray(1).toString()}` };
+    const end = raw.indexOf(0);
+    return { family: 'unix', path: raw.subarray(0, end < 0 ? raw.length : end).toString() };
+  }
+  if (family !== AF_INET && family !== AF_INET6) return undefined;
+  const text = Buffer.alloc(64);
+  const src = family === AF_INET ? b.subarray(4, 8) : b.subarray(8, 24);
+  if (c.inet_ntop(family, src, text, text.length) === null) fail('inet_ntop');
+  return {
+    family: family === AF_INET ? 'ipv4' : 'ipv6',
+    address: text.subarray(0, text.indexOf(0)).toString(),
+    port: b.readUInt16BE(2),
+  };
+}
+
+/** Opens a socket (socket(2)), always close-on-exec; `nonBlocking` adds SOCK_NONBLOCK. */
+export function socket(domain: number, type: number, nonBlocking = false): number {
+  const fd = c.socket(domain, type | SOCK_CLOEXEC | (nonBlocking ? SOCK_NONBLOCK : 0), 0) as number;
+  if (fd < 0) fail('socket');
+  return fd;
+}
+
+/** Sets SO_REUSEADDR, so that a TCP port in TIME_WAIT can be bound again at once. */
+export function setReuseAddress(fd: number): void {
+  const one = Buffer.alloc(4);
+  one.writeInt32LE(1, 0);
+  if (c.setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, one, 4) !== 0) fail('setsockopt');
+}
+
+function getsockoptInt(fd: number, name: number): number {
+  const value = [0];
+  if (c.getsockopt(fd, SOL_SOCKET, name, value, [4]) !== 0) fail('getsockopt');
+  return value[0] as number;
+}
+
+/** Binds a socket to an address (bind(2)). */
+export function bindSocket(fd: number, addr: SocketAddress): void {
+  const bytes = encodeSocketAddress(addr);
+  if (c.bind(fd, bytes, bytes.length) !== 0) fail('bind', describeSocketAddress(addr));
+}
+
+/** Marks a stream socket as accepting connections (listen(2)); the kernel caps `backlog` at somaxconn. */
+export function listen(fd: number, backlog: number): void {
+  if (c.listen(fd, backlog) !== 0) fail('listen');
+}
+
+/** Connects a socket (connect(2)); EINPROGRESS and EAGAIN surface as errors for the caller to judge. */
+export function connectSocket(fd: number, addr: SocketAddress): void {
+  const bytes = encodeSocketAddress(addr);
+  if (c.connect(fd, bytes, bytes.length) !== 0) fail('connect', describeSocketAddress(addr));
+}
+
+/** What a socket descriptor is: family, type, whether it listens, and its local address. */
+export interface SocketInfo {
+  family: 'ipv4' | 'ipv6' | 'unix' | 'other';
+  type: 'stream' | 'datagram' | 'other';
+  listening: boolean;
+  address: SocketAddress | undefined;
+}
+
+/** Describes a socket descriptor; throws ENOTSOCK for anything else. */
+export function socketInfo(fd: number): SocketInfo {
+  const domain = getsockoptInt(fd, SO_DOMAIN);
+  const type = getsockoptInt(fd, SO_TYPE);
+  const bytes = Buffer.alloc(128);
+  const len = [bytes.length];
+  if (c.getsockname(fd, bytes, len) !== 0) fail('getsockname');
+  return {
+    family: domain === AF_INET ? 'ipv4' : domain === AF_INET6 ? 'ipv6' : domain === AF_UNIX ? 'unix' : 'other',
+    type: type === SOCK_STREAM ? 'stream' : type === SOCK_DGRAM ? 'datagram' : 'other',
+    listening: type === SOCK_STREAM && getsockoptInt(fd, SO_ACCEPTCONN) === 1,
+    address: decodeSocketAddress(bytes.subarray(0, Math.min(len[0] as number, bytes.length))),
+  };
+}
+
+/** `127.0.0.1:8080`, `[::1]:8080` or the unix path. */
+export function describeSocketAddress(addr: SocketAddress): string {
+  if (addr.family === 'unix') return addr.path;
+  return addr.family === 'ipv6' ? `[${addr.address}]:${addr.port}` : `${addr.address}:${addr.port}`;
 }
