@@ -5,10 +5,13 @@
  */
 import { ShmfdError } from '../errors.js';
 import { execReplace } from '../exec.js';
-import { findPassedFd, listenEnv, readListenFds, withEnv, type PassedFd } from '../listen-fds.js';
+import path from 'node:path';
+import { DEFAULT_FIRST_FD, findPassedFd, listenEnv, readListenFds, withEnv, type PassedFd } from '../listen-fds.js';
 import { MemoryFile } from '../memory-file.js';
 import { fdStoreCapacity, Notifier } from '../notify.js';
 import { SHARED_FD_NAME } from '../shared-fd.js';
+import { parseSocketSpec, prepareSockets } from '../sockets.js';
+import * as sys from '../system.js';
 import { isSystemError } from '../system.js';
 import { last, packageVersion, parseArgs, parseSize, usageError, type OptionSpec } from './args.js';
 import { isLogLevel, Logger } from './log.js';
@@ -24,6 +27,12 @@ store (FDSTORE=1) so that it survives restarts of the service.
 Options:
       --name NAME       descriptor name of the memory file (default ${SHARED_FD_NAME})
       --size BYTES      size of a new file (suffixes K, M, G); an existing one grows to it
+  -s, --socket SPEC     open a listening socket and pass it too (repeatable), before the
+                        memory file: [NAME=][KIND::]ADDR, KIND tcp, http, https, udp or
+                        unix; ADDR PORT (on 127.0.0.1), IP:PORT, [IPV6]:PORT or a path;
+                        NAME defaults to KIND (e.g. -s http::8080 is named http)
+      --first-fd K      pass the descriptors from K on (LISTEN_FDS_FIRST_FD=K); use 17 or
+                        more behind Node-based tools (node --watch, nodemon)
       --no-pid          leave LISTEN_PID unset, for COMMANDs that re-spawn the program
       --log-level LEVEL silent, error, warn (default), info or debug; also SHMFD_LOG
   -h, --help            show this help
@@ -32,11 +41,14 @@ Options:
 Exit status: that of COMMAND; 125 if shm-fd fails, 126 if COMMAND cannot be executed,
 127 if it is not found.
 
-Example: shm-fd watch -n 0.1 node examples/primes.js`;
+Examples: shm-fd watch -n 0.1 node examples/primes.js
+          shm-fd --first-fd 17 -s http::8080 node --watch examples/http-counter.js`;
 
 const OPTIONS: OptionSpec[] = [
   { name: 'name', value: true },
   { name: 'size', value: true },
+  { name: 'socket', short: 's', value: true },
+  { name: 'first-fd', value: true },
   { name: 'no-pid' },
   { name: 'log-level', value: true },
   { name: 'help', short: 'h' },
@@ -66,8 +78,15 @@ function run(argv: readonly string[], log: Logger): number {
   const sizeText = last(args, 'size');
   const size = sizeText === undefined ? undefined : parseSize('--size', sizeText);
 
-  const passed = readListenFds();
-  const fds: PassedFd[] = [...passed];
+  const specs = (args.options.get('socket') ?? []).map(parseSocketSpec);
+  for (const spec of specs) {
+    if (spec.name === name) throw usageError(`--socket ${spec.text}: ${name} is the memory file's name`);
+  }
+  const first = parseFirstFd(last(args, 'first-fd'));
+
+  const sockets = prepareSockets(specs, readListenFds(), { notifier: Notifier.fromEnv(), log });
+  const passed = sockets.passed;
+  const fds: PassedFd[] = [...passed, ...sockets.opened];
   const found = findPassedFd(passed, name);
   if (found !== undefined) {
     const file = MemoryFile.fromFd(found.fd, name);
@@ -90,7 +109,7 @@ function run(argv: readonly string[], log: Logger): number {
     }
   }
 
-  const first = 3;
+  checkFirstFd(first, fds, command, commandArgs, log);
   const placements = fds.map((f, i) => ({ from: f.fd, to: first + i }));
   const env = withEnv(
     process.env,
@@ -101,6 +120,43 @@ function run(argv: readonly string[], log: Logger): number {
   );
   log.debug(`exec ${command} with LISTEN_FDS=${env.LISTEN_FDS} LISTEN_FDNAMES=${env.LISTEN_FDNAMES}`);
   return execReplace({ command, args: commandArgs, env, fds: placements, programName: 'shm-fd' });
+}
+
+/** The smallest `--first-fd` that survives a Node parent (see {@link checkFirstFd}). */
+export const NODE_SAFE_FIRST_FD = 17;
+
+function parseFirstFd(text: string | undefined): number {
+  if (text === undefined) return DEFAULT_FIRST_FD;
+  if (!/^[0-9]+$/.test(text) || Number(text) < 3 || Number(text) > 65535) {
+    throw usageError(`--first-fd: ${JSON.stringify(text)} is not a descriptor number from 3 to 65535`);
+  }
+  return Number(text);
+}
+
+/**
+ * Fails early when the highest descriptor would be above the open-file limit (dup would
+ * fail after the point of no return), and warns when a Node-based restarter would swallow
+ * the descriptors: Node marks every inherited descriptor below 16, and the run after it,
+ * close-on-exec at start-up (libuv's uv_disable_stdio_inheritance), so its children only
+ * see descriptors from 17 on, above a gap at 16.
+ */
+function checkFirstFd(first: number, fds: readonly PassedFd[], command: string, args: readonly string[], log: Logger): void {
+  const probe = fds[0];
+  if (probe === undefined) return;
+  const highest = first + fds.length - 1;
+  try {
+    sys.close(sys.dupAbove(probe.fd, highest));
+  } catch {
+    throw usageError(`--first-fd ${first}: descriptor ${highest} is above the limit of open files (ulimit -n)`);
+  }
+  const base = path.basename(command);
+  const nodeWatcher =
+    base === 'nodemon' || (/^node(js)?$/.test(base) && args.some((a) => a === '--watch' || a.startsWith('--watch-path')));
+  if (nodeWatcher && first < NODE_SAFE_FIRST_FD) {
+    log.warn(
+      `${base} is a Node process that restarts its program: descriptors below ${NODE_SAFE_FIRST_FD} do not reach the program; use --first-fd ${NODE_SAFE_FIRST_FD}`,
+    );
+  }
 }
 
 /** Runs the command line; returns an exit status only when it did not exec. */
