@@ -104,10 +104,8 @@ export function readListenFds(options: ReadListenFdsOptions = {}): PassedFd[] {
       ? DEFAULT_FIRST_FD
       : parseDecimal('LISTEN_FDS_FIRST_FD', env.LISTEN_FDS_FIRST_FD, 0, MAX_FD);
   const count = parseDecimal('LISTEN_FDS', countText, 0, MAX_FD - first);
-  let names: string[];
-  if (env.LISTEN_FDNAMES === undefined) {
-    names = new Array<string>(count).fill(UNKNOWN_NAME);
-  } else {
+  let names: string[] | undefined;
+  if (env.LISTEN_FDNAMES !== undefined) {
     // An empty LISTEN_FDNAMES is one empty name; with LISTEN_FDS=0 it stands for none.
     names = count === 0 && env.LISTEN_FDNAMES === '' ? [] : env.LISTEN_FDNAMES.split(':');
     if (names.length !== count) {
@@ -117,11 +115,16 @@ export function readListenFds(options: ReadListenFdsOptions = {}): PassedFd[] {
       );
     }
   }
-  const fds = names.map((name, i) => ({ fd: first + i, name }));
-  for (const { fd, name } of fds) {
+  // Check before building anything of size `count`: a bogus LISTEN_FDS=2000000000 must be
+  // an error at the first closed descriptor, not an out-of-memory abort.
+  const fds: PassedFd[] = [];
+  for (let i = 0; i < count; i++) {
+    const fd = first + i;
+    const name = names?.[i] ?? UNKNOWN_NAME;
     if (!sys.isOpen(fd)) {
       throw new ShmfdError('ERR_FD_NOT_PASSED', `LISTEN_FDS=${count} but descriptor ${fd} (${name}) is not open`);
     }
+    fds.push({ fd, name });
   }
   if (options.cloexec !== false) for (const { fd } of fds) sys.setCloexec(fd, true);
   if (options.unsetEnv === true) {
