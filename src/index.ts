@@ -38,3 +38,18 @@ export {
 } from './notify.js';
 export { SharedFd, SHARED_FD_NAME, type SharedFdOptions } from './shared-fd.js';
 export { execReplace, resolveCommand, type ExecRequest, type FdPlacement } from './exec.js';
+export {
+  runRestoreHost,
+  childDescriptors,
+  childStdio,
+  exitStatus,
+  SNAPSHOT_MODES,
+  FORWARDED_SIGNALS,
+  EXIT_HOST_FAILURE,
+  type RestoreHostOptions,
+  type SnapshotMode,
+} from './restore/host.js';
+export { BackupFile, type BackupFormat, type BackupInspection } from './restore/backup.js';
+export { persistAtomically, type PersistOptions, type PersistResult, type PersistTimings } from './restore/persist.js';
+export { Snapshotter, DEFAULT_INTERVAL_MS, type DurableSnapshot, type SnapshotterOptions } from './restore/snapshotter.js';
+export { backupStatus, type BackupStatus } from './restore/status.js';

@@ -1,0 +1,416 @@
+/**
+ * The restore host (`shm-restore`): keeps a program's shared memory alive across crashes,
+ * reboots and power loss by mirroring it to a backup file (restore.md).
+ *
+ * Start: the memory file comes from the passed descriptors when one has the name (it came
+ * back from the service manager's fd store and is newer than the disk), or is created,
+ * restored from the backup, and parked in the fd store. Then the program runs as a child
+ * with the memory among its descriptors; signals to the host are forwarded to it; with
+ * `--snapshot=restore-v1` consistent snapshots are persisted while it runs; after it
+ * exits, the quiescent memory is written back atomically and its exit status returned.
+ *
+ * The host never maps the memory file: it reads it with `pread` and copies it with
+ * `sendfile`, so a program that resizes it can never make the host fault.
+ * @module
+ */
+import { spawn, type ChildProcess, type StdioOptions } from 'node:child_process';
+import os from 'node:os';
+import path from 'node:path';
+import { Logger } from '../cli/log.js';
+import { ShmfdError } from '../errors.js';
+import { resolveCommand } from '../exec.js';
+import { checkFdName, findPassedFd, listenEnv, readListenFds, withEnv, DEFAULT_FIRST_FD, type Environment, type PassedFd } from '../listen-fds.js';
+import { MemoryFile } from '../memory-file.js';
+import { fdStoreCapacity, Notifier } from '../notify.js';
+import { SHARED_FD_NAME } from '../shared-fd.js';
+import { SnapshotFormatError } from '../snapshot/errors.js';
+import { BackupFile, describeSystemError, type BackupInspection } from './backup.js';
+import { persistAtomically, type PersistResult } from './persist.js';
+import { formatBytes, formatDuration, Progress } from './progress.js';
+import { readSlotState, type SlotState } from './slots.js';
+import { quiescentCopyFixup, Snapshotter, DEFAULT_INTERVAL_MS } from './snapshotter.js';
+
+/** Snapshot strategies of `--snapshot`. */
+export const SNAPSHOT_MODES = ['restore-v1'] as const;
+export type SnapshotMode = (typeof SNAPSHOT_MODES)[number];
+
+/** Exit status when the host itself fails (as `env`, `nice`, `timeout` do). */
+export const EXIT_HOST_FAILURE = 125;
+
+/** The signals the host forwards to the program. */
+export const FORWARDED_SIGNALS = ['SIGINT', 'SIGTERM', 'SIGHUP', 'SIGQUIT'] as const;
+
+/** Options of {@link runRestoreHost}. */
+export interface RestoreHostOptions {
+  /** Path of the backup file. */
+  backup: string;
+  /** The program to run; looked up in `PATH`, never interpreted by a shell. */
+  command: string;
+  args?: readonly string[];
+  /** Descriptor name of the memory file (default `SHM_SHARED_FD`). */
+  name?: string;
+  /** Take consistent snapshots while the program runs; without it the backup is written at exit only. */
+  snapshot?: SnapshotMode;
+  /** Least pause between snapshot rounds (default {@link DEFAULT_INTERVAL_MS}). */
+  intervalMs?: number;
+  /** Set `LISTEN_PID` to the program's pid (default true); false is `--no-pid`. */
+  listenPid?: boolean;
+  /** Descriptors to pass besides those passed in and the memory file (e.g. sockets opened by the CLI). */
+  extraFds?: readonly PassedFd[];
+  /** Descriptor number of the first passed descriptor in the program (default 3). */
+  firstFd?: number;
+  /** Environment of the host, passed on to the program (default `process.env`). */
+  env?: Environment;
+  log?: Logger;
+  /** Show progress of slow copies when stderr is a terminal (default true). */
+  progress?: boolean;
+}
+
+/**
+ * The descriptors the program gets, in order: those the host was passed (re-passed as they
+ * are), then new ones (e.g. sockets), then the memory file when the host created it.
+ * A memory file that was passed in is already among the first.
+ */
+export function childDescriptors(
+  passed: readonly PassedFd[],
+  added: readonly PassedFd[],
+  createdMemory: PassedFd | undefined,
+): PassedFd[] {
+  return [...passed, ...added, ...(createdMemory === undefined ? [] : [createdMemory])];
+}
+
+/** The `stdio` of `spawn` that puts `descriptors` at `first`, `first + 1`, ... in the child. */
+export function childStdio(descriptors: readonly PassedFd[], first: number = DEFAULT_FIRST_FD): StdioOptions {
+  if (!Number.isSafeInteger(first) || first < DEFAULT_FIRST_FD) {
+    throw new ShmfdError('ERR_INVALID_ARGUMENT', `the first passed descriptor must be ${DEFAULT_FIRST_FD} or more, not ${first}`);
+  }
+  const gap = new Array<'ignore'>(first - DEFAULT_FIRST_FD).fill('ignore');
+  return ['inherit', 'inherit', 'inherit', ...gap, ...descriptors.map((d) => d.fd)];
+}
+
+/** The shell program that sets `LISTEN_PID` to its own pid, which `exec` keeps (fd-passing.md). */
+export const LISTEN_PID_SHELL = 'LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"';
+
+/** The shell convention: 128 + N for a program killed by signal N. */
+export function exitStatus(code: number | null, signal: NodeJS.Signals | null): number {
+  if (code !== null) return code;
+  const n = signal === null ? undefined : os.constants.signals[signal];
+  return 128 + (n ?? 0);
+}
+
+/** Forwards signals to the program; before it runs, remembers the first one to stop early. */
+class SignalRelay {
+  child: ChildProcess | undefined;
+  childExited = false;
+  received: NodeJS.Signals | undefined;
+  readonly abort = new AbortController();
+  #handlers = new Map<NodeJS.Signals, () => void>();
+
+  constructor(private readonly log: Logger) {
+    for (const signal of FORWARDED_SIGNALS) {
+      const handler = (): void => this.#on(signal);
+      this.#handlers.set(signal, handler);
+      process.on(signal, handler);
+    }
+  }
+
+  #on(signal: NodeJS.Signals): void {
+    if (this.child === undefined) {
+      this.received ??= signal;
+      this.abort.abort(new Error(`received ${signal}`));
+      this.log.info(`received ${signal} before the program started: stopping`);
+    } else if (!this.childExited) {
+      this.log.info(`received ${signal}: forwarding it to the program (pid ${this.child.pid})`);
+      try {
+        this.child.kill(signal);
+      } catch {
+        // Gone in the meantime: its exit is on the way.
+      }
+    } else {
+      this.log.info(`received ${signal}: finishing the write-back first`);
+    }
+  }
+
+  uninstall(): void {
+    for (const [signal, handler] of this.#handlers) process.off(signal, handler);
+    this.#handlers.clear();
+  }
+}
+
+type ChildEnd = { code: number | null; signal: NodeJS.Signals | null } | { error: Error };
+
+/**
+ * Runs the restore host to the end and returns the exit status: the program's (128 + N
+ * for signal N), or 125 when the final write-back failed after a successful program.
+ * @throws ShmfdError before the program starts: `ERR_BACKUP_ACCESS`, `ERR_BACKUP_INVALID`,
+ *   `ERR_COMMAND_NOT_FOUND`, `ERR_LISTEN_*`, `ERR_NOT_A_MEMORY_FILE`; SystemError for a
+ *   memory file that cannot be created or restored (ENOMEM, ENOSPC) or a command that
+ *   cannot be executed (EACCES)
+ */
+export async function runRestoreHost(options: RestoreHostOptions): Promise<number> {
+  const log = options.log ?? new Logger('shm-restore');
+  const relay = new SignalRelay(log);
+  try {
+    return await host(options, log, relay);
+  } finally {
+    relay.uninstall();
+  }
+}
+
+async function host(o: RestoreHostOptions, log: Logger, relay: SignalRelay): Promise<number> {
+  const env = o.env ?? process.env;
+  const name = checkFdName(o.name ?? SHARED_FD_NAME);
+  const first = o.firstFd ?? DEFAULT_FIRST_FD;
+  const showProgress = o.progress !== false;
+
+  // Everything that can be refused is checked before the memory is touched.
+  const backup = new BackupFile(o.backup);
+  const inspection = backup.inspect(o.snapshot === undefined ? 'raw' : 'snapshot');
+  const leftovers = backup.removeLeftovers();
+  if (leftovers.length > 0) log.info(`removed ${leftovers.length} temporary file(s) left by a host that was killed: ${leftovers.join(', ')}`);
+  backup.checkWritable();
+  const executable = resolveCommand(o.command, env);
+  const passed = readListenFds({ env });
+  describeInspection(log, backup, inspection);
+
+  const found = findPassedFd(passed, name);
+  let memory: MemoryFile;
+  let created: PassedFd | undefined;
+  if (found !== undefined) {
+    memory = MemoryFile.fromFd(found.fd, name);
+    log.info(`using the memory file ${name} passed in (fd ${found.fd}, ${formatBytes(memory.size)}): it is newer than the backup, which is not restored`);
+  } else {
+    memory = MemoryFile.create(name, { sealShrink: true });
+    await restore(backup, inspection, memory, log, relay, showProgress);
+    created = { fd: memory.fd, name };
+    // Only a complete memory file goes to the store: a partial one would win over the disk next time.
+    storeInFdStore(env, name, memory, log);
+  }
+  if (relay.received !== undefined) return exitStatus(null, relay.received);
+
+  const descriptors = childDescriptors(passed, o.extraFds ?? [], created);
+  const child = startChild(o, executable, env, descriptors, first, log);
+  const ended = waitForChild(child);
+  relay.child = child;
+
+  const mode = inspection.state === 'present' ? inspection.mode : 0o600;
+  let snapshotter: Snapshotter | undefined;
+  let statusTimer: NodeJS.Timeout | undefined;
+  if (o.snapshot !== undefined && child.pid !== undefined) {
+    snapshotter = new Snapshotter({
+      memory: memory.fd,
+      backup,
+      intervalMs: o.intervalMs,
+      log,
+      baselineWriteOffset: inspection.state === 'present' ? inspection.slots?.head.writeOffset : undefined,
+      mode,
+      progress: showProgress,
+    });
+    snapshotter.start();
+    statusTimer = reportStatus(env, snapshotter, log);
+  }
+
+  const end = await ended;
+  relay.childExited = true;
+  if (statusTimer !== undefined) clearInterval(statusTimer);
+  await snapshotter?.stop();
+  if ('error' in end) {
+    log.error(`cannot start ${o.command}: ${describeSystemError(end.error)}`);
+    return (end.error as NodeJS.ErrnoException).code === 'ENOENT' ? 127 : 126;
+  }
+  const status = exitStatus(end.code, end.signal);
+  log.info(`${o.command} exited ${end.signal === null ? `with status ${end.code}` : `on ${end.signal}`}`);
+  if (snapshotter !== undefined) {
+    const c = snapshotter.counts;
+    log.debug(`snapshot rounds: ${c.persisted} persisted, ${c.unchanged} unchanged, ${c['not-ready']} not ready, ${c.discarded} discarded, ${c.failed} failed`);
+  }
+
+  const written = await writeBack(o, backup, inspection, memory, mode, log, showProgress);
+  if (!written) return status === 0 ? EXIT_HOST_FAILURE : status;
+  return status;
+}
+
+function describeInspection(log: Logger, backup: BackupFile, inspection: BackupInspection): void {
+  if (inspection.state === 'missing') {
+    log.info(`no backup at ${backup.path} yet: fresh start`);
+  } else if (inspection.size === 0) {
+    log.info(`the backup ${backup.path} is empty: fresh start`);
+  } else if (inspection.slots !== undefined) {
+    log.info(`backup ${backup.path}: ${formatBytes(inspection.size)}, ${inspection.slots.slots.length} valid snapshot(s)`);
+  }
+}
+
+async function restore(
+  backup: BackupFile,
+  inspection: BackupInspection,
+  memory: MemoryFile,
+  log: Logger,
+  relay: SignalRelay,
+  showProgress: boolean,
+): Promise<void> {
+  if (inspection.state === 'missing' || inspection.size === 0) return;
+  const progress = Progress.start(`shm-restore: restoring ${path.basename(backup.path)}`, showProgress);
+  const started = performance.now();
+  let result;
+  try {
+    result = await backup.restoreInto(memory.fd, {
+      signal: relay.abort.signal,
+      progress: progress === undefined ? undefined : (done, total) => progress.update(done, total),
+    });
+  } catch (err) {
+    if (relay.abort.signal.aborted) return;
+    throw new ShmfdError('ERR_BACKUP_ACCESS', `cannot restore backup ${backup.path} into memory: ${describeSystemError(err)}`, { cause: err });
+  } finally {
+    progress?.done();
+  }
+  log.info(`restored ${formatBytes(result.size)} from ${backup.path} (${formatBytes(result.copied)} of data) in ${formatDuration(performance.now() - started)}`);
+}
+
+function storeInFdStore(env: Environment, name: string, memory: MemoryFile, log: Logger): void {
+  let notifier: Notifier | undefined;
+  try {
+    notifier = Notifier.fromEnv(env);
+    if (notifier === undefined) return;
+    if (fdStoreCapacity(env) === 0) {
+      log.warn(`the service manager's fd store is disabled ($FDSTORE is not set): ${name} will not survive a restart of the service, only the backup will; set FileDescriptorStoreMax=1 or more`);
+    }
+    notifier.storeFds(name, [memory.fd]);
+    log.info(`stored ${name} in the fd store of ${notifier.address}`);
+  } catch (err) {
+    log.warn(`cannot hand ${name} to the service manager: ${describeSystemError(err)}`);
+  } finally {
+    notifier?.close();
+  }
+}
+
+function startChild(
+  o: RestoreHostOptions,
+  executable: string,
+  env: Environment,
+  descriptors: readonly PassedFd[],
+  first: number,
+  log: Logger,
+): ChildProcess {
+  const childEnv = withEnv(env, listenEnv(descriptors.map((d) => d.name), { pid: undefined, first }));
+  const stdio = childStdio(descriptors, first);
+  const args = o.args ?? [];
+  log.debug(`starting ${o.command} with LISTEN_FDS=${childEnv.LISTEN_FDS} LISTEN_FDNAMES=${childEnv.LISTEN_FDNAMES}`);
+  if (o.listenPid === false) {
+    return spawn(executable, args, { argv0: o.command, env: childEnv, stdio });
+  }
+  // The shell only sets LISTEN_PID to its pid and execs the program in its place. A name
+  // starting with '-' would be taken for an option of exec by some shells.
+  const target = o.command.startsWith('-') ? path.resolve(executable) : o.command;
+  return spawn('/bin/sh', ['-c', LISTEN_PID_SHELL, target, ...args], { env: childEnv, stdio });
+}
+
+function waitForChild(child: ChildProcess): Promise<ChildEnd> {
+  return new Promise((resolve) => {
+    child.once('exit', (code, signal) => resolve({ code, signal }));
+    child.on('error', (error) => {
+      // After a successful start, errors come from kill() on a process that is already gone.
+      if (child.pid === undefined) resolve({ error });
+    });
+  });
+}
+
+/** Sends `STATUS=` with the age of the newest durable snapshot every few seconds, under systemd. */
+function reportStatus(env: Environment, snapshotter: Snapshotter, log: Logger): NodeJS.Timeout | undefined {
+  let notifier: Notifier | undefined;
+  try {
+    notifier = Notifier.fromEnv(env);
+  } catch {
+    return undefined;
+  }
+  if (notifier === undefined) return undefined;
+  const timer = setInterval(() => {
+    const last = snapshotter.lastPersisted;
+    const text =
+      last === undefined
+        ? 'no snapshot persisted by this host yet'
+        : `newest durable snapshot ${formatDuration(Date.now() - last.takenAt)} old (${last.count} snapshot(s), ${formatBytes(last.size)})`;
+    try {
+      notifier.status(text);
+    } catch (err) {
+      log.debug(`cannot send STATUS to the service manager: ${describeSystemError(err)}`);
+    }
+  }, 5000);
+  timer.unref();
+  return timer;
+}
+
+/**
+ * The final write-back of quiescent memory. Returns false when it failed (the old backup
+ * then stays, and the reason has been logged).
+ */
+async function writeBack(
+  o: RestoreHostOptions,
+  backup: BackupFile,
+  inspection: BackupInspection,
+  memory: MemoryFile,
+  mode: number,
+  log: Logger,
+  showProgress: boolean,
+): Promise<boolean> {
+  let size: number;
+  let expected: SlotState | undefined;
+  try {
+    size = memory.size;
+    if (o.snapshot !== undefined) {
+      const verdict = checkFinalSnapshot(memory.fd, size, inspection);
+      if (typeof verdict === 'string') {
+        if (inspection.state === 'present' && inspection.size > 0) log.warn(`${verdict}; the backup ${backup.path} is kept as it was`);
+        else if (size > 0) log.warn(`${verdict}; nothing was written to ${backup.path}`);
+        return true;
+      }
+      expected = verdict;
+    }
+  } catch (err) {
+    log.error(`cannot read the memory for the final write-back: ${describeSystemError(err)}; the backup ${backup.path} is kept as it was`);
+    return false;
+  }
+  const progress = Progress.start(`shm-restore: writing back to ${path.basename(backup.path)}`, showProgress);
+  let result: PersistResult | undefined;
+  try {
+    result = await persistAtomically(backup, memory.fd, size, {
+      fixup: expected === undefined ? undefined : quiescentCopyFixup(expected),
+      progress: progress === undefined ? undefined : (done, total) => progress.update(done, total),
+      mode,
+    });
+  } catch (err) {
+    log.error(`the final write-back to ${backup.path} failed: ${describeSystemError(err)}; the backup on disk is the previous one, the newest state is lost`);
+    return false;
+  } finally {
+    progress?.done();
+  }
+  if (result === undefined) {
+    log.error(`the final write-back to ${backup.path} failed: the memory changed during the copy (is another process still writing to it?); the backup on disk is the previous one`);
+    return false;
+  }
+  const t = result.timings;
+  log.info(
+    `wrote back ${formatBytes(result.size)} to ${backup.path} (${formatBytes(result.copied)} of data): ` +
+      `copy ${formatDuration(t.copyMs)}, validate ${formatDuration(t.validateMs)}, fsync ${formatDuration(t.fsyncMs)}, rename ${formatDuration(t.renameMs)}`,
+  );
+  return true;
+}
+
+/**
+ * In snapshot mode, the memory may replace the backup only when it is a valid snapshot
+ * file, and not one without snapshots over a backup that has some.
+ * @returns the memory's slots, or why it must not replace the backup
+ */
+function checkFinalSnapshot(fd: number, size: number, inspection: BackupInspection): SlotState | string {
+  if (size === 0) return 'the memory is empty';
+  let state: SlotState | undefined;
+  try {
+    state = readSlotState(fd, size);
+  } catch (err) {
+    if (err instanceof SnapshotFormatError) return `the memory is not a valid snapshot file (${err.message})`;
+    throw err;
+  }
+  if (state === undefined) return 'the program never configured its memory as a snapshot file';
+  const backupCount = inspection.state === 'present' ? (inspection.slots?.slots.length ?? 0) : 0;
+  if (state.slots.length === 0 && backupCount > 0) return 'the memory holds no valid snapshot but the backup does';
+  return state;
+}

@@ -1,0 +1,91 @@
+/**
+ * Atomic persistence of a memory file to the backup: a temporary file next to the backup
+ * (mode 0600), a sparse copy, an optional fix-up, `fsync`, `rename` over the backup,
+ * `fsync` of the directory. A crash at any instant leaves the old backup or the new one;
+ * every path out of here that this process controls removes the temporary file.
+ * @module
+ */
+import fs from 'node:fs';
+import type { BackupFile } from './backup.js';
+import { copySparse, type CopyProgress } from './copy.js';
+
+/** Milliseconds spent in each step of a persist. */
+export interface PersistTimings {
+  copyMs: number;
+  validateMs: number;
+  fsyncMs: number;
+  renameMs: number;
+}
+
+/** A persisted backup. */
+export interface PersistResult {
+  /** Size of the new backup. */
+  size: number;
+  /** Bytes copied (the data extents of the source). */
+  copied: number;
+  timings: PersistTimings;
+}
+
+/**
+ * Checks, and may fix, the copy in the temporary file before it is made durable. Runs
+ * right after the copy ended. Returns false to discard the copy.
+ */
+export type PersistFixup = (tempFd: number, size: number) => boolean;
+
+/** Options of {@link persistAtomically}. */
+export interface PersistOptions {
+  fixup?: PersistFixup;
+  /** Aborts between chunks of the copy and before the rename; the old backup stays. */
+  signal?: AbortSignal;
+  progress?: CopyProgress;
+  /** Permission bits of the new backup (default 0600); the host keeps those of the old one. */
+  mode?: number;
+}
+
+const TEMP_FLAGS = fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL;
+
+/**
+ * Writes the first `size` bytes of `source` to `backup` atomically.
+ * @returns the result, or undefined when the fix-up discarded the copy
+ * @throws the error of the failing step (ENOSPC, EIO, ...) or the abort reason; the old
+ *   backup is then untouched and the temporary file removed
+ */
+export async function persistAtomically(
+  backup: BackupFile,
+  source: number,
+  size: number,
+  options: PersistOptions = {},
+): Promise<PersistResult | undefined> {
+  const temp = backup.tempPath();
+  const handle = await fs.promises.open(temp, TEMP_FLAGS, 0o600);
+  let renamed = false;
+  try {
+    const t0 = performance.now();
+    const { copied } = await copySparse(source, handle.fd, size, { signal: options.signal, progress: options.progress });
+    const t1 = performance.now();
+    if (options.fixup !== undefined && !options.fixup(handle.fd, size)) return undefined;
+    if (options.mode !== undefined && options.mode !== 0o600) await handle.chmod(options.mode);
+    const t2 = performance.now();
+    await handle.sync();
+    options.signal?.throwIfAborted();
+    const t3 = performance.now();
+    await fs.promises.rename(temp, backup.path);
+    renamed = true;
+    await syncDirectory(backup.dir);
+    const t4 = performance.now();
+    return { size, copied, timings: { copyMs: t1 - t0, validateMs: t2 - t1, fsyncMs: t3 - t2, renameMs: t4 - t3 } };
+  } finally {
+    await handle.close().catch(() => undefined);
+    if (!renamed) await fs.promises.unlink(temp).catch(() => undefined);
+  }
+}
+
+/** Makes a rename in `dir` durable. */
+export async function syncDirectory(dir: string): Promise<void> {
+  const handle = await fs.promises.open(dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+  try {
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+}

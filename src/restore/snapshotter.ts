@@ -1,0 +1,275 @@
+/**
+ * restore-v1: consistent snapshots of a live memory file while the program keeps
+ * writing (restore.md). Each round reads the valid slots (A), copies the file, reads them
+ * again (B), and keeps in the copy only the slots of A ∩ B: those were published before
+ * the copy started and not invalidated before it ended, so their bytes in the copy are
+ * intact. A copy with no such slot proves nothing and is dropped.
+ *
+ * No busy loop: rounds are paced by a timer, a round whose `write_offset` has not moved
+ * since the last persisted backup costs two `pread`s, and a round never overlaps another.
+ * @module
+ */
+import fs from 'node:fs';
+import type { Logger } from '../cli/log.js';
+import { SnapshotFormatError } from '../snapshot/errors.js';
+import { clearSlotsExcept, MIN_FILE_LENGTH, PAGE, type Snapshot } from '../snapshot/format.js';
+import { describeSystemError, type BackupFile } from './backup.js';
+import { persistAtomically, type PersistFixup, type PersistResult } from './persist.js';
+import { formatBytes, formatDuration, Progress } from './progress.js';
+import { intersectSlots, newestSlot, readSlotState, type SlotState } from './slots.js';
+
+/**
+ * Default pause between rounds, in milliseconds. A round that copies costs about 1 ms of
+ * CPU per 2-4 MB of data extents; see {@link Snapshotter} for how the pause stretches to
+ * keep a large state under a tenth of a core.
+ */
+export const DEFAULT_INTERVAL_MS = 250;
+
+/**
+ * The pause after a round is at least this many times the time its copy took, so that
+ * copying takes at most about 1 / (1 + factor) of a core however large the state is.
+ */
+const PACING_FACTOR = 12;
+
+/** The newest backup this host made durable. */
+export interface DurableSnapshot {
+  /** When its slots were read, before the copy (ms since the epoch): its data is at least this old. */
+  takenAt: number;
+  /** `write_offset` of the memory at that moment. */
+  writeOffset: number;
+  /** Snapshots kept in it. */
+  count: number;
+  /** The newest of them. */
+  newest: Snapshot | undefined;
+  /** Size of the backup file. */
+  size: number;
+}
+
+/** What one round did. */
+export type RoundOutcome = 'persisted' | 'unchanged' | 'not-ready' | 'discarded' | 'failed' | 'aborted';
+
+/** Options of {@link Snapshotter}. */
+export interface SnapshotterOptions {
+  /** Descriptor of the live memory file (read with pread and sendfile only, never mapped). */
+  memory: number;
+  backup: BackupFile;
+  intervalMs?: number;
+  log: Logger;
+  /** `write_offset` of the backup on disk, so an unchanged memory is not copied again. */
+  baselineWriteOffset?: number;
+  /** Permission bits of new backups. */
+  mode?: number;
+  /** Show progress of slow copies on a terminal. */
+  progress?: boolean;
+  /** Called after each persisted round. */
+  onPersisted?: (snapshot: DurableSnapshot, result: PersistResult) => void;
+}
+
+/**
+ * Checks a temporary copy taken while the memory was live: reads the slots again (B),
+ * keeps A ∩ B, clears every other slot in the copy, and verifies the result.
+ */
+export function liveCopyFixup(memory: number, before: SlotState, log: Logger, kept: { slots: Snapshot[] }): PersistFixup {
+  return (tempFd, size) => {
+    let after: SlotState | undefined;
+    try {
+      after = readSlotState(memory, sizeOf(memory));
+    } catch (err) {
+      if (err instanceof SnapshotFormatError) after = undefined;
+      else throw err;
+    }
+    if (after === undefined || !sameLayout(after, before)) {
+      log.debug('snapshot discarded: the memory was reconfigured during the copy');
+      return false;
+    }
+    const keep = intersectSlots(before.slots, after.slots);
+    if (keep.length === 0) {
+      log.debug(`snapshot discarded: none of the ${before.slots.length} slots stayed valid during the copy`);
+      return false;
+    }
+    const copy = readSlotState(tempFd, size);
+    if (copy === undefined || !sameLayout(copy, before)) {
+      log.debug('snapshot discarded: the copied head differs from the live one');
+      return false;
+    }
+    if (clearSlotsExcept(copy.bytes, copy.head, keep) > 0) writeSequenceRegion(tempFd, copy);
+    const check = readSlotState(tempFd, size);
+    if (check === undefined || !sameSlots(check.slots, keep)) {
+      log.debug('snapshot discarded: the copy does not hold the slots it was checked against');
+      return false;
+    }
+    kept.slots = keep;
+    return true;
+  };
+}
+
+/** Checks a copy of quiescent memory: the same configuration and the same valid slots. */
+export function quiescentCopyFixup(expected: SlotState): PersistFixup {
+  return (tempFd, size) => {
+    const copy = readSlotState(tempFd, size);
+    return copy !== undefined && sameLayout(copy, expected) && sameSlots(copy.slots, expected.slots);
+  };
+}
+
+/**
+ * Takes restore-v1 snapshots of a live memory file on a timer until {@link stop}.
+ *
+ * Pacing: the next round starts `intervalMs` after the previous one ended, or
+ * {@link PACING_FACTOR} times its copy time if that is longer, so a large state that
+ * changes constantly costs a bounded share of a core.
+ */
+export class Snapshotter {
+  readonly intervalMs: number;
+  #o: SnapshotterOptions;
+  #timer: NodeJS.Timeout | undefined;
+  #round: Promise<RoundOutcome> | undefined;
+  #abort = new AbortController();
+  #stopped = false;
+  #persistedWriteOffset: number | undefined;
+  #lastNote = '';
+  #lastError = '';
+  #nextDelay: number;
+  /** The newest backup made durable by this snapshotter. */
+  lastPersisted: DurableSnapshot | undefined;
+  /** Rounds by outcome, for logs and tests. */
+  readonly counts: Record<RoundOutcome, number> = {
+    persisted: 0,
+    unchanged: 0,
+    'not-ready': 0,
+    discarded: 0,
+    failed: 0,
+    aborted: 0,
+  };
+
+  constructor(options: SnapshotterOptions) {
+    this.#o = options;
+    this.intervalMs = options.intervalMs ?? DEFAULT_INTERVAL_MS;
+    this.#nextDelay = this.intervalMs;
+    this.#persistedWriteOffset = options.baselineWriteOffset;
+  }
+
+  /** Starts the timer. */
+  start(): void {
+    this.#schedule();
+  }
+
+  /** Stops the timer and aborts a round in progress (its temporary file is removed). */
+  async stop(): Promise<void> {
+    this.#stopped = true;
+    if (this.#timer !== undefined) clearTimeout(this.#timer);
+    this.#abort.abort(new Error('the snapshotter stopped'));
+    await this.#round;
+  }
+
+  #schedule(): void {
+    if (this.#stopped) return;
+    this.#timer = setTimeout(() => {
+      this.#timer = undefined;
+      this.#round = this.round();
+      void this.#round.then(() => this.#schedule());
+    }, this.#nextDelay);
+    this.#timer.unref();
+  }
+
+  /** Runs one round now. Never throws: failures are logged and counted. */
+  async round(): Promise<RoundOutcome> {
+    const outcome = await this.#roundInner();
+    this.counts[outcome]++;
+    return outcome;
+  }
+
+  async #roundInner(): Promise<RoundOutcome> {
+    const { log, memory } = this.#o;
+    this.#nextDelay = this.intervalMs;
+    let size: number;
+    let before: SlotState | undefined;
+    try {
+      size = sizeOf(memory);
+      if (size < MIN_FILE_LENGTH) return this.#notReady(`the memory has ${size} bytes, too few for a snapshot file`);
+      before = readSlotState(memory, size);
+    } catch (err) {
+      if (err instanceof SnapshotFormatError) return this.#notReady(`the memory is not a valid snapshot file: ${err.message}`);
+      return this.#failed(err);
+    }
+    if (before === undefined) return this.#notReady('the memory is not configured as a snapshot file yet');
+    if (before.head.writeOffset === this.#persistedWriteOffset) return 'unchanged';
+    if (before.slots.length === 0) return this.#notReady('the memory holds no snapshot yet');
+    this.#lastNote = '';
+
+    const takenAt = Date.now();
+    const kept = { slots: [] as Snapshot[] };
+    const progress = Progress.start('shm-restore: persisting snapshot', this.#o.progress === true);
+    let result: PersistResult | undefined;
+    try {
+      result = await persistAtomically(this.#o.backup, memory, size, {
+        fixup: liveCopyFixup(memory, before, log, kept),
+        signal: this.#abort.signal,
+        progress: progress === undefined ? undefined : (done, total) => progress.update(done, total),
+        mode: this.#o.mode,
+      });
+    } catch (err) {
+      if (this.#abort.signal.aborted) return 'aborted';
+      return this.#failed(err);
+    } finally {
+      progress?.done();
+    }
+    if (result === undefined) return 'discarded';
+    this.#nextDelay = Math.max(this.intervalMs, PACING_FACTOR * result.timings.copyMs);
+    if (this.#lastError !== '') log.info('persisting snapshots works again');
+    this.#lastError = '';
+    this.#persistedWriteOffset = before.head.writeOffset;
+    const snapshot: DurableSnapshot = {
+      takenAt,
+      writeOffset: before.head.writeOffset,
+      count: kept.slots.length,
+      newest: newestSlot(kept.slots),
+      size,
+    };
+    this.lastPersisted = snapshot;
+    const t = result.timings;
+    log.debug(
+      `snapshot persisted: ${snapshot.count} of ${before.slots.length} slots kept, newest at ${snapshot.newest?.offset ?? '-'}; ` +
+        `copy ${ms(t.copyMs)} (${formatBytes(result.copied)} of ${formatBytes(size)}), validate ${ms(t.validateMs)}, ` +
+        `fsync ${ms(t.fsyncMs)}, rename ${ms(t.renameMs)}`,
+    );
+    this.#o.onPersisted?.(snapshot, result);
+    return 'persisted';
+  }
+
+  #notReady(reason: string): RoundOutcome {
+    if (reason !== this.#lastNote) this.#o.log.debug(`no snapshot taken: ${reason}`);
+    this.#lastNote = reason;
+    return 'not-ready';
+  }
+
+  #failed(err: unknown): RoundOutcome {
+    const message = `cannot persist a snapshot to ${this.#o.backup.path}: ${describeSystemError(err)}; the previous backup stays`;
+    if (message !== this.#lastError) this.#o.log.error(message);
+    else this.#o.log.debug(message);
+    this.#lastError = message;
+    return 'failed';
+  }
+}
+
+function sizeOf(fd: number): number {
+  return fs.fstatSync(fd).size;
+}
+
+function sameLayout(a: SlotState, b: SlotState): boolean {
+  return a.head.entries === b.head.entries && a.head.data === b.head.data;
+}
+
+function sameSlots(a: readonly Snapshot[], b: readonly Snapshot[]): boolean {
+  return a.length === b.length && intersectSlots(a, b).length === a.length;
+}
+
+/** Writes the (fixed-up) slot region of `state.bytes` back into the file. */
+function writeSequenceRegion(fd: number, state: SlotState): void {
+  const region = state.bytes.subarray(PAGE);
+  let done = 0;
+  while (done < region.length) done += fs.writeSync(fd, region, done, region.length - done, PAGE + done);
+}
+
+function ms(value: number): string {
+  return value < 100 ? `${value.toFixed(1)} ms` : formatDuration(value);
+}

@@ -1,0 +1,51 @@
+/**
+ * `shm-restore status BACKUP`: what a backup holds and how old it is, read-only.
+ * @module
+ */
+import { BackupFile, type BackupFormat } from './backup.js';
+import { formatBytes, formatDuration } from './progress.js';
+import { newestSlot } from './slots.js';
+
+/** Facts about a backup, one `key: value` line each. */
+export interface BackupStatus {
+  /** False for a missing, unreadable or invalid backup. */
+  ok: boolean;
+  lines: string[];
+}
+
+/**
+ * Describes the backup at `file` without changing it. A file without the snapshot magic
+ * is a raw memory image, valid only when `format` is `'raw'`.
+ * @throws ShmfdError `ERR_BACKUP_ACCESS`, `ERR_BACKUP_INVALID` for an unusable backup
+ */
+export function backupStatus(file: string, format: BackupFormat, now: number = Date.now()): BackupStatus {
+  const backup = new BackupFile(file);
+  const found = backup.inspect(format);
+  const lines = [`backup: ${backup.path}`];
+  if (found.state === 'missing') {
+    lines.push('state: missing (a host would start fresh)');
+    return { ok: false, lines };
+  }
+  const age = formatDuration(Math.max(0, now - found.mtimeMs));
+  const written = new Date(found.mtimeMs).toISOString();
+  lines.push(`backup size: ${found.size} bytes (${formatBytes(found.size)}), ${formatBytes(found.allocated)} on disk`);
+  if (found.size === 0) {
+    lines.push('state: empty (a host would start fresh)', 'snapshots: 0');
+  } else if (found.slots === undefined) {
+    lines.push('state: raw memory image (not a snapshot file)', 'snapshots: 0', `written: ${age} ago (${written})`);
+  } else {
+    const { head, slots } = found.slots;
+    const newest = newestSlot(slots);
+    lines.push(
+      `state: snapshot file (${head.entries} slots, ${head.data}-byte data ring, write offset ${head.writeOffset})`,
+      `snapshots: ${slots.length}`,
+    );
+    if (newest !== undefined) {
+      lines.push(`newest snapshot size: ${newest.length} bytes (slot ${newest.index}, stream position ${newest.offset})`);
+      lines.push(`newest snapshot age: ${age} (durable since ${written})`);
+    } else {
+      lines.push(`written: ${age} ago (${written})`);
+    }
+  }
+  return { ok: true, lines };
+}
