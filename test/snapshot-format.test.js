@@ -1,0 +1,299 @@
+// The snapshot file format as pure functions over bytes (src/snapshot/format.ts): region
+// arithmetic, head parsing with typed errors on garbage, slot reading, and the exact byte
+// layout a writer produces (hand-computed from snapshot-format.md).
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import {
+  HEAD,
+  MAGIC,
+  MAX_DATA,
+  MIN_FILE_LENGTH,
+  PAGE,
+  SLOTS_PER_PAGE,
+  SLOT_SIZE,
+  SnapshotFile,
+  SnapshotFormatError,
+  clearSlotsExcept,
+  dataPages,
+  dataStart,
+  parseHead,
+  readSlots,
+  ringPosition,
+  sequencePages,
+  slotPosition,
+  snapshotRanges,
+  tailLength,
+  tailStart,
+} from '../dist/snapshot/index.js';
+
+/** A deterministic PRNG (mulberry32), so a failing random case can be replayed. */
+function prng(seed) {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/** A file image whose head holds the given u64 fields (little-endian). */
+function headFile(length, { version = MAGIC, entryMask = 0xffn, dataMask = 0x7ffn, writeOffset = 0n } = {}) {
+  const bytes = new Uint8Array(length);
+  if (length >= 32) {
+    const view = new DataView(bytes.buffer);
+    view.setBigUint64(HEAD.version, version, true);
+    view.setBigUint64(HEAD.entryMask, entryMask, true);
+    view.setBigUint64(HEAD.dataMask, dataMask, true);
+    view.setBigUint64(HEAD.writeOffset, writeOffset, true);
+  }
+  return bytes;
+}
+
+function setSlot(bytes, index, offset, length) {
+  const view = new DataView(bytes.buffer, bytes.byteOffset);
+  view.setBigUint64(slotPosition(index), BigInt(offset), true);
+  view.setBigUint64(slotPosition(index) + 8, BigInt(length), true);
+}
+
+function u64At(bytes, position) {
+  return new DataView(bytes.buffer, bytes.byteOffset).getBigUint64(position, true);
+}
+
+function throwsCode(fn, code, what) {
+  assert.throws(fn, (err) => {
+    assert.ok(err instanceof SnapshotFormatError, `${what}: expected a SnapshotFormatError, got ${err}`);
+    assert.equal(err.code, code, `${what}: ${err.message}`);
+    return true;
+  });
+}
+
+test('constants: page size, magic and head field offsets are those of the spec', () => {
+  assert.equal(PAGE, 4096);
+  assert.equal(MAGIC, 0x96c2a6f4b68519b3n);
+  assert.deepEqual({ ...HEAD }, { version: 0, entryMask: 8, dataMask: 16, writeOffset: 24 });
+  assert.equal(SLOT_SIZE, 16);
+  assert.equal(SLOTS_PER_PAGE, 256);
+  assert.equal(MIN_FILE_LENGTH, 3 * 4096);
+});
+
+test('region arithmetic: P_seq = ceil(entries/256), P_data = ceil(data/PAGE) >= 1, tail = whole pages after the ring', () => {
+  assert.deepEqual([1, 2, 256, 257, 512, 4096].map(sequencePages), [1, 1, 1, 2, 2, 16]);
+  assert.deepEqual([2, 2048, 4096, 4097, 8192, 1 << 20].map(dataPages), [1, 1, 1, 2, 2, 256]);
+  assert.equal(dataStart(256), 2 * 4096);
+  assert.equal(dataStart(257), 3 * 4096);
+  assert.equal(tailStart(256, 2048), 3 * 4096);
+  assert.equal(tailStart(4096, 1 << 20), 4096 * (1 + 16 + 256));
+  assert.equal(tailLength(256, 2048, 5 * 4096), 2 * 4096);
+  assert.equal(tailLength(256, 2048, 5 * 4096 + 4095), 2 * 4096, 'a partial last page belongs to nobody');
+  assert.equal(tailLength(256, 2048, 3 * 4096), 0);
+  assert.equal(tailLength(256, 2048, 2 * 4096), 0, 'never negative');
+  assert.equal(slotPosition(0), 4096);
+  assert.equal(slotPosition(255), 4096 + 255 * 16);
+  assert.equal(slotPosition(256), 2 * 4096, 'slot 256 starts the second sequence page');
+});
+
+test('ring positions: stream position s lives at data_start + (s mod data), and snapshots wrap in two ranges', () => {
+  const layout = { entries: 256, data: 2048, dataStart: 8192 };
+  assert.equal(ringPosition(layout, 0), 8192);
+  assert.equal(ringPosition(layout, 2047), 8192 + 2047);
+  assert.equal(ringPosition(layout, 2048), 8192);
+  assert.equal(ringPosition(layout, 2048 * 1000 + 5), 8192 + 5);
+  assert.deepEqual(snapshotRanges(layout, { offset: 10, length: 5 }), [{ position: 8202, length: 5 }]);
+  assert.deepEqual(snapshotRanges(layout, { offset: 2046, length: 4 }), [
+    { position: 8192 + 2046, length: 2 },
+    { position: 8192, length: 2 },
+  ]);
+  assert.deepEqual(snapshotRanges(layout, { offset: 4096 - 3, length: 3 }), [{ position: 8192 + 2045, length: 3 }], 'ends exactly at the ring end');
+  throwsCode(() => snapshotRanges(layout, { offset: 0, length: 2048 }), 'ERR_SNAPSHOT_BAD_SNAPSHOT', 'a snapshot is at most data - 1 bytes');
+});
+
+test('byte layout: a configured file has the head fields, slots and ring bytes exactly where the spec puts them', () => {
+  const bytes = new Uint8Array(5 * PAGE);
+  bytes.fill(0xee, 3 * PAGE); // the tail must stay untouched
+  const writer = new SnapshotFile(bytes).configure({ entries: 256, data: 2048 });
+  assert.deepEqual([...bytes.subarray(0, 8)], [0xb3, 0x19, 0x85, 0xb6, 0xf4, 0xa6, 0xc2, 0x96], 'magic, little-endian');
+  assert.equal(u64At(bytes, 8), 0xffn, 'entry_mask = entries - 1');
+  assert.equal(u64At(bytes, 16), 0x7ffn, 'data_mask = data - 1');
+  assert.equal(u64At(bytes, 24), 0n, 'write_offset');
+  assert.ok(bytes.subarray(32, PAGE).every((b) => b === 0), 'the reserved part of the head stays zero');
+
+  assert.equal(writer.commit(new TextEncoder().encode('hello')), 0);
+  assert.equal(writer.commit(new TextEncoder().encode('abc')), 1);
+  assert.equal(u64At(bytes, 4096), 0n, 'slot 0 offset');
+  assert.equal(u64At(bytes, 4096 + 8), 5n, 'slot 0 length');
+  assert.equal(u64At(bytes, 4112), 5n, 'slot 1 offset');
+  assert.equal(u64At(bytes, 4112 + 8), 3n, 'slot 1 length');
+  assert.equal(u64At(bytes, 24), 8n, 'write_offset after both');
+  assert.equal(new TextDecoder().decode(bytes.subarray(8192, 8200)), 'helloabc', 'the ring starts at PAGE * (1 + P_seq)');
+  assert.ok(bytes.subarray(3 * PAGE).every((b) => b === 0xee), 'the tail is not written by commits');
+  assert.equal(writer.tail.length, 2 * PAGE);
+  assert.equal(writer.tail.byteOffset, bytes.byteOffset + 3 * PAGE);
+});
+
+test('byte layout: a write that crosses the ring end continues at data_start', () => {
+  const bytes = new Uint8Array(4 * PAGE);
+  const writer = new SnapshotFile(bytes).configure({ entries: 16, data: 2048, initialOffset: 2046 });
+  assert.equal(u64At(bytes, 24), 2046n, 'write_offset = initial offset');
+  assert.equal(writer.commit(new TextEncoder().encode('WXYZ')), 0);
+  assert.equal(String.fromCharCode(bytes[8192 + 2046], bytes[8192 + 2047]), 'WX');
+  assert.equal(String.fromCharCode(bytes[8192], bytes[8193]), 'YZ');
+  assert.equal(u64At(bytes, 4096), 2046n);
+  assert.equal(u64At(bytes, 4096 + 8), 4n);
+  assert.equal(u64At(bytes, 24), 2050n);
+  assert.equal(new TextDecoder().decode(writer.read({ offset: 2046, length: 4 })), 'WXYZ');
+});
+
+test('byte layout: 4096 entries take 16 sequence pages, the ring follows them', () => {
+  const layout = parseHead(headFile(4096 * 20, { entryMask: 4095n, dataMask: 4095n }), 4096 * 20);
+  assert.equal(layout.sequencePages, 16);
+  assert.equal(layout.dataStart, 17 * 4096);
+  assert.equal(layout.tailStart, 18 * 4096);
+  assert.equal(layout.tailLength, 2 * 4096);
+});
+
+test('parseHead: an unconfigured file (version is not the magic) is undefined, not an error', () => {
+  assert.equal(parseHead(new Uint8Array(PAGE), PAGE), undefined, 'one zero page');
+  assert.equal(parseHead(new Uint8Array(10 * PAGE), 10 * PAGE), undefined, 'an all-zero memfd');
+  assert.equal(parseHead(headFile(10 * PAGE, { version: MAGIC ^ 1n }), 10 * PAGE), undefined, 'foreign version');
+});
+
+test('parseHead: files too small give ERR_SNAPSHOT_TOO_SMALL', () => {
+  throwsCode(() => parseHead(new Uint8Array(0), 0), 'ERR_SNAPSHOT_TOO_SMALL', '0 bytes');
+  throwsCode(() => parseHead(new Uint8Array(4095), 4095), 'ERR_SNAPSHOT_TOO_SMALL', 'less than a page');
+  throwsCode(() => parseHead(headFile(PAGE), PAGE), 'ERR_SNAPSHOT_TOO_SMALL', '1 page with the magic');
+  throwsCode(() => parseHead(headFile(2 * PAGE), 2 * PAGE), 'ERR_SNAPSHOT_TOO_SMALL', '2 pages with the magic');
+});
+
+test('parseHead: masks not of the form 2^k - 1, or absurd, give ERR_SNAPSHOT_BAD_MASK', () => {
+  const len = 64 * PAGE;
+  for (const entryMask of [0xfen, 0x100n, 0x5n, 0x8000000000000000n]) {
+    throwsCode(() => parseHead(headFile(len, { entryMask }), len), 'ERR_SNAPSHOT_BAD_MASK', `entry_mask ${entryMask}`);
+  }
+  for (const dataMask of [0x7fen, 0x800n, 0xfffffffffffffffen]) {
+    throwsCode(() => parseHead(headFile(len, { dataMask }), len), 'ERR_SNAPSHOT_BAD_MASK', `data_mask ${dataMask}`);
+  }
+  throwsCode(() => parseHead(headFile(len, { dataMask: 0xffffffffffffffffn }), len), 'ERR_SNAPSHOT_BAD_MASK', 'a 2^64-byte ring');
+  throwsCode(() => parseHead(headFile(len, { dataMask: BigInt(MAX_DATA) * 2n - 1n }), len), 'ERR_SNAPSHOT_BAD_MASK', 'a ring above MAX_DATA');
+});
+
+test('parseHead: masks that need more than the file give ERR_SNAPSHOT_BEYOND_END', () => {
+  const len = 10 * PAGE;
+  throwsCode(() => parseHead(headFile(len, { entryMask: 0xfffn }), len), 'ERR_SNAPSHOT_BEYOND_END', '16 sequence pages in 10');
+  throwsCode(() => parseHead(headFile(len, { dataMask: (1n << 20n) - 1n }), len), 'ERR_SNAPSHOT_BEYOND_END', 'a 1 MiB ring in 40 KiB');
+  throwsCode(() => parseHead(headFile(len, { entryMask: 0xffffffffffffffffn }), len), 'ERR_SNAPSHOT_BEYOND_END', '2^64 entries');
+  throwsCode(() => parseHead(headFile(len, { dataMask: 0xffffn }), len), 'ERR_SNAPSHOT_BEYOND_END', 'head + sequence page + 16 ring pages in 10 pages');
+  // The boundary: regions that end exactly at the last whole page fit.
+  const exact = 1 * PAGE + PAGE + 8 * PAGE;
+  assert.equal(parseHead(headFile(exact, { dataMask: 0x7fffn }), exact).tailLength, 0);
+  assert.equal(parseHead(headFile(exact + 4095, { dataMask: 0x7fffn }), exact + 4095).tailLength, 0, 'a partial page is no tail');
+  throwsCode(() => parseHead(headFile(exact - 1, { dataMask: 0x7fffn }), exact - 1), 'ERR_SNAPSHOT_BEYOND_END', 'one byte short');
+});
+
+test('parseHead: a write_offset beyond 2^53 gives ERR_SNAPSHOT_BAD_OFFSET', () => {
+  const len = 4 * PAGE;
+  for (const writeOffset of [1n << 53n, 1n << 60n, 0xffffffffffffffffn]) {
+    throwsCode(() => parseHead(headFile(len, { writeOffset }), len), 'ERR_SNAPSHOT_BAD_OFFSET', `write_offset ${writeOffset}`);
+  }
+  assert.equal(parseHead(headFile(len, { writeOffset: 1n << 52n }), len).writeOffset, 2 ** 52);
+});
+
+test('parseHead/readSlots work on the head and sequence pages alone (as read with pread), with the real file length', () => {
+  const full = new Uint8Array(300 * PAGE);
+  const writer = new SnapshotFile(full).configure({ entries: 512, data: 1 << 20 });
+  for (let i = 0; i < 300; i++) writer.commit(new Uint8Array([i, i >> 8]));
+  const partial = full.slice(0, 3 * PAGE); // head + 2 sequence pages
+  const head = parseHead(partial, full.length);
+  assert.equal(head.entries, 512);
+  assert.equal(head.tailStart, (3 + 256) * PAGE);
+  assert.equal(head.writeOffset, 600);
+  const slots = readSlots(partial, head);
+  assert.equal(slots.length, 300);
+  assert.deepEqual(slots, writer.valid());
+  throwsCode(() => parseHead(full.subarray(0, 100), full.length), 'ERR_SNAPSHOT_SHORT_BUFFER', 'less than the head page');
+  throwsCode(() => readSlots(full.subarray(0, 2 * PAGE), head), 'ERR_SNAPSHOT_SHORT_BUFFER', 'half the sequence region');
+});
+
+test('readSlots: valid slots oldest first; slots whose bytes cannot be intact are not reported', () => {
+  const len = 4 * PAGE;
+  const bytes = headFile(len, { entryMask: 0xffn, dataMask: 0x7ffn, writeOffset: 10_000n });
+  setSlot(bytes, 7, 9_000, 8); // intact: within the last 2048 bytes
+  setSlot(bytes, 3, 9_500, 100); // intact, newer, lower index
+  setSlot(bytes, 5, 5_000, 8); // older than write_offset - data: overwritten since
+  setSlot(bytes, 9, 9_990, 2048); // longer than data - 1
+  setSlot(bytes, 11, 2 ** 60, 8); // beyond 2^53
+  setSlot(bytes, 12, 9_800, 0); // empty
+  const head = parseHead(bytes, len);
+  assert.deepEqual(readSlots(bytes, head), [
+    { index: 7, offset: 9_000, length: 8 },
+    { index: 3, offset: 9_500, length: 100 },
+  ]);
+});
+
+test('readSlots: a head write_offset behind the slots (the Rust crate never stores it) still reports them', () => {
+  const len = 4 * PAGE;
+  const bytes = headFile(len, { writeOffset: 0n });
+  setSlot(bytes, 0, 4_000, 8);
+  setSlot(bytes, 1, 100, 8); // older than the newest end minus data: overwritten
+  const head = parseHead(bytes, len);
+  assert.deepEqual(readSlots(bytes, head), [{ index: 0, offset: 4_000, length: 8 }]);
+});
+
+test('clearSlotsExcept: empties every claiming slot except the kept ones (restore-v1 step 4)', () => {
+  const len = 4 * PAGE;
+  const bytes = headFile(len, { writeOffset: 300n });
+  setSlot(bytes, 0, 0, 100);
+  setSlot(bytes, 1, 100, 100);
+  setSlot(bytes, 2, 200, 100);
+  setSlot(bytes, 3, 5, 4096); // malformed: must go too
+  const head = parseHead(bytes, len);
+  const keep = [{ index: 1, offset: 100, length: 100 }, { index: 2, offset: 999, length: 100 }];
+  assert.equal(clearSlotsExcept(bytes, head, keep), 3);
+  assert.deepEqual(readSlots(bytes, head), [{ index: 1, offset: 100, length: 100 }]);
+  assert.equal(u64At(bytes, slotPosition(3) + 8), 0n);
+  assert.equal(u64At(bytes, slotPosition(2)), 200n, 'only the length is cleared');
+});
+
+test('garbage: random heads with the magic give a layout or a SnapshotFormatError, never another exception', () => {
+  const random = prng(0x5eed);
+  const u64 = () => (BigInt(Math.floor(random() * 2 ** 32)) << 32n) | BigInt(Math.floor(random() * 2 ** 32));
+  const mask = () => {
+    const r = random();
+    if (r < 0.6) return (1n << BigInt(Math.floor(random() * 16))) - 1n; // 2^k - 1 that may fit
+    if (r < 0.7) return (1n << BigInt(Math.floor(random() * 65))) - 1n; // 2^k - 1, any k
+    if (r < 0.85) return BigInt(Math.floor(random() * 5000));
+    return u64();
+  };
+  const seen = { layouts: 0, errors: new Set() };
+  for (let i = 0; i < 3000; i++) {
+    const pages = 1 + Math.floor(random() * 40);
+    const len = pages * PAGE + (random() < 0.2 ? Math.floor(random() * PAGE) : 0);
+    const bytes = new Uint8Array(len);
+    for (let k = 0; k + 4 <= Math.min(len, 5 * PAGE); k += 4) new DataView(bytes.buffer).setUint32(k, Math.floor(random() * 2 ** 32));
+    const writeOffset = random() < 0.5 ? BigInt(Math.floor(random() * 1e6)) : u64();
+    const view = new DataView(bytes.buffer);
+    view.setBigUint64(0, MAGIC, true);
+    view.setBigUint64(8, mask(), true);
+    view.setBigUint64(16, mask(), true);
+    view.setBigUint64(24, writeOffset, true);
+    let head;
+    try {
+      head = parseHead(bytes, len);
+    } catch (err) {
+      assert.ok(err instanceof SnapshotFormatError, `case ${i}: ${err}`);
+      seen.errors.add(err.code);
+      continue;
+    }
+    seen.layouts++;
+    assert.ok(head.tailStart <= len && head.entries >= 1 && head.data >= 1);
+    const slots = readSlots(bytes, head);
+    for (const s of slots) {
+      assert.ok(s.length >= 1 && s.length < head.data && Number.isSafeInteger(s.offset + s.length));
+      assert.ok(snapshotRanges(head, s).every((r) => r.position >= head.dataStart && r.position + r.length <= head.tailStart));
+    }
+  }
+  // The generator must actually reach every outcome, or this test proves little.
+  assert.ok(seen.layouts > 50, `only ${seen.layouts} valid layouts`);
+  assert.deepEqual([...seen.errors].sort(), ['ERR_SNAPSHOT_BAD_MASK', 'ERR_SNAPSHOT_BAD_OFFSET', 'ERR_SNAPSHOT_BEYOND_END', 'ERR_SNAPSHOT_TOO_SMALL']);
+});
