@@ -21,6 +21,8 @@ export type ShmfdErrorCode =
   | 'ERR_COMMAND_NOT_FOUND'
   | 'ERR_SOCKET_SPEC'
   | 'ERR_SOCKET_OPEN'
+  | 'ERR_SOCKET_KIND'
+  | 'ERR_NOT_A_SOCKET'
   | 'ERR_BACKUP_INVALID'
   | 'ERR_BACKUP_ACCESS';
 

@@ -3,7 +3,7 @@
  * @module
  */
 export { ShmfdError, type ShmfdErrorCode } from './errors.js';
-export { SystemError, isSystemError, Seal } from './system.js';
+export { SystemError, isSystemError, Seal, type SocketAddress, type SocketInfo } from './system.js';
 export {
   MemoryFile,
   Mapping,
@@ -38,6 +38,36 @@ export {
 } from './notify.js';
 export { SharedFd, SHARED_FD_NAME, type SharedFdOptions } from './shared-fd.js';
 export { execReplace, resolveCommand, type ExecRequest, type FdPlacement } from './exec.js';
+export {
+  parseSocketSpec,
+  openSocket,
+  socketFitsSpec,
+  prepareSockets,
+  describeSocket,
+  DEFAULT_SOCKET_HOST,
+  SOCKET_BACKLOG,
+  type SocketKind,
+  type SocketSpec,
+  type OpenSocket,
+  type SocketLog,
+  type PrepareSocketsOptions,
+  type PreparedSockets,
+} from './sockets.js';
+export {
+  findPassedSocket,
+  listenOn,
+  openDatagram,
+  serve,
+  type PassedSocket,
+  type FindPassedSocketOptions,
+  type FallbackAddress,
+  type ListenOnOptions,
+  type Listening,
+  type OpenDatagramOptions,
+  type Endpoint,
+  type ServeOptions,
+  type Service,
+} from './server.js';
 export {
   runRestoreHost,
   childDescriptors,

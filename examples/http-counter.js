@@ -1,0 +1,46 @@
+#!/usr/bin/env node
+// An HTTP server that counts the requests it answered in the shared memory file, and keeps
+// its listening socket across restarts: restart it as often as you like, no connection is
+// refused and the count goes on.
+//
+//   shm-fd --first-fd 17 -s http::8080 node --watch examples/http-counter.js
+//   curl http://127.0.0.1:8080/       -> {"count":1,"pid":12345}
+//
+// Every request is answered with {"count": N, "pid": P}: N counts this request too, P is
+// the pid of the process that answered. The listening socket is the one passed under the
+// name `http` (by shm-fd -s or a systemd socket unit with FileDescriptorName=http); run
+// alone, the server listens on 127.0.0.1:$PORT (default 8080).
+//
+// Layout of the memory file: the count is the native-endian 64-bit number at byte 0.
+import http from 'node:http';
+import { SharedFd, listenOn, serve } from 'shmfd';
+
+const file = SharedFd.fromEnv();
+let counter;
+if (file !== undefined) {
+  file.grow(8);
+  counter = file.map({ length: 8 }).array(BigUint64Array, 0, 1);
+} else {
+  console.error('http-counter: warning: no shared memory file passed; counting in process memory (run it under shm-fd to keep the count)');
+  counter = new BigUint64Array(1);
+}
+
+const server = http.createServer((req, res) => {
+  // Atomics: several processes may share the file (e.g. an old one finishing while a new one starts).
+  const count = Atomics.add(counter, 0, 1n) + 1n;
+  const body = JSON.stringify({ count: Number(count), pid: process.pid });
+  res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
+  res.end(body);
+});
+
+const listening = await listenOn(server, { name: 'http', fallback: { port: Number(process.env.PORT ?? 8080), host: '127.0.0.1' } });
+const service = serve({
+  endpoints: [server],
+  status: `listening on ${listening.url}`,
+  // Type=notify-reload: nothing to re-read, but say how far the count got.
+  reload: () => console.error(`http-counter: reloaded at count ${Atomics.load(counter, 0)}`),
+});
+await service.ready;
+console.error(
+  `http-counter: listening on ${listening.url}${listening.passed ? ` (passed socket ${listening.name}, fd ${listening.fd})` : ''}, pid ${process.pid}, count ${Atomics.load(counter, 0)}`,
+);
