@@ -267,7 +267,10 @@ export interface PrepareSocketsOptions {
 
 /** The outcome of {@link prepareSockets}. */
 export interface PreparedSockets {
-  /** The passed descriptors to pass on: all of them but those replaced. */
+  /**
+   * The passed descriptors, to pass on as they are: those that fit a spec were reused, and
+   * those of a spec's name that did not fit now hold the new socket, at the same number.
+   */
   passed: PassedFd[];
   /** Newly opened sockets, to append after `passed`. */
   opened: PassedFd[];
@@ -275,10 +278,11 @@ export interface PreparedSockets {
 
 /**
  * Gives every spec a socket: a passed descriptor of the same name that fits it (from
- * systemd's fd store or a socket unit) is reused where it is; otherwise a socket is opened.
- * A passed descriptor of a spec's name that does not fit (the address changed) is replaced,
- * with a warning. Under a service manager, new sockets are parked in the fd store so that
- * the next start of the service gets them back and no connection is refused in between.
+ * systemd's fd store or a socket unit) is reused where it is; a passed one of that name
+ * that does not fit (the address changed) is replaced in place, with a warning; otherwise
+ * a socket is opened, to be appended. Under a service manager, sockets opened here are
+ * parked in the fd store, so that the next start of the service gets them back and no
+ * connection is refused in between.
  * On failure, every socket opened so far is closed and the error is thrown.
  */
 export function prepareSockets(
@@ -288,56 +292,65 @@ export function prepareSockets(
 ): PreparedSockets {
   const log = options.log;
   const claimed = new Set<PassedFd>();
-  const dropped = new Set<PassedFd>();
+  const misfits: { passed: PassedFd; open: OpenSocket }[] = [];
   const opened: OpenSocket[] = [];
   const names = [...new Set(specs.map((s) => s.name))];
   try {
     for (const name of names) {
       const candidates = passed.filter((p) => p.name === name);
-      for (const spec of specs.filter((s) => s.name === name)) {
+      const group = specs.filter((s) => s.name === name);
+      const unfit: SocketSpec[] = [];
+      for (const spec of group) {
         const fit = candidates.find((c) => !claimed.has(c) && socketFitsSpec(c.fd, spec));
-        if (fit !== undefined) {
-          claimed.add(fit);
-          log?.info(`using the passed socket ${name} (fd ${fit.fd}) for ${spec.text}`);
+        if (fit === undefined) {
+          unfit.push(spec);
           continue;
         }
+        claimed.add(fit);
+        log?.info(`using the passed socket ${name} (fd ${fit.fd}) for ${spec.text}`);
+      }
+      for (const spec of unfit) {
         const open = openSocket(spec);
-        opened.push(open);
         const where = describeSocket(spec.kind, open.address);
         log?.info(`listening on ${where.replace(/\)$/, ` socket ${name})`).replace(/^([a-z]+:\/\/\S+)$/, `$1 (socket ${name})`)}`);
-      }
-      for (const c of candidates) {
-        if (claimed.has(c)) continue;
-        dropped.add(c);
-        log?.warn(`the passed descriptor ${name} (fd ${c.fd}) does not fit --socket ${name}=...: replaced by a new socket`);
+        const misfit = candidates.find((c) => !claimed.has(c));
+        if (misfit === undefined) {
+          opened.push(open);
+          continue;
+        }
+        claimed.add(misfit);
+        misfits.push({ passed: misfit, open });
+        log?.warn(`the passed socket ${name} (fd ${misfit.fd}) does not fit --socket ${spec.text}: replaced by the new one`);
       }
     }
   } catch (err) {
-    for (const o of opened) sys.close(o.fd);
+    for (const o of [...opened, ...misfits.map((m) => m.open)]) sys.close(o.fd);
     throw err;
   }
-  for (const d of dropped) sys.close(d.fd);
+  // Same number, same position in LISTEN_FDNAMES: whoever reads the passed ones again sees the new socket.
+  for (const m of misfits) {
+    sys.dup2(m.open.fd, m.passed.fd, true);
+    sys.close(m.open.fd);
+  }
   const notifier = options.notifier;
-  if (notifier !== undefined && opened.length > 0) {
+  if (notifier !== undefined && opened.length + misfits.length > 0) {
     if (fdStoreCapacity() === 0) {
       log?.warn(
         `the service manager's fd store is disabled ($FDSTORE is not set): sockets are opened anew on every start (connections are refused meanwhile); set FileDescriptorStoreMax= to 2 or more`,
       );
     }
     for (const name of names) {
-      const ofName = opened.filter((o) => o.spec.name === name).map((o) => o.fd);
-      if (ofName.length === 0) continue;
-      // The store keeps every descriptor sent under a name: drop the misfits first.
-      if ([...dropped].some((d) => d.name === name)) {
+      const fresh = opened.filter((o) => o.spec.name === name).map((o) => o.fd);
+      let toStore = fresh;
+      if (misfits.some((m) => m.passed.name === name)) {
+        // The store keeps every descriptor sent under a name: empty it, then store them all again.
         notifier.removeStoredFds(name);
-        ofName.unshift(...[...claimed].filter((c) => c.name === name).map((c) => c.fd));
+        toStore = [...[...claimed].filter((c) => c.name === name).map((c) => c.fd), ...fresh];
       }
-      notifier.storeFds(name, ofName);
+      if (toStore.length === 0) continue;
+      notifier.storeFds(name, toStore);
       log?.info(`stored socket ${name} in the fd store of ${notifier.address}`);
     }
   }
-  return {
-    passed: passed.filter((p) => !dropped.has(p)),
-    opened: opened.map((o) => ({ fd: o.fd, name: o.spec.name })),
-  };
+  return { passed: [...passed], opened: opened.map((o) => ({ fd: o.fd, name: o.spec.name })) };
 }

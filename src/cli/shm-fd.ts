@@ -125,7 +125,8 @@ function run(argv: readonly string[], log: Logger): number {
 /** The smallest `--first-fd` that survives a Node parent (see {@link checkFirstFd}). */
 export const NODE_SAFE_FIRST_FD = 17;
 
-function parseFirstFd(text: string | undefined): number {
+/** Parses `--first-fd K` (3..65535); the default is 3. */
+export function parseFirstFd(text: string | undefined): number {
   if (text === undefined) return DEFAULT_FIRST_FD;
   if (!/^[0-9]+$/.test(text) || Number(text) < 3 || Number(text) > 65535) {
     throw usageError(`--first-fd: ${JSON.stringify(text)} is not a descriptor number from 3 to 65535`);

@@ -12,7 +12,10 @@ import { SHARED_FD_NAME } from '../shared-fd.js';
 import { isSystemError } from '../system.js';
 import { last, packageVersion, parseArgs, usageError, type OptionSpec, type ParsedArgs } from './args.js';
 import { isLogLevel, Logger } from './log.js';
-import { describeError } from './shm-fd.js';
+import { readListenFds } from '../listen-fds.js';
+import { Notifier } from '../notify.js';
+import { parseSocketSpec, prepareSockets } from '../sockets.js';
+import { describeError, parseFirstFd } from './shm-fd.js';
 
 const USAGE = `Usage: shm-restore [OPTIONS] BACKUP [--] COMMAND [ARGS...]
        shm-restore [--snapshot=restore-v1] status BACKUP
@@ -31,6 +34,11 @@ Options:
       --interval MS     least pause between two snapshots (default ${DEFAULT_INTERVAL_MS}); a round
                         copies nothing when no new snapshot was committed
       --name NAME       descriptor name of the memory file (default ${SHARED_FD_NAME})
+  -s, --socket SPEC     open a listening socket and pass it too (repeatable), before the
+                        memory file: [NAME=][KIND::]ADDR as in shm-fd (see docs/sockets.md);
+                        under systemd it is parked in the fd store and reused on restart
+      --first-fd K      pass the descriptors from K on (LISTEN_FDS_FIRST_FD=K); use 17 or
+                        more behind Node-based tools (node --watch, nodemon)
       --no-pid          leave LISTEN_PID unset, for COMMANDs that re-spawn the program
       --log-level LEVEL silent, error, warn (default), info or debug; also SHMFD_LOG
       --status BACKUP   same as the status command
@@ -52,6 +60,8 @@ const OPTIONS: OptionSpec[] = [
   { name: 'snapshot', value: true },
   { name: 'interval', value: true },
   { name: 'name', value: true },
+  { name: 'socket', short: 's', value: true },
+  { name: 'first-fd', value: true },
   { name: 'no-pid' },
   { name: 'log-level', value: true },
   { name: 'status', value: true },
@@ -117,6 +127,13 @@ async function run(argv: readonly string[], log: Logger): Promise<number> {
   const [command, ...commandArgs] = more[0] === '--' ? more.slice(1) : more;
   if (command === undefined) throw usageError('no COMMAND given (see shm-restore --help)');
   if (interval !== undefined && snapshot === undefined) log.warn('--interval has no effect without --snapshot');
+  const memoryName = last(args, 'name') ?? SHARED_FD_NAME;
+  const specs = (args.options.get('socket') ?? []).map(parseSocketSpec);
+  for (const spec of specs) {
+    if (spec.name === memoryName) throw usageError(`--socket ${spec.text}: ${memoryName} is the memory file's name`);
+  }
+  const firstFd = parseFirstFd(last(args, 'first-fd'));
+  const sockets = specs.length === 0 ? [] : prepareSockets(specs, readListenFds(), { notifier: Notifier.fromEnv(), log }).opened;
 
   return runRestoreHost({
     backup,
@@ -126,6 +143,8 @@ async function run(argv: readonly string[], log: Logger): Promise<number> {
     snapshot,
     intervalMs: interval,
     listenPid: !args.options.has('no-pid'),
+    extraFds: sockets,
+    firstFd,
     log,
     progress: log.enabled('error'),
   });
