@@ -28,7 +28,7 @@ import { BackupFile, describeSystemError, type BackupInspection } from './backup
 import { persistAtomically, type PersistResult } from './persist.js';
 import { formatBytes, formatDuration, Progress } from './progress.js';
 import { readSlotState, type SlotState } from './slots.js';
-import { quiescentCopyFixup, Snapshotter, DEFAULT_INTERVAL_MS } from './snapshotter.js';
+import { quiescentCopyFixup, Snapshotter } from './snapshotter.js';
 
 /** Snapshot strategies of `--snapshot`. */
 export const SNAPSHOT_MODES = ['restore-v1'] as const;
@@ -51,7 +51,7 @@ export interface RestoreHostOptions {
   name?: string;
   /** Take consistent snapshots while the program runs; without it the backup is written at exit only. */
   snapshot?: SnapshotMode;
-  /** Least pause between snapshot rounds (default {@link DEFAULT_INTERVAL_MS}). */
+  /** Least pause between snapshot rounds in milliseconds (default 250, `DEFAULT_INTERVAL_MS`). */
   intervalMs?: number;
   /** Set `LISTEN_PID` to the program's pid (default true); false is `--no-pid`. */
   listenPid?: boolean;

@@ -26,6 +26,7 @@ export function formatBytes(bytes: number): string {
 
 /** Formats a duration in milliseconds (`850 ms`, `2.4 s`, `3 min 5 s`). */
 export function formatDuration(ms: number): string {
+  if (ms < 10) return `${ms.toFixed(1)} ms`;
   if (ms < 1000) return `${Math.round(ms)} ms`;
   if (ms < 60_000) return `${(ms / 1000).toFixed(1)} s`;
   const s = Math.round(ms / 1000);

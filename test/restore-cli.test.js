@@ -1,0 +1,163 @@
+// shm-restore's command line (issue 3): help, version, usage errors, the status command,
+// and what the program is given (descriptors, LISTEN_* variables, NOTIFY_SOCKET).
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { test } from 'node:test';
+import * as sys from '../dist/system.js';
+import { BIN, COUNTER, ENV, RAW, SHM_FD, cleanEnv, run, runHost, tempDir, tempFiles } from './fixtures/restore-helpers.js';
+
+const pkg = JSON.parse(fs.readFileSync(new URL('../package.json', import.meta.url), 'utf8'));
+
+test('--help prints the usage with both argument orders and the status command; --version the version', async () => {
+  const help = await runHost(['--help']);
+  assert.equal(help.status, 0);
+  assert.match(help.stdout, /^Usage: shm-restore \[OPTIONS\] BACKUP \[--\] COMMAND/);
+  assert.match(help.stdout, /status BACKUP/);
+  assert.match(help.stdout, /--snapshot=MODE/);
+  assert.equal(help.stderr, '');
+  const version = await runHost(['-V']);
+  assert.equal(version.status, 0);
+  assert.equal(version.stdout, `shm-restore ${pkg.version}\n`);
+});
+
+test('usage errors: one line on stderr, exit 125, no backup created', async () => {
+  const dir = tempDir();
+  const backup = path.join(dir, 'b');
+  const cases = [
+    [[], /no BACKUP given/],
+    [[backup], /no COMMAND given/],
+    [[backup, '--'], /no COMMAND given/],
+    [['--snapshot=restore-v2', backup, 'true'], /--snapshot: unknown mode "restore-v2"/],
+    [['--interval', '0', '--snapshot=restore-v1', backup, 'true'], /--interval: "0" is not a number/],
+    [['--interval=abc', backup, 'true'], /--interval: "abc"/],
+    [['--bogus', backup, 'true'], /unknown option --bogus/],
+    [['--log-level', 'loud', backup, 'true'], /--log-level: unknown level/],
+    [['--name', 'a:b', backup, 'true'], /invalid descriptor name "a:b"/],
+  ];
+  for (const [args, pattern] of cases) {
+    const r = await runHost(args);
+    assert.equal(r.status, 125, `${args.join(' ')}: ${r.stderr}`);
+    assert.match(r.stderr, pattern);
+    assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr);
+  }
+  assert.deepEqual(fs.readdirSync(dir), []);
+});
+
+test('a command that is not found exits 127 before anything is restored or written', async () => {
+  const dir = tempDir();
+  const backup = path.join(dir, 'b');
+  fs.writeFileSync(backup, 'raw state');
+  const before = fs.statSync(backup).mtimeMs;
+  const r = await runHost([backup, 'no-such-command-shmfd']);
+  assert.equal(r.status, 127);
+  assert.match(r.stderr, /no-such-command-shmfd: command not found/);
+  assert.equal(fs.readFileSync(backup, 'utf8'), 'raw state');
+  assert.equal(fs.statSync(backup).mtimeMs, before);
+  assert.deepEqual(tempFiles(dir), []);
+});
+
+test('the program gets the memory at fd 3, LISTEN_FDS/LISTEN_FDNAMES, and LISTEN_PID = its own pid (original order, no --)', async () => {
+  const dir = tempDir();
+  const r = await runHost([path.join(dir, 'b'), process.execPath, ENV]);
+  assert.equal(r.status, 0, r.stderr);
+  const info = JSON.parse(r.stdout);
+  assert.equal(info.env.LISTEN_FDS, '1');
+  assert.equal(info.env.LISTEN_FDNAMES, 'SHM_SHARED_FD');
+  assert.equal(info.env.LISTEN_PID, String(info.pid));
+  assert.equal(info.env.LISTEN_FDS_FIRST_FD, undefined);
+  assert.match(info.fds[3], /^\/memfd:SHM_SHARED_FD/);
+  assert.equal(r.stderr, '', 'quiet by default');
+});
+
+test('--name renames the descriptor; --no-pid leaves LISTEN_PID unset; COMMAND is not interpreted by a shell', async () => {
+  const dir = tempDir();
+  const r = await runHost(['--name', 'state', '--no-pid', path.join(dir, 'b'), '--', process.execPath, ENV, '$HOME; echo x']);
+  assert.equal(r.status, 0, r.stderr);
+  const info = JSON.parse(r.stdout);
+  assert.equal(info.env.LISTEN_FDNAMES, 'state');
+  assert.equal(info.env.LISTEN_PID, undefined);
+  assert.match(info.fds[3], /^\/memfd:state/);
+  // The shell trick for LISTEN_PID passes arguments through "$@" untouched, too.
+  const echo = await runHost([path.join(dir, 'c'), 'echo', '$HOME', '*', '"q"']);
+  assert.equal(echo.stdout, '$HOME * "q"\n');
+});
+
+test('descriptors passed in are passed on first, in order, and the new memory file is appended', async () => {
+  const dir = tempDir();
+  const r = await run(process.execPath, [SHM_FD, '--name', 'other', process.execPath, BIN, path.join(dir, 'b'), process.execPath, ENV]);
+  assert.equal(r.status, 0, r.stderr);
+  const info = JSON.parse(r.stdout);
+  assert.equal(info.env.LISTEN_FDS, '2');
+  assert.equal(info.env.LISTEN_FDNAMES, 'other:SHM_SHARED_FD');
+  assert.match(info.fds[3], /^\/memfd:other/);
+  assert.match(info.fds[4], /^\/memfd:SHM_SHARED_FD/);
+  assert.equal(info.env.LISTEN_PID, String(info.pid));
+});
+
+test('a memory file passed in under the name is used as it is (newer than the backup), then written back', async () => {
+  const dir = tempDir();
+  const backup = path.join(dir, 'b');
+  fs.writeFileSync(backup, 'old state on disk');
+  // shm-fd creates an empty memory file and execs shm-restore with it.
+  const r = await run(process.execPath, [SHM_FD, process.execPath, BIN, backup, process.execPath, RAW, '--write', 'new state']);
+  assert.equal(r.status, 0, r.stderr);
+  assert.deepEqual(JSON.parse(r.stdout), { size: 0, text: '' }, 'the backup was not copied over the passed memory');
+  assert.equal(fs.readFileSync(backup).subarray(0, 9).toString(), 'new state');
+});
+
+test('under a service manager: the new memory file goes to the fd store (FDSTORE=1, FDNAME); NOTIFY_SOCKET stays set for the program', async () => {
+  const dir = tempDir();
+  const address = path.join(dir, 'notify.sock');
+  const sock = sys.unixDatagramSocket();
+  sys.bindUnix(sock, address);
+  sys.setNonBlocking(sock, true);
+  try {
+    const r = await runHost([path.join(dir, 'b'), process.execPath, ENV], { env: cleanEnv({ NOTIFY_SOCKET: address }) });
+    assert.equal(r.status, 0, r.stderr);
+    assert.match(r.stderr, /fd store is disabled \(\$FDSTORE is not set\)/);
+    assert.equal(JSON.parse(r.stdout).env.NOTIFY_SOCKET, address);
+    const message = sys.receiveDatagram(sock);
+    assert.equal(message.data.toString(), 'FDSTORE=1\nFDNAME=SHM_SHARED_FD');
+    assert.equal(message.fds.length, 1);
+    assert.match(fs.readlinkSync(`/proc/self/fd/${message.fds[0]}`), /^\/memfd:SHM_SHARED_FD/);
+    for (const fd of message.fds) sys.close(fd);
+
+    const quiet = await runHost([path.join(dir, 'c'), 'true'], { env: cleanEnv({ NOTIFY_SOCKET: address, FDSTORE: '4' }) });
+    assert.equal(quiet.status, 0);
+    assert.equal(quiet.stderr, '', 'no warning when the store is enabled');
+    for (const fd of sys.receiveDatagram(sock).fds) sys.close(fd);
+  } finally {
+    sys.close(sock);
+  }
+});
+
+test('status: size, snapshot count, size and age of the newest snapshot, one fact per line; 1 for a missing or invalid backup', async () => {
+  const dir = tempDir();
+  const backup = path.join(dir, 'b');
+  const missing = await runHost(['status', backup]);
+  assert.equal(missing.status, 1);
+  assert.match(missing.stdout, /^state: missing/m);
+
+  const made = await runHost(['--snapshot=restore-v1', backup, process.execPath, COUNTER, '--commits', '3', '--exit']);
+  assert.equal(made.status, 0, made.stderr);
+  for (const args of [['status', backup], ['--status', backup], ['--snapshot=restore-v1', 'status', backup]]) {
+    const r = await runHost(args);
+    assert.equal(r.status, 0, r.stderr);
+    const facts = Object.fromEntries(r.stdout.trim().split('\n').map((l) => [l.slice(0, l.indexOf(':')), l.slice(l.indexOf(':') + 2)]));
+    assert.equal(facts.backup, backup);
+    assert.match(facts['backup size'], /^65536 bytes/);
+    assert.equal(facts.snapshots, '3');
+    assert.match(facts['newest snapshot size'], /^8 bytes/);
+    assert.match(facts['newest snapshot age'], /^[0-9.]+ (ms|s|min)/);
+  }
+
+  fs.writeFileSync(backup, Buffer.alloc(8192, 7));
+  const raw = await runHost(['status', backup]);
+  assert.equal(raw.status, 0, 'a raw image is a valid backup without --snapshot');
+  assert.match(raw.stdout, /^state: raw memory image/m);
+  const invalid = await runHost(['--snapshot=restore-v1', 'status', backup]);
+  assert.equal(invalid.status, 1);
+  assert.match(invalid.stderr, /not a snapshot file/);
+  assert.equal(invalid.stderr.trim().split('\n').length, 1);
+});
