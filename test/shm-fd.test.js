@@ -1,0 +1,257 @@
+// Issue 2, "The shm-fd command": the real CLI, run as a child process, with programs that
+// report what they see (test/fixtures/report-process.js) and the primes example.
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { test } from 'node:test';
+import * as sys from '../dist/system.js';
+import {
+  assertOneErrorLine,
+  cleanEnv,
+  fixture,
+  NODE,
+  PRIMES,
+  primeTotals,
+  ROOT,
+  run,
+  runShmFd,
+  SHM_FD,
+  tempDir,
+} from './helpers.js';
+
+const REPORT = fixture('report-process.js');
+
+function reportOf(result) {
+  assert.equal(result.stderr, '', 'nothing on stderr');
+  assert.equal(result.code, 0);
+  return JSON.parse(result.stdout);
+}
+
+function commandExists(name) {
+  try {
+    execFileSync('sh', ['-c', `command -v ${name}`], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+test('state persists between programs: two primes runs under one shm-fd print 100002 then 200002', async () => {
+  const r = await runShmFd(['sh', '-c', '"$0" "$1"; "$0" "$1"', NODE, PRIMES], { env: cleanEnv() });
+  assert.equal(r.stderr, '');
+  assert.equal(r.code, 0);
+  assert.deepEqual(primeTotals(r.stdout), [100002, 200002]);
+});
+
+test('the program gets the memfd at 3 with LISTEN_FDS=1, LISTEN_FDNAMES, and LISTEN_PID = its pid = shm-fd\'s pid', async () => {
+  const r = await runShmFd([NODE, REPORT], { env: cleanEnv() });
+  const seen = reportOf(r);
+  assert.equal(seen.pid, r.pid, 'shm-fd replaced itself with the program (same pid)');
+  assert.deepEqual(seen.env, { LISTEN_FDS: '1', LISTEN_FDNAMES: 'SHM_SHARED_FD', LISTEN_PID: String(r.pid) });
+  assert.equal(seen.passed.length, 1);
+  assert.equal(seen.passed[0].fd, 3);
+  assert.equal(seen.passed[0].target, '/memfd:SHM_SHARED_FD (deleted)');
+  assert.deepEqual(seen.shared, { fd: 3, isMemfd: true, size: 0, head: '' });
+});
+
+test('--no-pid leaves LISTEN_PID unset, also when the caller had set it', async () => {
+  const seen = reportOf(await runShmFd(['--no-pid', NODE, REPORT], { env: cleanEnv() }));
+  assert.deepEqual(seen.env, { LISTEN_FDS: '1', LISTEN_FDNAMES: 'SHM_SHARED_FD' });
+  assert.equal(seen.shared.fd, 3);
+});
+
+test('descriptors passed by the parent are kept in order and the new memfd is appended with its name', async (t) => {
+  const dir = tempDir(t);
+  const files = ['first', 'second'].map((name) => {
+    fs.writeFileSync(path.join(dir, name), name);
+    return fs.openSync(path.join(dir, name), 'r');
+  });
+  t.after(() => files.forEach((fd) => fs.closeSync(fd)));
+  const inodes = files.map((fd) => fs.fstatSync(fd).ino);
+
+  const named = reportOf(
+    await runShmFd([NODE, REPORT], { env: cleanEnv({ LISTEN_FDS: '2', LISTEN_FDNAMES: 'a:b' }), extraFds: files }),
+  );
+  assert.equal(named.env.LISTEN_FDS, '3');
+  assert.equal(named.env.LISTEN_FDNAMES, 'a:b:SHM_SHARED_FD');
+  assert.deepEqual(
+    named.passed.map((p) => p.fd),
+    [3, 4, 5],
+  );
+  assert.deepEqual(
+    named.passed.slice(0, 2).map((p) => p.ino),
+    inodes,
+  );
+  assert.equal(named.passed[2].target, '/memfd:SHM_SHARED_FD (deleted)');
+  assert.equal(named.shared.fd, 5);
+
+  // Without LISTEN_FDNAMES the passed ones are "unknown"; the counts stay equal.
+  const unnamed = reportOf(await runShmFd([NODE, REPORT], { env: cleanEnv({ LISTEN_FDS: '2' }), extraFds: files }));
+  assert.equal(unnamed.env.LISTEN_FDS, '3');
+  assert.equal(unnamed.env.LISTEN_FDNAMES, 'unknown:unknown:SHM_SHARED_FD');
+  assert.deepEqual(
+    unnamed.passed.slice(0, 2).map((p) => p.ino),
+    inodes,
+  );
+});
+
+test('a passed SHM_SHARED_FD is reused, not re-created: its contents reach the program, the count stays', async (t) => {
+  const memfd = sys.memfdCreate('from-the-parent');
+  t.after(() => fs.closeSync(memfd));
+  fs.writeSync(memfd, 'written by the parent');
+  const other = fs.openSync('/dev/null', 'r');
+  t.after(() => fs.closeSync(other));
+  const seen = reportOf(
+    await runShmFd([NODE, REPORT], {
+      env: cleanEnv({ LISTEN_FDS: '2', LISTEN_FDNAMES: 'null:SHM_SHARED_FD' }),
+      extraFds: [other, memfd],
+    }),
+  );
+  assert.equal(seen.env.LISTEN_FDS, '2');
+  assert.equal(seen.env.LISTEN_FDNAMES, 'null:SHM_SHARED_FD');
+  assert.equal(seen.passed[1].ino, fs.fstatSync(memfd).ino);
+  assert.equal(seen.passed[1].target, '/memfd:from-the-parent (deleted)');
+  assert.equal(seen.shared.fd, 4);
+  assert.equal(seen.shared.head, 'written by the parent');
+});
+
+test('state persists across shm-fd runs through a memfd the parent keeps (as the fd store does)', async (t) => {
+  const memfd = sys.memfdCreate('kept-by-parent');
+  t.after(() => fs.closeSync(memfd));
+  const env = cleanEnv({ LISTEN_FDS: '1', LISTEN_FDNAMES: 'SHM_SHARED_FD' });
+  const totals = [];
+  for (let i = 0; i < 2; i++) {
+    const r = await runShmFd([NODE, PRIMES], { env, extraFds: [memfd] });
+    assert.equal(r.code, 0, r.stderr);
+    totals.push(...primeTotals(r.stdout));
+  }
+  assert.deepEqual(totals, [100002, 200002]);
+  assert.equal(fs.fstatSync(memfd).size, 100_000_000);
+});
+
+test('--name: the memory file is created and passed under that name', async () => {
+  const seen = reportOf(await runShmFd(['--name', 'my-state', NODE, REPORT, '--name', 'my-state'], { env: cleanEnv() }));
+  assert.equal(seen.env.LISTEN_FDNAMES, 'my-state');
+  assert.equal(seen.passed[0].target, '/memfd:my-state (deleted)');
+  assert.equal(seen.shared.fd, 3);
+  const byEq = reportOf(await runShmFd(['--name=other', NODE, REPORT], { env: cleanEnv() }));
+  assert.equal(byEq.env.LISTEN_FDNAMES, 'other');
+  assert.equal(byEq.shared, null, 'the program looks for SHM_SHARED_FD, which is not there');
+
+  const bad = await runShmFd(['--name', 'a:b', 'true'], { env: cleanEnv() });
+  assert.equal(bad.code, 125);
+  assertOneErrorLine(bad.stderr, /invalid descriptor name "a:b"/);
+});
+
+test('--size sizes a new file and grows (never shrinks) a passed one; a bad size is one line, exit 125', async (t) => {
+  const seen = reportOf(await runShmFd(['--size', '1M', NODE, REPORT], { env: cleanEnv() }));
+  assert.equal(seen.shared.size, 1 << 20);
+  assert.equal(reportOf(await runShmFd(['--size=12345', NODE, REPORT], { env: cleanEnv() })).shared.size, 12345);
+
+  const memfd = sys.memfdCreate('to-grow');
+  sys.ftruncate(memfd, 4096);
+  t.after(() => fs.closeSync(memfd));
+  const env = cleanEnv({ LISTEN_FDS: '1', LISTEN_FDNAMES: 'SHM_SHARED_FD' });
+  assert.equal(reportOf(await runShmFd(['--size', '8K', NODE, REPORT], { env, extraFds: [memfd] })).shared.size, 8192);
+  assert.equal(reportOf(await runShmFd(['--size', '1K', NODE, REPORT], { env, extraFds: [memfd] })).shared.size, 8192);
+  assert.equal(fs.fstatSync(memfd).size, 8192);
+
+  for (const size of ['12x', '-1', '', '1.5M', '99999999999T']) {
+    const r = await runShmFd(['--size', size, 'sh', '-c', 'echo ran'], { env: cleanEnv() });
+    assert.equal(r.code, 125, size);
+    assert.equal(r.stdout, '');
+    assertOneErrorLine(r.stderr, /--size: invalid size/);
+  }
+  const missing = await runShmFd(['--size'], { env: cleanEnv() });
+  assert.equal(missing.code, 125);
+  assertOneErrorLine(missing.stderr, /--size needs a value/);
+});
+
+test('command not found is 127, not executable is 126, each with one error line', async (t) => {
+  const dir = tempDir(t);
+  const notExecutable = path.join(dir, 'script.sh');
+  fs.writeFileSync(notExecutable, '#!/bin/sh\necho ran\n', { mode: 0o644 });
+  const cases = [
+    [['no-such-command-shmfd'], 127, /no-such-command-shmfd: command not found/, {}],
+    [[path.join(dir, 'missing')], 127, /command not found/, {}],
+    [['echo hi; true'], 127, /command not found/, {}], // never through a shell
+    [[dir], 127, /command not found/, {}], // a directory is not a command
+    [[notExecutable], 126, /EACCES|permission denied/i, {}],
+    [['script.sh'], 126, /EACCES|permission denied/i, { PATH: dir }],
+  ];
+  for (const [args, code, pattern, env] of cases) {
+    const r = await runShmFd(args, { env: cleanEnv(env) });
+    assert.equal(r.code, code, `${args}: ${r.stderr}`);
+    assert.equal(r.stdout, '');
+    assertOneErrorLine(r.stderr, pattern);
+  }
+});
+
+test('COMMAND is looked up in PATH and gets its arguments verbatim; options after it are its own', async (t) => {
+  const dir = tempDir(t);
+  fs.writeFileSync(path.join(dir, 'hello'), '#!/bin/sh\nprintf "%s|" "$@"\n', { mode: 0o755 });
+  const r = await runShmFd(['hello', 'a b', '$HOME', '*', '--name', 'x', '--'], {
+    env: cleanEnv({ PATH: `${dir}:/usr/bin:/bin` }),
+  });
+  assert.equal(r.stderr, '');
+  assert.equal(r.code, 0);
+  assert.equal(r.stdout, 'a b|$HOME|*|--name|x|--|');
+  const dashed = await runShmFd(['--', 'sh', '-c', 'echo "$LISTEN_FDNAMES"'], { env: cleanEnv() });
+  assert.equal(dashed.stdout, 'SHM_SHARED_FD\n');
+});
+
+test('usage errors are one line and exit 125; --help and --version exit 0', async () => {
+  for (const args of [[], ['--bogus', 'true'], ['-x', 'true'], ['--no-pid=1', 'true'], ['--log-level', 'loud', 'true']]) {
+    const r = await runShmFd(args, { env: cleanEnv() });
+    assert.equal(r.code, 125, JSON.stringify(args));
+    assertOneErrorLine(r.stderr, /./);
+  }
+  const version = JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8')).version;
+  for (const flag of ['--version', '-V']) {
+    const r = await runShmFd([flag], { env: cleanEnv() });
+    assert.equal(r.code, 0);
+    assert.equal(r.stdout, `shm-fd ${version}\n`);
+    assert.equal(r.stderr, '');
+  }
+  for (const flag of ['--help', '-h']) {
+    const r = await runShmFd([flag], { env: cleanEnv() });
+    assert.equal(r.code, 0);
+    assert.match(r.stdout, /^Usage: shm-fd /);
+    assert.match(r.stdout, /--name NAME/);
+    assert.match(r.stdout, /--size BYTES/);
+    assert.match(r.stdout, /--no-pid/);
+    assert.equal(r.stderr, '');
+  }
+});
+
+test('--log-level info reports what shm-fd did, on stderr only', async () => {
+  const r = await runShmFd(['--log-level', 'info', '--size', '4K', 'true'], { env: cleanEnv() });
+  assert.equal(r.code, 0);
+  assert.equal(r.stdout, '');
+  assert.match(r.stderr, /^shm-fd: created memory file SHM_SHARED_FD \(4096 bytes\)$/m);
+  const quiet = await runShmFd(['true'], { env: cleanEnv({ SHMFD_LOG: 'info' }) });
+  assert.match(quiet.stderr, /created memory file/);
+});
+
+test('shm-fd watch -n 0.1 PROGRAM: every run continues where the last one stopped', async (t) => {
+  if (!commandExists('watch') || !commandExists('script')) {
+    t.skip('needs watch (procps) and script (util-linux)');
+    return;
+  }
+  const dir = tempDir(t);
+  const out = path.join(dir, 'runs.txt');
+  const quote = (s) => `'${s.replace(/'/g, "'\\''")}'`;
+  // watch needs a terminal: script gives it a pseudo-terminal. The fixture ends watch on
+  // its third run; timeout is only a guard against a hang.
+  const command = ['timeout', '60', NODE, SHM_FD, 'watch', '-n', '0.1', NODE, fixture('watch-run.js'), out, '3']
+    .map(quote)
+    .join(' ');
+  const r = await run('script', ['-qec', command, '/dev/null'], {
+    env: cleanEnv({ TERM: 'dumb' }),
+    timeoutMs: 90_000,
+  });
+  assert.notEqual(r.code, 124, 'watch was ended by the fixture, not by the timeout');
+  const runs = fs.readFileSync(out, 'utf8').split('\n').filter(Boolean);
+  assert.deepEqual(runs.slice(0, 3), ['1', '2', '3'], `runs: ${runs.join(',')}`);
+});
