@@ -1,0 +1,137 @@
+// Issue 2, "Exec hygiene": shm-fd replaces itself with the program (execve, same pid) and
+// nothing of Node leaks into it: descriptors, ignored or blocked signals, non-blocking
+// stdio. Checked from inside real programs (docs/exec.md lists the rows).
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import { test } from 'node:test';
+import * as sys from '../dist/system.js';
+import { cleanEnv, fixture, NODE, PYTHON, run, runShmFd } from './helpers.js';
+
+const EIGHT_MIB = 8 * 1024 * 1024;
+
+/** Parses list-fds.py output into { fd: target }. */
+function fdsOf(stdout) {
+  return Object.fromEntries(
+    stdout
+      .trim()
+      .split('\n')
+      .map((line) => {
+        const space = line.indexOf(' ');
+        return [Number(line.slice(0, space)), line.slice(space + 1)];
+      }),
+  );
+}
+
+function statusField(status, name) {
+  const match = new RegExp(`^${name}:\\s*([0-9a-f]+)$`, 'm').exec(status);
+  assert.ok(match, `${name} in /proc/self/status`);
+  return BigInt(`0x${match[1]}`);
+}
+
+const hasPython = fs.existsSync(PYTHON);
+
+test('yes | head -1 under shm-fd prints y and ends: SIGPIPE is back to its default', async () => {
+  const r = await runShmFd(['sh', '-c', 'yes | head -1'], { env: cleanEnv() });
+  assert.equal(r.stdout, 'y\n');
+  assert.equal(r.stderr, '', 'no "Broken pipe" error from yes: it was killed by SIGPIPE');
+  assert.equal(r.code, 0);
+  const statuses = await runShmFd(['bash', '-c', 'yes | head -1; echo "${PIPESTATUS[*]}"'], { env: cleanEnv() });
+  assert.equal(statuses.stdout, 'y\n141 0\n', 'yes died of SIGPIPE (128 + 13)');
+});
+
+test('the program starts with an empty signal mask and no ignored or caught signal', async () => {
+  const r = await runShmFd(['cat', '/proc/self/status'], { env: cleanEnv() });
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal(statusField(r.stdout, 'SigBlk'), 0n, 'no blocked signal');
+  assert.equal(statusField(r.stdout, 'SigIgn'), 0n, 'no ignored signal (Node ignores SIGPIPE and SIGXFSZ)');
+  assert.equal(statusField(r.stdout, 'SigCgt'), 0n);
+});
+
+test('stdio is blocking again: an 8 MiB write to a slow pipe reader completes', async () => {
+  // The wrapper is started with O_NONBLOCK stdio, as Node leaves pipes it wrote to.
+  const slow = (child) => {
+    child.stdout.pause();
+    setTimeout(() => child.stdout.resume(), 300);
+  };
+  const r = await run(NODE, [fixture('shm-fd-nonblocking-stdio.js'), 'head', '-c', String(EIGHT_MIB), '/dev/zero'], {
+    env: cleanEnv(),
+    onSpawn: slow,
+  });
+  assert.equal(r.stderr, '', 'no EAGAIN from head');
+  assert.equal(r.code, 0);
+  assert.equal(r.stdout.length, EIGHT_MIB);
+
+  const flags = await run(NODE, [fixture('shm-fd-nonblocking-stdio.js'), 'sh', '-c', 'cat /proc/self/fdinfo/0 /proc/self/fdinfo/1 /proc/self/fdinfo/2'], {
+    env: cleanEnv(),
+  });
+  assert.equal(flags.code, 0, flags.stderr);
+  const values = [...flags.stdout.matchAll(/^flags:\s*([0-7]+)$/gm)].map((m) => parseInt(m[1], 8));
+  assert.equal(values.length, 3);
+  for (const value of values) assert.equal(value & sys.O_NONBLOCK, 0, 'O_NONBLOCK cleared on 0, 1, 2');
+
+  const direct = await runShmFd(['head', '-c', String(EIGHT_MIB), '/dev/zero'], { env: cleanEnv(), onSpawn: slow });
+  assert.equal(direct.stderr, '');
+  assert.equal(direct.stdout.length, EIGHT_MIB);
+});
+
+test('a program started with only stdio open sees exactly 0, 1, 2 and the memfd', { skip: !hasPython && 'needs /usr/bin/python3' }, async () => {
+  const r = await runShmFd([fixture('list-fds.py')], { env: cleanEnv() });
+  assert.equal(r.stderr, '');
+  assert.equal(r.code, 0);
+  const fds = fdsOf(r.stdout);
+  assert.deepEqual(Object.keys(fds).map(Number), [0, 1, 2, 3], r.stdout);
+  assert.equal(fds[3], '/memfd:SHM_SHARED_FD (deleted)');
+});
+
+test('undeclared inherited descriptors (low and high numbers) do not leak; declared ones pass', { skip: !hasPython && 'needs /usr/bin/python3' }, async (t) => {
+  const stray = fs.openSync('/dev/null', 'r');
+  const passed = sys.memfdCreate('exec-passed');
+  t.after(() => [stray, passed].forEach((fd) => fs.closeSync(fd)));
+  // No LISTEN_FDS: fd 7 and fd 40 are strays (fd 40 is above the range libuv marks
+  // close-on-exec at start, so only shm-fd's own clean-up keeps it out).
+  const extraFds = new Array(38).fill('ignore');
+  extraFds[4] = stray;
+  extraFds[37] = stray;
+  const none = fdsOf((await runShmFd([fixture('list-fds.py')], { env: cleanEnv(), extraFds })).stdout);
+  assert.deepEqual(Object.keys(none).map(Number), [0, 1, 2, 3]);
+  assert.equal(none[3], '/memfd:SHM_SHARED_FD (deleted)');
+
+  const declared = new Array(38).fill('ignore');
+  declared[0] = passed;
+  declared[37] = stray;
+  const r = await runShmFd([fixture('list-fds.py')], {
+    env: cleanEnv({ LISTEN_FDS: '1', LISTEN_FDNAMES: 'mine' }),
+    extraFds: declared,
+  });
+  assert.equal(r.code, 0, r.stderr);
+  const fds = fdsOf(r.stdout);
+  assert.deepEqual(Object.keys(fds).map(Number), [0, 1, 2, 3, 4]);
+  assert.equal(fds[3], '/memfd:exec-passed (deleted)');
+  assert.equal(fds[4], '/memfd:SHM_SHARED_FD (deleted)');
+});
+
+test('same process: the exit status, the pid and a signal are those of the program', async () => {
+  const exit7 = await runShmFd(['sh', '-c', 'exit 7'], { env: cleanEnv() });
+  assert.equal(exit7.code, 7);
+  assert.equal(exit7.stderr, '');
+
+  const pid = await runShmFd(['sh', '-c', 'echo $$'], { env: cleanEnv() });
+  assert.equal(pid.stdout, `${pid.pid}\n`);
+
+  const selfKilled = await runShmFd(['sh', '-c', 'kill -TERM $$'], { env: cleanEnv() });
+  assert.equal(selfKilled.signal, 'SIGTERM');
+
+  // A signal sent to shm-fd's pid reaches the program, as with any exec wrapper.
+  const killed = await runShmFd(['sh', '-c', 'echo started; exec sleep 30'], {
+    env: cleanEnv(),
+    onSpawn: (child) => child.stdout.once('data', () => child.kill('SIGINT')),
+  });
+  assert.equal(killed.stdout, 'started\n');
+  assert.equal(killed.signal, 'SIGINT', 'SIGINT is not ignored by the program');
+});
+
+test('stdin passes through to the program', async () => {
+  const r = await runShmFd(['cat'], { env: cleanEnv(), input: 'through stdin\n' });
+  assert.equal(r.stdout, 'through stdin\n');
+  assert.equal(r.code, 0);
+});
