@@ -88,7 +88,7 @@ test('shm-fd warns (one line) when $FDSTORE says the store is disabled, and stil
   assert.equal(r.stdout, 'ran\n');
   const lines = r.stderr.split('\n').filter(Boolean);
   assert.equal(lines.length, 1, r.stderr);
-  assert.match(lines[0], /^shm-fd: warning: .*fd store is disabled.*FileDescriptorStoreMax/);
+  assert.match(lines[0], /^shm-fd: warning: \$FDSTORE is not set: .*fd store is disabled.*FileDescriptorStoreMax=1/);
   assert.equal(receiver.receive().text, 'FDSTORE=1\nFDNAME=SHM_SHARED_FD');
 });
 

@@ -100,7 +100,8 @@ function run(argv: readonly string[], log: Logger): number {
     if (notifier !== undefined) {
       if (fdStoreCapacity() === 0) {
         log.warn(
-          `the service manager's fd store is disabled ($FDSTORE is not set): ${name} will not survive a restart; set FileDescriptorStoreMax=1 or more`,
+          // systemd sets $FDSTORE only from version 254 on: on older ones this may be a false alarm.
+          `$FDSTORE is not set: unless the service manager predates it (systemd < 254), its fd store is disabled and ${name} will not survive a restart; set FileDescriptorStoreMax=1 or more`,
         );
       }
       notifier.storeFds(name, [file.fd]);
