@@ -83,3 +83,4 @@ export { BackupFile, type BackupFormat, type BackupInspection } from './restore/
 export { persistAtomically, type PersistOptions, type PersistResult, type PersistTimings } from './restore/persist.js';
 export { Snapshotter, DEFAULT_INTERVAL_MS, type DurableSnapshot, type SnapshotterOptions } from './restore/snapshotter.js';
 export { backupStatus, type BackupStatus } from './restore/status.js';
+export * from './snapshot/index.js';
