@@ -1,0 +1,201 @@
+// Issue 3, crash consistency: examples/primes-snapshot.js under
+// `shm-restore --snapshot=restore-v1`, killed with real SIGKILLs at random moments, then
+// restarted from the backup file. After every restart the recovered table must be exactly
+// the first N primes, and N never falls below what the backup on disk held.
+//
+// The kill moments come from a seeded generator; replay a failure with CRASH_SEED=<seed>.
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { test } from 'node:test';
+import { cleanEnv, NODE, ROOT, sleep, tempDir } from './helpers.js';
+import { checkLiveTable, childrenOf, firstPrimes, LineWatcher, readPrimesState, seededRandom } from './helpers-crash.js';
+
+const SHM_RESTORE = path.join(ROOT, 'bin', 'shm-restore.js');
+const EXAMPLE = path.join(ROOT, 'examples', 'primes-snapshot.js');
+const SEED = process.env.CRASH_SEED === undefined ? Date.now() % 1_000_000_007 : Number(process.env.CRASH_SEED);
+const COMMIT_INTERVAL_MS = 5;
+const SNAPSHOT_INTERVAL_MS = 20;
+// Far more than the rounds below can reach: the program is always killed mid-run.
+const LIMIT = 6_000_000;
+const PROGRAM_KILLS = 20;
+const TREE_KILLS = 20;
+const ROUND_GUARD_MS = 30_000;
+
+console.log(`# crash-consistency seed ${SEED} (replay with CRASH_SEED=${SEED})`);
+const rng = seededRandom(SEED);
+const context = (round, what) => `seed ${SEED}, ${what} round ${round}`;
+
+/** Starts the host running the example; `detached` puts host and program in a new process group. */
+function startHost(backup, { detached = false } = {}) {
+  const host = spawn(
+    NODE,
+    [SHM_RESTORE, '--snapshot=restore-v1', '--interval', String(SNAPSHOT_INTERVAL_MS), backup, NODE, EXAMPLE, String(COMMIT_INTERVAL_MS), String(LIMIT)],
+    { cwd: ROOT, env: cleanEnv(), stdio: ['ignore', 'pipe', 'pipe'], detached },
+  );
+  const out = new LineWatcher(host.stdout);
+  const err = new LineWatcher(host.stderr);
+  const exited = new Promise((resolve) => host.on('close', (code, signal) => resolve({ code, signal })));
+  const guard = setTimeout(() => host.kill('SIGKILL'), ROUND_GUARD_MS);
+  exited.then(() => clearTimeout(guard));
+  return { host, out, err, exited };
+}
+
+/** The program's pid once the host has started it, or undefined when the host exited first. */
+async function programOf(run) {
+  let done = false;
+  run.exited.then(() => (done = true));
+  for (;;) {
+    const [pid] = childrenOf(run.host.pid);
+    if (pid !== undefined) return pid;
+    if (done) return undefined;
+    await sleep(2);
+  }
+}
+
+/**
+ * What the backup holds before a restart: a valid table, and never less than before.
+ * @returns the count the next start must recover
+ */
+function checkBackup(backup, round, what, { atLeast }) {
+  if (!fs.existsSync(backup)) {
+    assert.equal(atLeast, 0, `${context(round, what)}: the backup disappeared`);
+    return 0;
+  }
+  const state = readPrimesState(backup);
+  assert.equal(state.wrongAt, -1, `${context(round, what)}: backup table wrong at index ${state.wrongAt} of ${state.count}`);
+  assert.ok(state.count >= atLeast, `${context(round, what)}: backup went back from ${atLeast} to ${state.count} primes`);
+  return state.count;
+}
+
+/**
+ * Checks what the program recovered: the count the backup held, and (while it still runs)
+ * a live table of exactly the first N primes, read through /proc/PID/fd/3.
+ */
+async function checkRecovery(run, expected, round, what, stats) {
+  const line = await run.out.waitFor(/^recovered (\d+) primes$/);
+  if (line === undefined) return; // killed before it got there
+  const recovered = Number(line[1]);
+  assert.equal(recovered, expected, `${context(round, what)}: recovered ${recovered} primes, the backup held ${expected}`);
+  stats.recovered.push(recovered);
+  const pid = childrenOf(run.host.pid)[0];
+  if (pid === undefined) return;
+  let wrongAt;
+  try {
+    wrongAt = checkLiveTable(`/proc/${pid}/fd/3`, recovered);
+  } catch (err) {
+    if (err.code === 'ENOENT' || err.code === 'ESRCH') return; // it was killed meanwhile
+    throw err;
+  }
+  assert.equal(wrongAt, -1, `${context(round, what)}: live table wrong at index ${wrongAt} of ${recovered}`);
+  stats.liveChecks++;
+}
+
+function report(t, what, stats) {
+  const r = stats.recovered;
+  t.diagnostic(
+    `${what}: ${stats.kills} SIGKILLs (seed ${SEED}); recovered N from ${Math.min(...r)} to ${Math.max(...r)} ` +
+      `over ${r.length} restarts, ${stats.liveChecks} live tables checked; final backup ${stats.final} primes`,
+  );
+}
+
+test('the reference primes are right (the check below relies on them)', () => {
+  const p = firstPrimes(100_000);
+  assert.deepEqual([...p.subarray(0, 10)], [2, 3, 5, 7, 11, 13, 17, 19, 23, 29]);
+  assert.equal(p[9_591], 99_991, 'the 9592nd prime');
+  assert.equal(p[99_999], 1_299_709, 'the 100000th prime');
+});
+
+test('a SIGKILLed program is reported as a failure (128 + 9), and its committed state is kept', async (t) => {
+  const dir = tempDir(t, 'shmfd-crash-');
+  const backup = path.join(dir, 'primes.backup');
+  const first = startHost(backup);
+  await first.out.waitFor(/^committed \d+ primes$/);
+  const program = await programOf(first);
+  assert.ok(program !== undefined, 'the host started the program');
+  process.kill(program, 'SIGKILL');
+  const { code, signal } = await first.exited;
+  assert.equal(signal, null, 'the host itself was not killed');
+  assert.equal(code, 137, `host exit status after its program was SIGKILLed: ${first.err.lines.join('\n')}`);
+  const committed = Math.max(...first.out.numbers(/^committed (\d+) primes$/));
+  const state = readPrimesState(backup);
+  assert.equal(state.wrongAt, -1);
+  assert.ok(state.count >= committed, `the write-back after the crash holds ${state.count} primes, ${committed} were committed`);
+});
+
+test('SIGKILL of the program at random moments, restarted from the backup each time', async (t) => {
+  const dir = tempDir(t, 'shmfd-crash-');
+  const backup = path.join(dir, 'primes.backup');
+  const what = 'program-kill';
+  const stats = { kills: 0, recovered: [], liveChecks: 0, final: 0 };
+  let durable = 0;
+  for (let round = 1; round <= PROGRAM_KILLS; round++) {
+    durable = checkBackup(backup, round, what, { atLeast: durable });
+    const run = startHost(backup);
+    const recovery = checkRecovery(run, durable, round, what, stats);
+    // Anywhere from the program's start-up (recovery, configuration) to well into its commits.
+    const delay = rng.int(0, 600);
+    const program = await programOf(run);
+    assert.ok(program !== undefined, `${context(round, what)}: the host exited before starting the program: ${run.err.lines.join('\n')}`);
+    await Promise.race([sleep(delay), run.exited]);
+    try {
+      process.kill(program, 'SIGKILL');
+      stats.kills++;
+    } catch (err) {
+      if (err.code !== 'ESRCH') throw err;
+    }
+    const { code, signal } = await run.exited;
+    await recovery;
+    assert.equal(signal, null, `${context(round, what)}: the host was killed (guard timeout?)`);
+    if (code === 0 && run.out.lines.some((l) => l.startsWith('reached the limit'))) break;
+    assert.equal(code, 137, `${context(round, what)}: host exit status ${code}; stderr:\n${run.err.lines.join('\n')}`);
+    // The host writes the quiescent memory back after its program died: every commit the
+    // program reported must be in the backup.
+    const committed = Math.max(durable, ...run.out.numbers(/^committed (\d+) primes$/));
+    durable = checkBackup(backup, round, what, { atLeast: committed });
+  }
+  stats.final = durable;
+  report(t, what, stats);
+  assert.ok(stats.kills >= PROGRAM_KILLS - 2, `most rounds killed a running program (${stats.kills})`);
+  assert.ok(durable > 0, 'the program made progress across the kills');
+});
+
+test('SIGKILL of the whole process tree (host and program) at random moments, restarted each time', async (t) => {
+  const dir = tempDir(t, 'shmfd-crash-');
+  const backup = path.join(dir, 'primes.backup');
+  const what = 'tree-kill';
+  const stats = { kills: 0, recovered: [], liveChecks: 0, final: 0 };
+  let durable = 0;
+  for (let round = 1; round <= TREE_KILLS; round++) {
+    durable = checkBackup(backup, round, what, { atLeast: durable });
+    const run = startHost(backup, { detached: true });
+    const recovery = checkRecovery(run, durable, round, what, stats);
+    // Host start-up, restore, the program's start, commits and persistence rounds.
+    await Promise.race([sleep(rng.int(0, 800)), run.exited]);
+    try {
+      process.kill(-run.host.pid, 'SIGKILL');
+      stats.kills++;
+    } catch (err) {
+      if (err.code !== 'ESRCH') throw err;
+    }
+    const { signal } = await run.exited;
+    await recovery;
+    assert.equal(signal, 'SIGKILL', `${context(round, what)}: the host ended on its own: ${run.err.lines.join('\n')}`);
+  }
+  durable = checkBackup(backup, TREE_KILLS + 1, what, { atLeast: durable });
+
+  // A last run that ends cleanly: it recovers what the backup held, removes what killed
+  // hosts left behind, and writes everything back.
+  const last = startHost(backup, { detached: true });
+  await checkRecovery(last, durable, TREE_KILLS + 1, what, stats);
+  await last.out.waitFor(/^committed \d+ primes$/);
+  last.host.kill('SIGTERM');
+  const { code } = await last.exited;
+  assert.equal(code, 0, `the program stops cleanly on a forwarded SIGTERM: ${last.err.lines.join('\n')}`);
+  const committed = Math.max(...last.out.numbers(/^committed (\d+) primes$/));
+  stats.final = checkBackup(backup, TREE_KILLS + 2, what, { atLeast: committed });
+  assert.deepEqual(fs.readdirSync(dir), ['primes.backup'], 'no temporary files are left behind');
+  report(t, what, stats);
+  assert.ok(stats.kills >= TREE_KILLS - 2, `most rounds killed a running tree (${stats.kills})`);
+});
