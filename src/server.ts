@@ -81,9 +81,10 @@ export interface Listening {
   url: string;
 }
 
-function describeServer(server: net.Server): string {
+function describeServer(server: net.Server, passed?: sys.SocketAddress): string {
   const address = server.address();
-  if (address === null) return 'nowhere';
+  // Node knows no address for a unix socket it adopted; the kernel does.
+  if (address === null || address === '') return passed === undefined ? '' : sys.describeSocketAddress(passed);
   if (typeof address === 'string') return address;
   const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
   const scheme = server instanceof https.Server ? 'https://' : server instanceof http.Server ? 'http://' : '';
@@ -127,7 +128,7 @@ export async function listenOn(server: net.Server, options: ListenOnOptions = {}
     // Node adopts the descriptor (uv_tcp_open/uv_pipe_open) and calls listen(2) again,
     // which on an already listening socket only updates the backlog.
     await whenListening(server, () => server.listen({ fd: passed.fd, backlog }));
-    return { passed: true, fd: passed.fd, name, url: describeServer(server) };
+    return { passed: true, fd: passed.fd, name, url: describeServer(server, passed.info.address) };
   }
   const fallback = options.fallback;
   if (fallback === undefined) {

@@ -150,6 +150,7 @@ const MESSAGES: Record<string, string> = {
   ENOENT: 'the directory does not exist',
   EROFS: 'the file system is read-only',
   ENOTDIR: 'a component of the path is not a directory',
+  EPERM: 'operation not permitted',
 };
 
 function openError(spec: SocketSpec, what: string, err: unknown): ShmfdError {
