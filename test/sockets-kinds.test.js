@@ -223,3 +223,18 @@ test('a stale unix socket file (nobody accepting) is replaced', async (t) => {
   assert.equal(await streamEcho({ path: stale }, 'hi'), 'unix:hi');
   assert.equal(report.listening.unix.info.listening, true);
 });
+
+test('shm-restore takes -s and --first-fd too: sockets before the memory file, from K', async (t) => {
+  const backup = path.join(tempDir(t), 'state');
+  const { report, child, exited } = await startEcho(
+    t,
+    ['--first-fd', '18', '-s', 'http::0', '-s', 'udp::0', backup],
+    ['http:stream', 'udp:datagram'],
+    { wrapper: path.join(ROOT, 'bin', 'shm-restore.js') },
+  );
+  assert.deepEqual(report.passed.map((p) => [p.fd, p.name]), [[18, 'http'], [19, 'udp'], [20, 'SHM_SHARED_FD']]);
+  assert.equal(await streamEcho({ port: report.listening.http.info.address.port, host: '127.0.0.1' }, 'r'), 'http:r');
+  assert.equal(await udpEcho(report.listening.udp.address.port, 'r'), 'udp:r');
+  child.kill('SIGTERM');
+  assert.equal((await exited).code, 0);
+});
