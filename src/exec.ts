@@ -56,10 +56,49 @@ export interface ExecRequest {
   command: string;
   args: readonly string[];
   env: Environment;
-  /** Descriptors the program gets, besides stdio. Every other descriptor is closed. */
+  /**
+   * Descriptors the program gets at given numbers. Descriptors the caller passed to this
+   * process pass through as they are (see {@link callerFds}); Node's own are closed.
+   */
   fds: readonly FdPlacement[];
   /** Prefix of the one line written if execve fails (default `shmfd`). */
   programName?: string;
+}
+
+/**
+ * Node marks descriptors 0..16 close-on-exec at start, whether it opened them or not; past
+ * that, only its own are close-on-exec (libuv opens everything with O_CLOEXEC).
+ */
+const NODE_MARKS_UP_TO = 16;
+
+/**
+ * The descriptors (>= 3) this process inherited from its caller, which an exec wrapper
+ * passes through. Above {@link NODE_MARKS_UP_TO} they are exactly those without
+ * close-on-exec. Below it the flag tells nothing, so they are told apart from Node's own
+ * by kind: Node's are epoll and event descriptors and pipes whose both ends it holds.
+ */
+export function callerFds(): number[] {
+  const targets = new Map<number, string>();
+  for (const entry of fs.readdirSync('/proc/self/fd')) {
+    const fd = Number(entry);
+    if (fd < 3) continue;
+    try {
+      targets.set(fd, fs.readlinkSync(`/proc/self/fd/${fd}`));
+    } catch {
+      // The directory listing's own descriptor, closed by now.
+    }
+  }
+  const ends = new Map<string, number>();
+  for (const target of targets.values()) ends.set(target, (ends.get(target) ?? 0) + 1);
+  const inherited: number[] = [];
+  for (const [fd, target] of targets) {
+    if (!sys.isOpen(fd)) continue;
+    if ((sys.getFdFlags(fd) & sys.FD_CLOEXEC) === 0) inherited.push(fd);
+    else if (fd <= NODE_MARKS_UP_TO && !target.startsWith('anon_inode:') && !(target.startsWith('pipe:') && (ends.get(target) ?? 0) > 1)) {
+      inherited.push(fd);
+    }
+  }
+  return inherited.sort((a, b) => a - b);
 }
 
 /**
@@ -80,6 +119,9 @@ export function execReplace(request: ExecRequest): never {
     if (!sys.isOpen(from)) throw new sys.SystemError('fcntl', 9 /* EBADF */);
   }
   const highest = Math.max(3, ...request.fds.flatMap(({ from, to }) => [from, to])) + 1;
+  const sources = new Set(request.fds.map(({ from }) => from));
+  const targets = new Set(request.fds.map(({ to }) => to));
+  const passThrough = callerFds().filter((fd) => !sources.has(fd) && !targets.has(fd));
 
   // Past this point the process is committed: no JavaScript that touches libuv runs again.
   sys.resetSignalsForExec();
@@ -90,6 +132,7 @@ export function execReplace(request: ExecRequest): never {
     sys.setNonBlocking(fd, false);
   }
   sys.cloexecFrom(3);
+  for (const fd of passThrough) sys.setCloexec(fd, false);
   // Move every source out of the way first, so that placing one never clobbers another.
   const staged = request.fds.map(({ from, to }) => ({ from: sys.dupAbove(from, highest), to }));
   // fd 3 is usually libuv's epoll descriptor: overwriting it is the last thing before execve.

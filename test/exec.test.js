@@ -74,28 +74,46 @@ test('stdio is blocking again: an 8 MiB write to a slow pipe reader completes', 
   assert.equal(direct.stdout.length, EIGHT_MIB);
 });
 
+/**
+ * The descriptors a program sees when started directly with the same stdio: whatever the
+ * test runner itself inherited (and leaks to its children) is the caller's, not shm-fd's.
+ */
+async function baselineFds(extraFds) {
+  const r = await run(PYTHON, [fixture('list-fds.py')], { env: cleanEnv(), extraFds });
+  assert.equal(r.code, 0, r.stderr);
+  return fdsOf(r.stdout);
+}
+
 test('a program started with only stdio open sees exactly 0, 1, 2 and the memfd', { skip: !hasPython && 'needs /usr/bin/python3' }, async () => {
+  const baseline = await baselineFds();
   const r = await runShmFd([fixture('list-fds.py')], { env: cleanEnv() });
   assert.equal(r.stderr, '');
   assert.equal(r.code, 0);
   const fds = fdsOf(r.stdout);
-  assert.deepEqual(Object.keys(fds).map(Number), [0, 1, 2, 3], r.stdout);
-  assert.equal(fds[3], '/memfd:SHM_SHARED_FD (deleted)');
+  const expected = { ...baseline, 3: '/memfd:SHM_SHARED_FD (deleted)' };
+  for (const fd of [0, 1, 2]) delete expected[fd];
+  for (const fd of [0, 1, 2]) delete fds[fd];
+  assert.deepEqual(fds, expected, r.stdout);
+  assert.deepEqual(Object.keys(baseline).filter((fd) => fd >= 3 && fd <= 40), [], 'the test runner itself holds no descriptor 3..40');
 });
 
-test('undeclared inherited descriptors (low and high numbers) do not leak; declared ones pass', { skip: !hasPython && 'needs /usr/bin/python3' }, async (t) => {
+test('descriptors the caller passed pass through, at low and high numbers; Node\'s own do not (issue 2)', { skip: !hasPython && 'needs /usr/bin/python3' }, async (t) => {
   const stray = fs.openSync('/dev/null', 'r');
   const passed = sys.memfdCreate('exec-passed');
   t.after(() => [stray, passed].forEach((fd) => fs.closeSync(fd)));
-  // No LISTEN_FDS: fd 7 and fd 40 are strays (fd 40 is above the range libuv marks
-  // close-on-exec at start, so only shm-fd's own clean-up keeps it out).
+  // No LISTEN_FDS: fd 7 and fd 40 are the caller's own business, like `prog 7<file` in a
+  // shell. fd 7 is in the range Node marks close-on-exec at start, fd 40 above it.
   const extraFds = new Array(38).fill('ignore');
   extraFds[4] = stray;
   extraFds[37] = stray;
-  const none = fdsOf((await runShmFd([fixture('list-fds.py')], { env: cleanEnv(), extraFds })).stdout);
-  assert.deepEqual(Object.keys(none).map(Number), [0, 1, 2, 3]);
-  assert.equal(none[3], '/memfd:SHM_SHARED_FD (deleted)');
+  const inheritedByRunner = Object.keys(await baselineFds()).map(Number).filter((fd) => fd > 40);
+  const plain = fdsOf((await runShmFd([fixture('list-fds.py')], { env: cleanEnv(), extraFds })).stdout);
+  assert.deepEqual(Object.keys(plain).map(Number), [0, 1, 2, 3, 7, 40, ...inheritedByRunner]);
+  assert.equal(plain[3], '/memfd:SHM_SHARED_FD (deleted)');
+  assert.equal(plain[7], '/dev/null');
+  assert.equal(plain[40], '/dev/null');
 
+  // Declared descriptors stay in place and the memfd is appended after them.
   const declared = new Array(38).fill('ignore');
   declared[0] = passed;
   declared[37] = stray;
@@ -105,7 +123,7 @@ test('undeclared inherited descriptors (low and high numbers) do not leak; decla
   });
   assert.equal(r.code, 0, r.stderr);
   const fds = fdsOf(r.stdout);
-  assert.deepEqual(Object.keys(fds).map(Number), [0, 1, 2, 3, 4]);
+  assert.deepEqual(Object.keys(fds).map(Number), [0, 1, 2, 3, 4, 40, ...inheritedByRunner]);
   assert.equal(fds[3], '/memfd:exec-passed (deleted)');
   assert.equal(fds[4], '/memfd:SHM_SHARED_FD (deleted)');
 });
