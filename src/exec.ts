@@ -8,6 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { ShmfdError } from './errors.js';
 import type { Environment } from './listen-fds.js';
+import { callerFds } from './caller-fds.js';
 import * as sys from './system.js';
 
 const DEFAULT_PATH = '/usr/local/bin:/usr/bin:/bin';
@@ -63,42 +64,6 @@ export interface ExecRequest {
   fds: readonly FdPlacement[];
   /** Prefix of the one line written if execve fails (default `shmfd`). */
   programName?: string;
-}
-
-/**
- * Node marks descriptors 0..16 close-on-exec at start, whether it opened them or not; past
- * that, only its own are close-on-exec (libuv opens everything with O_CLOEXEC).
- */
-const NODE_MARKS_UP_TO = 16;
-
-/**
- * The descriptors (>= 3) this process inherited from its caller, which an exec wrapper
- * passes through. Above {@link NODE_MARKS_UP_TO} they are exactly those without
- * close-on-exec. Below it the flag tells nothing, so they are told apart from Node's own
- * by kind: Node's are epoll and event descriptors and pipes whose both ends it holds.
- */
-export function callerFds(): number[] {
-  const targets = new Map<number, string>();
-  for (const entry of fs.readdirSync('/proc/self/fd')) {
-    const fd = Number(entry);
-    if (fd < 3) continue;
-    try {
-      targets.set(fd, fs.readlinkSync(`/proc/self/fd/${fd}`));
-    } catch {
-      // The directory listing's own descriptor, closed by now.
-    }
-  }
-  const ends = new Map<string, number>();
-  for (const target of targets.values()) ends.set(target, (ends.get(target) ?? 0) + 1);
-  const inherited: number[] = [];
-  for (const [fd, target] of targets) {
-    if (!sys.isOpen(fd)) continue;
-    if ((sys.getFdFlags(fd) & sys.FD_CLOEXEC) === 0) inherited.push(fd);
-    else if (fd <= NODE_MARKS_UP_TO && !target.startsWith('anon_inode:') && !(target.startsWith('pipe:') && (ends.get(target) ?? 0) > 1)) {
-      inherited.push(fd);
-    }
-  }
-  return inherited.sort((a, b) => a - b);
 }
 
 /**

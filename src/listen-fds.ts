@@ -6,6 +6,7 @@
  */
 import fs from 'node:fs';
 import { ShmfdError } from './errors.js';
+import { fdTarget, isRuntimeKind } from './caller-fds.js';
 import * as sys from './system.js';
 
 /** The first passed descriptor when `LISTEN_FDS_FIRST_FD` is not set. */
@@ -123,6 +124,11 @@ export function readListenFds(options: ReadListenFdsOptions = {}): PassedFd[] {
     const name = names?.[i] ?? UNKNOWN_NAME;
     if (!sys.isOpen(fd)) {
       throw new ShmfdError('ERR_FD_NOT_PASSED', `LISTEN_FDS=${count} but descriptor ${fd} (${name}) is not open`);
+    }
+    // Nothing passed at this number, and the runtime took it for its event loop.
+    const target = fdTarget(fd);
+    if (target !== undefined && isRuntimeKind(target)) {
+      throw new ShmfdError('ERR_FD_NOT_PASSED', `LISTEN_FDS=${count} but descriptor ${fd} (${name}) was not passed: it is Node's own ${target}`);
     }
     fds.push({ fd, name });
   }

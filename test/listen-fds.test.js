@@ -273,3 +273,10 @@ test('shm-fd: LISTEN_PID of an unrelated process means the descriptors are not o
   assert.equal(seen.env.LISTEN_PID, String(seen.pid));
   assert.notEqual(seen.passed[0].ino, fs.fstatSync(memfd).ino, 'a new memory file, not the passed one');
 });
+
+test('shm-fd: LISTEN_FDS claiming descriptors nobody passed does not hand Node\'s event loop to the program', async () => {
+  // Nothing is passed at fd 3, so inside shm-fd fd 3 is libuv's epoll descriptor.
+  const r = await runShmFd(['true'], { env: cleanEnv({ LISTEN_FDS: '2' }) });
+  assert.equal(r.code, 125);
+  assertOneErrorLine(r.stderr, /LISTEN_FDS=2 but descriptor 3 \(unknown\) was not passed/);
+});
