@@ -214,7 +214,7 @@ test('shm-fd: every malformed LISTEN_* is one error line and exit 125', async ()
     [{ LISTEN_FDS: '+1' }, /LISTEN_FDS=\+1/],
     [{ LISTEN_FDS: ' 1' }, /LISTEN_FDS= 1/],
     [{ LISTEN_FDS: '99999999999999999999' }, /out of range/],
-    [{ LISTEN_FDS: '2000000000' }, /is not open/],
+    [{ LISTEN_FDS: '2000000000' }, /LISTEN_FDS=2000000000 but descriptor 3 \(unknown\) (is not open|was not passed)/],
     [{ LISTEN_FDS: '1', LISTEN_PID: 'abc' }, /LISTEN_PID=abc/],
     [{ LISTEN_FDS: '1', LISTEN_FDS_FIRST_FD: 'x' }, /LISTEN_FDS_FIRST_FD=x/],
     [{ LISTEN_FDS: '1', LISTEN_FDNAMES: 'a:b', LISTEN_FDS_FIRST_FD: '60' }, /LISTEN_FDNAMES has 2 names but LISTEN_FDS=1/],
