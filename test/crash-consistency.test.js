@@ -54,6 +54,12 @@ async function programOf(run) {
   }
 }
 
+/** Resolves once a file other than the backup is in `dir` (a host's temporary file), or after `timeoutMs`. */
+async function temporaryFileIn(dir, timeoutMs) {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline && !fs.readdirSync(dir).some((f) => f !== 'primes.backup')) await sleep(1);
+}
+
 /**
  * What the backup holds before a restart: a valid table, and never less than before.
  * @returns the count the next start must recover
@@ -96,7 +102,8 @@ function report(t, what, stats) {
   const r = stats.recovered;
   t.diagnostic(
     `${what}: ${stats.kills} SIGKILLs (seed ${SEED}); recovered N from ${Math.min(...r)} to ${Math.max(...r)} ` +
-      `over ${r.length} restarts, ${stats.liveChecks} live tables checked; final backup ${stats.final} primes`,
+      `over ${r.length} restarts, ${stats.liveChecks} live tables checked; final backup ${stats.final} primes` +
+      (stats.midPersist === undefined ? '' : `; ${stats.midPersist} kills left a temporary file (hit a persistence round)`),
   );
 }
 
@@ -165,14 +172,22 @@ test('SIGKILL of the whole process tree (host and program) at random moments, re
   const dir = tempDir(t, 'shmfd-crash-');
   const backup = path.join(dir, 'primes.backup');
   const what = 'tree-kill';
-  const stats = { kills: 0, recovered: [], liveChecks: 0, final: 0 };
+  const stats = { kills: 0, recovered: [], liveChecks: 0, final: 0, midPersist: 0 };
   let durable = 0;
   for (let round = 1; round <= TREE_KILLS; round++) {
     durable = checkBackup(backup, round, what, { atLeast: durable });
+    // A temporary file left behind means the kill hit a persistence round.
+    if (fs.readdirSync(dir).some((f) => f !== 'primes.backup')) stats.midPersist++;
     const run = startHost(backup, { detached: true });
     const recovery = checkRecovery(run, durable, round, what, stats);
-    // Host start-up, restore, the program's start, commits and persistence rounds.
-    await Promise.race([sleep(rng.int(0, 800)), run.exited]);
+    if (round % 2 === 1) {
+      // Host start-up, restore, the program's start, commits and persistence rounds.
+      await Promise.race([sleep(rng.int(0, 1200)), run.exited]);
+    } else {
+      // Aimed at a persistence round: once its temporary file shows up, a little later.
+      await Promise.race([temporaryFileIn(dir, 3000), run.exited]);
+      await sleep(rng.int(0, 4));
+    }
     try {
       process.kill(-run.host.pid, 'SIGKILL');
       stats.kills++;
@@ -184,6 +199,7 @@ test('SIGKILL of the whole process tree (host and program) at random moments, re
     assert.equal(signal, 'SIGKILL', `${context(round, what)}: the host ended on its own: ${run.err.lines.join('\n')}`);
   }
   durable = checkBackup(backup, TREE_KILLS + 1, what, { atLeast: durable });
+  if (fs.readdirSync(dir).some((f) => f !== 'primes.backup')) stats.midPersist++;
 
   // A last run that ends cleanly: it recovers what the backup held, removes what killed
   // hosts left behind, and writes everything back.
