@@ -33,13 +33,14 @@ const server = http.createServer((req, res) => {
   res.end(body);
 });
 
-const listening = await listenOn(server, { name: 'http', fallback: { port: Number(process.env.PORT ?? 8080), host: '127.0.0.1' } });
+// The stop signals are handled from here on: a restarter's SIGTERM that comes while the
+// server starts must not kill it with connections accepted but not answered.
 const service = serve({
   endpoints: [server],
-  status: `listening on ${listening.url}`,
   // Type=notify-reload: nothing to re-read, but say how far the count got.
   reload: () => console.error(`http-counter: reloaded at count ${Atomics.load(counter, 0)}`),
 });
+const listening = await listenOn(server, { name: 'http', fallback: { port: Number(process.env.PORT ?? 8080), host: '127.0.0.1' } });
 await service.ready;
 console.error(
   `http-counter: listening on ${listening.url}${listening.passed ? ` (passed socket ${listening.name}, fd ${listening.fd})` : ''}, pid ${process.pid}, count ${Atomics.load(counter, 0)}`,
