@@ -145,7 +145,11 @@ export class SnapshotWriter {
    */
   private oldest = 0;
   private rangeLength = 0;
-  private busy = false;
+  /**
+   * Payloads must be shorter than this: `data`, or 0 while a commitWith step runs, so a
+   * single comparison also refuses nested commits.
+   */
+  private payloadLimit: number;
 
   /**
    * @internal use {@link SnapshotFile.configure} or {@link SnapshotFile.intoWriter}.
@@ -170,6 +174,7 @@ export class SnapshotWriter {
     this.data = head.data;
     this.entries = head.entries;
     this.entryMask = head.entries - 1;
+    this.payloadLimit = head.data;
     const tail = mem.tail(head);
     this.tail = tail.bytes;
     this.tailU64 = tail.u64;
@@ -203,7 +208,7 @@ export class SnapshotWriter {
    */
   commit(payload: Uint8Array): number {
     const n = payload.length;
-    if (n === 0 || n >= this.data || this.busy) this.reject(n);
+    if (n === 0 || n >= this.payloadLimit) this.reject(n);
     const index = this.reserve(n);
     const pos = this.ringPos;
     if (n <= this.data - pos) this.bytes.set(payload, this.ringStart + pos);
@@ -223,17 +228,17 @@ export class SnapshotWriter {
    */
   commitWith<T>(payload: Uint8Array, step: (tx: PreparedTransaction) => T): CommitResult<T> | undefined {
     const n = payload.length;
-    if (n === 0 || n >= this.data || this.busy) this.reject(n);
+    if (n === 0 || n >= this.payloadLimit) this.reject(n);
     const index = this.reserve(n);
     this.writeRing(this.ringPos, payload);
     const tx = this.tx;
     tx.open(index, this.stream, n, this.ringPos);
-    this.busy = true;
+    this.payloadLimit = 0;
     let value: T;
     try {
       value = step(tx);
     } finally {
-      this.busy = false;
+      this.payloadLimit = this.data;
       tx.close();
     }
     if (tx.aborted) return undefined;
@@ -363,7 +368,7 @@ export class SnapshotWriter {
   }
 
   private reject(n: number): never {
-    if (this.busy) {
+    if (this.payloadLimit === 0) {
       throw new SnapshotFormatError('ERR_SNAPSHOT_BUSY', 'a commit cannot start inside a commitWith step');
     }
     throw new SnapshotFormatError('ERR_SNAPSHOT_PAYLOAD_SIZE', `a payload must have 1 to ${this.data - 1} bytes, got ${n}`);
