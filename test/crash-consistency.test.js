@@ -141,11 +141,16 @@ test('SIGKILL of the program at random moments, restarted from the backup each t
     durable = checkBackup(backup, round, what, { atLeast: durable });
     const run = startHost(backup);
     const recovery = checkRecovery(run, durable, round, what, stats);
-    // Anywhere from the program's start-up (recovery, configuration) to well into its commits.
-    const delay = rng.int(0, 600);
     const program = await programOf(run);
     assert.ok(program !== undefined, `${context(round, what)}: the host exited before starting the program: ${run.err.lines.join('\n')}`);
-    await Promise.race([sleep(delay), run.exited]);
+    if (round % 2 === 1) {
+      // Anywhere from the program's start-up (recovery, configuration) to well into its commits.
+      await Promise.race([sleep(rng.int(0, 600)), run.exited]);
+    } else {
+      // Among its commits.
+      await run.out.waitFor(/^recovered \d+ primes$/);
+      await Promise.race([sleep(rng.int(0, 300)), run.exited]);
+    }
     try {
       process.kill(program, 'SIGKILL');
       stats.kills++;
