@@ -226,8 +226,29 @@ export function readSlots(bytes: Uint8Array, head: DiscoveredHead): Snapshot[] {
     found.push({ index, offset, length });
   }
   const oldest = end - head.data;
-  const intact = found.filter((s) => s.offset >= oldest);
-  return intact.sort((a, b) => a.offset - b.offset || a.index - b.index);
+  let kept = 0;
+  for (const s of found) if (s.offset >= oldest) found[kept++] = s;
+  found.length = kept;
+  return inStreamOrder(found);
+}
+
+/**
+ * Sorts slots listed by index into stream order. A writer fills slots in ring order, so
+ * the list is normally a rotation of a sorted one: rotate in O(n), sort only otherwise.
+ */
+function inStreamOrder(slots: Snapshot[]): Snapshot[] {
+  const n = slots.length;
+  let breaks = 0;
+  let start = 0;
+  for (let i = 1; i < n; i++) {
+    if (slots[i]!.offset < slots[i - 1]!.offset) {
+      breaks++;
+      start = i;
+    }
+  }
+  if (breaks === 0) return slots;
+  if (breaks === 1 && slots[n - 1]!.offset < slots[0]!.offset) return slots.slice(start).concat(slots.slice(0, start));
+  return slots.sort((a, b) => a.offset - b.offset || a.index - b.index);
 }
 
 /**
