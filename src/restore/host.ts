@@ -249,6 +249,7 @@ async function restore(
   showProgress: boolean,
 ): Promise<void> {
   if (inspection.state === 'missing' || inspection.size === 0) return;
+  log.debug(`restoring ${formatBytes(inspection.size)} from ${backup.path} into a new memory file`);
   const progress = Progress.start(`shm-restore: restoring ${path.basename(backup.path)}`, showProgress);
   const started = performance.now();
   let result;
