@@ -5,8 +5,11 @@
  * @module
  */
 
+import type { SnapshotErrorCode } from './snapshot/errors.js';
+
 /** Stable error codes of shmfd. */
 export type ShmfdErrorCode =
+  | SnapshotErrorCode
   | 'ERR_LISTEN_FDS_INVALID'
   | 'ERR_LISTEN_FDNAMES_MISMATCH'
   | 'ERR_LISTEN_FDNAME_INVALID'
@@ -16,7 +19,6 @@ export type ShmfdErrorCode =
   | 'ERR_NOTIFY_SOCKET_INVALID'
   | 'ERR_NOTIFY_UNSUPPORTED'
   | 'ERR_NOTIFY_MESSAGE'
-  | 'ERR_FD_STORE_DISABLED'
   | 'ERR_INVALID_ARGUMENT'
   | 'ERR_COMMAND_NOT_FOUND'
   | 'ERR_SOCKET_SPEC'

@@ -21,18 +21,19 @@ export type SnapshotErrorCode =
   | 'ERR_SNAPSHOT_TRANSACTION_CLOSED'
   | 'ERR_SNAPSHOT_BUSY';
 
+import { ShmfdError } from '../errors.js';
+
 /**
  * Raised for a file that is not (or not consistently) a snapshot file, and for calls the
  * format cannot honour. An *unconfigured* file is not an error: discovery returns
  * `undefined` for it.
  */
-export class SnapshotFormatError extends Error {
+export class SnapshotFormatError extends ShmfdError {
   /** Stable identifier of the condition. */
-  readonly code: SnapshotErrorCode;
+  declare readonly code: SnapshotErrorCode;
 
   constructor(code: SnapshotErrorCode, message: string) {
-    super(message);
+    super(code, message);
     this.name = 'SnapshotFormatError';
-    this.code = code;
   }
 }
