@@ -26,7 +26,13 @@ export type ShmfdErrorCode =
   | 'ERR_SOCKET_KIND'
   | 'ERR_NOT_A_SOCKET'
   | 'ERR_BACKUP_INVALID'
-  | 'ERR_BACKUP_ACCESS';
+  | 'ERR_BACKUP_ACCESS'
+  | 'ERR_STATE_DECLARATION'
+  | 'ERR_STATE_NO_SHARED_FD'
+  | 'ERR_STATE_LAYOUT_MISMATCH'
+  | 'ERR_STATE_CORRUPT'
+  | 'ERR_STATE_LOG_FULL'
+  | 'ERR_STATE_RECORD_TOO_LARGE';
 
 /** Base class of the errors shmfd raises. */
 export class ShmfdError extends Error {

@@ -84,3 +84,4 @@ export { persistAtomically, type PersistOptions, type PersistResult, type Persis
 export { Snapshotter, DEFAULT_INTERVAL_MS, type DurableSnapshot, type SnapshotterOptions } from './restore/snapshotter.js';
 export { backupStatus, type BackupStatus } from './restore/status.js';
 export * from './snapshot/index.js';
+export * from './state/index.js';

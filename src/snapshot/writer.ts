@@ -288,6 +288,41 @@ export class SnapshotWriter {
     return this.mem.holds(this.layout, snapshot);
   }
 
+  /**
+   * Empties every published slot of this writer whose snapshot starts before stream
+   * position `position`, oldest first. A program calls this before it modifies tail data
+   * that those older snapshots refer to (a double buffer reusing its spare copy): once it
+   * returns, no reader or restore host can trust them any more, so the modification can
+   * never be seen as part of a valid snapshot. Costs O(1) amortized: every slot is
+   * emptied at most once per publication.
+   *
+   * Each slot is emptied with `Atomics.store` (a full barrier on x86, followed by an
+   * acquire load elsewhere), so the tail stores that follow cannot become visible first.
+   * @returns the number of slots emptied
+   */
+  invalidateBefore(position: number): number {
+    const offsets = this.offsets;
+    let oldest = this.oldest;
+    let range = this.rangeLength;
+    let cleared = 0;
+    while (range > 0) {
+      const offset = offsets[oldest]!; // in bounds: oldest < entries
+      if (offset >= position) break;
+      if (offset >= 0) {
+        const word = slotWord(oldest) + LENGTH_WORDS;
+        Atomics.store(this.u32, word, 0);
+        if (NEEDS_FENCE) Atomics.load(this.u32, word);
+        offsets[oldest] = -1;
+        cleared++;
+      }
+      oldest = (oldest + 1) & this.entryMask;
+      range--;
+    }
+    this.oldest = oldest;
+    this.rangeLength = range;
+    return cleared;
+  }
+
   /** @internal writes ring bytes at ring position `pos`. */
   writeRing(pos: number, src: Uint8Array): void {
     const first = this.data - pos;

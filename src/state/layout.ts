@@ -1,0 +1,344 @@
+/**
+ * What a state file declares and how it lies in the tail of a snapshot file: the
+ * declarations of the structures, the directory page that records them, and the snapshot
+ * payload that names a committed state of every structure (docs/state.md).
+ * @module
+ */
+import { TextDecoder, TextEncoder } from 'node:util';
+import { ShmfdError } from '../errors.js';
+import { PAGE } from '../snapshot/format.js';
+
+/** The typed arrays a {@link versionedCell} can hold. */
+export type CellArray =
+  | Int8Array
+  | Uint8Array
+  | Uint8ClampedArray
+  | Int16Array
+  | Uint16Array
+  | Int32Array
+  | Uint32Array
+  | Float32Array
+  | Float64Array
+  | BigInt64Array
+  | BigUint64Array;
+
+/** Constructor of a {@link CellArray} (e.g. `Float64Array`). */
+export interface CellArrayConstructor<T extends CellArray> {
+  new (buffer: ArrayBuffer, byteOffset: number, length: number): T;
+  readonly BYTES_PER_ELEMENT: number;
+}
+
+/** An append-only log of byte records; see {@link appendLog}. */
+export interface LogDeclaration {
+  readonly kind: 'log';
+  /** Bytes for records (headers and padding included), a multiple of 8. */
+  readonly capacity: number;
+}
+
+/** A versioned fixed-size value; see {@link versionedCell}. */
+export interface CellDeclaration<T extends CellArray = CellArray> {
+  readonly kind: 'cell';
+  readonly type: CellArrayConstructor<T>;
+  /** Number of elements. */
+  readonly length: number;
+  /** Copies kept in the tail (2 = double buffer). */
+  readonly copies: number;
+}
+
+/** A set of u64 counters; see {@link counterSet}. */
+export interface CounterDeclaration {
+  readonly kind: 'counters';
+  /** Number of counters. */
+  readonly count: number;
+  /** Copies kept in the tail (2 = double buffer). */
+  readonly copies: number;
+}
+
+/** Any structure declaration. */
+export type Declaration = LogDeclaration | CellDeclaration | CounterDeclaration;
+
+/**
+ * The structures of a state file by name, in the order their regions follow each other in
+ * the tail. Names are 1 to 24 bytes: a letter or `_`, then letters, digits, `_`, `.`, `-`.
+ */
+export type Declarations = Readonly<Record<string, Declaration>>;
+
+/** Options of {@link versionedCell} and {@link counterSet}. */
+export interface CopiesOptions {
+  /**
+   * Copies of the value kept in the tail, 2 to 64 (default 2, a double buffer). A
+   * snapshot naming a copy stays valid until the copy is reused, `copies - 1` committed
+   * updates later: more copies give a restore host more time to copy the file.
+   */
+  copies?: number;
+}
+
+/** Most structures one state file holds (what fits the directory page). */
+export const MAX_STRUCTURES = 63;
+/** Longest structure name, in UTF-8 bytes. */
+export const MAX_NAME_BYTES = 24;
+/** Record headers, record starts and log capacities are multiples of this. */
+export const RECORD_ALIGN = 8;
+/** Bytes of a record header: u32 length, then u32 bitwise NOT of the length. */
+export const RECORD_HEADER = 8;
+/** `"shmstate"` in ASCII, read as a little-endian u64: the directory's first word. */
+export const DIRECTORY_MAGIC = 0x6574617473_6d6873n;
+/** Version of the directory and payload format. */
+export const STATE_FORMAT_VERSION = 1;
+/** `"SHST"` in ASCII as a little-endian u32: the first word of every payload. */
+export const PAYLOAD_MAGIC = 0x54534853;
+/** Payload bytes before the per-structure words. */
+export const PAYLOAD_HEADER = 24;
+/** Payload bytes per structure: two u64. */
+export const PAYLOAD_PER_STRUCTURE = 16;
+/** Directory bytes before the entries. */
+export const DIRECTORY_HEADER = 32;
+/** Directory bytes per entry. */
+export const DIRECTORY_ENTRY = 64;
+/** Cell copies start on this boundary (a cache line). */
+const COPY_ALIGN = 64;
+
+/** Kind codes stored in the directory. */
+export const KIND_CODE = Object.freeze({ log: 1, cell: 2, counters: 3 } as const);
+
+const ELEMENT_TYPES: readonly CellArrayConstructor<CellArray>[] = [
+  Int8Array,
+  Uint8Array,
+  Uint8ClampedArray,
+  Int16Array,
+  Uint16Array,
+  Int32Array,
+  Uint32Array,
+  Float32Array,
+  Float64Array,
+  BigInt64Array,
+  BigUint64Array,
+];
+
+const NAME_PATTERN = /^[A-Za-z_][A-Za-z0-9_.-]*$/;
+const MAX_REGION = 2 ** 32;
+
+/**
+ * Declares an append-only log of byte records.
+ * @param capacity bytes for records in the tail, a multiple of 8; a record takes 8 header
+ *   bytes plus its length rounded up to 8
+ */
+export function appendLog(capacity: number): LogDeclaration {
+  return { kind: 'log', capacity };
+}
+
+/**
+ * Declares a versioned value of `length` elements of `type`, kept in `copies` copies.
+ * Its value before the first committed update is all zeros.
+ */
+export function versionedCell<T extends CellArray>(type: CellArrayConstructor<T>, length: number, options: CopiesOptions = {}): CellDeclaration<T> {
+  return { kind: 'cell', type, length, copies: options.copies ?? 2 };
+}
+
+/** Declares `count` unsigned 64-bit counters, all 0 before the first commit. */
+export function counterSet(count: number, options: CopiesOptions = {}): CounterDeclaration {
+  return { kind: 'counters', count, copies: options.copies ?? 2 };
+}
+
+/** A declared structure with its place in the tail. */
+export interface PlacedStructure {
+  readonly name: string;
+  readonly declaration: Declaration;
+  /** Index in the directory and in every payload. */
+  readonly index: number;
+  /** Tail offset of the region (page-aligned). */
+  readonly offset: number;
+  /** Bytes of the region (whole pages). */
+  readonly length: number;
+  /** Cells: bytes between the starts of two copies. */
+  readonly stride: number;
+  /** Cells: bytes of one copy's value. */
+  readonly valueBytes: number;
+}
+
+/** Where everything lies in the tail, and the directory bytes that describe it. */
+export interface StateLayout {
+  readonly structures: readonly PlacedStructure[];
+  /** Tail bytes the directory page and all regions need. */
+  readonly tailBytes: number;
+  /** The directory's bytes (header and entries, without the zero rest of its page). */
+  readonly directory: Uint8Array;
+  /** FNV-1a 64 of {@link directory}: every payload carries it. */
+  readonly hash: bigint;
+  /** Bytes of every payload. */
+  readonly payloadBytes: number;
+}
+
+function declarationError(message: string): ShmfdError {
+  return new ShmfdError('ERR_STATE_DECLARATION', message);
+}
+
+function roundUp(n: number, to: number): number {
+  return Math.ceil(n / to) * to;
+}
+
+function checkCopies(name: string, copies: number): void {
+  if (!Number.isInteger(copies) || copies < 2 || copies > 64) {
+    throw declarationError(`${name}: copies must be an integer from 2 to 64, got ${String(copies)}`);
+  }
+}
+
+/**
+ * Validates the declarations and places them: the directory takes the tail's first page,
+ * then every region follows on a page boundary, in declaration order.
+ * @throws {@link ShmfdError} `ERR_STATE_DECLARATION` naming the structure and the problem
+ */
+export function planLayout(declarations: Declarations): StateLayout {
+  if (typeof declarations !== 'object' || declarations === null) throw declarationError('the declarations must be an object of named structures');
+  const names = Object.keys(declarations);
+  if (names.length === 0) throw declarationError('declare at least one structure');
+  if (names.length > MAX_STRUCTURES) throw declarationError(`at most ${MAX_STRUCTURES} structures fit the directory, got ${names.length}`);
+  const encoder = new TextEncoder();
+  const structures: PlacedStructure[] = [];
+  let offset = PAGE;
+  for (const [index, name] of names.entries()) {
+    const d = declarations[name]!;
+    if (!NAME_PATTERN.test(name) || encoder.encode(name).length > MAX_NAME_BYTES) {
+      throw declarationError(`${JSON.stringify(name)}: a name is 1 to ${MAX_NAME_BYTES} letters, digits, '_', '.', '-', starting with a letter or '_'`);
+    }
+    let bytes: number;
+    let stride = 0;
+    let valueBytes = 0;
+    switch (d?.kind) {
+      case 'log':
+        if (!Number.isSafeInteger(d.capacity) || d.capacity < 2 * RECORD_ALIGN || d.capacity % RECORD_ALIGN !== 0 || d.capacity > MAX_REGION) {
+          throw declarationError(`${name}: a log's capacity must be a multiple of 8 from 16 to 2^32 bytes, got ${String(d.capacity)}`);
+        }
+        bytes = d.capacity;
+        break;
+      case 'cell':
+      case 'counters': {
+        const size = d.kind === 'cell' ? d.type?.BYTES_PER_ELEMENT : 8;
+        const length = d.kind === 'cell' ? d.length : d.count;
+        if (d.kind === 'cell' && (typeof d.type !== 'function' || !ELEMENT_TYPES.includes(d.type))) {
+          throw declarationError(`${name}: a cell's type must be a typed array constructor such as Float64Array`);
+        }
+        if (!Number.isSafeInteger(length) || length < 1 || length * (size ?? 1) > MAX_REGION / 64) {
+          throw declarationError(`${name}: the ${d.kind === 'cell' ? 'length' : 'count'} must be a positive integer (at most 64 MiB of value), got ${String(length)}`);
+        }
+        checkCopies(name, d.copies);
+        valueBytes = length * (size ?? 1);
+        stride = roundUp(valueBytes, COPY_ALIGN);
+        bytes = stride * d.copies;
+        break;
+      }
+      default:
+        throw declarationError(`${name}: not a structure declaration (use appendLog, versionedCell or counterSet)`);
+    }
+    const length = roundUp(bytes, PAGE);
+    structures.push({ name, declaration: d, index, offset, length, stride, valueBytes });
+    offset += length;
+  }
+  const directory = encodeDirectory(structures, offset, encoder);
+  return {
+    structures,
+    tailBytes: offset,
+    directory,
+    hash: fnv1a64(directory),
+    payloadBytes: PAYLOAD_HEADER + PAYLOAD_PER_STRUCTURE * structures.length,
+  };
+}
+
+function encodeDirectory(structures: readonly PlacedStructure[], end: number, encoder: TextEncoder): Uint8Array {
+  const out = new Uint8Array(DIRECTORY_HEADER + DIRECTORY_ENTRY * structures.length);
+  const view = new DataView(out.buffer);
+  view.setBigUint64(0, DIRECTORY_MAGIC, true);
+  view.setUint32(8, STATE_FORMAT_VERSION, true);
+  view.setUint32(12, structures.length, true);
+  view.setBigUint64(16, BigInt(end), true);
+  for (const s of structures) {
+    const at = DIRECTORY_HEADER + DIRECTORY_ENTRY * s.index;
+    const d = s.declaration;
+    view.setUint32(at, KIND_CODE[d.kind], true);
+    view.setBigUint64(at + 8, BigInt(s.offset), true);
+    view.setBigUint64(at + 16, BigInt(s.length), true);
+    if (d.kind === 'log') {
+      view.setBigUint64(at + 32, BigInt(d.capacity), true);
+    } else {
+      const type = d.kind === 'cell' ? d.type : BigUint64Array;
+      view.setUint32(at + 4, d.copies, true);
+      view.setUint32(at + 24, ELEMENT_TYPES.indexOf(type) + 1, true);
+      view.setUint32(at + 28, type.BYTES_PER_ELEMENT, true);
+      view.setBigUint64(at + 32, BigInt(d.kind === 'cell' ? d.length : d.count), true);
+    }
+    out.set(encoder.encode(s.name), at + 40);
+  }
+  return out;
+}
+
+/** FNV-1a, 64 bits. */
+export function fnv1a64(bytes: Uint8Array): bigint {
+  let hash = 0xcbf29ce484222325n;
+  for (const b of bytes) hash = ((hash ^ BigInt(b)) * 0x100000001b3n) & 0xffffffffffffffffn;
+  return hash;
+}
+
+/**
+ * Describes how the directory found at the start of a tail differs from `layout`'s, or
+ * returns `undefined` when they are the same.
+ */
+export function directoryDifference(found: Uint8Array, layout: StateLayout): string | undefined {
+  const view = new DataView(found.buffer, found.byteOffset, found.length);
+  if (found.length < DIRECTORY_HEADER || view.getBigUint64(0, true) !== DIRECTORY_MAGIC) return 'the tail has no state directory';
+  const version = view.getUint32(8, true);
+  if (version !== STATE_FORMAT_VERSION) return `the state directory has format version ${version}, this code reads ${STATE_FORMAT_VERSION}`;
+  const count = view.getUint32(12, true);
+  const expected = layout.directory;
+  const decoder = new TextDecoder();
+  const names: string[] = [];
+  for (let i = 0; i < Math.min(count, MAX_STRUCTURES); i++) {
+    const at = DIRECTORY_HEADER + DIRECTORY_ENTRY * i + 40;
+    const raw = found.subarray(at, at + MAX_NAME_BYTES);
+    const end = raw.indexOf(0);
+    names.push(decoder.decode(end < 0 ? raw : raw.subarray(0, end)));
+  }
+  const describe = `[${names.join(', ')}]`;
+  if (count !== layout.structures.length) return `the file declares ${count} structures ${describe}, the program ${layout.structures.length}`;
+  for (const s of layout.structures) {
+    const at = DIRECTORY_HEADER + DIRECTORY_ENTRY * s.index;
+    for (let k = 0; k < DIRECTORY_ENTRY; k++) {
+      if (found[at + k] !== expected[at + k]) {
+        return names[s.index] === s.name
+          ? `structure ${s.name} is declared differently in the file (kind, size, type or copies)`
+          : `structure ${s.index + 1} is ${JSON.stringify(names[s.index])} in the file, ${JSON.stringify(s.name)} in the program`;
+      }
+    }
+  }
+  for (let k = 0; k < DIRECTORY_HEADER; k++) {
+    if (found[k] !== expected[k]) return 'the state directory header differs';
+  }
+  return undefined;
+}
+
+/** A decoded payload: the sequence number and the two words of every structure. */
+export interface DecodedPayload {
+  readonly sequence: number;
+  /** `words[2*i]`, `words[2*i+1]`: structure i's words. */
+  readonly words: Float64Array;
+}
+
+/**
+ * Decodes a payload written for `layout`, or explains why it cannot be one.
+ * @returns the payload, or a string describing the problem
+ */
+export function decodePayload(bytes: Uint8Array, layout: StateLayout): DecodedPayload | string {
+  if (bytes.length !== layout.payloadBytes) return `its payload has ${bytes.length} bytes, a state payload for this layout ${layout.payloadBytes}`;
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.length);
+  if (view.getUint32(0, true) !== PAYLOAD_MAGIC) return 'its payload does not start with the state magic';
+  if (view.getUint32(4, true) !== layout.structures.length) return 'its payload names another number of structures';
+  if (view.getBigUint64(8, true) !== layout.hash) return 'its payload was written for another state directory';
+  const n = layout.structures.length;
+  const words = new Float64Array(2 * n + 1);
+  for (let i = 0; i <= 2 * n; i++) {
+    const at = 16 + 8 * i;
+    const high = view.getUint32(at + 4, true);
+    if (high >= 0x20_0000) return 'its payload holds a number above 2^53';
+    words[i] = high * 0x1_0000_0000 + view.getUint32(at, true);
+  }
+  return { sequence: words[0]!, words: words.subarray(1) };
+}

@@ -1,0 +1,360 @@
+/**
+ * The entry point of the state data structures: a snapshot file whose tail holds a
+ * directory and the regions of the declared structures, and whose snapshots name a
+ * committed state of all of them at once.
+ * @module
+ */
+import { ShmfdError } from '../errors.js';
+import type { MemoryFile, Mapping } from '../memory-file.js';
+import { SharedFd, SHARED_FD_NAME, type SharedFdOptions } from '../shared-fd.js';
+import { checkConfig } from '../snapshot/config.js';
+import { SnapshotFormatError } from '../snapshot/errors.js';
+import { SnapshotFile, type FileDiscovery } from '../snapshot/file.js';
+import { MIN_FILE_LENGTH, PAGE, tailStart, type Snapshot, type SnapshotLayout } from '../snapshot/format.js';
+import type { SnapshotWriter } from '../snapshot/writer.js';
+import { CounterSet, VersionedCell } from './cell.js';
+import { putU64, type StateHost, type Structure } from './host.js';
+import {
+  PAYLOAD_MAGIC,
+  decodePayload,
+  directoryDifference,
+  planLayout,
+  type CellArray,
+  type CellDeclaration,
+  type CounterDeclaration,
+  type Declarations,
+  type DecodedPayload,
+  type LogDeclaration,
+  type StateLayout,
+} from './layout.js';
+import { AppendLog } from './log.js';
+
+/** The structure a declaration gives. */
+export type StructureOf<D> = D extends LogDeclaration
+  ? AppendLog
+  : D extends CellDeclaration<infer T>
+    ? VersionedCell<T>
+    : D extends CounterDeclaration
+      ? CounterSet
+      : never;
+
+/** The structures of a state file, by declared name. */
+export type Structures<D extends Declarations> = { readonly [K in keyof D]: StructureOf<D[K]> };
+
+/** Options of {@link StateFile.open}. */
+export interface StateFileOptions {
+  /**
+   * Snapshot slots, a power of two (default 256). Used only when the file has no
+   * committed state yet; otherwise the file's configuration is kept.
+   */
+  entries?: number;
+  /**
+   * Bytes of the snapshot data ring, a power of two (default: room for `entries` payloads,
+   * at least 4096). Used only when the file has no committed state yet.
+   */
+  data?: number;
+}
+
+/** Options of {@link StateFile.fromEnv}. */
+export interface StateFromEnvOptions extends StateFileOptions, SharedFdOptions {}
+
+/** Default number of snapshot slots. */
+export const DEFAULT_STATE_ENTRIES = 256;
+
+/**
+ * A program's state in a shared memory file, as declared structures (append-only logs,
+ * versioned cells, counter sets) that are crash-consistent under
+ * `shm-restore --snapshot=restore-v1` by construction. See docs/state.md.
+ *
+ * ```js
+ * const state = StateFile.fromEnv({ events: appendLog(1 << 20), totals: counterSet(4) });
+ * const { events, totals } = state.structures;
+ * events.append(bytes);
+ * totals.add(0, 1n);
+ * state.commit();             // one snapshot naming both
+ * ```
+ *
+ * One process at a time may open a file (there is one snapshot writer per file).
+ */
+export class StateFile<D extends Declarations> implements StateHost {
+  /** The structures, by declared name. */
+  readonly structures: Structures<D>;
+  /** The memory file. */
+  readonly file: MemoryFile;
+  /** Where the declared structures lie in the tail. */
+  readonly layout: StateLayout;
+  /** @internal */
+  readonly writer: SnapshotWriter;
+  readonly #mapping: Mapping;
+  readonly #list: Structure[];
+  readonly #payload: Uint8Array;
+  readonly #payloadU32: Uint32Array;
+  readonly #recovered: boolean;
+  readonly #ownsFile: boolean;
+  #sequence: number;
+  #dirty = false;
+
+  private constructor(file: MemoryFile, mapping: Mapping, writer: SnapshotWriter, layout: StateLayout, newest: DecodedPayload | undefined, ownsFile: boolean) {
+    this.file = file;
+    this.#mapping = mapping;
+    this.writer = writer;
+    this.layout = layout;
+    this.#ownsFile = ownsFile;
+    this.#recovered = newest !== undefined;
+    this.#sequence = newest?.sequence ?? 0;
+    this.#payload = new Uint8Array(layout.payloadBytes);
+    this.#payloadU32 = new Uint32Array(this.#payload.buffer);
+    const u32 = this.#payloadU32;
+    u32[0] = PAYLOAD_MAGIC;
+    u32[1] = layout.structures.length;
+    u32[2] = Number(layout.hash & 0xffffffffn);
+    u32[3] = Number(layout.hash >> 32n);
+
+    const tail = writer.tail;
+    const named: Record<string, AppendLog | VersionedCell<CellArray> | CounterSet> = {};
+    this.#list = [];
+    for (const s of layout.structures) {
+      const region = tail.subarray(s.offset, s.offset + s.length);
+      const d = s.declaration;
+      const words = newest?.words;
+      const a = words?.[2 * s.index] ?? 0;
+      const b = words?.[2 * s.index + 1] ?? 0;
+      let structure: AppendLog | VersionedCell<CellArray> | CounterSet;
+      if (d.kind === 'log') {
+        const log = new AppendLog(this, s.name, region, d.capacity);
+        const damage = log.restore(a, b);
+        if (damage !== undefined) throw corrupt(file, damage);
+        structure = log;
+      } else {
+        const type = d.kind === 'cell' ? d.type : BigUint64Array;
+        const length = d.kind === 'cell' ? d.length : d.count;
+        const cell = new VersionedCell<CellArray>(this, s.name, region, type, length, d.copies, s.stride);
+        cell.restore(a, newest === undefined);
+        structure = d.kind === 'cell' ? cell : new CounterSet(cell as VersionedCell<BigUint64Array>);
+      }
+      named[s.name] = structure;
+      this.#list.push(structure);
+    }
+    this.structures = Object.freeze(named) as unknown as Structures<D>;
+  }
+
+  /**
+   * Opens the state in the memory file the wrappers (`shm-restore`, `shm-fd`) pass as
+   * `SHM_SHARED_FD` (or `options.name`). See {@link open}.
+   * @throws {@link ShmfdError} `ERR_STATE_NO_SHARED_FD` when the program runs without one;
+   *   the errors of {@link open} and of `SharedFd.fromEnv`
+   */
+  static fromEnv<D extends Declarations>(declarations: D, options: StateFromEnvOptions = {}): StateFile<D> {
+    const file = SharedFd.fromEnv(options);
+    if (file === undefined) {
+      throw new ShmfdError(
+        'ERR_STATE_NO_SHARED_FD',
+        `no shared memory file ${options.name ?? SHARED_FD_NAME} was passed; run the program under shm-restore (or shm-fd)`,
+      );
+    }
+    return StateFile.#open(file, declarations, options, true);
+  }
+
+  /**
+   * Opens the state in `file`: grows the file to fit the declared structures, configures a
+   * snapshot file when it has no committed state, and recovers the newest committed state
+   * otherwise. Records and copies written after that state (an update a crash
+   * interrupted) are discarded.
+   *
+   * @throws {@link ShmfdError} `ERR_STATE_DECLARATION` for invalid declarations or options;
+   *   `ERR_STATE_LAYOUT_MISMATCH` when the file holds committed state declared differently
+   *   (or written by something else); `ERR_STATE_CORRUPT` when its newest snapshot does not
+   *   describe a well-formed state; the `ERR_SNAPSHOT_*` errors of a damaged snapshot head.
+   *   Nothing in the file is changed when it throws.
+   */
+  static open<D extends Declarations>(file: MemoryFile, declarations: D, options: StateFileOptions = {}): StateFile<D> {
+    return StateFile.#open(file, declarations, options, false);
+  }
+
+  static #open<D extends Declarations>(file: MemoryFile, declarations: D, options: StateFileOptions, ownsFile: boolean): StateFile<D> {
+    const layout = planLayout(declarations);
+    const wanted = wantedConfig(layout, options);
+    let mapping = file.size >= MIN_FILE_LENGTH ? file.map() : undefined;
+    try {
+      const discovery = mapping === undefined ? undefined : discover(file, mapping);
+      const valid = discovery?.valid() ?? [];
+      let config: { entries: number; data: number; initialOffset: number };
+      if (discovery !== undefined && valid.length > 0) {
+        const head = discovery.head;
+        const directory = mapping!.bytes.subarray(head.tailStart, head.tailStart + Math.min(PAGE, head.tailLength));
+        const difference = directoryDifference(directory, layout);
+        if (difference !== undefined) {
+          throw new ShmfdError('ERR_STATE_LAYOUT_MISMATCH', `${file.name}: holds committed state of another layout (${difference}); use another file, or migrate it`);
+        }
+        const newest = valid[valid.length - 1]!;
+        const decoded = decodePayload(discovery.read(newest), layout);
+        if (typeof decoded === 'string') throw corrupt(file, `the newest snapshot (slot ${newest.index}): ${decoded}`);
+        config = { entries: head.entries, data: head.data, initialOffset: head.writeOffset };
+      } else {
+        // Continue the stream where it was, so a restore host never sees an old position again.
+        const previous = discovery?.head.writeOffset ?? 0;
+        config = { ...wanted, initialOffset: Math.min(previous, Number.MAX_SAFE_INTEGER - wanted.data) };
+      }
+      const required = tailStart(config.entries, config.data) + layout.tailBytes;
+      if (mapping === undefined || file.size < required) {
+        mapping?.unmap();
+        mapping = undefined;
+        file.grow(required);
+        mapping = file.map();
+      }
+      const writer = new SnapshotFile(mapping.bytes).configure(config);
+      const newest = adoptSnapshots(file, writer, layout);
+      if (newest === undefined) writeDirectory(writer.tail, layout);
+      const state = new StateFile<D>(file, mapping, writer, layout, newest?.payload, ownsFile);
+      if (newest !== undefined) {
+        for (const { payload, offset } of newest.all) state.#named(payload, offset);
+      }
+      return state;
+    } catch (err) {
+      mapping?.unmap();
+      throw err;
+    }
+  }
+
+  /** Whether the file held a committed state when it was opened. */
+  get recovered(): boolean {
+    return this.#recovered;
+  }
+
+  /**
+   * Number of the last commit (1 for the first commit to the file; carried across
+   * restarts). 0 before the first commit.
+   */
+  get sequence(): number {
+    return this.#sequence;
+  }
+
+  /** Whether something changed since the last commit. */
+  get dirty(): boolean {
+    return this.#dirty;
+  }
+
+  /** Layout of the snapshot file (slots, data ring, where the tail starts). */
+  get snapshotLayout(): SnapshotLayout {
+    return this.writer.layout;
+  }
+
+  /** @internal */
+  markDirty(): void {
+    this.#dirty = true;
+  }
+
+  /**
+   * Publishes the current state of every structure as one snapshot: the appended records of
+   * every log and the staged version of every cell become committed together, or (after a
+   * crash before the snapshot is published) none of them. Does nothing when nothing
+   * changed since the last commit.
+   * @returns whether a snapshot was published
+   */
+  commit(): boolean {
+    if (!this.#dirty) return false;
+    const sequence = this.#sequence + 1;
+    const u32 = this.#payloadU32;
+    putU64(u32, 4, sequence);
+    const list = this.#list;
+    for (let i = 0; i < list.length; i++) list[i]!.encode(u32, 6 + 4 * i);
+    const offset = this.writer.writeOffset;
+    this.writer.commit(this.#payload);
+    for (let i = 0; i < list.length; i++) list[i]!.published(offset);
+    this.#sequence = sequence;
+    this.#dirty = false;
+    return true;
+  }
+
+  /**
+   * Unmaps the file (and closes it when {@link fromEnv} opened it). Uncommitted changes
+   * stay in memory but are not part of the state. The structures must not be used after.
+   */
+  close(): void {
+    this.#mapping.unmap();
+    if (this.#ownsFile) this.file.close();
+  }
+
+  /** Tells every cell that the valid snapshot at `offset` names the versions in `payload`. */
+  #named(payload: DecodedPayload, offset: number): void {
+    for (const s of this.layout.structures) {
+      if (s.declaration.kind === 'log') continue;
+      const structure = this.#list[s.index]!;
+      const cell = structure instanceof CounterSet ? structure.cell : (structure as VersionedCell<CellArray>);
+      cell.named(payload.words[2 * s.index]!, offset);
+    }
+  }
+}
+
+function corrupt(file: MemoryFile, problem: string): ShmfdError {
+  return new ShmfdError('ERR_STATE_CORRUPT', `${file.name}: ${problem}; the committed state cannot be recovered by this program`);
+}
+
+function wantedConfig(layout: StateLayout, options: StateFileOptions): { entries: number; data: number } {
+  const entries = options.entries ?? DEFAULT_STATE_ENTRIES;
+  let data = options.data;
+  if (data === undefined) {
+    data = 4096;
+    while (data <= layout.payloadBytes * Math.min(entries, 4096) && data < 2 ** 24) data *= 2;
+  }
+  try {
+    checkConfig({ entries, data });
+  } catch (err) {
+    if (err instanceof SnapshotFormatError) throw new ShmfdError('ERR_STATE_DECLARATION', err.message);
+    throw err;
+  }
+  if (layout.payloadBytes >= data) {
+    throw new ShmfdError('ERR_STATE_DECLARATION', `a snapshot payload of ${layout.payloadBytes} bytes needs a data ring above that, got ${data}`);
+  }
+  return { entries, data };
+}
+
+function discover(file: MemoryFile, mapping: Mapping): FileDiscovery | undefined {
+  try {
+    return new SnapshotFile(mapping.bytes).recover();
+  } catch (err) {
+    if (err instanceof SnapshotFormatError) throw new SnapshotFormatError(err.code, `${file.name}: ${err.message}`);
+    throw err;
+  }
+}
+
+interface Adopted {
+  /** The newest snapshot's payload. */
+  readonly payload: DecodedPayload;
+  /** Every valid snapshot's payload and offset, oldest first. */
+  readonly all: { payload: DecodedPayload; offset: number }[];
+}
+
+/**
+ * Decodes the writer's valid snapshots. One that does not decode cannot come from this
+ * layout: it and every older one are invalidated (the newest was checked before).
+ */
+function adoptSnapshots(file: MemoryFile, writer: SnapshotWriter, layout: StateLayout): Adopted | undefined {
+  const valid: Snapshot[] = writer.valid();
+  const all: { payload: DecodedPayload; offset: number }[] = [];
+  let bad = -1;
+  for (const s of valid) {
+    const decoded = decodePayload(writer.read(s), layout);
+    if (typeof decoded === 'string') bad = s.offset;
+    else all.push({ payload: decoded, offset: s.offset });
+  }
+  if (bad >= 0) writer.invalidateBefore(bad + 1);
+  const kept = all.filter((x) => x.offset > bad);
+  const newest = kept[kept.length - 1];
+  if (newest === undefined) {
+    if (valid.length > 0) throw corrupt(file, 'no snapshot decodes');
+    return undefined;
+  }
+  return { payload: newest.payload, all: kept };
+}
+
+/** Writes the directory page of a file without committed state, unless it is already there. */
+function writeDirectory(tail: Uint8Array, layout: StateLayout): void {
+  const page = tail.subarray(0, PAGE);
+  const d = layout.directory;
+  let same = true;
+  for (let i = 0; i < d.length && same; i++) same = page[i] === d[i];
+  if (same) return;
+  page.fill(0);
+  page.set(d);
+}
