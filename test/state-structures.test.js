@@ -1,0 +1,365 @@
+// The state structures in one process over a real memfd: the API of StateFile, AppendLog,
+// VersionedCell and CounterSet, their errors, recovery on reopen, and a randomized model
+// check that after every single operation every valid snapshot in the file still names
+// exactly the state committed with it (the discipline restore-v1 relies on).
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import {
+  MemoryFile,
+  SnapshotFile,
+  StateFile,
+  appendLog,
+  counterSet,
+  versionedCell,
+  recordBytes,
+  planLayout,
+} from '../dist/index.js';
+import { seededRandom } from './helpers-crash.js';
+
+const SEED = process.env.STATE_SEED === undefined ? Date.now() % 1_000_000_007 : Number(process.env.STATE_SEED);
+console.log(`# state model seed ${SEED} (replay with STATE_SEED=${SEED})`);
+
+const enc = (s) => new TextEncoder().encode(s);
+const dec = (b) => new TextDecoder().decode(b);
+
+function memory(t, size = 0) {
+  const file = MemoryFile.create('state-test', { size });
+  t.after(() => file.close());
+  return file;
+}
+
+function throwsCode(fn, code, what) {
+  assert.throws(fn, (err) => {
+    assert.equal(err.code, code, `${what}: ${err.message}`);
+    return true;
+  }, what);
+}
+
+test('a state file round-trips logs, cells and counters through a reopen of the same memfd', (t) => {
+  const file = memory(t);
+  const decl = { events: appendLog(4096), gauge: versionedCell(Float64Array, 3), hits: counterSet(2) };
+  const a = StateFile.open(file, decl);
+  assert.equal(a.recovered, false);
+  assert.equal(a.sequence, 0);
+  const { events, gauge, hits } = a.structures;
+  assert.deepEqual([...gauge.value], [0, 0, 0], 'a cell starts as zeros');
+  assert.equal(hits.get(1), 0n, 'counters start at 0');
+  assert.equal(a.commit(), false, 'nothing changed: nothing to commit');
+  events.append(enc('one'));
+  events.append(enc(''));
+  assert.equal(events.append(enc('three')), 2, 'append returns the index');
+  assert.equal(events.committedLength, 0, 'appends are pending until the commit');
+  assert.deepEqual([...events.pendingRecords()].map(dec), ['one', '', 'three']);
+  gauge.stage((g) => g.set([1.5, -2, 3]));
+  assert.equal(gauge.version, 0, 'a staged version is not committed');
+  assert.deepEqual([...gauge.value], [1.5, -2, 3], 'value shows the staged version');
+  assert.deepEqual([...gauge.committed], [0, 0, 0]);
+  assert.equal(hits.add(1, 5n), 5n);
+  assert.equal(hits.add(1), 6n);
+  assert.equal(a.commit(), true);
+  assert.equal(a.sequence, 1);
+  assert.equal(gauge.version, 1);
+  assert.equal(gauge.update((g) => (g[2] = 4)), 2, 'update commits and returns the version');
+  events.append(enc('lost'));
+  hits.add(0, 100);
+  a.close();
+
+  const b = StateFile.open(file, decl);
+  assert.equal(b.recovered, true);
+  assert.equal(b.sequence, 2);
+  assert.deepEqual([...b.structures.events].map(dec), ['one', '', 'three'], 'uncommitted records are gone');
+  assert.equal(b.structures.events.byteLength, recordBytes(3) + recordBytes(0) + recordBytes(5));
+  assert.deepEqual([...b.structures.gauge.value], [1.5, -2, 4]);
+  assert.equal(b.structures.gauge.version, 2);
+  assert.deepEqual(b.structures.hits.values(), [0n, 6n], 'the uncommitted add is gone');
+  b.close();
+});
+
+test('recovery zeroes the records appended after the committed end, and only past it', (t) => {
+  const file = memory(t);
+  const decl = { events: appendLog(8192) };
+  const a = StateFile.open(file, decl);
+  a.structures.events.append(enc('kept'));
+  a.commit();
+  for (let i = 0; i < 20; i++) a.structures.events.append(new Uint8Array(37).fill(0xee));
+  const regionStart = a.snapshotLayout.tailStart + a.layout.structures[0].offset;
+  a.close();
+  const b = StateFile.open(file, decl);
+  const bytes = file.map().bytes;
+  const end = regionStart + recordBytes(4);
+  assert.equal(dec(bytes.subarray(regionStart + 8, regionStart + 12)), 'kept');
+  assert.ok(bytes.subarray(end, regionStart + 8192).every((x) => x === 0), 'everything after the committed record is zero');
+  assert.deepEqual([...b.structures.events].map(dec), ['kept']);
+  b.close();
+});
+
+test('a full log refuses a record with ERR_STATE_LOG_FULL and writes nothing; a record larger than the log is ERR_STATE_RECORD_TOO_LARGE', (t) => {
+  const state = StateFile.open(memory(t), { events: appendLog(64) });
+  const log = state.structures.events;
+  throwsCode(() => log.append(new Uint8Array(57)), 'ERR_STATE_RECORD_TOO_LARGE', 'a record needing 72 of 64 bytes');
+  log.append(new Uint8Array(40)); // 48 bytes
+  throwsCode(() => log.append(new Uint8Array(9)), 'ERR_STATE_LOG_FULL', 'a record needing 24 of the 16 left');
+  assert.equal(log.byteLength, 48, 'the refused record left nothing behind');
+  assert.equal(log.length, 1);
+  log.append(new Uint8Array(8)); // exactly fills it
+  assert.equal(log.available, 0);
+  state.commit();
+  throwsCode(() => log.append(new Uint8Array(0)), 'ERR_STATE_LOG_FULL', 'even an empty record needs a header');
+  state.close();
+});
+
+test('discard drops pending records and a staged cell version; a throwing stage drops its version', (t) => {
+  const state = StateFile.open(memory(t), { events: appendLog(256), gauge: versionedCell(Int32Array, 2), hits: counterSet(1) });
+  const { events, gauge, hits } = state.structures;
+  events.append(enc('a'));
+  state.commit();
+  events.append(enc('b'));
+  events.append(enc('c'));
+  assert.equal(events.discard(), 2);
+  assert.deepEqual([...events].map(dec), ['a']);
+  assert.equal(events.pending, false);
+  gauge.stage((g) => (g[0] = 7));
+  gauge.discard();
+  assert.deepEqual([...gauge.value], [0, 0]);
+  assert.throws(() => gauge.stage((g) => {
+    g[0] = 9;
+    throw new Error('boom');
+  }), /boom/);
+  assert.equal(gauge.staged, false, 'the half-written version is dropped');
+  assert.deepEqual([...gauge.value], [0, 0]);
+  hits.add(0, 3);
+  hits.discard();
+  assert.equal(hits.get(0), 0n);
+  assert.throws(() => hits.add(1), RangeError);
+  state.close();
+});
+
+test('declarations are checked: each mistake is ERR_STATE_DECLARATION naming the structure', (t) => {
+  const file = memory(t);
+  const cases = [
+    [{}, /at least one/],
+    [{ '1x': appendLog(64) }, /"1x"/],
+    [{ ['n'.repeat(25)]: appendLog(64) }, /name/],
+    [{ log: appendLog(60) }, /log: .*multiple of 8/],
+    [{ log: appendLog(8) }, /log: /],
+    [{ c: versionedCell(Float64Array, 0) }, /c: .*length/],
+    [{ c: versionedCell(Array, 2) }, /c: .*typed array/],
+    [{ c: versionedCell(Float64Array, 2, { copies: 1 }) }, /c: copies/],
+    [{ h: counterSet(2, { copies: 65 }) }, /h: copies/],
+    [{ x: { kind: 'tree' } }, /x: not a structure/],
+  ];
+  for (const [decl, pattern] of cases) {
+    assert.throws(() => StateFile.open(file, decl), (err) => err.code === 'ERR_STATE_DECLARATION' && pattern.test(err.message), JSON.stringify(Object.keys(decl)));
+  }
+  throwsCode(() => StateFile.open(file, { l: appendLog(64) }, { entries: 3 }), 'ERR_STATE_DECLARATION', 'entries not a power of two');
+  assert.equal(file.size, 0, 'nothing was written to the file');
+});
+
+test('a file with committed state of another layout is ERR_STATE_LAYOUT_MISMATCH and is left alone; without committed state the layout may change', (t) => {
+  const file = memory(t);
+  const a = StateFile.open(file, { events: appendLog(4096), hits: counterSet(2) });
+  a.close();
+  // No commit yet: another program may take the file over.
+  const b = StateFile.open(file, { hits: counterSet(3) });
+  b.structures.hits.add(2, 1);
+  b.commit();
+  b.close();
+  const before = Buffer.from(file.map().bytes);
+  assert.throws(() => StateFile.open(file, { hits: counterSet(4) }), (err) => err.code === 'ERR_STATE_LAYOUT_MISMATCH' && /hits is declared differently/.test(err.message));
+  assert.throws(() => StateFile.open(file, { other: counterSet(3) }), (err) => err.code === 'ERR_STATE_LAYOUT_MISMATCH' && /"hits" in the file, "other" in the program/.test(err.message));
+  assert.throws(() => StateFile.open(file, { hits: counterSet(3), more: appendLog(64) }), /declares 1 structures \[hits\], the program 2/);
+  assert.ok(before.equals(Buffer.from(file.map().bytes)), 'the file is unchanged');
+  const c = StateFile.open(file, { hits: counterSet(3) });
+  assert.equal(c.structures.hits.get(2), 1n, 'the right declarations still recover it');
+  c.close();
+});
+
+test('a snapshot file written without the state structures (primes-snapshot style) is ERR_STATE_LAYOUT_MISMATCH', (t) => {
+  const file = memory(t, 64 * 4096);
+  const writer = new SnapshotFile(file.map().bytes).configure({ entries: 256, data: 2048 });
+  writer.commit(new Uint8Array(8).fill(1));
+  throwsCode(() => StateFile.open(file, { hits: counterSet(1) }), 'ERR_STATE_LAYOUT_MISMATCH', 'no directory');
+});
+
+test('a damaged committed log is ERR_STATE_CORRUPT naming the log and the record', (t) => {
+  const file = memory(t);
+  const decl = { events: appendLog(256) };
+  const a = StateFile.open(file, decl);
+  a.structures.events.append(enc('abc'));
+  a.structures.events.append(enc('defgh'));
+  a.commit();
+  const at = a.snapshotLayout.tailStart + a.layout.structures[0].offset + recordBytes(3);
+  a.close();
+  const bytes = file.map().bytes;
+  bytes[at] = 99; // the second record's length no longer matches its check word
+  assert.throws(() => StateFile.open(file, decl), (err) => err.code === 'ERR_STATE_CORRUPT' && /log events: record 1 at byte 16/.test(err.message));
+});
+
+test('fromEnv without a passed memory file is ERR_STATE_NO_SHARED_FD', () => {
+  throwsCode(() => StateFile.fromEnv({ hits: counterSet(1) }, { env: {} }), 'ERR_STATE_NO_SHARED_FD', 'empty environment');
+});
+
+test('after a cell update only snapshots naming intact copies are valid (double buffer discipline)', (t) => {
+  const state = StateFile.open(memory(t), { gauge: versionedCell(Uint32Array, 1) }, { entries: 64 });
+  const gauge = state.structures.gauge;
+  for (let v = 1; v <= 10; v++) {
+    gauge.update((g) => (g[0] = v));
+    // Copy v % 2 holds v; copy (v+1) % 2 holds v-1. Staging v+1 must first invalidate
+    // every snapshot that names copy (v+1) % 2.
+    gauge.stage((g) => (g[0] = 1000 + v));
+    const valid = state.writer.valid();
+    assert.ok(valid.length >= 1, 'the newest snapshot stays valid');
+    for (const s of valid) {
+      const version = Number(new DataView(state.writer.read(s).buffer).getBigUint64(24, true));
+      assert.equal(version % 2, v % 2, `v=${v}: snapshot at ${s.offset} names the copy being written`);
+    }
+    gauge.discard();
+  }
+  state.close();
+});
+
+// The randomized model check. Each committed state is remembered by its sequence number;
+// after every operation, every valid slot is decoded independently of the library, and the
+// log bytes and cell copies it names must equal that remembered state.
+test('model check: random operations against an in-memory model, every valid snapshot intact after every operation', (t) => {
+  const rng = seededRandom(SEED);
+  const file = memory(t);
+  const decl = {
+    log: appendLog(8192),
+    cell: versionedCell(Float64Array, 3, { copies: 2 }),
+    wide: versionedCell(Uint8Array, 100, { copies: 4 }),
+    hits: counterSet(2, { copies: 3 }),
+  };
+  const options = { entries: 8, data: 512 }; // small: slots and ring wrap often
+  const layout = planLayout(decl);
+  let state = StateFile.open(file, decl, options);
+  const committed = { records: [], cell: [0, 0, 0], wide: new Array(100).fill(0), hits: [0n, 0n], seq: 0 };
+  let pending = null; // the model's staged state, or null
+  const history = new Map([[0, snapshotOf(committed)]]);
+  const counts = { append: 0, full: 0, stage: 0, commit: 0, reopen: 0, discard: 0, throwing: 0, checks: 0 };
+
+  function snapshotOf(s) {
+    return { records: s.records.slice(), cell: s.cell.slice(), wide: s.wide.slice(), hits: s.hits.slice() };
+  }
+  function staged() {
+    pending ??= { ...snapshotOf(committed), touched: new Set() };
+    return pending;
+  }
+
+  function checkValidSnapshots(step) {
+    const bytes = file.map().bytes;
+    const found = new SnapshotFile(bytes).recover();
+    const tail = found.head.tailStart;
+    for (const slot of found.valid()) {
+      const p = new DataView(found.read(slot).buffer);
+      const seq = Number(p.getBigUint64(16, true));
+      const want = history.get(seq);
+      assert.ok(want !== undefined, `step ${step}: a valid snapshot names sequence ${seq}, never committed`);
+      const word = (i, k) => Number(p.getBigUint64(24 + 16 * i + 8 * k, true));
+      // log
+      const region = (i) => tail + layout.structures[i].offset;
+      const end = word(0, 0);
+      assert.equal(word(0, 1), want.records.length, `step ${step}: seq ${seq} record count`);
+      let at = 0;
+      for (const [n, r] of want.records.entries()) {
+        const view = new DataView(bytes.buffer, bytes.byteOffset + region(0) + at);
+        assert.equal(view.getUint32(0, true), r.length, `step ${step}: seq ${seq} record ${n} length`);
+        assert.deepEqual([...bytes.subarray(region(0) + at + 8, region(0) + at + 8 + r.length)], r, `step ${step}: seq ${seq} record ${n}`);
+        at += recordBytes(r.length);
+      }
+      assert.equal(at, end, `step ${step}: seq ${seq} log end`);
+      // cells: copy version % copies
+      const copy = (i, copies) => region(i) + (word(i, 0) % copies) * layout.structures[i].stride;
+      const cell = new Float64Array(bytes.buffer, bytes.byteOffset + copy(1, 2), 3);
+      assert.deepEqual([...cell], want.cell, `step ${step}: seq ${seq} cell`);
+      assert.deepEqual([...bytes.subarray(copy(2, 4), copy(2, 4) + 100)], want.wide, `step ${step}: seq ${seq} wide cell`);
+      const hits = new BigUint64Array(bytes.buffer, bytes.byteOffset + copy(3, 3), 2);
+      assert.deepEqual([...hits], want.hits, `step ${step}: seq ${seq} counters`);
+      counts.checks++;
+    }
+  }
+
+  function checkLive(step) {
+    const { log, cell, wide, hits } = state.structures;
+    const view = pending ?? committed;
+    assert.deepEqual([...log.records()].map((r) => [...r]), committed.records, `step ${step}: committed records`);
+    assert.deepEqual([...log.records(), ...log.pendingRecords()].map((r) => [...r]), view.records, `step ${step}: all records`);
+    assert.deepEqual([...cell.value], view.cell, `step ${step}: cell value`);
+    assert.deepEqual([...wide.value], view.wide, `step ${step}: wide value`);
+    assert.deepEqual(hits.values(), view.hits, `step ${step}: counters`);
+    assert.equal(state.sequence, committed.seq, `step ${step}: sequence`);
+  }
+
+  for (let step = 0; step < 3000; step++) {
+    const op = rng.int(0, 99);
+    const { log, cell, wide, hits } = state.structures;
+    if (op < 30) {
+      const r = Array.from({ length: rng.int(0, 60) }, () => rng.int(0, 255));
+      const used = (pending ?? committed).records.reduce((sum, x) => sum + recordBytes(x.length), 0);
+      if (used + recordBytes(r.length) > 8192) {
+        assert.throws(() => log.append(Uint8Array.from(r)), (err) => err.code === 'ERR_STATE_LOG_FULL', `step ${step}`);
+        counts.full++;
+      } else {
+        log.append(Uint8Array.from(r));
+        staged().records.push(r);
+        counts.append++;
+      }
+    } else if (op < 45) {
+      const i = rng.int(0, 2);
+      const v = rng.int(-1000, 1000) / 8;
+      cell.stage((c) => (c[i] = v));
+      staged().cell[i] = v;
+      counts.stage++;
+    } else if (op < 52) {
+      const i = rng.int(0, 99);
+      const v = rng.int(0, 255);
+      wide.stage((c) => (c[i] = v));
+      staged().wide[i] = v;
+      counts.stage++;
+    } else if (op < 60) {
+      const i = rng.int(0, 1);
+      const d = BigInt(rng.int(0, 5));
+      hits.add(i, d);
+      staged().hits[i] += d;
+      counts.stage++;
+    } else if (op < 62) {
+      // A stage that throws halfway leaves nothing staged for that cell, so the model must
+      // forget the cell's staged values.
+      assert.throws(() => cell.stage((c) => {
+        c[0] = 12345;
+        throw new Error('halfway');
+      }), /halfway/);
+      staged().cell = committed.cell.slice(); // the state file still counts as changed
+      counts.throwing++;
+    } else if (op < 85) {
+      const changed = pending !== null;
+      assert.equal(state.commit(), changed, `step ${step}: commit publishes exactly when something changed`);
+      if (changed) {
+        committed.records = pending.records;
+        committed.cell = pending.cell;
+        committed.wide = pending.wide;
+        committed.hits = pending.hits;
+        committed.seq++;
+        history.set(committed.seq, snapshotOf(committed));
+        pending = null;
+        counts.commit++;
+      }
+    } else if (op < 90) {
+      log.discard();
+      if (pending !== null) pending.records = committed.records.slice();
+      counts.discard++;
+    } else {
+      // A crash at an operation boundary: the process's state object is gone, pending
+      // changes with it; a new process opens the same memory.
+      state.close();
+      state = StateFile.open(file, decl, options);
+      pending = null;
+      counts.reopen++;
+    }
+    checkValidSnapshots(step);
+    checkLive(step);
+  }
+  state.close();
+  t.diagnostic(`seed ${SEED}: ${JSON.stringify(counts)}`);
+  assert.ok(counts.commit > 100 && counts.reopen > 50 && counts.full > 0, 'the run exercised commits, reopens and a full log');
+});
