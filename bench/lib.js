@@ -84,7 +84,7 @@ export function note(text) {
 export function machine(dir = benchDir()) {
   const fsType = (p) => {
     try {
-      return execFileSync('findmnt', ['-n', '-o', 'FSTYPE', '-T', p], { encoding: 'utf8' }).trim();
+      return execFileSync('findmnt', ['-n', '-o', 'FSTYPE', '-T', p], { encoding: 'utf8' }).trim().split('\n')[0];
     } catch {
       return 'unknown';
     }

@@ -242,7 +242,9 @@ try {
       `${sig(backupRate.median)}/s (${backups} in ${runs.length} runs)`,
       perBackup === undefined ? '—' : `${ms(perBackup * 1000)} = ${ratio(perBackup / tools.cpu.median)}`,
       age === undefined ? '— (nothing new to persist)' : `${withSpread(age.median, ms)}; max ${ms(age.max)}`,
-      idle ? `no copies, ~0 CPU: ${met(backups === 0 && host.median < 0.01)}` : `CPU < 10 %: ${met(host.max < 0.1)}; age < 1 s: ${met(age !== undefined && age.max < 1000)}`,
+      idle
+        ? `no copies, ~0 CPU: ${met(backups === 0 && host.median < 0.01)}`
+        : `CPU < 10 %: ${met(host.max < 0.1)}; median age < 1 s: ${met(age !== undefined && age.median.max < 1000)}; max age < 1 s: ${met(age !== undefined && age.max < 1000)}`,
     ]);
   }
   console.log(`### restore-v1 with a ${SIZE / 1e6} MB state\n`);
