@@ -19,17 +19,19 @@ import { formatBytes, formatDuration, Progress } from './progress.js';
 import { intersectSlots, newestSlot, readSlotState, type SlotState } from './slots.js';
 
 /**
- * Default pause between rounds, in milliseconds. A round that copies costs about 1 ms of
- * CPU per 2-4 MB of data extents; see {@link Snapshotter} for how the pause stretches to
- * keep a large state under a tenth of a core.
+ * Default pause between rounds, in milliseconds. A round that copies costs about 0.5 ms
+ * of CPU per MB of data extents (copy, fsync, and freeing the replaced file); see
+ * {@link Snapshotter} for how the pause stretches to keep a large state under a tenth
+ * of a core.
  */
 export const DEFAULT_INTERVAL_MS = 250;
 
 /**
- * The pause after a round is at least this many times the time its copy took, so that
- * copying takes at most about 1 / (1 + factor) of a core however large the state is.
+ * The pause after a round is at least this many times the CPU time the round took, so
+ * that snapshots cost at most about 1 / (1 + factor) of a core (9 %) however large
+ * the state is; a small state is snapshotted every interval.
  */
-const PACING_FACTOR = 12;
+const PACING_FACTOR = 10;
 
 /** The newest backup this host made durable. */
 export interface DurableSnapshot {
@@ -115,8 +117,8 @@ export function quiescentCopyFixup(expected: SlotState): PersistFixup {
  * Takes restore-v1 snapshots of a live memory file on a timer until {@link stop}.
  *
  * Pacing: the next round starts `intervalMs` after the previous one ended, or
- * {@link PACING_FACTOR} times its copy time if that is longer, so a large state that
- * changes constantly costs a bounded share of a core.
+ * {@link PACING_FACTOR} times the CPU time it used if that is longer, so a large state
+ * that changes constantly costs a bounded share of a core.
  */
 export class Snapshotter {
   readonly intervalMs: number;
@@ -197,6 +199,7 @@ export class Snapshotter {
     this.#lastNote = '';
 
     const takenAt = Date.now();
+    const cpuBefore = process.cpuUsage();
     const kept = { slots: [] as Snapshot[] };
     const progress = Progress.start('shm-restore: persisting snapshot', this.#o.progress === true);
     let result: PersistResult | undefined;
@@ -214,7 +217,8 @@ export class Snapshotter {
       progress?.done();
     }
     if (result === undefined) return 'discarded';
-    this.#nextDelay = Math.max(this.intervalMs, PACING_FACTOR * result.timings.copyMs);
+    const cpu = process.cpuUsage(cpuBefore);
+    this.#nextDelay = Math.max(this.intervalMs, (PACING_FACTOR * (cpu.user + cpu.system)) / 1000);
     if (this.#lastError !== '') log.info('persisting snapshots works again');
     this.#lastError = '';
     this.#persistedWriteOffset = before.head.writeOffset;
