@@ -1,0 +1,150 @@
+// The state structures across real processes: test/fixtures/state-sequence.js commits a
+// deterministic sequence (state-model.js), so any state found afterwards must be exactly
+// the state after some commit k, and k must be at least the last commit it reported.
+// - round trips through shm-restore's backup;
+// - SIGKILL of the writer at random moments, recovered from the very same memfd;
+// - SIGKILL of the whole tree (shm-restore --snapshot=restore-v1 and the program) at
+//   random moments: every backup on disk, also the ones persisted while the program ran,
+//   restores to a committed state, and never to an older one than before.
+// Kill moments come from a seeded generator; replay with STATE_SEED=<seed>.
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { test } from 'node:test';
+import { MemoryFile } from '../dist/index.js';
+import { cleanEnv, fixture, NODE, ROOT, run, sleep, tempDir } from './helpers.js';
+import { LineWatcher, seededRandom } from './helpers-crash.js';
+import { recoverFrom } from './fixtures/state-model.js';
+
+const SHM_RESTORE = path.join(ROOT, 'bin', 'shm-restore.js');
+const PROGRAM = fixture('state-sequence.js');
+const SEED = process.env.STATE_SEED === undefined ? Date.now() % 1_000_000_007 : Number(process.env.STATE_SEED);
+const rng = seededRandom(SEED);
+console.log(`# state-process seed ${SEED} (replay with STATE_SEED=${SEED})`);
+
+const lastCommitted = (watcher) => Math.max(0, ...watcher.numbers(/^committed (\d+)$/));
+
+function checkRecovered(found, what, { atLeast }) {
+  assert.equal(found.problem, undefined, `seed ${SEED}, ${what}: recovered state is not the one after commit ${found.sequence}: ${found.problem}`);
+  assert.ok(found.sequence >= atLeast, `seed ${SEED}, ${what}: recovered commit ${found.sequence}, but ${atLeast} had been committed`);
+  return found.sequence;
+}
+
+test('a state round-trips across processes through the backup of shm-restore', async (t) => {
+  const dir = tempDir(t, 'shmfd-state-');
+  const backup = path.join(dir, 'state.backup');
+  const first = await run(NODE, [SHM_RESTORE, backup, NODE, PROGRAM, '40', '1'], { env: cleanEnv() });
+  assert.equal(first.code, 0, first.stderr);
+  assert.match(first.stdout, /^recovered 0$/m);
+  assert.equal(checkRecovered(recoverFrom(backup), 'first run', { atLeast: 40 }), 40);
+  const second = await run(NODE, [SHM_RESTORE, backup, NODE, PROGRAM, '25', '1'], { env: cleanEnv() });
+  assert.equal(second.code, 0, second.stderr);
+  assert.match(second.stdout, /^recovered 40$/m, 'the second process recovered the first one\'s state (and checked it)');
+  assert.equal(checkRecovered(recoverFrom(backup), 'second run', { atLeast: 65 }), 65);
+});
+
+test('SIGKILL of the writer at random moments: the memfd always holds exactly a committed state, at least the last one reported', async (t) => {
+  // The test holds the memfd itself and passes it at fd 3, so nothing but the program
+  // touches it; a kill leaves it exactly as the program's stores left it.
+  const memory = MemoryFile.create('state-kill');
+  t.after(() => memory.close());
+  const env = cleanEnv({ LISTEN_FDS: '1', LISTEN_FDNAMES: 'SHM_SHARED_FD' });
+  const capacity = 1 << 26; // room for every commit the rounds can reach: the log never fills
+  let durable = 0;
+  const rounds = 10;
+  let midStream = 0;
+  for (let round = 1; round <= rounds; round++) {
+    const child = spawn(NODE, [PROGRAM, '0', '0', String(capacity)], { env, stdio: ['ignore', 'pipe', 'pipe', memory.fd] });
+    const out = new LineWatcher(child.stdout);
+    const err = new LineWatcher(child.stderr);
+    const exited = new Promise((resolve) => child.on('close', (code, signal) => resolve({ code, signal })));
+    const recovered = await out.waitFor(/^recovered (\d+)$/);
+    assert.ok(recovered !== undefined, `round ${round}: the program started: ${err.lines.join('\n')}`);
+    assert.equal(Number(recovered[1]), durable, `round ${round}: the program recovered what the last check found`);
+    await Promise.race([sleep(rng.int(5, 150)), exited]);
+    child.kill('SIGKILL');
+    const { signal } = await exited;
+    assert.ok(!out.lines.some((l) => l.startsWith('problem')), `round ${round}: ${out.lines.join('\n')}`);
+    if (signal === 'SIGKILL') midStream++;
+    const reported = lastCommitted(out);
+    durable = checkRecovered(recoverFrom(`/proc/self/fd/${memory.fd}`, capacity), `round ${round}`, { atLeast: Math.max(durable, reported) });
+  }
+  t.diagnostic(`seed ${SEED}: ${midStream} of ${rounds} kills hit a running writer; final commit ${durable}`);
+  assert.ok(midStream >= rounds - 1, 'the kills hit a running writer');
+  assert.ok(durable > 0);
+});
+
+function startTree(backup) {
+  const host = spawn(NODE, [SHM_RESTORE, '--snapshot=restore-v1', '--interval', '5', backup, NODE, PROGRAM, '0', '2'], {
+    cwd: ROOT,
+    env: cleanEnv(),
+    stdio: ['ignore', 'pipe', 'pipe'],
+    detached: true,
+  });
+  const out = new LineWatcher(host.stdout);
+  const err = new LineWatcher(host.stderr);
+  const exited = new Promise((resolve) => host.on('close', (code, signal) => resolve({ code, signal })));
+  const guard = setTimeout(() => host.kill('SIGKILL'), 30_000);
+  exited.then(() => clearTimeout(guard));
+  return { host, out, err, exited };
+}
+
+test('SIGKILL of the whole tree under shm-restore --snapshot=restore-v1: every backup restores to a committed state, never an older one', async (t) => {
+  const dir = tempDir(t, 'shmfd-state-');
+  const backup = path.join(dir, 'state.backup');
+  const stats = { kills: 0, backupsSeen: 0, grewWhileRunning: 0 };
+  let durable = 0;
+  for (let round = 1; round <= 10; round++) {
+    const tree = startTree(backup);
+    const recovered = await tree.out.waitFor(/^recovered (\d+)$/);
+    if (recovered !== undefined) assert.equal(Number(recovered[1]), durable, `seed ${SEED}, round ${round}: the program recovered what the backup held`);
+    // While it runs, every version of the backup (persisted by restore-v1 rounds, each an
+    // atomic rename) must restore to a committed state, and they never go back.
+    const until = Date.now() + rng.int(50, 700);
+    let lastIno = -1;
+    const startDurable = durable;
+    while (Date.now() < until) {
+      let ino;
+      try {
+        ino = fs.statSync(backup).ino;
+      } catch {
+        ino = -1;
+      }
+      if (ino !== lastIno && ino !== -1) {
+        lastIno = ino;
+        let found;
+        try {
+          found = recoverFrom(backup);
+        } catch (e) {
+          if (e.code !== 'ENOENT') throw e;
+        }
+        if (found !== undefined) {
+          durable = checkRecovered(found, `round ${round}, a backup persisted while the program ran`, { atLeast: durable });
+          stats.backupsSeen++;
+        }
+      }
+      await sleep(3);
+    }
+    if (durable > startDurable) stats.grewWhileRunning++;
+    try {
+      process.kill(-tree.host.pid, 'SIGKILL');
+      stats.kills++;
+    } catch (e) {
+      if (e.code !== 'ESRCH') throw e;
+    }
+    await tree.exited;
+    assert.ok(!tree.out.lines.some((l) => l.startsWith('problem')), tree.out.lines.join('\n'));
+    if (fs.existsSync(backup)) durable = checkRecovered(recoverFrom(backup), `round ${round}, after the kill`, { atLeast: durable });
+  }
+  // A last run that ends cleanly keeps everything it reported.
+  const last = startTree(backup);
+  assert.equal(Number((await last.out.waitFor(/^recovered (\d+)$/))[1]), durable);
+  await last.out.waitFor(/^committed \d+$/);
+  last.host.kill('SIGTERM');
+  const { code } = await last.exited;
+  assert.equal(code, 0, last.err.lines.join('\n'));
+  const final = checkRecovered(recoverFrom(backup), 'after a clean stop', { atLeast: lastCommitted(last.out) });
+  t.diagnostic(`seed ${SEED}: ${stats.kills} tree kills, ${stats.backupsSeen} backups checked while running, durable state grew during ${stats.grewWhileRunning} runs; final commit ${final}`);
+  assert.ok(stats.grewWhileRunning >= 3, 'restore-v1 persisted new states while the program ran');
+});
