@@ -161,3 +161,13 @@ test('status: size, snapshot count, size and age of the newest snapshot, one fac
   assert.match(invalid.stderr, /not a snapshot file/);
   assert.equal(invalid.stderr.trim().split('\n').length, 1);
 });
+
+test('childDescriptors/childStdio: passed, then added, then the created memory; placed from the first fd on', async () => {
+  const { childDescriptors, childStdio } = await import('../dist/restore/host.js');
+  const list = childDescriptors([{ fd: 3, name: 'a' }], [{ fd: 9, name: 'sock' }], { fd: 12, name: 'SHM_SHARED_FD' });
+  assert.deepEqual(list.map((d) => d.name), ['a', 'sock', 'SHM_SHARED_FD']);
+  assert.deepEqual(childStdio(list), ['inherit', 'inherit', 'inherit', 3, 9, 12]);
+  assert.deepEqual(childStdio(list, 5), ['inherit', 'inherit', 'inherit', 'ignore', 'ignore', 3, 9, 12]);
+  assert.throws(() => childStdio(list, 2), /first passed descriptor must be 3 or more/);
+  assert.deepEqual(childDescriptors([{ fd: 3, name: 'SHM_SHARED_FD' }], [], undefined).map((d) => d.fd), [3]);
+});

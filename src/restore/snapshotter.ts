@@ -175,7 +175,13 @@ export class Snapshotter {
 
   /** Runs one round now. Never throws: failures are logged and counted. */
   async round(): Promise<RoundOutcome> {
-    const outcome = await this.#roundInner();
+    let outcome: RoundOutcome;
+    try {
+      outcome = await this.#roundInner();
+    } catch (err) {
+      // Whatever went wrong, the host must outlive the program: log it and go on.
+      outcome = this.#failed(err);
+    }
     this.counts[outcome]++;
     return outcome;
   }
