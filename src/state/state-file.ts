@@ -165,7 +165,8 @@ export class StateFile<D extends Declarations> implements StateHost {
    *   `ERR_STATE_LAYOUT_MISMATCH` when the file holds committed state declared differently
    *   (or written by something else); `ERR_STATE_CORRUPT` when its newest snapshot does not
    *   describe a well-formed state; the `ERR_SNAPSHOT_*` errors of a damaged snapshot head.
-   *   Nothing in the file is changed when it throws.
+   *   Declaration and layout errors leave the file untouched; no error changes committed
+   *   state.
    */
   static open<D extends Declarations>(file: MemoryFile, declarations: D, options: StateFileOptions = {}): StateFile<D> {
     return StateFile.#open(file, declarations, options, false);
