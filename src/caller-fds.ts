@@ -23,16 +23,19 @@ export function fdTarget(fd: number): string | undefined {
 }
 
 /**
- * Node marks descriptors 0..16 close-on-exec at start, whether it opened them or not; past
- * that, only its own are close-on-exec (libuv opens everything with O_CLOEXEC).
+ * At start, Node (libuv's uv_disable_stdio_inheritance) marks descriptors 0..15 close-on-exec,
+ * and then every one after them up to the first that is not open, whether it opened them
+ * or not; past that, only its own are close-on-exec (libuv opens everything with O_CLOEXEC).
  */
-const NODE_MARKS_UP_TO = 16;
+const NODE_ALWAYS_MARKS_BELOW = 16;
 
 /**
  * The descriptors (>= 3) this process inherited from its caller, which an exec wrapper
- * passes through. Above {@link NODE_MARKS_UP_TO} they are exactly those without
- * close-on-exec. Below it the flag tells nothing, so they are told apart from Node's own
- * by kind: Node's are epoll and event descriptors and pipes whose both ends it holds.
+ * passes through. Past the range Node marked at start they are exactly those without
+ * close-on-exec. Within it the flag tells nothing, so they are told apart from Node's own
+ * by kind: Node's are epoll and event descriptors and pipes whose both ends it holds. The
+ * range is estimated from the descriptors open now (Node's own may have filled the gap that
+ * ended it at start, which only widens the range to more of Node's own, told apart by kind).
  */
 export function callerFds(): number[] {
   const targets = new Map<number, string>();
@@ -43,13 +46,15 @@ export function callerFds(): number[] {
     const target = fdTarget(fd);
     if (target !== undefined) targets.set(fd, target);
   }
+  let markedUpTo = NODE_ALWAYS_MARKS_BELOW - 1;
+  while (targets.has(markedUpTo + 1)) markedUpTo++;
   const ends = new Map<string, number>();
   for (const target of targets.values()) ends.set(target, (ends.get(target) ?? 0) + 1);
   const inherited: number[] = [];
   for (const [fd, target] of targets) {
     if (!sys.isOpen(fd)) continue;
     if ((sys.getFdFlags(fd) & sys.FD_CLOEXEC) === 0) inherited.push(fd);
-    else if (fd <= NODE_MARKS_UP_TO && !isRuntimeKind(target) && !(target.startsWith('pipe:') && (ends.get(target) ?? 0) > 1)) {
+    else if (fd <= markedUpTo && !isRuntimeKind(target) && !(target.startsWith('pipe:') && (ends.get(target) ?? 0) > 1)) {
       inherited.push(fd);
     }
   }

@@ -101,17 +101,16 @@ test('descriptors the caller passed pass through, at low and high numbers; Node\
   const stray = fs.openSync('/dev/null', 'r');
   const passed = sys.memfdCreate('exec-passed');
   t.after(() => [stray, passed].forEach((fd) => fs.closeSync(fd)));
-  // No LISTEN_FDS: fd 7 and fd 40 are the caller's own business, like `prog 7<file` in a
-  // shell. fd 7 is in the range Node marks close-on-exec at start, fd 40 above it.
+  // No LISTEN_FDS: fds 7, 16-18 and 40 are the caller's own business, like `prog 7<file` in
+  // a shell. Node marks 7 close-on-exec at start (below 16), and 16-18 too (the run of open
+  // descriptors right after 15); 40 it leaves alone.
   const extraFds = new Array(38).fill('ignore');
-  extraFds[4] = stray;
-  extraFds[37] = stray;
+  for (const fd of [7, 16, 17, 18, 40]) extraFds[fd - 3] = stray;
   const inheritedByRunner = Object.keys(await baselineFds()).map(Number).filter((fd) => fd > 40);
   const plain = fdsOf((await runShmFd([fixture('list-fds.py')], { env: cleanEnv(), extraFds })).stdout);
-  assert.deepEqual(Object.keys(plain).map(Number), [0, 1, 2, 3, 7, 40, ...inheritedByRunner]);
+  assert.deepEqual(Object.keys(plain).map(Number), [0, 1, 2, 3, 7, 16, 17, 18, 40, ...inheritedByRunner]);
   assert.equal(plain[3], '/memfd:SHM_SHARED_FD (deleted)');
-  assert.equal(plain[7], '/dev/null');
-  assert.equal(plain[40], '/dev/null');
+  for (const fd of [7, 16, 17, 18, 40]) assert.equal(plain[fd], '/dev/null');
 
   // Declared descriptors stay in place and the memfd is appended after them.
   const declared = new Array(38).fill('ignore');
