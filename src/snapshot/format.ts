@@ -211,16 +211,22 @@ export function readSlots(bytes: Uint8Array, head: DiscoveredHead): Snapshot[] {
   if (bytes.length < needed) {
     throw new SnapshotFormatError('ERR_SNAPSHOT_SHORT_BUFFER', `the sequence region ends at byte ${needed}, only ${bytes.length} bytes were given`);
   }
-  const view = new DataView(bytes.buffer, bytes.byteOffset, needed);
+  // u32 words of the little-endian u64 fields; an aligned array is several times faster
+  // than a DataView, so only an unaligned buffer pays for a copy.
+  const words =
+    bytes.byteOffset % 4 === 0
+      ? new Uint32Array(bytes.buffer, bytes.byteOffset, needed >>> 2)
+      : new Uint32Array(bytes.slice(0, needed).buffer);
   const found: Snapshot[] = [];
+  const data = head.data;
   let end = head.writeOffset;
-  for (let index = 0, at = PAGE; index < head.entries; index++, at += SLOT_SIZE) {
-    const length = view.getUint32(at + SLOT.length, true);
-    const lengthHigh = view.getUint32(at + SLOT.length + 4, true);
-    if (length === 0 && lengthHigh === 0) continue;
-    const offsetHigh = view.getUint32(at + SLOT.offset + 4, true);
-    if (lengthHigh !== 0 || length >= head.data || offsetHigh >= 0x200000) continue;
-    const offset = offsetHigh * 0x1_0000_0000 + view.getUint32(at + SLOT.offset, true);
+  for (let index = 0, w = PAGE >>> 2; index < head.entries; index++, w += SLOT_SIZE >>> 2) {
+    const length = words[w + 2]!;
+    const lengthHigh = words[w + 3]!;
+    if ((length | lengthHigh) === 0) continue;
+    const offsetHigh = words[w + 1]!;
+    if (lengthHigh !== 0 || length >= data || offsetHigh >= 0x200000) continue;
+    const offset = offsetHigh * 0x1_0000_0000 + words[w]!;
     if (offset + length > Number.MAX_SAFE_INTEGER) continue;
     if (offset + length > end) end = offset + length;
     found.push({ index, offset, length });
