@@ -20,6 +20,18 @@ export const PYTHON = '/usr/bin/python3';
 /** True when the tests run as root (needed by the systemd sandbox). */
 export const isRoot = typeof process.getuid === 'function' && process.getuid() === 0;
 
+/** The private systemd --user manager every systemd test runs next to (shared/tools). */
+export const SANDBOX = process.env.SYSTEMD_SANDBOX ?? path.resolve(ROOT, '..', 'shared', 'tools', 'systemd-sandbox');
+
+/** Why the systemd tests cannot run here, or false when they can (CI runs as root). */
+export const systemdSkip = !isRoot
+  ? 'needs root: the systemd sandbox uses PID/mount namespaces and cgroups'
+  : !fs.existsSync(SANDBOX)
+    ? `needs ${SANDBOX}`
+    : !fs.existsSync('/usr/lib/systemd/systemd')
+      ? 'needs systemd (/usr/lib/systemd/systemd)'
+      : false;
+
 /** Path of a fixture in test/fixtures. */
 export function fixture(name) {
   return path.join(FIXTURES, name);

@@ -13,17 +13,10 @@ import net from 'node:net';
 import path from 'node:path';
 import readline from 'node:readline';
 import { test } from 'node:test';
-import { fixture, isRoot, NODE, ROOT, SHM_FD, tempDir, waitFor } from './helpers.js';
+import { fixture, NODE, ROOT, SANDBOX, SHM_FD, systemdSkip, tempDir, waitFor } from './helpers.js';
 
-const SANDBOX = process.env.SYSTEMD_SANDBOX ?? path.resolve(ROOT, '..', 'shared', 'tools', 'systemd-sandbox');
 const COUNTER = path.join(ROOT, 'examples', 'http-counter.js');
-const skip = !isRoot
-  ? 'needs root: the systemd sandbox uses PID/mount namespaces and cgroups'
-  : !fs.existsSync(SANDBOX)
-    ? `needs ${SANDBOX}`
-    : !fs.existsSync('/usr/lib/systemd/systemd')
-      ? 'needs systemd (/usr/lib/systemd/systemd)'
-      : false;
+const skip = systemdSkip;
 
 async function freePort() {
   const s = net.createServer().listen(0, '127.0.0.1');

@@ -5,16 +5,9 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { isRoot, NODE, PRIMES, primeTotals, ROOT, run, SHM_FD, tempDir } from './helpers.js';
+import { NODE, PRIMES, primeTotals, run, SANDBOX, SHM_FD, systemdSkip, tempDir } from './helpers.js';
 
-const SANDBOX = process.env.SYSTEMD_SANDBOX ?? path.resolve(ROOT, '..', 'shared', 'tools', 'systemd-sandbox');
-const skip = !isRoot
-  ? 'needs root: the systemd sandbox uses PID/mount namespaces and cgroups'
-  : !fs.existsSync(SANDBOX)
-    ? `needs ${SANDBOX}`
-    : !fs.existsSync('/usr/lib/systemd/systemd')
-      ? 'needs systemd (/usr/lib/systemd/systemd)'
-      : false;
+const skip = systemdSkip;
 
 test('a oneshot unit under shm-fd continues its sieve across systemctl restart (fd store)', { skip }, async (t) => {
   const dir = tempDir(t, 'shmfd-systemd-');

@@ -8,18 +8,11 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { isRoot, NODE, ROOT, run, tempDir } from './helpers.js';
+import { NODE, ROOT, run, SANDBOX, systemdSkip, tempDir } from './helpers.js';
 import { readPrimesState } from './helpers-crash.js';
 
-const SANDBOX = process.env.SYSTEMD_SANDBOX ?? path.resolve(ROOT, '..', 'shared', 'tools', 'systemd-sandbox');
 const DRIVER = path.join(ROOT, 'test', 'fixtures', 'crash-systemd-driver.js');
-const skip = !isRoot
-  ? 'needs root: the systemd sandbox uses PID/mount namespaces and cgroups'
-  : !fs.existsSync(SANDBOX)
-    ? `needs ${SANDBOX}`
-    : !fs.existsSync('/usr/lib/systemd/systemd')
-      ? 'needs systemd (/usr/lib/systemd/systemd)'
-      : false;
+const skip = systemdSkip;
 
 /**
  * The template with NODE and SHMFD filled in, as `envsubst '${NODE} ${SHMFD}'` does in
