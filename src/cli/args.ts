@@ -6,6 +6,7 @@
  */
 import fs from 'node:fs';
 import { ShmfdError } from '../errors.js';
+import { isLogLevel, type Logger } from './log.js';
 
 export interface OptionSpec {
   /** Long name without dashes. */
@@ -79,4 +80,25 @@ export function parseSize(option: string, text: string): number {
 export function packageVersion(): string {
   const pkg = JSON.parse(fs.readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
   return pkg.version;
+}
+
+/**
+ * The options every command shares: `--help` and `--version` (answered here: returns the
+ * exit status) and `--log-level` (or `SHMFD_LOG`, applied to `log`: returns undefined).
+ */
+export function commonOptions(args: ParsedArgs, program: string, usage: string, log: Logger): number | undefined {
+  if (args.options.has('help')) {
+    process.stdout.write(`${usage}\n`);
+    return 0;
+  }
+  if (args.options.has('version')) {
+    process.stdout.write(`${program} ${packageVersion()}\n`);
+    return 0;
+  }
+  const level = last(args, 'log-level') ?? process.env.SHMFD_LOG;
+  if (level !== undefined) {
+    if (!isLogLevel(level)) throw usageError(`--log-level: unknown level ${JSON.stringify(level)}`);
+    log.level = level;
+  }
+  return undefined;
 }

@@ -13,8 +13,8 @@ import { SHARED_FD_NAME } from '../shared-fd.js';
 import { parseSocketSpec, prepareSockets } from '../sockets.js';
 import * as sys from '../system.js';
 import { isSystemError } from '../system.js';
-import { last, packageVersion, parseArgs, parseSize, usageError, type OptionSpec } from './args.js';
-import { isLogLevel, Logger } from './log.js';
+import { commonOptions, last, parseArgs, parseSize, usageError, type OptionSpec } from './args.js';
+import { Logger } from './log.js';
 
 const USAGE = `Usage: shm-fd [OPTIONS] [--] COMMAND [ARGS...]
 
@@ -59,19 +59,8 @@ export const EXIT_FAILURE = 125;
 
 function run(argv: readonly string[], log: Logger): number {
   const args = parseArgs(argv, OPTIONS);
-  if (args.options.has('help')) {
-    process.stdout.write(`${USAGE}\n`);
-    return 0;
-  }
-  if (args.options.has('version')) {
-    process.stdout.write(`shm-fd ${packageVersion()}\n`);
-    return 0;
-  }
-  const level = last(args, 'log-level') ?? process.env.SHMFD_LOG;
-  if (level !== undefined) {
-    if (!isLogLevel(level)) throw usageError(`--log-level: unknown level ${JSON.stringify(level)}`);
-    log.level = level;
-  }
+  const answered = commonOptions(args, 'shm-fd', USAGE, log);
+  if (answered !== undefined) return answered;
   const [command, ...commandArgs] = args.rest;
   if (command === undefined) throw usageError('no COMMAND given (see shm-fd --help)');
   const name = last(args, 'name') ?? SHARED_FD_NAME;

@@ -10,8 +10,8 @@ import { DEFAULT_INTERVAL_MS } from '../restore/snapshotter.js';
 import { backupStatus } from '../restore/status.js';
 import { SHARED_FD_NAME } from '../shared-fd.js';
 import { isSystemError } from '../system.js';
-import { last, packageVersion, parseArgs, usageError, type OptionSpec, type ParsedArgs } from './args.js';
-import { isLogLevel, Logger } from './log.js';
+import { commonOptions, last, parseArgs, usageError, type OptionSpec, type ParsedArgs } from './args.js';
+import { Logger } from './log.js';
 import { readListenFds } from '../listen-fds.js';
 import { Notifier } from '../notify.js';
 import { parseSocketSpec, prepareSockets } from '../sockets.js';
@@ -96,19 +96,8 @@ function status(file: string, mode: SnapshotMode | undefined): number {
 
 async function run(argv: readonly string[], log: Logger): Promise<number> {
   const args = parseArgs(argv, OPTIONS);
-  if (args.options.has('help')) {
-    process.stdout.write(`${USAGE}\n`);
-    return 0;
-  }
-  if (args.options.has('version')) {
-    process.stdout.write(`shm-restore ${packageVersion()}\n`);
-    return 0;
-  }
-  const level = last(args, 'log-level') ?? process.env.SHMFD_LOG;
-  if (level !== undefined) {
-    if (!isLogLevel(level)) throw usageError(`--log-level: unknown level ${JSON.stringify(level)}`);
-    log.level = level;
-  }
+  const answered = commonOptions(args, 'shm-restore', USAGE, log);
+  if (answered !== undefined) return answered;
   const snapshot = snapshotMode(args);
   const interval = intervalMs(args);
 
