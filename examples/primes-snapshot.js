@@ -16,6 +16,13 @@
 //   words after the last counted prime are zero.
 import { SharedFd, SnapshotFile, ConfigureFile } from 'shmfd';
 
+// `... | head` closing the pipe ends the program quietly, as it would a C program; every
+// commit so far is in the memory already.
+process.stdout.on('error', (err) => {
+  if (err.code === 'EPIPE') process.exit(0);
+  throw err;
+});
+
 const SIZE = 100_000_000;
 const BLOCK = 100_000;
 const PAYLOAD = 8;
