@@ -107,18 +107,7 @@ export function checkLiveTable(file, count) {
   }
 }
 
-/** A seeded pseudo-random source (mulberry32): `next()` in [0, 1), `int(lo, hi)` in [lo, hi]. */
-export function seededRandom(seed) {
-  let a = seed >>> 0;
-  const next = () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-  return { next, int: (lo, hi) => lo + Math.floor(next() * (hi - lo + 1)) };
-}
+export { seededRandom } from './helpers.js';
 
 /** The pids of the direct children of `pid` (all its threads), from /proc. */
 export function childrenOf(pid) {

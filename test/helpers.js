@@ -188,3 +188,16 @@ export function abstractAddress(tag) {
 export function primeTotals(stdout) {
   return [...stdout.matchAll(/^generated \d+ more primes, total (\d+)$/gm)].map((m) => Number(m[1]));
 }
+
+/** A seeded pseudo-random source (mulberry32): `next()` in [0, 1), `int(lo, hi)` in [lo, hi]. */
+export function seededRandom(seed) {
+  let a = seed >>> 0;
+  const next = () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+  return { next, int: (lo, hi) => lo + Math.floor(next() * (hi - lo + 1)) };
+}

@@ -25,18 +25,10 @@ import {
   tailLength,
   tailStart,
 } from '../dist/snapshot/index.js';
+import { seededRandom } from './helpers.js';
 
-/** A deterministic PRNG (mulberry32), so a failing random case can be replayed. */
-function prng(seed) {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** A deterministic PRNG, so a failing random case can be replayed. */
+const prng = (seed) => seededRandom(seed).next;
 
 /** A file image whose head holds the given u64 fields (little-endian). */
 function headFile(length, { version = MAGIC, entryMask = 0xffn, dataMask = 0x7ffn, writeOffset = 0n } = {}) {

@@ -13,18 +13,10 @@ import {
   readSlots,
   slotPosition,
 } from '../dist/snapshot/index.js';
+import { seededRandom } from './helpers.js';
 
-/** A deterministic PRNG (mulberry32), so a failing random case can be replayed. */
-function prng(seed) {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** A deterministic PRNG, so a failing random case can be replayed. */
+const prng = (seed) => seededRandom(seed).next;
 
 const enc = (s) => new TextEncoder().encode(s);
 const dec = (b) => new TextDecoder().decode(b);
