@@ -3,7 +3,7 @@
  * its mappings as typed arrays.
  * @module
  */
-import fs from 'node:fs';
+import { fdTarget } from './caller-fds.js';
 import { ShmfdError } from './errors.js';
 import * as sys from './system.js';
 
@@ -128,15 +128,6 @@ export class Mapping {
   }
 }
 
-/** How a descriptor's target looks to the kernel; used to recognise a memfd. */
-function describeFd(fd: number): string {
-  try {
-    return fs.readlinkSync(`/proc/self/fd/${fd}`);
-  } catch {
-    return `fd ${fd}`;
-  }
-}
-
 /**
  * A shared-memory file: an anonymous memfd created here or received from another process,
  * or a regular file. The descriptor belongs to this object until {@link close}.
@@ -177,7 +168,7 @@ export class MemoryFile {
    */
   static fromFd(fd: number, name = `fd${fd}`): MemoryFile {
     const stat = sys.fstat(fd);
-    const target = describeFd(fd);
+    const target = fdTarget(fd) ?? `fd ${fd}`;
     if (!stat.isFile()) {
       throw new ShmfdError('ERR_NOT_A_MEMORY_FILE', `descriptor ${fd} (${name}) is not a memory file but ${target}`);
     }
