@@ -52,7 +52,6 @@ const libc = koffi.load('libc.so.6');
 const c = {
   memfd_create: libc.func('int memfd_create(const char *name, unsigned int flags)'),
   ftruncate: libc.func('int ftruncate(int fd, int64_t length)'),
-  fallocate: libc.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)'),
   fcntl: libc.func('int fcntl(int fd, int cmd, ...)'),
   mmap: libc.func('void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset)'),
   munmap: libc.func('int munmap(void *addr, size_t length)'),
@@ -154,11 +153,6 @@ export function memfdCreate(name: string, flags: number = MFD_CLOEXEC | MFD_ALLO
 
 export function ftruncate(fd: number, length: number): void {
   if (c.ftruncate(fd, length) !== 0) fail('ftruncate');
-}
-
-/** Allocates backing pages for a range (fallocate(2) mode 0); ENOSPC surfaces here, not as SIGBUS later. */
-export function fallocate(fd: number, offset: number, length: number): void {
-  if (c.fallocate(fd, 0, offset, length) !== 0) fail('fallocate');
 }
 
 export function fstat(fd: number): fs.Stats {
