@@ -8,11 +8,17 @@ const RUNS = Number(process.env.SHMFD_BENCH_STARTUP_RUNS ?? 30);
 const SHM_FD = path.join(ROOT, 'bin', 'shm-fd.js');
 const node = process.execPath;
 
+const esm = (code) => [node, ['--input-type=module', '-e', code]];
 const COMMANDS = {
   true: ['true', []],
   'node -e 0': [node, ['-e', '0']],
   'shm-fd true': [SHM_FD, ['true']],
   'shm-fd node -e 0': [SHM_FD, [node, '-e', '0']],
+  // Where the wrapper's time goes: each import on top of an empty ES module.
+  'esm: nothing': esm(''),
+  'esm: import koffi': esm(`import ${JSON.stringify(path.join(ROOT, 'node_modules', 'koffi', 'index.js'))};`),
+  'esm: import dist/system.js': esm(`import ${JSON.stringify(path.join(ROOT, 'dist', 'system.js'))};`),
+  'esm: import dist/cli/shm-fd.js': esm(`import ${JSON.stringify(path.join(ROOT, 'dist', 'cli', 'shm-fd.js'))};`),
 };
 
 const times = Object.fromEntries(Object.keys(COMMANDS).map((k) => [k, []]));
@@ -26,34 +32,28 @@ const s = Object.fromEntries(Object.entries(times).map(([k, v]) => [k, stats(v)]
 const f = (v) => ms(v);
 const over = (a, b) => s[a].median - s[b].median;
 
-const rows = [
-  ['`true`', withSpread(s.true, f), '—', '—', '—', '—'],
-  ['`node -e 0`', withSpread(s['node -e 0'], f), '`true`', ratio(s['node -e 0'].median / s.true.median), '61–65 ms (absolute)', '—'],
-  [
-    '`shm-fd true`',
-    withSpread(s['shm-fd true'], f),
-    '`true`',
-    `${ratio(s['shm-fd true'].median / s.true.median)} (+${ms(over('shm-fd true', 'true'))})`,
-    '+0.75 ms over `true`',
-    'none (floor: Node\'s start)',
-  ],
-  [
-    '`shm-fd true`',
-    withSpread(s['shm-fd true'], f),
-    '`node -e 0`',
-    `${ratio(s['shm-fd true'].median / s['node -e 0'].median)} (+${ms(over('shm-fd true', 'node -e 0'))})`,
-    '—',
-    '—',
-  ],
-  [
-    '`shm-fd node -e 0`',
-    withSpread(s['shm-fd node -e 0'], f),
-    '`node -e 0`',
-    `${ratio(s['shm-fd node -e 0'].median / s['node -e 0'].median)} (+${ms(over('shm-fd node -e 0', 'node -e 0'))})`,
-    '—',
-    '—',
-  ],
+/** A row: `name` timed against `base`, as a ratio and a difference. */
+const row = (name, base, original = '—', target = '—') => [
+  `\`${name}\``,
+  withSpread(s[name], f),
+  base === undefined ? '—' : `\`${base}\``,
+  base === undefined ? '—' : `${ratio(s[name].median / s[base].median)} (+${ms(over(name, base))})`,
+  original,
+  target,
 ];
+const rows = [
+  row('true'),
+  row('node -e 0', 'true', '61–65 ms (absolute)'),
+  row('shm-fd true', 'true', '+0.75 ms over `true`', "none (floor: Node's start)"),
+  row('shm-fd true', 'node -e 0'),
+  row('shm-fd node -e 0', 'node -e 0'),
+];
+const steps = [
+  ['koffi (the FFI and its native library)', 'esm: import koffi', 'esm: nothing'],
+  ['binding the libc functions (src/system.ts)', 'esm: import dist/system.js', 'esm: import koffi'],
+  ["the CLI's other modules", 'esm: import dist/cli/shm-fd.js', 'esm: import dist/system.js'],
+  ['parsing, the memfd, the exec (shm-fd true − imports − `true`)', 'shm-fd true', 'esm: import dist/cli/shm-fd.js'],
+].map(([what, a, b]) => [what, ms(over(a, b))]);
 console.log('### Start-up of the wrapper\n');
 console.log(table(['command', 'wall time: median (min–max)', 'baseline (same run)', 'ratio (difference)', 'original', 'target'], rows));
 console.log(
@@ -61,3 +61,6 @@ console.log(
     `so \`true\` is the floor). The wrapper's own cost is its Node start plus loading koffi and the exec: ` +
     `${sig(over('shm-fd true', 'node -e 0'))} ms over \`node -e 0\`.\n`,
 );
+console.log('Where the wrapper\'s time goes (same run; differences of medians, each import measured on top of an empty ES module):\n');
+console.log(table(['step', 'cost'], steps));
+console.log('');
