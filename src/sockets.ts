@@ -176,19 +176,17 @@ function clearStaleUnixSocket(spec: SocketSpec, path: string): void {
     throw new ShmfdError('ERR_SOCKET_OPEN', `socket ${spec.text}: ${path} exists and is not a socket (left untouched)`);
   }
   const probe = sys.socket(sys.AF_UNIX_DOMAIN, sys.SOCK_STREAM, true);
+  let refused = false;
   try {
     sys.connectSocket(probe, { family: 'unix', path });
-    throw new ShmfdError('ERR_SOCKET_OPEN', `socket ${spec.text}: a server is listening on ${path}`);
   } catch (err) {
-    if (err instanceof ShmfdError) throw err;
+    refused = sys.isSystemError(err, 'ECONNREFUSED');
     // A full backlog answers EAGAIN: somebody is listening.
-    if (sys.isSystemError(err, 'EAGAIN')) {
-      throw new ShmfdError('ERR_SOCKET_OPEN', `socket ${spec.text}: a server is listening on ${path}`);
-    }
-    if (!sys.isSystemError(err, 'ECONNREFUSED')) throw openError(spec, `probe ${path}`, err);
+    if (!refused && !sys.isSystemError(err, 'EAGAIN')) throw openError(spec, `probe ${path}`, err);
   } finally {
     sys.close(probe);
   }
+  if (!refused) throw new ShmfdError('ERR_SOCKET_OPEN', `socket ${spec.text}: a server is listening on ${path}`);
   try {
     fs.unlinkSync(path);
   } catch (err) {
