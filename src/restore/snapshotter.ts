@@ -12,7 +12,7 @@
 import fs from 'node:fs';
 import type { Logger } from '../cli/log.js';
 import { SnapshotFormatError } from '../snapshot/errors.js';
-import { clearSlotsExcept, MIN_FILE_LENGTH, PAGE, type Snapshot } from '../snapshot/format.js';
+import { clearSlotsExcept, MIN_FILE_LENGTH, PAGE, readSlots, type Snapshot } from '../snapshot/format.js';
 import { describeSystemError, type BackupFile } from './backup.js';
 import { persistAtomically, type PersistFixup, type PersistResult } from './persist.js';
 import { formatBytes, formatDuration, Progress } from './progress.js';
@@ -95,8 +95,8 @@ export function liveCopyFixup(memory: number, before: SlotState, log: Logger, ke
       return false;
     }
     if (clearSlotsExcept(copy.bytes, copy.head, keep) > 0) writeSequenceRegion(tempFd, copy);
-    const check = readSlotState(tempFd, size);
-    if (check === undefined || !sameSlots(check.slots, keep)) {
+    // The bytes just written are the file's sequence region: check them, no need to read them back.
+    if (!sameSlots(readSlots(copy.bytes, copy.head), keep)) {
       log.debug('snapshot discarded: the copy does not hold the slots it was checked against');
       return false;
     }
