@@ -135,11 +135,16 @@ export function parseSocketSpec(text: string): SocketSpec {
   return { name: name ?? kind, kind, address, text };
 }
 
-/** How a socket is shown in logs: a URL for http/https, else the address and the kind. */
-export function describeSocket(kind: SocketKind, address: sys.SocketAddress): string {
+/**
+ * How a socket is shown in logs: a URL for http/https, else the address and the kind;
+ * with `name`, the descriptor name too (`http://127.0.0.1:8080 (socket http)`,
+ * `127.0.0.1:7000 (tcp socket raw)`).
+ */
+export function describeSocket(kind: SocketKind, address: sys.SocketAddress, name?: string): string {
   const where = sys.describeSocketAddress(address);
-  if (kind === 'http' || kind === 'https') return `${kind}://${where}`;
-  return `${where} (${kind === 'unix' ? 'unix stream' : kind})`;
+  const socket = name === undefined ? '' : `socket ${name}`;
+  if (kind === 'http' || kind === 'https') return `${kind}://${where}${socket === '' ? '' : ` (${socket})`}`;
+  return `${where} (${kind === 'unix' ? 'unix stream' : kind}${socket === '' ? '' : ` ${socket}`})`;
 }
 
 const MESSAGES: Record<string, string> = {
@@ -310,8 +315,7 @@ export function prepareSockets(
       }
       for (const spec of unfit) {
         const open = openSocket(spec);
-        const where = describeSocket(spec.kind, open.address);
-        log?.info(`listening on ${where.replace(/\)$/, ` socket ${name})`).replace(/^([a-z]+:\/\/\S+)$/, `$1 (socket ${name})`)}`);
+        log?.info(`listening on ${describeSocket(spec.kind, open.address, name)}`);
         const misfit = candidates.find((c) => !claimed.has(c));
         if (misfit === undefined) {
           opened.push(open);
