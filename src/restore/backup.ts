@@ -181,7 +181,7 @@ export class BackupFile {
     try {
       fd = fs.openSync(this.path, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW);
     } catch (err) {
-      if (isSystemError(err, 'ENOENT')) return { size: 0, copied: 0, short: false };
+      if (isSystemError(err, 'ENOENT')) return { size: 0, copied: 0 };
       throw err;
     }
     try {

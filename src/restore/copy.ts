@@ -28,10 +28,8 @@ export interface CopySparseOptions {
 
 /** What a copy did. */
 export interface CopyResult {
-  /** Bytes actually copied (the data extents). */
+  /** Bytes actually copied (the data extents); fewer when the source shrank during the copy. */
   copied: number;
-  /** True when the source ended before `size` (it shrank during the copy). */
-  short: boolean;
 }
 
 /** The data extents of `fd` within `[0, size)`, as `[start, end)` pairs. */
@@ -82,7 +80,7 @@ export async function copySparse(
     while (at < end) {
       options.signal?.throwIfAborted();
       const n = sys.sendfile(dest, source, at, Math.min(CHUNK, end - at));
-      if (n === 0) return { copied, short: true };
+      if (n === 0) return { copied };
       at += n;
       copied += n;
       sinceYield += n;
@@ -93,7 +91,7 @@ export async function copySparse(
       }
     }
   }
-  return { copied, short: false };
+  return { copied };
 }
 
 function yieldToLoop(): Promise<void> {
