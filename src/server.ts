@@ -363,8 +363,12 @@ export function serve(options: ServeOptions): Service {
       onNotifyError(err);
     }
   };
-  const stoppers = new Map<net.Server, StreamStopper>();
-  for (const e of options.endpoints) if (e instanceof net.Server) stoppers.set(e, new StreamStopper(e));
+  const stoppers: StreamStopper[] = [];
+  const datagrams: dgram.Socket[] = [];
+  for (const e of options.endpoints) {
+    if (e instanceof net.Server) stoppers.push(new StreamStopper(e));
+    else datagrams.push(e);
+  }
   const graceMs = options.graceMs ?? 10_000;
   const firstRequestMs = options.firstRequestMs ?? 1_000;
   const signals = options.signals ?? ['SIGTERM', 'SIGINT'];
@@ -384,22 +388,15 @@ export function serve(options: ServeOptions): Service {
 
   const stop = (): Promise<void> => {
     if (stopping !== undefined) {
-      for (const s of stoppers.values()) s.hurry();
+      for (const s of stoppers) s.hurry();
       return stopping;
     }
     send((n) => n.stopping());
     stopping = (async () => {
-      await Promise.all(
-        options.endpoints.map((e) => {
-          const stopper = e instanceof net.Server ? stoppers.get(e) : undefined;
-          if (stopper !== undefined) return stopper.stop(graceMs, firstRequestMs);
-          return new Promise<void>((resolve) => {
-            if (e instanceof net.Server) resolve();
-            else if (isBound(e)) e.close(() => resolve());
-            else resolve();
-          });
-        }),
-      );
+      await Promise.all([
+        ...stoppers.map((s) => s.stop(graceMs, firstRequestMs)),
+        ...datagrams.map((d) => new Promise<void>((resolve) => (isBound(d) ? d.close(() => resolve()) : resolve()))),
+      ]);
       await options.onStop?.();
       for (const signal of signals) process.off(signal, onSignal);
       if (options.reload !== undefined) process.off('SIGHUP', onHangup);
