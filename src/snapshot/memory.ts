@@ -19,8 +19,6 @@ export function slotWord(index: number): number {
   return (index << WORDS_PER_SLOT_SHIFT) + SLOT_WORDS_START;
 }
 
-
-
 /** Distance in u32 words from a slot's `offset` to its `length`. */
 export const LENGTH_WORDS = SLOT.length / 4;
 
@@ -87,17 +85,6 @@ export class Memory {
     } else {
       into.set(this.bytes.subarray(start + pos, start + layout.data));
       into.set(this.bytes.subarray(start, start + length - first), first);
-    }
-  }
-
-  /** Copies `src` into the ring at ring position `pos` (`0 <= pos < data`). */
-  copyIn(dataStart: number, data: number, pos: number, src: Uint8Array): void {
-    const first = data - pos;
-    if (src.length <= first) {
-      this.bytes.set(src, dataStart + pos);
-    } else {
-      this.bytes.set(src.subarray(0, first), dataStart + pos);
-      this.bytes.set(src.subarray(first), dataStart);
     }
   }
 
