@@ -6,11 +6,11 @@
 import { ShmfdError } from '../errors.js';
 import { execReplace } from '../exec.js';
 import path from 'node:path';
-import { DEFAULT_FIRST_FD, findPassedFd, listenEnv, readListenFds, withEnv, type PassedFd } from '../listen-fds.js';
+import { DEFAULT_FIRST_FD, findPassedFd, listenEnv, withEnv, type PassedFd } from '../listen-fds.js';
 import { MemoryFile } from '../memory-file.js';
 import { fdStoreCapacity, Notifier } from '../notify.js';
 import { SHARED_FD_NAME } from '../shared-fd.js';
-import { parseSocketSpec, prepareSockets } from '../sockets.js';
+import { prepareSocketOptions } from '../sockets.js';
 import * as sys from '../system.js';
 import { isSystemError } from '../system.js';
 import { commonOptions, last, parseArgs, parseSize, usageError, type OptionSpec } from './args.js';
@@ -67,13 +67,8 @@ function run(argv: readonly string[], log: Logger): number {
   const sizeText = last(args, 'size');
   const size = sizeText === undefined ? undefined : parseSize('--size', sizeText);
 
-  const specs = (args.options.get('socket') ?? []).map(parseSocketSpec);
-  for (const spec of specs) {
-    if (spec.name === name) throw usageError(`--socket ${spec.text}: ${name} is the memory file's name`);
-  }
   const first = parseFirstFd(last(args, 'first-fd'));
-
-  const sockets = prepareSockets(specs, readListenFds(), { notifier: Notifier.fromEnv(), log });
+  const sockets = prepareSocketOptions(args.options.get('socket') ?? [], name, log);
   const passed = sockets.passed;
   const fds: PassedFd[] = [...passed, ...sockets.opened];
   const found = findPassedFd(passed, name);

@@ -12,9 +12,7 @@ import { SHARED_FD_NAME } from '../shared-fd.js';
 import { isSystemError } from '../system.js';
 import { commonOptions, last, parseArgs, usageError, type OptionSpec, type ParsedArgs } from './args.js';
 import { Logger } from './log.js';
-import { readListenFds } from '../listen-fds.js';
-import { Notifier } from '../notify.js';
-import { parseSocketSpec, prepareSockets } from '../sockets.js';
+import { prepareSocketOptions } from '../sockets.js';
 import { describeError, parseFirstFd } from './shm-fd.js';
 
 const USAGE = `Usage: shm-restore [OPTIONS] BACKUP [--] COMMAND [ARGS...]
@@ -117,12 +115,8 @@ async function run(argv: readonly string[], log: Logger): Promise<number> {
   if (command === undefined) throw usageError('no COMMAND given (see shm-restore --help)');
   if (interval !== undefined && snapshot === undefined) log.warn('--interval has no effect without --snapshot');
   const memoryName = last(args, 'name') ?? SHARED_FD_NAME;
-  const specs = (args.options.get('socket') ?? []).map(parseSocketSpec);
-  for (const spec of specs) {
-    if (spec.name === memoryName) throw usageError(`--socket ${spec.text}: ${memoryName} is the memory file's name`);
-  }
   const firstFd = parseFirstFd(last(args, 'first-fd'));
-  const sockets = specs.length === 0 ? [] : prepareSockets(specs, readListenFds(), { notifier: Notifier.fromEnv(), log }).opened;
+  const sockets = prepareSocketOptions(args.options.get('socket') ?? [], memoryName, log).opened;
 
   return runRestoreHost({
     backup,
