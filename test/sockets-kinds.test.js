@@ -154,6 +154,8 @@ test('a passed socket of the same name that fits is reused (the fd store case); 
   const other = await startEcho(t, ['-s', 'http::0', '-s', 'http::127.0.0.1:0'], ['http:stream'], { env, extraFds: [held] });
   // port 0 fits any port: the passed one is reused for the first spec, the second is new.
   assert.equal(other.report.passed[0].target, `socket:[${inode}]`);
+  assert.deepEqual(other.report.passed.map((p) => p.name), ['http', 'http', 'SHM_SHARED_FD']);
+  assert.notEqual(other.report.passed[1].target, `socket:[${inode}]`);
   other.child.kill('SIGTERM');
   await other.exited;
 
