@@ -9,8 +9,8 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { cleanEnv, NODE, ROOT, sleep, tempDir } from './helpers.js';
-import { checkLiveTable, childrenOf, firstPrimes, LineWatcher, readPrimesState, seededRandom } from './helpers-crash.js';
+import { cleanEnv, NODE, ROOT, seededRandom, sleep, tempDir } from './helpers.js';
+import { checkLiveTable, childrenOf, firstPrimes, LineWatcher, readPrimesState } from './helpers-crash.js';
 
 const SHM_RESTORE = path.join(ROOT, 'bin', 'shm-restore.js');
 const EXAMPLE = path.join(ROOT, 'examples', 'primes-snapshot.js');

@@ -1,6 +1,6 @@
 // Helpers of the crash-consistency and systemd tests: the reference prime table, reading
-// the state of examples/primes-snapshot.js out of a backup file or a live memfd, a seeded
-// random source, and the processes below a pid.
+// the state of examples/primes-snapshot.js out of a backup file or a live memfd, the
+// processes below a pid, and a line watcher for a child's output.
 import fs from 'node:fs';
 import os from 'node:os';
 import { MemoryFile } from '../dist/index.js';
@@ -48,35 +48,18 @@ export function firstWrongPrime(bytes, byteOffset, count) {
 }
 
 /**
- * Reads a primes-snapshot state out of a snapshot file (a backup, or a live memfd through
- * /proc/PID/fd/N) with the snapshot API: the newest valid snapshot's prime count, and
- * whether the table holds exactly that many first primes.
- * @returns {{configured: boolean, snapshots: number, count: number, wrongAt: number, size: number}}
- *   `count` 0 and `snapshots` 0 for an empty or unconfigured file
+ * Calls `use(bytes, found, size)` with the snapshot file `file` (a backup, or a live memfd
+ * through /proc/PID/fd/N) mapped read-only: `found` is its `FileDiscovery`, undefined for
+ * an empty or unconfigured file (then `bytes` may be undefined too).
  */
-export function readPrimesState(file) {
-  const fd = fs.openSync(file, 'r');
-  const memory = MemoryFile.fromFd(fd, file);
+function withSnapshotFile(file, use) {
+  const memory = MemoryFile.fromFd(fs.openSync(file, 'r'), file);
   try {
     const size = memory.size;
-    if (size === 0) return { configured: false, snapshots: 0, count: 0, wrongAt: -1, size };
+    if (size === 0) return use(undefined, undefined, size);
     const mapping = memory.map({ readOnly: true });
     try {
-      const found = new SnapshotFile(mapping.bytes).recover();
-      if (found === undefined) return { configured: false, snapshots: 0, count: 0, wrongAt: -1, size };
-      const valid = found.valid();
-      const newest = valid[valid.length - 1];
-      if (newest === undefined) return { configured: true, snapshots: 0, count: 0, wrongAt: -1, size };
-      if (newest.length !== 8) throw new Error(`${file}: newest snapshot has ${newest.length} bytes, not 8`);
-      const payload = found.read(newest);
-      const count = Number(new DataView(payload.buffer, payload.byteOffset, 8).getBigUint64(0, false));
-      return {
-        configured: true,
-        snapshots: valid.length,
-        count,
-        wrongAt: firstWrongPrime(mapping.bytes, found.head.tailStart, count),
-        size,
-      };
+      return use(mapping.bytes, new SnapshotFile(mapping.bytes).recover(), size);
     } finally {
       mapping.unmap();
     }
@@ -86,28 +69,35 @@ export function readPrimesState(file) {
 }
 
 /**
+ * Reads a primes-snapshot state out of a snapshot file with the snapshot API: the newest
+ * valid snapshot's prime count, and whether the table holds exactly that many first primes.
+ * @returns {{configured: boolean, snapshots: number, count: number, wrongAt: number, size: number}}
+ *   `count` 0 and `snapshots` 0 for an empty or unconfigured file
+ */
+export function readPrimesState(file) {
+  return withSnapshotFile(file, (bytes, found, size) => {
+    const none = { configured: found !== undefined, snapshots: 0, count: 0, wrongAt: -1, size };
+    const valid = found?.valid() ?? [];
+    const newest = valid[valid.length - 1];
+    if (newest === undefined) return none;
+    if (newest.length !== 8) throw new Error(`${file}: newest snapshot has ${newest.length} bytes, not 8`);
+    const payload = found.read(newest);
+    const count = Number(new DataView(payload.buffer, payload.byteOffset, 8).getBigUint64(0, false));
+    return { ...none, snapshots: valid.length, count, wrongAt: firstWrongPrime(bytes, found.head.tailStart, count) };
+  });
+}
+
+/**
  * Whether the `count` first u64 words of the tail of the snapshot file `file` are the first
  * `count` primes (-1), or the index of the first wrong one. Reads only the table: for a live
  * memfd whose slots keep changing.
  */
 export function checkLiveTable(file, count) {
-  const fd = fs.openSync(file, 'r');
-  const memory = MemoryFile.fromFd(fd, file);
-  try {
-    const mapping = memory.map({ readOnly: true });
-    try {
-      const found = new SnapshotFile(mapping.bytes).recover();
-      if (found === undefined) throw new Error(`${file} is not a configured snapshot file`);
-      return firstWrongPrime(mapping.bytes, found.head.tailStart, count);
-    } finally {
-      mapping.unmap();
-    }
-  } finally {
-    memory.close();
-  }
+  return withSnapshotFile(file, (bytes, found) => {
+    if (found === undefined) throw new Error(`${file} is not a configured snapshot file`);
+    return firstWrongPrime(bytes, found.head.tailStart, count);
+  });
 }
-
-export { seededRandom } from './helpers.js';
 
 /** The pids of the direct children of `pid` (all its threads), from /proc. */
 export function childrenOf(pid) {

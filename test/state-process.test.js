@@ -13,8 +13,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { MemoryFile } from '../dist/index.js';
-import { cleanEnv, fixture, NODE, ROOT, run, sleep, tempDir } from './helpers.js';
-import { LineWatcher, seededRandom } from './helpers-crash.js';
+import { cleanEnv, fixture, NODE, ROOT, run, seededRandom, sleep, tempDir } from './helpers.js';
+import { LineWatcher } from './helpers-crash.js';
 import { recoverFrom } from './fixtures/state-model.js';
 
 const SHM_RESTORE = path.join(ROOT, 'bin', 'shm-restore.js');

@@ -14,7 +14,7 @@ import {
   recordBytes,
   planLayout,
 } from '../dist/index.js';
-import { seededRandom } from './helpers-crash.js';
+import { seededRandom } from './helpers.js';
 
 const SEED = process.env.STATE_SEED === undefined ? Date.now() % 1_000_000_007 : Number(process.env.STATE_SEED);
 console.log(`# state model seed ${SEED} (replay with STATE_SEED=${SEED})`);
