@@ -339,7 +339,8 @@ export function prepareSockets(
   if (notifier !== undefined && opened.length + misfits.length > 0) {
     if (fdStoreCapacity() === 0) {
       log?.warn(
-        `the service manager's fd store is disabled ($FDSTORE is not set): sockets are opened anew on every start (connections are refused meanwhile); set FileDescriptorStoreMax= to 2 or more`,
+        // systemd sets $FDSTORE only from version 254 on: on older ones this may be a false alarm.
+        `$FDSTORE is not set: unless the service manager predates it (systemd < 254), its fd store is disabled and sockets are opened anew on every start (connections are refused meanwhile); set FileDescriptorStoreMax= to 2 or more`,
       );
     }
     for (const name of names) {
