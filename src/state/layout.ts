@@ -213,16 +213,16 @@ export function planLayout(declarations: Declarations): StateLayout {
         break;
       case 'cell':
       case 'counters': {
-        const size = d.kind === 'cell' ? d.type?.BYTES_PER_ELEMENT : 8;
-        const length = d.kind === 'cell' ? d.length : d.count;
         if (d.kind === 'cell' && (typeof d.type !== 'function' || !ELEMENT_TYPES.includes(d.type))) {
           throw declarationError(`${name}: a cell's type must be a typed array constructor such as Float64Array`);
         }
-        if (!Number.isSafeInteger(length) || length < 1 || length * (size ?? 1) > MAX_REGION / 64) {
+        const size = d.kind === 'cell' ? d.type.BYTES_PER_ELEMENT : 8;
+        const length = d.kind === 'cell' ? d.length : d.count;
+        if (!Number.isSafeInteger(length) || length < 1 || length * size > MAX_REGION / 64) {
           throw declarationError(`${name}: the ${d.kind === 'cell' ? 'length' : 'count'} must be a positive integer (at most 64 MiB of value), got ${String(length)}`);
         }
         checkCopies(name, d.copies);
-        valueBytes = length * (size ?? 1);
+        valueBytes = length * size;
         stride = roundUp(valueBytes, COPY_ALIGN);
         bytes = stride * d.copies;
         break;
