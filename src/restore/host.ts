@@ -377,6 +377,9 @@ async function writeBack(
       fixup: expected === undefined ? undefined : quiescentCopyFixup(expected),
       progress: progress === undefined ? undefined : (done, total) => progress.update(done, total),
       mode,
+      // The host is done with the memory: unless the fd store (or a grandchild) holds it
+      // too, its pages are freed while the copy is synced.
+      releaseSource: () => memory.close(),
     });
   } catch (err) {
     log.error(`the final write-back to ${backup.path} failed: ${describeSystemError(err)}; the backup on disk is the previous one, the newest state is lost`);
