@@ -100,9 +100,8 @@ export class PreparedTransaction {
   }
 
   /** @internal */
-  close(): boolean {
+  close(): void {
     this.#open = false;
-    return this.#aborted;
   }
 
   #check(): void {
