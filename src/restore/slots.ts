@@ -28,18 +28,41 @@ function preadFully(fd: number, length: number, position: number): Buffer {
   return done === length ? buf : buf.subarray(0, done);
 }
 
+/** The parsed head of a file and its first page as read. */
+export interface HeadPage {
+  head: DiscoveredHead;
+  page: Buffer;
+}
+
+/**
+ * Reads the head page of a file of `size` bytes (one `pread`).
+ * @returns undefined when the file is not configured (no magic), e.g. a new memfd
+ * @throws {@link SnapshotFormatError} for a file too small or with impossible masks
+ */
+export function readHead(fd: number, size: number): HeadPage | undefined {
+  const page = preadFully(fd, PAGE, 0);
+  if (page.length < PAGE) {
+    throw new SnapshotFormatError('ERR_SNAPSHOT_TOO_SMALL', `a snapshot file needs at least one page (${PAGE} bytes) for its head; this one has ${Math.min(size, page.length)}`);
+  }
+  const head = parseHead(page, size);
+  return head === undefined ? undefined : { head, page };
+}
+
 /**
  * Reads the head page and the slots of a file of `size` bytes.
  * @returns undefined when the file is not configured (no magic), e.g. a new memfd
  * @throws {@link SnapshotFormatError} for a file too small or with impossible masks
  */
 export function readSlotState(fd: number, size: number): SlotState | undefined {
-  const page = preadFully(fd, PAGE, 0);
-  if (page.length < PAGE) {
-    throw new SnapshotFormatError('ERR_SNAPSHOT_TOO_SMALL', `a snapshot file needs at least one page (${PAGE} bytes) for its head; this one has ${Math.min(size, page.length)}`);
-  }
-  const head = parseHead(page, size);
-  if (head === undefined) return undefined;
+  const found = readHead(fd, size);
+  return found === undefined ? undefined : readSlotsAfter(fd, found);
+}
+
+/**
+ * Reads the slots of a file whose head was read with {@link readHead}.
+ * @throws {@link SnapshotFormatError} when the file ends inside its sequence region
+ */
+export function readSlotsAfter(fd: number, { head, page }: HeadPage): SlotState {
   const needed = slotPosition(head.entries);
   const bytes = needed <= PAGE ? page : Buffer.concat([page, preadFully(fd, needed - PAGE, PAGE)]);
   if (bytes.length < needed) {

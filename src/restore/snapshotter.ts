@@ -6,7 +6,8 @@
  * intact. A copy with no such slot proves nothing and is dropped.
  *
  * No busy loop: rounds are paced by a timer, a round whose `write_offset` has not moved
- * since the last persisted backup costs two `pread`s, and a round never overlaps another.
+ * since the last persisted backup costs one `fstat` and one `pread`, and a round never
+ * overlaps another.
  * @module
  */
 import fs from 'node:fs';
@@ -16,7 +17,7 @@ import { clearSlotsExcept, MIN_FILE_LENGTH, PAGE, readSlots, type Snapshot } fro
 import { describeSystemError, type BackupFile } from './backup.js';
 import { persistAtomically, type PersistFixup, type PersistResult } from './persist.js';
 import { formatBytes, formatDuration, Progress } from './progress.js';
-import { intersectSlots, newestSlot, readSlotState, type SlotState } from './slots.js';
+import { intersectSlots, newestSlot, readHead, readSlotsAfter, readSlotState, type SlotState } from './slots.js';
 
 /**
  * Default pause between rounds, in milliseconds. A round that copies costs about 0.5 ms
@@ -190,17 +191,19 @@ export class Snapshotter {
     const { log, memory } = this.#o;
     this.#nextDelay = this.intervalMs;
     let size: number;
-    let before: SlotState | undefined;
+    let before: SlotState;
     try {
       size = sizeOf(memory);
       if (size < MIN_FILE_LENGTH) return this.#notReady(`the memory has ${size} bytes, too few for a snapshot file`);
-      before = readSlotState(memory, size);
+      const found = readHead(memory, size);
+      if (found === undefined) return this.#notReady('the memory is not configured as a snapshot file yet');
+      // Nothing committed since the last persist: the slots need not be read.
+      if (found.head.writeOffset === this.#persistedWriteOffset) return 'unchanged';
+      before = readSlotsAfter(memory, found);
     } catch (err) {
       if (err instanceof SnapshotFormatError) return this.#notReady(`the memory is not a valid snapshot file: ${err.message}`);
       return this.#failed(err);
     }
-    if (before === undefined) return this.#notReady('the memory is not configured as a snapshot file yet');
-    if (before.head.writeOffset === this.#persistedWriteOffset) return 'unchanged';
     if (before.slots.length === 0) return this.#notReady('the memory holds no snapshot yet');
     this.#lastNote = '';
 
