@@ -18,6 +18,7 @@ const BENCHMARKS = {
   commits: { file: 'commits.js', limitS: 240, about: 'commits per second (8 B to 64 KiB), commitWith, recovering 4096 slots' },
   'restore-1g': { file: 'restore-1g.js', limitS: 900, about: 'restore + write-back of a 1 GiB state (dense and sparse) against cp/sync' },
   'restore-v1': { file: 'restore-v1.js', limitS: 600, about: 'restore-v1 on a 100 MB state: host CPU, disk writes, snapshot age' },
+  state: { file: 'state.js', limitS: 180, about: 'state structures: appends, commits, counters, cell updates, recovery' },
 };
 
 const args = process.argv.slice(2);
