@@ -6,7 +6,8 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { BIN, COUNTER, fingerprint, isRoot, run, runHost, tempDir, tempFiles, works } from './fixtures/restore-helpers.js';
+import { BIN, COUNTER, fingerprint, run, runHost, tempFiles, works } from './fixtures/restore-helpers.js';
+import { isRoot, tempDir } from './helpers.js';
 
 /** A valid restore-v1 backup of 64 KiB with 3 snapshots, made by the real host. */
 async function validBackup(dir) {
@@ -39,8 +40,8 @@ async function expectRefusal(backup, args, problem, options = {}) {
   assert.deepEqual(tempFiles(dir), []);
 }
 
-test('restore-v1 refuses backups that are not valid snapshot files, and leaves them untouched', async () => {
-  const dir = tempDir();
+test('restore-v1 refuses backups that are not valid snapshot files, and leaves them untouched', async (t) => {
+  const dir = tempDir(t);
   const good = await validBackup(dir);
   const random = Buffer.alloc(65536);
   for (let i = 0; i < random.length; i++) random[i] = (i * 2654435761) >>> 24;
@@ -60,8 +61,8 @@ test('restore-v1 refuses backups that are not valid snapshot files, and leaves t
   }
 });
 
-test('without --snapshot the same bytes are a raw image and are accepted', async () => {
-  const dir = tempDir();
+test('without --snapshot the same bytes are a raw image and are accepted', async (t) => {
+  const dir = tempDir(t);
   const file = path.join(dir, 'raw');
   fs.writeFileSync(file, Buffer.alloc(5000, 0xee));
   const r = await runHost([file, 'true']);
@@ -69,8 +70,8 @@ test('without --snapshot the same bytes are a raw image and are accepted', async
   assert.equal(fs.readFileSync(file).length, 5000);
 });
 
-test('a directory as backup is refused in both modes', async () => {
-  const dir = tempDir();
+test('a directory as backup is refused in both modes', async (t) => {
+  const dir = tempDir(t);
   const backup = path.join(dir, 'state');
   fs.mkdirSync(backup);
   fs.writeFileSync(path.join(backup, 'inside'), 'x');
@@ -80,8 +81,8 @@ test('a directory as backup is refused in both modes', async () => {
 
 const setpriv = isRoot && works('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', 'true']);
 
-test('an unreadable backup is refused (EACCES)', { skip: !setpriv && 'root bypasses file permissions: needs root and setpriv to run the host as nobody' }, async () => {
-  const dir = tempDir();
+test('an unreadable backup is refused (EACCES)', { skip: !setpriv && 'root bypasses file permissions: needs root and setpriv to run the host as nobody' }, async (t) => {
+  const dir = tempDir(t);
   fs.chmodSync(dir, 0o755);
   const backup = path.join(dir, 'secret');
   fs.writeFileSync(backup, 'state', { mode: 0o600 });
@@ -91,8 +92,8 @@ test('an unreadable backup is refused (EACCES)', { skip: !setpriv && 'root bypas
   }
 });
 
-test('a backup whose directory does not let a replacement be written is refused (EACCES as nobody)', { skip: !setpriv && 'needs root and setpriv to run the host as nobody' }, async () => {
-  const dir = tempDir();
+test('a backup whose directory does not let a replacement be written is refused (EACCES as nobody)', { skip: !setpriv && 'needs root and setpriv to run the host as nobody' }, async (t) => {
+  const dir = tempDir(t);
   fs.chmodSync(dir, 0o755);
   const backup = path.join(dir, 'state');
   fs.writeFileSync(backup, 'readable but not replaceable', { mode: 0o644 });
@@ -102,8 +103,8 @@ test('a backup whose directory does not let a replacement be written is refused 
 
 const unshare = isRoot && works('unshare', ['-m', 'true']);
 
-test('a backup in a read-only directory (a read-only mount) is refused, in both modes', { skip: !unshare && 'root bypasses directory permissions: needs root and unshare -m for a read-only bind mount' }, async () => {
-  const dir = tempDir();
+test('a backup in a read-only directory (a read-only mount) is refused, in both modes', { skip: !unshare && 'root bypasses directory permissions: needs root and unshare -m for a read-only bind mount' }, async (t) => {
+  const dir = tempDir(t);
   const good = await validBackup(dir);
   const backup = path.join(dir, 'state');
   fs.writeFileSync(backup, good);

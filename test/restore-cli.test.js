@@ -5,7 +5,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import * as sys from '../dist/system.js';
-import { BIN, COUNTER, ENV, RAW, SHM_FD, cleanEnv, run, runHost, tempDir, tempFiles } from './fixtures/restore-helpers.js';
+import { BIN, COUNTER, ENV, RAW, run, runHost, tempFiles } from './fixtures/restore-helpers.js';
+import { cleanEnv, SHM_FD, tempDir } from './helpers.js';
 
 const pkg = JSON.parse(fs.readFileSync(new URL('../package.json', import.meta.url), 'utf8'));
 
@@ -21,8 +22,8 @@ test('--help prints the usage with both argument orders and the status command; 
   assert.equal(version.stdout, `shm-restore ${pkg.version}\n`);
 });
 
-test('usage errors: one line on stderr, exit 125, no backup created', async () => {
-  const dir = tempDir();
+test('usage errors: one line on stderr, exit 125, no backup created', async (t) => {
+  const dir = tempDir(t);
   const backup = path.join(dir, 'b');
   const cases = [
     [[], /no BACKUP given/],
@@ -44,8 +45,8 @@ test('usage errors: one line on stderr, exit 125, no backup created', async () =
   assert.deepEqual(fs.readdirSync(dir), []);
 });
 
-test('a command that is not found exits 127 before anything is restored or written', async () => {
-  const dir = tempDir();
+test('a command that is not found exits 127 before anything is restored or written', async (t) => {
+  const dir = tempDir(t);
   const backup = path.join(dir, 'b');
   fs.writeFileSync(backup, 'raw state');
   const before = fs.statSync(backup).mtimeMs;
@@ -57,8 +58,8 @@ test('a command that is not found exits 127 before anything is restored or writt
   assert.deepEqual(tempFiles(dir), []);
 });
 
-test('the program gets the memory at fd 3, LISTEN_FDS/LISTEN_FDNAMES, and LISTEN_PID = its own pid (original order, no --)', async () => {
-  const dir = tempDir();
+test('the program gets the memory at fd 3, LISTEN_FDS/LISTEN_FDNAMES, and LISTEN_PID = its own pid (original order, no --)', async (t) => {
+  const dir = tempDir(t);
   const r = await runHost([path.join(dir, 'b'), process.execPath, ENV]);
   assert.equal(r.status, 0, r.stderr);
   const info = JSON.parse(r.stdout);
@@ -70,8 +71,8 @@ test('the program gets the memory at fd 3, LISTEN_FDS/LISTEN_FDNAMES, and LISTEN
   assert.equal(r.stderr, '', 'quiet by default');
 });
 
-test('--name renames the descriptor; --no-pid leaves LISTEN_PID unset; COMMAND is not interpreted by a shell', async () => {
-  const dir = tempDir();
+test('--name renames the descriptor; --no-pid leaves LISTEN_PID unset; COMMAND is not interpreted by a shell', async (t) => {
+  const dir = tempDir(t);
   const r = await runHost(['--name', 'state', '--no-pid', path.join(dir, 'b'), '--', process.execPath, ENV, '$HOME; echo x']);
   assert.equal(r.status, 0, r.stderr);
   const info = JSON.parse(r.stdout);
@@ -83,8 +84,8 @@ test('--name renames the descriptor; --no-pid leaves LISTEN_PID unset; COMMAND i
   assert.equal(echo.stdout, '$HOME * "q"\n');
 });
 
-test('descriptors passed in are passed on first, in order, and the new memory file is appended', async () => {
-  const dir = tempDir();
+test('descriptors passed in are passed on first, in order, and the new memory file is appended', async (t) => {
+  const dir = tempDir(t);
   const r = await run(process.execPath, [SHM_FD, '--name', 'other', process.execPath, BIN, path.join(dir, 'b'), process.execPath, ENV]);
   assert.equal(r.status, 0, r.stderr);
   const info = JSON.parse(r.stdout);
@@ -95,8 +96,8 @@ test('descriptors passed in are passed on first, in order, and the new memory fi
   assert.equal(info.env.LISTEN_PID, String(info.pid));
 });
 
-test('a memory file passed in under the name is used as it is (newer than the backup), then written back', async () => {
-  const dir = tempDir();
+test('a memory file passed in under the name is used as it is (newer than the backup), then written back', async (t) => {
+  const dir = tempDir(t);
   const backup = path.join(dir, 'b');
   fs.writeFileSync(backup, 'old state on disk');
   // shm-fd creates an empty memory file and execs shm-restore with it.
@@ -106,8 +107,8 @@ test('a memory file passed in under the name is used as it is (newer than the ba
   assert.equal(fs.readFileSync(backup).subarray(0, 9).toString(), 'new state');
 });
 
-test('under a service manager: the new memory file goes to the fd store (FDSTORE=1, FDNAME); NOTIFY_SOCKET stays set for the program', async () => {
-  const dir = tempDir();
+test('under a service manager: the new memory file goes to the fd store (FDSTORE=1, FDNAME); NOTIFY_SOCKET stays set for the program', async (t) => {
+  const dir = tempDir(t);
   const address = path.join(dir, 'notify.sock');
   const sock = sys.unixDatagramSocket();
   sys.bindUnix(sock, address);
@@ -132,8 +133,8 @@ test('under a service manager: the new memory file goes to the fd store (FDSTORE
   }
 });
 
-test('status: size, snapshot count, size and age of the newest snapshot, one fact per line; 1 for a missing or invalid backup', async () => {
-  const dir = tempDir();
+test('status: size, snapshot count, size and age of the newest snapshot, one fact per line; 1 for a missing or invalid backup', async (t) => {
+  const dir = tempDir(t);
   const backup = path.join(dir, 'b');
   const missing = await runHost(['status', backup]);
   assert.equal(missing.status, 1);

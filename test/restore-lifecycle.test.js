@@ -4,24 +4,11 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import {
-  COUNTER,
-  RAW,
-  fingerprint,
-  isRoot,
-  readCounterBackup,
-  run,
-  runHost,
-  startHost,
-  tempDir,
-  tempFiles,
-  waitFor,
-  works,
-  BIN,
-} from './fixtures/restore-helpers.js';
+import { COUNTER, RAW, fingerprint, readCounterBackup, run, runHost, startHost, tempFiles, waitFor, works, BIN } from './fixtures/restore-helpers.js';
+import { isRoot, tempDir } from './helpers.js';
 
-test('fresh start with a missing backup: the program gets an empty memory; the backup is written at exit, mode 0600', async () => {
-  const dir = tempDir();
+test('fresh start with a missing backup: the program gets an empty memory; the backup is written at exit, mode 0600', async (t) => {
+  const dir = tempDir(t);
   const backup = path.join(dir, 'state');
   const r = await runHost([backup, process.execPath, RAW, '--write', 'hello']);
   assert.equal(r.status, 0, r.stderr);
@@ -32,8 +19,8 @@ test('fresh start with a missing backup: the program gets an empty memory; the b
   assert.deepEqual(tempFiles(dir), []);
 });
 
-test('fresh start with an empty backup file, in both modes', async () => {
-  const dir = tempDir();
+test('fresh start with an empty backup file, in both modes', async (t) => {
+  const dir = tempDir(t);
   const raw = path.join(dir, 'raw');
   fs.writeFileSync(raw, '');
   const r = await runHost([raw, process.execPath, RAW, '--write', 'x']);
@@ -50,8 +37,8 @@ test('fresh start with an empty backup file, in both modes', async () => {
   assert.deepEqual(tempFiles(dir), []);
 });
 
-test('restore: what run 1 wrote is what run 2 finds, through the backup on disk (raw and restore-v1)', async () => {
-  const dir = tempDir();
+test('restore: what run 1 wrote is what run 2 finds, through the backup on disk (raw and restore-v1)', async (t) => {
+  const dir = tempDir(t);
   const raw = path.join(dir, 'raw');
   assert.equal((await runHost([raw, process.execPath, RAW, '--write', 'first run', '--size', '1048576'])).status, 0);
   const second = await runHost([raw, process.execPath, RAW]);
@@ -67,8 +54,8 @@ test('restore: what run 1 wrote is what run 2 finds, through the backup on disk 
   assert.equal(readCounterBackup(snap).counter, 10);
 });
 
-test("exit status: the program's code; 128+N for signal N; a SIGKILLed program is a failure (137), and its memory is still written back", async () => {
-  const dir = tempDir();
+test("exit status: the program's code; 128+N for signal N; a SIGKILLed program is a failure (137), and its memory is still written back", async (t) => {
+  const dir = tempDir(t);
   const backup = path.join(dir, 'b');
   assert.equal((await runHost([backup, process.execPath, RAW, '--code', '7'])).status, 7);
   assert.equal((await runHost([backup, process.execPath, RAW, '--signal', 'SIGUSR2'])).status, 140);
@@ -78,8 +65,8 @@ test("exit status: the program's code; 128+N for signal N; a SIGKILLed program i
   assert.deepEqual(tempFiles(dir), []);
 });
 
-test('SIGTERM to the host is forwarded; the host waits for the program, writes back, and exits 143', async () => {
-  const dir = tempDir();
+test('SIGTERM to the host is forwarded; the host waits for the program, writes back, and exits 143', async (t) => {
+  const dir = tempDir(t);
   const backup = path.join(dir, 'b');
   const marker = path.join(dir, 'marker');
   const host = startHost(['--snapshot=restore-v1', backup, process.execPath, COUNTER, '--commits', '4', '--marker', marker]);
@@ -93,8 +80,8 @@ test('SIGTERM to the host is forwarded; the host waits for the program, writes b
   assert.deepEqual(tempFiles(dir), []);
 });
 
-test('the host never exits before the program: a program that handles SIGTERM and exits 3 later gives status 3', async () => {
-  const dir = tempDir();
+test('the host never exits before the program: a program that handles SIGTERM and exits 3 later gives status 3', async (t) => {
+  const dir = tempDir(t);
   const marker = path.join(dir, 'marker');
   const script = `trap 'sleep 0.3; echo handled > "${marker}"; exit 3' TERM; echo started; while :; do sleep 0.05; done`;
   const host = startHost([path.join(dir, 'b'), 'sh', '-c', script]);
@@ -105,8 +92,8 @@ test('the host never exits before the program: a program that handles SIGTERM an
   assert.equal(fs.readFileSync(marker, 'utf8'), 'handled\n');
 });
 
-test('a host starting up removes temporary files a killed host left, and nothing else', async () => {
-  const dir = tempDir();
+test('a host starting up removes temporary files a killed host left, and nothing else', async (t) => {
+  const dir = tempDir(t);
   const backup = path.join(dir, 'b');
   fs.writeFileSync(path.join(dir, '.b.tmp-0123abcd'), 'partial copy');
   fs.writeFileSync(path.join(dir, '.b.tmp-notes'), 'not ours');
@@ -116,8 +103,8 @@ test('a host starting up removes temporary files a killed host left, and nothing
   assert.deepEqual(fs.readdirSync(dir).sort(), ['.b.tmp-notes', '.other.tmp-0123abcd', 'b']);
 });
 
-test('the backup keeps its permission bits across write-backs; a symbolic link is followed, not replaced', async () => {
-  const dir = tempDir();
+test('the backup keeps its permission bits across write-backs; a symbolic link is followed, not replaced', async (t) => {
+  const dir = tempDir(t);
   const target = path.join(dir, 'real');
   fs.writeFileSync(target, 'v1', { mode: 0o640 });
   fs.chmodSync(target, 0o640);
@@ -133,8 +120,8 @@ test('the backup keeps its permission bits across write-backs; a symbolic link i
 
 const canMount = isRoot && works('unshare', ['-m', 'true']);
 
-test('a full disk at write-back: one error line, non-zero status, the old backup stays, no temporary file left', { skip: !canMount && 'needs root and unshare -m to mount a small tmpfs' }, async () => {
-  const dir = tempDir();
+test('a full disk at write-back: one error line, non-zero status, the old backup stays, no temporary file left', { skip: !canMount && 'needs root and unshare -m to mount a small tmpfs' }, async (t) => {
+  const dir = tempDir(t);
   // Everything runs inside a private mount namespace with a 1 MiB tmpfs as the backup's directory.
   const script = `
     set -e
@@ -161,8 +148,8 @@ test('a full disk at write-back: one error line, non-zero status, the old backup
   assert.equal(r.stderr.split('\n').filter((l) => l.includes('cannot persist a snapshot')).length, 1, r.stderr);
 });
 
-test('the backup on disk is replaced, never rewritten in place (a new inode each time)', async () => {
-  const dir = tempDir();
+test('the backup on disk is replaced, never rewritten in place (a new inode each time)', async (t) => {
+  const dir = tempDir(t);
   const backup = path.join(dir, 'b');
   await runHost([backup, process.execPath, RAW, '--write', 'one']);
   const first = fingerprint(backup);
@@ -170,8 +157,8 @@ test('the backup on disk is replaced, never rewritten in place (a new inode each
   assert.notEqual(fingerprint(backup).ino, first.ino);
 });
 
-test('a signal during the restore ends the host without running the program, exit 128+N', async () => {
-  const dir = tempDir();
+test('a signal during the restore ends the host without running the program, exit 128+N', async (t) => {
+  const dir = tempDir(t);
   const backup = path.join(dir, 'b');
   // 256 MiB of data take a while to restore; the signal arrives during the copy.
   const fd = fs.openSync(backup, 'w');

@@ -7,7 +7,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { SnapshotFile } from '../dist/snapshot/index.js';
-import { COUNTER, RAW, fingerprint, readCounterBackup, runHost, sleep, startHost, tempDir, tempFiles, waitFor } from './fixtures/restore-helpers.js';
+import { COUNTER, RAW, fingerprint, readCounterBackup, runHost, startHost, tempFiles, waitFor } from './fixtures/restore-helpers.js';
+import { seededRandom, sleep, tempDir } from './helpers.js';
 
 /** True once `pid` is gone or a zombie (its reaper may take its time). */
 function isDead(pid) {
@@ -43,8 +44,8 @@ function assertSlotsIntact(backup) {
   for (let i = 0; i < log.length; i++) assert.equal(log[i], BigInt(i + 1), `tail log entry ${i}`);
 }
 
-test('backups appear on disk while the program runs, each a valid snapshot file with intact slots', async () => {
-  const dir = tempDir();
+test('backups appear on disk while the program runs, each a valid snapshot file with intact slots', async (t) => {
+  const dir = tempDir(t);
   const backup = path.join(dir, 'b');
   const host = startHost(['--snapshot=restore-v1', '--interval', '20', backup, process.execPath, COUNTER, '--every', '5']);
   assert.equal((await host.next()).recovered, 0);
@@ -70,8 +71,8 @@ test('backups appear on disk while the program runs, each a valid snapshot file 
   assert.deepEqual(tempFiles(dir), []);
 });
 
-test('an idle program causes no backup writes: rounds are skipped while write_offset stays', async () => {
-  const dir = tempDir();
+test('an idle program causes no backup writes: rounds are skipped while write_offset stays', async (t) => {
+  const dir = tempDir(t);
   const backup = path.join(dir, 'b');
   const host = startHost(['--snapshot=restore-v1', '--interval', '10', '--log-level', 'debug', backup, process.execPath, COUNTER, '--commits', '3']);
   assert.equal((await host.next()).recovered, 0);
@@ -87,8 +88,8 @@ test('an idle program causes no backup writes: rounds are skipped while write_of
   assert.ok(rounds !== null && Number(rounds[2]) >= 5, `rounds were skipped, not run: ${rounds?.[0]}`);
 });
 
-test('memory that is not a snapshot file is never snapshotted, and never replaces a good backup at exit', async () => {
-  const dir = tempDir();
+test('memory that is not a snapshot file is never snapshotted, and never replaces a good backup at exit', async (t) => {
+  const dir = tempDir(t);
   const backup = path.join(dir, 'b');
   const made = await runHost(['--snapshot=restore-v1', backup, process.execPath, COUNTER, '--commits', '2', '--exit']);
   assert.equal(made.status, 0, made.stderr);
@@ -109,12 +110,11 @@ test('memory that is not a snapshot file is never snapshotted, and never replace
   assert.deepEqual(tempFiles(dir), []);
 });
 
-test('SIGKILL of the host during persistence, again and again: the backup is always a whole valid one, and leftovers are removed at the next start', async () => {
-  const dir = tempDir();
+test('SIGKILL of the host during persistence, again and again: the backup is always a whole valid one, and leftovers are removed at the next start', async (t) => {
+  const dir = tempDir(t);
   const backup = path.join(dir, 'b');
   const SIZE = 64 * 2 ** 20;
-  let seed = 12345;
-  const random = () => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31);
+  const random = seededRandom(12345).next;
   let previous = 0;
   let leftovers = [];
   let sawLeftover = false;
