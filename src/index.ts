@@ -29,6 +29,7 @@ export {
   Notifier,
   parseNotifySocket,
   fdStoreCapacity,
+  fdStoreWarning,
   watchdogUsec,
   keepWatchdogFed,
   MAX_MESSAGE_BYTES,

@@ -169,6 +169,17 @@ export function fdStoreCapacity(env: Environment = process.env): number {
 }
 
 /**
+ * The warning to give before storing descriptors when `$FDSTORE` does not show an enabled
+ * store, or undefined when it does. systemd sets `$FDSTORE` only from version 254 on, so
+ * on older managers (Debian 12 has 252) the store may well be enabled: the line says so.
+ * @param consequence what is lost if the store is disabled, and what to set
+ */
+export function fdStoreWarning(consequence: string, env: Environment = process.env): string | undefined {
+  if (fdStoreCapacity(env) > 0) return undefined;
+  return `$FDSTORE is not set: unless the service manager predates it (systemd < 254), its fd store is disabled and ${consequence}`;
+}
+
+/**
  * The watchdog interval in microseconds (`$WATCHDOG_USEC`), when the manager expects pings
  * from this process (`$WATCHDOG_PID` absent or equal to its pid), else undefined.
  */

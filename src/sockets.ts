@@ -14,7 +14,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import { ShmfdError } from './errors.js';
 import { checkFdName, readListenFds, type PassedFd } from './listen-fds.js';
-import { fdStoreCapacity, Notifier } from './notify.js';
+import { fdStoreWarning, Notifier } from './notify.js';
 import * as sys from './system.js';
 
 /** The socket kinds of systemfd. `http` and `https` are tcp listeners with a URL in the logs. */
@@ -337,12 +337,8 @@ export function prepareSockets(
   }
   const notifier = options.notifier;
   if (notifier !== undefined && opened.length + misfits.length > 0) {
-    if (fdStoreCapacity() === 0) {
-      log?.warn(
-        // systemd sets $FDSTORE only from version 254 on: on older ones this may be a false alarm.
-        `$FDSTORE is not set: unless the service manager predates it (systemd < 254), its fd store is disabled and sockets are opened anew on every start (connections are refused meanwhile); set FileDescriptorStoreMax= to 2 or more`,
-      );
-    }
+    const warning = fdStoreWarning('sockets are opened anew on every start (connections are refused meanwhile); set FileDescriptorStoreMax= to 2 or more');
+    if (warning !== undefined) log?.warn(warning);
     for (const name of names) {
       const fresh = opened.filter((o) => o.spec.name === name).map((o) => o.fd);
       let toStore = fresh;

@@ -8,7 +8,7 @@ import { execReplace } from '../exec.js';
 import path from 'node:path';
 import { DEFAULT_FIRST_FD, findPassedFd, listenEnv, withEnv, type PassedFd } from '../listen-fds.js';
 import { MemoryFile } from '../memory-file.js';
-import { fdStoreCapacity, Notifier } from '../notify.js';
+import { fdStoreWarning, Notifier } from '../notify.js';
 import { SHARED_FD_NAME } from '../shared-fd.js';
 import { prepareSocketOptions } from '../sockets.js';
 import * as sys from '../system.js';
@@ -82,12 +82,8 @@ function run(argv: readonly string[], log: Logger): number {
     log.info(`created memory file ${name} (${file.size} bytes)`);
     const notifier = Notifier.fromEnv();
     if (notifier !== undefined) {
-      if (fdStoreCapacity() === 0) {
-        log.warn(
-          // systemd sets $FDSTORE only from version 254 on: on older ones this may be a false alarm.
-          `$FDSTORE is not set: unless the service manager predates it (systemd < 254), its fd store is disabled and ${name} will not survive a restart; set FileDescriptorStoreMax=1 or more`,
-        );
-      }
+      const warning = fdStoreWarning(`${name} will not survive a restart; set FileDescriptorStoreMax=1 or more`);
+      if (warning !== undefined) log.warn(warning);
       notifier.storeFds(name, [file.fd]);
       notifier.close();
       log.info(`stored ${name} in the fd store of ${notifier.address}`);

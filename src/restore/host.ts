@@ -21,7 +21,7 @@ import { ShmfdError } from '../errors.js';
 import { resolveCommand } from '../exec.js';
 import { checkFdName, findPassedFd, listenEnv, readListenFds, withEnv, DEFAULT_FIRST_FD, type Environment, type PassedFd } from '../listen-fds.js';
 import { MemoryFile } from '../memory-file.js';
-import { fdStoreCapacity, Notifier } from '../notify.js';
+import { fdStoreWarning, Notifier } from '../notify.js';
 import { SHARED_FD_NAME } from '../shared-fd.js';
 import { SnapshotFormatError } from '../snapshot/errors.js';
 import { BackupFile, describeSystemError, type BackupInspection } from './backup.js';
@@ -272,9 +272,8 @@ function storeInFdStore(env: Environment, name: string, memory: MemoryFile, log:
   try {
     notifier = Notifier.fromEnv(env);
     if (notifier === undefined) return;
-    if (fdStoreCapacity(env) === 0) {
-      log.warn(`the service manager's fd store is disabled ($FDSTORE is not set): ${name} will not survive a restart of the service, only the backup will; set FileDescriptorStoreMax=1 or more`);
-    }
+    const warning = fdStoreWarning(`${name} will not survive a restart of the service, only the backup will; set FileDescriptorStoreMax=1 or more`, env);
+    if (warning !== undefined) log.warn(warning);
     notifier.storeFds(name, [memory.fd]);
     log.info(`stored ${name} in the fd store of ${notifier.address}`);
   } catch (err) {
