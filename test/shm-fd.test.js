@@ -243,12 +243,15 @@ test('shm-fd watch -n 0.1 PROGRAM: every run continues where the last one stoppe
   const out = path.join(dir, 'runs.txt');
   const quote = (s) => `'${s.replace(/'/g, "'\\''")}'`;
   // watch needs a terminal: script gives it a pseudo-terminal. The fixture ends watch on
-  // its third run; timeout is only a guard against a hang.
-  const command = ['timeout', '60', NODE, SHM_FD, 'watch', '-n', '0.1', NODE, fixture('watch-run.js'), out, '3']
+  // its third run; timeout is only a guard against a hang. It must be --foreground: a
+  // plain timeout moves itself into its own process group, which is a background group on
+  // the pseudo-terminal unless the shell that script starts happens to exec it (in CI it did
+  // not): watch then stops on SIGTTOU before its first run, and again on the SIGTERM.
+  const command = ['timeout', '--foreground', '-k', '5', '60', NODE, SHM_FD, 'watch', '-n', '0.1', NODE, fixture('watch-run.js'), out, '3']
     .map(quote)
     .join(' ');
   const r = await run('script', ['-qec', command, '/dev/null'], {
-    env: cleanEnv({ TERM: 'dumb' }),
+    env: cleanEnv({ TERM: 'dumb', SHELL: '/bin/sh' }),
     timeoutMs: 90_000,
   });
   assert.notEqual(r.code, 124, 'watch was ended by the fixture, not by the timeout');
