@@ -176,6 +176,9 @@ export function fdStoreCapacity(env: Environment = process.env): number {
  */
 export function fdStoreWarning(consequence: string, env: Environment = process.env): string | undefined {
   if (fdStoreCapacity(env) > 0) return undefined;
+  if (env.FDSTORE !== undefined && env.FDSTORE !== '') {
+    return `$FDSTORE is ${JSON.stringify(env.FDSTORE)}: the service manager's fd store is disabled and ${consequence}`;
+  }
   return `$FDSTORE is not set: unless the service manager predates it (systemd < 254), its fd store is disabled and ${consequence}`;
 }
 

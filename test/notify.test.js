@@ -7,6 +7,7 @@ import path from 'node:path';
 import { test } from 'node:test';
 import {
   fdStoreCapacity,
+  fdStoreWarning,
   keepWatchdogFed,
   MAX_MESSAGE_BYTES,
   MemoryFile,
@@ -209,11 +210,14 @@ test('Notifier: a receiver that is gone makes the call throw instead of blocking
   assert.throws(() => notifier.ready(), (err) => err.code === 'ENOENT' && err.syscall === 'sendmsg');
 });
 
-test('fdStoreCapacity and watchdogUsec read $FDSTORE, $WATCHDOG_USEC and $WATCHDOG_PID', () => {
+test('fdStoreCapacity, fdStoreWarning and watchdogUsec read $FDSTORE, $WATCHDOG_USEC and $WATCHDOG_PID', () => {
   assert.equal(fdStoreCapacity({}), 0);
   assert.equal(fdStoreCapacity({ FDSTORE: '0' }), 0);
   assert.equal(fdStoreCapacity({ FDSTORE: 'x' }), 0);
   assert.equal(fdStoreCapacity({ FDSTORE: '3' }), 3);
+  assert.equal(fdStoreWarning('x is lost', { FDSTORE: '3' }), undefined);
+  assert.match(fdStoreWarning('x is lost', {}), /^\$FDSTORE is not set: unless the service manager predates it \(systemd < 254\), .* and x is lost$/);
+  assert.equal(fdStoreWarning('x is lost', { FDSTORE: '0' }), `$FDSTORE is "0": the service manager's fd store is disabled and x is lost`);
   assert.equal(watchdogUsec({}), undefined);
   assert.equal(watchdogUsec({ WATCHDOG_USEC: '0' }), undefined);
   assert.equal(watchdogUsec({ WATCHDOG_USEC: '2000000' }), 2_000_000);

@@ -5,13 +5,14 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import http from 'node:http';
+import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import * as sys from '../dist/system.js';
 import { cleanEnv, datagramReceiver, fixture, NODE, ROOT, SHM_FD, tempDir, waitFor } from './helpers.js';
 
-function startServer(t, args, env) {
-  const child = spawn(NODE, args, { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] });
+function startServer(t, args, env, extraFds = []) {
+  const child = spawn(NODE, args, { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe', ...extraFds] });
   t.after(() => child.kill('SIGKILL'));
   let stdout = '';
   let stderr = '';
@@ -92,4 +93,38 @@ test('under a service manager shm-fd parks the sockets it opens in the fd store,
   // The stored copy still listens: the next start would get it back and reuse it.
   assert.equal(sys.socketInfo(stored[0].fds[0]).listening, true);
   assert.doesNotMatch(s.err(), /warning/);
+});
+
+test('a stored socket that no longer fits --socket is replaced in the fd store too: FDSTOREREMOVE, then FDSTORE of the new one', async (t) => {
+  const dir = tempDir(t);
+  const receiver = datagramReceiver(path.join(dir, 'notify'));
+  t.after(() => receiver.close());
+  // The test plays the service manager: it gives back the http socket of the last start
+  // (TCP), but the unit now says --socket http=unix::PATH.
+  const held = sys.socket(sys.AF_INET, sys.SOCK_STREAM);
+  t.after(() => sys.close(held));
+  sys.bindSocket(held, { family: 'ipv4', address: '127.0.0.1', port: 0 });
+  sys.listen(held, 16);
+  const socketPath = path.join(dir, 'http.sock');
+  const s = startServer(
+    t,
+    [SHM_FD, '-s', `http=unix::${socketPath}`, '--', NODE, fixture('sockets-lifecycle.js')],
+    cleanEnv({ NOTIFY_SOCKET: receiver.address, LISTEN_FDS: '1', LISTEN_FDNAMES: 'http' }),
+    [held],
+  );
+  assert.equal((await receiver.next()).text, 'FDSTOREREMOVE=1\nFDNAME=http', 'the stale TCP socket leaves the store first');
+  const stored = await receiver.next();
+  assert.equal(stored.text, 'FDSTORE=1\nFDNAME=http');
+  assert.equal(stored.fds.length, 1);
+  const info = sys.socketInfo(stored.fds[0]);
+  assert.deepEqual([info.family, info.listening, info.address.path], ['unix', true, socketPath]);
+  assert.equal((await receiver.next()).text, 'FDSTORE=1\nFDNAME=SHM_SHARED_FD');
+  assert.equal((await receiver.next()).text, 'READY=1\nSTATUS=serving');
+  assert.ok(fs.statSync(socketPath).isSocket());
+  // Without $FDSTORE the manager may predate it (systemd 252) or have no store: one warning each.
+  const lines = s.err().split('\n').filter(Boolean);
+  assert.equal(lines.filter((l) => /does not fit --socket http=unix::/.test(l)).length, 1, s.err());
+  assert.equal(lines.filter((l) => /\$FDSTORE is not set: .*sockets are opened anew on every start/.test(l)).length, 1, s.err());
+  s.child.kill('SIGTERM');
+  assert.deepEqual(await s.exited, { code: 0, signal: null });
 });
