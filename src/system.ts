@@ -68,6 +68,8 @@ const c = {
   recvmsg: libc.func('intptr_t recvmsg(int fd, void *msg, int flags)'),
   sendfile: libc.func('intptr_t sendfile(int out_fd, int in_fd, _Inout_ int64_t *offset, size_t count)'),
   lseek: libc.func('int64_t lseek(int fd, int64_t offset, int whence)'),
+  fsetxattr: libc.func('int fsetxattr(int fd, const char *name, const void *value, size_t size, int flags)'),
+  fgetxattr: libc.func('intptr_t fgetxattr(int fd, const char *name, _Out_ uint8_t *value, size_t size)'),
   getpid: libc.func('int getpid()'),
   setsockopt: libc.func('int setsockopt(int fd, int level, int name, const void *value, uint32_t len)'),
   getsockopt: libc.func('int getsockopt(int fd, int level, int name, _Out_ int *value, _Inout_ uint32_t *len)'),
@@ -267,6 +269,36 @@ export function sendfile(outFd: number, inFd: number, offset: number, count: num
   const r = Number(c.sendfile(outFd, inFd, off, count));
   if (r < 0) fail('sendfile');
   return r;
+}
+
+const ENODATA = 61;
+const EOPNOTSUPP = 95;
+const XATTR_VALUE_MAX = 256;
+
+/**
+ * Sets the extended attribute `name` (e.g. `user.shmfd.size`) of an open file
+ * (fsetxattr(2)). Returns false when the file system keeps no such attributes
+ * (EOPNOTSUPP), which callers treat as "nothing recorded", not as a failure.
+ */
+export function setXattr(fd: number, name: string, value: string): boolean {
+  const bytes = Buffer.from(value);
+  if ((c.fsetxattr(fd, name, bytes, bytes.length, 0) as number) === 0) return true;
+  if (koffi.errno() === EOPNOTSUPP) return false;
+  fail('fsetxattr');
+}
+
+/**
+ * Reads the extended attribute `name` of an open file (fgetxattr(2)) as text; undefined
+ * when the file has none of that name (ENODATA) or its file system keeps none (EOPNOTSUPP).
+ * Values longer than 256 bytes are not ours: ERANGE.
+ */
+export function getXattr(fd: number, name: string): string | undefined {
+  const buffer = Buffer.alloc(XATTR_VALUE_MAX);
+  const n = Number(c.fgetxattr(fd, name, buffer, buffer.length));
+  if (n >= 0) return buffer.toString('utf8', 0, n);
+  const errno = koffi.errno();
+  if (errno === ENODATA || errno === EOPNOTSUPP) return undefined;
+  fail('fgetxattr');
 }
 
 export function getpid(): number {

@@ -7,6 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { BIN, COUNTER, fingerprint, run, runHost, tempFiles, works } from './fixtures/restore-helpers.js';
+import * as sys from '../dist/system.js';
 import { isRoot, tempDir } from './helpers.js';
 
 /** A valid restore-v1 backup of 64 KiB with 3 snapshots, made by the real host. */
@@ -59,6 +60,32 @@ test('restore-v1 refuses backups that are not valid snapshot files, and leaves t
     fs.writeFileSync(file, bytes);
     await expectRefusal(file, ['--snapshot=restore-v1'], problem);
   }
+});
+
+test('a backup cut short or extended after shm-restore wrote it is refused, in both modes (its size is recorded in user.shmfd.size)', async (t) => {
+  const dir = tempDir(t);
+  const good = await validBackup(dir);
+  const written = path.join(dir, 'good');
+  const fd = fs.openSync(written, 'r');
+  const recorded = sys.getXattr(fd, 'user.shmfd.size');
+  fs.closeSync(fd);
+  if (recorded === undefined) {
+    t.skip(`the file system of ${dir} keeps no user extended attributes`);
+    return;
+  }
+  assert.equal(recorded, String(good.length));
+  // Cut inside the program's own data: the snapshot head and slots are all still there.
+  fs.truncateSync(written, good.length - 4096);
+  for (const args of [['--snapshot=restore-v1'], []]) {
+    await expectRefusal(written, args, new RegExp(`: is ${good.length - 4096} bytes, but shm-restore wrote ${good.length} bytes: it was cut short or extended since \\(to restore it anyway: setfattr -x user.shmfd.size `));
+  }
+  fs.truncateSync(written, good.length + 1);
+  await expectRefusal(written, ['--snapshot=restore-v1'], /is \d+ bytes, but shm-restore wrote \d+ bytes/);
+  // A copy without the attribute (cp, or a file of the Rust host) is not checked.
+  const copy = path.join(dir, 'copy');
+  fs.writeFileSync(copy, good.subarray(0, good.length - 4096));
+  const r = await runHost(['--snapshot=restore-v1', copy, 'true']);
+  assert.equal(r.status, 0, r.stderr);
 });
 
 test('without --snapshot the same bytes are a raw image and are accepted', async (t) => {

@@ -9,7 +9,7 @@ import path from 'node:path';
 import util from 'node:util';
 import { ShmfdError } from '../errors.js';
 import { SnapshotFormatError } from '../snapshot/errors.js';
-import { isSystemError } from '../system.js';
+import { getXattr, isSystemError, setXattr } from '../system.js';
 import { copySparse, type CopyResult, type CopySparseOptions } from './copy.js';
 import { readSlotState, type SlotState } from './slots.js';
 
@@ -32,6 +32,19 @@ export type BackupInspection =
       /** The snapshot configuration and valid slots, for a configured file. */
       slots: SlotState | undefined;
     };
+
+/**
+ * The extended attribute in which the host records the size of every backup it writes,
+ * atomically with the content (set before the fsync and the rename). The snapshot format
+ * cannot tell a file cut short inside the program's own data (the tail) from a whole one;
+ * this attribute can. Files written by anything else lack it and are not checked.
+ */
+export const SIZE_ATTRIBUTE = 'user.shmfd.size';
+
+/** Records `size` in {@link SIZE_ATTRIBUTE} of a backup being written; a no-op where the file system keeps no user attributes. */
+export function recordBackupSize(fd: number, size: number): void {
+  setXattr(fd, SIZE_ATTRIBUTE, String(size));
+}
 
 /** One line about a failed system call: `permission denied (EACCES)`. */
 export function describeSystemError(err: unknown): string {
@@ -96,6 +109,7 @@ export class BackupFile {
       const stat = fs.fstatSync(fd);
       if (stat.isDirectory()) throw this.#error('ERR_BACKUP_ACCESS', 'is a directory');
       if (!stat.isFile()) throw this.#error('ERR_BACKUP_ACCESS', 'is not a regular file');
+      this.#checkRecordedSize(fd, stat.size);
       let slots: SlotState | undefined;
       if (stat.size > 0) {
         try {
@@ -191,6 +205,21 @@ export class BackupFile {
     } finally {
       fs.closeSync(fd);
     }
+  }
+
+  #checkRecordedSize(fd: number, size: number): void {
+    let recorded: string | undefined;
+    try {
+      recorded = getXattr(fd, SIZE_ATTRIBUTE);
+    } catch (err) {
+      throw this.#error('ERR_BACKUP_ACCESS', `cannot read its ${SIZE_ATTRIBUTE} attribute: ${describeSystemError(err)}`);
+    }
+    if (recorded === undefined || Number(recorded) === size) return;
+    const expected = /^\d+$/.test(recorded) ? `${recorded} bytes` : `the unreadable size ${JSON.stringify(recorded)}`;
+    throw this.#error(
+      'ERR_BACKUP_INVALID',
+      `is ${size} bytes, but shm-restore wrote ${expected}: it was cut short or extended since (to restore it anyway: setfattr -x ${SIZE_ATTRIBUTE} ${this.path})`,
+    );
   }
 
   #error(code: 'ERR_BACKUP_ACCESS' | 'ERR_BACKUP_INVALID', problem: string): ShmfdError {
