@@ -224,7 +224,10 @@ export interface ServeOptions {
 
 /** A running service; see {@link serve}. */
 export interface Service {
-  /** Resolves once every endpoint listens and `READY=1` was sent. */
+  /**
+   * Resolves once every endpoint listens and `READY=1` was sent. It never rejects: a
+   * failed listen reaches the program where it listens, which may try again.
+   */
   readonly ready: Promise<void>;
   /** Resolves once the service stopped (before the exit). */
   readonly stopped: Promise<void>;
@@ -334,10 +337,9 @@ function endpointReady(endpoint: Endpoint): Promise<void> {
   } else if (isBound(endpoint)) {
     return Promise.resolve();
   }
-  return new Promise((resolve, reject) => {
-    endpoint.once('listening', () => resolve());
-    endpoint.once('error', reject);
-  });
+  // A listen error is the program's to handle where it listens (it may well retry
+  // elsewhere): here it would only be an unhandled rejection that ends the process.
+  return new Promise((resolve) => endpoint.once('listening', () => resolve()));
 }
 
 /**

@@ -128,3 +128,18 @@ test('a stored socket that no longer fits --socket is replaced in the fd store t
   s.child.kill('SIGTERM');
   assert.deepEqual(await s.exited, { code: 0, signal: null });
 });
+
+test('serve(): a listen that fails and is retried by the program does not end the process; READY=1 follows the retry', async (t) => {
+  const dir = tempDir(t);
+  const receiver = datagramReceiver(path.join(dir, 'notify'));
+  t.after(() => receiver.close());
+  const s = startServer(t, [fixture('serve-retry.js')], cleanEnv({ NOTIFY_SOCKET: receiver.address }));
+  assert.equal((await receiver.next()).text, 'READY=1\nSTATUS=serving');
+  const port = Number((await waitFor(() => /ready (\d+)/.exec(s.out()), 20_000, 'ready'))[1]);
+  assert.match(s.out(), /^first listen failed: EADDRINUSE\n/);
+  assert.equal((await get(port, '/')).body, 'ok');
+  s.child.kill('SIGTERM');
+  assert.equal((await receiver.next()).text, 'STOPPING=1');
+  assert.deepEqual(await s.exited, { code: 0, signal: null });
+  assert.equal(s.err(), '');
+});
