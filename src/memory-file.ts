@@ -177,13 +177,19 @@ export class MemoryFile {
 
   /** Current size in bytes. */
   get size(): number {
-    return sys.fstat(this.fd).size;
+    return sys.fstat(this.#open('fstat')).size;
+  }
+
+  /** The descriptor, while this object owns it: after close() its number may already name another file. */
+  #open(syscall: string): number {
+    if (this.#closed) throw new sys.SystemError(syscall, 9 /* EBADF */);
+    return this.fd;
   }
 
   /** Sets the size; shrinking fails with EPERM once sealed. */
   resize(size: number): void {
     checkSize(size);
-    sys.ftruncate(this.fd, size);
+    sys.ftruncate(this.#open('ftruncate'), size);
   }
 
   /** Grows the file to at least `size` bytes; never shrinks. Returns the size afterwards. */
@@ -191,19 +197,19 @@ export class MemoryFile {
     checkSize(size);
     const current = this.size;
     if (size <= current) return current;
-    sys.ftruncate(this.fd, size);
+    sys.ftruncate(this.#open('ftruncate'), size);
     return size;
   }
 
   /** Adds seals ({@link sys.Seal} bits). Only memfds created sealable accept them. */
   seal(seals: number): void {
-    sys.addSeals(this.fd, seals);
+    sys.addSeals(this.#open('fcntl'), seals);
   }
 
   /** The current seals, or 0 for a file that cannot be sealed. */
   get seals(): number {
     try {
-      return sys.getSeals(this.fd);
+      return sys.getSeals(this.#open('fcntl'));
     } catch (err) {
       if (sys.isSystemError(err, 'EINVAL')) return 0;
       throw err;
@@ -234,11 +240,14 @@ export class MemoryFile {
       );
     }
     const prot = options.readOnly === true ? sys.PROT_READ : sys.PROT_READ | sys.PROT_WRITE;
-    const addr = sys.mmap(regionLength, prot, sys.MAP_SHARED, this.fd, offset - skip);
+    const addr = sys.mmap(regionLength, prot, sys.MAP_SHARED, this.#open('mmap'), offset - skip);
     return new Mapping({ addr, length: regionLength }, skip, length, offset);
   }
 
-  /** Closes the descriptor. Mappings stay valid until unmapped or collected. */
+  /**
+   * Closes the descriptor. Mappings stay valid until unmapped or collected; every other
+   * method then throws EBADF rather than act on whatever file gets the number next.
+   */
   close(): void {
     if (this.#closed) return;
     this.#closed = true;

@@ -94,6 +94,7 @@ const MAP_FAILED = 0xffffffffffffffffn;
 
 export const MFD_CLOEXEC = 0x1;
 export const MFD_ALLOW_SEALING = 0x2;
+const MEMFD_NAME_MAX = 249;
 
 export const F_GETFD = 1;
 export const F_SETFD = 2;
@@ -148,7 +149,11 @@ export const SEEK_HOLE = 4;
 
 /** Creates an anonymous memory file (memfd_create(2)). */
 export function memfdCreate(name: string, flags: number = MFD_CLOEXEC | MFD_ALLOW_SEALING): number {
-  const fd = c.memfd_create(name, flags) as number;
+  // The kernel takes at most 249 bytes (NAME_MAX less "memfd:"); the name is only shown in
+  // /proc, so a longer one (descriptor names may have 255 characters) is cut, not refused.
+  let shown = name;
+  while (Buffer.byteLength(shown) > MEMFD_NAME_MAX) shown = shown.slice(0, -1);
+  const fd = c.memfd_create(shown, flags) as number;
   if (fd < 0) fail('memfd_create');
   return fd;
 }

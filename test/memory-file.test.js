@@ -104,6 +104,33 @@ test('fromFd on a closed descriptor fails with EBADF', () => {
   assert.throws(() => MemoryFile.fromFd(fd), (err) => err.code === 'EBADF');
 });
 
+test('after close() every method throws EBADF and leaves a file that got the same number alone', (t) => {
+  const dir = tempDir(t);
+  const file = MemoryFile.create('mf-closed', { size: 4096 });
+  file.close();
+  const victimPath = path.join(dir, 'victim');
+  fs.writeFileSync(victimPath, 'victim data');
+  const victim = fs.openSync(victimPath, 'r+');
+  t.after(() => fs.closeSync(victim));
+  assert.equal(victim, file.fd, 'the kernel hands out the lowest free number again');
+  const ebadf = (err) => err.code === 'EBADF';
+  assert.throws(() => file.size, ebadf);
+  assert.throws(() => file.grow(1 << 20), ebadf);
+  assert.throws(() => file.resize(1 << 20), ebadf);
+  assert.throws(() => file.map(), ebadf);
+  assert.throws(() => file.seal(Seal.GROW), ebadf);
+  assert.equal(fs.readFileSync(victimPath, 'utf8'), 'victim data');
+  file.close(); // twice is fine
+});
+
+test('create: names up to 255 characters (the descriptor name limit) are accepted', (t) => {
+  const name = 'n'.repeat(255);
+  const file = MemoryFile.create(name, { size: 4096 });
+  t.after(() => file.close());
+  assert.equal(file.name, name);
+  assert.equal(fs.readlinkSync(`/proc/self/fd/${file.fd}`), `/memfd:${'n'.repeat(249)} (deleted)`);
+});
+
 test('typed arrays over a mapping work with Atomics and share the file', (t) => {
   const file = MemoryFile.create('mf-atomics', { size: 4096 });
   t.after(() => file.close());
