@@ -6,6 +6,7 @@
  */
 import fs from 'node:fs';
 import { ShmfdError } from '../errors.js';
+import { isSystemError } from '../system.js';
 import { isLogLevel, type Logger } from './log.js';
 
 export interface OptionSpec {
@@ -82,19 +83,23 @@ export function packageVersion(): string {
   return pkg.version;
 }
 
+/** Writes an answer to stdout; a reader that went away (`| head -1`, `| true`) is no failure. */
+function answer(text: string): number {
+  try {
+    fs.writeSync(1, text);
+  } catch (err) {
+    if (!isSystemError(err, 'EPIPE')) throw err;
+  }
+  return 0;
+}
+
 /**
  * The options every command shares: `--help` and `--version` (answered here: returns the
  * exit status) and `--log-level` (or `SHMFD_LOG`, applied to `log`: returns undefined).
  */
 export function commonOptions(args: ParsedArgs, program: string, usage: string, log: Logger): number | undefined {
-  if (args.options.has('help')) {
-    process.stdout.write(`${usage}\n`);
-    return 0;
-  }
-  if (args.options.has('version')) {
-    process.stdout.write(`${program} ${packageVersion()}\n`);
-    return 0;
-  }
+  if (args.options.has('help')) return answer(`${usage}\n`);
+  if (args.options.has('version')) return answer(`${program} ${packageVersion()}\n`);
   const level = last(args, 'log-level') ?? process.env.SHMFD_LOG;
   if (level !== undefined) {
     if (!isLogLevel(level)) throw usageError(`--log-level: unknown level ${JSON.stringify(level)}`);
