@@ -5,7 +5,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { COUNTER, RAW, fingerprint, readCounterBackup, run, runHost, startHost, tempFiles, waitFor, works, BIN } from './fixtures/restore-helpers.js';
-import { isRoot, tempDir } from './helpers.js';
+import { cleanEnv, datagramReceiver, isRoot, tempDir } from './helpers.js';
 
 test('fresh start with a missing backup: the program gets an empty memory; the backup is written at exit, mode 0600', async (t) => {
   const dir = tempDir(t);
@@ -167,13 +167,41 @@ test('a signal during the restore ends the host without running the program, exi
   fs.closeSync(fd);
   const before = fingerprint(backup);
   const marker = path.join(dir, 'ran');
-  const host = startHost(['--log-level', 'debug', backup, 'touch', marker]);
+  // Under a service manager: a partly restored memory must not reach the fd store, where
+  // it would win over the (good) backup at the next start.
+  const receiver = datagramReceiver(path.join(dir, 'notify'));
+  t.after(() => receiver.close());
+  const host = startHost(['--log-level', 'debug', backup, 'touch', marker], { env: cleanEnv({ NOTIFY_SOCKET: receiver.address, FDSTORE: '1' }) });
   await waitFor(() => host.stderr.includes('restoring'), 'the restore to start', 10_000, 1);
   host.child.kill('SIGTERM');
   const end = await host.exited;
   assert.equal(end.status, 143, end.stderr);
   assert.match(end.stderr, /received SIGTERM before the program started/);
+  assert.doesNotMatch(end.stderr, /restored .* in /, 'the signal came during the copy');
+  assert.equal(receiver.receive(), undefined, 'nothing was sent to the fd store');
   assert.equal(fs.existsSync(marker), false);
   assert.deepEqual(fingerprint(backup), before);
   assert.deepEqual(tempFiles(dir), []);
+});
+
+test('the program gets its memory file at offset 0, and snapshot rounds never move its file offset', async (t) => {
+  const dir = tempDir(t);
+  const backup = path.join(dir, 'b');
+  fs.writeFileSync(backup, Buffer.alloc(3 * 4096, 7));
+  // The descriptor is shared with the host: read(2) from it starts where the host left the offset.
+  const raw = await run('sh', ['-c', `exec ${JSON.stringify(process.execPath)} ${JSON.stringify(BIN)} ${JSON.stringify(backup)} sh -c 'grep ^pos: /proc/self/fdinfo/3; wc -c <&3'`]);
+  assert.equal(raw.status, 0, raw.stderr);
+  assert.deepEqual(raw.stdout.trim().split(/\s+/), ['pos:', '0', '12288']);
+
+  const live = path.join(dir, 'live');
+  const host = startHost(['--snapshot=restore-v1', '--interval', '20', '--log-level', 'debug', live, process.execPath, COUNTER, '--commits', '3', '--report-offset']);
+  const first = await host.next();
+  assert.equal(first.offset, 0);
+  await waitFor(() => /snapshot persisted/.test(host.stderr), 'a persisted round', 20_000);
+  host.child.kill('SIGTERM');
+  const end = await host.exited;
+  assert.equal(end.status, 0, end.stderr);
+  let last = await host.next();
+  while (last.offset === undefined) last = await host.next(); // skip {"committed": 3}
+  assert.equal(last.offset, 0, 'the rounds seeked on their own file descriptions');
 });

@@ -8,7 +8,7 @@ import path from 'node:path';
 import { test } from 'node:test';
 import { SnapshotFile } from '../dist/snapshot/index.js';
 import { COUNTER, RAW, fingerprint, readCounterBackup, runHost, startHost, tempFiles, waitFor } from './fixtures/restore-helpers.js';
-import { seededRandom, sleep, tempDir } from './helpers.js';
+import { fixture, seededRandom, sleep, tempDir } from './helpers.js';
 
 /** True once `pid` is gone or a zombie (its reaper may take its time). */
 function isDead(pid) {
@@ -149,4 +149,60 @@ test('SIGKILL of the host during persistence, again and again: the backup is alw
   }
   assert.ok(previous > 0, 'some backup was persisted');
   assert.ok(sawLeftover, 'at least one kill hit a persist in progress (a temporary file was left)');
+});
+
+test('restore-v1: a program that ends without snapshots does not replace a backup the host persisted while it ran', async (t) => {
+  const dir = tempDir(t);
+  const backup = path.join(dir, 'b');
+  const r = await runHost(['--snapshot=restore-v1', '--interval', '20', '--log-level', 'debug', backup, process.execPath, fixture('restore-drop-all.js'), '1500']);
+  assert.equal(r.status, 0, r.stderr);
+  assert.equal(JSON.parse(r.stdout).valid, 0);
+  assert.match(r.stderr, /snapshot persisted: 3 of 3 slots kept/);
+  assert.match(r.stderr, /warning: the memory holds no valid snapshot but the backup does; the backup .* is kept as it was/);
+  const status = await runHost(['--snapshot=restore-v1', 'status', backup]);
+  assert.match(status.stdout, /^snapshots: 3$/m);
+});
+
+test('restore-v1: memory that grows under the host never yields a backup whose newest snapshot refers past its end', async (t) => {
+  const dir = tempDir(t);
+  const backup = path.join(dir, 'b');
+  const TAIL = 3 * 4096;
+  const host = startHost(['--snapshot=restore-v1', '--interval', '1', backup, process.execPath, fixture('restore-grow.js'), '1500', '1']);
+  const seen = new Set();
+  const bad = [];
+  let ended = false;
+  const exited = host.exited.then((end) => {
+    ended = true;
+    return end;
+  });
+  // Check every backup the host makes durable while the program appends and commits.
+  while (!ended) {
+    let bytes;
+    try {
+      // A freed inode number is handed out again: the change time tells the files apart.
+      const stat = fs.statSync(backup, { bigint: true });
+      const id = `${stat.ino}:${stat.ctimeNs}`;
+      if (seen.has(id)) {
+        await sleep(1);
+        continue;
+      }
+      seen.add(id);
+      bytes = fs.readFileSync(backup);
+    } catch {
+      await sleep(1);
+      continue;
+    }
+    const aligned = new Uint8Array(new ArrayBuffer(TAIL + 4096));
+    aligned.set(bytes.subarray(0, TAIL + 4096));
+    const found = SnapshotFile.open(aligned).recover();
+    const newest = found?.newest();
+    if (newest === undefined) continue;
+    const n = Number(Buffer.from(found.read(newest)).readBigUInt64LE(0));
+    const at = TAIL + 8 * (n - 1);
+    if (bytes.length < at + 8 || bytes.readBigUInt64LE(at) !== BigInt(n)) bad.push(`snapshot ${n}, file of ${bytes.length} bytes`);
+  }
+  const end = await exited;
+  assert.equal(end.status, 0, end.stderr);
+  assert.ok(seen.size >= 10, `only ${seen.size} backups seen`);
+  assert.deepEqual(bad, [], `${bad.length} of ${seen.size} backups were short`);
 });

@@ -6,6 +6,7 @@
  * instead of killing the process with SIGBUS.
  * @module
  */
+import fs from 'node:fs';
 import * as sys from '../system.js';
 
 const SEEK_SET = 0;
@@ -59,9 +60,20 @@ export function dataExtents(fd: number, size: number): [number, number][] {
 }
 
 /**
+ * A new open file description of the file behind `fd`, with its own file offset.
+ * `lseek` and `sendfile` move the offset of the description they are given, and a
+ * descriptor passed to a program shares its description with the host's: seeking on
+ * that one would move the program's offset under it.
+ */
+function ownDescription(fd: number, flags: string): number {
+  return fs.openSync(`/proc/self/fd/${fd}`, flags);
+}
+
+/**
  * Copies the first `size` bytes of `source` into `dest`, which must be empty or hold
  * nothing that matters: it is truncated to `size` first, then only the source's data
- * extents are written. Yields to the event loop between chunks.
+ * extents are written. Yields to the event loop between chunks. The file offsets of
+ * `source` and `dest` stay where they were (the copy seeks on descriptions of its own).
  */
 export async function copySparse(
   source: number,
@@ -70,6 +82,18 @@ export async function copySparse(
   options: CopySparseOptions = {},
 ): Promise<CopyResult> {
   sys.ftruncate(dest, size);
+  const from = ownDescription(source, 'r');
+  let to: number | undefined;
+  try {
+    to = ownDescription(dest, 'r+');
+    return await copyExtents(from, to, size, options);
+  } finally {
+    fs.closeSync(from);
+    if (to !== undefined) fs.closeSync(to);
+  }
+}
+
+async function copyExtents(source: number, dest: number, size: number, options: CopySparseOptions): Promise<CopyResult> {
   const extents = dataExtents(source, size);
   const total = extents.reduce((sum, [start, end]) => sum + end - start, 0);
   let copied = 0;

@@ -182,8 +182,10 @@ async function host(o: RestoreHostOptions, log: Logger, relay: SignalRelay): Pro
   } else {
     memory = MemoryFile.create(name, { sealShrink: true });
     await restore(backup, inspection, memory, log, relay, showProgress);
+    // Only a complete memory file goes to the store: a partial one would win over the
+    // disk next time. A restore cut short by a signal returns early, with the signal noted.
+    if (relay.received !== undefined) return exitStatus(null, relay.received);
     created = { fd: memory.fd, name };
-    // Only a complete memory file goes to the store: a partial one would win over the disk next time.
     storeInFdStore(env, name, memory, log);
   }
   if (relay.received !== undefined) return exitStatus(null, relay.received);
@@ -225,7 +227,12 @@ async function host(o: RestoreHostOptions, log: Logger, relay: SignalRelay): Pro
     log.debug(`snapshot rounds: ${c.persisted} persisted, ${c.unchanged} unchanged, ${c['not-ready']} not ready, ${c.discarded} discarded, ${c.failed} failed`);
   }
 
-  const written = await writeBack(o, backup, inspection, memory, mode, log, showProgress);
+  // What is durable now: the backup found at start, or a newer one the snapshotter wrote.
+  const durable: DurableState = {
+    exists: (inspection.state === 'present' && inspection.size > 0) || snapshotter?.lastPersisted !== undefined,
+    snapshots: snapshotter?.lastPersisted?.count ?? (inspection.state === 'present' ? (inspection.slots?.slots.length ?? 0) : 0),
+  };
+  const written = await writeBack(o, backup, durable, memory, mode, log, showProgress);
   if (!written) return status === 0 ? EXIT_HOST_FAILURE : status;
   return status;
 }
@@ -343,10 +350,18 @@ function reportStatus(env: Environment, snapshotter: Snapshotter, log: Logger): 
  * The final write-back of quiescent memory. Returns false when it failed (the old backup
  * then stays, and the reason has been logged).
  */
+/** The backup on disk as the final write-back must respect it. */
+interface DurableState {
+  /** A backup with content exists (found at start, or persisted since). */
+  exists: boolean;
+  /** Its number of valid snapshots. */
+  snapshots: number;
+}
+
 async function writeBack(
   o: RestoreHostOptions,
   backup: BackupFile,
-  inspection: BackupInspection,
+  durable: DurableState,
   memory: MemoryFile,
   mode: number,
   log: Logger,
@@ -357,9 +372,9 @@ async function writeBack(
   try {
     size = memory.size;
     if (o.snapshot !== undefined) {
-      const verdict = checkFinalSnapshot(memory.fd, size, inspection);
+      const verdict = checkFinalSnapshot(memory.fd, size, durable);
       if (typeof verdict === 'string') {
-        if (inspection.state === 'present' && inspection.size > 0) log.warn(`${verdict}; the backup ${backup.path} is kept as it was`);
+        if (durable.exists) log.warn(`${verdict}; the backup ${backup.path} is kept as it was`);
         else if (size > 0) log.warn(`${verdict}; nothing was written to ${backup.path}`);
         return true;
       }
@@ -403,7 +418,7 @@ async function writeBack(
  * file, and not one without snapshots over a backup that has some.
  * @returns the memory's slots, or why it must not replace the backup
  */
-function checkFinalSnapshot(fd: number, size: number, inspection: BackupInspection): SlotState | string {
+function checkFinalSnapshot(fd: number, size: number, durable: DurableState): SlotState | string {
   if (size === 0) return 'the memory is empty';
   let state: SlotState | undefined;
   try {
@@ -413,7 +428,6 @@ function checkFinalSnapshot(fd: number, size: number, inspection: BackupInspecti
     throw err;
   }
   if (state === undefined) return 'the program never configured its memory as a snapshot file';
-  const backupCount = inspection.state === 'present' ? (inspection.slots?.slots.length ?? 0) : 0;
-  if (state.slots.length === 0 && backupCount > 0) return 'the memory holds no valid snapshot but the backup does';
+  if (state.slots.length === 0 && durable.snapshots > 0) return 'the memory holds no valid snapshot but the backup does';
   return state;
 }

@@ -34,6 +34,9 @@ export const DEFAULT_INTERVAL_MS = 250;
  */
 const PACING_FACTOR = 10;
 
+/** Copies discarded in a row before a warning says that no snapshot is being made durable. */
+const DISCARDS_BEFORE_WARNING = 5;
+
 /** The newest backup this host made durable. */
 export interface DurableSnapshot {
   /** When its slots were read, before the copy (ms since the epoch): its data is at least this old. */
@@ -132,6 +135,7 @@ export class Snapshotter {
   #lastNote = '';
   #lastError = '';
   #nextDelay: number;
+  #discardedInARow = 0;
   /** The newest backup made durable by this snapshotter. */
   lastPersisted: DurableSnapshot | undefined;
   /** Rounds by outcome, for logs and tests. */
@@ -200,6 +204,9 @@ export class Snapshotter {
       // Nothing committed since the last persist: the slots need not be read.
       if (found.head.writeOffset === this.#persistedWriteOffset) return 'unchanged';
       before = readSlotsAfter(memory, found);
+      // A snapshot in `before` was published after the data it refers to was written, so
+      // the size now covers that data; the size read first may not (the file can grow).
+      size = Math.max(size, sizeOf(memory));
     } catch (err) {
       if (err instanceof SnapshotFormatError) return this.#notReady(`the memory is not a valid snapshot file: ${err.message}`);
       return this.#failed(err);
@@ -224,10 +231,12 @@ export class Snapshotter {
       return this.#failed(err);
     } finally {
       progress?.done();
+      // Every round that copied is paced, kept or not: discarded copies cost as much.
+      const cpu = process.cpuUsage(cpuBefore);
+      this.#nextDelay = Math.max(this.intervalMs, (PACING_FACTOR * (cpu.user + cpu.system)) / 1000);
     }
-    if (result === undefined) return 'discarded';
-    const cpu = process.cpuUsage(cpuBefore);
-    this.#nextDelay = Math.max(this.intervalMs, (PACING_FACTOR * (cpu.user + cpu.system)) / 1000);
+    if (result === undefined) return this.#discarded();
+    this.#discardedInARow = 0;
     if (this.#lastError !== '') log.info('persisting snapshots works again');
     this.#lastError = '';
     this.#persistedWriteOffset = before.head.writeOffset;
@@ -247,6 +256,17 @@ export class Snapshotter {
     );
     this.#o.onPersisted?.(snapshot, result);
     return 'persisted';
+  }
+
+  #discarded(): RoundOutcome {
+    this.#discardedInARow++;
+    if (this.#discardedInARow === DISCARDS_BEFORE_WARNING) {
+      this.#o.log.warn(
+        `the last ${DISCARDS_BEFORE_WARNING} copies of the memory were discarded: no snapshot stayed valid while one was copied ` +
+          '(does the program drop or overwrite all of its snapshots faster than a copy takes? a larger data ring keeps them longer)',
+      );
+    }
+    return 'discarded';
   }
 
   #notReady(reason: string): RoundOutcome {
