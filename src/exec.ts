@@ -14,33 +14,52 @@ import * as sys from './system.js';
 const DEFAULT_PATH = '/usr/local/bin:/usr/bin:/bin';
 
 /**
- * Finds `command` the way execvp(3) does: a name with a `/` is used as it is, anything else
- * is searched in `PATH` (an empty entry is the current directory).
- * @throws ShmfdError `ERR_COMMAND_NOT_FOUND`; SystemError `EACCES` when found but not executable
+ * Finds `command` the way execvp(3) and shells do: a name with a `/` is used as it is,
+ * anything else is searched in `PATH` (an empty entry is the current directory). A match
+ * that cannot be executed (no permission, a directory) is remembered and the search goes
+ * on; it is the error only when nothing executable is found.
+ * @throws ShmfdError `ERR_COMMAND_NOT_FOUND` (exit 127 in a shell), `ERR_COMMAND_NOT_EXECUTABLE` (126)
  */
 export function resolveCommand(command: string, env: Environment = process.env): string {
   if (command === '') throw new ShmfdError('ERR_COMMAND_NOT_FOUND', 'empty command name');
   const candidates = command.includes('/')
     ? [command]
     : (env.PATH ?? DEFAULT_PATH).split(':').map((dir) => path.join(dir === '' ? '.' : dir, command));
-  let denied: unknown;
+  let denied: ShmfdError | undefined;
   for (const candidate of candidates) {
     let stat: fs.Stats;
     try {
       stat = fs.statSync(candidate);
-    } catch {
+    } catch (err) {
+      if (sys.isSystemError(err, 'EACCES')) denied ??= notExecutable(candidate, 'permission denied (EACCES)', err);
       continue;
     }
-    if (!stat.isFile()) continue;
+    if (stat.isDirectory()) {
+      denied ??= notExecutable(candidate, 'is a directory');
+      continue;
+    }
     try {
       fs.accessSync(candidate, fs.constants.X_OK);
-      return candidate;
+      if (stat.isFile()) return candidate;
+      denied ??= notExecutable(candidate, 'not a regular file');
     } catch (err) {
-      denied ??= err;
+      denied ??= notExecutable(candidate, 'permission denied (EACCES)', err);
     }
   }
   if (denied !== undefined) throw denied;
   throw new ShmfdError('ERR_COMMAND_NOT_FOUND', `${command}: command not found`);
+}
+
+function notExecutable(file: string, why: string, cause?: unknown): ShmfdError {
+  return new ShmfdError('ERR_COMMAND_NOT_EXECUTABLE', `cannot execute ${file}: ${why}`, cause === undefined ? undefined : { cause });
+}
+
+/** The exit status a shell gives for a command that cannot be started: 127 not found, 126 not executable. */
+export function commandErrorStatus(err: unknown): 126 | 127 | undefined {
+  if (!(err instanceof ShmfdError)) return undefined;
+  if (err.code === 'ERR_COMMAND_NOT_FOUND') return 127;
+  if (err.code === 'ERR_COMMAND_NOT_EXECUTABLE') return 126;
+  return undefined;
 }
 
 /** Where a descriptor goes in the new program. */
@@ -103,7 +122,13 @@ export function execReplace(request: ExecRequest): never {
   // fd 3 is usually libuv's epoll descriptor: overwriting it is the last thing before execve.
   for (const { from, to } of staged) sys.dup2(from, to, false);
   try {
-    sys.execve(file, argv, env);
+    try {
+      sys.execve(file, argv, env);
+    } catch (err) {
+      // A script without "#!": execvp(3) and shells run it with /bin/sh.
+      if (!sys.isSystemError(err, 'ENOEXEC')) throw err;
+      sys.execve('/bin/sh', ['sh', file, ...request.args], env);
+    }
   } catch (err) {
     const message = err instanceof Error ? err.message : String(err);
     try {

@@ -14,6 +14,18 @@ import fs from 'node:fs';
 import util from 'node:util';
 import koffi from 'koffi';
 
+/** Linux errnos that libuv's table (util.getSystemErrorMap) lacks and these calls can return. */
+const MISSING_ERRNO_NAMES = new Map<number, [string, string]>([
+  [8, ['ENOEXEC', 'exec format error']],
+  [10, ['ECHILD', 'no child processes']],
+  [35, ['EDEADLK', 'resource deadlock would occur']],
+  [37, ['ENOLCK', 'no locks available']],
+  [109, ['ETOOMANYREFS', 'too many references']],
+  [116, ['ESTALE', 'stale file handle']],
+  [122, ['EDQUOT', 'disk quota exceeded']],
+  [123, ['ENOMEDIUM', 'no medium found']],
+]);
+
 /** An error from a failed system call, shaped like the errors of `node:fs`. */
 export class SystemError extends Error {
   /** Symbolic errno, e.g. `'EBADF'`. Match on this. */
@@ -26,7 +38,7 @@ export class SystemError extends Error {
   readonly path?: string;
 
   constructor(syscall: string, errno: number, path?: string) {
-    const [code, description] = util.getSystemErrorMap().get(-errno) ?? [`E${errno}`, 'unknown error'];
+    const [code, description] = util.getSystemErrorMap().get(-errno) ?? MISSING_ERRNO_NAMES.get(errno) ?? [`E${errno}`, 'unknown error'];
     super(`${code}: ${description}, ${syscall}${path === undefined ? '' : ` '${path}'`}`);
     this.name = 'SystemError';
     this.code = code;

@@ -176,9 +176,9 @@ test('command not found is 127, not executable is 126, each with one error line'
     [['no-such-command-shmfd'], 127, /no-such-command-shmfd: command not found/, {}],
     [[path.join(dir, 'missing')], 127, /command not found/, {}],
     [['echo hi; true'], 127, /command not found/, {}], // never through a shell
-    [[dir], 127, /command not found/, {}], // a directory is not a command
-    [[notExecutable], 126, /EACCES|permission denied/i, {}],
-    [['script.sh'], 126, /EACCES|permission denied/i, { PATH: dir }],
+    [[dir], 126, /cannot execute .*: is a directory$/, {}], // as in a shell
+    [[notExecutable], 126, /cannot execute .*script\.sh: permission denied \(EACCES\)$/, {}],
+    [['script.sh'], 126, /permission denied \(EACCES\)/, { PATH: dir }],
   ];
   for (const [args, code, pattern, env] of cases) {
     const r = await runShmFd(args, { env: cleanEnv(env) });
@@ -186,6 +186,19 @@ test('command not found is 127, not executable is 126, each with one error line'
     assert.equal(r.stdout, '');
     assertOneErrorLine(r.stderr, pattern);
   }
+});
+
+test('like execvp: a match that cannot be executed does not hide a later one in PATH; a script without #! runs with /bin/sh', async (t) => {
+  const dir = tempDir(t);
+  const first = path.join(dir, 'first');
+  const second = path.join(dir, 'second');
+  fs.mkdirSync(path.join(first, 'tool'), { recursive: true }); // a directory named like the command
+  fs.mkdirSync(second);
+  fs.writeFileSync(path.join(second, 'tool'), 'echo "no shebang: $1 $LISTEN_FDNAMES"\n', { mode: 0o755 });
+  const r = await runShmFd(['tool', 'arg'], { env: cleanEnv({ PATH: `${first}:${second}:/usr/bin:/bin` }) });
+  assert.equal(r.stderr, '');
+  assert.equal(r.code, 0);
+  assert.equal(r.stdout, 'no shebang: arg SHM_SHARED_FD\n');
 });
 
 test('COMMAND is looked up in PATH and gets its arguments verbatim; options after it are its own', async (t) => {

@@ -83,13 +83,17 @@ export function packageVersion(): string {
   return pkg.version;
 }
 
-/** Writes an answer to stdout; a reader that went away (`| head -1`, `| true`) is no failure. */
-function answer(text: string): number {
+/** Writes a command's answer to stdout; a reader that went away (`| head -1`, `| true`) is no failure. */
+export function printAnswer(text: string): void {
   try {
     fs.writeSync(1, text);
   } catch (err) {
     if (!isSystemError(err, 'EPIPE')) throw err;
   }
+}
+
+function answer(text: string): number {
+  printAnswer(text);
   return 0;
 }
 

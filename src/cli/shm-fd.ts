@@ -4,7 +4,7 @@
  * @module
  */
 import { ShmfdError } from '../errors.js';
-import { execReplace } from '../exec.js';
+import { commandErrorStatus, execReplace } from '../exec.js';
 import path from 'node:path';
 import { DEFAULT_FIRST_FD, findPassedFd, listenEnv, withEnv, type PassedFd } from '../listen-fds.js';
 import { MemoryFile } from '../memory-file.js';
@@ -148,8 +148,8 @@ export function main(argv: readonly string[]): number {
     return run(argv, log);
   } catch (err) {
     log.error(describeError(err));
-    if (err instanceof ShmfdError && err.code === 'ERR_COMMAND_NOT_FOUND') return 127;
-    if (isSystemError(err, 'EACCES') && err.syscall === 'access') return 126;
+    const commandStatus = commandErrorStatus(err);
+    if (commandStatus !== undefined) return commandStatus;
     return EXIT_FAILURE;
   }
 }

@@ -4,13 +4,12 @@
  * continuously while it runs). See docs/restore.md.
  * @module
  */
-import { ShmfdError } from '../errors.js';
 import { EXIT_HOST_FAILURE, runRestoreHost, SNAPSHOT_MODES, type SnapshotMode } from '../restore/host.js';
 import { DEFAULT_INTERVAL_MS } from '../restore/snapshotter.js';
 import { backupStatus } from '../restore/status.js';
 import { SHARED_FD_NAME } from '../shared-fd.js';
-import { isSystemError } from '../system.js';
-import { commonOptions, last, parseArgs, usageError, type OptionSpec, type ParsedArgs } from './args.js';
+import { commandErrorStatus } from '../exec.js';
+import { commonOptions, last, parseArgs, printAnswer, usageError, type OptionSpec, type ParsedArgs } from './args.js';
 import { Logger } from './log.js';
 import { prepareSocketOptions } from '../sockets.js';
 import { describeError, parseFirstFd } from './shm-fd.js';
@@ -88,7 +87,7 @@ function intervalMs(args: ParsedArgs): number | undefined {
 
 function status(file: string, mode: SnapshotMode | undefined): number {
   const result = backupStatus(file, mode === undefined ? 'raw' : 'snapshot');
-  process.stdout.write(`${result.lines.join('\n')}\n`);
+  printAnswer(`${result.lines.join('\n')}\n`);
   return result.ok ? 0 : 1;
 }
 
@@ -149,8 +148,8 @@ export async function main(argv: readonly string[]): Promise<number> {
     return await run(argv, log);
   } catch (err) {
     log.error(describeError(err));
-    if (err instanceof ShmfdError && err.code === 'ERR_COMMAND_NOT_FOUND') return 127;
-    if (isSystemError(err, 'EACCES') && err.syscall === 'access') return 126;
+    const commandStatus = commandErrorStatus(err);
+    if (commandStatus !== undefined) return commandStatus;
     return EXIT_HOST_FAILURE;
   }
 }

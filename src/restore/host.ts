@@ -25,7 +25,7 @@ import { fdStoreWarning, Notifier } from '../notify.js';
 import { SHARED_FD_NAME } from '../shared-fd.js';
 import { SnapshotFormatError } from '../snapshot/errors.js';
 import { BackupFile, describeSystemError, type BackupInspection } from './backup.js';
-import { persistAtomically, type PersistResult } from './persist.js';
+import { directorySyncWarning, persistAtomically, type PersistResult } from './persist.js';
 import { formatBytes, formatDuration, Progress } from './progress.js';
 import { readSlotState, type SlotState } from './slots.js';
 import { quiescentCopyFixup, Snapshotter } from './snapshotter.js';
@@ -143,9 +143,9 @@ type ChildEnd = { code: number | null; signal: NodeJS.Signals | null } | { error
  * Runs the restore host to the end and returns the exit status: the program's (128 + N
  * for signal N), or 125 when the final write-back failed after a successful program.
  * @throws ShmfdError before the program starts: `ERR_BACKUP_ACCESS`, `ERR_BACKUP_INVALID`,
- *   `ERR_COMMAND_NOT_FOUND`, `ERR_LISTEN_*`, `ERR_NOT_A_MEMORY_FILE`; SystemError for a
- *   memory file that cannot be created or restored (ENOMEM, ENOSPC) or a command that
- *   cannot be executed (EACCES)
+ *   `ERR_COMMAND_NOT_FOUND`, `ERR_COMMAND_NOT_EXECUTABLE`, `ERR_LISTEN_*`,
+ *   `ERR_NOT_A_MEMORY_FILE`; SystemError for a memory file that cannot be created or
+ *   restored (ENOMEM, ENOSPC)
  */
 export async function runRestoreHost(options: RestoreHostOptions): Promise<number> {
   const log = options.log ?? new Logger('shm-restore');
@@ -405,6 +405,8 @@ async function writeBack(
     log.error(`the final write-back to ${backup.path} failed: the memory changed during the copy (is another process still writing to it?); the backup on disk is the previous one`);
     return false;
   }
+  const unsynced = directorySyncWarning(backup, result);
+  if (unsynced !== undefined) log.warn(unsynced);
   const t = result.timings;
   log.info(
     `wrote back ${formatBytes(result.size)} to ${backup.path} (${formatBytes(result.copied)} of data): ` +

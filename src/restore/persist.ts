@@ -25,6 +25,11 @@ export interface PersistResult {
   /** Bytes copied (the data extents of the source). */
   copied: number;
   timings: PersistTimings;
+  /**
+   * Set when the rename worked but the directory's fsync failed: the new backup is in
+   * place, but a power loss may still bring back the previous one.
+   */
+  directorySyncError?: unknown;
 }
 
 /**
@@ -84,13 +89,28 @@ export async function persistAtomically(
     const t3 = performance.now();
     await fs.promises.rename(temp, backup.path);
     renamed = true;
-    await syncDirectory(backup.dir);
+    let directorySyncError: unknown;
+    try {
+      await syncDirectory(backup.dir);
+    } catch (err) {
+      directorySyncError = err;
+    }
     const t4 = performance.now();
-    return { size, copied, timings: { copyMs: t1 - t0, validateMs: t2 - t1, fsyncMs: t3 - t2, renameMs: t4 - t3 } };
+    const result: PersistResult = { size, copied, timings: { copyMs: t1 - t0, validateMs: t2 - t1, fsyncMs: t3 - t2, renameMs: t4 - t3 } };
+    if (directorySyncError !== undefined) result.directorySyncError = directorySyncError;
+    return result;
   } finally {
     await handle.close().catch(() => undefined);
     if (!renamed) await fs.promises.unlink(temp).catch(() => undefined);
   }
+}
+
+/** The warning for a {@link PersistResult} whose directory fsync failed, or undefined. */
+export function directorySyncWarning(backup: BackupFile, result: PersistResult): string | undefined {
+  if (result.directorySyncError === undefined) return undefined;
+  const err = result.directorySyncError;
+  const reason = err instanceof Error ? err.message : String(err);
+  return `the new backup ${backup.path} is in place, but syncing its directory failed (${reason}): a power loss may still bring back the previous one`;
 }
 
 /** Makes a rename in `dir` durable. */

@@ -15,7 +15,7 @@ import type { Logger } from '../cli/log.js';
 import { SnapshotFormatError } from '../snapshot/errors.js';
 import { clearSlotsExcept, MIN_FILE_LENGTH, PAGE, readSlots, type Snapshot } from '../snapshot/format.js';
 import { describeSystemError, type BackupFile } from './backup.js';
-import { persistAtomically, type PersistFixup, type PersistResult } from './persist.js';
+import { directorySyncWarning, persistAtomically, type PersistFixup, type PersistResult } from './persist.js';
 import { formatBytes, formatDuration, Progress } from './progress.js';
 import { intersectSlots, newestSlot, readHead, readSlotsAfter, readSlotState, type SlotState } from './slots.js';
 
@@ -248,6 +248,8 @@ export class Snapshotter {
       size,
     };
     this.lastPersisted = snapshot;
+    const unsynced = directorySyncWarning(this.#o.backup, result);
+    if (unsynced !== undefined) log.warn(unsynced);
     const t = result.timings;
     log.debug(
       `snapshot persisted: ${snapshot.count} of ${before.slots.length} slots kept, newest at ${snapshot.newest?.offset ?? '-'}; ` +
