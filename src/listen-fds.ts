@@ -100,10 +100,11 @@ export function readListenFds(options: ReadListenFdsOptions = {}): PassedFd[] {
   const countText = env.LISTEN_FDS;
   if (countText === undefined) return [];
   if (listenPidTarget(env, options.pid ?? process.pid) === 'other') return [];
+  // 0..2 are stdio, never passed descriptors: the start is at least 3.
   const first =
     env.LISTEN_FDS_FIRST_FD === undefined
       ? DEFAULT_FIRST_FD
-      : parseDecimal('LISTEN_FDS_FIRST_FD', env.LISTEN_FDS_FIRST_FD, 0, MAX_FD);
+      : parseDecimal('LISTEN_FDS_FIRST_FD', env.LISTEN_FDS_FIRST_FD, DEFAULT_FIRST_FD, MAX_FD);
   const count = parseDecimal('LISTEN_FDS', countText, 0, MAX_FD - first);
   let names: string[] | undefined;
   if (env.LISTEN_FDNAMES !== undefined) {

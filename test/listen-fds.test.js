@@ -81,7 +81,7 @@ test('LISTEN_FDS_FIRST_FD moves the start; names are read in order, empty names 
   ]);
   assert.deepEqual(findPassedFd(fds, 'SHM_SHARED_FD'), { fd: 302, name: 'SHM_SHARED_FD' });
   assert.equal(findPassedFd(fds, 'missing'), undefined);
-  for (const value of ['x', '-3', '+300', ' 300', '99999999999']) {
+  for (const value of ['x', '-3', '+300', ' 300', '99999999999', '0', '2']) {
     assert.throws(
       () => readListenFds({ env: { LISTEN_FDS: '1', LISTEN_FDS_FIRST_FD: value, LISTEN_PID: pid } }),
       isShmfdError('ERR_LISTEN_FDS_INVALID'),
