@@ -106,6 +106,16 @@ export function execReplace(request: ExecRequest): never {
   const sources = new Set(request.fds.map(({ from }) => from));
   const targets = new Set(request.fds.map(({ to }) => to));
   const passThrough = callerFds().filter((fd) => !sources.has(fd) && !targets.has(fd));
+  // Move every source out of the way first, so that placing one never clobbers another.
+  // Done while nothing is changed yet: no room above the targets (ulimit -n) is an error
+  // that leaves the process intact.
+  const staged: FdPlacement[] = [];
+  try {
+    for (const { from, to } of request.fds) staged.push({ from: sys.dupAbove(from, highest), to });
+  } catch (err) {
+    for (const { from } of staged) sys.close(from);
+    throw err;
+  }
 
   // Past this point the process is committed: no JavaScript that touches libuv runs again.
   sys.resetSignalsForExec();
@@ -117,8 +127,6 @@ export function execReplace(request: ExecRequest): never {
   }
   sys.cloexecFrom(3);
   for (const fd of passThrough) sys.setCloexec(fd, false);
-  // Move every source out of the way first, so that placing one never clobbers another.
-  const staged = request.fds.map(({ from, to }) => ({ from: sys.dupAbove(from, highest), to }));
   // fd 3 is usually libuv's epoll descriptor: overwriting it is the last thing before execve.
   for (const { from, to } of staged) sys.dup2(from, to, false);
   try {

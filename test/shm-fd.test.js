@@ -201,6 +201,17 @@ test('like execvp: a match that cannot be executed does not hide a later one in 
   assert.equal(r.stdout, 'no shebang: arg SHM_SHARED_FD\n');
 });
 
+test('--first-fd near the open-file limit: what fits runs, what does not is one error line before anything changed', async () => {
+  const shmFd = (first) =>
+    run('sh', ['-c', `ulimit -n 64; exec "$@"`, 'sh', NODE, SHM_FD, '--first-fd', String(first), 'sh', '-c', 'echo "$LISTEN_FDS_FIRST_FD"'], { env: cleanEnv() });
+  const fits = await shmFd(62);
+  assert.equal(fits.code, 0, fits.stderr);
+  assert.equal(fits.stdout, '62\n');
+  const over = await shmFd(63);
+  assert.equal(over.code, 125);
+  assertOneErrorLine(over.stderr, /--first-fd 63: descriptor 64 is above the limit of open files \(ulimit -n\)/);
+});
+
 test('COMMAND is looked up in PATH and gets its arguments verbatim; options after it are its own', async (t) => {
   const dir = tempDir(t);
   fs.writeFileSync(path.join(dir, 'hello'), '#!/bin/sh\nprintf "%s|" "$@"\n', { mode: 0o755 });

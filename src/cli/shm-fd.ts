@@ -116,8 +116,8 @@ export function parseFirstFd(text: string | undefined): number {
 }
 
 /**
- * Fails early when the highest descriptor would be above the open-file limit (dup would
- * fail after the point of no return), and warns when a Node-based restarter would swallow
+ * Fails early, with a clear message, when the descriptors would not fit under the
+ * open-file limit, and warns when a Node-based restarter would swallow
  * the descriptors: Node marks every inherited descriptor below 16, and the run after it,
  * close-on-exec at start-up (libuv's uv_disable_stdio_inheritance), so its children only
  * see descriptors from 17 on, above a gap at 16.
@@ -125,7 +125,8 @@ export function parseFirstFd(text: string | undefined): number {
 function checkFirstFd(first: number, fds: readonly PassedFd[], command: string, args: readonly string[], log: Logger): void {
   const probe = fds[0];
   if (probe === undefined) return;
-  const highest = first + fds.length - 1;
+  // The exec stages every descriptor above the highest target before placing it.
+  const highest = first + 2 * fds.length - 1;
   try {
     sys.close(sys.dupAbove(probe.fd, highest));
   } catch {
