@@ -81,25 +81,30 @@ export function listenPidTarget(env: Environment = process.env, pid: number = pr
   if (value === undefined) return 'self';
   const target = parseDecimal('LISTEN_PID', value, 1, MAX_FD);
   if (target === pid) return 'self';
-  return isAncestor(target, pid) ? 'ancestor' : 'other';
+  // pid 1 is everybody's ancestor but re-spawns nobody's program: its descriptors are its own.
+  return target !== 1 && isAncestor(target, pid) ? 'ancestor' : 'other';
 }
 
 /**
  * Reads the descriptors passed in the environment, with the exact semantics of
  * sd_listen_fds(3) plus listenfd's extensions:
  * - no `LISTEN_FDS`: none;
- * - `LISTEN_PID` naming a process other than this one or one of its ancestors: none;
+ * - `LISTEN_PID` naming a process other than this one or one of its ancestors (pid 1
+ *   excepted): none;
+ * - `LISTEN_PID` naming an ancestor, and a descriptor in the range not open (or the
+ *   runtime's own): none, they are variables the ancestor left behind;
  * - `LISTEN_FDS`, `LISTEN_PID` or `LISTEN_FDS_FIRST_FD` not a decimal number in range: error;
  * - `LISTEN_FDNAMES` with another count of names than `LISTEN_FDS`: error;
  * - `LISTEN_FDNAMES` absent: every descriptor is named `unknown`;
- * - a descriptor in the range that is not open: error.
+ * - otherwise, a descriptor in the range that is not open: error.
  * @throws ShmfdError `ERR_LISTEN_FDS_INVALID`, `ERR_LISTEN_FDNAMES_MISMATCH`, `ERR_FD_NOT_PASSED`
  */
 export function readListenFds(options: ReadListenFdsOptions = {}): PassedFd[] {
   const env = options.env ?? process.env;
   const countText = env.LISTEN_FDS;
   if (countText === undefined) return [];
-  if (listenPidTarget(env, options.pid ?? process.pid) === 'other') return [];
+  const meantFor = listenPidTarget(env, options.pid ?? process.pid);
+  if (meantFor === 'other') return [];
   // 0..2 are stdio, never passed descriptors: the start is at least 3.
   const first =
     env.LISTEN_FDS_FIRST_FD === undefined
@@ -123,12 +128,13 @@ export function readListenFds(options: ReadListenFdsOptions = {}): PassedFd[] {
   for (let i = 0; i < count; i++) {
     const fd = first + i;
     const name = names?.[i] ?? UNKNOWN_NAME;
-    if (!sys.isOpen(fd)) {
-      throw new ShmfdError('ERR_FD_NOT_PASSED', `LISTEN_FDS=${count} but descriptor ${fd} (${name}) is not open`);
-    }
-    // Nothing passed at this number, and the runtime took it for its event loop.
-    const target = fdTarget(fd);
-    if (target !== undefined && isRuntimeKind(target)) {
+    const target = sys.isOpen(fd) ? (fdTarget(fd) ?? '') : undefined;
+    // Not open, or taken by the runtime for its event loop: nothing was passed at this number.
+    if (target === undefined || isRuntimeKind(target)) {
+      // Variables an ancestor left behind after it used (and closed) its descriptors are
+      // not meant for us, as libsystemd would conclude from the pid alone.
+      if (meantFor === 'ancestor') return [];
+      if (target === undefined) throw new ShmfdError('ERR_FD_NOT_PASSED', `LISTEN_FDS=${count} but descriptor ${fd} (${name}) is not open`);
       throw new ShmfdError('ERR_FD_NOT_PASSED', `LISTEN_FDS=${count} but descriptor ${fd} (${name}) was not passed: it is Node's own ${target}`);
     }
     fds.push({ fd, name });

@@ -141,6 +141,20 @@ test('LISTEN_PID: malformed is an error, missing is accepted, another process me
   assert.equal(SharedFd.fromEnv({ env: { ...env, LISTEN_FDNAMES: 'SHM_SHARED_FD' } }), undefined);
   // Even malformed counts and names are not ours to judge then.
   assert.deepEqual(readListenFds({ env: { ...env, LISTEN_FDNAMES: 'a:b:c' } }), []);
+  // pid 1 is every process's ancestor, but it hands nobody its own descriptors.
+  assert.equal(listenPidTarget({ LISTEN_PID: '1' }), 'other');
+});
+
+test('LISTEN_PID naming an ancestor: its descriptors are taken when open; variables it left behind after closing them are ignored', (t) => {
+  placeFds(t, 345, 1);
+  const ancestor = { LISTEN_FDS_FIRST_FD: '345', LISTEN_PID: String(process.ppid) };
+  assert.deepEqual(readListenFds({ env: { ...ancestor, LISTEN_FDS: '1', LISTEN_FDNAMES: 'x' } }), [{ fd: 345, name: 'x' }]);
+  assert.deepEqual(readListenFds({ env: { ...ancestor, LISTEN_FDS: '2', LISTEN_FDNAMES: 'x:y' } }), [], '346 is not open');
+  assert.throws(
+    () => readListenFds({ env: { ...ancestor, LISTEN_PID: pid, LISTEN_FDS: '2', LISTEN_FDNAMES: 'x:y' } }),
+    isShmfdError('ERR_FD_NOT_PASSED'),
+    'meant for this very process: an error',
+  );
 });
 
 test('a descriptor in the range that is not open is ERR_FD_NOT_PASSED', (t) => {

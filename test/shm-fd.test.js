@@ -212,6 +212,13 @@ test('--first-fd near the open-file limit: what fits runs, what does not is one 
   assertOneErrorLine(over.stderr, /--first-fd 63: descriptor 64 is above the limit of open files \(ulimit -n\)/);
 });
 
+test('LISTEN_* variables a parent shell left behind (its LISTEN_PID, nothing open) do not stop shm-fd', async () => {
+  const script = 'export LISTEN_FDS=1 LISTEN_FDNAMES=http LISTEN_PID=$$; "$@"; true';
+  const r = await run('sh', ['-c', script, 'sh', NODE, SHM_FD, 'sh', '-c', 'echo "$LISTEN_FDS $LISTEN_FDNAMES"'], { env: cleanEnv() });
+  assert.equal(r.stderr, '');
+  assert.equal(r.stdout, '1 SHM_SHARED_FD\n');
+});
+
 test('COMMAND is looked up in PATH and gets its arguments verbatim; options after it are its own', async (t) => {
   const dir = tempDir(t);
   fs.writeFileSync(path.join(dir, 'hello'), '#!/bin/sh\nprintf "%s|" "$@"\n', { mode: 0o755 });
