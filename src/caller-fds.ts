@@ -6,6 +6,7 @@
  * @module
  */
 import fs from 'node:fs';
+import inspector from 'node:inspector';
 import * as sys from './system.js';
 
 /** The kinds of descriptor a Node runtime opens for itself: epoll and event descriptors. */
@@ -29,15 +30,8 @@ export function fdTarget(fd: number): string | undefined {
  */
 const NODE_ALWAYS_MARKS_BELOW = 16;
 
-/**
- * The descriptors (>= 3) this process inherited from its caller, which an exec wrapper
- * passes through. Past the range Node marked at start they are exactly those without
- * close-on-exec. Within it the flag tells nothing, so they are told apart from Node's own
- * by kind: Node's are epoll and event descriptors and pipes whose both ends it holds. The
- * range is estimated from the descriptors open now (Node's own may have filled the gap that
- * ended it at start, which only widens the range to more of Node's own, told apart by kind).
- */
-export function callerFds(): number[] {
+/** The descriptors (>= 3) open in this process, with what /proc shows for each. */
+function openFds(): Map<number, string> {
   const targets = new Map<number, string>();
   for (const entry of fs.readdirSync('/proc/self/fd')) {
     const fd = Number(entry);
@@ -46,17 +40,82 @@ export function callerFds(): number[] {
     const target = fdTarget(fd);
     if (target !== undefined) targets.set(fd, target);
   }
+  return targets;
+}
+
+/**
+ * The descriptors open when this module was loaded, before the program (or the CLI) opened
+ * anything of its own: only these can have come from the caller. Their targets name the
+ * same open file later only if the number was not closed and reused in between.
+ */
+const openAtLoad = openFds();
+
+/** The pipes (`pipe:[inode]`) the parent process holds, or an empty set when it cannot be read. */
+function parentPipes(): Set<string> {
+  const pipes = new Set<string>();
+  try {
+    for (const entry of fs.readdirSync(`/proc/${process.ppid}/fd`)) {
+      try {
+        const target = fs.readlinkSync(`/proc/${process.ppid}/fd/${entry}`);
+        if (target.startsWith('pipe:')) pipes.add(target);
+      } catch {
+        // closed meanwhile
+      }
+    }
+  } catch {
+    // another user's process, or gone
+  }
+  return pipes;
+}
+
+/** The socket of Node's inspector (`--inspect`), which is Node's own, or undefined. */
+function inspectorPort(): number | undefined {
+  const url = inspector.url();
+  if (url === undefined) return undefined;
+  const port = Number(new URL(url).port);
+  return Number.isInteger(port) && port > 0 ? port : undefined;
+}
+
+function isInspectorSocket(fd: number, target: string, port: number | undefined): boolean {
+  if (port === undefined || !target.startsWith('socket:')) return false;
+  try {
+    const info = sys.socketInfo(fd);
+    return info.listening && info.address !== undefined && 'port' in info.address && info.address.port === port;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * The descriptors (>= 3) this process inherited from its caller, which an exec wrapper
+ * passes through. Only descriptors already open when this module was loaded count (what
+ * the program opened since is its own). Past the range Node marked at start they are
+ * exactly those without close-on-exec. Within it the flag tells nothing, so they are told
+ * apart from Node's own by kind: Node's are epoll and event descriptors, pipes whose both
+ * ends it holds (unless the parent holds the same pipe, as make does with its jobserver),
+ * and the inspector's socket. The range is estimated from the descriptors open at load
+ * (Node's own may have filled the gap that ended it at start, which only widens the range
+ * to more of Node's own, told apart by kind).
+ */
+export function callerFds(): number[] {
+  const targets = new Map([...openFds()].filter(([fd, target]) => openAtLoad.get(fd) === target));
   let markedUpTo = NODE_ALWAYS_MARKS_BELOW - 1;
-  while (targets.has(markedUpTo + 1)) markedUpTo++;
+  while (openAtLoad.has(markedUpTo + 1)) markedUpTo++;
   const ends = new Map<string, number>();
   for (const target of targets.values()) ends.set(target, (ends.get(target) ?? 0) + 1);
+  let parents: Set<string> | undefined;
+  const port = inspectorPort();
+  const isNodesOwn = (fd: number, target: string): boolean => {
+    if (isRuntimeKind(target) || isInspectorSocket(fd, target, port)) return true;
+    if (!target.startsWith('pipe:') || (ends.get(target) ?? 0) < 2) return false;
+    parents ??= parentPipes();
+    return !parents.has(target);
+  };
   const inherited: number[] = [];
   for (const [fd, target] of targets) {
     if (!sys.isOpen(fd)) continue;
     if ((sys.getFdFlags(fd) & sys.FD_CLOEXEC) === 0) inherited.push(fd);
-    else if (fd <= markedUpTo && !isRuntimeKind(target) && !(target.startsWith('pipe:') && (ends.get(target) ?? 0) > 1)) {
-      inherited.push(fd);
-    }
+    else if (fd <= markedUpTo && !isNodesOwn(fd, target)) inherited.push(fd);
   }
   return inherited.sort((a, b) => a - b);
 }

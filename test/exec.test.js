@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { test } from 'node:test';
 import * as sys from '../dist/system.js';
-import { cleanEnv, fixture, NODE, PYTHON, run, runShmFd } from './helpers.js';
+import { cleanEnv, fixture, NODE, PYTHON, run, runShmFd, SHM_FD } from './helpers.js';
 
 const EIGHT_MIB = 8 * 1024 * 1024;
 
@@ -125,6 +125,34 @@ test('descriptors the caller passed pass through, at low and high numbers; Node\
   assert.deepEqual(Object.keys(fds).map(Number), [0, 1, 2, 3, 4, 40, ...inheritedByRunner]);
   assert.equal(fds[3], '/memfd:exec-passed (deleted)');
   assert.equal(fds[4], '/memfd:SHM_SHARED_FD (deleted)');
+});
+
+test("Node's own descriptors do not pass: what a program opened after importing shmfd, and --inspect's socket", { skip: !hasPython && 'needs /usr/bin/python3' }, async () => {
+  const baseline = await baselineFds();
+  const beyondStdio = (fds) => Object.fromEntries(Object.entries(fds).filter(([fd]) => Number(fd) > 2));
+  const library = await run(NODE, [fixture('exec-after-open.js'), PYTHON, fixture('list-fds.py')], { env: cleanEnv() });
+  assert.equal(library.code, 0, library.stderr);
+  assert.deepEqual(beyondStdio(fdsOf(library.stdout)), beyondStdio(baseline), 'neither /etc/hostname nor the server socket');
+
+  const inspected = await runShmFd([fixture('list-fds.py')], { env: cleanEnv({ NODE_OPTIONS: '--inspect=127.0.0.1:0' }) });
+  assert.equal(inspected.code, 0, inspected.stderr);
+  assert.match(inspected.stderr, /Debugger listening/, 'the inspector did listen');
+  const underInspector = beyondStdio(fdsOf(inspected.stdout));
+  assert.equal(underInspector[3], '/memfd:SHM_SHARED_FD (deleted)');
+  // The inspector thread's /dev/null cannot be told from a caller's (docs/exec.md); its socket can.
+  assert.deepEqual(Object.values(underInspector).filter((target) => target.startsWith('socket:')), []);
+});
+
+test("the caller's pipe pairs pass through when the caller holds them too (make's jobserver)", { skip: !hasPython && 'needs /usr/bin/python3' }, async () => {
+  // The parent keeps both ends of a pipe at 5 and 6 and passes them, as make -j does.
+  const parent = 'import os, subprocess, sys\nr, w = os.pipe()\nos.dup2(r, 5)\nos.dup2(w, 6)\nsys.exit(subprocess.run(sys.argv[1:], pass_fds=(5, 6)).returncode)';
+  const r = await run(PYTHON, ['-c', parent, NODE, SHM_FD, fixture('list-fds.py')], { env: cleanEnv() });
+  assert.equal(r.code, 0, r.stderr);
+  const fds = fdsOf(r.stdout);
+  assert.match(fds[5], /^pipe:\[\d+\]$/);
+  assert.equal(fds[6], fds[5], 'both ends of the same pipe');
+  // Python's subprocess closes everything else it holds (the test runner's pipe too).
+  assert.deepEqual(Object.keys(fds).map(Number), [0, 1, 2, 3, 5, 6]);
 });
 
 test('same process: the exit status, the pid and a signal are those of the program', async () => {
