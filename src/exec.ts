@@ -62,6 +62,61 @@ export function commandErrorStatus(err: unknown): 126 | 127 | undefined {
   return undefined;
 }
 
+/*
+ * Node decodes its arguments and environment as UTF-8 and replaces bytes that are not
+ * (a Latin-1 file name, say) with U+FFFD: passed on as such, they would reach the program
+ * changed. Such strings are looked up among this process's own arguments and environment
+ * as the kernel holds them, and the original bytes are passed instead.
+ */
+const REPLACEMENT_CHARACTER = '\uFFFD';
+
+function nulSeparated(file: string): Buffer[] {
+  let bytes: Buffer;
+  try {
+    bytes = fs.readFileSync(file);
+  } catch {
+    return [];
+  }
+  const items: Buffer[] = [];
+  for (let start = 0; start < bytes.length; ) {
+    let end = bytes.indexOf(0, start);
+    if (end < 0) end = bytes.length;
+    items.push(bytes.subarray(start, end));
+    start = end + 1;
+  }
+  return items;
+}
+
+/** `args`, with each one that Node decoded lossily from this process's own arguments replaced by its bytes. */
+function rawArguments(args: readonly string[]): (string | Buffer)[] {
+  if (!args.some((arg) => arg.includes(REPLACEMENT_CHARACTER))) return [...args];
+  // process.argv is [node, script, ...arguments]; the kernel's copy ends with the same arguments.
+  const own = process.argv.slice(2);
+  const raw = nulSeparated('/proc/self/cmdline').slice(-own.length);
+  if (own.length === 0 || raw.length !== own.length || raw.some((bytes, i) => bytes.toString() !== own[i])) return [...args];
+  const used = new Set<number>();
+  return args.map((arg) => {
+    if (!arg.includes(REPLACEMENT_CHARACTER)) return arg;
+    const index = own.findIndex((candidate, i) => candidate === arg && !used.has(i));
+    if (index < 0) return arg;
+    used.add(index);
+    return raw[index] as Buffer;
+  });
+}
+
+let rawEnvironment: Map<string, Buffer> | undefined;
+
+/** `KEY=value`, as the bytes this process got when Node decoded them lossily into `value`. */
+function rawEnvironmentEntry(key: string, value: string): string | Buffer {
+  const entry = `${key}=${value}`;
+  if (!value.includes(REPLACEMENT_CHARACTER)) return entry;
+  rawEnvironment ??= new Map(
+    nulSeparated('/proc/self/environ').map((bytes) => [bytes.subarray(0, Math.max(0, bytes.indexOf(0x3d))).toString(), bytes]),
+  );
+  const raw = rawEnvironment.get(key);
+  return raw !== undefined && raw.toString() === entry ? raw : entry;
+}
+
 /** Where a descriptor goes in the new program. */
 export interface FdPlacement {
   /** An open descriptor of this process. */
@@ -97,8 +152,8 @@ export function execReplace(request: ExecRequest): never {
   const file = resolveCommand(request.command, request.env);
   const env = Object.entries(request.env)
     .filter((entry): entry is [string, string] => entry[1] !== undefined)
-    .map(([key, value]) => `${key}=${value}`);
-  const argv = [request.command, ...request.args];
+    .map(([key, value]) => rawEnvironmentEntry(key, value));
+  const argv = [request.command, ...rawArguments(request.args)];
   for (const { from } of request.fds) {
     if (!sys.isOpen(from)) throw new sys.SystemError('fcntl', 9 /* EBADF */);
   }
@@ -135,7 +190,7 @@ export function execReplace(request: ExecRequest): never {
     } catch (err) {
       // A script without "#!": execvp(3) and shells run it with /bin/sh.
       if (!sys.isSystemError(err, 'ENOEXEC')) throw err;
-      sys.execve('/bin/sh', ['sh', file, ...request.args], env);
+      sys.execve('/bin/sh', ['sh', file, ...argv.slice(1)], env);
     }
   } catch (err) {
     const message = err instanceof Error ? err.message : String(err);

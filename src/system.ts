@@ -378,10 +378,14 @@ export function resetSignalsForExec(): void {
  * Replaces the process image (execve(2)). Returns only by throwing. The caller prepares the
  * descriptors; see `src/exec.ts` for the steps a Node process needs first.
  */
-export function execve(path: string, argv: readonly string[], env: readonly string[]): never {
-  c.execve(path, [...argv, null], [...env, null]);
+export function execve(path: string, argv: readonly (string | Uint8Array)[], env: readonly (string | Uint8Array)[]): never {
+  // Strings go out as UTF-8; bytes (arguments that are not UTF-8) as they are, NUL added.
+  const raw = (item: string | Uint8Array): string | Buffer => (typeof item === 'string' ? item : Buffer.concat([item, NUL]));
+  c.execve(path, [...argv.map(raw), null], [...env.map(raw), null]);
   fail('execve', path);
 }
+
+const NUL = Buffer.alloc(1);
 
 // ---------------------------------------------------------------- unix datagram sockets
 

@@ -155,6 +155,19 @@ test("the caller's pipe pairs pass through when the caller holds them too (make'
   assert.deepEqual(Object.keys(fds).map(Number), [0, 1, 2, 3, 5, 6]);
 });
 
+test('arguments and environment that are not UTF-8 reach the program byte for byte', async () => {
+  // Node decodes them with U+FFFD for each bad byte; a shell builds them from escapes here.
+  const hexOf = async (script) => {
+    const r = await run('sh', ['-c', `${script} | od -An -tx1`, 'sh', NODE, SHM_FD], { env: cleanEnv() });
+    assert.equal(r.code, 0, r.stderr);
+    return r.stdout.trim().split(/\s+/).join(' ');
+  };
+  const args = `"$1" "$2" printf '%s|' "$(printf '\\377\\376-arg')" "$(printf '\\376')" ok`;
+  assert.equal(await hexOf(args), 'ff fe 2d 61 72 67 7c fe 7c 6f 6b 7c');
+  const env = `WEIRD="$(printf 'caf\\351')" "$1" "$2" sh -c 'printf %s "$WEIRD"'`;
+  assert.equal(await hexOf(env), '63 61 66 e9');
+});
+
 test('same process: the exit status, the pid and a signal are those of the program', async () => {
   const exit7 = await runShmFd(['sh', '-c', 'exit 7'], { env: cleanEnv() });
   assert.equal(exit7.code, 7);
