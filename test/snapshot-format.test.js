@@ -167,6 +167,7 @@ test('parseHead: masks not of the form 2^k - 1, or absurd, give ERR_SNAPSHOT_BAD
     throwsCode(() => parseHead(headFile(len, { dataMask }), len), 'ERR_SNAPSHOT_BAD_MASK', `data_mask ${dataMask}`);
   }
   throwsCode(() => parseHead(headFile(len, { dataMask: 0xffffffffffffffffn }), len), 'ERR_SNAPSHOT_BAD_MASK', 'a 2^64-byte ring');
+  throwsCode(() => parseHead(headFile(len, { dataMask: 0n }), len), 'ERR_SNAPSHOT_BAD_MASK', 'a 1-byte ring, which holds no snapshot');
   throwsCode(() => parseHead(headFile(len, { dataMask: BigInt(MAX_DATA) * 2n - 1n }), len), 'ERR_SNAPSHOT_BAD_MASK', 'a ring above MAX_DATA');
 });
 

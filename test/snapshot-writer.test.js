@@ -90,6 +90,33 @@ test('configure: a different layout first clears the sequence region, so garbage
   assert.equal(u64At(bytes, 8), 31n);
 });
 
+test('configure: a different layout continues the stream past the old one, so a reader holding an old snapshot sees it is gone', () => {
+  const bytes = new Uint8Array(8 * PAGE);
+  const first = new SnapshotFile(bytes).configure({ entries: 16, data: 1024 });
+  first.commit(enc('aaaaaaaa'));
+  const reader = new SnapshotFile(bytes).recover();
+  const held = reader.newest();
+  assert.deepEqual(held, { index: 0, offset: 0, length: 8 });
+  // Same slot count, another ring: slot 0 again, but not stream position 0 again.
+  const second = new SnapshotFile(bytes).configure({ entries: 16, data: 2048 });
+  assert.equal(second.writeOffset, 8);
+  second.commit(enc('bbbbbbbb'));
+  assert.equal(reader.isCurrent(held), false);
+});
+
+test('stream positions near 2^53: the writer stops at the bound parseHead accepts, so its file stays readable', () => {
+  const bytes = new Uint8Array(8 * PAGE);
+  const data = 1024;
+  const top = Number.MAX_SAFE_INTEGER - data;
+  const writer = new SnapshotFile(bytes).configure({ entries: 16, data, initialOffset: top - 3 });
+  writer.commit(enc('abc'));
+  assert.equal(writer.writeOffset, top);
+  throwsCode(() => writer.commit(enc('d')), 'ERR_SNAPSHOT_BAD_OFFSET', 'one byte past the bound');
+  const found = new SnapshotFile(bytes).recover();
+  assert.equal(dec(found.read(found.newest())), 'abc');
+  assert.equal(new SnapshotFile(bytes).intoWriter().writeOffset, top);
+});
+
 test('round trip: snapshots committed are recovered, in order and byte for byte, by a new object over the same memory', () => {
   const bytes = new Uint8Array(8 * PAGE);
   const writer = new SnapshotFile(bytes).configure({ entries: 8, data: 4096 });

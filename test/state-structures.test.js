@@ -155,6 +155,42 @@ test('declarations are checked: each mistake is ERR_STATE_DECLARATION naming the
   assert.equal(file.size, 0, 'nothing was written to the file');
 });
 
+test('a snapshot layout in which a commit could empty the committed state before publishing the next is refused', (t) => {
+  // With one slot, or a ring shorter than two payloads, a commit first invalidates the only
+  // valid snapshot: a crash right then left no committed state at all (a silent fresh start).
+  const file = memory(t);
+  const decl = { hits: counterSet(2) };
+  const payload = planLayout(decl).payloadBytes;
+  assert.throws(() => StateFile.open(file, decl, { entries: 1 }), (err) => err.code === 'ERR_STATE_DECLARATION' && /at least 2 snapshot slots/.test(err.message));
+  const small = 2 ** Math.floor(Math.log2(2 * payload - 1));
+  assert.throws(() => StateFile.open(file, decl, { entries: 4, data: small }), (err) => err.code === 'ERR_STATE_DECLARATION' && /at least twice that/.test(err.message));
+  assert.equal(file.size, 0);
+  // A file that holds committed state in such a layout (entry_mask patched to 0) is not written to.
+  const a = StateFile.open(file, decl, { entries: 2 });
+  a.structures.hits.add(0, 5);
+  a.commit();
+  a.close();
+  const bytes = file.map().bytes;
+  new DataView(bytes.buffer, bytes.byteOffset).setBigUint64(8, 0n, true);
+  const before = Buffer.from(bytes);
+  assert.throws(() => StateFile.open(file, decl), (err) => err.code === 'ERR_STATE_LAYOUT_MISMATCH' && /unsafe/.test(err.message));
+  assert.ok(before.equals(Buffer.from(file.map().bytes)));
+});
+
+test('a configured state file cut to less than a snapshot file is ERR_SNAPSHOT_TOO_SMALL, not a silent fresh start', (t) => {
+  const file = MemoryFile.create('state-cut', { sealShrink: false });
+  t.after(() => file.close());
+  const a = StateFile.open(file, { hits: counterSet(1) });
+  a.structures.hits.add(0, 1);
+  a.commit();
+  a.close();
+  for (const size of [4096, 8192]) {
+    file.resize(size);
+    throwsCode(() => StateFile.open(file, { hits: counterSet(1) }), 'ERR_SNAPSHOT_TOO_SMALL', `${size} bytes`);
+    assert.equal(file.size, size, 'the file is left as it is');
+  }
+});
+
 test('a file with committed state of another layout is ERR_STATE_LAYOUT_MISMATCH and is left alone; without committed state the layout may change', (t) => {
   const file = memory(t);
   const a = StateFile.open(file, { events: appendLog(4096), hits: counterSet(2) });

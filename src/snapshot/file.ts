@@ -74,7 +74,8 @@ export class SnapshotFile {
    * kept and writing continues after the newest one (never before `initialOffset`).
    * Otherwise the file is first marked unconfigured and its sequence region cleared, so
    * no reader ever sees the new layout with stale slots. Then `entry_mask`, `data_mask`,
-   * `write_offset` are stored, and `version` last.
+   * `write_offset` are stored, and `version` last; the new stream starts at
+   * `initialOffset`, or past the old one's end if the file was configured before.
    *
    * @throws {@link SnapshotFormatError} `ERR_SNAPSHOT_NOT_CONFIGURED` for an empty
    *   {@link ConfigureFile}, `ERR_SNAPSHOT_BAD_CONFIG` for invalid values,
@@ -89,12 +90,16 @@ export class SnapshotFile {
     }
     const current = headOrUndefined(mem);
     const keep = current !== undefined && current.entries === entries && current.data === data;
+    let start = initialOffset;
     if (!keep) {
+      // A reader may still hold a snapshot of the old layout: the new stream starts past
+      // every old position, so that no (slot, offset, length) it checks can come back.
+      if (current !== undefined) start = Math.min(Math.max(start, streamEnd(mem, current)), Number.MAX_SAFE_INTEGER - data);
       Atomics.store(mem.u64, VERSION_WORD, 0n);
       mem.bytes.fill(0, PAGE, layout.dataStart);
     }
-    const head: DiscoveredHead = { ...layout, writeOffset: keep ? current.writeOffset : initialOffset };
-    const writer = new SnapshotWriter(mem, head, initialOffset);
+    const head: DiscoveredHead = { ...layout, writeOffset: keep ? current.writeOffset : start };
+    const writer = new SnapshotWriter(mem, head, start);
     mem.u64[ENTRY_MASK_WORD] = BigInt(entries - 1);
     mem.u64[DATA_MASK_WORD] = BigInt(data - 1);
     mem.u64[WRITE_OFFSET_WORD] = BigInt(writer.writeOffset);
@@ -114,6 +119,12 @@ export class SnapshotFile {
     }
     return new SnapshotWriter(this.#mem, head, head.writeOffset);
   }
+}
+
+/** Where the stream of a configured file ends: its `write_offset`, or the end of its newest snapshot if later. */
+function streamEnd(mem: Memory, head: DiscoveredHead): number {
+  const newest = new FileDiscovery(mem, head, ConfigureFile.fromHead(head)).newest();
+  return Math.max(head.writeOffset, newest === undefined ? 0 : newest.offset + newest.length);
 }
 
 /** The configured head, or `undefined` for an unconfigured or damaged one. */

@@ -177,6 +177,9 @@ export function parseHead(bytes: Uint8Array, fileLength: number): DiscoveredHead
   const writeOffset = view.getBigUint64(HEAD.writeOffset, true);
   checkMask('entry_mask', entryMask);
   checkMask('data_mask', dataMask);
+  if (dataMask === 0n) {
+    throw new SnapshotFormatError('ERR_SNAPSHOT_BAD_MASK', 'data_mask 0 describes a 1-byte data ring, which holds no snapshot (at least 2 bytes)');
+  }
   if (dataMask >= BigInt(MAX_DATA)) {
     throw new SnapshotFormatError('ERR_SNAPSHOT_BAD_MASK', `data_mask 0x${dataMask.toString(16)} describes a data ring above ${MAX_DATA} bytes`);
   }

@@ -347,8 +347,9 @@ export class SnapshotWriter {
    */
   private reserve(n: number): number {
     const end = this.stream + n;
-    if (end > Number.MAX_SAFE_INTEGER) {
-      throw new SnapshotFormatError('ERR_SNAPSHOT_BAD_OFFSET', 'the stream position would pass 2^53');
+    // The same bound that parseHead puts on a stored write_offset: a file must stay readable.
+    if (end > Number.MAX_SAFE_INTEGER - this.data) {
+      throw new SnapshotFormatError('ERR_SNAPSHOT_BAD_OFFSET', 'the stream position would pass 2^53 - data');
     }
     const limit = end - this.data;
     const offsets = this.offsets;

@@ -10,7 +10,7 @@ import { SharedFd, SHARED_FD_NAME, type SharedFdOptions } from '../shared-fd.js'
 import { checkConfig } from '../snapshot/config.js';
 import { SnapshotFormatError } from '../snapshot/errors.js';
 import { SnapshotFile, type FileDiscovery } from '../snapshot/file.js';
-import { MIN_FILE_LENGTH, PAGE, tailStart, type Snapshot, type SnapshotLayout } from '../snapshot/format.js';
+import { MAGIC, PAGE, tailStart, type Snapshot, type SnapshotLayout } from '../snapshot/format.js';
 import type { SnapshotWriter } from '../snapshot/writer.js';
 import { CounterSet, VersionedCell } from './cell.js';
 import { putU64, type StateHost, type Structure } from './host.js';
@@ -175,9 +175,11 @@ export class StateFile<D extends Declarations> implements StateHost {
   static #open<D extends Declarations>(file: MemoryFile, declarations: D, options: StateFileOptions, ownsFile: boolean): StateFile<D> {
     const layout = planLayout(declarations);
     const wanted = wantedConfig(layout, options);
-    let mapping = file.size >= MIN_FILE_LENGTH ? file.map() : undefined;
+    let mapping = file.size > 0 ? file.map() : undefined;
     try {
-      const discovery = mapping === undefined ? undefined : discover(file, mapping);
+      // A file too small for a snapshot file is new, unless its head says it was configured:
+      // then it was cut short, and discovery says so (ERR_SNAPSHOT_TOO_SMALL).
+      const discovery = mapping === undefined || !startsWithMagic(mapping.bytes) ? undefined : discover(file, mapping);
       const valid = discovery?.valid() ?? [];
       let config: { entries: number; data: number; initialOffset: number };
       if (discovery !== undefined && valid.length > 0) {
@@ -190,6 +192,8 @@ export class StateFile<D extends Declarations> implements StateHost {
         const newest = valid[valid.length - 1]!;
         const decoded = decodePayload(discovery.read(newest), layout);
         if (typeof decoded === 'string') throw corrupt(file, `the newest snapshot (slot ${newest.index}): ${decoded}`);
+        const unsafe = unsafeConfig(head.entries, head.data, layout.payloadBytes);
+        if (unsafe !== undefined) throw new ShmfdError('ERR_STATE_LAYOUT_MISMATCH', `${file.name}: its snapshot layout is unsafe (${unsafe}); migrate it`);
         config = { entries: head.entries, data: head.data, initialOffset: head.writeOffset };
       } else {
         // Continue the stream where it was, so a restore host never sees an old position again.
@@ -304,10 +308,27 @@ function wantedConfig(layout: StateLayout, options: StateFileOptions): { entries
     if (err instanceof SnapshotFormatError) throw new ShmfdError('ERR_STATE_DECLARATION', err.message);
     throw err;
   }
-  if (layout.payloadBytes >= data) {
-    throw new ShmfdError('ERR_STATE_DECLARATION', `a snapshot payload of ${layout.payloadBytes} bytes needs a data ring above that, got ${data}`);
-  }
+  const unsafe = unsafeConfig(entries, data, layout.payloadBytes);
+  if (unsafe !== undefined) throw new ShmfdError('ERR_STATE_DECLARATION', unsafe);
   return { entries, data };
+}
+
+/**
+ * Why a commit under this configuration could drop the newest committed state before it
+ * publishes the next one (a crash in between would then leave none), or undefined. A
+ * commit empties the slot it reuses and every snapshot it overwrites: with one slot, or a
+ * ring shorter than two payloads, that is the newest.
+ */
+function unsafeConfig(entries: number, data: number, payloadBytes: number): string | undefined {
+  if (entries < 2) return `a state file needs at least 2 snapshot slots (entries), got ${entries}: with one, every commit empties the committed state first`;
+  if (data < 2 * payloadBytes) {
+    return `a snapshot payload of ${payloadBytes} bytes needs a data ring of at least twice that (${2 * payloadBytes}), got ${data}: a commit would overwrite the committed state first`;
+  }
+  return undefined;
+}
+
+function startsWithMagic(bytes: Uint8Array): boolean {
+  return bytes.length >= 8 && new DataView(bytes.buffer, bytes.byteOffset, 8).getBigUint64(0, true) === MAGIC;
 }
 
 function discover(file: MemoryFile, mapping: Mapping): FileDiscovery | undefined {
