@@ -33,6 +33,8 @@ export class Memory {
   readonly bytes: Uint8Array;
   readonly u32: Uint32Array;
   readonly u64: BigUint64Array;
+  /** A private word for the fence of {@link holds}. */
+  readonly #fence = new Int32Array(1);
 
   constructor(bytes: Uint8Array) {
     if (bytes.byteOffset % 8 !== 0) {
@@ -69,6 +71,10 @@ export class Memory {
     const { index } = snapshot;
     if (!Number.isInteger(index) || index < 0 || index >= layout.entries) return false;
     const w = slotWord(index);
+    // The reader copied the ring bytes with plain loads before this check. An acquire load
+    // does not keep earlier loads before it (aarch64 may finish them later, when the writer
+    // already overwrote them); a read-modify-write (acquire and release) does.
+    Atomics.add(this.#fence, 0, 0);
     // Length first: a writer stores the offset before publishing the length.
     const length = this.slotLength(index);
     const offset = Atomics.load(this.u32, w + 1) * 0x1_0000_0000 + Atomics.load(this.u32, w);
