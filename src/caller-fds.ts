@@ -6,7 +6,7 @@
  * @module
  */
 import fs from 'node:fs';
-import inspector from 'node:inspector';
+import { createRequire } from 'node:module';
 import * as sys from './system.js';
 
 /** The kinds of descriptor a Node runtime opens for itself: epoll and event descriptors. */
@@ -70,7 +70,14 @@ function parentPipes(): Set<string> {
 
 /** The socket of Node's inspector (`--inspect`), which is Node's own, or undefined. */
 function inspectorPort(): number | undefined {
-  const url = inspector.url();
+  let url: string | undefined;
+  try {
+    // Loaded here, not imported: a Node built without the inspector throws on loading it.
+    const inspector = createRequire(import.meta.url)('node:inspector') as typeof import('node:inspector');
+    url = inspector.url();
+  } catch {
+    return undefined;
+  }
   if (url === undefined) return undefined;
   const port = Number(new URL(url).port);
   return Number.isInteger(port) && port > 0 ? port : undefined;
