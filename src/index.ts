@@ -12,6 +12,7 @@ export {
   type TypedArrayConstructor,
 } from './memory-file.js';
 export {
+  findListenFd,
   readListenFds,
   findPassedFd,
   listenPidTarget,

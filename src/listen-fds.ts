@@ -101,10 +101,54 @@ export function listenPidTarget(env: Environment = process.env, pid: number = pr
  */
 export function readListenFds(options: ReadListenFdsOptions = {}): PassedFd[] {
   const env = options.env ?? process.env;
+  const listed = parseListenEnv(env, options.pid ?? process.pid);
+  if (listed === undefined) return [];
+  // Check before building anything of size `count`: a bogus LISTEN_FDS=2000000000 must be
+  // an error at the first closed descriptor, not an out-of-memory abort.
+  const fds: PassedFd[] = [];
+  for (let i = 0; i < listed.count; i++) {
+    const passed = checkPassed(listed, i);
+    if (passed === undefined) return [];
+    fds.push(passed);
+  }
+  if (options.cloexec !== false) for (const { fd } of fds) sys.setCloexec(fd, true);
+  if (options.unsetEnv === true) {
+    for (const key of ['LISTEN_FDS', 'LISTEN_FDNAMES', 'LISTEN_PID', 'LISTEN_FDS_FIRST_FD']) delete env[key];
+  }
+  return fds;
+}
+
+/**
+ * The first descriptor passed under `name`, with the semantics of {@link readListenFds}
+ * but checking only that descriptor: a program that closed another passed descriptor
+ * (its memory file, a socket it stopped serving) can still look up the rest.
+ * @throws the errors of {@link readListenFds}, `ERR_FD_NOT_PASSED` only for this descriptor
+ */
+export function findListenFd(name: string, options: Pick<ReadListenFdsOptions, 'env' | 'pid'> = {}): PassedFd | undefined {
+  const listed = parseListenEnv(options.env ?? process.env, options.pid ?? process.pid);
+  if (listed === undefined) return undefined;
+  for (let i = 0; i < listed.count; i++) {
+    if ((listed.names?.[i] ?? UNKNOWN_NAME) !== name) continue;
+    const passed = checkPassed(listed, i);
+    if (passed !== undefined) sys.setCloexec(passed.fd, true);
+    return passed;
+  }
+  return undefined;
+}
+
+interface ListenEnv {
+  first: number;
+  count: number;
+  names: string[] | undefined;
+  meantFor: 'self' | 'ancestor';
+}
+
+/** The `LISTEN_*` variables, checked; undefined when there are none for this process. */
+function parseListenEnv(env: Environment, pid: number): ListenEnv | undefined {
   const countText = env.LISTEN_FDS;
-  if (countText === undefined) return [];
-  const meantFor = listenPidTarget(env, options.pid ?? process.pid);
-  if (meantFor === 'other') return [];
+  if (countText === undefined) return undefined;
+  const meantFor = listenPidTarget(env, pid);
+  if (meantFor === 'other') return undefined;
   // 0..2 are stdio, never passed descriptors: the start is at least 3.
   const first =
     env.LISTEN_FDS_FIRST_FD === undefined
@@ -116,34 +160,29 @@ export function readListenFds(options: ReadListenFdsOptions = {}): PassedFd[] {
     // An empty LISTEN_FDNAMES is one empty name; with LISTEN_FDS=0 it stands for none.
     names = count === 0 && env.LISTEN_FDNAMES === '' ? [] : env.LISTEN_FDNAMES.split(':');
     if (names.length !== count) {
-      throw new ShmfdError(
-        'ERR_LISTEN_FDNAMES_MISMATCH',
-        `LISTEN_FDNAMES has ${names.length} names but LISTEN_FDS=${count}`,
-      );
+      throw new ShmfdError('ERR_LISTEN_FDNAMES_MISMATCH', `LISTEN_FDNAMES has ${names.length} names but LISTEN_FDS=${count}`);
     }
   }
-  // Check before building anything of size `count`: a bogus LISTEN_FDS=2000000000 must be
-  // an error at the first closed descriptor, not an out-of-memory abort.
-  const fds: PassedFd[] = [];
-  for (let i = 0; i < count; i++) {
-    const fd = first + i;
-    const name = names?.[i] ?? UNKNOWN_NAME;
-    const target = sys.isOpen(fd) ? (fdTarget(fd) ?? '') : undefined;
-    // Not open, or taken by the runtime for its event loop: nothing was passed at this number.
-    if (target === undefined || isRuntimeKind(target)) {
-      // Variables an ancestor left behind after it used (and closed) its descriptors are
-      // not meant for us, as libsystemd would conclude from the pid alone.
-      if (meantFor === 'ancestor') return [];
-      if (target === undefined) throw new ShmfdError('ERR_FD_NOT_PASSED', `LISTEN_FDS=${count} but descriptor ${fd} (${name}) is not open`);
-      throw new ShmfdError('ERR_FD_NOT_PASSED', `LISTEN_FDS=${count} but descriptor ${fd} (${name}) was not passed: it is Node's own ${target}`);
-    }
-    fds.push({ fd, name });
+  return { first, count, names, meantFor };
+}
+
+/**
+ * Descriptor `i` of the list, if it was passed; undefined when it is not open and the
+ * variables came from an ancestor (left behind after it used and closed its descriptors,
+ * which libsystemd would conclude from the pid alone).
+ * @throws ShmfdError `ERR_FD_NOT_PASSED`
+ */
+function checkPassed(listed: ListenEnv, i: number): PassedFd | undefined {
+  const fd = listed.first + i;
+  const name = listed.names?.[i] ?? UNKNOWN_NAME;
+  const target = sys.isOpen(fd) ? (fdTarget(fd) ?? '') : undefined;
+  // Not open, or taken by the runtime for its event loop: nothing was passed at this number.
+  if (target === undefined || isRuntimeKind(target)) {
+    if (listed.meantFor === 'ancestor') return undefined;
+    if (target === undefined) throw new ShmfdError('ERR_FD_NOT_PASSED', `LISTEN_FDS=${listed.count} but descriptor ${fd} (${name}) is not open`);
+    throw new ShmfdError('ERR_FD_NOT_PASSED', `LISTEN_FDS=${listed.count} but descriptor ${fd} (${name}) was not passed: it is Node's own ${target}`);
   }
-  if (options.cloexec !== false) for (const { fd } of fds) sys.setCloexec(fd, true);
-  if (options.unsetEnv === true) {
-    for (const key of ['LISTEN_FDS', 'LISTEN_FDNAMES', 'LISTEN_PID', 'LISTEN_FDS_FIRST_FD']) delete env[key];
-  }
-  return fds;
+  return { fd, name };
 }
 
 /** The first passed descriptor with this name, if any. Names are not unique: the first wins. */

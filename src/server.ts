@@ -11,7 +11,7 @@ import https from 'node:https';
 import net from 'node:net';
 import tls from 'node:tls';
 import { ShmfdError } from './errors.js';
-import { findPassedFd, listenPidTarget, readListenFds, type Environment } from './listen-fds.js';
+import { findListenFd, type Environment } from './listen-fds.js';
 import { Notifier } from './notify.js';
 import * as sys from './system.js';
 
@@ -36,16 +36,7 @@ export interface FindPassedSocketOptions {
  */
 export function findPassedSocket(name: string, options: FindPassedSocketOptions = {}): PassedSocket | undefined {
   const env = options.env ?? process.env;
-  let passed;
-  try {
-    passed = findPassedFd(readListenFds({ env }), name);
-  } catch (err) {
-    // Inherited through a re-spawning tool, the variables may outlive the descriptors.
-    if (err instanceof ShmfdError && err.code === 'ERR_FD_NOT_PASSED' && listenPidTarget(env) === 'ancestor') {
-      return undefined;
-    }
-    throw err;
-  }
+  const passed = findListenFd(name, { env });
   if (passed === undefined) return undefined;
   try {
     return { fd: passed.fd, name, info: sys.socketInfo(passed.fd) };

@@ -3,7 +3,7 @@
  * @module
  */
 import { ShmfdError } from './errors.js';
-import { findPassedFd, listenPidTarget, readListenFds, type Environment } from './listen-fds.js';
+import { findListenFd, listenPidTarget, type Environment } from './listen-fds.js';
 import { MemoryFile } from './memory-file.js';
 
 /** The descriptor name under which the wrappers pass the memory file by default. */
@@ -29,7 +29,7 @@ export const SharedFd = {
   fromEnv(options: SharedFdOptions = {}): MemoryFile | undefined {
     const env = options.env ?? process.env;
     const name = options.name ?? SHARED_FD_NAME;
-    const passed = findPassedFd(readListenFds({ env }), name);
+    const passed = findListenFd(name, { env });
     if (passed === undefined) return undefined;
     try {
       return MemoryFile.fromFd(passed.fd, name);

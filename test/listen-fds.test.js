@@ -7,6 +7,7 @@ import fs from 'node:fs';
 import { test } from 'node:test';
 import {
   checkFdName,
+  findListenFd,
   findPassedFd,
   listenEnv,
   listenPidTarget,
@@ -155,6 +156,18 @@ test('LISTEN_PID naming an ancestor: its descriptors are taken when open; variab
     isShmfdError('ERR_FD_NOT_PASSED'),
     'meant for this very process: an error',
   );
+});
+
+test('findListenFd checks only the descriptor it looks up: a program that closed another passed one can still find the rest', (t) => {
+  placeFds(t, 355, 2);
+  const env = { LISTEN_FDS: '2', LISTEN_FDNAMES: 'SHM_SHARED_FD:http', LISTEN_FDS_FIRST_FD: '355', LISTEN_PID: pid };
+  assert.deepEqual(findListenFd('http', { env }), { fd: 356, name: 'http' });
+  fs.closeSync(355); // the program is done with its memory file
+  assert.throws(() => readListenFds({ env }), isShmfdError('ERR_FD_NOT_PASSED'), 'the strict reader still says so');
+  assert.deepEqual(findListenFd('http', { env }), { fd: 356, name: 'http' });
+  assert.equal(findListenFd('other', { env }), undefined);
+  assert.throws(() => findListenFd('SHM_SHARED_FD', { env }), (err) => isShmfdError('ERR_FD_NOT_PASSED')(err) && /355 \(SHM_SHARED_FD\) is not open/.test(err.message));
+  assert.throws(() => SharedFd.fromEnv({ env }), isShmfdError('ERR_FD_NOT_PASSED'));
 });
 
 test('a descriptor in the range that is not open is ERR_FD_NOT_PASSED', (t) => {
