@@ -263,6 +263,11 @@ test('--log-level info reports what shm-fd did, on stderr only', async () => {
   assert.match(r.stderr, /^shm-fd: created memory file SHM_SHARED_FD \(4096 bytes\)$/m);
   const quiet = await runShmFd(['true'], { env: cleanEnv({ SHMFD_LOG: 'info' }) });
   assert.match(quiet.stderr, /created memory file/);
+  // A mistyped SHMFD_LOG (say in a unit's Environment=) warns and runs the program anyway.
+  const typo = await runShmFd(['sh', '-c', 'echo ran'], { env: cleanEnv({ SHMFD_LOG: 'verbose' }) });
+  assert.equal(typo.code, 0);
+  assert.equal(typo.stdout, 'ran\n');
+  assert.equal(typo.stderr, 'shm-fd: warning: SHMFD_LOG: unknown level "verbose", ignored (silent, error, warn, info or debug)\n');
 });
 
 test('shm-fd watch -n 0.1 PROGRAM: every run continues where the last one stopped', async (t) => {

@@ -104,10 +104,17 @@ function answer(text: string): number {
 export function commonOptions(args: ParsedArgs, program: string, usage: string, log: Logger): number | undefined {
   if (args.options.has('help')) return answer(`${usage}\n`);
   if (args.options.has('version')) return answer(`${program} ${packageVersion()}\n`);
-  const level = last(args, 'log-level') ?? process.env.SHMFD_LOG;
-  if (level !== undefined) {
-    if (!isLogLevel(level)) throw usageError(`--log-level: unknown level ${JSON.stringify(level)}`);
-    log.level = level;
+  const option = last(args, 'log-level');
+  if (option !== undefined) {
+    if (!isLogLevel(option)) throw usageError(`--log-level: unknown level ${JSON.stringify(option)}`);
+    log.level = option;
+    return undefined;
+  }
+  // A mistyped Environment=SHMFD_LOG= in a unit must not keep the service from starting.
+  const variable = process.env.SHMFD_LOG;
+  if (variable !== undefined && variable !== '') {
+    if (isLogLevel(variable)) log.level = variable;
+    else log.warn(`SHMFD_LOG: unknown level ${JSON.stringify(variable)}, ignored (silent, error, warn, info or debug)`);
   }
   return undefined;
 }
