@@ -333,12 +333,17 @@ function endpointReady(endpoint: Endpoint): Promise<void> {
   return new Promise((resolve) => endpoint.once('listening', () => resolve()));
 }
 
+/** Stop signals this close to the first are the same event delivered twice. */
+const DUPLICATE_SIGNAL_MS = 250;
+
 /**
  * Runs the service lifecycle around `options.endpoints`:
  * - `READY=1` (with `STATUS=` when given) once every endpoint listens;
  * - on SIGTERM/SIGINT: `STOPPING=1`, stop accepting, finish the requests in flight
  *   (HTTP servers answer them with `Connection: close`), close the endpoints, run
- *   `onStop`, exit 0; a second signal cuts the remaining connections;
+ *   `onStop`, exit 0; a second signal cuts the remaining connections (one within 250 ms
+ *   of the first counts as the same signal delivered twice, e.g. by the terminal and a
+ *   forwarding parent);
  * - with `reload`: on SIGHUP `RELOADING=1` + `MONOTONIC_USEC`, the reload, `READY=1`
  *   (`Type=notify-reload`).
  * Without a service manager nothing is sent and the rest works the same.
@@ -425,7 +430,14 @@ export function serve(options: ServeOptions): Service {
     return reloading;
   };
 
+  // The same stop signal often arrives twice within milliseconds: from the terminal (or
+  // systemd's control-group kill) and again from a parent that forwards it, such as
+  // shm-restore. Only a signal after that window means "hurry".
+  let firstSignalAt: number | undefined;
   const onSignal = (): void => {
+    const now = performance.now();
+    if (firstSignalAt !== undefined && now - firstSignalAt < DUPLICATE_SIGNAL_MS) return;
+    firstSignalAt ??= now;
     void stop();
   };
   const onHangup = (): void => {

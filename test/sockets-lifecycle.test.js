@@ -143,3 +143,33 @@ test('serve(): a listen that fails and is retried by the program does not end th
   assert.deepEqual(await s.exited, { code: 0, signal: null });
   assert.equal(s.err(), '');
 });
+
+test('serve(): the same stop signal twice within 250 ms is one stop (terminal + forwarding parent); a later one cuts what is left', async (t) => {
+  const start = async () => {
+    const s = startServer(t, [fixture('sockets-lifecycle.js')], cleanEnv());
+    const port = Number((await waitFor(() => /ready http:\/\/127\.0\.0\.1:(\d+)/.exec(s.out()), 20_000, 'ready'))[1]);
+    return { s, port };
+  };
+  const twice = await start();
+  const finished = get(twice.port, '/slow?ms=800');
+  await waitFor(() => twice.s.out().includes('slow'), 20_000, 'the slow request');
+  twice.s.child.kill('SIGTERM');
+  // What shm-restore's forwarding adds to systemd's own, a few milliseconds later (two
+  // kills back to back would merge into one pending signal).
+  await new Promise((resolve) => setTimeout(resolve, 60));
+  twice.s.child.kill('SIGTERM');
+  assert.equal((await finished).body, 'slow done', 'the request in flight was not cut');
+  assert.deepEqual(await twice.s.exited, { code: 0, signal: null });
+
+  const hurried = await start();
+  const cut = get(hurried.port, '/slow?ms=5000').then(
+    () => 'answered',
+    (err) => err.code,
+  );
+  await waitFor(() => hurried.s.out().includes('slow'), 20_000, 'the slow request');
+  hurried.s.child.kill('SIGTERM');
+  await new Promise((resolve) => setTimeout(resolve, 600));
+  hurried.s.child.kill('SIGTERM');
+  assert.equal(await cut, 'ECONNRESET', 'a second stop request cuts the request in flight');
+  assert.deepEqual(await hurried.s.exited, { code: 0, signal: null });
+});

@@ -3,7 +3,8 @@
 //   with an fd store keeps the count across `systemctl restart`, and no connection is
 //   refused or reset while it restarts (the socket unit holds the socket);
 // - the same without a socket unit, with `shm-fd -s http::PORT`: shm-fd parks the socket
-//   in the fd store and reuses it on restart;
+//   in the fd store and reuses it on restart; and with `shm-restore -s`, which stays the
+//   main process (so the unit needs NotifyAccess=all, as docs/sockets.md says);
 // - a Type=notify service is active only after READY=1.
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
@@ -14,6 +15,8 @@ import path from 'node:path';
 import readline from 'node:readline';
 import { test } from 'node:test';
 import { fixture, NODE, ROOT, SANDBOX, SHM_FD, systemdSkip, tempDir, waitFor } from './helpers.js';
+
+const SHM_RESTORE = path.join(ROOT, 'bin', 'shm-restore.js');
 
 const COUNTER = path.join(ROOT, 'examples', 'http-counter.js');
 const skip = systemdSkip;
@@ -116,6 +119,8 @@ test('socket unit + Type=notify service with fd store: count kept across restart
   const dir = tempDir(t, 'shmfd-systemd-');
   const port = await freePort();
   const port2 = await freePort();
+  const port3 = await freePort();
+  const backup = path.join(dir, 'counter.backup');
   const sb = await sandbox(t, dir, {
     'counter.socket': `[Unit]
 Description=http-counter socket (test)
@@ -145,8 +150,17 @@ StartLimitIntervalSec=0
 [Service]
 ${SERVICE_COMMON}ExecStart=${NODE} ${SHM_FD} --log-level info -s http::${port2} ${NODE} ${COUNTER}
 `,
+    'counter-r.service': `[Unit]
+Description=http-counter under shm-restore -s with the fd store (test)
+DefaultDependencies=no
+StartLimitIntervalSec=0
+
+[Service]
+${SERVICE_COMMON}NotifyAccess=all
+ExecStart=${NODE} ${SHM_RESTORE} -s http::${port3} ${backup} ${NODE} ${COUNTER}
+`,
   });
-  const started = await sb.systemctl('start', 'counter.socket', 'counter.service', 'counter-s.service');
+  const started = await sb.systemctl('start', 'counter.socket', 'counter.service', 'counter-s.service', 'counter-r.service');
   assert.equal(started.code, 0, `${started.stderr}\n${sb.log()}`);
 
   await restartsUnderLoad(t, sb, 'counter.service', port, 5);
@@ -157,6 +171,11 @@ ${SERVICE_COMMON}ExecStart=${NODE} ${SHM_FD} --log-level info -s http::${port2} 
   await restartsUnderLoad(t, sb, 'counter-s.service', port2, 5);
   const shown2 = await sb.systemctl('show', '-p', 'NFileDescriptorStore', 'counter-s.service');
   assert.match(shown2.stdout, /^NFileDescriptorStore=2$/m, 'the socket and the memory file are stored');
+
+  await restartsUnderLoad(t, sb, 'counter-r.service', port3, 3);
+  const shown3 = await sb.systemctl('show', '-p', 'NFileDescriptorStore', 'counter-r.service');
+  assert.match(shown3.stdout, /^NFileDescriptorStore=2$/m, 'shm-restore stored the socket and the memory file');
+  assert.ok(fs.statSync(backup).size > 0, 'and wrote the memory back at each restart');
   assert.equal(await sb.close(), 0, sb.log());
 });
 
