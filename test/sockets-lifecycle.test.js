@@ -145,8 +145,9 @@ test('serve(): a listen that fails and is retried by the program does not end th
 });
 
 test('serve(): the same stop signal twice within 250 ms is one stop (terminal + forwarding parent); a later one cuts what is left', async (t) => {
-  const start = async () => {
-    const s = startServer(t, [fixture('sockets-lifecycle.js')], cleanEnv());
+  const dir = tempDir(t);
+  const start = async (receiver) => {
+    const s = startServer(t, [fixture('sockets-lifecycle.js')], cleanEnv(receiver === undefined ? {} : { NOTIFY_SOCKET: receiver.address }));
     const port = Number((await waitFor(() => /ready http:\/\/127\.0\.0\.1:(\d+)/.exec(s.out()), 20_000, 'ready'))[1]);
     return { s, port };
   };
@@ -161,14 +162,18 @@ test('serve(): the same stop signal twice within 250 ms is one stop (terminal + 
   assert.equal((await finished).body, 'slow done', 'the request in flight was not cut');
   assert.deepEqual(await twice.s.exited, { code: 0, signal: null });
 
-  const hurried = await start();
-  const cut = get(hurried.port, '/slow?ms=5000').then(
+  const receiver = datagramReceiver(path.join(dir, 'notify'));
+  t.after(() => receiver.close());
+  const hurried = await start(receiver);
+  assert.equal((await receiver.next()).text, 'READY=1\nSTATUS=serving');
+  const cut = get(hurried.port, '/slow?ms=20000').then(
     () => 'answered',
     (err) => err.code,
   );
   await waitFor(() => hurried.s.out().includes('slow'), 20_000, 'the slow request');
   hurried.s.child.kill('SIGTERM');
-  await new Promise((resolve) => setTimeout(resolve, 600));
+  assert.equal((await receiver.next()).text, 'STOPPING=1', 'the first stop was handled');
+  await new Promise((resolve) => setTimeout(resolve, 400));
   hurried.s.child.kill('SIGTERM');
   assert.equal(await cut, 'ECONNRESET', 'a second stop request cuts the request in flight');
   assert.deepEqual(await hurried.s.exited, { code: 0, signal: null });
