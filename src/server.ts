@@ -13,6 +13,7 @@ import tls from 'node:tls';
 import { ShmfdError } from './errors.js';
 import { findListenFd, type Environment } from './listen-fds.js';
 import { Notifier } from './notify.js';
+import { SOCKET_BACKLOG } from './sockets.js';
 import * as sys from './system.js';
 
 /** A socket passed under a name, and what it is. */
@@ -117,8 +118,9 @@ export async function listenOn(server: net.Server, options: ListenOnOptions = {}
       );
     }
     // Node adopts the descriptor (uv_tcp_open/uv_pipe_open) and calls listen(2) again,
-    // which on an already listening socket only updates the backlog.
-    await whenListening(server, () => server.listen({ fd: passed.fd, backlog }));
+    // which on an already listening socket only sets the backlog: keep the wrapper's deep
+    // queue (Node's default is 511), which holds the connections of a restart.
+    await whenListening(server, () => server.listen({ fd: passed.fd, backlog: backlog ?? SOCKET_BACKLOG }));
     return { passed: true, fd: passed.fd, name, url: describeServer(server, passed.info.address) };
   }
   const fallback = options.fallback;
@@ -236,19 +238,32 @@ interface ConnectionState {
 }
 
 /**
+ * How long a keep-alive connection that is idle at the stop may still bring its next
+ * request (answered with `Connection: close`): a busy client sends it at once, an idle one
+ * is closed after this. Closing it at once would reset a request already on its way, which
+ * the handler would even have run.
+ */
+const IDLE_KEEP_ALIVE_MS = 200;
+
+/** After the grace period, how long to wait for the cut connections to close before giving up on them. */
+const CLOSE_WAIT_MS = 1_000;
+
+/**
  * Graceful stop of one stream server. `http.Server#close` in Node 19+ also cuts connections
  * that have not sent a request yet, which includes connections accepted an instant before
  * the stop whose request is on its way: their clients would see a reset. Instead: stop
  * accepting (the socket stays open in the wrapper, the fd store or a sibling, so new
- * connections wait for the next program); let every request in flight finish with
- * `Connection: close`; close idle keep-alive connections; give fresh ones a moment to send
- * their request; cut what is left after the grace period.
+ * connections wait for the next program); let every request in flight finish, answered
+ * with `Connection: close` where its headers are not out yet; give keep-alive connections
+ * a moment for one more request, and fresh ones a moment for their first, answered the
+ * same way; cut what is left after the grace period.
  */
 class StreamStopper {
   readonly #server: net.Server;
   readonly #http: boolean;
   readonly #raw = new Set<net.Socket>();
   readonly #states = new Map<net.Socket, ConnectionState>();
+  readonly #responses = new Set<http.ServerResponse>();
   #stopping = false;
 
   constructor(server: net.Server) {
@@ -271,10 +286,16 @@ class StreamStopper {
         state.requests++;
         state.active++;
       }
+      this.#responses.add(res);
       if (this.#stopping) res.shouldKeepAlive = false;
       res.once('close', () => {
+        this.#responses.delete(res);
         if (state !== undefined) state.active--;
-        if (this.#stopping && (state === undefined || state.active === 0)) socket.end();
+        // A response that went out with keep-alive before the stop: its client may reuse
+        // the connection once more (Node closes those answered with Connection: close).
+        if (this.#stopping && res.shouldKeepAlive && (state === undefined || state.active === 0)) {
+          setTimeout(() => this.#destroyIfIdle(socket), IDLE_KEEP_ALIVE_MS).unref();
+        }
       });
     });
   }
@@ -283,28 +304,43 @@ class StreamStopper {
     this.#stopping = true;
     const closed = new Promise<void>((resolve) => {
       // net.Server's close: stop accepting and wait for the connections, cutting none.
-      if (this.#server.listening) net.Server.prototype.close.call(this.#server, () => resolve());
-      else resolve();
+      if (this.#server.listening) {
+        net.Server.prototype.close.call(this.#server, () => resolve());
+      } else {
+        // Stopped while still starting: whatever listens later is closed at once.
+        this.#server.once('listening', () => net.Server.prototype.close.call(this.#server));
+        resolve();
+      }
     });
     const timers: NodeJS.Timeout[] = [];
     if (this.#http) {
+      for (const res of this.#responses) if (!res.headersSent) res.shouldKeepAlive = false;
       for (const [socket, state] of this.#states) {
         if (state.active > 0) continue;
-        if (state.requests > 0) socket.end();
-        else timers.push(setTimeout(() => this.#endIfUnused(socket), firstRequestMs));
+        timers.push(setTimeout(() => this.#destroyIfIdle(socket), state.requests > 0 ? IDLE_KEEP_ALIVE_MS : firstRequestMs));
       }
     }
-    timers.push(setTimeout(() => this.#cutAll(), graceMs));
-    return closed.finally(() => timers.forEach(clearTimeout));
+    let giveUp: (() => void) | undefined;
+    const given = new Promise<void>((resolve) => (giveUp = resolve));
+    timers.push(
+      setTimeout(() => {
+        this.#cutAll();
+        // Connections accepted before serve() was called are not in #raw; an http server
+        // can still cut them, and a server that never reports closed is given up on.
+        timers.push(setTimeout(() => giveUp?.(), CLOSE_WAIT_MS));
+      }, graceMs),
+    );
+    return Promise.race([closed, given]).finally(() => timers.forEach(clearTimeout));
   }
 
-  #endIfUnused(socket: net.Socket): void {
+  #destroyIfIdle(socket: net.Socket): void {
     const state = this.#states.get(socket);
-    if (state !== undefined && state.requests === 0) socket.destroy();
+    if (state !== undefined && state.active === 0) socket.destroy();
   }
 
   #cutAll(): void {
     for (const socket of this.#raw) socket.destroy();
+    if (this.#server instanceof http.Server || this.#server instanceof https.Server) this.#server.closeAllConnections();
   }
 
   /** A second stop signal: no more waiting. */

@@ -87,14 +87,16 @@ function parseInet(text: string, value: string): sys.SocketAddress | undefined {
  *   to 127.0.0.1, like systemfd; port 0 picks a free port;
  * - `unix::/run/app.sock` (stream; `unix::@name` for the abstract namespace);
  * - without KIND: a port or `HOST:PORT` is tcp, a value with a `/` is unix;
- * - `NAME=` sets the descriptor name (default: the kind), checked like every `LISTEN_FDNAMES` entry.
+ * - `NAME=` sets the descriptor name (default: the kind), checked like every `LISTEN_FDNAMES`
+ *   entry, and without `/` (text with a `/` before the `=` is a path).
  * @throws ShmfdError `ERR_SOCKET_SPEC`
  */
 export function parseSocketSpec(text: string): SocketSpec {
   let rest = text;
   let name: string | undefined;
-  // A name never holds ':', so an '=' after the first ':' belongs to the address (a path).
-  const named = /^([^:=]*)=(.*)$/s.exec(text);
+  // A name holds no ':' and (here) no '/', so an '=' after either belongs to the address
+  // (a path such as /srv/a=b.sock).
+  const named = /^([^:=/]*)=(.*)$/s.exec(text);
   if (named !== null) {
     name = named[1] as string;
     rest = named[2] as string;
@@ -314,9 +316,22 @@ export function prepareSockets(
         log?.info(`using the passed socket ${name} (fd ${fit.fd}) for ${spec.text}`);
       }
       for (const spec of unfit) {
-        const open = openSocket(spec);
-        log?.info(`listening on ${describeSocket(spec.kind, open.address, name)}`);
         const misfit = candidates.find((c) => !claimed.has(c));
+        let open: OpenSocket;
+        try {
+          open = openSocket(spec);
+        } catch (err) {
+          // The stale socket may hold the very port (127.0.0.1:P, now 0.0.0.0:P): it is
+          // given up anyway, so let go of it first, here and in the fd store, and bind again.
+          // Its number stays reserved (on /dev/null) for the new socket.
+          if (misfit === undefined || !(err instanceof ShmfdError && sys.isSystemError(err.cause, 'EADDRINUSE'))) throw err;
+          options.notifier?.removeStoredFds(name);
+          const placeholder = fs.openSync('/dev/null', 'r');
+          sys.dup2(placeholder, misfit.fd, true);
+          fs.closeSync(placeholder);
+          open = openSocket(spec);
+        }
+        log?.info(`listening on ${describeSocket(spec.kind, open.address, name)}`);
         if (misfit === undefined) {
           opened.push(open);
           continue;

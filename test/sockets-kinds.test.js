@@ -11,7 +11,7 @@ import path from 'node:path';
 import { test } from 'node:test';
 import { parseSocketSpec } from '../dist/sockets.js';
 import * as sys from '../dist/system.js';
-import { assertOneErrorLine, cleanEnv, fixture, isRoot, NODE, ROOT, runShmFd, SHM_FD, tempDir, waitFor } from './helpers.js';
+import { assertOneErrorLine, cleanEnv, fixture, isRoot, NODE, ROOT, run, runShmFd, SHM_FD, tempDir, waitFor } from './helpers.js';
 
 const ECHO = fixture('sockets-echo.js');
 
@@ -164,6 +164,33 @@ test('a passed socket of the same name that fits is reused (the fd store case); 
   assert.notEqual(moved.report.passed[0].target, `socket:[${inode}]`, 'replaced by a new socket at the same number');
   assert.equal(moved.report.listening.http.info.family, 'unix');
   assert.match(moved.stderr(), /warning: the passed socket http \(fd 3\) does not fit --socket/);
+});
+
+test('a passed socket that holds the very port the spec now wants on another host is let go first, then replaced', { skip: !fs.existsSync('/usr/bin/python3') && 'needs python3' }, async () => {
+  const probe = net.createServer().listen(0, '127.0.0.1');
+  await new Promise((r) => probe.once('listening', r));
+  const port = probe.address().port;
+  await new Promise((r) => probe.close(r));
+  // python3 plays the fd store: the socket of the last start, on 127.0.0.1:PORT, at fd 3;
+  // nobody else holds it. The unit now says -s http::0.0.0.0:PORT.
+  const store = `import os, socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('127.0.0.1', ${port}))
+s.listen()
+fd = s.detach()
+if fd != 3:
+    os.dup2(fd, 3)
+    os.close(fd)
+os.set_inheritable(3, True)
+os.execv(sys.argv[1], sys.argv[1:])`;
+  const report = `import('${path.join(ROOT, 'dist', 'system.js')}').then((s) => console.log(JSON.stringify(s.socketInfo(3).address)))`;
+  const r = await run('/usr/bin/python3', ['-c', store, NODE, SHM_FD, '-s', `http::0.0.0.0:${port}`, '--', NODE, '-e', report], {
+    env: cleanEnv({ LISTEN_FDS: '1', LISTEN_FDNAMES: 'http' }),
+  });
+  assert.equal(r.code, 0, r.stderr);
+  assert.deepEqual(JSON.parse(r.stdout), { family: 'ipv4', address: '0.0.0.0', port });
+  assert.match(r.stderr, /warning: the passed socket http \(fd 3\) does not fit --socket http::0\.0\.0\.0:\d+: replaced by the new one/);
 });
 
 test('bad specs, ports in use, unusable unix paths: one error line, status 125, nothing touched', async (t) => {

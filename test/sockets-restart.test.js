@@ -37,14 +37,18 @@ async function startWrapped(t, args) {
   return { port: Number(match[1]), stderr: () => stderr, killGroup, exited };
 }
 
-/** Sends requests without keep-alive, `concurrency` at a time, until stopped or `limit` are sent. */
-function loadGenerator(port, { concurrency = 4, limit = 50_000 } = {}) {
+/**
+ * Sends requests, `concurrency` at a time, until stopped or `limit` are sent: each on a new
+ * connection, or (`keepAlive`) reusing connections as browsers and Node's default agent do.
+ */
+function loadGenerator(port, { concurrency = 4, limit = 50_000, keepAlive = false } = {}) {
+  const agent = keepAlive ? new http.Agent({ keepAlive: true, maxSockets: concurrency }) : false;
   const results = { sent: 0, answered: 0, maxCount: 0, errors: [], pids: new Set(), lastPid: 0 };
   let running = true;
   const one = () =>
     new Promise((resolve) => {
       results.sent++;
-      const req = http.get({ host: '127.0.0.1', port, path: '/', agent: false }, (res) => {
+      const req = http.get({ host: '127.0.0.1', port, path: '/', agent }, (res) => {
         let body = '';
         res.on('data', (d) => (body += d));
         res.on('end', () => {
@@ -78,6 +82,7 @@ function loadGenerator(port, { concurrency = 4, limit = 50_000 } = {}) {
     async stop() {
       running = false;
       await done;
+      if (agent) agent.destroy();
       return results;
     },
   };
@@ -107,6 +112,18 @@ test('a shell restart loop: 10 graceful restarts under load, nothing refused or 
   assert.equal(r.answered, r.sent);
   assert.equal(r.maxCount, r.answered, 'the count in shared memory went on across every restart');
   assert.equal(r.pids.size, 11);
+  w.killGroup('SIGTERM');
+});
+
+test('keep-alive clients across 10 graceful restarts: nothing reset, every counted request answered', async (t) => {
+  const w = await startWrapped(t, ['-s', 'http::0', '--', 'sh', '-c', `while :; do "${NODE}" "${COUNTER}" || exit $?; done`]);
+  const load = loadGenerator(w.port, { concurrency: 8, keepAlive: true });
+  await restartUnderLoad(load, 10, (pid) => process.kill(pid, 'SIGTERM'));
+  const r = await load.stop();
+  t.diagnostic(`keep-alive: sent ${r.sent}, answered ${r.answered}, failed ${r.errors.length}, processes ${r.pids.size}`);
+  assert.deepEqual(r.errors, [], 'no request reset on a reused connection');
+  assert.equal(r.answered, r.sent);
+  assert.equal(r.maxCount, r.answered, 'no request counted without being answered');
   w.killGroup('SIGTERM');
 });
 
