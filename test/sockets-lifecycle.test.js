@@ -8,6 +8,7 @@ import http from 'node:http';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
+import { serve } from '../dist/index.js';
 import * as sys from '../dist/system.js';
 import { cleanEnv, datagramReceiver, fixture, NODE, ROOT, SHM_FD, tempDir, waitFor } from './helpers.js';
 
@@ -177,4 +178,13 @@ test('serve(): the same stop signal twice within 250 ms is one stop (terminal + 
   hurried.s.child.kill('SIGTERM');
   assert.equal(await cut, 'ECONNRESET', 'a second stop request cuts the request in flight');
   assert.deepEqual(await hurried.s.exited, { code: 0, signal: null });
+});
+
+test('serve(): stop() while the server is still starting closes it once it listens (exit: false)', { timeout: 10_000 }, async () => {
+  const server = http.createServer((req, res) => res.end('late'));
+  const service = serve({ endpoints: [server], exit: false, notifier: null, signals: [] });
+  await service.stop();
+  server.listen(0, '127.0.0.1');
+  await new Promise((resolve) => server.once('close', resolve));
+  assert.equal(server.listening, false, 'a stopped service does not serve');
 });
