@@ -173,3 +173,14 @@ test('childDescriptors/childStdio: passed, then added, then the created memory; 
   assert.throws(() => childStdio(list, 2), /first passed descriptor must be 3 or more/);
   assert.deepEqual(childDescriptors([{ fd: 3, name: 'SHM_SHARED_FD' }], [], undefined).map((d) => d.fd), [3]);
 });
+
+test('shm-restore warns, as shm-fd does, when a Node restarter (nodemon, node --watch) would not pass the descriptors on', async (t) => {
+  const dir = tempDir(t);
+  const nodemon = path.join(dir, 'nodemon');
+  fs.writeFileSync(nodemon, '#!/bin/sh\nexit 0\n', { mode: 0o755 });
+  const low = await runHost([path.join(dir, 'b'), nodemon]);
+  assert.equal(low.status, 0, low.stderr);
+  assert.match(low.stderr, /warning: nodemon is a Node process that restarts its program: descriptors below 17 do not reach the program; use --first-fd 17/);
+  const safe = await runHost(['--first-fd', '17', path.join(dir, 'b'), nodemon]);
+  assert.equal(safe.stderr, '');
+});

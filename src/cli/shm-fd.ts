@@ -132,6 +132,15 @@ function checkFirstFd(first: number, fds: readonly PassedFd[], command: string, 
   } catch {
     throw usageError(`--first-fd ${first}: descriptor ${highest} is above the limit of open files (ulimit -n)`);
   }
+  warnIfNodeRestarter(command, args, first, log);
+}
+
+/**
+ * Warns when COMMAND is a Node process that restarts its program (node --watch, nodemon)
+ * and the descriptors start below {@link NODE_SAFE_FIRST_FD}: they would not reach the
+ * program, whose socket would then accept connections nobody answers.
+ */
+export function warnIfNodeRestarter(command: string, args: readonly string[], first: number, log: Logger): void {
   const base = path.basename(command);
   const nodeWatcher =
     base === 'nodemon' || (/^node(js)?$/.test(base) && args.some((a) => a === '--watch' || a.startsWith('--watch-path')));

@@ -12,7 +12,7 @@ import { commandErrorStatus } from '../exec.js';
 import { commonOptions, last, parseArgs, printAnswer, usageError, type OptionSpec, type ParsedArgs } from './args.js';
 import { Logger } from './log.js';
 import { prepareSocketOptions } from '../sockets.js';
-import { describeError, parseFirstFd } from './shm-fd.js';
+import { describeError, parseFirstFd, warnIfNodeRestarter } from './shm-fd.js';
 
 const USAGE = `Usage: shm-restore [OPTIONS] BACKUP [--] COMMAND [ARGS...]
        shm-restore [--snapshot=restore-v1] status BACKUP
@@ -115,6 +115,7 @@ async function run(argv: readonly string[], log: Logger): Promise<number> {
   if (interval !== undefined && snapshot === undefined) log.warn('--interval has no effect without --snapshot');
   const memoryName = last(args, 'name') ?? SHARED_FD_NAME;
   const firstFd = parseFirstFd(last(args, 'first-fd'));
+  warnIfNodeRestarter(command, commandArgs, firstFd, log);
   const sockets = prepareSocketOptions(args.options.get('socket') ?? [], memoryName, log).opened;
 
   return runRestoreHost({
