@@ -15,7 +15,18 @@
 import http from 'node:http';
 import { SharedFd, listenOn, serve } from 'shmfd';
 
-const file = SharedFd.fromEnv();
+// Setup errors (a passed socket of the wrong kind, a port in use) are one line, not a trace.
+const fail = (err) => {
+  console.error(`http-counter: error: ${err.message}`);
+  process.exit(1);
+};
+
+let file;
+try {
+  file = SharedFd.fromEnv();
+} catch (err) {
+  fail(err);
+}
 let counter;
 if (file !== undefined) {
   file.grow(8);
@@ -40,7 +51,7 @@ const service = serve({
   // Type=notify-reload: nothing to re-read, but say how far the count got.
   reload: () => console.error(`http-counter: reloaded at count ${Atomics.load(counter, 0)}`),
 });
-const listening = await listenOn(server, { name: 'http', fallback: { port: Number(process.env.PORT ?? 8080), host: '127.0.0.1' } });
+const listening = await listenOn(server, { name: 'http', fallback: { port: Number(process.env.PORT ?? 8080), host: '127.0.0.1' } }).catch(fail);
 await service.ready;
 console.error(
   `http-counter: listening on ${listening.url}${listening.passed ? ` (passed socket ${listening.name}, fd ${listening.fd})` : ''}, pid ${process.pid}, count ${Atomics.load(counter, 0)}`,

@@ -377,7 +377,7 @@ const DUPLICATE_SIGNAL_MS = 250;
  * - `READY=1` (with `STATUS=` when given) once every endpoint listens;
  * - on SIGTERM/SIGINT: `STOPPING=1`, stop accepting, finish the requests in flight
  *   (HTTP servers answer them with `Connection: close`), close the endpoints, run
- *   `onStop`, exit 0; a second signal cuts the remaining connections (one within 250 ms
+ *   `onStop`, exit 0 (after SIGINT: end by SIGINT, as a shell expects of Ctrl-C); a second signal cuts the remaining connections (one within 250 ms
  *   of the first counts as the same signal delivered twice, e.g. by the terminal and a
  *   forwarding parent);
  * - with `reload`: on SIGHUP `RELOADING=1` + `MONOTONIC_USEC`, the reload, `READY=1`
@@ -408,6 +408,7 @@ export function serve(options: ServeOptions): Service {
   const signals = options.signals ?? ['SIGTERM', 'SIGINT'];
 
   let stopping: Promise<void> | undefined;
+  let stopSignal: NodeJS.Signals | undefined;
   let settle: { resolve: () => void; reject: (err: unknown) => void } | undefined;
   const stopped = new Promise<void>((resolve, reject) => {
     settle = { resolve, reject };
@@ -439,7 +440,12 @@ export function serve(options: ServeOptions): Service {
     stopping.then(settle?.resolve, settle?.reject);
     if (options.exit !== false) {
       void stopping.then(
-        () => process.exit(0),
+        () => {
+          // Ctrl-C: end by SIGINT again (our handlers are gone), so that a shell loop
+          // around the program stops too, as it does for any program Ctrl-C ends.
+          if (stopSignal === 'SIGINT') process.kill(process.pid, 'SIGINT');
+          else process.exit(0);
+        },
         (err: unknown) => {
           process.stderr.write(`shmfd: stopping failed: ${(err as Error).message}\n`);
           process.exit(1);
@@ -470,10 +476,11 @@ export function serve(options: ServeOptions): Service {
   // systemd's control-group kill) and again from a parent that forwards it, such as
   // shm-restore. Only a signal after that window means "hurry".
   let firstSignalAt: number | undefined;
-  const onSignal = (): void => {
+  const onSignal = (signal: NodeJS.Signals): void => {
     const now = performance.now();
     if (firstSignalAt !== undefined && now - firstSignalAt < DUPLICATE_SIGNAL_MS) return;
     firstSignalAt ??= now;
+    stopSignal ??= signal;
     void stop();
   };
   const onHangup = (): void => {

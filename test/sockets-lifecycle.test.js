@@ -188,3 +188,11 @@ test('serve(): stop() while the server is still starting closes it once it liste
   await new Promise((resolve) => server.once('close', resolve));
   assert.equal(server.listening, false, 'a stopped service does not serve');
 });
+
+test('serve(): SIGINT stops gracefully, then ends the process by SIGINT, as a shell loop expects of Ctrl-C', async (t) => {
+  const s = startServer(t, [fixture('sockets-lifecycle.js')], cleanEnv());
+  await waitFor(() => /ready /.test(s.out()), 20_000, 'ready');
+  s.child.kill('SIGINT');
+  assert.deepEqual(await s.exited, { code: null, signal: 'SIGINT' });
+  assert.match(s.out(), /stopped\n$/, 'after the graceful stop');
+});
