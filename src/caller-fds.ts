@@ -30,15 +30,26 @@ export function fdTarget(fd: number): string | undefined {
  */
 const NODE_ALWAYS_MARKS_BELOW = 16;
 
-/** The descriptors (>= 3) open in this process, with what /proc shows for each. */
-function openFds(): Map<number, string> {
+/**
+ * The descriptors (>= 3) open in a process (this one by default), with what /proc shows
+ * for each; empty when its table cannot be read (another user's process, or gone).
+ */
+function openFds(pid: number | 'self' = 'self'): Map<number, string> {
   const targets = new Map<number, string>();
-  for (const entry of fs.readdirSync('/proc/self/fd')) {
+  let entries: string[];
+  try {
+    entries = fs.readdirSync(`/proc/${pid}/fd`);
+  } catch {
+    return targets;
+  }
+  for (const entry of entries) {
     const fd = Number(entry);
     if (fd < 3) continue;
-    // The directory listing's own descriptor is closed by now: no target.
-    const target = fdTarget(fd);
-    if (target !== undefined) targets.set(fd, target);
+    try {
+      targets.set(fd, fs.readlinkSync(`/proc/${pid}/fd/${entry}`));
+    } catch {
+      // Closed meanwhile (the directory listing's own descriptor, for this process).
+    }
   }
   return targets;
 }
@@ -49,24 +60,6 @@ function openFds(): Map<number, string> {
  * same open file later only if the number was not closed and reused in between.
  */
 const openAtLoad = openFds();
-
-/** The pipes (`pipe:[inode]`) the parent process holds, or an empty set when it cannot be read. */
-function parentPipes(): Set<string> {
-  const pipes = new Set<string>();
-  try {
-    for (const entry of fs.readdirSync(`/proc/${process.ppid}/fd`)) {
-      try {
-        const target = fs.readlinkSync(`/proc/${process.ppid}/fd/${entry}`);
-        if (target.startsWith('pipe:')) pipes.add(target);
-      } catch {
-        // closed meanwhile
-      }
-    }
-  } catch {
-    // another user's process, or gone
-  }
-  return pipes;
-}
 
 /** The socket of Node's inspector (`--inspect`), which is Node's own, or undefined. */
 function inspectorPort(): number | undefined {
@@ -115,12 +108,11 @@ export function callerFds(): number[] {
   const isNodesOwn = (fd: number, target: string): boolean => {
     if (isRuntimeKind(target) || isInspectorSocket(fd, target, port)) return true;
     if (!target.startsWith('pipe:') || (ends.get(target) ?? 0) < 2) return false;
-    parents ??= parentPipes();
+    parents ??= new Set(openFds(process.ppid).values());
     return !parents.has(target);
   };
   const inherited: number[] = [];
   for (const [fd, target] of targets) {
-    if (!sys.isOpen(fd)) continue;
     if ((sys.getFdFlags(fd) & sys.FD_CLOEXEC) === 0) inherited.push(fd);
     else if (fd <= markedUpTo && !isNodesOwn(fd, target)) inherited.push(fd);
   }

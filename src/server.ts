@@ -320,17 +320,18 @@ class StreamStopper {
         timers.push(setTimeout(() => this.#destroyIfIdle(socket), state.requests > 0 ? IDLE_KEEP_ALIVE_MS : firstRequestMs));
       }
     }
-    let giveUp: (() => void) | undefined;
-    const given = new Promise<void>((resolve) => (giveUp = resolve));
-    timers.push(
-      setTimeout(() => {
-        this.#cutAll();
-        // Connections accepted before serve() was called are not in #raw; an http server
-        // can still cut them, and a server that never reports closed is given up on.
-        timers.push(setTimeout(() => giveUp?.(), CLOSE_WAIT_MS));
-      }, graceMs),
-    );
-    return Promise.race([closed, given]).finally(() => timers.forEach(clearTimeout));
+    // After the grace period what is left is cut; a server that still does not report
+    // closed (connections accepted before serve() was called, of a plain net.Server) is
+    // given up on.
+    const givenUp = new Promise<void>((resolve) => {
+      timers.push(
+        setTimeout(() => {
+          this.#cutAll();
+          timers.push(setTimeout(resolve, CLOSE_WAIT_MS));
+        }, graceMs),
+      );
+    });
+    return Promise.race([closed, givenUp]).finally(() => timers.forEach(clearTimeout));
   }
 
   #destroyIfIdle(socket: net.Socket): void {
@@ -340,6 +341,7 @@ class StreamStopper {
 
   #cutAll(): void {
     for (const socket of this.#raw) socket.destroy();
+    // Also those accepted before serve() was called, which #raw never saw.
     if (this.#server instanceof http.Server || this.#server instanceof https.Server) this.#server.closeAllConnections();
   }
 
@@ -377,9 +379,9 @@ const DUPLICATE_SIGNAL_MS = 250;
  * - `READY=1` (with `STATUS=` when given) once every endpoint listens;
  * - on SIGTERM/SIGINT: `STOPPING=1`, stop accepting, finish the requests in flight
  *   (HTTP servers answer them with `Connection: close`), close the endpoints, run
- *   `onStop`, exit 0 (after SIGINT: end by SIGINT, as a shell expects of Ctrl-C); a second signal cuts the remaining connections (one within 250 ms
- *   of the first counts as the same signal delivered twice, e.g. by the terminal and a
- *   forwarding parent);
+ *   `onStop`, exit 0 (after SIGINT: end by SIGINT, as a shell expects of Ctrl-C); a
+ *   second signal cuts the remaining connections (one within 250 ms of the first counts
+ *   as the same signal delivered twice, e.g. by the terminal and a forwarding parent);
  * - with `reload`: on SIGHUP `RELOADING=1` + `MONOTONIC_USEC`, the reload, `READY=1`
  *   (`Type=notify-reload`).
  * Without a service manager nothing is sent and the rest works the same.
@@ -408,7 +410,7 @@ export function serve(options: ServeOptions): Service {
   const signals = options.signals ?? ['SIGTERM', 'SIGINT'];
 
   let stopping: Promise<void> | undefined;
-  let stopSignal: NodeJS.Signals | undefined;
+  let firstSignal: { signal: NodeJS.Signals; at: number } | undefined;
   let settle: { resolve: () => void; reject: (err: unknown) => void } | undefined;
   const stopped = new Promise<void>((resolve, reject) => {
     settle = { resolve, reject };
@@ -443,7 +445,7 @@ export function serve(options: ServeOptions): Service {
         () => {
           // Ctrl-C: end by SIGINT again (our handlers are gone), so that a shell loop
           // around the program stops too, as it does for any program Ctrl-C ends.
-          if (stopSignal === 'SIGINT') process.kill(process.pid, 'SIGINT');
+          if (firstSignal?.signal === 'SIGINT') process.kill(process.pid, 'SIGINT');
           else process.exit(0);
         },
         (err: unknown) => {
@@ -475,12 +477,10 @@ export function serve(options: ServeOptions): Service {
   // The same stop signal often arrives twice within milliseconds: from the terminal (or
   // systemd's control-group kill) and again from a parent that forwards it, such as
   // shm-restore. Only a signal after that window means "hurry".
-  let firstSignalAt: number | undefined;
   const onSignal = (signal: NodeJS.Signals): void => {
     const now = performance.now();
-    if (firstSignalAt !== undefined && now - firstSignalAt < DUPLICATE_SIGNAL_MS) return;
-    firstSignalAt ??= now;
-    stopSignal ??= signal;
+    if (firstSignal !== undefined && now - firstSignal.at < DUPLICATE_SIGNAL_MS) return;
+    firstSignal ??= { signal, at: now };
     void stop();
   };
   const onHangup = (): void => {

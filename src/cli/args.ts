@@ -92,18 +92,16 @@ export function printAnswer(text: string): void {
   }
 }
 
-function answer(text: string): number {
-  printAnswer(text);
-  return 0;
-}
-
 /**
  * The options every command shares: `--help` and `--version` (answered here: returns the
  * exit status) and `--log-level` (or `SHMFD_LOG`, applied to `log`: returns undefined).
  */
 export function commonOptions(args: ParsedArgs, program: string, usage: string, log: Logger): number | undefined {
-  if (args.options.has('help')) return answer(`${usage}\n`);
-  if (args.options.has('version')) return answer(`${program} ${packageVersion()}\n`);
+  const answer = args.options.has('help') ? usage : args.options.has('version') ? `${program} ${packageVersion()}` : undefined;
+  if (answer !== undefined) {
+    printAnswer(`${answer}\n`);
+    return 0;
+  }
   const option = last(args, 'log-level');
   if (option !== undefined) {
     if (!isLogLevel(option)) throw usageError(`--log-level: unknown level ${JSON.stringify(option)}`);

@@ -182,13 +182,12 @@ async function host(o: RestoreHostOptions, log: Logger, relay: SignalRelay): Pro
   } else {
     memory = MemoryFile.create(name, { sealShrink: true });
     await restore(backup, inspection, memory, log, relay, showProgress);
-    // Only a complete memory file goes to the store: a partial one would win over the
-    // disk next time. A restore cut short by a signal returns early, with the signal noted.
-    if (relay.received !== undefined) return exitStatus(null, relay.received);
     created = { fd: memory.fd, name };
-    storeInFdStore(env, name, memory, log);
   }
+  // A signal ends the host here, before a partly restored memory file (cut short by the
+  // signal) reaches the store: it would win over the disk at the next start.
   if (relay.received !== undefined) return exitStatus(null, relay.received);
+  if (created !== undefined) storeInFdStore(env, name, memory, log);
 
   const descriptors = childDescriptors(passed, o.extraFds ?? [], created);
   const child = startChild(o, executable, env, descriptors, first, log);
@@ -346,10 +345,6 @@ function reportStatus(env: Environment, snapshotter: Snapshotter, log: Logger): 
   return timer;
 }
 
-/**
- * The final write-back of quiescent memory. Returns false when it failed (the old backup
- * then stays, and the reason has been logged).
- */
 /** The backup on disk as the final write-back must respect it. */
 interface DurableState {
   /** A backup with content exists (found at start, or persisted since). */
@@ -358,6 +353,10 @@ interface DurableState {
   snapshots: number;
 }
 
+/**
+ * The final write-back of quiescent memory. Returns false when it failed (the old backup
+ * then stays, and the reason has been logged).
+ */
 async function writeBack(
   o: RestoreHostOptions,
   backup: BackupFile,

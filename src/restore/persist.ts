@@ -89,16 +89,12 @@ export async function persistAtomically(
     const t3 = performance.now();
     await fs.promises.rename(temp, backup.path);
     renamed = true;
-    let directorySyncError: unknown;
-    try {
-      await syncDirectory(backup.dir);
-    } catch (err) {
-      directorySyncError = err;
-    }
+    const directorySyncError = await syncDirectory(backup.dir).then(
+      () => undefined,
+      (err: unknown) => err,
+    );
     const t4 = performance.now();
-    const result: PersistResult = { size, copied, timings: { copyMs: t1 - t0, validateMs: t2 - t1, fsyncMs: t3 - t2, renameMs: t4 - t3 } };
-    if (directorySyncError !== undefined) result.directorySyncError = directorySyncError;
-    return result;
+    return { size, copied, timings: { copyMs: t1 - t0, validateMs: t2 - t1, fsyncMs: t3 - t2, renameMs: t4 - t3 }, directorySyncError };
   } finally {
     await handle.close().catch(() => undefined);
     if (!renamed) await fs.promises.unlink(temp).catch(() => undefined);
