@@ -13,6 +13,7 @@ import {
   layoutFits,
   parseHead,
   readSlots,
+  streamEnd,
   type DiscoveredHead,
   type Snapshot,
 } from './format.js';
@@ -94,7 +95,9 @@ export class SnapshotFile {
     if (!keep) {
       // A reader may still hold a snapshot of the old layout: the new stream starts past
       // every old position, so that no (slot, offset, length) it checks can come back.
-      if (current !== undefined) start = Math.min(Math.max(start, streamEnd(mem, current)), Number.MAX_SAFE_INTEGER - data);
+      if (current !== undefined) {
+        start = Math.min(Math.max(start, streamEnd(current.writeOffset, readSlots(mem.bytes, current))), Number.MAX_SAFE_INTEGER - data);
+      }
       Atomics.store(mem.u64, VERSION_WORD, 0n);
       mem.bytes.fill(0, PAGE, layout.dataStart);
     }
@@ -119,12 +122,6 @@ export class SnapshotFile {
     }
     return new SnapshotWriter(this.#mem, head, head.writeOffset);
   }
-}
-
-/** Where the stream of a configured file ends: its `write_offset`, or the end of its newest snapshot if later. */
-function streamEnd(mem: Memory, head: DiscoveredHead): number {
-  const newest = new FileDiscovery(mem, head, ConfigureFile.fromHead(head)).newest();
-  return Math.max(head.writeOffset, newest === undefined ? 0 : newest.offset + newest.length);
 }
 
 /** The configured head, or `undefined` for an unconfigured or damaged one. */

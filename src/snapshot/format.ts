@@ -200,9 +200,11 @@ export function parseHead(bytes: Uint8Array, fileLength: number): DiscoveredHead
  * Reads the slots that hold a usable snapshot, oldest first (by stream position).
  *
  * A slot counts when its `length` is not 0 (the spec's validity), and it also describes
- * bytes the ring can still hold: `length <= data - 1`, and not older than `data` bytes
- * before the newest write. Slots failing that can only come from a foreign or damaged
- * writer (the Rust crate never invalidates), and their bytes are not what was committed.
+ * bytes the ring can still hold: `length <= data - 1`, an end a head's `write_offset` can
+ * store (at most 2^53 - 1 - `data`, the bound of {@link parseHead}), and not older than
+ * `data` bytes before the {@link streamEnd}. Slots failing that can only come from a
+ * foreign or damaged writer (the Rust crate never invalidates), and their bytes are not
+ * what was committed.
  *
  * @param bytes at least the head page and the sequence region of the file
  * @param head the result of {@link parseHead} on the same bytes
@@ -222,7 +224,7 @@ export function readSlots(bytes: Uint8Array, head: DiscoveredHead): Snapshot[] {
       : new Uint32Array(bytes.slice(0, needed).buffer);
   const found: Snapshot[] = [];
   const data = head.data;
-  let end = head.writeOffset;
+  const lastEnd = Number.MAX_SAFE_INTEGER - data;
   for (let index = 0, w = PAGE >>> 2; index < head.entries; index++, w += SLOT_SIZE >>> 2) {
     const length = words[w + 2]!;
     const lengthHigh = words[w + 3]!;
@@ -230,15 +232,27 @@ export function readSlots(bytes: Uint8Array, head: DiscoveredHead): Snapshot[] {
     const offsetHigh = words[w + 1]!;
     if (lengthHigh !== 0 || length >= data || offsetHigh >= 0x200000) continue;
     const offset = offsetHigh * 0x1_0000_0000 + words[w]!;
-    if (offset + length > Number.MAX_SAFE_INTEGER) continue;
-    if (offset + length > end) end = offset + length;
+    if (offset + length > lastEnd) continue;
     found.push({ index, offset, length });
   }
-  const oldest = end - head.data;
+  const oldest = streamEnd(head.writeOffset, found) - data;
   let kept = 0;
   for (const s of found) if (s.offset >= oldest) found[kept++] = s;
   found.length = kept;
   return inStreamOrder(found);
+}
+
+/**
+ * Where writing continues after `slots`: the larger of `writeOffset` and the furthest end
+ * of a slot. The furthest end, not the newest slot's: in a damaged or foreign file an
+ * older slot may reach further (slots that overlap), and a write before its end would
+ * change bytes it claims.
+ * @internal
+ */
+export function streamEnd(writeOffset: number, slots: readonly Pick<Snapshot, 'offset' | 'length'>[]): number {
+  let end = writeOffset;
+  for (const s of slots) if (s.offset + s.length > end) end = s.offset + s.length;
+  return end;
 }
 
 /**

@@ -3,7 +3,7 @@
  * @module
  */
 import { SnapshotFormatError } from './errors.js';
-import { checkSnapshot, readSlots, type DiscoveredHead, type Snapshot, type SnapshotLayout } from './format.js';
+import { checkSnapshot, readSlots, streamEnd, type DiscoveredHead, type Snapshot, type SnapshotLayout } from './format.js';
 import { LENGTH_WORDS, Memory, NEEDS_FENCE, WRITE_OFFSET_WORD, slotWord } from './memory.js';
 
 const TWO_32 = 0x1_0000_0000;
@@ -425,11 +425,18 @@ export class SnapshotWriter {
   }
 
   /**
-   * Rebuilds the published range from recovered slots: walking back from the newest,
-   * keep each slot whose offset does not grow; empty every other slot that claims data,
-   * since a later write could overwrite its bytes without invalidating it first.
+   * Rebuilds the published range from recovered slots so that the protocol keeps every
+   * slot it leaves claiming data intact. Writing continues past the end of every slot,
+   * so no write lands on bytes a slot claims before the slot is emptied; slots the ring
+   * no longer holds from there (older than `data` bytes before it) go. Walking back from the
+   * newest, it keeps each slot whose offset does not grow: invalidation walks the range
+   * in that order and stops at the first slot it need not touch. Every other slot that
+   * claims data is emptied now, before any write: later it could not be emptied in time.
    */
-  private adopt(slots: Snapshot[]): void {
+  private adopt(recovered: Snapshot[]): void {
+    const end = streamEnd(this.stream, recovered);
+    this.stream = end;
+    const slots = recovered.filter((s) => s.offset >= end - this.data);
     const newest = slots[slots.length - 1];
     const kept = new Uint8Array(this.entries);
     if (newest !== undefined) {
@@ -449,7 +456,6 @@ export class SnapshotWriter {
       this.oldest = oldest;
       this.rangeLength = ((newest.index - oldest) & this.entryMask) + 1;
       this.next = (newest.index + 1) & this.entryMask;
-      this.stream = Math.max(this.stream, newest.offset + newest.length);
     }
     for (let i = 0; i < this.entries; i++) {
       if (kept[i] === 0 && this.mem.slotLength(i) !== 0) this.mem.clearSlot(i);
