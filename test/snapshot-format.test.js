@@ -7,6 +7,7 @@ import {
   HEAD,
   MAGIC,
   MAX_DATA,
+  MAX_ENTRIES,
   MIN_FILE_LENGTH,
   PAGE,
   SLOTS_PER_PAGE,
@@ -184,6 +185,23 @@ test('parseHead: masks that need more than the file give ERR_SNAPSHOT_BEYOND_END
   throwsCode(() => parseHead(headFile(exact - 1, { dataMask: 0x7fffn }), exact - 1), 'ERR_SNAPSHOT_BEYOND_END', 'one byte short');
 });
 
+test('parseHead: more slots than MAX_ENTRIES give ERR_SNAPSHOT_BAD_MASK from the head page alone, even in a file big enough for them', () => {
+  assert.equal(MAX_ENTRIES, 2 ** 20);
+  const huge = 2 ** 48; // a sparse file of 256 TiB holds even 2^40 slots
+  for (let k = 21; k <= 40; k++) {
+    const entryMask = (1n << BigInt(k)) - 1n;
+    assert.throws(
+      () => parseHead(headFile(PAGE, { entryMask }), huge),
+      (err) => err instanceof SnapshotFormatError && err.code === 'ERR_SNAPSHOT_BAD_MASK' && err.message === `entry_mask 0x${entryMask.toString(16)} describes ${2 ** k} slots, above the 1048576 this implementation reads`,
+      `2^${k} slots`,
+    );
+  }
+  const head = parseHead(headFile(PAGE, { entryMask: BigInt(MAX_ENTRIES - 1) }), huge);
+  assert.equal(head.entries, MAX_ENTRIES);
+  assert.equal(head.dataStart, PAGE * (1 + 4096), 'a 16 MiB sequence region');
+  assert.deepEqual(readSlots(new Uint8Array(slotPosition(MAX_ENTRIES)), head), []);
+});
+
 test('parseHead: a write_offset beyond 2^53 gives ERR_SNAPSHOT_BAD_OFFSET', () => {
   const len = 4 * PAGE;
   for (const writeOffset of [1n << 53n, 1n << 60n, 0xffffffffffffffffn]) {
@@ -288,5 +306,43 @@ test('garbage: random heads with the magic give a layout or a SnapshotFormatErro
   }
   // The generator must actually reach every outcome, or this test proves little.
   assert.ok(seen.layouts > 50, `only ${seen.layouts} valid layouts`);
+  assert.deepEqual([...seen.errors].sort(), ['ERR_SNAPSHOT_BAD_MASK', 'ERR_SNAPSHOT_BAD_OFFSET', 'ERR_SNAPSHOT_BEYOND_END', 'ERR_SNAPSHOT_TOO_SMALL']);
+});
+
+test('garbage: heads with huge masks in files up to 2^53 bytes, read from the head page alone, give a bounded layout or a SnapshotFormatError', () => {
+  const random = prng(0xb16);
+  const int = (lo, hi) => lo + Math.floor(random() * (hi - lo + 1));
+  const u64 = () => (BigInt(int(0, 2 ** 32 - 1)) << 32n) | BigInt(int(0, 2 ** 32 - 1));
+  const mask = () => (random() < 0.8 ? (1n << BigInt(int(0, 64))) - 1n : u64());
+  const seen = { layouts: 0, tooManySlots: 0, errors: new Set() };
+  for (let i = 0; i < 20000; i++) {
+    // As a reader that preads the head page of a (sparse) file of any size gets it.
+    const fileLength = random() < 0.5 ? int(0, 2 ** 53 - 1) : 2 ** int(12, 52) + int(0, 2 * PAGE);
+    const page = new Uint8Array(PAGE);
+    const view = new DataView(page.buffer);
+    for (let k = 0; k < 64; k += 4) view.setUint32(k, int(0, 2 ** 32 - 1));
+    if (random() < 0.95) view.setBigUint64(HEAD.version, MAGIC, true);
+    view.setBigUint64(HEAD.entryMask, mask(), true);
+    view.setBigUint64(HEAD.dataMask, mask(), true);
+    view.setBigUint64(HEAD.writeOffset, random() < 0.5 ? BigInt(int(0, 2 ** 40)) : u64(), true);
+    let head;
+    try {
+      head = parseHead(page, fileLength);
+    } catch (err) {
+      assert.ok(err instanceof SnapshotFormatError, `case ${i}: ${err}`);
+      seen.errors.add(err.code);
+      if (/slots, above/.test(err.message)) seen.tooManySlots++;
+      continue;
+    }
+    if (head === undefined) continue;
+    seen.layouts++;
+    assert.ok(head.entries <= MAX_ENTRIES && head.data <= MAX_DATA && head.tailStart <= fileLength, `case ${i}`);
+    try {
+      for (const s of readSlots(page, head)) assert.ok(s.length < head.data, `case ${i}`);
+    } catch (err) {
+      assert.ok(err instanceof SnapshotFormatError && err.code === 'ERR_SNAPSHOT_SHORT_BUFFER', `case ${i}: ${err}`);
+    }
+  }
+  assert.ok(seen.layouts > 500 && seen.tooManySlots > 500, JSON.stringify({ ...seen, errors: [...seen.errors] }));
   assert.deepEqual([...seen.errors].sort(), ['ERR_SNAPSHOT_BAD_MASK', 'ERR_SNAPSHOT_BAD_OFFSET', 'ERR_SNAPSHOT_BEYOND_END', 'ERR_SNAPSHOT_TOO_SMALL']);
 });

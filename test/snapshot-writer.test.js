@@ -68,7 +68,7 @@ test('configuration: invalid or empty configurations and too-small files are typ
   const file = new SnapshotFile(new Uint8Array(8 * PAGE));
   throwsCode(() => file.configure(new ConfigureFile()), 'ERR_SNAPSHOT_NOT_CONFIGURED', 'an empty ConfigureFile');
   throwsCode(() => file.intoWriter(), 'ERR_SNAPSHOT_NOT_CONFIGURED', 'intoWriter on an unconfigured file');
-  for (const bad of [{ entries: 3, data: 64 }, { entries: 0, data: 64 }, { entries: 4, data: 1 }, { entries: 4, data: 100 }, { entries: 4, data: 64, initialOffset: -1 }, { entries: 4, data: 64, initialOffset: 2 ** 53 }, { entries: 4, data: 2 ** 33 }]) {
+  for (const bad of [{ entries: 3, data: 64 }, { entries: 0, data: 64 }, { entries: 4, data: 1 }, { entries: 4, data: 100 }, { entries: 4, data: 64, initialOffset: -1 }, { entries: 4, data: 64, initialOffset: 2 ** 53 }, { entries: 4, data: 2 ** 33 }, { entries: 2 ** 21, data: 64 }]) {
     throwsCode(() => file.configure(bad), 'ERR_SNAPSHOT_BAD_CONFIG', JSON.stringify(bad));
   }
   throwsCode(() => file.configure({ entries: 4, data: 8 * PAGE }), 'ERR_SNAPSHOT_TOO_SMALL', 'a ring bigger than the file');

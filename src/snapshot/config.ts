@@ -3,11 +3,11 @@
  * @module
  */
 import { SnapshotFormatError } from './errors.js';
-import { MAX_DATA, isPowerOfTwo, type DiscoveredHead } from './format.js';
+import { MAX_DATA, MAX_ENTRIES, isPowerOfTwo, type DiscoveredHead } from './format.js';
 
 /** The values that define a snapshot file's layout. */
 export interface SnapshotConfig {
-  /** Number of snapshot slots; a power of two. */
+  /** Number of snapshot slots; a power of two, at most `MAX_ENTRIES`. */
   entries: number;
   /** Size of the data ring in bytes; a power of two, at least 2. */
   data: number;
@@ -92,8 +92,8 @@ export function checkConfig(config: SnapshotConfig): Required<SnapshotConfig> {
   }
   const { entries, data } = config;
   const initialOffset = config.initialOffset ?? 0;
-  if (!isPowerOfTwo(entries)) {
-    throw new SnapshotFormatError('ERR_SNAPSHOT_BAD_CONFIG', `entries must be a power of two, got ${entries}`);
+  if (!isPowerOfTwo(entries) || entries > MAX_ENTRIES) {
+    throw new SnapshotFormatError('ERR_SNAPSHOT_BAD_CONFIG', `entries must be a power of two from 1 to ${MAX_ENTRIES}, got ${entries}`);
   }
   if (!isPowerOfTwo(data) || data < 2 || data > MAX_DATA) {
     throw new SnapshotFormatError('ERR_SNAPSHOT_BAD_CONFIG', `data must be a power of two from 2 to ${MAX_DATA}, got ${data}`);

@@ -27,6 +27,13 @@ export const MIN_FILE_LENGTH = 3 * PAGE;
  * Rust crate but absurd for snapshot payloads, and cannot be mapped by Node 20 anyway.
  */
 export const MAX_DATA = 2 ** 32;
+/**
+ * Most slots this implementation accepts (2^20: a 16 MiB sequence region). Readers load the
+ * whole sequence region, so an untrusted `entry_mask` must not choose how much they read;
+ * real files use a few hundred slots (the Rust crate's examples and this package use 256),
+ * and every slot holds at least one byte of a ring that keeps only the newest `data` bytes.
+ */
+export const MAX_ENTRIES = 2 ** 20;
 
 /**
  * A snapshot slot that claims to hold a snapshot. Stream positions are plain numbers:
@@ -156,8 +163,10 @@ export function layoutFits(layout: SnapshotLayout): boolean {
  * @throws {@link SnapshotFormatError} `ERR_SNAPSHOT_TOO_SMALL` (file shorter than a page,
  *   or configured but shorter than the smallest layout), `ERR_SNAPSHOT_SHORT_BUFFER`
  *   (`bytes` lacks the head page), `ERR_SNAPSHOT_BAD_MASK` (a mask not of the form
- *   2^k - 1, or a ring above {@link MAX_DATA}), `ERR_SNAPSHOT_BEYOND_END` (regions past
- *   the end of the file), `ERR_SNAPSHOT_BAD_OFFSET` (write position not representable).
+ *   2^k - 1, a ring above {@link MAX_DATA}, or more slots than {@link MAX_ENTRIES}),
+ *   `ERR_SNAPSHOT_BEYOND_END` (regions past the end of the file), `ERR_SNAPSHOT_BAD_OFFSET`
+ *   (write position not representable). Costs the same whatever the masks say: nothing is
+ *   read or allocated beyond the head page.
  */
 export function parseHead(bytes: Uint8Array, fileLength: number): DiscoveredHead | undefined {
   checkLength(fileLength);
@@ -190,6 +199,9 @@ export function parseHead(bytes: Uint8Array, fileLength: number): DiscoveredHead
   }
   const layout = computeLayout(Number(entryMask + 1n), Number(dataMask + 1n), fileLength);
   if (!layoutFits(layout)) throw beyondEnd(entryMask, dataMask, fileLength);
+  if (layout.entries > MAX_ENTRIES) {
+    throw new SnapshotFormatError('ERR_SNAPSHOT_BAD_MASK', `entry_mask 0x${entryMask.toString(16)} describes ${layout.entries} slots, above the ${MAX_ENTRIES} this implementation reads`);
+  }
   if (writeOffset > BigInt(Number.MAX_SAFE_INTEGER - layout.data)) {
     throw new SnapshotFormatError('ERR_SNAPSHOT_BAD_OFFSET', `write_offset ${writeOffset} is beyond the stream positions this implementation represents (2^53)`);
   }

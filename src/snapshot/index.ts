@@ -13,6 +13,7 @@ export {
   SLOTS_PER_PAGE,
   MIN_FILE_LENGTH,
   MAX_DATA,
+  MAX_ENTRIES,
   sequencePages,
   dataPages,
   dataStart,
