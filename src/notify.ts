@@ -14,18 +14,28 @@ export const MAX_MESSAGE_BYTES = 4096;
 export type NotifyState = string | Readonly<Record<string, string | number | bigint | boolean>>;
 
 /**
- * Parses `NOTIFY_SOCKET`: `/path` or `@abstract`.
- * @throws ShmfdError `ERR_NOTIFY_UNSUPPORTED` for `vsock:` addresses, `ERR_NOTIFY_SOCKET_INVALID` otherwise
+ * Parses `NOTIFY_SOCKET`: `/path` or `@abstract`. As in libsystemd, an empty value is
+ * invalid, not the same as an unset one: `sd_notify` returns -EINVAL for `""` as for `@`.
+ * @throws ShmfdError `ERR_NOTIFY_UNSUPPORTED` for `vsock:` addresses, `ERR_NOTIFY_SOCKET_INVALID`
+ *   for anything else that is not an address a unix datagram can be sent to (too long included)
  */
 export function parseNotifySocket(value: string): string {
+  const shown = `NOTIFY_SOCKET=${value === '' ? '""' : value}`;
   if (value.startsWith('vsock:')) {
-    throw new ShmfdError('ERR_NOTIFY_UNSUPPORTED', `NOTIFY_SOCKET=${value}: vsock addresses are not supported`);
+    throw new ShmfdError('ERR_NOTIFY_UNSUPPORTED', `${shown}: vsock addresses are not supported`);
   }
-  if ((value.startsWith('/') && value.length > 1) || (value.startsWith('@') && value.length > 1)) return value;
-  throw new ShmfdError(
-    'ERR_NOTIFY_SOCKET_INVALID',
-    `NOTIFY_SOCKET=${value} is neither an absolute path nor an @abstract address`,
-  );
+  const invalid = (problem: string): ShmfdError => new ShmfdError('ERR_NOTIFY_SOCKET_INVALID', `${shown} ${problem}`);
+  if (!(value.startsWith('/') || value.startsWith('@')) || value.length < 2) {
+    throw invalid('is neither an absolute path nor an @abstract address (unset it to run without a service manager)');
+  }
+  try {
+    sys.encodeSocketAddress({ family: 'unix', path: value });
+  } catch (err) {
+    if (!sys.isSystemError(err, 'ENAMETOOLONG')) throw err;
+    const bytes = Buffer.byteLength(value.startsWith('@') ? value.slice(1) : value);
+    throw invalid(`is too long: ${bytes} bytes, a unix socket address holds at most ${sys.MAX_UNIX_ADDRESS_BYTES}`);
+  }
+  return value;
 }
 
 function encode(state: NotifyState): Buffer {
@@ -74,11 +84,13 @@ export class Notifier {
 
   /**
    * The notifier for `$NOTIFY_SOCKET`, or undefined when the process runs without a service
-   * manager. With `unsetEnv`, the variable is removed so children don't notify in its name.
+   * manager (the variable is unset). With `unsetEnv`, the variable is removed so children
+   * don't notify in its name.
+   * @throws ShmfdError the errors of {@link parseNotifySocket}, for an empty value too
    */
   static fromEnv(env: Environment = process.env, options: { unsetEnv?: boolean } = {}): Notifier | undefined {
     const value = env.NOTIFY_SOCKET;
-    if (value === undefined || value === '') return undefined;
+    if (value === undefined) return undefined;
     const notifier = new Notifier(value);
     if (options.unsetEnv === true) delete env.NOTIFY_SOCKET;
     return notifier;

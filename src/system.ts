@@ -389,12 +389,17 @@ const NUL = Buffer.alloc(1);
 
 // ---------------------------------------------------------------- unix datagram sockets
 
+/**
+ * The longest unix socket address: sun_path is 108 bytes, and a path needs room for its
+ * NUL, an abstract name (`@name`, the `@` not counted) for its leading NUL.
+ */
+export const MAX_UNIX_ADDRESS_BYTES = 107;
+
 /** Encodes a `NOTIFY_SOCKET`-style address: `/path`, or `@name` for the abstract namespace. */
 function sockaddrUn(address: string): Buffer {
   const abstract = address.startsWith('@');
   const name = Buffer.from(abstract ? address.slice(1) : address);
-  // sun_path is 108 bytes; a path needs room for its NUL, an abstract name for its leading NUL.
-  if (name.length + 1 > 108) throw new SystemError('connect', 36 /* ENAMETOOLONG */, address);
+  if (name.length > MAX_UNIX_ADDRESS_BYTES) throw new SystemError('connect', 36 /* ENAMETOOLONG */, address);
   const addr = Buffer.alloc(abstract ? 3 + name.length : 2 + name.length + 1);
   addr.writeUInt16LE(AF_UNIX, 0);
   name.copy(addr, abstract ? 3 : 2);

@@ -24,10 +24,14 @@ import {
   datagramReceiver,
   fixture,
   NODE,
+  ROOT,
+  run,
   runShmFd,
   sleep,
   tempDir,
 } from './helpers.js';
+
+const SHM_RESTORE = path.join(ROOT, 'bin', 'shm-restore.js');
 
 function isShmfdError(code) {
   return (err) => err instanceof ShmfdError && err.code === code;
@@ -111,23 +115,38 @@ test('shm-fd: an unreachable NOTIFY_SOCKET is one error line and exit 125, the p
   }
 });
 
-test('shm-fd: a vsock or malformed NOTIFY_SOCKET is a clear error', async () => {
+test('a vsock, malformed, empty or over-long NOTIFY_SOCKET is one clear line from both wrappers, exit 125, nothing run', async (t) => {
+  const backup = path.join(tempDir(t), 'backup');
   const cases = [
-    ['vsock:2:1234', /vsock addresses are not supported/],
-    ['garbage', /NOTIFY_SOCKET=garbage is neither an absolute path nor an @abstract address/],
-    ['@', /neither/],
+    ['vsock:2:1234', /^NOTIFY_SOCKET=vsock:2:1234: vsock addresses are not supported$/],
+    ['garbage', /^NOTIFY_SOCKET=garbage is neither an absolute path nor an @abstract address \(unset it to run without a service manager\)$/],
+    // libsystemd's sd_notify: -EINVAL for "" as for "@" (only an unset variable means no manager).
+    ['', /^NOTIFY_SOCKET="" is neither an absolute path nor an @abstract address \(unset it/],
+    ['@', /^NOTIFY_SOCKET=@ is neither/],
     ['relative/path', /neither/],
+    [`@${'a'.repeat(108)}`, /^NOTIFY_SOCKET=@a+ is too long: 108 bytes, a unix socket address holds at most 107$/],
+    [`/${'b'.repeat(107)}`, /^NOTIFY_SOCKET=\/b+ is too long: 108 bytes, a unix socket address holds at most 107$/],
   ];
   for (const [value, pattern] of cases) {
-    const r = await runShmFd(['true'], { env: cleanEnv({ NOTIFY_SOCKET: value, FDSTORE: '1' }) });
+    const env = cleanEnv({ NOTIFY_SOCKET: value, FDSTORE: '1' });
+    const r = await runShmFd(['sh', '-c', 'echo ran'], { env });
     assert.equal(r.code, 125, value);
-    assertOneErrorLine(r.stderr, pattern);
+    assert.equal(r.stdout, '');
+    assertOneErrorLine(r.stderr, new RegExp(pattern.source.replace('^', '^shm-fd: error: ')));
+    const host = await run(NODE, [SHM_RESTORE, backup, 'sh', '-c', 'echo ran'], { env });
+    assert.equal(host.code, 125, value);
+    assert.equal(host.stdout, '');
+    assertOneErrorLine(host.stderr, new RegExp(pattern.source.replace('^', '^shm-restore: error: ')), 'shm-restore');
+    assert.equal(fs.existsSync(backup), false);
   }
   assert.throws(() => parseNotifySocket('vsock:1:2'), isShmfdError('ERR_NOTIFY_UNSUPPORTED'));
   assert.throws(() => parseNotifySocket('x'), isShmfdError('ERR_NOTIFY_SOCKET_INVALID'));
+  assert.throws(() => parseNotifySocket(`@${'a'.repeat(108)}`), isShmfdError('ERR_NOTIFY_SOCKET_INVALID'));
+  assert.equal(parseNotifySocket(`@${'a'.repeat(107)}`), `@${'a'.repeat(107)}`);
+  assert.equal(parseNotifySocket(`/${'b'.repeat(106)}`), `/${'b'.repeat(106)}`);
   assert.equal(parseNotifySocket('@a'), '@a');
   assert.equal(Notifier.fromEnv({}), undefined);
-  assert.equal(Notifier.fromEnv({ NOTIFY_SOCKET: '' }), undefined);
+  assert.throws(() => Notifier.fromEnv({ NOTIFY_SOCKET: '' }), isShmfdError('ERR_NOTIFY_SOCKET_INVALID'));
   const env = { NOTIFY_SOCKET: '/run/x' };
   assert.equal(Notifier.fromEnv(env, { unsetEnv: true }).address, '/run/x');
   assert.deepEqual(env, {});

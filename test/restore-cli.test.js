@@ -26,20 +26,24 @@ test('usage errors: one line on stderr, exit 125, no backup created', async (t) 
   const dir = tempDir(t);
   const backup = path.join(dir, 'b');
   const cases = [
-    [[], /no BACKUP given/],
-    [[backup], /no COMMAND given/],
-    [[backup, '--'], /no COMMAND given/],
+    [[], /no BACKUP given \(see shm-restore --help\)$/],
+    [[backup], /no COMMAND given \(see shm-restore --help\)$/],
+    [[backup, '--'], /no COMMAND given \(see shm-restore --help\)$/],
     [['--snapshot=restore-v2', backup, 'true'], /--snapshot: unknown mode "restore-v2"/],
     [['--interval', '0', '--snapshot=restore-v1', backup, 'true'], /--interval: "0" is not a number/],
     [['--interval=abc', backup, 'true'], /--interval: "abc"/],
-    [['--bogus', backup, 'true'], /unknown option --bogus/],
+    [['--bogus', backup, 'true'], /unknown option --bogus \(see shm-restore --help\)$/],
+    [['-x', backup, 'true'], /unknown option -x \(see shm-restore --help\)$/],
+    [['--no-pid=1', backup, 'true'], /option --no-pid takes no value \(see shm-restore --help\)$/],
+    [['--interval'], /option --interval needs a value \(see shm-restore --help\)$/],
+    [['--status', backup, 'true'], /--status takes no COMMAND \(see shm-restore --help\)$/],
     [['--log-level', 'loud', backup, 'true'], /--log-level: unknown level/],
     [['--name', 'a:b', backup, 'true'], /invalid descriptor name "a:b"/],
   ];
   for (const [args, pattern] of cases) {
     const r = await runHost(args);
     assert.equal(r.status, 125, `${args.join(' ')}: ${r.stderr}`);
-    assert.match(r.stderr, pattern);
+    assert.match(r.stderr.trimEnd(), pattern);
     assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr);
   }
   assert.deepEqual(fs.readdirSync(dir), []);

@@ -157,11 +157,20 @@ test('--size sizes a new file and grows (never shrinks) a passed one; a bad size
   assert.equal(reportOf(await runShmFd(['--size', '1K', NODE, REPORT], { env, extraFds: [memfd] })).shared.size, 8192);
   assert.equal(fs.fstatSync(memfd).size, 8192);
 
-  for (const size of ['12x', '-1', '', '1.5M', '99999999999T']) {
+  for (const size of ['12x', '-1', '', '1.5M', '99999999999T', ' 5', '5 ', '1M\n', '0x10', '1e3']) {
     const r = await runShmFd(['--size', size, 'sh', '-c', 'echo ran'], { env: cleanEnv() });
-    assert.equal(r.code, 125, size);
+    assert.equal(r.code, 125, JSON.stringify(size));
     assert.equal(r.stdout, '');
     assertOneErrorLine(r.stderr, /--size: invalid size/);
+    assert.ok(r.stderr.endsWith(`--size: invalid size ${JSON.stringify(size)} (bytes, or with a suffix K, M, G, T)\n`), r.stderr);
+  }
+  // The help names the same suffixes, and each of them works.
+  const help = await runShmFd(['--help'], { env: cleanEnv() });
+  assert.match(help.stdout, /--size BYTES +size of a new file \(suffixes K, M, G, T\)/);
+  for (const [suffix, bytes] of [['1K', 2 ** 10], ['1m', 2 ** 20], ['1GiB', 2 ** 30], ['1TB', 2 ** 40]]) {
+    const r = await runShmFd(['--size', suffix, 'sh', '-c', 'stat -L -c %s /proc/self/fd/3'], { env: cleanEnv() });
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(Number(r.stdout), bytes, suffix);
   }
   const missing = await runShmFd(['--size'], { env: cleanEnv() });
   assert.equal(missing.code, 125);
@@ -233,10 +242,18 @@ test('COMMAND is looked up in PATH and gets its arguments verbatim; options afte
 });
 
 test('usage errors are one line and exit 125; --help and --version exit 0', async () => {
-  for (const args of [[], ['--bogus', 'true'], ['-x', 'true'], ['--no-pid=1', 'true'], ['--log-level', 'loud', 'true']]) {
+  const cases = [
+    [[], /no COMMAND given \(see shm-fd --help\)$/],
+    [['--bogus', 'true'], /unknown option --bogus \(see shm-fd --help\)$/],
+    [['-x', 'true'], /unknown option -x \(see shm-fd --help\)$/],
+    [['--no-pid=1', 'true'], /option --no-pid takes no value \(see shm-fd --help\)$/],
+    [['--name'], /option --name needs a value \(see shm-fd --help\)$/],
+    [['--log-level', 'loud', 'true'], /--log-level: unknown level "loud"/],
+  ];
+  for (const [args, pattern] of cases) {
     const r = await runShmFd(args, { env: cleanEnv() });
     assert.equal(r.code, 125, JSON.stringify(args));
-    assertOneErrorLine(r.stderr, /./);
+    assertOneErrorLine(r.stderr, pattern);
   }
   const version = JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8')).version;
   for (const flag of ['--version', '-V']) {

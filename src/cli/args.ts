@@ -28,7 +28,14 @@ export function usageError(message: string): ShmfdError {
   return new ShmfdError('ERR_INVALID_ARGUMENT', message);
 }
 
-export function parseArgs(argv: readonly string[], specs: readonly OptionSpec[]): ParsedArgs {
+/** A usage error that ends by pointing at the program's help. */
+export function usageErrorSeeHelp(program: string, message: string): ShmfdError {
+  return usageError(`${message} (see ${program} --help)`);
+}
+
+/** Parses `argv` by `specs`; mistakes in the options are usage errors pointing at `program --help`. */
+export function parseArgs(argv: readonly string[], specs: readonly OptionSpec[], program: string): ParsedArgs {
+  const fail = (message: string): ShmfdError => usageErrorSeeHelp(program, message);
   const options = new Map<string, string[]>();
   const add = (name: string, value: string): void => {
     options.set(name, [...(options.get(name) ?? []), value]);
@@ -45,9 +52,9 @@ export function parseArgs(argv: readonly string[], specs: readonly OptionSpec[])
     const eq = long ? arg.indexOf('=') : -1;
     const key = long ? arg.slice(2, eq < 0 ? undefined : eq) : arg.slice(1, 2);
     const spec = specs.find((s) => (long ? s.name === key : s.short === key));
-    if (spec === undefined) throw usageError(`unknown option ${long ? `--${key}` : `-${key}`}`);
+    if (spec === undefined) throw fail(`unknown option ${long ? `--${key}` : `-${key}`}`);
     if (spec.value !== true) {
-      if (eq >= 0 || (!long && arg.length > 2)) throw usageError(`option --${spec.name} takes no value`);
+      if (eq >= 0 || (!long && arg.length > 2)) throw fail(`option --${spec.name} takes no value`);
       add(spec.name, '');
       continue;
     }
@@ -55,7 +62,7 @@ export function parseArgs(argv: readonly string[], specs: readonly OptionSpec[])
     if (eq >= 0) value = arg.slice(eq + 1);
     else if (!long && arg.length > 2) value = arg.slice(2);
     else value = argv[++i];
-    if (value === undefined) throw usageError(`option --${spec.name} needs a value`);
+    if (value === undefined) throw fail(`option --${spec.name} needs a value`);
     add(spec.name, value);
   }
   return { options, rest: argv.slice(i) };
@@ -68,12 +75,18 @@ export function last(parsed: ParsedArgs, name: string): string | undefined {
 
 const UNITS: Record<string, number> = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 };
 
-/** Parses a size: bytes, or with a binary suffix (`64K`, `100M`, `1GiB`). */
+/** The size suffixes, for help texts and errors: `K, M, G, T`. */
+export const SIZE_SUFFIXES = Object.keys(UNITS)
+  .filter((unit) => unit !== '')
+  .map((unit) => unit.toUpperCase())
+  .join(', ');
+
+/** Parses a size: bytes, or with a binary suffix (`64K`, `100M`, `1GiB`); nothing around it. */
 export function parseSize(option: string, text: string): number {
-  const match = /^([0-9]+)(?:([kmgt])(?:i?b)?)?$/i.exec(text.trim());
+  const match = /^([0-9]+)(?:([kmgt])(?:i?b)?)?$/i.exec(text);
   const n = match === null ? NaN : Number(match[1]) * (UNITS[(match[2] ?? '').toLowerCase()] ?? NaN);
   if (!Number.isSafeInteger(n)) {
-    throw usageError(`${option}: invalid size ${JSON.stringify(text)} (bytes, or with a suffix K, M, G, T)`);
+    throw usageError(`${option}: invalid size ${JSON.stringify(text)} (bytes, or with a suffix ${SIZE_SUFFIXES})`);
   }
   return n;
 }

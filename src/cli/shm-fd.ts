@@ -13,7 +13,7 @@ import { SHARED_FD_NAME } from '../shared-fd.js';
 import { prepareSocketOptions } from '../sockets.js';
 import * as sys from '../system.js';
 import { isSystemError } from '../system.js';
-import { commonOptions, last, parseArgs, parseSize, usageError, type OptionSpec } from './args.js';
+import { commonOptions, last, parseArgs, parseSize, SIZE_SUFFIXES, usageError, usageErrorSeeHelp, type OptionSpec } from './args.js';
 import { Logger } from './log.js';
 
 const USAGE = `Usage: shm-fd [OPTIONS] [--] COMMAND [ARGS...]
@@ -26,7 +26,8 @@ store (FDSTORE=1) so that it survives restarts of the service.
 
 Options:
       --name NAME       descriptor name of the memory file (default ${SHARED_FD_NAME})
-      --size BYTES      size of a new file (suffixes K, M, G); an existing one grows to it
+      --size BYTES      size of a new file (suffixes ${SIZE_SUFFIXES}); an existing one
+                        grows to it
   -s, --socket SPEC     open a listening socket and pass it too (repeatable), before the
                         memory file: [NAME=][KIND::]ADDR, KIND tcp, http, https, udp or
                         unix; ADDR PORT (on 127.0.0.1), IP:PORT, [IPV6]:PORT or a path;
@@ -58,11 +59,11 @@ const OPTIONS: OptionSpec[] = [
 export const EXIT_FAILURE = 125;
 
 function run(argv: readonly string[], log: Logger): number {
-  const args = parseArgs(argv, OPTIONS);
+  const args = parseArgs(argv, OPTIONS, 'shm-fd');
   const answered = commonOptions(args, 'shm-fd', USAGE, log);
   if (answered !== undefined) return answered;
   const [command, ...commandArgs] = args.rest;
-  if (command === undefined) throw usageError('no COMMAND given (see shm-fd --help)');
+  if (command === undefined) throw usageErrorSeeHelp('shm-fd', 'no COMMAND given');
   const name = last(args, 'name') ?? SHARED_FD_NAME;
   const sizeText = last(args, 'size');
   const size = sizeText === undefined ? undefined : parseSize('--size', sizeText);

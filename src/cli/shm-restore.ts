@@ -9,7 +9,7 @@ import { DEFAULT_INTERVAL_MS } from '../restore/snapshotter.js';
 import { backupStatus } from '../restore/status.js';
 import { SHARED_FD_NAME } from '../shared-fd.js';
 import { commandErrorStatus } from '../exec.js';
-import { commonOptions, last, parseArgs, printAnswer, usageError, type OptionSpec, type ParsedArgs } from './args.js';
+import { commonOptions, last, parseArgs, printAnswer, usageError, usageErrorSeeHelp, type OptionSpec, type ParsedArgs } from './args.js';
 import { Logger } from './log.js';
 import { prepareSocketOptions } from '../sockets.js';
 import { describeError, parseFirstFd, warnIfNodeRestarter } from './shm-fd.js';
@@ -92,7 +92,7 @@ function status(file: string, mode: SnapshotMode | undefined): number {
 }
 
 async function run(argv: readonly string[], log: Logger): Promise<number> {
-  const args = parseArgs(argv, OPTIONS);
+  const args = parseArgs(argv, OPTIONS, 'shm-restore');
   const answered = commonOptions(args, 'shm-restore', USAGE, log);
   if (answered !== undefined) return answered;
   const snapshot = snapshotMode(args);
@@ -100,7 +100,7 @@ async function run(argv: readonly string[], log: Logger): Promise<number> {
 
   const statusOf = last(args, 'status');
   if (statusOf !== undefined) {
-    if (args.rest.length > 0) throw usageError('--status takes no COMMAND');
+    if (args.rest.length > 0) throw usageErrorSeeHelp('shm-restore', '--status takes no COMMAND');
     return statusCommand(statusOf, snapshot, log);
   }
   if (args.rest[0] === 'status') {
@@ -109,9 +109,9 @@ async function run(argv: readonly string[], log: Logger): Promise<number> {
   }
 
   const [backup, ...more] = args.rest;
-  if (backup === undefined) throw usageError('no BACKUP given (see shm-restore --help)');
+  if (backup === undefined) throw usageErrorSeeHelp('shm-restore', 'no BACKUP given');
   const [command, ...commandArgs] = more[0] === '--' ? more.slice(1) : more;
-  if (command === undefined) throw usageError('no COMMAND given (see shm-restore --help)');
+  if (command === undefined) throw usageErrorSeeHelp('shm-restore', 'no COMMAND given');
   if (interval !== undefined && snapshot === undefined) log.warn('--interval has no effect without --snapshot');
   const memoryName = last(args, 'name') ?? SHARED_FD_NAME;
   const firstFd = parseFirstFd(last(args, 'first-fd'));
