@@ -11,6 +11,8 @@ import * as sys from './system.js';
 
 /** The first passed descriptor when `LISTEN_FDS_FIRST_FD` is not set. */
 export const DEFAULT_FIRST_FD = 3;
+/** The smallest first descriptor that reaches a program run by a Node parent (node --watch, nodemon; see docs/sockets.md). */
+export const NODE_SAFE_FIRST_FD = 17;
 /** The name of a passed descriptor when `LISTEN_FDNAMES` is absent. */
 export const UNKNOWN_NAME = 'unknown';
 

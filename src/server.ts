@@ -11,7 +11,7 @@ import https from 'node:https';
 import net from 'node:net';
 import tls from 'node:tls';
 import { ShmfdError } from './errors.js';
-import { findListenFd, type Environment } from './listen-fds.js';
+import { findListenFd, NODE_SAFE_FIRST_FD, type Environment } from './listen-fds.js';
 import { Notifier } from './notify.js';
 import { SOCKET_BACKLOG } from './sockets.js';
 import * as sys from './system.js';
@@ -100,9 +100,27 @@ function whenListening(server: net.Server, start: () => void): Promise<void> {
 }
 
 /**
+ * A passed stream socket that does not listen is a connection, not a server socket: Node
+ * would call listen(2) on it and fail with a bare `EEXIST` or `EINVAL` later. The usual one
+ * is the IPC channel node --watch and nodemon keep at fd 3 of their program, where the
+ * wrapper's own descriptors were before Node hid them.
+ */
+function notListening(passed: PassedSocket): ShmfdError {
+  const { family } = passed.info;
+  const kind = family === 'unix' ? 'unix stream' : family === 'other' ? 'stream' : 'TCP';
+  return new ShmfdError(
+    'ERR_SOCKET_NOT_LISTENING',
+    `the socket ${passed.name} (fd ${passed.fd}) is a ${kind} socket that is not listening: behind node --watch or nodemon, ` +
+      `pass --first-fd ${NODE_SAFE_FIRST_FD} to shm-fd or shm-restore (Node keeps the descriptors below ${NODE_SAFE_FIRST_FD} from its program); ` +
+      'otherwise pass a listening socket under that name',
+  );
+}
+
+/**
  * Makes `server` (a `net.Server`, `http.Server`, `https.Server`...) listen on the stream
  * socket passed under `options.name`, or on `options.fallback` when none was passed.
  * @throws ShmfdError `ERR_SOCKET_KIND` when the passed socket is not a stream socket,
+ *   `ERR_SOCKET_NOT_LISTENING` when it is one that does not listen (a connection),
  *   `ERR_FD_NOT_PASSED` when nothing was passed and there is no fallback; the server's
  *   listen errors (EADDRINUSE...) for the fallback
  */
@@ -117,6 +135,7 @@ export async function listenOn(server: net.Server, options: ListenOnOptions = {}
         `the socket ${name} (fd ${passed.fd}) is a ${passed.info.type} socket, not a stream socket to listen on`,
       );
     }
+    if (!passed.info.listening) throw notListening(passed);
     // Node adopts the descriptor (uv_tcp_open/uv_pipe_open) and calls listen(2) again,
     // which on an already listening socket only sets the backlog: keep the wrapper's deep
     // queue (Node's default is 511), which holds the connections of a restart.

@@ -267,3 +267,41 @@ test('shm-restore takes -s and --first-fd too: sockets before the memory file, f
   child.kill('SIGTERM');
   assert.equal((await exited).code, 0);
 });
+
+test('listenOn refuses a passed stream socket that does not listen (node --watch\'s IPC channel at fd 3, a TCP connection) at once, saying what it is and what to do', async (t) => {
+  // The program a restarter runs when --first-fd 17 was forgotten: the variables name fd 3,
+  // where the program's own IPC channel now is.
+  const program = `
+    import net from 'node:net';
+    import { listenOn } from ${JSON.stringify(path.join(ROOT, 'dist', 'index.js'))};
+    try {
+      await listenOn(net.createServer(), { name: 'http', fallback: { port: 0 } });
+      console.log(JSON.stringify({ listened: true }));
+    } catch (err) {
+      console.log(JSON.stringify({ code: err.code, message: err.message }));
+    }
+    process.exit(0);`;
+  const env = cleanEnv({ LISTEN_FDS: '1', LISTEN_FDNAMES: 'http' });
+  const runWithFd3 = (fd3) => run(NODE, ['--input-type=module', '-e', program], { env, extraFds: [fd3] });
+  const advice = 'behind node --watch or nodemon, pass --first-fd 17 to shm-fd or shm-restore (Node keeps the descriptors below 17 from its program); otherwise pass a listening socket under that name';
+
+  const ipc = await runWithFd3('ipc');
+  assert.equal(ipc.code, 0, ipc.stderr);
+  assert.deepEqual(JSON.parse(ipc.stdout), {
+    code: 'ERR_SOCKET_NOT_LISTENING',
+    message: `the socket http (fd 3) is a unix stream socket that is not listening: ${advice}`,
+  });
+
+  const server = net.createServer((c) => c.on('error', () => {})).listen(0, '127.0.0.1');
+  await new Promise((r) => server.once('listening', r));
+  t.after(() => server.close());
+  const client = net.connect(server.address().port, '127.0.0.1');
+  await new Promise((r) => client.once('connect', r));
+  t.after(() => client.destroy());
+  const tcp = await runWithFd3(client);
+  assert.equal(tcp.code, 0, tcp.stderr);
+  assert.deepEqual(JSON.parse(tcp.stdout), {
+    code: 'ERR_SOCKET_NOT_LISTENING',
+    message: `the socket http (fd 3) is a TCP socket that is not listening: ${advice}`,
+  });
+});

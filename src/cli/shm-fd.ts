@@ -6,7 +6,7 @@
 import { ShmfdError } from '../errors.js';
 import { commandErrorStatus, execReplace } from '../exec.js';
 import path from 'node:path';
-import { DEFAULT_FIRST_FD, findPassedFd, listenEnv, withEnv, type PassedFd } from '../listen-fds.js';
+import { DEFAULT_FIRST_FD, findPassedFd, listenEnv, NODE_SAFE_FIRST_FD, withEnv, type PassedFd } from '../listen-fds.js';
 import { MemoryFile } from '../memory-file.js';
 import { fdStoreWarning, Notifier } from '../notify.js';
 import { SHARED_FD_NAME } from '../shared-fd.js';
@@ -103,9 +103,6 @@ function run(argv: readonly string[], log: Logger): number {
   log.debug(`exec ${command} with LISTEN_FDS=${env.LISTEN_FDS} LISTEN_FDNAMES=${env.LISTEN_FDNAMES}`);
   return execReplace({ command, args: commandArgs, env, fds: placements, programName: 'shm-fd' });
 }
-
-/** The smallest `--first-fd` that survives a Node parent (see {@link checkFirstFd}). */
-export const NODE_SAFE_FIRST_FD = 17;
 
 /** Parses `--first-fd K` (3..65535); the default is 3. */
 export function parseFirstFd(text: string | undefined): number {
