@@ -7,6 +7,7 @@
 // Every INTERVAL_MS (default 1000) it sieves the next block of 100,000 numbers, appends the
 // primes to the tail and commits a snapshot whose payload is the prime count; it stops once
 // it holds LIMIT primes (default: when the tail is full), or cleanly on SIGTERM/SIGINT.
+// At start it says where the host keeps the state (SHMFD_BACKUP) and how to remove it.
 //
 // Layout, the same as the original's so that either can continue the other's state:
 // - the memory file is 100,000,000 bytes; a new one is configured with 0x100 slots and a
@@ -54,6 +55,14 @@ try {
 }
 if (file === undefined) {
   fail('no shared memory file passed; run it under the restore host: shm-restore --snapshot=restore-v1 BACKUP node examples/primes-snapshot.js');
+}
+
+// The backup is as large as the memory (sparse: only the written blocks take disk space)
+// and outlives every run: say where it is, once, before the work starts.
+const backup = process.env.SHMFD_BACKUP;
+if (backup !== undefined) {
+  const quoted = /^[\w@%+=:,./-]+$/.test(backup) ? backup : `'${backup.replace(/'/g, "'\\''")}'`;
+  console.log(`the state is kept in ${backup} (a ${SIZE / 1e6} MB sparse file) between runs; to start over or clean up, stop this and run: rm ${quoted}`);
 }
 
 let writer;

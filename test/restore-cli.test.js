@@ -6,7 +6,7 @@ import path from 'node:path';
 import { test } from 'node:test';
 import * as sys from '../dist/system.js';
 import { BIN, COUNTER, ENV, RAW, run, runHost, tempFiles } from './fixtures/restore-helpers.js';
-import { cleanEnv, SHM_FD, tempDir } from './helpers.js';
+import { cleanEnv, ROOT, SHM_FD, tempDir } from './helpers.js';
 
 const pkg = JSON.parse(fs.readFileSync(new URL('../package.json', import.meta.url), 'utf8'));
 
@@ -71,8 +71,28 @@ test('the program gets the memory at fd 3, LISTEN_FDS/LISTEN_FDNAMES, and LISTEN
   assert.equal(info.env.LISTEN_FDNAMES, 'SHM_SHARED_FD');
   assert.equal(info.env.LISTEN_PID, String(info.pid));
   assert.equal(info.env.LISTEN_FDS_FIRST_FD, undefined);
+  assert.equal(info.env.SHMFD_BACKUP, path.join(dir, 'b'));
   assert.match(info.fds[3], /^\/memfd:SHM_SHARED_FD/);
   assert.equal(r.stderr, '', 'quiet by default');
+});
+
+test('the snapshot demo says at start where its backup is (SHMFD_BACKUP, after symbolic links) and how to remove it; the command it gives does', async (t) => {
+  const dir = tempDir(t);
+  const target = path.join(dir, "the user's state");
+  const link = path.join(dir, 'link');
+  fs.writeFileSync(target, ''); // empty: a fresh start
+  fs.symlinkSync(target, link);
+  const example = path.join(ROOT, 'examples', 'primes-snapshot.js');
+  const r = await runHost(['--snapshot=restore-v1', link, process.execPath, example, '0', '1']);
+  assert.equal(r.status, 0, r.stderr);
+  const [first, second] = r.stdout.split('\n');
+  const removal = `rm '${dir}/the user'\\''s state'`;
+  assert.equal(first, `the state is kept in ${target} (a 100 MB sparse file) between runs; to start over or clean up, stop this and run: ${removal}`);
+  assert.equal(second, 'recovered 0 primes');
+  assert.equal(fs.statSync(target).size, 100_000_000);
+  const rm = await run('/bin/sh', ['-c', first.slice(first.indexOf(': rm ') + 2)]);
+  assert.equal(rm.status, 0, rm.stderr);
+  assert.equal(fs.existsSync(target), false);
 });
 
 test('--name renames the descriptor; --no-pid leaves LISTEN_PID unset; COMMAND is not interpreted by a shell', async (t) => {

@@ -190,7 +190,7 @@ async function host(o: RestoreHostOptions, log: Logger, relay: SignalRelay): Pro
   if (created !== undefined) storeInFdStore(env, name, memory, log);
 
   const descriptors = childDescriptors(passed, o.extraFds ?? [], created);
-  const child = startChild(o, executable, env, descriptors, first, log);
+  const child = startChild(o, executable, withEnv(env, { SHMFD_BACKUP: backup.path }), descriptors, first, log);
   const ended = waitForChild(child);
   relay.child = child;
 
