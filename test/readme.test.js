@@ -1,33 +1,113 @@
-// The README's library examples are real, copy-pasteable programs: each self-contained
-// JavaScript block of README.md runs under shm-fd (twice in a row on one memory file, as
-// a program restarted by a wrapper would) and exits 0. A block that needs a context the
-// README leaves to the reader (a request handler) is named in SKIP with the reason.
+// The README's library examples are real, copy-pasteable programs: every JavaScript block
+// of README.md runs as written, or its first line says what it needs, and then it runs
+// with that. Three kinds, and every block is one of them:
+// - "// Needs shm-fd or shm-restore ...: shm-fd node app.mjs": runs under shm-fd (twice in
+//   a row on one memory file, as a program restarted by a wrapper would); run alone, it
+//   stops with an error that names shm-fd, not with a TypeError deep in the example;
+// - "// A server: runs until SIGTERM ...": under shm-fd -s, it answers on the passed
+//   socket and stops with status 0 on SIGTERM;
+// - anything else runs alone and exits 0; under a service manager, a block that notifies
+//   is checked against a real notify socket.
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
+import http from 'node:http';
 import path from 'node:path';
 import { test } from 'node:test';
-import { cleanEnv, NODE, ROOT, runShmFd } from './helpers.js';
+import { cleanEnv, datagramReceiver, NODE, ROOT, run, runShmFd, SHM_FD, tempDir, waitFor } from './helpers.js';
 
-const SKIP = [{ marker: 'createServer(handler)', why: 'needs a request handler of the reader\'s' }];
+const NEEDS_MEMORY = /^\/\/ Needs shm-fd or shm-restore, which pass the memory file: shm-fd node app\.mjs$/;
+const SERVER = /^\/\/ A server: runs until SIGTERM or Ctrl-C, on the socket passed as (\w+) or else on port \d+$/;
 
 const blocks = [...fs.readFileSync(path.join(ROOT, 'README.md'), 'utf8').matchAll(/```js\n([\s\S]*?)```/g)].map((m) => m[1]);
 
 test('the README has library examples to check', () => {
-  assert.ok(blocks.length >= 4, `found ${blocks.length} js blocks`);
+  assert.ok(blocks.length >= 5, `found ${blocks.length} js blocks`);
 });
 
+/** Writes the block inside the package, so that `import ... from 'shmfd'` resolves to this checkout. */
+function writeExample(t, code, i) {
+  const dir = fs.mkdtempSync(path.join(ROOT, 'test', '.readme-'));
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const file = path.join(dir, 'app.mjs');
+  fs.writeFileSync(file, code);
+  return { dir, file, name: `README example ${i + 1}` };
+}
+
+const q = (s) => `'${s.replace(/'/g, "'\\''")}'`;
+
 blocks.forEach((code, i) => {
-  const skipped = SKIP.find((s) => code.includes(s.marker));
-  const first = code.split('\n').find((line) => line.trim() !== '') ?? '';
-  test(`README example ${i + 1} (${first.trim()}) runs twice under shm-fd`, { skip: skipped?.why ?? false }, async (t) => {
-    // Inside the package, so that `import ... from 'shmfd'` resolves to this checkout.
-    const dir = fs.mkdtempSync(path.join(ROOT, 'test', '.readme-'));
-    t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
-    const file = path.join(dir, `example-${i + 1}.mjs`);
-    fs.writeFileSync(file, code);
-    const q = (s) => `'${s.replace(/'/g, "'\\''")}'`;
-    const r = await runShmFd(['sh', '-c', `${q(NODE)} ${q(file)} && ${q(NODE)} ${q(file)}`], { env: cleanEnv() });
+  const first = code.split('\n')[0];
+  const title = `README example ${i + 1} (${first.trim()})`;
+
+  if (NEEDS_MEMORY.test(first)) {
+    test(`${title}: runs twice under shm-fd; alone, it says it needs shm-fd`, async (t) => {
+      const { file } = writeExample(t, code, i);
+      const r = await runShmFd(['sh', '-c', `${q(NODE)} ${q(file)} && ${q(NODE)} ${q(file)}`], { env: cleanEnv() });
+      assert.equal(r.code, 0, `exit ${r.code}\n${r.stderr}`);
+      assert.equal(r.stderr, '');
+      const alone = await run(NODE, [file], { env: cleanEnv() });
+      assert.notEqual(alone.code, 0);
+      assert.match(alone.stderr, /Error: .*run (me|the program) under shm-(fd|restore)/);
+      assert.doesNotMatch(alone.stderr, /TypeError|ReferenceError|Cannot read properties/);
+    });
+    return;
+  }
+
+  if (code.includes('listenOn(')) {
+    test(`${title}: says it is a server; answers on the socket shm-fd passes and stops with 0 on SIGTERM`, async (t) => {
+      const match = SERVER.exec(first);
+      assert.ok(match, `the first line says that it serves, on which socket: ${first}`);
+      const { file } = writeExample(t, code, i);
+      const socket = path.join(tempDir(t), 'app.sock');
+      const child = spawn(NODE, [SHM_FD, '-s', `${match[1]}=unix::${socket}`, NODE, file], {
+        cwd: ROOT,
+        env: cleanEnv(),
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+      t.after(() => child.kill('SIGKILL'));
+      let stderr = '';
+      child.stderr.on('data', (d) => (stderr += d));
+      const exited = new Promise((resolve) => child.on('close', (code, signal) => resolve({ code, signal })));
+      // The wrapper's socket queues connections at once; the answer shows the example serves.
+      await waitFor(() => fs.existsSync(socket), 20_000, 'the passed socket');
+      const body = await new Promise((resolve, reject) => {
+        http.get({ socketPath: socket, path: '/' }, (res) => {
+          let text = '';
+          res.on('data', (d) => (text += d));
+          res.on('end', () => resolve(text));
+        }).on('error', reject);
+      });
+      assert.equal(body, 'hello\n');
+      child.kill('SIGTERM');
+      assert.deepEqual(await exited, { code: 0, signal: null }, stderr);
+      assert.equal(stderr, '');
+    });
+    return;
+  }
+
+  test(`${title}: runs alone, as written`, async (t) => {
+    const { file } = writeExample(t, code, i);
+    const r = await run(NODE, [file], { env: cleanEnv() });
     assert.equal(r.code, 0, `exit ${r.code}\n${r.stderr}`);
     assert.equal(r.stderr, '');
+    if (!code.includes('Notifier.fromEnv()')) return;
+    // Under a service manager with an fd store and a watchdog: what it sends arrives.
+    const receiver = datagramReceiver(path.join(tempDir(t), 'notify.sock'));
+    t.after(() => receiver.close());
+    const notified = await run(NODE, [file], {
+      env: cleanEnv({ NOTIFY_SOCKET: receiver.address, FDSTORE: '4', WATCHDOG_USEC: '10000000' }),
+    });
+    assert.equal(notified.code, 0, notified.stderr);
+    const messages = [];
+    for (let m = receiver.receive(); m !== undefined; m = receiver.receive()) messages.push(m);
+    assert.deepEqual(
+      messages.map((m) => [m.text, m.fds.length]),
+      [
+        ['READY=1\nSTATUS=serving', 0],
+        ['FDSTORE=1\nFDNAME=cache', 1],
+        ['WATCHDOG=1', 0],
+      ],
+    );
   });
 });
