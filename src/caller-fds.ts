@@ -1,120 +1,117 @@
 /**
  * Whose descriptors are these? A Node process holds descriptors of its own (libuv's epoll,
- * eventfds, signal pipes) next to those its caller passed, and Node blurs the difference
- * at start. This module tells them apart, for exec (pass the caller's through) and for
- * reading `LISTEN_FDS` (a claimed descriptor that is Node's own was never passed).
+ * io_uring, eventfds, signal pipes) next to those its caller handed down, and Node blurs
+ * the difference at start. This module finds the caller's, for exec to pass them through.
  * @module
  */
 import fs from 'node:fs';
-import { createRequire } from 'node:module';
+import type { Environment } from './listen-fds.js';
 import * as sys from './system.js';
 
-/** The kinds of descriptor a Node runtime opens for itself: epoll and event descriptors. */
-export function isRuntimeKind(target: string): boolean {
-  return target.startsWith('anon_inode:[eventpoll]') || target.startsWith('anon_inode:[eventfd]');
+/** The kind of an open descriptor as /proc shows it, e.g. `socket:[123]`, `/memfd:x (deleted)`. */
+export function fdTarget(fd: number, pid: number | 'self' = 'self'): string | undefined {
+  try {
+    return fs.readlinkSync(`/proc/${pid}/fd/${fd}`);
+  } catch {
+    return undefined;
+  }
 }
 
-/** The kind of an open descriptor as /proc shows it, e.g. `socket:[123]`, `/memfd:x (deleted)`. */
-export function fdTarget(fd: number): string | undefined {
+/** The parent pid of `pid`, from /proc; undefined once at the root or when unreadable. */
+export function parentOf(pid: number): number | undefined {
   try {
-    return fs.readlinkSync(`/proc/self/fd/${fd}`);
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
+    // The command name in parentheses may itself contain spaces and parentheses.
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    const ppid = Number(fields[1]);
+    return ppid > 0 ? ppid : undefined;
   } catch {
     return undefined;
   }
 }
 
 /**
- * At start, Node (libuv's uv_disable_stdio_inheritance) marks descriptors 0..15 close-on-exec,
- * and then every one after them up to the first that is not open, whether it opened them
- * or not; past that, only its own are close-on-exec (libuv opens everything with O_CLOEXEC).
+ * The descriptors (>= 3) of this process without close-on-exec, with their targets.
+ *
+ * Everything Node and libuv open is close-on-exec (O_CLOEXEC), on every Node line. So a
+ * descriptor open without it was inherited. The converse does not hold: at start libuv
+ * (uv_disable_stdio_inheritance) marks 0..15 close-on-exec, and then every descriptor after
+ * 15 up to the first one not open, the caller's included; there the flag tells nothing.
  */
-const NODE_ALWAYS_MARKS_BELOW = 16;
-
-/**
- * The descriptors (>= 3) open in a process (this one by default), with what /proc shows
- * for each; empty when its table cannot be read (another user's process, or gone).
- */
-function openFds(pid: number | 'self' = 'self'): Map<number, string> {
+function inheritable(): Map<number, string> {
   const targets = new Map<number, string>();
   let entries: string[];
   try {
-    entries = fs.readdirSync(`/proc/${pid}/fd`);
+    entries = fs.readdirSync('/proc/self/fd');
   } catch {
     return targets;
   }
   for (const entry of entries) {
     const fd = Number(entry);
     if (fd < 3) continue;
+    const target = fdTarget(fd);
+    // Gone meanwhile: the listing's own descriptor.
+    if (target === undefined) continue;
     try {
-      targets.set(fd, fs.readlinkSync(`/proc/${pid}/fd/${entry}`));
+      if ((sys.getFdFlags(fd) & sys.FD_CLOEXEC) === 0) targets.set(fd, target);
     } catch {
-      // Closed meanwhile (the directory listing's own descriptor, for this process).
+      // Closed between the two calls: not ours to pass.
     }
   }
   return targets;
 }
 
 /**
- * The descriptors open when this module was loaded, before the program (or the CLI) opened
- * anything of its own: only these can have come from the caller. Their targets name the
- * same open file later only if the number was not closed and reused in between.
+ * Taken when this module is loaded, before the program (or the CLI) opened anything: what
+ * it opens later is its own, even without close-on-exec (a native addon's open(2)).
  */
-const openAtLoad = openFds();
+const inheritableAtLoad = inheritable();
 
-/** The socket of Node's inspector (`--inspect`), which is Node's own, or undefined. */
-function inspectorPort(): number | undefined {
-  let url: string | undefined;
-  try {
-    // Loaded here, not imported: a Node built without the inspector throws on loading it.
-    const inspector = createRequire(import.meta.url)('node:inspector') as typeof import('node:inspector');
-    url = inspector.url();
-  } catch {
-    return undefined;
-  }
-  if (url === undefined) return undefined;
-  const port = Number(new URL(url).port);
-  return Number.isInteger(port) && port > 0 ? port : undefined;
-}
-
-function isInspectorSocket(fd: number, target: string, port: number | undefined): boolean {
-  if (port === undefined || !target.startsWith('socket:')) return false;
-  try {
-    const info = sys.socketInfo(fd);
-    return info.listening && info.address !== undefined && 'port' in info.address && info.address.port === port;
-  } catch {
-    return false;
-  }
+/**
+ * The make jobserver's pipe descriptors that `MAKEFLAGS` names (`--jobserver-auth=R,W`,
+ * or `--jobserver-fds=R,W` before GNU make 4.2; the last one counts, as in make). A
+ * fifo jobserver (`--jobserver-auth=fifo:PATH`, make 4.4) names none.
+ */
+export function jobserverFds(env: Environment): number[] {
+  const found = [...(env.MAKEFLAGS ?? '').matchAll(/(?:^|\s)--jobserver-(?:auth|fds)=(\d+),(\d+)(?=\s|$)/g)].at(-1);
+  return found === undefined ? [] : [Number(found[1]), Number(found[2])];
 }
 
 /**
- * The descriptors (>= 3) this process inherited from its caller, which an exec wrapper
- * passes through. Only descriptors already open when this module was loaded count (what
- * the program opened since is its own). Past the range Node marked at start they are
- * exactly those without close-on-exec. Within it the flag tells nothing, so they are told
- * apart from Node's own by kind: Node's are epoll and event descriptors, pipes whose both
- * ends it holds (unless the parent holds the same pipe, as make does with its jobserver),
- * and the inspector's socket. The range is estimated from the descriptors open at load
- * (Node's own may have filled the gap that ended it at start, which only widens the range
- * to more of Node's own, told apart by kind).
+ * Whether an ancestor of this process holds `target` (a pipe, named with its inode): such
+ * a pipe existed before this process, so it was handed down, not opened by Node. An
+ * ancestor whose table cannot be read (another user's) proves nothing.
  */
-export function callerFds(): number[] {
-  const targets = new Map([...openFds()].filter(([fd, target]) => openAtLoad.get(fd) === target));
-  let markedUpTo = NODE_ALWAYS_MARKS_BELOW - 1;
-  while (openAtLoad.has(markedUpTo + 1)) markedUpTo++;
-  const ends = new Map<string, number>();
-  for (const target of targets.values()) ends.set(target, (ends.get(target) ?? 0) + 1);
-  let parents: Set<string> | undefined;
-  const port = inspectorPort();
-  const isNodesOwn = (fd: number, target: string): boolean => {
-    if (isRuntimeKind(target) || isInspectorSocket(fd, target, port)) return true;
-    if (!target.startsWith('pipe:') || (ends.get(target) ?? 0) < 2) return false;
-    parents ??= new Set(openFds(process.ppid).values());
-    return !parents.has(target);
-  };
-  const inherited: number[] = [];
-  for (const [fd, target] of targets) {
-    if ((sys.getFdFlags(fd) & sys.FD_CLOEXEC) === 0) inherited.push(fd);
-    else if (fd <= markedUpTo && !isNodesOwn(fd, target)) inherited.push(fd);
+function heldByAncestor(target: string): boolean {
+  for (let pid = parentOf(process.pid), depth = 0; pid !== undefined && depth < 64; pid = parentOf(pid), depth++) {
+    let entries: string[];
+    try {
+      entries = fs.readdirSync(`/proc/${pid}/fd`);
+    } catch {
+      continue;
+    }
+    if (entries.some((entry) => fdTarget(Number(entry), pid) === target)) return true;
   }
-  return inherited.sort((a, b) => a - b);
+  return false;
+}
+
+/**
+ * The descriptors (>= 3) this process got from its caller, which an exec wrapper passes
+ * through to the program it becomes (`env` is the program's environment):
+ * - those open without close-on-exec when this module was loaded, and still the same file;
+ * - the make jobserver's pipe that `MAKEFLAGS` in `env` names, when an ancestor holds that
+ *   very pipe (make itself): Node marked it close-on-exec at start, and when make did not
+ *   hand it down, Node's own descriptors sit at those numbers.
+ * Nothing else: a descriptor the caller handed down at a number Node marked at start cannot
+ * be told from Node's own (docs/exec.md says how to pass one anyway). `LISTEN_FDS`
+ * descriptors are not found here; the caller of exec places them.
+ */
+export function callerFds(env: Environment = process.env): number[] {
+  const fds = new Set<number>();
+  for (const [fd, target] of inheritableAtLoad) if (fdTarget(fd) === target) fds.add(fd);
+  for (const fd of jobserverFds(env)) {
+    const target = fdTarget(fd);
+    if (target?.startsWith('pipe:') === true && heldByAncestor(target)) fds.add(fd);
+  }
+  return [...fds].sort((a, b) => a - b);
 }

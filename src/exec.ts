@@ -132,8 +132,9 @@ export interface ExecRequest {
   args: readonly string[];
   env: Environment;
   /**
-   * Descriptors the program gets at given numbers. Descriptors the caller passed to this
-   * process pass through as they are (see {@link callerFds}); Node's own are closed.
+   * Descriptors the program gets at given numbers. Besides these and stdio, only the
+   * descriptors the caller handed down to this process pass through, at their numbers
+   * (see {@link callerFds} and docs/exec.md); Node's own and the program's are closed.
    */
   fds: readonly FdPlacement[];
   /** Prefix of the one line written if execve fails (default `shmfd`). */
@@ -160,7 +161,7 @@ export function execReplace(request: ExecRequest): never {
   const highest = Math.max(3, ...request.fds.flatMap(({ from, to }) => [from, to])) + 1;
   const sources = new Set(request.fds.map(({ from }) => from));
   const targets = new Set(request.fds.map(({ to }) => to));
-  const passThrough = callerFds().filter((fd) => !sources.has(fd) && !targets.has(fd));
+  const passThrough = callerFds(request.env).filter((fd) => !sources.has(fd) && !targets.has(fd));
   // Move every source out of the way first, so that placing one never clobbers another.
   // Done while nothing is changed yet: no room above the targets (ulimit -n) is an error
   // that leaves the process intact.

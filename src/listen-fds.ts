@@ -4,9 +4,8 @@
  * parent passed, looking descriptors up by name, and describing what to pass on.
  * @module
  */
-import fs from 'node:fs';
 import { ShmfdError } from './errors.js';
-import { fdTarget, isRuntimeKind } from './caller-fds.js';
+import { fdTarget, parentOf } from './caller-fds.js';
 import * as sys from './system.js';
 
 /** The first passed descriptor when `LISTEN_FDS_FIRST_FD` is not set. */
@@ -49,19 +48,6 @@ function parseDecimal(variable: string, value: string, min: number, max: number)
     throw new ShmfdError('ERR_LISTEN_FDS_INVALID', `${variable}=${value} is out of range (${min}..${max})`);
   }
   return n;
-}
-
-/** The parent pid of `pid`, from /proc; undefined once at the root or when unreadable. */
-function parentOf(pid: number): number | undefined {
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
-    // The command name in parentheses may itself contain spaces and parentheses.
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    const ppid = Number(fields[1]);
-    return ppid > 0 ? ppid : undefined;
-  } catch {
-    return undefined;
-  }
 }
 
 function isAncestor(candidate: number, of: number): boolean {
@@ -178,8 +164,9 @@ function checkPassed(listed: ListenEnv, i: number): PassedFd | undefined {
   const fd = listed.first + i;
   const name = listed.names?.[i] ?? UNKNOWN_NAME;
   const target = sys.isOpen(fd) ? (fdTarget(fd) ?? '') : undefined;
-  // Not open, or taken by the runtime for its event loop: nothing was passed at this number.
-  if (target === undefined || isRuntimeKind(target)) {
+  // Not open, or an anonymous kernel object (epoll, io_uring, eventfd: what a runtime opens
+  // for its event loop, never a service's socket or file): nothing was passed at this number.
+  if (target === undefined || target.startsWith('anon_inode:')) {
     if (listed.meantFor === 'ancestor') return undefined;
     if (target === undefined) throw new ShmfdError('ERR_FD_NOT_PASSED', `LISTEN_FDS=${listed.count} but descriptor ${fd} (${name}) is not open`);
     throw new ShmfdError('ERR_FD_NOT_PASSED', `LISTEN_FDS=${listed.count} but descriptor ${fd} (${name}) was not passed: it is Node's own ${target}`);

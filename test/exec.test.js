@@ -3,9 +3,10 @@
 // stdio. Checked from inside real programs (docs/exec.md lists the rows).
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import path from 'node:path';
 import { test } from 'node:test';
 import * as sys from '../dist/system.js';
-import { cleanEnv, fixture, NODE, PYTHON, run, runShmFd, SHM_FD } from './helpers.js';
+import { cleanEnv, commandExists, fixture, NODE, PYTHON, run, runShmFd, SHM_FD, tempDir } from './helpers.js';
 
 const EIGHT_MIB = 8 * 1024 * 1024;
 
@@ -97,25 +98,35 @@ test('a program started with only stdio open sees exactly 0, 1, 2 and the memfd'
   assert.deepEqual(Object.keys(baseline).filter((fd) => fd >= 3 && fd <= 40), [], 'the test runner itself holds no descriptor 3..40');
 });
 
-test('descriptors the caller passed pass through, at low and high numbers; Node\'s own do not (issue 2)', { skip: !hasPython && 'needs /usr/bin/python3' }, async (t) => {
+test('the caller\'s descriptors pass through where Node leaves them apart; in the range Node marks, only by the documented ways', { skip: !hasPython && 'needs /usr/bin/python3' }, async (t) => {
   const stray = fs.openSync('/dev/null', 'r');
   const passed = sys.memfdCreate('exec-passed');
   t.after(() => [stray, passed].forEach((fd) => fs.closeSync(fd)));
+  const inheritedByRunner = Object.keys(await baselineFds()).map(Number).filter((fd) => fd > 40);
+  const at = (fds) => {
+    const extraFds = new Array(38).fill('ignore');
+    for (const fd of fds) extraFds[fd - 3] = stray;
+    return extraFds;
+  };
   // No LISTEN_FDS: fds 7, 16-18 and 40 are the caller's own business, like `prog 7<file` in
   // a shell. Node marks 7 close-on-exec at start (below 16), and 16-18 too (the run of open
-  // descriptors right after 15); 40 it leaves alone.
-  const extraFds = new Array(38).fill('ignore');
-  for (const fd of [7, 16, 17, 18, 40]) extraFds[fd - 3] = stray;
-  const inheritedByRunner = Object.keys(await baselineFds()).map(Number).filter((fd) => fd > 40);
-  const plain = fdsOf((await runShmFd([fixture('list-fds.py')], { env: cleanEnv(), extraFds })).stdout);
-  assert.deepEqual(Object.keys(plain).map(Number), [0, 1, 2, 3, 7, 16, 17, 18, 40, ...inheritedByRunner]);
+  // descriptors right after 15), so they look like its own; 40 it leaves alone.
+  const plain = fdsOf((await runShmFd([fixture('list-fds.py')], { env: cleanEnv(), extraFds: at([7, 16, 17, 18, 40]) })).stdout);
+  assert.deepEqual(Object.keys(plain).map(Number), [0, 1, 2, 3, 40, ...inheritedByRunner]);
   assert.equal(plain[3], '/memfd:SHM_SHARED_FD (deleted)');
-  for (const fd of [7, 16, 17, 18, 40]) assert.equal(plain[fd], '/dev/null');
+  assert.equal(plain[40], '/dev/null');
+
+  // docs/exec.md: above a closed 16 nothing is marked; the command can move it back down.
+  const above = fdsOf((await runShmFd([fixture('list-fds.py')], { env: cleanEnv(), extraFds: at([17, 40]) })).stdout);
+  assert.deepEqual(Object.keys(above).map(Number), [0, 1, 2, 3, 17, 40, ...inheritedByRunner]);
+  const moved = await runShmFd(['bash', '-c', `exec ${PYTHON} ${fixture('list-fds.py')} 7<&20 20<&-`], { env: cleanEnv(), extraFds: at([20]) });
+  assert.equal(moved.code, 0, moved.stderr);
+  assert.deepEqual(Object.keys(fdsOf(moved.stdout)).map(Number), [0, 1, 2, 3, 7, ...inheritedByRunner]);
+  assert.equal(fdsOf(moved.stdout)[7], '/dev/null');
 
   // Declared descriptors stay in place and the memfd is appended after them.
-  const declared = new Array(38).fill('ignore');
+  const declared = at([40]);
   declared[0] = passed;
-  declared[37] = stray;
   const r = await runShmFd([fixture('list-fds.py')], {
     env: cleanEnv({ LISTEN_FDS: '1', LISTEN_FDNAMES: 'mine' }),
     extraFds: declared,
@@ -127,7 +138,7 @@ test('descriptors the caller passed pass through, at low and high numbers; Node\
   assert.equal(fds[4], '/memfd:SHM_SHARED_FD (deleted)');
 });
 
-test("Node's own descriptors do not pass: what a program opened after importing shmfd, and --inspect's socket", { skip: !hasPython && 'needs /usr/bin/python3' }, async () => {
+test("Node's own descriptors do not pass: what a program opened after importing shmfd, and --inspect's", { skip: !hasPython && 'needs /usr/bin/python3' }, async () => {
   const baseline = await baselineFds();
   const beyondStdio = (fds) => Object.fromEntries(Object.entries(fds).filter(([fd]) => Number(fd) > 2));
   const library = await run(NODE, [fixture('exec-after-open.js'), PYTHON, fixture('list-fds.py')], { env: cleanEnv() });
@@ -137,22 +148,57 @@ test("Node's own descriptors do not pass: what a program opened after importing 
   const inspected = await runShmFd([fixture('list-fds.py')], { env: cleanEnv({ NODE_OPTIONS: '--inspect=127.0.0.1:0' }) });
   assert.equal(inspected.code, 0, inspected.stderr);
   assert.match(inspected.stderr, /Debugger listening/, 'the inspector did listen');
-  const underInspector = beyondStdio(fdsOf(inspected.stdout));
-  assert.equal(underInspector[3], '/memfd:SHM_SHARED_FD (deleted)');
-  // The inspector thread's /dev/null cannot be told from a caller's (docs/exec.md); its socket can.
-  assert.deepEqual(Object.values(underInspector).filter((target) => target.startsWith('socket:')), []);
+  // Neither the inspector's socket nor the /dev/null its thread opens.
+  assert.deepEqual(beyondStdio(fdsOf(inspected.stdout)), { ...beyondStdio(baseline), 3: '/memfd:SHM_SHARED_FD (deleted)' });
 });
 
-test("the caller's pipe pairs pass through when the caller holds them too (make's jobserver)", { skip: !hasPython && 'needs /usr/bin/python3' }, async () => {
-  // The parent keeps both ends of a pipe at 5 and 6 and passes them, as make -j does.
-  const parent = 'import os, subprocess, sys\nr, w = os.pipe()\nos.dup2(r, 5)\nos.dup2(w, 6)\nsys.exit(subprocess.run(sys.argv[1:], pass_fds=(5, 6)).returncode)';
-  const r = await run(PYTHON, ['-c', parent, NODE, SHM_FD, fixture('list-fds.py')], { env: cleanEnv() });
+test("make -j: a recipe marked recursive ('+') passes the jobserver's pipe through shm-fd; other recipes pass nothing at its numbers", { skip: (!hasPython || !commandExists('make')) && 'needs /usr/bin/python3 and make' }, async (t) => {
+  const dir = tempDir(t);
+  const list = `${PYTHON} ${fixture('list-fds.py')}`;
+  const shmFd = `${NODE} ${SHM_FD} --first-fd 17`;
+  // make hands its jobserver pipe only to recursive recipes, but names it in MAKEFLAGS for all.
+  fs.writeFileSync(
+    path.join(dir, 'Makefile'),
+    ['recursive:', `\t+@${list}`, 'recursive-shm-fd:', `\t+@${shmFd} ${list}`, 'plain:', `\t@${list}`, 'plain-shm-fd:', `\t@${shmFd} ${list}`, ''].join('\n'),
+  );
+  // GNU make 4.4 passes a named fifo by default (--jobserver-auth=fifo:PATH): ask for the pipe.
+  const version = await run('make', ['--version']);
+  const style = /^GNU Make (4\.[0-3]|3\.)/.test(version.stdout) ? [] : ['--jobserver-style=pipe'];
+  const made = async (target) => {
+    const r = await run('make', [...style, '-s', '-j2', '-C', dir, target], { env: cleanEnv({ MAKEFLAGS: undefined, MFLAGS: undefined }) });
+    assert.equal(r.code, 0, r.stderr);
+    // Each run has its own stdio and jobserver pipe: inode numbers become 1, 2, ... in order.
+    const inodes = new Map();
+    const fds = fdsOf(r.stdout);
+    for (const [fd, target] of Object.entries(fds)) {
+      fds[fd] = target.replace(/\[(\d+)\]$/, (_, ino) => `[#${inodes.get(ino) ?? inodes.set(ino, inodes.size + 1).get(ino)}]`);
+    }
+    return fds;
+  };
+  const memfd = { 17: '/memfd:SHM_SHARED_FD (deleted)' };
+  const recursive = await made('recursive');
+  const targets = Object.values(recursive);
+  const bothEnds = targets.filter((target) => target.startsWith('pipe:') && targets.indexOf(target) !== targets.lastIndexOf(target));
+  assert.equal(bothEnds.length, 2, 'make passed both ends of its jobserver pipe to the recursive recipe');
+  assert.deepEqual(await made('recursive-shm-fd'), { ...recursive, ...memfd }, 'the same descriptors as without shm-fd, and the memfd');
+  const plain = await made('plain');
+  assert.deepEqual(await made('plain-shm-fd'), { ...plain, ...memfd }, "not Node's own descriptors at the numbers MAKEFLAGS names");
+});
+
+test("MAKEFLAGS naming a pipe nobody handed down: Node's own pipe at those numbers does not pass", { skip: !hasPython && 'needs /usr/bin/python3' }, async () => {
+  // The numbers of a pipe whose both ends a Node process opens for itself at start.
+  const own = await run(NODE, ['-e', `const fs = require('fs'); const seen = {};
+    for (const fd of fs.readdirSync('/proc/self/fd')) { try { (seen[fs.readlinkSync('/proc/self/fd/' + fd)] ??= []).push(fd) } catch {} }
+    console.log(Object.entries(seen).find(([t, fds]) => t.startsWith('pipe:') && fds.length === 2)[1].join(','))`]);
+  assert.equal(own.code, 0, own.stderr);
+  const [read, write] = own.stdout.trim().split(',').map(Number);
+  const baseline = await baselineFds();
+  const r = await runShmFd(['--first-fd', '17', fixture('list-fds.py')], { env: cleanEnv({ MAKEFLAGS: ` -j2 --jobserver-auth=${read},${write}` }) });
   assert.equal(r.code, 0, r.stderr);
   const fds = fdsOf(r.stdout);
-  assert.match(fds[5], /^pipe:\[\d+\]$/);
-  assert.equal(fds[6], fds[5], 'both ends of the same pipe');
-  // Python's subprocess closes everything else it holds (the test runner's pipe too).
-  assert.deepEqual(Object.keys(fds).map(Number), [0, 1, 2, 3, 5, 6]);
+  for (const fd of [0, 1, 2]) delete fds[fd];
+  for (const fd of [0, 1, 2]) delete baseline[fd];
+  assert.deepEqual(fds, { ...baseline, 17: '/memfd:SHM_SHARED_FD (deleted)' }, `nothing at ${read} and ${write}`);
 });
 
 test('arguments and environment that are not UTF-8 reach the program byte for byte', async () => {

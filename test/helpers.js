@@ -1,7 +1,7 @@
 // Shared helpers of the tests: run the real CLIs as child processes, temp directories,
 // a real AF_UNIX datagram receiver, and small assertions on error output.
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -162,6 +162,16 @@ export function datagramReceiver(address) {
       fs.closeSync(fd);
     },
   };
+}
+
+/** Whether the shell finds `name` (a test that needs it is skipped, with the reason, when not). */
+export function commandExists(name) {
+  try {
+    execFileSync('sh', ['-c', `command -v ${name}`], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 export function sleep(ms) {

@@ -17,7 +17,7 @@ import {
   withEnv,
 } from '../dist/index.js';
 import * as sys from '../dist/system.js';
-import { assertOneErrorLine, cleanEnv, fixture, NODE, runShmFd } from './helpers.js';
+import { assertOneErrorLine, cleanEnv, fixture, NODE, run, runShmFd } from './helpers.js';
 
 function isShmfdError(code) {
   return (err) => err instanceof ShmfdError && err.code === code;
@@ -306,4 +306,15 @@ test('shm-fd: LISTEN_FDS claiming descriptors nobody passed does not hand Node\'
   const r = await runShmFd(['true'], { env: cleanEnv({ LISTEN_FDS: '2' }) });
   assert.equal(r.code, 125);
   assertOneErrorLine(r.stderr, /LISTEN_FDS=2 but descriptor 3 \(unknown\) was not passed/);
+  // Every anonymous kernel object a Node process opens at start (epoll, eventfd, io_uring
+  // since Node 22) is its own, whatever its kind.
+  const own = await run(NODE, ['-e', `for (const fd of require('fs').readdirSync('/proc/self/fd')) {
+    try { if (require('fs').readlinkSync('/proc/self/fd/' + fd).startsWith('anon_inode:') && fd < 10) console.log(fd) } catch {} }`]);
+  const anonymous = own.stdout.trim().split('\n').map(Number);
+  assert.ok(anonymous.length >= 2, own.stdout);
+  for (const fd of anonymous) {
+    const claimed = await runShmFd(['true'], { env: cleanEnv({ LISTEN_FDS: '1', LISTEN_FDS_FIRST_FD: String(fd) }) });
+    assert.equal(claimed.code, 125, `fd ${fd}: ${claimed.stderr}`);
+    assertOneErrorLine(claimed.stderr, new RegExp(`LISTEN_FDS=1 but descriptor ${fd} \\(unknown\\) was not passed: it is Node's own anon_inode:`));
+  }
 });

@@ -1,7 +1,6 @@
 // Issue 2, "The shm-fd command": the real CLI, run as a child process, with programs that
 // report what they see (test/fixtures/report-process.js) and the primes example.
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
@@ -9,6 +8,7 @@ import * as sys from '../dist/system.js';
 import {
   assertOneErrorLine,
   cleanEnv,
+  commandExists,
   fixture,
   NODE,
   PRIMES,
@@ -26,15 +26,6 @@ function reportOf(result) {
   assert.equal(result.stderr, '', 'nothing on stderr');
   assert.equal(result.code, 0);
   return JSON.parse(result.stdout);
-}
-
-function commandExists(name) {
-  try {
-    execFileSync('sh', ['-c', `command -v ${name}`], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 test('state persists between programs: two primes runs under one shm-fd print 100002 then 200002', async () => {
