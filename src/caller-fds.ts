@@ -72,7 +72,7 @@ const inheritableAtLoad = inheritable();
  * or `--jobserver-fds=R,W` before GNU make 4.2; the last one counts, as in make). A
  * fifo jobserver (`--jobserver-auth=fifo:PATH`, make 4.4) names none.
  */
-export function jobserverFds(env: Environment): number[] {
+function jobserverFds(env: Environment): number[] {
   const found = [...(env.MAKEFLAGS ?? '').matchAll(/(?:^|\s)--jobserver-(?:auth|fds)=(\d+),(\d+)(?=\s|$)/g)].at(-1);
   return found === undefined ? [] : [Number(found[1]), Number(found[2])];
 }
