@@ -81,7 +81,7 @@ export {
   type RestoreHostOptions,
   type SnapshotMode,
 } from './restore/host.js';
-export { BackupFile, type BackupFormat, type BackupInspection } from './restore/backup.js';
+export { BackupFile, type BackupFormat, type BackupInspection, type BackupRecord } from './restore/backup.js';
 export { persistAtomically, type PersistOptions, type PersistResult, type PersistTimings } from './restore/persist.js';
 export { Snapshotter, DEFAULT_INTERVAL_MS, type DurableSnapshot, type SnapshotterOptions } from './restore/snapshotter.js';
 export { backupStatus, type BackupStatus } from './restore/status.js';

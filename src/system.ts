@@ -293,7 +293,7 @@ const EOPNOTSUPP = 95;
 const XATTR_VALUE_MAX = 256;
 
 /**
- * Sets the extended attribute `name` (e.g. `user.shmfd.size`) of an open file
+ * Sets the extended attribute `name` (e.g. `user.shmfd.check`) of an open file
  * (fsetxattr(2)). Returns false when the file system keeps no such attributes
  * (EOPNOTSUPP), which callers treat as "nothing recorded", not as a failure.
  */

@@ -10,8 +10,8 @@ import util from 'node:util';
 import { ShmfdError } from '../errors.js';
 import { SnapshotFormatError } from '../snapshot/errors.js';
 import { getXattr, isSystemError, setXattr } from '../system.js';
-import { copySparse, type CopyResult, type CopySparseOptions } from './copy.js';
-import { readSlotState, type SlotState } from './slots.js';
+import { CHUNK, copySparse, dataExtents, yieldToLoop, type CopyResult, type CopySparseOptions } from './copy.js';
+import { readHead, readSlotState, type SlotState } from './slots.js';
 
 /** How the host treats the backup: a raw memory image, or a snapshot file (restore-v1). */
 export type BackupFormat = 'raw' | 'snapshot';
@@ -31,19 +31,147 @@ export type BackupInspection =
       allocated: number;
       /** The snapshot configuration and valid slots, for a configured file. */
       slots: SlotState | undefined;
+      /** The record shm-restore wrote with the file, verified; undefined when it has none. */
+      record: BackupRecord | undefined;
     };
 
 /**
- * The extended attribute in which the host records the size of every backup it writes,
- * atomically with the content (set before the fsync and the rename). The snapshot format
- * cannot tell a file cut short inside the program's own data (the tail) from a whole one;
- * this attribute can. Files written by anything else lack it and are not checked.
+ * The extended attribute in which the host records, with every backup it writes, what it
+ * wrote: `v1 size=N region=M sha256-1m=HEX`, the file's length and a SHA-256 digest of
+ * its first M bytes (see {@link BackupRecord.digest}). A valid snapshot file is covered
+ * up to its tail (head page, slots and data ring: what decides which snapshots it holds;
+ * the tail is the program's own, may be gigabytes, and is persisted every few hundred
+ * milliseconds in restore-v1), any other file entirely. The format alone cannot tell a
+ * damaged head that hides every snapshot from a file that has none, nor a file cut short
+ * inside its tail from a whole one; this record can. One attribute, so size and digest are one statement about one content, set on the
+ * temporary file before its fsync and rename, so atomic with the content; the version
+ * lets a later host record more in the same place. The file's bytes stay exactly the
+ * format's. Files written by anything else (`cp`, the Rust host, a file system without
+ * user attributes) lack it and are not checked.
  */
-export const SIZE_ATTRIBUTE = 'user.shmfd.size';
+export const CHECK_ATTRIBUTE = 'user.shmfd.check';
 
-/** Records `size` in {@link SIZE_ATTRIBUTE} of a backup being written; a no-op where the file system keeps no user attributes. */
-export function recordBackupSize(fd: number, size: number): void {
-  setXattr(fd, SIZE_ATTRIBUTE, String(size));
+/** What {@link CHECK_ATTRIBUTE} says about a backup. */
+export interface BackupRecord {
+  /** Length of the file in bytes. */
+  size: number;
+  /** Bytes from the start of the file that the digest covers. */
+  region: number;
+  /**
+   * SHA-256 over the SHA-256 of each 1 MiB block of the region in order (the last one may
+   * be shorter), lowercase hex. Blocks make holes free: a block that lies in a hole is
+   * known to be zeros and is not read, so the cost follows the data, as the copy's does.
+   */
+  digest: string;
+}
+
+const RECORD = /^v1 size=([0-9]+) region=([0-9]+) sha256-1m=([0-9a-f]{64})$/;
+
+/** The record in {@link CHECK_ATTRIBUTE}, or why it cannot be one (strictly: decimal digits, no spaces). */
+function parseRecord(text: string): BackupRecord | string {
+  const m = RECORD.exec(text);
+  if (m === null) {
+    return /^v[0-9]+ /.test(text) && !text.startsWith('v1 ')
+      ? `is of a version this shm-restore does not know (${JSON.stringify(text)}; written by a newer one?)`
+      : `is damaged: ${JSON.stringify(text)} is not "v1 size=N region=M sha256-1m=HEX"`;
+  }
+  const size = Number(m[1]);
+  const region = Number(m[2]);
+  if (!Number.isSafeInteger(size) || !Number.isSafeInteger(region)) return `is damaged: ${JSON.stringify(text)} holds numbers beyond 2^53`;
+  if (region > size) return `is damaged: it covers ${region} bytes of a ${size}-byte file`;
+  return { size, region, digest: m[3]! };
+}
+
+const DIGEST_BLOCK = 2 ** 20;
+let zeroBlockDigest: Buffer | undefined;
+
+function sha256(bytes: Uint8Array): Buffer {
+  return crypto.createHash('sha256').update(bytes).digest();
+}
+
+function zerosDigest(length: number): Buffer {
+  if (length !== DIGEST_BLOCK) return sha256(Buffer.alloc(length));
+  zeroBlockDigest ??= sha256(Buffer.alloc(DIGEST_BLOCK));
+  return zeroBlockDigest;
+}
+
+/** The digests of {@link BackupRecord.digest}'s blocks, each with the bytes read for it. */
+function* blockDigests(fd: number, length: number): Generator<{ digest: Buffer; read: number }> {
+  const extents = dataExtents(fd, length);
+  const buffer = Buffer.allocUnsafe(Math.min(DIGEST_BLOCK, length));
+  for (let start = 0, e = 0; start < length; start += DIGEST_BLOCK) {
+    const end = Math.min(start + DIGEST_BLOCK, length);
+    while (e < extents.length && extents[e]![1] <= start) e++;
+    if (e === extents.length || extents[e]![0] >= end) {
+      yield { digest: zerosDigest(end - start), read: 0 };
+      continue;
+    }
+    let n = 0;
+    while (n < end - start) {
+      const got = fs.readSync(fd, buffer, n, end - start - n, start + n);
+      if (got === 0) break; // the file ended early: the digest then differs
+      n += got;
+    }
+    yield { digest: sha256(buffer.subarray(0, n)), read: n };
+  }
+}
+
+function digestOf(fd: number, length: number): string {
+  const hash = crypto.createHash('sha256');
+  for (const block of blockDigests(fd, length)) hash.update(block.digest);
+  return hash.digest('hex');
+}
+
+/** What the record covers: everything before the tail of a valid snapshot file, all of any other file. */
+function checkedRegion(fd: number, size: number): number {
+  try {
+    return readHead(fd, size)?.head.tailStart ?? size;
+  } catch (err) {
+    if (err instanceof SnapshotFormatError) return size;
+    throw err;
+  }
+}
+
+/**
+ * Records in {@link CHECK_ATTRIBUTE} of a backup being written, whose first `size` bytes
+ * are final, its size and digest, read back from the file itself; a no-op where the file
+ * system keeps no user attributes. Yields to the event loop as the copy does, and stops
+ * there when `signal` is aborted.
+ */
+export async function recordBackupCheck(fd: number, size: number, signal?: AbortSignal): Promise<void> {
+  const region = checkedRegion(fd, size);
+  const hash = crypto.createHash('sha256');
+  let sinceYield = 0;
+  for (const block of blockDigests(fd, region)) {
+    hash.update(block.digest);
+    sinceYield += block.read;
+    if (sinceYield >= CHUNK) {
+      sinceYield = 0;
+      await yieldToLoop();
+      signal?.throwIfAborted();
+    }
+  }
+  setXattr(fd, CHECK_ATTRIBUTE, `v1 size=${size} region=${region} sha256-1m=${hash.digest('hex')}`);
+}
+
+/**
+ * A backup that no longer matches the record shm-restore wrote with it, whose record is
+ * unreadable, or (restore-v1) that shows no snapshot and has no record to vouch for it:
+ * `ERR_BACKUP_DAMAGED`.
+ */
+export class BackupDamagedError extends ShmfdError {
+  /** The problem and the way to proceed anyway, without the file's name. */
+  readonly problem: string;
+
+  constructor(file: string, problem: string) {
+    super('ERR_BACKUP_DAMAGED', `backup ${file}: ${problem}`);
+    this.problem = problem;
+  }
+}
+
+/** `word` as one word of a POSIX shell command line. */
+function shellWord(word: string): string {
+  return /^[\w@%+=:,./-]+$/.test(word) ? word : `'${word.replace(/'/g, `'\\''`)}'`;
 }
 
 /** One line about a failed system call: `permission denied (EACCES)`. */
@@ -91,9 +219,12 @@ export class BackupFile {
   }
 
   /**
-   * Reads what the backup is, without changing it (opened read-only: same bytes, same mtime).
+   * Reads what the backup is, without changing it (opened read-only: same bytes, same
+   * mtime), and verifies it against its {@link CHECK_ATTRIBUTE} record if it has one.
    * @throws ShmfdError `ERR_BACKUP_ACCESS` (unreadable, a directory, not a regular file),
-   *   `ERR_BACKUP_INVALID` (with format `'snapshot'`: not a valid snapshot file)
+   *   `ERR_BACKUP_INVALID` (with format `'snapshot'`: not a valid snapshot file),
+   *   {@link BackupDamagedError} `ERR_BACKUP_DAMAGED` (changed since shm-restore wrote it,
+   *   a damaged record; with format `'snapshot'`: no valid snapshot and no record)
    */
   inspect(format: BackupFormat): BackupInspection {
     let fd: number;
@@ -109,7 +240,7 @@ export class BackupFile {
       const stat = fs.fstatSync(fd);
       if (stat.isDirectory()) throw this.#error('ERR_BACKUP_ACCESS', 'is a directory');
       if (!stat.isFile()) throw this.#error('ERR_BACKUP_ACCESS', 'is not a regular file');
-      this.#checkRecordedSize(fd, stat.size);
+      const record = this.#verifyRecord(fd, stat.size);
       let slots: SlotState | undefined;
       if (stat.size > 0) {
         try {
@@ -127,6 +258,16 @@ export class BackupFile {
             'not a snapshot file: its head lacks the snapshot magic (written without --snapshot, or not a backup at all)',
           );
         }
+        // Restoring it would start the program fresh, and the first snapshot would replace
+        // the file: a flipped bit in write_offset or a mask must not cost the whole state.
+        // A restore-v1 host writes no snapshot file without a valid snapshot.
+        if (format === 'snapshot' && slots !== undefined && slots.slots.length === 0 && !(record !== undefined && record.region >= slots.head.dataStart)) {
+          throw new BackupDamagedError(
+            this.path,
+            `holds no valid snapshot though it has the snapshot magic, and no ${CHECK_ATTRIBUTE} record vouches for it: damaged, or not written by a restore-v1 host ` +
+              `(to start fresh anyway, move it aside: mv ${shellWord(this.path)} ${shellWord(`${this.path}.damaged`)})`,
+          );
+        }
       }
       return {
         state: 'present',
@@ -135,6 +276,7 @@ export class BackupFile {
         mode: stat.mode & 0o7777,
         allocated: stat.blocks * 512,
         slots,
+        record,
       };
     } finally {
       fs.closeSync(fd);
@@ -207,19 +349,35 @@ export class BackupFile {
     }
   }
 
-  #checkRecordedSize(fd: number, size: number): void {
-    let recorded: string | undefined;
+  /** The verified record of the file open at `fd`, or undefined when it has none. */
+  #verifyRecord(fd: number, size: number): BackupRecord | undefined {
+    let text: string | undefined;
     try {
-      recorded = getXattr(fd, SIZE_ATTRIBUTE);
+      text = getXattr(fd, CHECK_ATTRIBUTE);
     } catch (err) {
-      throw this.#error('ERR_BACKUP_ACCESS', `cannot read its ${SIZE_ATTRIBUTE} attribute: ${describeSystemError(err)}`);
+      throw this.#error('ERR_BACKUP_ACCESS', `cannot read its ${CHECK_ATTRIBUTE} attribute: ${describeSystemError(err)}`);
     }
-    if (recorded === undefined || Number(recorded) === size) return;
-    const expected = /^\d+$/.test(recorded) ? `${recorded} bytes` : `the unreadable size ${JSON.stringify(recorded)}`;
-    throw this.#error(
-      'ERR_BACKUP_INVALID',
-      `is ${size} bytes, but shm-restore wrote ${expected}: it was cut short or extended since (to restore it anyway: setfattr -x ${SIZE_ATTRIBUTE} ${this.path})`,
-    );
+    if (text === undefined) return undefined;
+    // cp keeps no extended attributes (unless -a or --preserve=xattr); setfattr would need Debian's attr package.
+    const anyway = `to restore it anyway, drop the record: cp ${shellWord(this.path)} ${shellWord(`${this.path}.unchecked`)} && mv ${shellWord(`${this.path}.unchecked`)} ${shellWord(this.path)}`;
+    const record = parseRecord(text);
+    if (typeof record === 'string') throw new BackupDamagedError(this.path, `its ${CHECK_ATTRIBUTE} attribute ${record} (${anyway})`);
+    if (record.size !== size) {
+      throw new BackupDamagedError(this.path, `is ${size} bytes, but shm-restore wrote ${record.size} bytes: it was cut short or extended since (${anyway})`);
+    }
+    let digest: string;
+    try {
+      digest = digestOf(fd, record.region);
+    } catch (err) {
+      throw this.#error('ERR_BACKUP_ACCESS', `cannot read it: ${describeSystemError(err)}`);
+    }
+    if (digest !== record.digest) {
+      throw new BackupDamagedError(
+        this.path,
+        `changed since shm-restore wrote it: its first ${record.region} bytes no longer match the digest recorded in ${CHECK_ATTRIBUTE} (${anyway})`,
+      );
+    }
+    return record;
   }
 
   #error(code: 'ERR_BACKUP_ACCESS' | 'ERR_BACKUP_INVALID', problem: string): ShmfdError {

@@ -11,10 +11,11 @@ import * as sys from '../system.js';
 
 const SEEK_SET = 0;
 /**
- * Bytes per `sendfile` call. Each call blocks the event loop; 16 MiB is a few
- * milliseconds, so signals are still forwarded promptly during a gigabyte copy.
+ * Bytes per `sendfile` call (and per read of other whole-file passes). Each call blocks
+ * the event loop; 16 MiB is a few milliseconds, so signals are still forwarded promptly
+ * during a gigabyte copy.
  */
-const CHUNK = 16 * 2 ** 20;
+export const CHUNK = 16 * 2 ** 20;
 
 /** Called after every chunk with the bytes copied so far and the bytes in data extents seen so far. */
 export type CopyProgress = (copied: number, total: number) => void;
@@ -118,6 +119,7 @@ async function copyExtents(source: number, dest: number, size: number, options: 
   return { copied };
 }
 
-function yieldToLoop(): Promise<void> {
+/** Lets the event loop run (signal handlers, timers) before the next chunk. */
+export function yieldToLoop(): Promise<void> {
   return new Promise((resolve) => setImmediate(resolve));
 }

@@ -416,7 +416,7 @@ async function writeBack(
 
 /**
  * In snapshot mode, the memory may replace the backup only when it is a valid snapshot
- * file, and not one without snapshots over a backup that has some.
+ * file with at least one valid snapshot.
  * @returns the memory's slots, or why it must not replace the backup
  */
 function checkFinalSnapshot(fd: number, size: number, durable: DurableState): SlotState | string {
@@ -429,6 +429,7 @@ function checkFinalSnapshot(fd: number, size: number, durable: DurableState): Sl
     throw err;
   }
   if (state === undefined) return 'the program never configured its memory as a snapshot file';
-  if (state.slots.length === 0 && durable.snapshots > 0) return 'the memory holds no valid snapshot but the backup does';
+  // It would restore nothing; and a start without the record refuses such a file as damaged.
+  if (state.slots.length === 0) return durable.snapshots > 0 ? 'the memory holds no valid snapshot but the backup does' : 'the memory holds no valid snapshot';
   return state;
 }

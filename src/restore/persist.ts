@@ -1,13 +1,13 @@
 /**
  * Atomic persistence of a memory file to the backup: a temporary file next to the backup
- * (mode 0600), a sparse copy, an optional fix-up, its size recorded in an extended
- * attribute, `fsync`, `rename` over the backup,
+ * (mode 0600), a sparse copy, an optional fix-up, its size and digest recorded in an
+ * extended attribute, `fsync`, `rename` over the backup,
  * `fsync` of the directory. A crash at any instant leaves the old backup or the new one;
  * every path out of here that this process controls removes the temporary file.
  * @module
  */
 import fs from 'node:fs';
-import { recordBackupSize, type BackupFile } from './backup.js';
+import { recordBackupCheck, type BackupFile } from './backup.js';
 import { copySparse, type CopyProgress } from './copy.js';
 
 /** Milliseconds spent in each step of a persist. */
@@ -76,7 +76,7 @@ export async function persistAtomically(
     const { copied } = await copySparse(source, handle.fd, size, { signal: options.signal, progress: options.progress });
     const t1 = performance.now();
     if (options.fixup !== undefined && !options.fixup(handle.fd, size)) return undefined;
-    recordBackupSize(handle.fd, size);
+    await recordBackupCheck(handle.fd, size, options.signal);
     if (options.mode !== undefined && options.mode !== 0o600) await handle.chmod(options.mode);
     const t2 = performance.now();
     const synced = handle.sync();

@@ -2,7 +2,7 @@
  * `shm-restore status BACKUP`: what a backup holds and how old it is, read-only.
  * @module
  */
-import { BackupFile, type BackupFormat } from './backup.js';
+import { BackupDamagedError, BackupFile, CHECK_ATTRIBUTE, type BackupFormat, type BackupInspection } from './backup.js';
 import { formatBytes, formatDuration } from './progress.js';
 import { newestSlot } from './slots.js';
 
@@ -15,13 +15,21 @@ export interface BackupStatus {
 
 /**
  * Describes the backup at `file` without changing it. A file without the snapshot magic
- * is a raw memory image, valid only when `format` is `'raw'`.
+ * is a raw memory image, valid only when `format` is `'raw'`; a damaged one
+ * (`ERR_BACKUP_DAMAGED`, refused by a host) is described as such.
  * @throws ShmfdError `ERR_BACKUP_ACCESS`, `ERR_BACKUP_INVALID` for an unusable backup
  */
 export function backupStatus(file: string, format: BackupFormat, now: number = Date.now()): BackupStatus {
   const backup = new BackupFile(file);
-  const found = backup.inspect(format);
   const lines = [`backup: ${backup.path}`];
+  let found: BackupInspection;
+  try {
+    found = backup.inspect(format);
+  } catch (err) {
+    if (!(err instanceof BackupDamagedError)) throw err;
+    lines.push(`state: damaged: ${err.problem}`);
+    return { ok: false, lines };
+  }
   if (found.state === 'missing') {
     lines.push('state: missing (a host would start fresh)');
     return { ok: false, lines };
@@ -29,6 +37,11 @@ export function backupStatus(file: string, format: BackupFormat, now: number = D
   const age = formatDuration(Math.max(0, now - found.mtimeMs));
   const written = new Date(found.mtimeMs).toISOString();
   lines.push(`backup size: ${found.size} bytes (${formatBytes(found.size)}), ${formatBytes(found.allocated)} on disk`);
+  lines.push(
+    found.record === undefined
+      ? `integrity record: none (no ${CHECK_ATTRIBUTE}: not written by shm-restore, or its file system keeps no user attributes)`
+      : `integrity record: verified (size, and digest of the first ${found.record.region} bytes)`,
+  );
   if (found.size === 0) {
     lines.push('state: empty (a host would start fresh)', 'snapshots: 0');
   } else if (found.slots === undefined) {
