@@ -302,6 +302,28 @@ test('the way to restore a refused backup anyway needs nothing beyond coreutils,
   assert.equal((await host.exited).status, 0);
 });
 
+test('the final error after the backup directory was removed, or the backup replaced by a directory, says what is on disk', async (t) => {
+  for (const damage of ['removed', 'directory']) {
+    const dir = path.join(tempDir(t), 'state');
+    fs.mkdirSync(dir);
+    const file = path.join(dir, 'b');
+    fs.writeFileSync(file, 'old');
+    const host = startHost([file, process.execPath, COUNTER, '--commits', '0', '--report-offset']);
+    await host.next();
+    fs.rmSync(dir, { recursive: true });
+    if (damage === 'directory') fs.mkdirSync(file, { recursive: true });
+    host.child.kill('SIGTERM');
+    const end = await host.exited;
+    assert.equal(end.status, 125, end.stderr);
+    const lines = end.stderr.trim().split('\n');
+    assert.equal(lines.length, 1, end.stderr);
+    assert.match(lines[0], /^shm-restore: error: the final write-back to .* failed: /);
+    assert.doesNotMatch(lines[0], /previous one/);
+    if (damage === 'removed') assert.match(lines[0], new RegExp(`; there is no backup: its directory ${dir} was removed, the newest state is lost$`));
+    else assert.match(lines[0], new RegExp(`; there is no backup: ${file} is now a directory, the newest state is lost$`));
+  }
+});
+
 test('restore-v1: a program that configures its memory but never commits leaves no backup without a snapshot', async (t) => {
   const dir = tempDir(t);
   const file = path.join(dir, 'b');

@@ -349,6 +349,22 @@ export class BackupFile {
     }
   }
 
+  /**
+   * What a failed write left at the backup's path, for its error line: the previous
+   * backup, or what replaced it.
+   */
+  whatIsLeft(): string {
+    let stat: fs.Stats;
+    try {
+      stat = fs.statSync(this.path);
+    } catch (err) {
+      if (!isSystemError(err, 'ENOENT') && !isSystemError(err, 'ENOTDIR')) return `${this.path} cannot be checked: ${describeSystemError(err)}`;
+      return fs.existsSync(this.dir) ? `there is no backup at ${this.path}` : `there is no backup: its directory ${this.dir} was removed`;
+    }
+    if (stat.isFile()) return 'the backup on disk is the previous one';
+    return `there is no backup: ${this.path} is now ${stat.isDirectory() ? 'a directory' : 'not a regular file'}`;
+  }
+
   /** The verified record of the file open at `fd`, or undefined when it has none. */
   #verifyRecord(fd: number, size: number): BackupRecord | undefined {
     let text: string | undefined;

@@ -395,13 +395,13 @@ async function writeBack(
       releaseSource: () => memory.close(),
     });
   } catch (err) {
-    log.error(`the final write-back to ${backup.path} failed: ${describeSystemError(err)}; the backup on disk is the previous one, the newest state is lost`);
+    log.error(`the final write-back to ${backup.path} failed: ${describeSystemError(err)}; ${backup.whatIsLeft()}, the newest state is lost`);
     return false;
   } finally {
     progress?.done();
   }
   if (result === undefined) {
-    log.error(`the final write-back to ${backup.path} failed: the memory changed during the copy (is another process still writing to it?); the backup on disk is the previous one`);
+    log.error(`the final write-back to ${backup.path} failed: the memory changed during the copy (is another process still writing to it?); ${backup.whatIsLeft()}`);
     return false;
   }
   const unsynced = directorySyncWarning(backup, result);

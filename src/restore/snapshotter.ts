@@ -278,7 +278,7 @@ export class Snapshotter {
   }
 
   #failed(err: unknown): RoundOutcome {
-    const message = `cannot persist a snapshot to ${this.#o.backup.path}: ${describeSystemError(err)}; the previous backup stays`;
+    const message = `cannot persist a snapshot to ${this.#o.backup.path}: ${describeSystemError(err)}; ${this.#o.backup.whatIsLeft()}`;
     if (message !== this.#lastError) this.#o.log.error(message);
     else this.#o.log.debug(message);
     this.#lastError = message;
