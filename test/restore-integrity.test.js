@@ -324,7 +324,7 @@ test('the final error after the backup directory was removed, or the backup repl
   }
 });
 
-test('restore-v1: a program that configures its memory but never commits leaves no backup without a snapshot', async (t) => {
+test('restore-v1: a program that configures its memory but never commits leaves no backup without a snapshot; one with a record is restored', async (t) => {
   const dir = tempDir(t);
   const file = path.join(dir, 'b');
   const host = startHost(['--snapshot=restore-v1', file, process.execPath, COUNTER, '--commits', '0', '--report-offset']);
@@ -335,4 +335,17 @@ test('restore-v1: a program that configures its memory but never commits leaves 
   assert.match(end.stderr, /warning: the memory holds no valid snapshot; nothing was written to /);
   assert.equal(fs.existsSync(file), false);
   assert.deepEqual(tempFiles(dir), []);
+
+  // Without --snapshot the memory is written as it is; its record then vouches for it.
+  const plain = startHost([file, process.execPath, COUNTER, '--commits', '0', '--report-offset']);
+  await plain.next();
+  plain.child.kill('SIGTERM');
+  assert.equal((await plain.exited).status, 0);
+  if (attribute(file) === undefined) return;
+  assert.equal(readCounterBackup(file).valid, 0);
+  const vouched = startHost(['--snapshot=restore-v1', file, process.execPath, COUNTER, '--commits', '1', '--exit']);
+  const first = await vouched.next();
+  assert.equal(first.recovered, 0);
+  assert.equal(first.valid, 0);
+  assert.equal((await vouched.exited).status, 0);
 });
