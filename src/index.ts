@@ -59,17 +59,14 @@ export {
   findPassedSocket,
   listenOn,
   openDatagram,
-  serve,
   type PassedSocket,
   type FindPassedSocketOptions,
   type FallbackAddress,
   type ListenOnOptions,
   type Listening,
   type OpenDatagramOptions,
-  type Endpoint,
-  type ServeOptions,
-  type Service,
 } from './server.js';
+export { serve, type Endpoint, type ServeOptions, type Service } from './serve.js';
 export {
   runRestoreHost,
   childDescriptors,

@@ -196,3 +196,45 @@ test('serve(): SIGINT stops gracefully, then ends the process by SIGINT, as a sh
   assert.deepEqual(await s.exited, { code: null, signal: 'SIGINT' });
   assert.match(s.out(), /stopped\n$/, 'after the graceful stop');
 });
+
+// Issue 7: a restarter's SIGTERM can come at any instant of a start-up, and loading shmfd
+// (koffi, libc) takes most of it. serve() from shmfd/serve loads nothing of that, so a
+// program calls it first and a stop during the rest of the start-up is graceful.
+for (const [signal, ending] of [
+  ['SIGTERM', { code: 0, signal: null }],
+  ['SIGINT', { code: null, signal: 'SIGINT' }],
+]) {
+  test(`serve() from shmfd/serve, called first: a ${signal} while the rest of shmfd loads is a graceful stop`, async (t) => {
+    const dir = tempDir(t);
+    const receiver = datagramReceiver(path.join(dir, 'notify'));
+    t.after(() => receiver.close());
+    const s = startServer(t, [fixture('serve-early.js')], cleanEnv({ NOTIFY_SOCKET: receiver.address }));
+    const line = await waitFor(() => /serving, koffi loaded: (\w+)/.exec(s.out()), 20_000, 'serve()');
+    assert.equal(line[1], 'no', 'the stop signals were handled before koffi was loaded');
+    s.child.kill(signal);
+    assert.deepEqual(await s.exited, ending, s.err());
+    assert.match(s.out(), /stopped\n$/, 'onStop ran: the stop was the graceful one');
+    // READY=1 only if the server came to listen before the signal was handled.
+    const sent = [];
+    for (let m = receiver.receive(); m !== undefined; m = receiver.receive()) sent.push(m.text);
+    assert.equal(sent.at(-1), 'STOPPING=1', `the manager heard of the stop before the exit: ${JSON.stringify(sent)}`);
+    assert.equal(s.err(), '');
+  });
+}
+
+test('importing shmfd or shmfd/serve installs no signal handler: SIGTERM keeps its default', async (t) => {
+  const program = "await import('shmfd'); await import('shmfd/serve'); process.stdout.write('imported\\n'); setInterval(() => {}, 60_000);";
+  const s = startServer(t, ['--input-type=module', '-e', program], cleanEnv());
+  await waitFor(() => s.out().includes('imported'), 20_000, 'the imports');
+  s.child.kill('SIGTERM');
+  assert.deepEqual(await s.exited, { code: null, signal: 'SIGTERM' });
+});
+
+test('serve(): an invalid NOTIFY_SOCKET is one line on stderr, the service runs and stops as usual', async (t) => {
+  const s = startServer(t, [fixture('serve-early.js')], cleanEnv({ NOTIFY_SOCKET: 'relative/path' }));
+  const port = Number((await waitFor(() => /listening http:\/\/127\.0\.0\.1:(\d+)/.exec(s.out()), 20_000, 'listening'))[1]);
+  assert.equal((await get(port, '/')).body, 'ok');
+  s.child.kill('SIGTERM');
+  assert.deepEqual(await s.exited, { code: 0, signal: null });
+  assert.match(s.err(), /^shmfd: cannot notify the service manager: .*NOTIFY_SOCKET=relative\/path.*\n$/);
+});
