@@ -178,14 +178,17 @@ export function sleep(ms) {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
-/** Polls `check` until it returns a truthy value; throws after `timeoutMs` (a guard, not an assertion on speed). */
-export async function waitFor(check, timeoutMs = 20_000, what = 'condition') {
+/**
+ * Polls `check` every `intervalMs` until it returns a truthy value; throws after
+ * `timeoutMs` (a guard, not an assertion on speed).
+ */
+export async function waitFor(check, timeoutMs = 20_000, what = 'condition', intervalMs = 20) {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const value = check();
     if (value) return value;
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(20);
+    await sleep(intervalMs);
   }
 }
 
