@@ -20,17 +20,55 @@ export const PYTHON = '/usr/bin/python3';
 /** True when the tests run as root (needed by the systemd sandbox). */
 export const isRoot = typeof process.getuid === 'function' && process.getuid() === 0;
 
-/** The private systemd --user manager every systemd test runs next to (shared/tools). */
-export const SANDBOX = process.env.SYSTEMD_SANDBOX ?? path.resolve(ROOT, '..', 'shared', 'tools', 'systemd-sandbox');
+/** The systemd test harness: a private `systemd --user` manager beside a command. */
+export const SANDBOX = path.join(ROOT, 'test', 'systemd-sandbox.sh');
+
+/** The environment of a run of {@link SANDBOX} keeping its files in `dir`. */
+export function sandboxEnv(dir, timeoutSeconds = 100) {
+  return { ...process.env, SANDBOX_DIR: dir, SANDBOX_TIMEOUT: String(timeoutSeconds), SANDBOX_NODE: NODE };
+}
+
+function onPath(command) {
+  return (process.env.PATH ?? '').split(':').some((dir) => {
+    try {
+      fs.accessSync(path.join(dir || '.', command), fs.constants.X_OK);
+      return true;
+    } catch {
+      return false;
+    }
+  });
+}
+
+/** The cgroup hierarchies the sandbox's manager keeps its units in (see systemd-sandbox.sh). */
+function cgroupHierarchies() {
+  const CGROUP2_SUPER_MAGIC = 0x63677270;
+  try {
+    if (fs.statfsSync('/sys/fs/cgroup').type === CGROUP2_SUPER_MAGIC) return ['/sys/fs/cgroup'];
+  } catch {
+    return [];
+  }
+  return ['/sys/fs/cgroup/unified', '/sys/fs/cgroup/systemd'].filter((dir) => fs.existsSync(dir));
+}
+
+function writable(dir) {
+  try {
+    fs.accessSync(dir, fs.constants.W_OK);
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 /** Why the systemd tests cannot run here, or false when they can (CI runs as root). */
 export const systemdSkip = !isRoot
   ? 'needs root: the systemd sandbox uses PID/mount namespaces and cgroups'
-  : !fs.existsSync(SANDBOX)
-    ? `needs ${SANDBOX}`
-    : !fs.existsSync('/usr/lib/systemd/systemd')
-      ? 'needs systemd (/usr/lib/systemd/systemd)'
-      : false;
+  : !fs.existsSync('/usr/lib/systemd/systemd')
+    ? 'needs systemd (/usr/lib/systemd/systemd)'
+    : !onPath('unshare')
+      ? 'needs unshare (util-linux)'
+      : cgroupHierarchies().length === 0 || !cgroupHierarchies().every(writable)
+        ? 'needs a writable cgroup file system under /sys/fs/cgroup'
+        : false;
 
 /** Path of a fixture in test/fixtures. */
 export function fixture(name) {

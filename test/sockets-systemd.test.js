@@ -1,4 +1,4 @@
-// Issue 4 under a real, private `systemd --user` manager (../shared/tools/systemd-sandbox):
+// Issue 4 under a real, private `systemd --user` manager (test/systemd-sandbox.sh):
 // - a .socket unit + a Type=notify .service running `shm-fd node examples/http-counter.js`
 //   with an fd store keeps the count across `systemctl restart`, and no connection is
 //   refused or reset while it restarts (the socket unit holds the socket);
@@ -14,7 +14,7 @@ import net from 'node:net';
 import path from 'node:path';
 import readline from 'node:readline';
 import { test } from 'node:test';
-import { fixture, NODE, ROOT, SANDBOX, SHM_FD, systemdSkip, tempDir, waitFor } from './helpers.js';
+import { fixture, NODE, ROOT, SANDBOX, sandboxEnv, SHM_FD, systemdSkip, tempDir, waitFor } from './helpers.js';
 
 const SHM_RESTORE = path.join(ROOT, 'bin', 'shm-restore.js');
 
@@ -35,14 +35,15 @@ async function sandbox(t, dir, units) {
   fs.mkdirSync(unitDir);
   for (const [name, text] of Object.entries(units)) fs.writeFileSync(path.join(unitDir, name), text);
   const child = spawn(SANDBOX, [unitDir, NODE, fixture('sockets-systemctl-relay.js')], {
-    env: { ...process.env, SANDBOX_DIR: path.join(dir, 'sandbox'), SANDBOX_TIMEOUT: '110' },
+    env: sandboxEnv(path.join(dir, 'sandbox'), 110),
     stdio: ['pipe', 'pipe', 'pipe'],
   });
   let stderr = '';
   child.stderr.on('data', (d) => (stderr += d));
   const lines = readline.createInterface({ input: child.stdout })[Symbol.asyncIterator]();
   const exited = new Promise((resolve) => child.on('close', (code) => resolve(code)));
-  t.after(() => child.kill('SIGKILL'));
+  // SIGTERM: the harness then ends its namespace and removes its cgroups.
+  t.after(() => child.kill('SIGTERM'));
   const first = await lines.next();
   assert.ok(!first.done, `the sandbox did not start: ${stderr}`);
   const sh = async (...command) => {

@@ -1,11 +1,11 @@
 // Issue 2, "Real systemd": a Type=oneshot unit running `shm-fd node examples/primes.js`
-// under a real, private `systemd --user` manager (../shared/tools/systemd-sandbox) keeps
+// under a real, private `systemd --user` manager (test/systemd-sandbox.sh) keeps
 // its memfd in the manager's fd store and continues the sieve across restarts.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { NODE, PRIMES, primeTotals, run, SANDBOX, SHM_FD, systemdSkip, tempDir } from './helpers.js';
+import { NODE, PRIMES, primeTotals, run, SANDBOX, sandboxEnv, SHM_FD, systemdSkip, tempDir } from './helpers.js';
 
 const skip = systemdSkip;
 
@@ -42,7 +42,7 @@ systemctl --user show -p NFileDescriptorStore -p ActiveState -p SubState -p Resu
 `,
   );
   const r = await run(SANDBOX, [units, 'bash', script], {
-    env: { ...process.env, SANDBOX_DIR: path.join(dir, 'sandbox'), SANDBOX_TIMEOUT: '100' },
+    env: sandboxEnv(path.join(dir, 'sandbox')),
     timeoutMs: 120_000,
   });
   const logs = () =>

@@ -1,5 +1,5 @@
 // Issue 3, systemd: the two unit templates of docs/systemd.md, instantiated for this
-// checkout, in a real private `systemd --user` manager (../shared/tools/systemd-sandbox).
+// checkout, in a real private `systemd --user` manager (test/systemd-sandbox.sh).
 // Each test walks a unit through the events of the docs' table (restart, SIGKILL, stop +
 // start, and a "reboot": a new manager over the same state directory) and checks what
 // survived. The manager here is systemd 252; the >= 254 rows come from the man pages.
@@ -8,7 +8,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { NODE, ROOT, run, SANDBOX, systemdSkip, tempDir } from './helpers.js';
+import { NODE, ROOT, run, SANDBOX, sandboxEnv, systemdSkip, tempDir } from './helpers.js';
 import { readPrimesState } from './helpers-crash.js';
 
 const DRIVER = path.join(ROOT, 'test', 'fixtures', 'crash-systemd-driver.js');
@@ -39,7 +39,7 @@ async function drive(t, dir, sandboxDir, unitFile, unitText, scenario, extra = [
   fs.writeFileSync(path.join(units, unitFile), unitText);
   const result = path.join(dir, `${scenario}.json`);
   const r = await run(SANDBOX, [units, NODE, DRIVER, scenario, unitFile, path.join(dir, 'out.log'), path.join(dir, 'err.log'), result, ...extra], {
-    env: { ...process.env, SANDBOX_DIR: sandboxDir, SANDBOX_TIMEOUT: '100' },
+    env: sandboxEnv(sandboxDir),
     timeoutMs: 120_000,
   });
   const observed = fs.existsSync(result) ? JSON.parse(fs.readFileSync(result, 'utf8')) : { steps: [] };
