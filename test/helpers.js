@@ -1,7 +1,7 @@
 // Shared helpers of the tests: run the real CLIs as child processes, temp directories,
 // a real AF_UNIX datagram receiver, and small assertions on error output.
 import assert from 'node:assert/strict';
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -69,6 +69,58 @@ export const systemdSkip = !isRoot
       : cgroupHierarchies().length === 0 || !cgroupHierarchies().every(writable)
         ? 'needs a writable cgroup file system under /sys/fs/cgroup'
         : false;
+
+/** The command prefix that runs a command as nobody (uid and gid 65534, no groups). */
+const AS_NOBODY = ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups'];
+
+let nobodyReason;
+/**
+ * Why commands cannot run as nobody here, or false when they can: root is needed to
+ * switch, nobody must be able to run NODE and to reach the temporary directory.
+ */
+export function nobodySkip() {
+  if (nobodyReason !== undefined) return nobodyReason;
+  if (!isRoot) return (nobodyReason = 'needs root to run a command as nobody');
+  const probe = `require('fs').accessSync(require('os').tmpdir(), require('fs').constants.X_OK)`;
+  const r = spawnSync(AS_NOBODY[0], [...AS_NOBODY.slice(1), NODE, '-e', probe], { encoding: 'utf8', cwd: '/' });
+  if (r.error !== undefined) return (nobodyReason = `needs setpriv (util-linux) to run a command as nobody: ${r.error.message}`);
+  nobodyReason = r.status === 0 ? false : `nobody cannot run ${NODE} or reach ${os.tmpdir()}: ${r.stderr.trim().split('\n')[0]}`;
+  return nobodyReason;
+}
+
+/** The installed packages the CLIs load: the dependencies, theirs, and so on. */
+function runtimePackages(manifest = path.join(ROOT, 'package.json'), found = new Set()) {
+  const { dependencies = {}, optionalDependencies = {} } = JSON.parse(fs.readFileSync(manifest, 'utf8'));
+  for (const name of Object.keys({ ...dependencies, ...optionalDependencies })) {
+    const dir = path.join('node_modules', name);
+    if (found.has(dir) || !fs.existsSync(path.join(ROOT, dir, 'package.json'))) continue;
+    found.add(dir);
+    runtimePackages(path.join(ROOT, dir, 'package.json'), found);
+  }
+  return found;
+}
+
+/**
+ * A copy of what the CLIs run (bin/, dist/, package.json and the runtime packages: koffi
+ * and its native part) that every user may read, in a new temporary directory removed
+ * when `t` ends: the path to give another user, since the checkout itself may lie where
+ * that user cannot read (a clone under /root, or in a `mktemp -d` directory). Returns the
+ * root of the copy.
+ */
+export function readableCopy(t) {
+  const copy = tempDir(t, 'shmfd-copy-');
+  for (const part of ['package.json', 'bin', 'dist', ...runtimePackages()]) {
+    fs.cpSync(path.join(ROOT, part), path.join(copy, part), { recursive: true });
+  }
+  // The checkout's own modes may shut others out (a clone made with umask 077).
+  const open = (file) => {
+    const stat = fs.statSync(file);
+    fs.chmodSync(file, stat.isDirectory() || (stat.mode & 0o111) !== 0 ? 0o755 : 0o644);
+    if (stat.isDirectory()) for (const name of fs.readdirSync(file)) open(path.join(file, name));
+  };
+  open(copy);
+  return copy;
+}
 
 /** Path of a fixture in test/fixtures. */
 export function fixture(name) {

@@ -5,10 +5,10 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { test } from 'node:test';
+import { after, test } from 'node:test';
 import { BIN, COUNTER, fingerprint, run, runHost, tempFiles, works } from './fixtures/restore-helpers.js';
 import * as sys from '../dist/system.js';
-import { isRoot, tempDir } from './helpers.js';
+import { isRoot, nobodySkip, readableCopy, tempDir } from './helpers.js';
 
 /** A valid restore-v1 backup of 64 KiB with 3 snapshots, made by the real host. */
 async function validBackup(dir) {
@@ -24,13 +24,16 @@ function withU64(bytes, offset, value) {
   return copy;
 }
 
-/** Runs the host on `backup` and checks the refusal. */
+/** The host as another user runs it: a copy that user can read, wherever the checkout lies. */
+const READABLE_BIN = nobodySkip() ? undefined : path.join(readableCopy({ after }), 'bin', 'shm-restore.js');
+
+/** Runs the host on `backup` (as `options.wrap` makes another user run it) and checks the refusal. */
 async function expectRefusal(backup, args, problem, options = {}) {
   const dir = path.dirname(backup);
   const marker = path.join(dir, 'program-ran');
   const before = fingerprint(backup);
-  const argv = [...(options.wrap ?? []), process.execPath, BIN, ...args, backup, 'touch', marker];
-  const r = await run(argv[0], argv.slice(1));
+  const argv = [...(options.wrap ?? []), process.execPath, options.wrap === undefined ? BIN : READABLE_BIN, ...args, backup, 'touch', marker];
+  const r = await run(argv[0], argv.slice(1), { cwd: dir });
   assert.equal(r.status, 125, `${backup}: ${r.stdout}${r.stderr}`);
   const lines = r.stderr.trim().split('\n');
   assert.equal(lines.length, 1, r.stderr);
@@ -109,9 +112,7 @@ test('a directory as backup is refused in both modes', async (t) => {
   assert.deepEqual(fs.readdirSync(backup), ['inside']);
 });
 
-const setpriv = isRoot && works('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', 'true']);
-
-test('an unreadable backup is refused (EACCES)', { skip: !setpriv && 'root bypasses file permissions: needs root and setpriv to run the host as nobody' }, async (t) => {
+test('an unreadable backup is refused (EACCES)', { skip: nobodySkip() && `root bypasses file permissions: ${nobodySkip()}` }, async (t) => {
   const dir = tempDir(t);
   fs.chmodSync(dir, 0o755);
   const backup = path.join(dir, 'secret');
@@ -122,7 +123,7 @@ test('an unreadable backup is refused (EACCES)', { skip: !setpriv && 'root bypas
   }
 });
 
-test('a backup whose directory does not let a replacement be written is refused (EACCES as nobody)', { skip: !setpriv && 'needs root and setpriv to run the host as nobody' }, async (t) => {
+test('a backup whose directory does not let a replacement be written is refused (EACCES as nobody)', { skip: nobodySkip() }, async (t) => {
   const dir = tempDir(t);
   fs.chmodSync(dir, 0o755);
   const backup = path.join(dir, 'state');
