@@ -79,7 +79,11 @@ test('an idle program causes no backup writes: rounds are skipped while write_of
   assert.equal((await host.next()).committed, 3);
   await waitFor(() => readCounterBackup(backup)?.counter === 3, 'the backup of the third commit');
   const before = fingerprint(backup);
-  await sleep(300);
+  // Every round reads the memory's head page (one pread): the host's read count tells
+  // when it has run rounds, however slow the machine.
+  const reads = () => Number(/^syscr: (\d+)$/m.exec(fs.readFileSync(`/proc/${host.child.pid}/io`, 'utf8'))[1]);
+  const readsBefore = reads();
+  await waitFor(() => reads() >= readsBefore + 10, 'ten more rounds of the host');
   assert.deepEqual(fingerprint(backup), before, 'no backup was written while nothing was committed');
   host.child.kill('SIGTERM');
   const end = await host.exited;
@@ -110,51 +114,148 @@ test('memory that is not a snapshot file is never snapshotted, and never replace
   assert.deepEqual(tempFiles(dir), []);
 });
 
+/** SIGKILL to `pid`, unless it is gone already. */
+function killIfThere(pid) {
+  try {
+    process.kill(pid, 'SIGKILL');
+  } catch (err) {
+    if (err.code !== 'ESRCH') throw err;
+  }
+}
+
+/** True once `pid` is stopped (SIGSTOP has taken effect). */
+function isStopped(pid) {
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
+  return /^[Tt]/.test(stat.slice(stat.lastIndexOf(')') + 2));
+}
+
+/** Bytes the file system holds for `file` (its allocated blocks), 0 when it is gone. */
+function allocated(file) {
+  try {
+    return fs.statSync(file).blocks * 512;
+  } catch {
+    return 0;
+  }
+}
+
+/** Identity of the file at `file` now: a replacement by rename changes it. */
+function identity(file) {
+  const stat = fs.statSync(file, { bigint: true });
+  return `${stat.ino}:${stat.ctimeNs}`;
+}
+
+/**
+ * Checks a backup of `restore-counter --size SIZE --fill FILL` byte by byte, with nothing
+ * of the code under test: the head that program configures (entries 0x100, data 0x800),
+ * every slot that claims a snapshot holding a counter at its stream position, counters
+ * growing with position, the tail log holding 1..c for the newest counter c, and the
+ * fill to the last byte. Returns the newest counter.
+ */
+function checkCounterBackup(file, size, fill) {
+  const PAGE = 4096;
+  const bytes = fs.readFileSync(file);
+  assert.equal(bytes.length, size, `${file} has the size of the memory`);
+  assert.equal(bytes.readBigUInt64LE(0x00), 0x96c2a6f4b68519b3n, 'the head holds the snapshot magic');
+  assert.equal(bytes.readBigUInt64LE(0x08), 0xffn, 'entry_mask');
+  assert.equal(bytes.readBigUInt64LE(0x10), 0x7ffn, 'data_mask');
+  const writeOffset = Number(bytes.readBigUInt64LE(0x18));
+  const DATA_START = 2 * PAGE;
+  const TAIL_START = 3 * PAGE;
+  const slots = [];
+  for (let i = 0; i < 0x100; i++) {
+    const offset = Number(bytes.readBigUInt64LE(PAGE + 16 * i));
+    const length = Number(bytes.readBigUInt64LE(PAGE + 16 * i + 8));
+    if (length === 0) continue;
+    assert.equal(length, 8, `slot ${i}: an 8-byte counter`);
+    assert.ok(offset + 8 <= writeOffset && offset >= writeOffset - 0x800, `slot ${i} at ${offset} lies in the ring before write_offset ${writeOffset}`);
+    const counter = Number(bytes.readBigUInt64BE(DATA_START + (offset % 0x800)));
+    slots.push({ i, offset, counter });
+  }
+  assert.ok(slots.length > 0, 'a persisted backup holds at least one snapshot');
+  slots.sort((a, b) => a.offset - b.offset);
+  for (let k = 1; k < slots.length; k++) {
+    const [a, b] = [slots[k - 1], slots[k]];
+    assert.ok(b.counter > a.counter && b.offset - a.offset >= 8 * (b.counter - a.counter), `slot ${b.i} at ${b.offset} holds ${b.counter}, after ${a.counter} at ${a.offset}`);
+  }
+  const newest = slots.at(-1).counter;
+  for (let c = 1; c <= Math.min(newest, LOG_ENTRIES); c++) {
+    assert.equal(bytes.readBigUInt64LE(TAIL_START + 8 * (c - 1)), BigInt(c), `tail log entry ${c - 1}`);
+  }
+  const chunk = Buffer.alloc(PAGE, fill);
+  for (let at = TAIL_START + 8 * LOG_ENTRIES; at < size; at += PAGE) {
+    if (!bytes.subarray(at, at + PAGE).equals(chunk)) assert.fail(`the copy is whole, to the last byte of the tail: the page at ${at} differs`);
+  }
+  return newest;
+}
+
 test('SIGKILL of the host during persistence, again and again: the backup is always a whole valid one, and leftovers are removed at the next start', async (t) => {
   const dir = tempDir(t);
   const backup = path.join(dir, 'b');
   const SIZE = 64 * 2 ** 20;
+  const FILL = 7;
   const random = seededRandom(12345).next;
+  // Where each kill lands, by what the host is doing, never by the clock: while the
+  // temporary file grows to a random fraction of the memory (the copy), once it is whole
+  // (fix-up, fsync, rename), and just after a new backup took the old one's place.
+  const aims = ['copy', 'copy', 'copied', 'renamed'];
+  const landed = [];
   let previous = 0;
   let leftovers = [];
-  let sawLeftover = false;
+  let running = [];
+  t.after(() => running.forEach((pid) => killIfThere(pid)));
   for (let round = 0; round < 8; round++) {
-    const host = startHost(['--snapshot=restore-v1', '--interval', '1', backup, process.execPath, COUNTER, '--size', String(SIZE), '--fill', '7', '--every', '2']);
+    const host = startHost(['--snapshot=restore-v1', '--interval', '1', '--log-level', 'debug', backup, process.execPath, COUNTER, '--size', String(SIZE), '--fill', String(FILL), '--every', '2']);
+    running = [host.child.pid];
     const start = await host.next();
+    running.push(start.pid);
     assert.equal(start.recovered, previous, 'the program starts from the backup on disk');
     for (const name of leftovers) assert.ok(!fs.existsSync(path.join(dir, name)), `${name} was removed at start`);
-    if (round % 2 === 0) {
-      await sleep(50 + random() * 350);
-    } else {
-      // Aim: kill as soon as a persist is under way (its temporary file exists).
-      await waitFor(() => tempFiles(dir).length > 0, 'a persist in progress', 20_000, 1);
-      await sleep(random() * 40);
-    }
+    // Aimed kills need a backup that a persist replaces: the first host makes one.
+    if (round === 0) await waitFor(() => /snapshot persisted/.test(host.stderr), 'a first persisted backup', 120_000);
+
+    const aim = aims[round % aims.length];
+    const fraction = random();
+    const before = identity(backup);
+    // The copy skips holes: the pages of the tail log not written yet may be some.
+    const data = SIZE - 8 * LOG_ENTRIES;
+    const hit = () => {
+      if (aim === 'renamed') return identity(backup) !== before;
+      const target = aim === 'copy' ? fraction * data : data;
+      return tempFiles(dir).some((name) => allocated(path.join(dir, name)) >= target);
+    };
+    // Stopped first, the host is caught exactly where it is: the kill lands there.
+    await waitFor(
+      async () => {
+        if (!hit()) return false;
+        process.kill(host.child.pid, 'SIGSTOP');
+        await waitFor(() => isStopped(host.child.pid), 'the host to stop', 20_000, 1);
+        if (aim === 'renamed' || tempFiles(dir).length > 0) return true;
+        process.kill(host.child.pid, 'SIGCONT'); // the persist ended meanwhile: aim at the next one
+        return false;
+      },
+      `a kill aimed at "${aim}"`,
+      120_000,
+      1,
+    );
+    const during = tempFiles(dir).length > 0;
     host.child.kill('SIGKILL');
     await host.exit;
-    process.kill(start.pid, 'SIGKILL');
-    await waitFor(() => isDead(start.pid), 'the orphaned program to end', 10_000, 5);
+    killIfThere(start.pid);
+    await waitFor(() => isDead(start.pid), 'the orphaned program to end', 20_000, 5);
     leftovers = tempFiles(dir);
-    if (leftovers.length > 0) sawLeftover = true;
-    const b = readCounterBackup(backup);
-    if (b === undefined) {
-      assert.equal(previous, 0, 'a backup, once written, never disappears');
-      continue;
-    }
-    assert.equal(b.size, SIZE);
-    assert.equal(b.bytes[SIZE - 1], 7, 'the copy is whole, to the last byte of the tail');
-    assertSlotsIntact(b);
-    assert.ok(b.counter >= previous, `the durable counter never goes back (${previous} -> ${b.counter})`);
-    previous = b.counter;
+    landed.push(`${aim}${aim === 'copy' ? ` ${(fraction * 100).toFixed(0)}%` : ''}: ${during ? 'during a persist' : 'between persists'}`);
+    if (aim !== 'renamed') assert.ok(leftovers.length > 0, 'the kill hit a persist in progress: its temporary file is left');
+    const counter = checkCounterBackup(backup, SIZE, FILL);
+    assert.ok(counter >= previous, `the durable counter never goes back (${previous} -> ${counter})`);
+    previous = counter;
   }
-  assert.ok(previous > 0, 'some backup was persisted');
-  assert.ok(sawLeftover, 'at least one kill hit a persist in progress (a temporary file was left)');
+  t.diagnostic(`kills: ${landed.join('; ')}`);
 });
 
 test('restore-v1: a program that ends without snapshots does not replace a backup the host persisted while it ran', async (t) => {
   const dir = tempDir(t);
   const backup = path.join(dir, 'b');
-  const r = await runHost(['--snapshot=restore-v1', '--interval', '20', '--log-level', 'debug', backup, process.execPath, fixture('restore-drop-all.js'), '1500']);
+  const r = await runHost(['--snapshot=restore-v1', '--interval', '20', '--log-level', 'debug', backup, process.execPath, fixture('restore-drop-all.js'), backup]);
   assert.equal(r.status, 0, r.stderr);
   assert.equal(JSON.parse(r.stdout).valid, 0);
   assert.match(r.stderr, /snapshot persisted: 3 of 3 slots kept/);
