@@ -62,6 +62,8 @@ test('SIGKILL of the writer at random moments: the memfd always holds exactly a 
     const recovered = await out.waitFor(/^recovered (\d+)$/);
     assert.ok(recovered !== undefined, `round ${round}: the program started: ${err.lines.join('\n')}`);
     assert.equal(Number(recovered[1]), durable, `round ${round}: the program recovered what the last check found`);
+    // Every other kill comes after a commit was reported, so the rounds make progress however slow.
+    if (round % 2 === 0) await out.waitFor(/^committed \d+$/);
     await Promise.race([sleep(rng.int(5, 150)), exited]);
     child.kill('SIGKILL');
     const { signal } = await exited;
@@ -100,19 +102,25 @@ test('SIGKILL of the whole tree under shm-restore --snapshot=restore-v1: every b
     const recovered = await tree.out.waitFor(/^recovered (\d+)$/);
     if (recovered !== undefined) assert.equal(Number(recovered[1]), durable, `seed ${SEED}, round ${round}: the program recovered what the backup held`);
     // While it runs, every version of the backup (persisted by restore-v1 rounds, each an
-    // atomic rename) must restore to a committed state, and they never go back.
+    // atomic rename) must restore to a committed state, and they never go back. Every other
+    // round runs at least until a backup newer than the last one shows up, however slow.
     const until = Date.now() + rng.int(150, 700);
-    let lastIno = -1;
+    const mustGrow = round % 2 === 0;
+    let lastSeen = '';
     const startDurable = durable;
-    while (Date.now() < until) {
-      let ino;
+    const guard = Date.now() + 60_000;
+    while (Date.now() < until || (mustGrow && durable === startDurable)) {
+      if (Date.now() > guard) throw new Error(`seed ${SEED}, round ${round}: no newer backup within 60 s`);
+      // A freed inode number is handed out again: the change time tells the files apart.
+      let seen;
       try {
-        ino = fs.statSync(backup).ino;
+        const stat = fs.statSync(backup, { bigint: true });
+        seen = `${stat.ino}:${stat.ctimeNs}`;
       } catch {
-        ino = -1;
+        seen = '';
       }
-      if (ino !== lastIno && ino !== -1) {
-        lastIno = ino;
+      if (seen !== lastSeen && seen !== '') {
+        lastSeen = seen;
         let found;
         try {
           found = recoverFrom(backup);
