@@ -5,9 +5,15 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { NODE, PRIMES, primeTotals, run, SANDBOX, sandboxEnv, SHM_FD, systemdSkip, tempDir } from './helpers.js';
+import { NODE, PRIMES, primeTotals, ROOT, run, SANDBOX, sandboxEnv, SHM_FD, systemdSkip, tempDir } from './helpers.js';
 
 const skip = systemdSkip;
+
+test('the systemd harness is part of the repository: a clone anywhere runs these tests (as root, with systemd)', () => {
+  assert.ok(SANDBOX.startsWith(`${ROOT}${path.sep}`), `${SANDBOX} lies outside ${ROOT}`);
+  assert.ok(fs.statSync(SANDBOX).mode & 0o100, `${SANDBOX} is executable`);
+  assert.doesNotMatch(String(systemdSkip), /sandbox/, 'the tests are never skipped for want of the harness');
+});
 
 test('a oneshot unit under shm-fd continues its sieve across systemctl restart (fd store)', { skip }, async (t) => {
   const dir = tempDir(t, 'shmfd-systemd-');
