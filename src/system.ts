@@ -80,6 +80,7 @@ const c = {
   recvmsg: libc.func('intptr_t recvmsg(int fd, void *msg, int flags)'),
   sendfile: libc.func('intptr_t sendfile(int out_fd, int in_fd, _Inout_ int64_t *offset, size_t count)'),
   lseek: libc.func('int64_t lseek(int fd, int64_t offset, int whence)'),
+  flock: libc.func('int flock(int fd, int operation)'),
   fsetxattr: libc.func('int fsetxattr(int fd, const char *name, const void *value, size_t size, int flags)'),
   fgetxattr: libc.func('intptr_t fgetxattr(int fd, const char *name, _Out_ uint8_t *value, size_t size)'),
   getpid: libc.func('int getpid()'),
@@ -286,6 +287,23 @@ export function sendfile(outFd: number, inFd: number, offset: number, count: num
   const r = Number(c.sendfile(outFd, inFd, off, count));
   if (r < 0) fail('sendfile');
   return r;
+}
+
+export const LOCK_EX = 2;
+export const LOCK_NB = 4;
+const EWOULDBLOCK = 11;
+
+/**
+ * Places an advisory lock on an open file (flock(2)). The lock belongs to the
+ * open file description: the kernel drops it when the last descriptor of that description
+ * is closed, including when its process dies. With `LOCK_NB`, a conflicting lock held
+ * elsewhere is an expected condition, so a value: false (EWOULDBLOCK), not an error.
+ */
+export function flock(fd: number, operation: number): boolean {
+  if ((c.flock(fd, operation) as number) === 0) return true;
+  const errno = koffi.errno();
+  if (errno === EWOULDBLOCK && (operation & LOCK_NB) !== 0) return false;
+  throw new SystemError('flock', errno);
 }
 
 const ENODATA = 61;

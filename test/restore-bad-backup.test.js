@@ -115,6 +115,7 @@ test('a directory as backup is refused in both modes', async (t) => {
 test('an unreadable backup is refused (EACCES)', { skip: nobodySkip() && `root bypasses file permissions: ${nobodySkip()}` }, async (t) => {
   const dir = tempDir(t);
   fs.chmodSync(dir, 0o755);
+  fs.chownSync(dir, 65534, 65534); // nobody may write there: only the backup is out of reach
   const backup = path.join(dir, 'secret');
   fs.writeFileSync(backup, 'state', { mode: 0o600 });
   const asNobody = ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups'];
@@ -129,6 +130,10 @@ test('a backup whose directory does not let a replacement be written is refused 
   const backup = path.join(dir, 'state');
   fs.writeFileSync(backup, 'readable but not replaceable', { mode: 0o644 });
   const asNobody = ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups'];
+  await expectRefusal(backup, [], /cannot create its lock file .*\/\.state\.lock: permission denied \(EACCES\)$/, { wrap: asNobody });
+  // A lock file left by an earlier run, in a directory that has since become read-only.
+  fs.writeFileSync(path.join(dir, '.state.lock'), '');
+  fs.chownSync(path.join(dir, '.state.lock'), 65534, 65534);
   await expectRefusal(backup, [], /cannot create a temporary file in .*: permission denied \(EACCES\)$/, { wrap: asNobody });
 });
 
@@ -151,7 +156,7 @@ test('a backup in a read-only directory (a read-only mount) is refused, in both 
     assert.equal(r.status, 125, r.stderr);
     const lines = r.stderr.trim().split('\n');
     assert.equal(lines.length, 1, r.stderr);
-    assert.match(lines[0], new RegExp(`backup ${backup}: cannot create a temporary file in ${dir}: read-only file system \\(EROFS\\)$`));
+    assert.match(lines[0], new RegExp(`backup ${backup}: cannot create its lock file ${dir}/\\.state\\.lock: read-only file system \\(EROFS\\)$`));
   }
   assert.deepEqual(fingerprint(backup), before);
   assert.equal(fs.existsSync(path.join(dir, 'ran')), false);

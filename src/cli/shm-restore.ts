@@ -6,6 +6,8 @@
  */
 import { EXIT_HOST_FAILURE, runRestoreHost, SNAPSHOT_MODES, type SnapshotMode } from '../restore/host.js';
 import { DEFAULT_INTERVAL_MS } from '../restore/snapshotter.js';
+import { BackupFile } from '../restore/backup.js';
+import { lockHolder } from '../restore/lock.js';
 import { backupStatus } from '../restore/status.js';
 import { SHARED_FD_NAME } from '../shared-fd.js';
 import { commandErrorStatus } from '../exec.js';
@@ -23,7 +25,8 @@ restored into a new memory file at start, written back atomically (temporary fil
 fsync, rename) when COMMAND exits. A memory file passed in under the name (from
 systemd's fd store) is newer than BACKUP and used as it is; a new one is handed to the
 fd store under systemd. Signals (INT, TERM, HUP, QUIT) are forwarded to COMMAND, which
-shm-restore always outlives.
+shm-restore always outlives. One host per BACKUP: a lock on .BACKUP.lock beside it is
+held while it runs, and a second host on the same BACKUP is refused.
 
 Options:
       --snapshot=MODE   also persist consistent snapshots while COMMAND runs; MODE is
@@ -42,14 +45,15 @@ Options:
   -h, --help            show this help
   -V, --version         show the version
 
-status BACKUP prints the backup's size, its number of snapshots, and the size and age of
-the newest durable snapshot, one fact per line; exit status 1 when BACKUP is missing or
-invalid. (A backup file named "status" is written ./status.)
+status BACKUP prints the backup's size, its number of snapshots, the size and age of
+the newest durable snapshot, and the pid of the host running on it, one fact per line;
+exit status 1 when BACKUP is missing or invalid. (A backup file named "status" is
+written ./status.)
 
 Exit status: that of COMMAND (128+N when it died of signal N); 125 if shm-restore fails
-(e.g. an unreadable or invalid BACKUP, which is never overwritten) or the final
-write-back fails after COMMAND succeeded; 126 if COMMAND cannot be executed, 127 if it
-is not found.
+(e.g. an unreadable or invalid BACKUP, which is never overwritten, or a BACKUP in use by
+another shm-restore) or the final write-back fails after COMMAND succeeded; 126 if
+COMMAND cannot be executed, 127 if it is not found.
 
 Example: shm-restore --snapshot=restore-v1 /var/lib/primes/state node examples/primes-snapshot.js`;
 
@@ -87,7 +91,9 @@ function intervalMs(args: ParsedArgs): number | undefined {
 
 function status(file: string, mode: SnapshotMode | undefined): number {
   const result = backupStatus(file, mode === undefined ? 'raw' : 'snapshot');
-  printAnswer(`${result.lines.join('\n')}\n`);
+  const holder = lockHolder(new BackupFile(file));
+  const host = holder === undefined ? 'host: none' : `host: running, pid ${holder}`;
+  printAnswer(`${[...result.lines, host].join('\n')}\n`);
   return result.ok ? 0 : 1;
 }
 

@@ -25,6 +25,7 @@ import { fdStoreWarning, Notifier } from '../notify.js';
 import { SHARED_FD_NAME } from '../shared-fd.js';
 import { SnapshotFormatError } from '../snapshot/errors.js';
 import { BackupFile, describeSystemError, type BackupInspection } from './backup.js';
+import { BackupLock } from './lock.js';
 import { directorySyncWarning, persistAtomically, type PersistResult } from './persist.js';
 import { formatBytes, formatDuration, Progress } from './progress.js';
 import { readSlotState, type SlotState } from './slots.js';
@@ -142,29 +143,35 @@ type ChildEnd = { code: number | null; signal: NodeJS.Signals | null } | { error
 /**
  * Runs the restore host to the end and returns the exit status: the program's (128 + N
  * for signal N), or 125 when the final write-back failed after a successful program.
- * @throws ShmfdError before the program starts: `ERR_BACKUP_ACCESS`, `ERR_BACKUP_INVALID`,
- *   `ERR_COMMAND_NOT_FOUND`, `ERR_COMMAND_NOT_EXECUTABLE`, `ERR_LISTEN_*`,
- *   `ERR_NOT_A_MEMORY_FILE`; SystemError for a memory file that cannot be created or
- *   restored (ENOMEM, ENOSPC)
+ * The backup's lock (`.BACKUP.lock` beside it) is held from the start to the end.
+ * @throws ShmfdError before the program starts: `ERR_BACKUP_IN_USE`, `ERR_BACKUP_ACCESS`,
+ *   `ERR_BACKUP_INVALID`, `ERR_COMMAND_NOT_FOUND`, `ERR_COMMAND_NOT_EXECUTABLE`,
+ *   `ERR_LISTEN_*`, `ERR_NOT_A_MEMORY_FILE`; SystemError for a memory file that cannot be
+ *   created or restored (ENOMEM, ENOSPC)
  */
 export async function runRestoreHost(options: RestoreHostOptions): Promise<number> {
   const log = options.log ?? new Logger('shm-restore');
   const relay = new SignalRelay(log);
+  let lock: BackupLock | undefined;
   try {
-    return await host(options, log, relay);
+    const name = checkFdName(options.name ?? SHARED_FD_NAME);
+    const backup = new BackupFile(options.backup);
+    // One writer per backup, and before anything reads or changes its directory: the
+    // sweep of temporary files then removes only those of hosts that are gone.
+    lock = BackupLock.acquire(backup);
+    return await host(options, name, backup, log, relay);
   } finally {
+    lock?.release();
     relay.uninstall();
   }
 }
 
-async function host(o: RestoreHostOptions, log: Logger, relay: SignalRelay): Promise<number> {
+async function host(o: RestoreHostOptions, name: string, backup: BackupFile, log: Logger, relay: SignalRelay): Promise<number> {
   const env = o.env ?? process.env;
-  const name = checkFdName(o.name ?? SHARED_FD_NAME);
   const first = o.firstFd ?? DEFAULT_FIRST_FD;
   const showProgress = o.progress !== false;
 
   // Everything that can be refused is checked before the memory is touched.
-  const backup = new BackupFile(o.backup);
   const inspection = backup.inspect(o.snapshot === undefined ? 'raw' : 'snapshot');
   const leftovers = backup.removeLeftovers();
   if (leftovers.length > 0) log.info(`removed ${leftovers.length} temporary file(s) left by a host that was killed: ${leftovers.join(', ')}`);

@@ -1,0 +1,203 @@
+// One host per backup (issue 7, section 2): a host holds an exclusive lock on .BACKUP.lock
+// while it runs, a second host on the same backup is refused at start (exit 125, one line
+// naming the holder) without touching anything, and the kernel drops the lock when the
+// holder dies.
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { test } from 'node:test';
+import { COUNTER, readCounterBackup, runHost, startHost, tempFiles, waitFor } from './fixtures/restore-helpers.js';
+import { seededRandom, tempDir } from './helpers.js';
+
+/** State and start time of a process, from /proc/PID/stat; undefined when it is gone. */
+function processInfo(pid) {
+  let stat;
+  try {
+    stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
+  } catch {
+    return undefined;
+  }
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return { state: fields[0], start: fields[19] };
+}
+
+/** True while the process `info` describes runs (a zombie is dead; a reused pid is another process). */
+function isRunning(pid, info) {
+  const now = processInfo(pid);
+  return now !== undefined && now.start === info.start && now.state !== 'Z' && now.state !== 'X';
+}
+
+/** The children of a process (of all its threads), each with its /proc info. */
+function childrenOf(pid) {
+  const children = [];
+  for (const task of fs.readdirSync(`/proc/${pid}/task`)) {
+    let list = '';
+    try {
+      list = fs.readFileSync(`/proc/${pid}/task/${task}/children`, 'latin1');
+    } catch {
+      continue;
+    }
+    for (const child of list.trim().split(/\s+/).filter(Boolean).map(Number)) {
+      const info = processInfo(child);
+      if (info !== undefined) children.push({ pid: child, info });
+    }
+  }
+  return children;
+}
+
+/**
+ * SIGKILLs a host process alone and returns the children it had at that instant: it is
+ * stopped first, so that it cannot start one between the look and the kill.
+ */
+async function killHostAlone(host) {
+  const pid = host.child.pid;
+  process.kill(pid, 'SIGSTOP');
+  await waitFor(() => processInfo(pid)?.state === 'T', 'the host to stop');
+  const children = childrenOf(pid);
+  process.kill(pid, 'SIGKILL');
+  await host.exit;
+  return children;
+}
+
+/** Waits until none of `processes` runs any more (generous: a loaded machine reaps slowly). */
+async function waitUntilGone(processes, what) {
+  try {
+    await waitFor(() => processes.every(({ pid, info }) => !isRunning(pid, info)), what, 60_000);
+  } catch (err) {
+    for (const { pid, info } of processes) if (isRunning(pid, info)) process.kill(pid, 'SIGKILL');
+    throw err;
+  }
+}
+
+/**
+ * Starts a host in its own process group, which its program joins: a host a failing test
+ * leaves running is killed with its program when the test ends. (Only while the host
+ * runs: the id of an empty group may be another process's by then.)
+ */
+function start(t, args, options = {}) {
+  const host = startHost(args, { ...options, detached: true });
+  t.after(() => {
+    if (host.child.exitCode === null && host.child.signalCode === null) process.kill(-host.child.pid, 'SIGKILL');
+  });
+  return host;
+}
+
+/** The one line a refused host prints. */
+function inUseLine(backup, pid) {
+  return `shm-restore: error: backup ${backup} is in use by another shm-restore (pid ${pid}); one host per backup`;
+}
+
+const COMMITS = 20;
+
+test('30 start-up races of two hosts on one BACKUP: one runs undisturbed, the other is refused (125, one line naming the holder); the lock dies with its holder', async (t) => {
+  const dir = tempDir(t);
+  const backup = path.join(dir, 'state');
+  const random = seededRandom(7).int;
+  const args = ['--snapshot=restore-v1', '--interval', '1', backup, process.execPath, COUNTER, '--every', '2', '--commits', String(COMMITS)];
+  let expected = 0;
+  for (let race = 0; race < 30; race++) {
+    // Both at once; or the second once the first runs its program; or once it persists
+    // snapshots (its temporary files come and go then).
+    const stagger = race % 3;
+    const first = start(t, args);
+    const firstStart = first.next();
+    firstStart.catch(() => undefined);
+    if (stagger >= 1) await firstStart;
+    if (stagger === 2) await waitFor(() => (readCounterBackup(backup)?.counter ?? 0) > expected, 'the first host to persist');
+    const second = start(t, args);
+    const secondStart = second.next();
+    secondStart.catch(() => undefined);
+    const outcome = await Promise.race([
+      first.exit.then(() => 'first'),
+      second.exit.then(() => 'second'),
+      Promise.all([firstStart, secondStart]).then(() => 'both'),
+    ]);
+    assert.notEqual(outcome, 'both', `race ${race}: both hosts run their program on ${backup}`);
+    const [loser, winner, winnerStart] = outcome === 'first' ? [first, second, secondStart] : [second, first, firstStart];
+    const refused = await loser.exited;
+    assert.equal(refused.status, 125, `race ${race}: ${refused.stderr}`);
+    assert.equal(refused.stderr, `${inUseLine(backup, winner.child.pid)}\n`, `race ${race}`);
+    await assert.rejects(loser.next(), /exited/, 'the refused host never started its program');
+
+    // The holder goes on: its program commits, and its snapshots reach the disk.
+    const opening = await winnerStart;
+    assert.equal(opening.recovered, expected, `race ${race}: the holder restored the last durable backup`);
+    assert.equal((await winner.next()).committed, expected + COMMITS);
+    await waitFor(() => readCounterBackup(backup)?.counter === expected + COMMITS, 'the last commit to be persisted');
+    expected += COMMITS;
+    if (random(0, 3) === 0) {
+      // Killed alone: the lock goes with it, and the next race starts at once.
+      const children = await killHostAlone(winner);
+      process.kill(opening.pid, 'SIGKILL');
+      await waitUntilGone(children, 'the program of the killed host to end');
+    } else {
+      winner.child.kill('SIGTERM');
+      const end = await winner.exited;
+      assert.equal(end.status, 143, end.stderr);
+      assert.doesNotMatch(end.stderr, /error/, `race ${race}: no persist of the holder failed`);
+      assert.deepEqual(tempFiles(dir), [], 'the leftovers of killed holders were removed, and the holder left none');
+    }
+    assert.equal(readCounterBackup(backup).counter, expected);
+  }
+});
+
+test('the lock file: .BACKUP.lock beside the backup, mode 0600, holds the pid, never deleted; the program does not hold it; status names the host', async (t) => {
+  const dir = tempDir(t);
+  const backup = path.join(dir, 'state');
+  const lock = path.join(dir, '.state.lock');
+  const host = start(t, ['--log-level', 'info', '--snapshot=restore-v1', backup, process.execPath, COUNTER, '--commits', '2']);
+  const { pid } = await host.next();
+  assert.equal(fs.statSync(lock).mode & 0o777, 0o600);
+  assert.equal(fs.readFileSync(lock, 'utf8'), `${host.child.pid}\n`);
+  const held = fs.readdirSync(`/proc/${pid}/fd`).map((fd) => fs.readlinkSync(`/proc/${pid}/fd/${fd}`));
+  assert.ok(!held.includes(lock), `the program holds no descriptor of the lock file: ${held}`);
+  // The program is the host's own child, with LISTEN_PID = its pid.
+  assert.equal(/^PPid:\s+(\d+)$/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'))[1], String(host.child.pid));
+  assert.match(fs.readFileSync(`/proc/${pid}/environ`, 'latin1'), new RegExp(`(^|\\0)LISTEN_PID=${pid}\\0`));
+
+  const status = await runHost(['status', backup]);
+  assert.match(status.stdout, new RegExp(`^host: running, pid ${host.child.pid}$`, 'm'));
+  const second = await runHost([backup, 'touch', path.join(dir, 'ran')]);
+  assert.equal(second.status, 125);
+  assert.equal(second.stderr, `${inUseLine(backup, host.child.pid)}\n`);
+  assert.equal(fs.existsSync(path.join(dir, 'ran')), false);
+
+  host.child.kill('SIGTERM');
+  const end = await host.exited;
+  assert.equal(end.status, 143, end.stderr);
+  assert.match(end.stderr, new RegExp(`forwarding it to the program \\(pid ${pid}\\)`), 'signals go to the program itself');
+  assert.ok(fs.existsSync(lock), 'the lock file stays');
+  assert.match((await runHost(['status', backup])).stdout, /^host: none$/m);
+  // A symbolic link to the backup shares its lock.
+  const link = path.join(dir, 'link');
+  fs.symlinkSync(backup, link);
+  const again = start(t, [link, process.execPath, COUNTER, '--commits', '0']);
+  await again.next();
+  const refused = await runHost([backup, 'true']);
+  assert.equal(refused.stderr, `${inUseLine(backup, again.child.pid)}\n`);
+  again.child.kill('SIGTERM');
+  assert.equal((await again.exited).status, 143);
+});
+
+test('a lock file that is not a regular file of ours is refused with one line, and left alone', async (t) => {
+  const dir = tempDir(t);
+  const target = path.join(dir, 'precious');
+  fs.writeFileSync(target, 'not to be overwritten');
+  const cases = [
+    ['dir', (lock) => fs.mkdirSync(lock), /cannot open its lock file .*: illegal operation on a directory \(EISDIR\)$/],
+    ['link', (lock) => fs.symlinkSync(target, lock), /cannot open its lock file .*: too many symbolic links encountered \(ELOOP\)$/],
+    ['fifo', (lock) => assert.equal(spawnSync('mkfifo', [lock]).status, 0), /its lock file .* is not a regular file$/],
+  ];
+  for (const [name, make, problem] of cases) {
+    const backup = path.join(dir, name);
+    make(path.join(dir, `.${name}.lock`));
+    const r = await runHost([backup, 'touch', path.join(dir, 'ran')]);
+    assert.equal(r.status, 125, r.stderr);
+    assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr);
+    assert.match(r.stderr, new RegExp(`^shm-restore: error: backup ${backup}: `));
+    assert.match(r.stderr.trim(), problem);
+  }
+  assert.equal(fs.readFileSync(target, 'utf8'), 'not to be overwritten');
+  assert.equal(fs.existsSync(path.join(dir, 'ran')), false);
+});
