@@ -42,12 +42,28 @@ function startHost(backup, { detached = false } = {}) {
   return { host, out, err, exited };
 }
 
-/** The program's pid once the host has started it, or undefined when the host exited first. */
+/** The command line of a process, or '' once it is gone. */
+function commandLine(pid) {
+  try {
+    return fs.readFileSync(`/proc/${pid}/cmdline`, 'latin1');
+  } catch {
+    return '';
+  }
+}
+
+/**
+ * The program's pid once the host has started it, or undefined when the host exited
+ * first. The host has other, short-lived children (its setpriv check), and a child that
+ * has not exec'd yet still shows the host's command line.
+ */
 async function programOf(run) {
   let done = false;
   run.exited.then(() => (done = true));
   for (;;) {
-    const [pid] = childrenOf(run.host.pid);
+    const pid = childrenOf(run.host.pid).find((child) => {
+      const line = commandLine(child);
+      return line.includes(EXAMPLE) && !line.includes(SHM_RESTORE);
+    });
     if (pid !== undefined) return pid;
     if (done) return undefined;
     await sleep(2);

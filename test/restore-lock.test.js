@@ -1,14 +1,18 @@
-// One host per backup (issue 7, section 2): a host holds an exclusive lock on .BACKUP.lock
-// while it runs, a second host on the same backup is refused at start (exit 125, one line
-// naming the holder) without touching anything, and the kernel drops the lock when the
-// holder dies.
+// One host per backup, and no program without its host (issue 7, sections 2 and 3): a host
+// holds an exclusive lock on .BACKUP.lock while it runs, a second host on the same backup
+// is refused at start (exit 125, one line naming the holder) without touching anything,
+// the kernel drops the lock when the holder dies, and the program dies with its host
+// (setpriv --pdeathsig KILL), so no orphan keeps committing into memory nobody persists.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { COUNTER, readCounterBackup, runHost, startHost, tempFiles, waitFor } from './fixtures/restore-helpers.js';
-import { seededRandom, tempDir } from './helpers.js';
+import { BIN, COUNTER, RAW, readCounterBackup, run, runHost, startHost, tempFiles, waitFor, works } from './fixtures/restore-helpers.js';
+import { cleanEnv, seededRandom, sleep, tempDir } from './helpers.js';
+
+const pdeathsig = works('setpriv', ['--pdeathsig', 'KILL', '--version']) || 'needs setpriv with --pdeathsig (util-linux 2.33 or later)';
+const needsSetpriv = { skip: pdeathsig !== true && pdeathsig };
 
 /** State and start time of a process, from /proc/PID/stat; undefined when it is gone. */
 function processInfo(pid) {
@@ -129,7 +133,7 @@ test('30 start-up races of two hosts on one BACKUP: one runs undisturbed, the ot
     if (random(0, 3) === 0) {
       // Killed alone: the lock goes with it, and the next race starts at once.
       const children = await killHostAlone(winner);
-      process.kill(opening.pid, 'SIGKILL');
+      if (pdeathsig !== true) process.kill(opening.pid, 'SIGKILL');
       await waitUntilGone(children, 'the program of the killed host to end');
     } else {
       winner.child.kill('SIGTERM');
@@ -142,6 +146,83 @@ test('30 start-up races of two hosts on one BACKUP: one runs undisturbed, the ot
   }
 });
 
+test('SIGKILL of the host alone, at random instants: the program dies with it, and a new host starts at once from the last durable backup', needsSetpriv, async (t) => {
+  const dir = tempDir(t);
+  const backup = path.join(dir, 'state');
+  const random = seededRandom(20261).int;
+  const args = ['--snapshot=restore-v1', '--interval', '10', backup, process.execPath, COUNTER, '--every', '2'];
+  const hosts = [];
+  let durable = 0;
+  let host = start(t, args);
+  for (let kill = 0; kill < 20; kill++) {
+    hosts.push({ host, recovered: durable });
+    if (kill % 2 === 0) {
+      // Any instant: Node's start-up, the lock, the restore, the start of the program, or later.
+      await sleep(random(0, 800));
+    } else {
+      // While the program commits, once something new is durable.
+      await waitFor(() => (readCounterBackup(backup)?.counter ?? 0) > durable, 'a new durable snapshot', 30_000);
+      await sleep(random(0, 100));
+    }
+    const children = await killHostAlone(host);
+    const found = readCounterBackup(backup);
+    assert.ok((found?.counter ?? 0) >= durable, `the durable counter never goes back (${durable} -> ${found?.counter})`);
+    durable = found?.counter ?? 0;
+    // At once: the kernel dropped the lock with the host, whatever its program is doing.
+    host = start(t, args);
+    await waitUntilGone(children, `the program of killed host ${kill} to end with it`);
+  }
+  hosts.push({ host, recovered: durable });
+  const last = await host.next();
+  host.child.kill('SIGTERM');
+  assert.equal((await host.exited).status, 143);
+  assert.ok(durable > 0, 'snapshots were persisted between the kills');
+  assert.deepEqual(tempFiles(dir), [], 'the temporary files of killed hosts were removed');
+
+  // Every host that got to start its program began where the one before had left the disk.
+  let started = 0;
+  for (const [i, { host: h, recovered }] of hosts.entries()) {
+    assert.equal(h.stderr, '', `host ${i} was not refused, and nothing failed`);
+    const line = h === host ? last : await h.next().catch(() => undefined);
+    if (line === undefined) continue;
+    started++;
+    assert.equal(line.recovered, recovered, `host ${i}`);
+  }
+  // Those killed once something was durable, and the last.
+  assert.ok(started >= 11, `${started} of ${hosts.length} hosts started their program`);
+});
+
+test('a host killed before setpriv set the parent-death signal leaves no program behind', needsSetpriv, async (t) => {
+  const dir = tempDir(t);
+  const real = spawnSync('sh', ['-c', 'command -v setpriv'], { encoding: 'utf8' }).stdout.trim();
+  // A setpriv that answers the host's check, then waits (for the test) before the real one
+  // runs: the host is killed in that window, between the fork and the prctl.
+  const bin = path.join(dir, 'bin');
+  fs.mkdirSync(bin);
+  const fifo = path.join(dir, 'go');
+  assert.equal(spawnSync('mkfifo', [fifo]).status, 0);
+  const waiting = path.join(dir, 'waiting');
+  fs.writeFileSync(
+    path.join(bin, 'setpriv'),
+    `#!/bin/sh\n[ "$3" = --version ] && exec ${real} "$@"\necho $$ > ${waiting}.new && mv ${waiting}.new ${waiting}\nread go < ${fifo}\nexec ${real} "$@"\n`,
+    { mode: 0o755 },
+  );
+  const ran = path.join(dir, 'ran');
+  const host = start(t, [path.join(dir, 'state'), 'sh', '-c', `echo ran > ${ran}; exec sleep 600`], {
+    env: cleanEnv({ PATH: `${bin}:${process.env.PATH}` }),
+  });
+  const pid = Number(await waitFor(() => fs.existsSync(waiting) && fs.readFileSync(waiting, 'utf8'), 'the child to wait before setpriv'));
+  const child = { pid, info: processInfo(pid) };
+  t.after(() => isRunning(child.pid, child.info) && process.kill(child.pid, 'SIGKILL'));
+  host.child.kill('SIGKILL');
+  await host.exit;
+  const fd = fs.openSync(fifo, fs.constants.O_WRONLY | fs.constants.O_NONBLOCK);
+  fs.writeSync(fd, 'go\n');
+  fs.closeSync(fd);
+  await waitUntilGone([child], 'the orphaned child to end');
+  assert.equal(fs.existsSync(ran), false, 'the program never started without its host');
+});
+
 test('the lock file: .BACKUP.lock beside the backup, mode 0600, holds the pid, never deleted; the program does not hold it; status names the host', async (t) => {
   const dir = tempDir(t);
   const backup = path.join(dir, 'state');
@@ -152,7 +233,7 @@ test('the lock file: .BACKUP.lock beside the backup, mode 0600, holds the pid, n
   assert.equal(fs.readFileSync(lock, 'utf8'), `${host.child.pid}\n`);
   const held = fs.readdirSync(`/proc/${pid}/fd`).map((fd) => fs.readlinkSync(`/proc/${pid}/fd/${fd}`));
   assert.ok(!held.includes(lock), `the program holds no descriptor of the lock file: ${held}`);
-  // The program is the host's own child, with LISTEN_PID = its pid.
+  // setpriv and the shell exec: the program is the host's own child, with LISTEN_PID = its pid.
   assert.equal(/^PPid:\s+(\d+)$/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'))[1], String(host.child.pid));
   assert.match(fs.readFileSync(`/proc/${pid}/environ`, 'latin1'), new RegExp(`(^|\\0)LISTEN_PID=${pid}\\0`));
 
@@ -200,4 +281,20 @@ test('a lock file that is not a regular file of ours is refused with one line, a
   }
   assert.equal(fs.readFileSync(target, 'utf8'), 'not to be overwritten');
   assert.equal(fs.existsSync(path.join(dir, 'ran')), false);
+});
+
+test('without a setpriv that has --pdeathsig, the program still runs, after one warning line', async (t) => {
+  const dir = tempDir(t);
+  const old = path.join(dir, 'old');
+  fs.mkdirSync(old);
+  fs.writeFileSync(path.join(old, 'setpriv'), `#!/bin/sh\necho "setpriv: unrecognized option '--pdeathsig'" >&2\nexit 1\n`, { mode: 0o755 });
+  const warning = `shm-restore: warning: no setpriv with --pdeathsig (util-linux 2.33 or later) in PATH: if shm-restore is killed, ${process.execPath} keeps running and nothing it does is persisted; install util-linux\n`;
+  for (const PATH of [path.join(dir, 'nothing'), old]) {
+    for (const pid of [[], ['--no-pid']]) {
+      const r = await run(process.execPath, [BIN, ...pid, path.join(dir, 'state'), process.execPath, RAW, '--write', 'ran'], { env: cleanEnv({ PATH }) });
+      assert.equal(r.status, 0, r.stderr);
+      assert.equal(r.stderr, warning);
+    }
+  }
+  assert.equal(fs.readFileSync(path.join(dir, 'state')).subarray(0, 3).toString(), 'ran');
 });

@@ -25,8 +25,9 @@ restored into a new memory file at start, written back atomically (temporary fil
 fsync, rename) when COMMAND exits. A memory file passed in under the name (from
 systemd's fd store) is newer than BACKUP and used as it is; a new one is handed to the
 fd store under systemd. Signals (INT, TERM, HUP, QUIT) are forwarded to COMMAND, which
-shm-restore always outlives. One host per BACKUP: a lock on .BACKUP.lock beside it is
-held while it runs, and a second host on the same BACKUP is refused.
+shm-restore always outlives; if shm-restore is killed, so is COMMAND (SIGKILL, through
+setpriv --pdeathsig from util-linux). One host per BACKUP: a lock on .BACKUP.lock beside
+it is held while it runs, and a second host on the same BACKUP is refused.
 
 Options:
       --snapshot=MODE   also persist consistent snapshots while COMMAND runs; MODE is

@@ -13,7 +13,7 @@
  * `sendfile`, so a program that resizes it can never make the host fault.
  * @module
  */
-import { spawn, type ChildProcess, type StdioOptions } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess, type StdioOptions } from 'node:child_process';
 import os from 'node:os';
 import path from 'node:path';
 import { Logger } from '../cli/log.js';
@@ -91,6 +91,34 @@ export function childStdio(descriptors: readonly PassedFd[], first: number = DEF
 
 /** The shell program that sets `LISTEN_PID` to its own pid, which `exec` keeps (fd-passing.md). */
 export const LISTEN_PID_SHELL = 'LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"';
+
+/**
+ * The `setpriv` (util-linux 2.33 or later) in `env.PATH` that can start the program with a
+ * parent-death signal, or undefined when there is none.
+ */
+export function findSetpriv(env: Environment): string | undefined {
+  let file: string;
+  try {
+    file = resolveCommand('setpriv', env);
+  } catch {
+    return undefined;
+  }
+  // Options are parsed in order: a setpriv without --pdeathsig fails before --version answers.
+  const probe = spawnSync(file, ['--pdeathsig', 'KILL', '--version'], { stdio: 'ignore' });
+  return probe.status === 0 ? file : undefined;
+}
+
+/**
+ * The shell program that `setpriv --pdeathsig KILL` runs in front of COMMAND. setpriv sets
+ * the signal some time after the fork: a host killed in between would leave the program
+ * unguarded. The shell starts after that, so if its parent is still the host the signal
+ * is set and comes when the host dies; if not, the host is gone and the shell kills
+ * itself instead of starting COMMAND. Then, as {@link LISTEN_PID_SHELL}, it sets
+ * `LISTEN_PID` (unless `listenPid` is false) and execs COMMAND, which keeps the pid.
+ */
+export function guardedShell(hostPid: number, listenPid: boolean): string {
+  return `[ "$PPID" = ${hostPid} ] || kill -KILL $$; ${listenPid ? 'LISTEN_PID=$$; export LISTEN_PID; ' : ''}exec "$0" "$@"`;
+}
 
 /** The shell convention: 128 + N for a program killed by signal N. */
 export function exitStatus(code: number | null, signal: NodeJS.Signals | null): number {
@@ -177,6 +205,10 @@ async function host(o: RestoreHostOptions, name: string, backup: BackupFile, log
   if (leftovers.length > 0) log.info(`removed ${leftovers.length} temporary file(s) left by a host that was killed: ${leftovers.join(', ')}`);
   backup.checkWritable();
   const executable = resolveCommand(o.command, env);
+  const setpriv = findSetpriv(env);
+  if (setpriv === undefined) {
+    log.warn(`no setpriv with --pdeathsig (util-linux 2.33 or later) in PATH: if shm-restore is killed, ${o.command} keeps running and nothing it does is persisted; install util-linux`);
+  }
   const passed = readListenFds({ env });
   describeInspection(log, backup, inspection);
 
@@ -197,7 +229,7 @@ async function host(o: RestoreHostOptions, name: string, backup: BackupFile, log
   if (created !== undefined) storeInFdStore(env, name, memory, log);
 
   const descriptors = childDescriptors(passed, o.extraFds ?? [], created);
-  const child = startChild(o, executable, withEnv(env, { SHMFD_BACKUP: backup.path }), descriptors, first, log);
+  const child = startChild(o, executable, setpriv, withEnv(env, { SHMFD_BACKUP: backup.path }), descriptors, first, log);
   const ended = waitForChild(child);
   relay.child = child;
 
@@ -299,6 +331,7 @@ function storeInFdStore(env: Environment, name: string, memory: MemoryFile, log:
 function startChild(
   o: RestoreHostOptions,
   executable: string,
+  setpriv: string | undefined,
   env: Environment,
   descriptors: readonly PassedFd[],
   first: number,
@@ -308,12 +341,18 @@ function startChild(
   const stdio = childStdio(descriptors, first);
   const args = o.args ?? [];
   log.debug(`starting ${o.command} with LISTEN_FDS=${childEnv.LISTEN_FDS} LISTEN_FDNAMES=${childEnv.LISTEN_FDNAMES}`);
-  if (o.listenPid === false) {
-    return spawn(executable, args, { argv0: o.command, env: childEnv, stdio });
-  }
   // The shell only sets LISTEN_PID to its pid and execs the program in its place. A name
   // starting with '-' would be taken for an option of exec by some shells.
   const target = o.command.startsWith('-') ? path.resolve(executable) : o.command;
+  if (setpriv !== undefined) {
+    // Node cannot run code between fork and exec: setpriv sets the parent-death signal
+    // there and execs the shell, which execs the program; the pid stays the same.
+    const shell = guardedShell(process.pid, o.listenPid !== false);
+    return spawn(setpriv, ['--pdeathsig', 'KILL', '--', '/bin/sh', '-c', shell, target, ...args], { env: childEnv, stdio });
+  }
+  if (o.listenPid === false) {
+    return spawn(executable, args, { argv0: o.command, env: childEnv, stdio });
+  }
   return spawn('/bin/sh', ['-c', LISTEN_PID_SHELL, target, ...args], { env: childEnv, stdio });
 }
 
