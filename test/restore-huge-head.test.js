@@ -13,14 +13,21 @@ import { assertOneErrorLine, tempDir } from './helpers.js';
 
 const SIZE = 64 * 2 ** 30;
 
-/** A sparse file of SIZE bytes whose only data is a configured head page. */
+/** A sparse file of SIZE bytes whose only data is a configured head page and one 1-byte snapshot. */
 function sparseBackup(dir, name, entries) {
   const file = path.join(dir, name);
   const head = Buffer.alloc(PAGE);
   head.writeBigUInt64LE(MAGIC, HEAD.version);
   head.writeBigUInt64LE(BigInt(entries) - 1n, HEAD.entryMask);
   head.writeBigUInt64LE(0x7ffn, HEAD.dataMask);
+  head.writeBigUInt64LE(1n, HEAD.writeOffset);
   fs.writeFileSync(file, head);
+  // Slot 0 = (offset 0, length 1): a snapshot file without one is refused as damaged.
+  const slot = Buffer.alloc(16);
+  slot.writeBigUInt64LE(1n, 8);
+  const fd = fs.openSync(file, 'r+');
+  fs.writeSync(fd, slot, 0, 16, PAGE);
+  fs.closeSync(fd);
   fs.truncateSync(file, SIZE);
   return file;
 }
@@ -71,6 +78,6 @@ test(`a 64 GiB backup with MAX_ENTRIES (${MAX_ENTRIES}) slots, the largest accep
   const file = sparseBackup(dir, 'widest', MAX_ENTRIES);
   const r = await runHost(['--snapshot=restore-v1', 'status', file]);
   assert.equal(r.status, 0, r.stderr);
-  assert.match(r.stdout, new RegExp(`^state: snapshot file \\(${MAX_ENTRIES} slots, 2048-byte data ring, write offset 0\\)$`, 'm'));
-  assert.match(r.stdout, /^snapshots: 0$/m);
+  assert.match(r.stdout, new RegExp(`^state: snapshot file \\(${MAX_ENTRIES} slots, 2048-byte data ring, write offset 1\\)$`, 'm'));
+  assert.match(r.stdout, /^snapshots: 1/m);
 });
