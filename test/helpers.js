@@ -28,15 +28,13 @@ export function sandboxEnv(dir, timeoutSeconds = 100) {
   return { ...process.env, SANDBOX_DIR: dir, SANDBOX_TIMEOUT: String(timeoutSeconds), SANDBOX_NODE: NODE };
 }
 
-function onPath(command) {
-  return (process.env.PATH ?? '').split(':').some((dir) => {
-    try {
-      fs.accessSync(path.join(dir || '.', command), fs.constants.X_OK);
-      return true;
-    } catch {
-      return false;
-    }
-  });
+function accessible(file, mode) {
+  try {
+    fs.accessSync(file, mode);
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 /** The cgroup hierarchies the sandbox's manager keeps its units in (see systemd-sandbox.sh). */
@@ -50,25 +48,17 @@ function cgroupHierarchies() {
   return ['/sys/fs/cgroup/unified', '/sys/fs/cgroup/systemd'].filter((dir) => fs.existsSync(dir));
 }
 
-function writable(dir) {
-  try {
-    fs.accessSync(dir, fs.constants.W_OK);
-    return true;
-  } catch {
-    return false;
-  }
+function systemdMissing() {
+  if (!isRoot) return 'needs root: the systemd sandbox uses PID/mount namespaces and cgroups';
+  if (!fs.existsSync('/usr/lib/systemd/systemd')) return 'needs systemd (/usr/lib/systemd/systemd)';
+  if (!(process.env.PATH ?? '').split(':').some((dir) => accessible(path.join(dir, 'unshare'), fs.constants.X_OK))) return 'needs unshare (util-linux)';
+  const hierarchies = cgroupHierarchies();
+  if (hierarchies.length === 0 || !hierarchies.every((dir) => accessible(dir, fs.constants.W_OK))) return 'needs a writable cgroup file system under /sys/fs/cgroup';
+  return false;
 }
 
 /** Why the systemd tests cannot run here, or false when they can (CI runs as root). */
-export const systemdSkip = !isRoot
-  ? 'needs root: the systemd sandbox uses PID/mount namespaces and cgroups'
-  : !fs.existsSync('/usr/lib/systemd/systemd')
-    ? 'needs systemd (/usr/lib/systemd/systemd)'
-    : !onPath('unshare')
-      ? 'needs unshare (util-linux)'
-      : cgroupHierarchies().length === 0 || !cgroupHierarchies().every(writable)
-        ? 'needs a writable cgroup file system under /sys/fs/cgroup'
-        : false;
+export const systemdSkip = systemdMissing();
 
 /** The command prefix that runs a command as nobody (uid and gid 65534, no groups). */
 const AS_NOBODY = ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups'];
