@@ -4,15 +4,19 @@
  * plain numbers, strings and buffers, and throws a {@link SystemError} that looks like the
  * ones `node:fs` throws (`code`, `errno`, `syscall`).
  *
- * Where Node already has a correct primitive (fstat, fsync, close, pread), the wrapper
- * delegates to `node:fs` so that the rest of the code base has one place to look.
+ * What `node:fs` already does correctly (open, read, pread, fstat, fsync, close, ...) is not
+ * routed through here: most modules call `node:fs` directly. `fstat` and `close` below are
+ * those same `node:fs` calls, re-exported for the modules that otherwise use only this layer.
  *
  * Linux only; the layouts below are those of x86-64 and aarch64 (LP64, little-endian).
  * @module
  */
 import fs from 'node:fs';
+import os from 'node:os';
 import util from 'node:util';
 import koffi from 'koffi';
+
+const { errno: E, signals } = os.constants;
 
 /** Linux errnos that libuv's table (util.getSystemErrorMap) lacks and these calls can return. */
 const MISSING_ERRNO_NAMES = new Map<number, [string, string]>([
@@ -67,8 +71,6 @@ const c = {
   fcntl: libc.func('int fcntl(int fd, int cmd, ...)'),
   mmap: libc.func('void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset)'),
   munmap: libc.func('int munmap(void *addr, size_t length)'),
-  madvise: libc.func('int madvise(void *addr, size_t length, int advice)'),
-  dup: libc.func('int dup(int fd)'),
   dup3: libc.func('int dup3(int oldfd, int newfd, int flags)'),
   close_range: libc.func('int close_range(unsigned int first, unsigned int last, int flags)'),
   execve: libc.func('int execve(const char *path, const char **argv, const char **envp)'),
@@ -83,7 +85,6 @@ const c = {
   flock: libc.func('int flock(int fd, int operation)'),
   fsetxattr: libc.func('int fsetxattr(int fd, const char *name, const void *value, size_t size, int flags)'),
   fgetxattr: libc.func('intptr_t fgetxattr(int fd, const char *name, _Out_ uint8_t *value, size_t size)'),
-  getpid: libc.func('int getpid()'),
   setsockopt: libc.func('int setsockopt(int fd, int level, int name, const void *value, uint32_t len)'),
   getsockopt: libc.func('int getsockopt(int fd, int level, int name, _Out_ int *value, _Inout_ uint32_t *len)'),
   getsockname: libc.func('int getsockname(int fd, _Out_ uint8_t *addr, _Inout_ uint32_t *len)'),
@@ -109,10 +110,10 @@ export const MFD_CLOEXEC = 0x1;
 export const MFD_ALLOW_SEALING = 0x2;
 const MEMFD_NAME_MAX = 249;
 
-export const F_GETFD = 1;
-export const F_SETFD = 2;
-export const F_GETFL = 3;
-export const F_SETFL = 4;
+const F_GETFD = 1;
+const F_SETFD = 2;
+const F_GETFL = 3;
+const F_SETFL = 4;
 export const FD_CLOEXEC = 1;
 export const O_NONBLOCK = 0o4000;
 export const O_CLOEXEC = 0o2000000;
@@ -135,9 +136,6 @@ export const MAP_PRIVATE = 0x2;
 export const MAP_FIXED = 0x10;
 export const MAP_ANONYMOUS = 0x20;
 export const MAP_NORESERVE = 0x4000;
-
-export const MADV_DONTNEED = 4;
-export const MADV_POPULATE_WRITE = 23;
 
 const CLOSE_RANGE_CLOEXEC = 1 << 2;
 const SIG_SETMASK = 2;
@@ -179,14 +177,6 @@ export function fstat(fd: number): fs.Stats {
   return fs.fstatSync(fd);
 }
 
-export function fsync(fd: number): void {
-  fs.fsyncSync(fd);
-}
-
-export function fdatasync(fd: number): void {
-  fs.fdatasyncSync(fd);
-}
-
 export function close(fd: number): void {
   fs.closeSync(fd);
 }
@@ -207,12 +197,8 @@ export function setCloexec(fd: number, on: boolean): void {
   if (next !== flags) fcntlInt(fd, F_SETFD, next, 'fcntl');
 }
 
-export function getStatusFlags(fd: number): number {
-  return fcntlInt(fd, F_GETFL, 0, 'fcntl');
-}
-
 export function setNonBlocking(fd: number, on: boolean): void {
-  const flags = getStatusFlags(fd);
+  const flags = fcntlInt(fd, F_GETFL, 0, 'fcntl');
   const next = on ? flags | O_NONBLOCK : flags & ~O_NONBLOCK;
   if (next !== flags) fcntlInt(fd, F_SETFL, next, 'fcntl');
 }
@@ -230,12 +216,6 @@ export function getSeals(fd: number): number {
 /** True when `fd` is an open descriptor. An expected condition, so a value, not an error. */
 export function isOpen(fd: number): boolean {
   return (c.fcntl(fd, F_GETFD, 'int', 0) as number) >= 0;
-}
-
-export function dup(fd: number): number {
-  const r = c.dup(fd) as number;
-  if (r < 0) fail('dup');
-  return r;
 }
 
 const F_DUPFD_CLOEXEC = 1030;
@@ -261,7 +241,7 @@ export function cloexecFrom(first: number): void {
   if ((c.close_range(first, 0xffffffff, CLOSE_RANGE_CLOEXEC) as number) === 0) return;
   const errno = koffi.errno();
   // Kernels before 5.11 lack the flag: walk the open descriptors instead.
-  if (errno !== 22 && errno !== 38) throw new SystemError('close_range', errno);
+  if (errno !== E.EINVAL && errno !== E.ENOSYS) throw new SystemError('close_range', errno);
   for (const entry of fs.readdirSync('/proc/self/fd')) {
     const fd = Number(entry);
     if (fd >= first && isOpen(fd)) setCloexec(fd, true);
@@ -272,7 +252,7 @@ export function cloexecFrom(first: number): void {
 export function lseek(fd: number, offset: number, whence: number): number {
   const r = Number(c.lseek(fd, offset, whence));
   if (r < 0) {
-    if (koffi.errno() === 6 /* ENXIO */ && (whence === SEEK_DATA || whence === SEEK_HOLE)) return -1;
+    if (koffi.errno() === E.ENXIO && (whence === SEEK_DATA || whence === SEEK_HOLE)) return -1;
     fail('lseek');
   }
   return r;
@@ -291,7 +271,6 @@ export function sendfile(outFd: number, inFd: number, offset: number, count: num
 
 export const LOCK_EX = 2;
 export const LOCK_NB = 4;
-const EWOULDBLOCK = 11;
 
 /**
  * Places an advisory lock on an open file (flock(2)). The lock belongs to the
@@ -302,12 +281,10 @@ const EWOULDBLOCK = 11;
 export function flock(fd: number, operation: number): boolean {
   if ((c.flock(fd, operation) as number) === 0) return true;
   const errno = koffi.errno();
-  if (errno === EWOULDBLOCK && (operation & LOCK_NB) !== 0) return false;
+  if (errno === E.EWOULDBLOCK && (operation & LOCK_NB) !== 0) return false;
   throw new SystemError('flock', errno);
 }
 
-const ENODATA = 61;
-const EOPNOTSUPP = 95;
 const XATTR_VALUE_MAX = 256;
 
 /**
@@ -318,7 +295,7 @@ const XATTR_VALUE_MAX = 256;
 export function setXattr(fd: number, name: string, value: string): boolean {
   const bytes = Buffer.from(value);
   if ((c.fsetxattr(fd, name, bytes, bytes.length, 0) as number) === 0) return true;
-  if (koffi.errno() === EOPNOTSUPP) return false;
+  if (koffi.errno() === E.EOPNOTSUPP) return false;
   fail('fsetxattr');
 }
 
@@ -332,12 +309,8 @@ export function getXattr(fd: number, name: string): string | undefined {
   const n = Number(c.fgetxattr(fd, name, buffer, buffer.length));
   if (n >= 0) return buffer.toString('utf8', 0, n);
   const errno = koffi.errno();
-  if (errno === ENODATA || errno === EOPNOTSUPP) return undefined;
+  if (errno === E.ENODATA || errno === E.EOPNOTSUPP) return undefined;
   fail('fgetxattr');
-}
-
-export function getpid(): number {
-  return c.getpid() as number;
 }
 
 /** Ends the process at once (_exit(2)): no exit handlers, no flushing, nothing of libuv. */
@@ -358,10 +331,6 @@ export function mmap(length: number, prot: number, flags: number, fd: number, of
 
 export function munmap(addr: Pointer, length: number): void {
   if (c.munmap(addr, length) !== 0) fail('munmap');
-}
-
-export function madvise(addr: Pointer, length: number, advice: number): void {
-  if (c.madvise(addr, length, advice) !== 0) fail('madvise');
 }
 
 /**
@@ -387,7 +356,7 @@ export function resetSignalsForExec(): void {
   // Node ignores SIGPIPE and SIGXFSZ, and an ignored signal stays ignored across execve;
   // handled ones revert by themselves, but resetting 1..31 costs nothing and leaves no doubt.
   for (let sig = 1; sig < 32; sig++) {
-    if (sig === 9 || sig === 19) continue; // SIGKILL, SIGSTOP
+    if (sig === signals.SIGKILL || sig === signals.SIGSTOP) continue;
     c.signal(sig, null);
   }
 }
