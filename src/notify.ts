@@ -102,7 +102,7 @@ export class Notifier {
     if (fds.length > sys.MAX_FDS_PER_MESSAGE) {
       throw new ShmfdError('ERR_NOTIFY_MESSAGE', `at most ${sys.MAX_FDS_PER_MESSAGE} descriptors per notification`);
     }
-    this.#fd ??= sys.unixDatagramSocket();
+    this.#fd ??= sys.socket(sys.AF_UNIX, sys.SOCK_DGRAM);
     sys.sendDatagram(this.#fd, this.address, message, fds);
   }
 

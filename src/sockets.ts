@@ -182,7 +182,7 @@ function clearStaleUnixSocket(spec: SocketSpec, path: string): void {
   if (!stat.isSocket()) {
     throw new ShmfdError('ERR_SOCKET_OPEN', `socket ${spec.text}: ${path} exists and is not a socket (left untouched)`);
   }
-  const probe = sys.socket(sys.AF_UNIX_DOMAIN, sys.SOCK_STREAM, true);
+  const probe = sys.socket(sys.AF_UNIX, sys.SOCK_STREAM, true);
   let refused = false;
   try {
     sys.connectSocket(probe, { family: 'unix', path });
@@ -208,8 +208,8 @@ function clearStaleUnixSocket(spec: SocketSpec, path: string): void {
  */
 export function openSocket(spec: SocketSpec): OpenSocket {
   const { address } = spec;
-  const domain = address.family === 'unix' ? sys.AF_UNIX_DOMAIN : address.family === 'ipv6' ? sys.AF_INET6 : sys.AF_INET;
-  const type = spec.kind === 'udp' ? sys.SOCK_DATAGRAM : sys.SOCK_STREAM;
+  const domain = address.family === 'unix' ? sys.AF_UNIX : address.family === 'ipv6' ? sys.AF_INET6 : sys.AF_INET;
+  const type = spec.kind === 'udp' ? sys.SOCK_DGRAM : sys.SOCK_STREAM;
   if (address.family === 'unix' && !address.path.startsWith('@')) clearStaleUnixSocket(spec, address.path);
   let fd: number;
   try {

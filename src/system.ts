@@ -141,8 +141,8 @@ const CLOSE_RANGE_CLOEXEC = 1 << 2;
 const SIG_SETMASK = 2;
 const SIGSET_BYTES = 128;
 
-const AF_UNIX = 1;
-const SOCK_DGRAM = 2;
+export const AF_UNIX = 1;
+export const SOCK_DGRAM = 2;
 const SOCK_CLOEXEC = 0o2000000;
 const SOL_SOCKET = 1;
 const SCM_RIGHTS = 1;
@@ -393,19 +393,6 @@ function sockaddrUn(address: string): Buffer {
   return addr;
 }
 
-/** Opens an AF_UNIX datagram socket (close-on-exec). */
-export function unixDatagramSocket(): number {
-  const fd = c.socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0) as number;
-  if (fd < 0) fail('socket');
-  return fd;
-}
-
-/** Binds a datagram socket to a path or `@abstract` address (used by receivers, e.g. in tests). */
-export function bindUnix(fd: number, address: string): void {
-  const addr = sockaddrUn(address);
-  if (c.bind(fd, addr, addr.length) !== 0) fail('bind', address);
-}
-
 /** Scratch native memory that lives for one call; Buffers may move or be pooled, this does not. */
 class Scratch {
   readonly ptr: Pointer;
@@ -423,12 +410,36 @@ class Scratch {
   }
 }
 
-const MSGHDR_BYTES = 56;
-const IOVEC_BYTES = 16;
-const CMSG_HEADER_BYTES = 16;
+// The structures of sendmsg(2) and recvmsg(2), laid out by koffi with the C ABI's padding.
+// Anonymous, because koffi's type names are global: a second copy of this module that
+// shares the same koffi (two installs of the package in one process) would fail on them.
+const Iovec = koffi.struct({ iov_base: 'void *', iov_len: 'size_t' });
+const Msghdr = koffi.struct({
+  msg_name: 'void *',
+  msg_namelen: 'uint32_t',
+  msg_iov: 'void *',
+  msg_iovlen: 'size_t',
+  msg_control: 'void *',
+  msg_controllen: 'size_t',
+  msg_flags: 'int',
+});
+const Cmsghdr = koffi.struct({ cmsg_len: 'size_t', cmsg_level: 'int', cmsg_type: 'int' });
+const MSGHDR_BYTES = koffi.sizeof(Msghdr);
+const IOVEC_BYTES = koffi.sizeof(Iovec);
+const INT_BYTES = koffi.sizeof('int');
 
+/** CMSG_ALIGN: control messages and their data start at multiples of size_t. */
+function cmsgAlign(bytes: number): number {
+  const align = koffi.sizeof('size_t');
+  return Math.ceil(bytes / align) * align;
+}
+
+/** CMSG_LEN(0): the header before a control message's data. */
+const CMSG_HEADER_BYTES = cmsgAlign(koffi.sizeof(Cmsghdr));
+
+/** CMSG_SPACE of an `SCM_RIGHTS` message with `fdCount` descriptors. */
 function cmsgSpace(fdCount: number): number {
-  return (CMSG_HEADER_BYTES + 4 * fdCount + 7) & ~7;
+  return CMSG_HEADER_BYTES + cmsgAlign(INT_BYTES * fdCount);
 }
 
 /**
@@ -439,28 +450,29 @@ export function sendDatagram(fd: number, address: string, payload: Uint8Array, f
   if (fds.length > MAX_FDS_PER_MESSAGE) throw new SystemError('sendmsg', 22 /* EINVAL */, address);
   const addr = sockaddrUn(address);
   const control = fds.length === 0 ? 0 : cmsgSpace(fds.length);
-  const layout = { msg: 0, iov: MSGHDR_BYTES, name: MSGHDR_BYTES + IOVEC_BYTES };
-  const controlAt = layout.name + ((addr.length + 7) & ~7);
+  const iovAt = MSGHDR_BYTES;
+  const nameAt = iovAt + IOVEC_BYTES;
+  const controlAt = nameAt + cmsgAlign(addr.length);
   const dataAt = controlAt + control;
   const s = new Scratch(dataAt + Math.max(payload.length, 1));
   try {
-    const b = s.bytes;
-    addr.copy(b, layout.name);
-    b.set(payload, dataAt);
-    b.writeBigUInt64LE(s.at(layout.name), layout.msg + 0);
-    b.writeUInt32LE(addr.length, layout.msg + 8);
-    b.writeBigUInt64LE(s.at(layout.iov), layout.msg + 16);
-    b.writeBigUInt64LE(1n, layout.msg + 24);
+    addr.copy(s.bytes, nameAt);
+    s.bytes.set(payload, dataAt);
+    koffi.encode(s.ptr, iovAt, Iovec, { iov_base: s.at(dataAt), iov_len: payload.length });
+    koffi.encode(s.ptr, 0, Msghdr, {
+      msg_name: s.at(nameAt),
+      msg_namelen: addr.length,
+      msg_iov: s.at(iovAt),
+      msg_iovlen: 1,
+      msg_control: control === 0 ? null : s.at(controlAt),
+      msg_controllen: control,
+      msg_flags: 0,
+    });
     if (control > 0) {
-      b.writeBigUInt64LE(s.at(controlAt), layout.msg + 32);
-      b.writeBigUInt64LE(BigInt(control), layout.msg + 40);
-      b.writeBigUInt64LE(BigInt(CMSG_HEADER_BYTES + 4 * fds.length), controlAt);
-      b.writeInt32LE(SOL_SOCKET, controlAt + 8);
-      b.writeInt32LE(SCM_RIGHTS, controlAt + 12);
-      fds.forEach((d, i) => b.writeInt32LE(d, controlAt + CMSG_HEADER_BYTES + 4 * i));
+      const cmsg = { cmsg_len: CMSG_HEADER_BYTES + INT_BYTES * fds.length, cmsg_level: SOL_SOCKET, cmsg_type: SCM_RIGHTS };
+      koffi.encode(s.ptr, controlAt, Cmsghdr, cmsg);
+      koffi.encode(s.ptr, controlAt + CMSG_HEADER_BYTES, 'int', [...fds], fds.length);
     }
-    b.writeBigUInt64LE(s.at(dataAt), layout.iov);
-    b.writeBigUInt64LE(BigInt(payload.length), layout.iov + 8);
     const r = Number(c.sendmsg(fd, s.ptr, MSG_NOSIGNAL));
     if (r < 0) fail('sendmsg', address);
     return r;
@@ -480,33 +492,40 @@ export interface ReceivedDatagram {
 /** Receives one datagram (blocking unless the socket is non-blocking), with its descriptors. */
 export function receiveDatagram(fd: number, maxBytes = 4096, maxFds = MAX_FDS_PER_MESSAGE): ReceivedDatagram {
   const control = cmsgSpace(maxFds);
-  const controlAt = MSGHDR_BYTES + IOVEC_BYTES;
+  const iovAt = MSGHDR_BYTES;
+  const controlAt = iovAt + IOVEC_BYTES;
   const dataAt = controlAt + control;
   const s = new Scratch(dataAt + maxBytes);
   try {
-    const b = s.bytes;
-    b.writeBigUInt64LE(s.at(MSGHDR_BYTES), 16);
-    b.writeBigUInt64LE(1n, 24);
-    b.writeBigUInt64LE(s.at(controlAt), 32);
-    b.writeBigUInt64LE(BigInt(control), 40);
-    b.writeBigUInt64LE(s.at(dataAt), MSGHDR_BYTES);
-    b.writeBigUInt64LE(BigInt(maxBytes), MSGHDR_BYTES + 8);
+    koffi.encode(s.ptr, iovAt, Iovec, { iov_base: s.at(dataAt), iov_len: maxBytes });
+    koffi.encode(s.ptr, 0, Msghdr, {
+      msg_name: null,
+      msg_namelen: 0,
+      msg_iov: s.at(iovAt),
+      msg_iovlen: 1,
+      msg_control: s.at(controlAt),
+      msg_controllen: control,
+      msg_flags: 0,
+    });
     const n = Number(c.recvmsg(fd, s.ptr, MSG_CMSG_CLOEXEC));
     if (n < 0) fail('recvmsg');
+    const msg = koffi.decode(s.ptr, 0, Msghdr) as { msg_controllen: number | bigint; msg_flags: number };
     const fds: number[] = [];
-    const controlLen = Number(b.readBigUInt64LE(40));
-    for (let at = controlAt; at + CMSG_HEADER_BYTES <= controlAt + controlLen; ) {
-      const len = Number(b.readBigUInt64LE(at));
+    const controlEnd = controlAt + Number(msg.msg_controllen);
+    for (let at = controlAt; at + CMSG_HEADER_BYTES <= controlEnd; ) {
+      const cmsg = koffi.decode(s.ptr, at, Cmsghdr) as { cmsg_len: number | bigint; cmsg_level: number; cmsg_type: number };
+      const len = Number(cmsg.cmsg_len);
       if (len < CMSG_HEADER_BYTES) break;
-      if (b.readInt32LE(at + 8) === SOL_SOCKET && b.readInt32LE(at + 12) === SCM_RIGHTS) {
-        for (let i = at + CMSG_HEADER_BYTES; i + 4 <= at + len; i += 4) fds.push(b.readInt32LE(i));
+      const count = Math.floor((len - CMSG_HEADER_BYTES) / INT_BYTES);
+      if (cmsg.cmsg_level === SOL_SOCKET && cmsg.cmsg_type === SCM_RIGHTS && count > 0) {
+        fds.push(...(koffi.decode(s.ptr, at + CMSG_HEADER_BYTES, 'int', count) as number[]));
       }
-      at += (len + 7) & ~7;
+      at += cmsgAlign(len);
     }
     return {
-      data: Buffer.from(b.subarray(dataAt, dataAt + Math.min(n, maxBytes))),
+      data: Buffer.from(s.bytes.subarray(dataAt, dataAt + Math.min(n, maxBytes))),
       fds,
-      truncatedFds: (b.readInt32LE(48) & MSG_CTRUNC) !== 0,
+      truncatedFds: (msg.msg_flags & MSG_CTRUNC) !== 0,
     };
   } finally {
     s.free();
@@ -515,11 +534,9 @@ export function receiveDatagram(fd: number, maxBytes = 4096, maxFds = MAX_FDS_PE
 
 // ---------------------------------------------------------------- listening sockets
 
-export const AF_UNIX_DOMAIN = AF_UNIX;
 export const AF_INET = 2;
 export const AF_INET6 = 10;
 export const SOCK_STREAM = 1;
-export const SOCK_DATAGRAM = SOCK_DGRAM;
 const SOCK_NONBLOCK = 0o4000;
 const SO_REUSEADDR = 2;
 const SO_TYPE = 3;

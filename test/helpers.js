@@ -204,8 +204,8 @@ export function assertOneErrorLine(stderr, pattern, program = 'shm-fd') {
  * is queued; `close()` closes the socket and every descriptor received.
  */
 export function datagramReceiver(address) {
-  const fd = sys.unixDatagramSocket();
-  sys.bindUnix(fd, address);
+  const fd = sys.socket(sys.AF_UNIX, sys.SOCK_DGRAM);
+  sys.bindSocket(fd, { family: 'unix', path: address });
   sys.setNonBlocking(fd, true);
   const received = [];
   return {

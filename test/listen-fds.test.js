@@ -201,7 +201,7 @@ test('SharedFd.fromEnv: the memory file by name, undefined when absent, an error
   assert.equal(SharedFd.fromEnv({ env, name: 'nope' }), undefined);
   assert.equal(SharedFd.fromEnv({ env: {} }), undefined);
 
-  const sock = sys.unixDatagramSocket();
+  const sock = sys.socket(sys.AF_UNIX, sys.SOCK_DGRAM);
   sys.dup2(sock, 372, true);
   fs.closeSync(sock);
   t.after(() => fs.closeSync(372));

@@ -84,7 +84,7 @@ test('fromFd refuses a pipe, a socket, a directory and a device with ERR_NOT_A_M
   execFileSync('mkfifo', [fifo]);
   const candidates = {
     pipe: fs.openSync(fifo, 'r+'), // O_RDWR on a FIFO opens without waiting for a peer
-    socket: sys.unixDatagramSocket(),
+    socket: sys.socket(sys.AF_UNIX, sys.SOCK_DGRAM),
     directory: fs.openSync(dir, 'r'),
     device: fs.openSync('/dev/null', 'r'),
   };

@@ -134,8 +134,8 @@ test('a memory file passed in under the name is used as it is (newer than the ba
 test('under a service manager: the new memory file goes to the fd store (FDSTORE=1, FDNAME); NOTIFY_SOCKET stays set for the program', async (t) => {
   const dir = tempDir(t);
   const address = path.join(dir, 'notify.sock');
-  const sock = sys.unixDatagramSocket();
-  sys.bindUnix(sock, address);
+  const sock = sys.socket(sys.AF_UNIX, sys.SOCK_DGRAM);
+  sys.bindSocket(sock, { family: 'unix', path: address });
   sys.setNonBlocking(sock, true);
   try {
     const r = await runHost([path.join(dir, 'b'), process.execPath, ENV], { env: cleanEnv({ NOTIFY_SOCKET: address }) });

@@ -244,7 +244,7 @@ test('bad specs, ports in use, unusable unix paths: one error line, status 125, 
 test('a stale unix socket file (nobody accepting) is replaced', async (t) => {
   const dir = tempDir(t);
   const stale = path.join(dir, 'stale.sock');
-  const fd = sys.socket(sys.AF_UNIX_DOMAIN, sys.SOCK_STREAM);
+  const fd = sys.socket(sys.AF_UNIX, sys.SOCK_STREAM);
   sys.bindSocket(fd, { family: 'unix', path: stale });
   sys.close(fd); // the file stays, nobody listens
   assert.ok(fs.lstatSync(stale).isSocket());

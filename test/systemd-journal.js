@@ -38,8 +38,8 @@ function parseEntry(data) {
 
 /** Receives the manager's datagrams until the process ends. */
 function serveNative(dir, log) {
-  const fd = sys.unixDatagramSocket();
-  sys.bindUnix(fd, path.join(dir, 'socket'));
+  const fd = sys.socket(sys.AF_UNIX, sys.SOCK_DGRAM);
+  sys.bindSocket(fd, { family: 'unix', path: path.join(dir, 'socket') });
   for (;;) {
     const message = sys.receiveDatagram(fd, 1 << 20, 4);
     let data = message.data;
