@@ -7,8 +7,6 @@ import { fdTarget } from './caller-fds.js';
 import { ShmfdError } from './errors.js';
 import * as sys from './system.js';
 
-const PAGE = 4096;
-
 /** Options of {@link MemoryFile.create}. */
 export interface CreateMemoryFileOptions {
   /** Size in bytes to give the new file (default 0). */
@@ -231,7 +229,7 @@ export class MemoryFile {
         `cannot map ${length} bytes at offset ${offset} of ${this.name}: the file has ${size} bytes`,
       );
     }
-    const skip = offset % PAGE;
+    const skip = offset % sys.PAGE_SIZE;
     const regionLength = skip + length;
     if (regionLength > sys.MAX_VIEW_BYTES) {
       throw new ShmfdError(

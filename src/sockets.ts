@@ -125,8 +125,8 @@ export function parseSocketSpec(text: string): SocketSpec {
   if (value === '') throw specError(text, 'the address is empty');
   let address: sys.SocketAddress;
   if (kind === 'unix') {
-    const bytes = Buffer.byteLength(value) + 1;
-    if (bytes > 108) throw specError(text, `a unix socket path has at most 107 bytes, not ${bytes - 1}`);
+    const bytes = Buffer.byteLength(value);
+    if (bytes > sys.MAX_UNIX_ADDRESS_BYTES) throw specError(text, `a unix socket path has at most ${sys.MAX_UNIX_ADDRESS_BYTES} bytes, not ${bytes}`);
     if (value.includes('\0')) throw specError(text, 'a unix socket path cannot contain NUL');
     address = { family: 'unix', path: value };
   } else {

@@ -93,6 +93,7 @@ const c = {
   inet_pton: libc.func('int inet_pton(int af, const char *src, _Out_ uint8_t *dst)'),
   inet_ntop: libc.func('const char *inet_ntop(int af, const uint8_t *src, _Out_ uint8_t *dst, uint32_t size)'),
   _exit: libc.func('void _exit(int status)'),
+  sysconf: libc.func('long sysconf(int name)'),
 };
 
 function fail(syscall: string, path?: string): never {
@@ -338,6 +339,11 @@ export function munmap(addr: Pointer, length: number): void {
  * process above it, so callers must check first.
  */
 export const MAX_VIEW_BYTES = Math.min(2 ** 32, Number.MAX_SAFE_INTEGER);
+
+const SC_PAGESIZE = 30;
+
+/** The kernel's page size, which mmap(2) offsets are multiples of (4 KiB on x86-64; 4, 16 or 64 KiB on aarch64). */
+export const PAGE_SIZE = Number(c.sysconf(SC_PAGESIZE));
 
 /** An ArrayBuffer over native memory. Never call with a null pointer or a length over {@link MAX_VIEW_BYTES}. */
 export function view(addr: Pointer, length: number): ArrayBuffer {
