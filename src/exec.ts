@@ -155,9 +155,8 @@ export function execReplace(request: ExecRequest): never {
     .filter((entry): entry is [string, string] => entry[1] !== undefined)
     .map(([key, value]) => rawEnvironmentEntry(key, value));
   const argv = [request.command, ...rawArguments(request.args)];
-  for (const { from } of request.fds) {
-    if (!sys.isOpen(from)) throw new sys.SystemError('fcntl', 9 /* EBADF */);
-  }
+  // EBADF from the kernel for a source that is not open, before anything is changed.
+  for (const { from } of request.fds) sys.getFdFlags(from);
   const highest = Math.max(3, ...request.fds.flatMap(({ from, to }) => [from, to])) + 1;
   const sources = new Set(request.fds.map(({ from }) => from));
   const targets = new Set(request.fds.map(({ to }) => to));

@@ -175,19 +175,22 @@ export class MemoryFile {
 
   /** Current size in bytes. */
   get size(): number {
-    return sys.fstat(this.#open('fstat')).size;
+    return sys.fstat(this.#open('read its size')).size;
   }
 
-  /** The descriptor, while this object owns it: after close() its number may already name another file. */
-  #open(syscall: string): number {
-    if (this.#closed) throw new sys.SystemError(syscall, 9 /* EBADF */);
+  /**
+   * The descriptor, while this object owns it: after close() its number may already name
+   * another file, so the kernel is not asked.
+   */
+  #open(method: string): number {
+    if (this.#closed) throw new ShmfdError('ERR_MEMORY_FILE_CLOSED', `${this.name}: cannot ${method}, the memory file is closed`);
     return this.fd;
   }
 
   /** Sets the size; shrinking fails with EPERM once sealed. */
   resize(size: number): void {
     checkSize(size);
-    sys.ftruncate(this.#open('ftruncate'), size);
+    sys.ftruncate(this.#open('resize'), size);
   }
 
   /** Grows the file to at least `size` bytes; never shrinks. Returns the size afterwards. */
@@ -195,19 +198,19 @@ export class MemoryFile {
     checkSize(size);
     const current = this.size;
     if (size <= current) return current;
-    sys.ftruncate(this.#open('ftruncate'), size);
+    sys.ftruncate(this.#open('grow'), size);
     return size;
   }
 
   /** Adds seals ({@link sys.Seal} bits). Only memfds created sealable accept them. */
   seal(seals: number): void {
-    sys.addSeals(this.#open('fcntl'), seals);
+    sys.addSeals(this.#open('seal'), seals);
   }
 
   /** The current seals, or 0 for a file that cannot be sealed. */
   get seals(): number {
     try {
-      return sys.getSeals(this.#open('fcntl'));
+      return sys.getSeals(this.#open('read its seals'));
     } catch (err) {
       if (sys.isSystemError(err, 'EINVAL')) return 0;
       throw err;
@@ -238,13 +241,14 @@ export class MemoryFile {
       );
     }
     const prot = options.readOnly === true ? sys.PROT_READ : sys.PROT_READ | sys.PROT_WRITE;
-    const addr = sys.mmap(regionLength, prot, sys.MAP_SHARED, this.#open('mmap'), offset - skip);
+    const addr = sys.mmap(regionLength, prot, sys.MAP_SHARED, this.#open('map'), offset - skip);
     return new Mapping({ addr, length: regionLength }, skip, length, offset);
   }
 
   /**
    * Closes the descriptor. Mappings stay valid until unmapped or collected; every other
-   * method then throws EBADF rather than act on whatever file gets the number next.
+   * method then throws `ERR_MEMORY_FILE_CLOSED` rather than act on whatever file gets the
+   * number next.
    */
   close(): void {
     if (this.#closed) return;

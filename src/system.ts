@@ -1,8 +1,9 @@
 /**
  * The system layer: every call into libc that Node does not offer goes through here, and
  * this is the only module that touches koffi. Each wrapper is typed, takes and returns
- * plain numbers, strings and buffers, and throws a {@link SystemError} that looks like the
- * ones `node:fs` throws (`code`, `errno`, `syscall`).
+ * plain numbers, strings and buffers. What the kernel refuses is thrown as a
+ * {@link SystemError} that looks like the ones `node:fs` throws (`code`, `errno`,
+ * `syscall`); a check made here and not by the kernel throws a `ShmfdError` instead.
  *
  * What `node:fs` already does correctly (open, read, pread, fstat, fsync, close, ...) is not
  * routed through here: most modules call `node:fs` directly. `fstat` and `close` below are
@@ -15,6 +16,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import util from 'node:util';
 import koffi from 'koffi';
+import { ShmfdError } from './errors.js';
 
 const { errno: E, signals } = os.constants;
 
@@ -324,7 +326,6 @@ export function exitNow(status: number): never {
 
 /** Maps `length` bytes of `fd` at `offset` (mmap(2)); returns the address. */
 export function mmap(length: number, prot: number, flags: number, fd: number, offset = 0, addr: Pointer = 0n): Pointer {
-  if (length <= 0) throw new SystemError('mmap', 22);
   const p = koffi.address(c.mmap(addr === 0n ? null : addr, length, prot, flags, fd, offset)) as Pointer;
   if (p === MAP_FAILED) fail('mmap');
   return p;
@@ -388,11 +389,14 @@ const NUL = Buffer.alloc(1);
  */
 export const MAX_UNIX_ADDRESS_BYTES = 107;
 
-/** Encodes a `NOTIFY_SOCKET`-style address: `/path`, or `@name` for the abstract namespace. */
+/**
+ * Encodes a unix socket address: `/path`, or `@name` for the abstract namespace. One longer
+ * than {@link MAX_UNIX_ADDRESS_BYTES} is encoded all the same, for the kernel to refuse
+ * (EINVAL); callers that take addresses from users check their length first.
+ */
 function sockaddrUn(address: string): Buffer {
   const abstract = address.startsWith('@');
   const name = Buffer.from(abstract ? address.slice(1) : address);
-  if (name.length > MAX_UNIX_ADDRESS_BYTES) throw new SystemError('connect', 36 /* ENAMETOOLONG */, address);
   const addr = Buffer.alloc(abstract ? 3 + name.length : 2 + name.length + 1);
   addr.writeUInt16LE(AF_UNIX, 0);
   name.copy(addr, abstract ? 3 : 2);
@@ -450,10 +454,10 @@ function cmsgSpace(fdCount: number): number {
 
 /**
  * Sends one datagram, with descriptors as `SCM_RIGHTS`, to a path or `@abstract` address.
+ * More than {@link MAX_FDS_PER_MESSAGE} descriptors: EINVAL from the kernel.
  * @returns the number of payload bytes sent.
  */
 export function sendDatagram(fd: number, address: string, payload: Uint8Array, fds: readonly number[] = []): number {
-  if (fds.length > MAX_FDS_PER_MESSAGE) throw new SystemError('sendmsg', 22 /* EINVAL */, address);
   const addr = sockaddrUn(address);
   const control = fds.length === 0 ? 0 : cmsgSpace(fds.length);
   const iovAt = MSGHDR_BYTES;
@@ -557,7 +561,7 @@ export type SocketAddress =
 function ipBytes(af: number, address: string): Buffer {
   const bytes = Buffer.alloc(af === AF_INET ? 4 : 16);
   if ((c.inet_pton(af, address, bytes) as number) !== 1) {
-    throw new SystemError('inet_pton', 22 /* EINVAL */, address);
+    throw new ShmfdError('ERR_INVALID_ARGUMENT', `${JSON.stringify(address)} is not an ${af === AF_INET ? 'IPv4' : 'IPv6'} address`);
   }
   return bytes;
 }

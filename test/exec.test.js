@@ -239,3 +239,17 @@ test('stdin passes through to the program', async () => {
   assert.equal(r.stdout, 'through stdin\n');
   assert.equal(r.code, 0);
 });
+
+test('a descriptor to place that is not open: EBADF from the kernel, thrown before anything changed', async () => {
+  const exec = new URL('../dist/exec.js', import.meta.url).href;
+  const script = `const { execReplace } = await import(${JSON.stringify(exec)});
+try {
+  execReplace({ command: '/bin/true', args: [], env: {}, fds: [{ from: 900, to: 3 }] });
+} catch (err) {
+  console.log(err.name, err.code, err.syscall);
+}
+console.log('still here');`;
+  const r = await run(NODE, ['--input-type=module', '-e', script], { env: cleanEnv() });
+  assert.equal(r.stdout, 'SystemError EBADF fcntl\nstill here\n');
+  assert.equal(r.code, 0);
+});
