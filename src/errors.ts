@@ -5,7 +5,23 @@
  * @module
  */
 
-import type { SnapshotErrorCode } from './snapshot/errors.js';
+/**
+ * Stable codes of the snapshot format's errors (`SnapshotFormatError`); match on these,
+ * not on messages. docs/snapshot.md describes when each one is raised.
+ */
+export type SnapshotErrorCode =
+  | 'ERR_SNAPSHOT_TOO_SMALL'
+  | 'ERR_SNAPSHOT_SHORT_BUFFER'
+  | 'ERR_SNAPSHOT_BAD_MASK'
+  | 'ERR_SNAPSHOT_BEYOND_END'
+  | 'ERR_SNAPSHOT_BAD_OFFSET'
+  | 'ERR_SNAPSHOT_NOT_CONFIGURED'
+  | 'ERR_SNAPSHOT_BAD_CONFIG'
+  | 'ERR_SNAPSHOT_ALIGNMENT'
+  | 'ERR_SNAPSHOT_PAYLOAD_SIZE'
+  | 'ERR_SNAPSHOT_BAD_SNAPSHOT'
+  | 'ERR_SNAPSHOT_TRANSACTION_CLOSED'
+  | 'ERR_SNAPSHOT_BUSY';
 
 /** Stable error codes of shmfd. */
 export type ShmfdErrorCode =
