@@ -16,7 +16,7 @@ import ts from 'typescript';
  */
 const LAYERS = [
   { name: 'base', modules: ['errors.ts'], uses: [] },
-  { name: 'system', modules: ['system.ts'], uses: ['base'] },
+  { name: 'system', modules: ['system.ts', 'proc.ts'], uses: ['base'] },
   { name: 'descriptors', modules: ['listen-fds.ts', 'memory-file.ts', 'notify.ts', 'shared-fd.ts'], uses: ['base', 'system'] },
   { name: 'exec', modules: ['exec.ts', 'caller-fds.ts'], uses: ['base', 'system', 'descriptors'] },
   { name: 'sockets', modules: ['sockets.ts', 'server.ts', 'serve.ts'], uses: ['base', 'system', 'descriptors'] },

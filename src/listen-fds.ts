@@ -5,7 +5,7 @@
  * @module
  */
 import { ShmfdError } from './errors.js';
-import { fdTarget, parentOf } from './caller-fds.js';
+import { fdTarget, parentOf } from './proc.js';
 import * as sys from './system.js';
 
 /** The first passed descriptor when `LISTEN_FDS_FIRST_FD` is not set. */

@@ -3,7 +3,7 @@
  * its mappings as typed arrays.
  * @module
  */
-import { fdTarget } from './caller-fds.js';
+import { fdTarget } from './proc.js';
 import { ShmfdError } from './errors.js';
 import * as sys from './system.js';
 
