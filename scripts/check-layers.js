@@ -15,7 +15,7 @@ import ts from 'typescript';
  * flows one way. The modules of an `alone` layer (the programs) do not import each other.
  */
 const LAYERS = [
-  { name: 'base', modules: ['errors.ts'], uses: [] },
+  { name: 'base', modules: ['errors.ts', 'log.ts'], uses: [] },
   { name: 'system', modules: ['system.ts', 'proc.ts'], uses: ['base'] },
   { name: 'descriptors', modules: ['listen-fds.ts', 'memory-file.ts', 'notify.ts', 'shared-fd.ts'], uses: ['base', 'system'] },
   { name: 'exec', modules: ['exec.ts', 'caller-fds.ts'], uses: ['base', 'system', 'descriptors'] },

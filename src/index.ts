@@ -3,6 +3,7 @@
  * @module
  */
 export { ShmfdError, type ShmfdErrorCode } from './errors.js';
+export type { Log } from './log.js';
 export { SystemError, isSystemError, Seal, type SocketAddress, type SocketInfo } from './system.js';
 export {
   MemoryFile,

@@ -13,6 +13,7 @@
 import fs from 'node:fs';
 import net from 'node:net';
 import { ShmfdError } from './errors.js';
+import type { Log } from './log.js';
 import { checkFdName, readListenFds, type PassedFd } from './listen-fds.js';
 import { fdStoreWarning, Notifier } from './notify.js';
 import * as sys from './system.js';
@@ -258,17 +259,15 @@ export function socketFitsSpec(fd: number, spec: SocketSpec): boolean {
   return sys.encodeSocketAddress({ ...wanted, port }).equals(sys.encodeSocketAddress(actual));
 }
 
-/** Where {@link prepareSockets} reports what it did. */
-export interface SocketLog {
-  info(message: string): void;
-  warn(message: string): void;
-}
+/** @deprecated The same as {@link Log}, under its former name. */
+export type SocketLog = Log;
 
 /** Options of {@link prepareSockets}. */
 export interface PrepareSocketsOptions {
   /** The service manager: new sockets are parked in its fd store (`FDSTORE=1`). */
   notifier?: Notifier | undefined;
-  log?: SocketLog;
+  /** Where it reports what it did. */
+  log?: Log;
 }
 
 /** The outcome of {@link prepareSockets}. */
@@ -376,7 +375,7 @@ export function prepareSockets(
  * the descriptors passed to this process, new ones parked in the service manager's fd store.
  * @throws ShmfdError `ERR_SOCKET_SPEC`, `ERR_SOCKET_OPEN`, and the errors of `readListenFds`
  */
-export function prepareSocketOptions(texts: readonly string[], memoryName: string, log: SocketLog): PreparedSockets {
+export function prepareSocketOptions(texts: readonly string[], memoryName: string, log: Log): PreparedSockets {
   const specs = texts.map(parseSocketSpec);
   const taken = specs.find((s) => s.name === memoryName);
   if (taken !== undefined) throw specError(taken.text, `${memoryName} is the memory file's name`);

@@ -7,7 +7,7 @@
 import fs from 'node:fs';
 import { ShmfdError } from '../errors.js';
 import { isSystemError } from '../system.js';
-import { isLogLevel, type Logger } from './log.js';
+import { isLogLevel, type StderrLog } from '../log.js';
 
 export interface OptionSpec {
   /** Long name without dashes. */
@@ -109,7 +109,7 @@ export function printAnswer(text: string): void {
  * The options every command shares: `--help` and `--version` (answered here: returns the
  * exit status) and `--log-level` (or `SHMFD_LOG`, applied to `log`: returns undefined).
  */
-export function commonOptions(args: ParsedArgs, program: string, usage: string, log: Logger): number | undefined {
+export function commonOptions(args: ParsedArgs, program: string, usage: string, log: StderrLog): number | undefined {
   const answer = args.options.has('help') ? usage : args.options.has('version') ? `${program} ${packageVersion()}` : undefined;
   if (answer !== undefined) {
     printAnswer(`${answer}\n`);

@@ -14,7 +14,7 @@ import { prepareSocketOptions } from '../sockets.js';
 import * as sys from '../system.js';
 import { isSystemError } from '../system.js';
 import { commonOptions, last, parseArgs, parseSize, SIZE_SUFFIXES, usageError, usageErrorSeeHelp, type OptionSpec } from './args.js';
-import { Logger } from './log.js';
+import { StderrLog } from '../log.js';
 
 const USAGE = `Usage: shm-fd [OPTIONS] [--] COMMAND [ARGS...]
 
@@ -58,7 +58,7 @@ const OPTIONS: OptionSpec[] = [
 
 export const EXIT_FAILURE = 125;
 
-function run(argv: readonly string[], log: Logger): number {
+function run(argv: readonly string[], log: StderrLog): number {
   const args = parseArgs(argv, OPTIONS, 'shm-fd');
   const answered = commonOptions(args, 'shm-fd', USAGE, log);
   if (answered !== undefined) return answered;
@@ -120,7 +120,7 @@ export function parseFirstFd(text: string | undefined): number {
  * close-on-exec at start-up (libuv's uv_disable_stdio_inheritance), so its children only
  * see descriptors from 17 on, above a gap at 16.
  */
-function checkFirstFd(first: number, fds: readonly PassedFd[], command: string, args: readonly string[], log: Logger): void {
+function checkFirstFd(first: number, fds: readonly PassedFd[], command: string, args: readonly string[], log: StderrLog): void {
   const probe = fds[0];
   if (probe === undefined) return;
   // The exec stages every descriptor above the highest target before placing it.
@@ -138,7 +138,7 @@ function checkFirstFd(first: number, fds: readonly PassedFd[], command: string, 
  * and the descriptors start below {@link NODE_SAFE_FIRST_FD}: they would not reach the
  * program, whose socket would then accept connections nobody answers.
  */
-export function warnIfNodeRestarter(command: string, args: readonly string[], first: number, log: Logger): void {
+export function warnIfNodeRestarter(command: string, args: readonly string[], first: number, log: StderrLog): void {
   const base = path.basename(command);
   const nodeWatcher =
     base === 'nodemon' || (/^node(js)?$/.test(base) && args.some((a) => a === '--watch' || a.startsWith('--watch-path')));
@@ -151,7 +151,7 @@ export function warnIfNodeRestarter(command: string, args: readonly string[], fi
 
 /** Runs the command line; returns an exit status only when it did not exec. */
 export function main(argv: readonly string[]): number {
-  const log = new Logger('shm-fd');
+  const log = new StderrLog('shm-fd');
   try {
     return run(argv, log);
   } catch (err) {

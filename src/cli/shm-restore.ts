@@ -12,7 +12,7 @@ import { backupStatus } from '../restore/status.js';
 import { SHARED_FD_NAME } from '../shared-fd.js';
 import { commandErrorStatus } from '../exec.js';
 import { commonOptions, last, parseArgs, printAnswer, usageError, usageErrorSeeHelp, type OptionSpec, type ParsedArgs } from './args.js';
-import { Logger } from './log.js';
+import { StderrLog } from '../log.js';
 import { prepareSocketOptions } from '../sockets.js';
 import { describeError, parseFirstFd, warnIfNodeRestarter } from './shm-fd.js';
 
@@ -98,7 +98,7 @@ function status(file: string, mode: SnapshotMode | undefined): number {
   return result.ok ? 0 : 1;
 }
 
-async function run(argv: readonly string[], log: Logger): Promise<number> {
+async function run(argv: readonly string[], log: StderrLog): Promise<number> {
   const args = parseArgs(argv, OPTIONS, 'shm-restore');
   const answered = commonOptions(args, 'shm-restore', USAGE, log);
   if (answered !== undefined) return answered;
@@ -140,7 +140,7 @@ async function run(argv: readonly string[], log: Logger): Promise<number> {
   });
 }
 
-function statusCommand(file: string, mode: SnapshotMode | undefined, log: Logger): number {
+function statusCommand(file: string, mode: SnapshotMode | undefined, log: StderrLog): number {
   try {
     return status(file, mode);
   } catch (err) {
@@ -151,7 +151,7 @@ function statusCommand(file: string, mode: SnapshotMode | undefined, log: Logger
 
 /** Runs the command line; resolves to the exit status. */
 export async function main(argv: readonly string[]): Promise<number> {
-  const log = new Logger('shm-restore');
+  const log = new StderrLog('shm-restore');
   try {
     return await run(argv, log);
   } catch (err) {

@@ -16,7 +16,7 @@
 import { spawn, spawnSync, type ChildProcess, type StdioOptions } from 'node:child_process';
 import os from 'node:os';
 import path from 'node:path';
-import { Logger } from '../cli/log.js';
+import { StderrLog, type Log } from '../log.js';
 import { ShmfdError } from '../errors.js';
 import { resolveCommand } from '../exec.js';
 import { checkFdName, findPassedFd, listenEnv, readListenFds, withEnv, DEFAULT_FIRST_FD, type Environment, type PassedFd } from '../listen-fds.js';
@@ -62,7 +62,8 @@ export interface RestoreHostOptions {
   firstFd?: number;
   /** Environment of the host, passed on to the program (default `process.env`). */
   env?: Environment;
-  log?: Logger;
+  /** Where the host reports what it does (default: warnings and errors on stderr, as `shm-restore: ...`). */
+  log?: Log;
   /** Show progress of slow copies when stderr is a terminal (default true). */
   progress?: boolean;
 }
@@ -135,7 +136,7 @@ class SignalRelay {
   readonly abort = new AbortController();
   #handlers = new Map<NodeJS.Signals, () => void>();
 
-  constructor(private readonly log: Logger) {
+  constructor(private readonly log: Log) {
     for (const signal of FORWARDED_SIGNALS) {
       const handler = (): void => this.#on(signal);
       this.#handlers.set(signal, handler);
@@ -178,7 +179,7 @@ type ChildEnd = { code: number | null; signal: NodeJS.Signals | null } | { error
  *   created or restored (ENOMEM, ENOSPC)
  */
 export async function runRestoreHost(options: RestoreHostOptions): Promise<number> {
-  const log = options.log ?? new Logger('shm-restore');
+  const log = options.log ?? new StderrLog('shm-restore');
   const relay = new SignalRelay(log);
   let lock: BackupLock | undefined;
   try {
@@ -194,7 +195,7 @@ export async function runRestoreHost(options: RestoreHostOptions): Promise<numbe
   }
 }
 
-async function host(o: RestoreHostOptions, name: string, backup: BackupFile, log: Logger, relay: SignalRelay): Promise<number> {
+async function host(o: RestoreHostOptions, name: string, backup: BackupFile, log: Log, relay: SignalRelay): Promise<number> {
   const env = o.env ?? process.env;
   const first = o.firstFd ?? DEFAULT_FIRST_FD;
   const showProgress = o.progress !== false;
@@ -275,7 +276,7 @@ async function host(o: RestoreHostOptions, name: string, backup: BackupFile, log
   return status;
 }
 
-function describeInspection(log: Logger, backup: BackupFile, inspection: BackupInspection): void {
+function describeInspection(log: Log, backup: BackupFile, inspection: BackupInspection): void {
   if (inspection.state === 'missing') {
     log.info(`no backup at ${backup.path} yet: fresh start`);
   } else if (inspection.size === 0) {
@@ -289,7 +290,7 @@ async function restore(
   backup: BackupFile,
   inspection: BackupInspection,
   memory: MemoryFile,
-  log: Logger,
+  log: Log,
   relay: SignalRelay,
   showProgress: boolean,
 ): Promise<void> {
@@ -312,7 +313,7 @@ async function restore(
   log.info(`restored ${formatBytes(result.size)} from ${backup.path} (${formatBytes(result.copied)} of data) in ${formatDuration(performance.now() - started)}`);
 }
 
-function storeInFdStore(env: Environment, name: string, memory: MemoryFile, log: Logger): void {
+function storeInFdStore(env: Environment, name: string, memory: MemoryFile, log: Log): void {
   let notifier: Notifier | undefined;
   try {
     notifier = Notifier.fromEnv(env);
@@ -335,7 +336,7 @@ function startChild(
   env: Environment,
   descriptors: readonly PassedFd[],
   first: number,
-  log: Logger,
+  log: Log,
 ): ChildProcess {
   const childEnv = withEnv(env, listenEnv(descriptors.map((d) => d.name), { pid: undefined, first }));
   const stdio = childStdio(descriptors, first);
@@ -367,7 +368,7 @@ function waitForChild(child: ChildProcess): Promise<ChildEnd> {
 }
 
 /** Sends `STATUS=` with the age of the newest durable snapshot every few seconds, under systemd. */
-function reportStatus(env: Environment, snapshotter: Snapshotter, log: Logger): NodeJS.Timeout | undefined {
+function reportStatus(env: Environment, snapshotter: Snapshotter, log: Log): NodeJS.Timeout | undefined {
   let notifier: Notifier | undefined;
   try {
     notifier = Notifier.fromEnv(env);
@@ -409,7 +410,7 @@ async function writeBack(
   durable: DurableState,
   memory: MemoryFile,
   mode: number,
-  log: Logger,
+  log: Log,
   showProgress: boolean,
 ): Promise<boolean> {
   let size: number;

@@ -11,7 +11,7 @@
  * @module
  */
 import fs from 'node:fs';
-import type { Logger } from '../cli/log.js';
+import type { Log } from '../log.js';
 import { SnapshotFormatError } from '../snapshot/errors.js';
 import { clearSlotsExcept, MIN_FILE_LENGTH, PAGE, readSlots, type Snapshot } from '../snapshot/format.js';
 import { describeSystemError, type BackupFile } from './backup.js';
@@ -60,7 +60,7 @@ export interface SnapshotterOptions {
   memory: number;
   backup: BackupFile;
   intervalMs?: number;
-  log: Logger;
+  log: Log;
   /** `write_offset` of the backup on disk, so an unchanged memory is not copied again. */
   baselineWriteOffset?: number;
   /** Permission bits of new backups. */
@@ -75,7 +75,7 @@ export interface SnapshotterOptions {
  * Checks a temporary copy taken while the memory was live: reads the slots again (B),
  * keeps A ∩ B, clears every other slot in the copy, and verifies the result.
  */
-export function liveCopyFixup(memory: number, before: SlotState, log: Logger, kept: { slots: Snapshot[] }): PersistFixup {
+export function liveCopyFixup(memory: number, before: SlotState, log: Log, kept: { slots: Snapshot[] }): PersistFixup {
   return (tempFd, size) => {
     let after: SlotState | undefined;
     try {

@@ -1,9 +1,18 @@
 /**
- * Logging of the command-line tools: one human-readable line per event on stderr, quiet by
- * default. Writes are synchronous, so nothing is lost when the process execs or exits.
+ * Where shmfd reports what it does: one human-readable line per event. The library takes
+ * any {@link Log}; the command-line tools (and the library's default) write to stderr
+ * through a {@link StderrLog}.
  * @module
  */
 import fs from 'node:fs';
+
+/** Receives one line per event, by severity. */
+export interface Log {
+  error(message: string): void;
+  warn(message: string): void;
+  info(message: string): void;
+  debug(message: string): void;
+}
 
 export const LOG_LEVELS = ['silent', 'error', 'warn', 'info', 'debug'] as const;
 export type LogLevel = (typeof LOG_LEVELS)[number];
@@ -12,7 +21,12 @@ export function isLogLevel(value: string): value is LogLevel {
   return (LOG_LEVELS as readonly string[]).includes(value);
 }
 
-export class Logger {
+/**
+ * A {@link Log} that writes `PROGRAM: warning: message` lines to stderr, quiet below its
+ * level (`warn` by default). Writes are synchronous, so nothing is lost when the process
+ * execs or exits.
+ */
+export class StderrLog implements Log {
   #rank: number;
 
   constructor(
