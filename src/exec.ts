@@ -54,6 +54,21 @@ function notExecutable(file: string, why: string, cause?: unknown): ShmfdError {
   return new ShmfdError('ERR_COMMAND_NOT_EXECUTABLE', `cannot execute ${file}: ${why}`, cause === undefined ? undefined : { cause });
 }
 
+/**
+ * Whether this process may hold a descriptor numbered `fd` or above (the open-file limit,
+ * ulimit -n), found by duplicating the open descriptor `probe` there and closing the copy.
+ * {@link execReplace} stages every descriptor above its targets: a wrapper asks this first,
+ * to fail with a clear message before it does anything.
+ */
+export function roomForDescriptor(fd: number, probe: number): boolean {
+  try {
+    sys.close(sys.dupAbove(probe, fd));
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 /** The exit status a shell gives for a command that cannot be started: 127 not found, 126 not executable. */
 export function commandErrorStatus(err: unknown): 126 | 127 | undefined {
   if (!(err instanceof ShmfdError)) return undefined;

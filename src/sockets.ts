@@ -14,8 +14,8 @@ import fs from 'node:fs';
 import net from 'node:net';
 import { ShmfdError } from './errors.js';
 import type { Log } from './log.js';
-import { checkFdName, readListenFds, type PassedFd } from './listen-fds.js';
-import { fdStoreWarning, Notifier } from './notify.js';
+import { checkFdName, type PassedFd } from './listen-fds.js';
+import { fdStoreWarning, type Notifier } from './notify.js';
 import * as sys from './system.js';
 
 /** The socket kinds of systemfd. `http` and `https` are tcp listeners with a URL in the logs. */
@@ -370,19 +370,13 @@ export function prepareSockets(
 }
 
 /**
- * The `-s/--socket` values of a wrapper that also passes a memory file named `memoryName`:
- * parsed (no socket may take that name), then given sockets by {@link prepareSockets} from
- * the descriptors passed to this process, new ones parked in the service manager's fd store.
- * @throws ShmfdError `ERR_SOCKET_SPEC`, `ERR_SOCKET_OPEN`, and the errors of `readListenFds`
+ * The `-s/--socket` values of a wrapper that also passes a descriptor named `reserved` (its
+ * memory file), parsed; no socket may take that name.
+ * @throws ShmfdError `ERR_SOCKET_SPEC`
  */
-export function prepareSocketOptions(texts: readonly string[], memoryName: string, log: Log): PreparedSockets {
+export function parseSocketSpecs(texts: readonly string[], reserved: string): SocketSpec[] {
   const specs = texts.map(parseSocketSpec);
-  const taken = specs.find((s) => s.name === memoryName);
-  if (taken !== undefined) throw specError(taken.text, `${memoryName} is the memory file's name`);
-  const notifier = Notifier.fromEnv();
-  try {
-    return prepareSockets(specs, readListenFds(), { notifier, log });
-  } finally {
-    notifier?.close();
-  }
+  const taken = specs.find((s) => s.name === reserved);
+  if (taken !== undefined) throw specError(taken.text, `${reserved} is the memory file's name`);
+  return specs;
 }

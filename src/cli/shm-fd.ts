@@ -3,17 +3,13 @@
  * descriptor, and replaces itself with that program.
  * @module
  */
-import { ShmfdError } from '../errors.js';
-import { commandErrorStatus, execReplace } from '../exec.js';
-import path from 'node:path';
-import { DEFAULT_FIRST_FD, findPassedFd, listenEnv, NODE_SAFE_FIRST_FD, withEnv, type PassedFd } from '../listen-fds.js';
+import { commandErrorStatus, execReplace, roomForDescriptor } from '../exec.js';
+import { findPassedFd, listenEnv, withEnv, type PassedFd } from '../listen-fds.js';
 import { MemoryFile } from '../memory-file.js';
 import { fdStoreWarning, Notifier } from '../notify.js';
 import { SHARED_FD_NAME } from '../shared-fd.js';
-import { prepareSocketOptions } from '../sockets.js';
-import * as sys from '../system.js';
-import { isSystemError } from '../system.js';
 import { commonOptions, last, parseArgs, parseSize, SIZE_SUFFIXES, usageError, usageErrorSeeHelp, type OptionSpec } from './args.js';
+import { describeError, parseFirstFd, prepareSocketOptions, warnIfNodeRestarter } from './common.js';
 import { StderrLog } from '../log.js';
 
 const USAGE = `Usage: shm-fd [OPTIONS] [--] COMMAND [ARGS...]
@@ -69,7 +65,7 @@ function run(argv: readonly string[], log: StderrLog): number {
   const size = sizeText === undefined ? undefined : parseSize('--size', sizeText);
 
   const first = parseFirstFd(last(args, 'first-fd'));
-  const sockets = prepareSocketOptions(args.options.get('socket') ?? [], name, log);
+  const sockets = prepareSocketOptions(args.options.get('socket') ?? [], name, process.env, log);
   const passed = sockets.passed;
   const fds: PassedFd[] = [...passed, ...sockets.opened];
   const found = findPassedFd(passed, name);
@@ -104,15 +100,6 @@ function run(argv: readonly string[], log: StderrLog): number {
   return execReplace({ command, args: commandArgs, env, fds: placements, programName: 'shm-fd' });
 }
 
-/** Parses `--first-fd K` (3..65535); the default is 3. */
-export function parseFirstFd(text: string | undefined): number {
-  if (text === undefined) return DEFAULT_FIRST_FD;
-  if (!/^[0-9]+$/.test(text) || Number(text) < 3 || Number(text) > 65535) {
-    throw usageError(`--first-fd: ${JSON.stringify(text)} is not a descriptor number from 3 to 65535`);
-  }
-  return Number(text);
-}
-
 /**
  * Fails early, with a clear message, when the descriptors would not fit under the
  * open-file limit, and warns when a Node-based restarter would swallow
@@ -125,28 +112,10 @@ function checkFirstFd(first: number, fds: readonly PassedFd[], command: string, 
   if (probe === undefined) return;
   // The exec stages every descriptor above the highest target before placing it.
   const highest = first + 2 * fds.length - 1;
-  try {
-    sys.close(sys.dupAbove(probe.fd, highest));
-  } catch {
+  if (!roomForDescriptor(highest, probe.fd)) {
     throw usageError(`--first-fd ${first}: descriptor ${highest} is above the limit of open files (ulimit -n)`);
   }
   warnIfNodeRestarter(command, args, first, log);
-}
-
-/**
- * Warns when COMMAND is a Node process that restarts its program (node --watch, nodemon)
- * and the descriptors start below {@link NODE_SAFE_FIRST_FD}: they would not reach the
- * program, whose socket would then accept connections nobody answers.
- */
-export function warnIfNodeRestarter(command: string, args: readonly string[], first: number, log: StderrLog): void {
-  const base = path.basename(command);
-  const nodeWatcher =
-    base === 'nodemon' || (/^node(js)?$/.test(base) && args.some((a) => a === '--watch' || a.startsWith('--watch-path')));
-  if (nodeWatcher && first < NODE_SAFE_FIRST_FD) {
-    log.warn(
-      `${base} is a Node process that restarts its program: descriptors below ${NODE_SAFE_FIRST_FD} do not reach the program; use --first-fd ${NODE_SAFE_FIRST_FD}`,
-    );
-  }
 }
 
 /** Runs the command line; returns an exit status only when it did not exec. */
@@ -160,14 +129,4 @@ export function main(argv: readonly string[]): number {
     if (commandStatus !== undefined) return commandStatus;
     return EXIT_FAILURE;
   }
-}
-
-/** One line that names the thing and the problem. */
-export function describeError(err: unknown): string {
-  if (err instanceof ShmfdError) return err.message;
-  if (isSystemError(err)) {
-    if (err.syscall === 'sendmsg') return `cannot reach the service manager at NOTIFY_SOCKET: ${err.message}`;
-    return err.message;
-  }
-  return err instanceof Error ? `${err.name}: ${err.message}` : String(err);
 }

@@ -13,8 +13,7 @@ import { SHARED_FD_NAME } from '../shared-fd.js';
 import { commandErrorStatus } from '../exec.js';
 import { commonOptions, last, parseArgs, printAnswer, usageError, usageErrorSeeHelp, type OptionSpec, type ParsedArgs } from './args.js';
 import { StderrLog } from '../log.js';
-import { prepareSocketOptions } from '../sockets.js';
-import { describeError, parseFirstFd, warnIfNodeRestarter } from './shm-fd.js';
+import { describeError, parseFirstFd, prepareSocketOptions, warnIfNodeRestarter } from './common.js';
 
 const USAGE = `Usage: shm-restore [OPTIONS] BACKUP [--] COMMAND [ARGS...]
        shm-restore [--snapshot=restore-v1] status BACKUP
@@ -123,7 +122,7 @@ async function run(argv: readonly string[], log: StderrLog): Promise<number> {
   const memoryName = last(args, 'name') ?? SHARED_FD_NAME;
   const firstFd = parseFirstFd(last(args, 'first-fd'));
   warnIfNodeRestarter(command, commandArgs, firstFd, log);
-  const sockets = prepareSocketOptions(args.options.get('socket') ?? [], memoryName, log).opened;
+  const sockets = prepareSocketOptions(args.options.get('socket') ?? [], memoryName, process.env, log).opened;
 
   return runRestoreHost({
     backup,

@@ -1,0 +1,65 @@
+/**
+ * What the two wrappers, `shm-fd` and `shm-restore`, share: the `--first-fd` and
+ * `--socket` options, the warning about Node-based restarters, and the one-line error.
+ * @module
+ */
+import path from 'node:path';
+import { ShmfdError } from '../errors.js';
+import { DEFAULT_FIRST_FD, NODE_SAFE_FIRST_FD, readListenFds, type Environment } from '../listen-fds.js';
+import type { Log } from '../log.js';
+import { Notifier } from '../notify.js';
+import { parseSocketSpecs, prepareSockets, type PreparedSockets } from '../sockets.js';
+import { isSystemError } from '../system.js';
+import { usageError } from './args.js';
+
+/** Parses `--first-fd K` (3..65535); the default is 3. */
+export function parseFirstFd(text: string | undefined): number {
+  if (text === undefined) return DEFAULT_FIRST_FD;
+  if (!/^[0-9]+$/.test(text) || Number(text) < 3 || Number(text) > 65535) {
+    throw usageError(`--first-fd: ${JSON.stringify(text)} is not a descriptor number from 3 to 65535`);
+  }
+  return Number(text);
+}
+
+/**
+ * Warns when COMMAND is a Node process that restarts its program (node --watch, nodemon)
+ * and the descriptors start below {@link NODE_SAFE_FIRST_FD}: they would not reach the
+ * program, whose socket would then accept connections nobody answers.
+ */
+export function warnIfNodeRestarter(command: string, args: readonly string[], first: number, log: Log): void {
+  const base = path.basename(command);
+  const nodeWatcher =
+    base === 'nodemon' || (/^node(js)?$/.test(base) && args.some((a) => a === '--watch' || a.startsWith('--watch-path')));
+  if (nodeWatcher && first < NODE_SAFE_FIRST_FD) {
+    log.warn(
+      `${base} is a Node process that restarts its program: descriptors below ${NODE_SAFE_FIRST_FD} do not reach the program; use --first-fd ${NODE_SAFE_FIRST_FD}`,
+    );
+  }
+}
+
+/**
+ * The `-s/--socket` values of a wrapper that also passes a memory file named `memoryName`:
+ * parsed, then given sockets by {@link prepareSockets} from the descriptors passed to this
+ * process (as `env` describes them), new ones parked in the fd store of the service manager
+ * that `env` names.
+ * @throws ShmfdError `ERR_SOCKET_SPEC`, `ERR_SOCKET_OPEN`, and the errors of `readListenFds`
+ */
+export function prepareSocketOptions(texts: readonly string[], memoryName: string, env: Environment, log: Log): PreparedSockets {
+  const specs = parseSocketSpecs(texts, memoryName);
+  const notifier = Notifier.fromEnv(env);
+  try {
+    return prepareSockets(specs, readListenFds({ env }), { notifier, log });
+  } finally {
+    notifier?.close();
+  }
+}
+
+/** One line that names the thing and the problem. */
+export function describeError(err: unknown): string {
+  if (err instanceof ShmfdError) return err.message;
+  if (isSystemError(err)) {
+    if (err.syscall === 'sendmsg') return `cannot reach the service manager at NOTIFY_SOCKET: ${err.message}`;
+    return err.message;
+  }
+  return err instanceof Error ? `${err.name}: ${err.message}` : String(err);
+}
