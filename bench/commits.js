@@ -26,7 +26,7 @@ const SIZES = [
 const ORIGINAL_RECOVER_US = 20;
 
 async function openSnapshotFile() {
-  const { MemoryFile } = await import(`${ROOT}/dist/memory-file.js`);
+  const { MemoryFile } = await import(`${ROOT}/dist/fds/memory-file.js`);
   const { SnapshotFile } = await import(`${ROOT}/dist/snapshot/index.js`);
   const file = MemoryFile.create('bench-commits', { size: FILE_SIZE });
   const bytes = file.map().bytes;

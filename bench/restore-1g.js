@@ -18,7 +18,7 @@ const REPS = Number(process.env.SHMFD_BENCH_RESTORE_RUNS ?? 7);
 const SHM_RESTORE = path.join(ROOT, 'bin', 'shm-restore.js');
 const SHM_COPY = `/dev/shm/shmfd-bench-${process.pid}`;
 
-const { MemoryFile } = await import(`${ROOT}/dist/memory-file.js`);
+const { MemoryFile } = await import(`${ROOT}/dist/fds/memory-file.js`);
 const { SnapshotFile } = await import(`${ROOT}/dist/snapshot/index.js`);
 
 /** Free bytes for an unprivileged writer at `dir`. */

@@ -17,7 +17,7 @@ const COMMANDS = {
   // Where the wrapper's time goes: each import on top of an empty ES module.
   'esm: nothing': esm(''),
   'esm: import koffi': esm(`import ${JSON.stringify(path.join(ROOT, 'node_modules', 'koffi', 'index.js'))};`),
-  'esm: import dist/system.js': esm(`import ${JSON.stringify(path.join(ROOT, 'dist', 'system.js'))};`),
+  'esm: import dist/system/libc.js': esm(`import ${JSON.stringify(path.join(ROOT, 'dist', 'system', 'libc.js'))};`),
   'esm: import dist/cli/shm-fd.js': esm(`import ${JSON.stringify(path.join(ROOT, 'dist', 'cli', 'shm-fd.js'))};`),
 };
 
@@ -50,8 +50,8 @@ const rows = [
 ];
 const steps = [
   ['koffi (the FFI and its native library)', 'esm: import koffi', 'esm: nothing'],
-  ['binding the libc functions (src/system.ts)', 'esm: import dist/system.js', 'esm: import koffi'],
-  ["the CLI's other modules", 'esm: import dist/cli/shm-fd.js', 'esm: import dist/system.js'],
+  ['binding the libc functions (src/system.ts)', 'esm: import dist/system/libc.js', 'esm: import koffi'],
+  ["the CLI's other modules", 'esm: import dist/cli/shm-fd.js', 'esm: import dist/system/libc.js'],
   ['parsing, the memfd, the exec (shm-fd true − imports − `true`)', 'shm-fd true', 'esm: import dist/cli/shm-fd.js'],
 ].map(([what, a, b]) => [what, ms(over(a, b))]);
 console.log('### Start-up of the wrapper\n');

@@ -34,7 +34,7 @@ function measure(op, batch = 1000) {
 }
 
 async function open(declarations) {
-  const { MemoryFile } = await import(`${ROOT}/dist/memory-file.js`);
+  const { MemoryFile } = await import(`${ROOT}/dist/fds/memory-file.js`);
   const { StateFile } = await import(`${ROOT}/dist/state/index.js`);
   const file = MemoryFile.create('bench-state', { size: CAPACITY + 16 * 2 ** 20 });
   return { state: StateFile.open(file, declarations), file, StateFile };

@@ -15,17 +15,17 @@ import ts from 'typescript';
  * flows one way. The modules of an `alone` layer (the programs) do not import each other.
  */
 const LAYERS = [
-  { name: 'base', modules: ['errors.ts', 'log.ts'], uses: [] },
-  { name: 'system', modules: ['system.ts', 'proc.ts'], uses: ['base'] },
-  { name: 'descriptors', modules: ['listen-fds.ts', 'memory-file.ts', 'notify.ts', 'shared-fd.ts'], uses: ['base', 'system'] },
-  { name: 'exec', modules: ['exec.ts', 'caller-fds.ts'], uses: ['base', 'system', 'descriptors'] },
-  { name: 'sockets', modules: ['sockets.ts', 'server.ts', 'serve.ts'], uses: ['base', 'system', 'descriptors'] },
+  { name: 'base', modules: ['base/'], uses: [] },
+  { name: 'system', modules: ['system/'], uses: ['base'] },
+  { name: 'fds', modules: ['fds/'], uses: ['base', 'system'] },
+  { name: 'exec', modules: ['exec/'], uses: ['base', 'system', 'fds'] },
+  { name: 'sockets', modules: ['sockets/'], uses: ['base', 'system', 'fds'] },
   { name: 'snapshot', modules: ['snapshot/'], uses: ['base'] },
-  { name: 'restore', modules: ['restore/'], uses: ['base', 'system', 'descriptors', 'exec', 'snapshot'] },
-  { name: 'state', modules: ['state/'], uses: ['base', 'descriptors', 'snapshot'] },
-  { name: 'cli-shared', modules: ['cli/'], uses: ['base', 'system', 'descriptors', 'exec', 'sockets', 'snapshot', 'restore'] },
-  { name: 'cli', modules: ['cli/shm-fd.ts', 'cli/shm-restore.ts'], uses: ['base', 'system', 'descriptors', 'exec', 'sockets', 'snapshot', 'restore', 'cli-shared'], alone: true },
-  { name: 'entry', modules: ['index.ts'], uses: ['base', 'system', 'descriptors', 'exec', 'sockets', 'snapshot', 'restore', 'state'] },
+  { name: 'restore', modules: ['restore/'], uses: ['base', 'system', 'fds', 'exec', 'snapshot'] },
+  { name: 'state', modules: ['state/'], uses: ['base', 'fds', 'snapshot'] },
+  { name: 'cli-shared', modules: ['cli/'], uses: ['base', 'system', 'fds', 'exec', 'sockets', 'snapshot', 'restore'] },
+  { name: 'cli', modules: ['cli/shm-fd.ts', 'cli/shm-restore.ts'], uses: ['base', 'system', 'fds', 'exec', 'sockets', 'snapshot', 'restore', 'cli-shared'], alone: true },
+  { name: 'entry', modules: ['index.ts'], uses: ['base', 'system', 'fds', 'exec', 'sockets', 'snapshot', 'restore', 'state'] },
 ];
 
 /** The only layer that may load the foreign-function interface. */

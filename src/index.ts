@@ -2,16 +2,16 @@
  * shmfd: keep a program's in-memory state across restarts, crashes and upgrades.
  * @module
  */
-export { ShmfdError, type ShmfdErrorCode } from './errors.js';
-export type { Log } from './log.js';
-export { SystemError, isSystemError, Seal, type SocketAddress, type SocketInfo } from './system.js';
+export { ShmfdError, type ShmfdErrorCode } from './base/errors.js';
+export type { Log } from './base/log.js';
+export { SystemError, isSystemError, Seal, type SocketAddress, type SocketInfo } from './system/libc.js';
 export {
   MemoryFile,
   Mapping,
   type CreateMemoryFileOptions,
   type MapOptions,
   type TypedArrayConstructor,
-} from './memory-file.js';
+} from './fds/memory-file.js';
 export {
   findListenFd,
   readListenFds,
@@ -26,7 +26,7 @@ export {
   type Environment,
   type ReadListenFdsOptions,
   type ListenEnvOptions,
-} from './listen-fds.js';
+} from './fds/listen-fds.js';
 export {
   Notifier,
   parseNotifySocket,
@@ -38,9 +38,9 @@ export {
   type NotifyState,
   type StoreFdsOptions,
   type WatchdogKeeper,
-} from './notify.js';
-export { SharedFd, SHARED_FD_NAME, type SharedFdOptions } from './shared-fd.js';
-export { execReplace, resolveCommand, type ExecRequest, type FdPlacement } from './exec.js';
+} from './fds/notify.js';
+export { SharedFd, SHARED_FD_NAME, type SharedFdOptions } from './fds/shared-fd.js';
+export { execReplace, resolveCommand, type ExecRequest, type FdPlacement } from './exec/exec.js';
 export {
   parseSocketSpec,
   openSocket,
@@ -55,7 +55,7 @@ export {
   type SocketLog,
   type PrepareSocketsOptions,
   type PreparedSockets,
-} from './sockets.js';
+} from './sockets/open.js';
 export {
   findPassedSocket,
   listenOn,
@@ -66,8 +66,8 @@ export {
   type ListenOnOptions,
   type Listening,
   type OpenDatagramOptions,
-} from './server.js';
-export { serve, type Endpoint, type ServeOptions, type Service } from './serve.js';
+} from './sockets/adopt.js';
+export { serve, type Endpoint, type ServeOptions, type Service } from './sockets/serve.js';
 export {
   runRestoreHost,
   childDescriptors,

@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import * as sys from '../dist/system.js';
+import * as sys from '../dist/system/libc.js';
 import { cleanEnv, commandExists, fixture, NODE, PYTHON, run, runShmFd, SHM_FD, tempDir } from './helpers.js';
 
 const EIGHT_MIB = 8 * 1024 * 1024;

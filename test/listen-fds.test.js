@@ -16,7 +16,7 @@ import {
   ShmfdError,
   withEnv,
 } from '../dist/index.js';
-import * as sys from '../dist/system.js';
+import * as sys from '../dist/system/libc.js';
 import { assertOneErrorLine, cleanEnv, fixture, NODE, run, runShmFd } from './helpers.js';
 
 function isShmfdError(code) {

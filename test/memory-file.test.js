@@ -5,7 +5,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { MemoryFile, Seal, ShmfdError } from '../dist/index.js';
-import * as sys from '../dist/system.js';
+import * as sys from '../dist/system/libc.js';
 import { fixture, NODE, run, tempDir } from './helpers.js';
 
 const GiB = 2 ** 30;

@@ -16,7 +16,7 @@ import {
   ShmfdError,
   watchdogUsec,
 } from '../dist/index.js';
-import * as sys from '../dist/system.js';
+import * as sys from '../dist/system/libc.js';
 import {
   abstractAddress,
   assertOneErrorLine,

@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { after, test } from 'node:test';
 import { BIN, COUNTER, fingerprint, run, runHost, tempFiles, works } from './fixtures/restore-helpers.js';
-import * as sys from '../dist/system.js';
+import * as sys from '../dist/system/libc.js';
 import { isRoot, nobodySkip, readableCopy, tempDir } from './helpers.js';
 
 /** A valid restore-v1 backup of 64 KiB with 3 snapshots, made by the real host. */

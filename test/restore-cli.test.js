@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import * as sys from '../dist/system.js';
+import * as sys from '../dist/system/libc.js';
 import { BIN, COUNTER, ENV, RAW, run, runHost, tempFiles } from './fixtures/restore-helpers.js';
 import { cleanEnv, ROOT, SHM_FD, tempDir } from './helpers.js';
 

@@ -12,7 +12,7 @@ import path from 'node:path';
 import { test } from 'node:test';
 import { BIN, COUNTER, RAW, fingerprint, readCounterBackup, run, runHost, startHost, tempFiles } from './fixtures/restore-helpers.js';
 import { BackupFile } from '../dist/restore/backup.js';
-import * as sys from '../dist/system.js';
+import * as sys from '../dist/system/libc.js';
 import { seededRandom, tempDir } from './helpers.js';
 
 const CHECK = 'user.shmfd.check';

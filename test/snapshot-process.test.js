@@ -2,7 +2,7 @@
 // (and, concurrently, reads while the child writes). Uses src/memory-file.ts for the memfd.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { MemoryFile } from '../dist/memory-file.js';
+import { MemoryFile } from '../dist/fds/memory-file.js';
 import { PAGE, SnapshotFile } from '../dist/snapshot/index.js';
 import { NODE, fixture, run } from './helpers.js';
 

@@ -9,8 +9,8 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
-import { parseSocketSpec } from '../dist/sockets.js';
-import * as sys from '../dist/system.js';
+import { parseSocketSpec } from '../dist/sockets/open.js';
+import * as sys from '../dist/system/libc.js';
 import { assertOneErrorLine, cleanEnv, fixture, isRoot, NODE, ROOT, run, runShmFd, SHM_FD, tempDir, waitFor } from './helpers.js';
 
 const ECHO = fixture('sockets-echo.js');
@@ -184,7 +184,7 @@ if fd != 3:
     os.close(fd)
 os.set_inheritable(3, True)
 os.execv(sys.argv[1], sys.argv[1:])`;
-  const report = `import('${path.join(ROOT, 'dist', 'system.js')}').then((s) => console.log(JSON.stringify(s.socketInfo(3).address)))`;
+  const report = `import('${path.join(ROOT, 'dist', 'system', 'libc.js')}').then((s) => console.log(JSON.stringify(s.socketInfo(3).address)))`;
   const r = await run('/usr/bin/python3', ['-c', store, NODE, SHM_FD, '-s', `http::0.0.0.0:${port}`, '--', NODE, '-e', report], {
     env: cleanEnv({ LISTEN_FDS: '1', LISTEN_FDNAMES: 'http' }),
   });

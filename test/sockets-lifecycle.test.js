@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { serve } from '../dist/index.js';
-import * as sys from '../dist/system.js';
+import * as sys from '../dist/system/libc.js';
 import { cleanEnv, datagramReceiver, fixture, NODE, ROOT, SHM_FD, tempDir, waitFor } from './helpers.js';
 
 function startServer(t, args, env, extraFds = []) {

@@ -10,7 +10,7 @@ import net from 'node:net';
 import path from 'node:path';
 import readline from 'node:readline';
 import { Worker, isMainThread, workerData } from 'node:worker_threads';
-import * as sys from '../dist/system.js';
+import * as sys from '../dist/system/libc.js';
 
 /**
  * The fields of one entry of the native protocol: `KEY=value\n`, or, for values that may

@@ -5,9 +5,9 @@
  * @module
  */
 import fs from 'node:fs';
-import { ShmfdError } from '../errors.js';
-import { isSystemError } from '../system.js';
-import { isLogLevel, type StderrLog } from '../log.js';
+import { ShmfdError } from '../base/errors.js';
+import { isSystemError } from '../system/libc.js';
+import { isLogLevel, type StderrLog } from '../base/log.js';
 
 export interface OptionSpec {
   /** Long name without dashes. */

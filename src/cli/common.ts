@@ -4,12 +4,12 @@
  * @module
  */
 import path from 'node:path';
-import { ShmfdError } from '../errors.js';
-import { DEFAULT_FIRST_FD, NODE_SAFE_FIRST_FD, readListenFds, type Environment } from '../listen-fds.js';
-import type { Log } from '../log.js';
-import { Notifier } from '../notify.js';
-import { parseSocketSpecs, prepareSockets, type PreparedSockets } from '../sockets.js';
-import { isSystemError } from '../system.js';
+import { ShmfdError } from '../base/errors.js';
+import { DEFAULT_FIRST_FD, NODE_SAFE_FIRST_FD, readListenFds, type Environment } from '../fds/listen-fds.js';
+import type { Log } from '../base/log.js';
+import { Notifier } from '../fds/notify.js';
+import { parseSocketSpecs, prepareSockets, type PreparedSockets } from '../sockets/open.js';
+import { isSystemError } from '../system/libc.js';
 import { usageError } from './args.js';
 
 /** Parses `--first-fd K` (3..65535); the default is 3. */

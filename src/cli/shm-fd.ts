@@ -3,14 +3,14 @@
  * descriptor, and replaces itself with that program.
  * @module
  */
-import { commandErrorStatus, execReplace, roomForDescriptor } from '../exec.js';
-import { findPassedFd, listenEnv, withEnv, type PassedFd } from '../listen-fds.js';
-import { MemoryFile } from '../memory-file.js';
-import { fdStoreWarning, Notifier } from '../notify.js';
-import { SHARED_FD_NAME } from '../shared-fd.js';
+import { commandErrorStatus, execReplace, roomForDescriptor } from '../exec/exec.js';
+import { findPassedFd, listenEnv, withEnv, type PassedFd } from '../fds/listen-fds.js';
+import { MemoryFile } from '../fds/memory-file.js';
+import { fdStoreWarning, Notifier } from '../fds/notify.js';
+import { SHARED_FD_NAME } from '../fds/shared-fd.js';
 import { commonOptions, last, parseArgs, parseSize, SIZE_SUFFIXES, usageError, usageErrorSeeHelp, type OptionSpec } from './args.js';
 import { describeError, parseFirstFd, prepareSocketOptions, warnIfNodeRestarter } from './common.js';
-import { StderrLog } from '../log.js';
+import { StderrLog } from '../base/log.js';
 
 const USAGE = `Usage: shm-fd [OPTIONS] [--] COMMAND [ARGS...]
 

@@ -9,10 +9,10 @@ import { DEFAULT_INTERVAL_MS } from '../restore/snapshotter.js';
 import { BackupFile } from '../restore/backup.js';
 import { lockHolder } from '../restore/lock.js';
 import { backupStatus } from '../restore/status.js';
-import { SHARED_FD_NAME } from '../shared-fd.js';
-import { commandErrorStatus } from '../exec.js';
+import { SHARED_FD_NAME } from '../fds/shared-fd.js';
+import { commandErrorStatus } from '../exec/exec.js';
 import { commonOptions, last, parseArgs, printAnswer, usageError, usageErrorSeeHelp, type OptionSpec, type ParsedArgs } from './args.js';
-import { StderrLog } from '../log.js';
+import { StderrLog } from '../base/log.js';
 import { describeError, parseFirstFd, prepareSocketOptions, warnIfNodeRestarter } from './common.js';
 
 const USAGE = `Usage: shm-restore [OPTIONS] BACKUP [--] COMMAND [ARGS...]

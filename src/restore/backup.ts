@@ -7,9 +7,9 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import util from 'node:util';
-import { ShmfdError } from '../errors.js';
+import { ShmfdError } from '../base/errors.js';
 import { SnapshotFormatError } from '../snapshot/errors.js';
-import { getXattr, isSystemError, setXattr } from '../system.js';
+import { getXattr, isSystemError, setXattr } from '../system/libc.js';
 import { CHUNK, copySparse, dataExtents, yieldToLoop, type CopyResult, type CopySparseOptions } from './copy.js';
 import { readHead, readSlotState, type SlotState } from './slots.js';
 

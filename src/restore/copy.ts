@@ -7,7 +7,7 @@
  * @module
  */
 import fs from 'node:fs';
-import * as sys from '../system.js';
+import * as sys from '../system/libc.js';
 
 const SEEK_SET = 0;
 /**

@@ -8,8 +8,8 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { ShmfdError } from '../errors.js';
-import * as sys from '../system.js';
+import { ShmfdError } from '../base/errors.js';
+import * as sys from '../system/libc.js';
 import { describeSystemError, type BackupFile } from './backup.js';
 
 /** The lock file of a backup: `.<name>.lock` in its directory. */

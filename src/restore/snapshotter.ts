@@ -11,7 +11,7 @@
  * @module
  */
 import fs from 'node:fs';
-import type { Log } from '../log.js';
+import type { Log } from '../base/log.js';
 import { SnapshotFormatError } from '../snapshot/errors.js';
 import { clearSlotsExcept, MIN_FILE_LENGTH, PAGE, readSlots, type Snapshot } from '../snapshot/format.js';
 import { describeSystemError, type BackupFile } from './backup.js';

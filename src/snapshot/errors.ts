@@ -3,7 +3,7 @@
  * @module
  */
 
-import { ShmfdError, type SnapshotErrorCode } from '../errors.js';
+import { ShmfdError, type SnapshotErrorCode } from '../base/errors.js';
 
 export type { SnapshotErrorCode };
 

@@ -5,7 +5,7 @@
  * @module
  */
 import { TextDecoder, TextEncoder } from 'node:util';
-import { ShmfdError } from '../errors.js';
+import { ShmfdError } from '../base/errors.js';
 import { PAGE } from '../snapshot/format.js';
 
 /** The typed arrays a {@link versionedCell} can hold. */

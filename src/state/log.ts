@@ -3,7 +3,7 @@
  * the state with the next commit, and committed bytes are never written again.
  * @module
  */
-import { ShmfdError } from '../errors.js';
+import { ShmfdError } from '../base/errors.js';
 import { putU64, type StateHost, type Structure } from './host.js';
 import { RECORD_ALIGN, RECORD_HEADER } from './layout.js';
 

@@ -4,9 +4,9 @@
  * committed state of all of them at once.
  * @module
  */
-import { ShmfdError } from '../errors.js';
-import type { MemoryFile, Mapping } from '../memory-file.js';
-import { SharedFd, SHARED_FD_NAME, type SharedFdOptions } from '../shared-fd.js';
+import { ShmfdError } from '../base/errors.js';
+import type { MemoryFile, Mapping } from '../fds/memory-file.js';
+import { SharedFd, SHARED_FD_NAME, type SharedFdOptions } from '../fds/shared-fd.js';
 import { checkConfig } from '../snapshot/config.js';
 import { SnapshotFormatError } from '../snapshot/errors.js';
 import { SnapshotFile, type FileDiscovery } from '../snapshot/file.js';

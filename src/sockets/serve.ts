@@ -11,7 +11,7 @@ import type dgram from 'node:dgram';
 import type http from 'node:http';
 import net from 'node:net';
 import type tls from 'node:tls';
-import type { Notifier } from './notify.js';
+import type { Notifier } from '../fds/notify.js';
 
 /** Something the service serves on: a stream server or a datagram socket. */
 export type Endpoint = net.Server | dgram.Socket;
@@ -243,7 +243,7 @@ export function serve(options: ServeOptions): Service {
   const notifier: Promise<Notifier | undefined> =
     options.notifier !== undefined || address === undefined
       ? Promise.resolve(options.notifier ?? undefined)
-      : import('./notify.js')
+      : import('../fds/notify.js')
           .then((m) => m.Notifier.fromEnv({ NOTIFY_SOCKET: address }))
           .catch((err: unknown) => {
             onNotifyError(err);

@@ -5,9 +5,9 @@
  * @module
  */
 import fs from 'node:fs';
-import type { Environment } from './listen-fds.js';
-import { fdTarget, parentOf } from './proc.js';
-import * as sys from './system.js';
+import type { Environment } from '../fds/listen-fds.js';
+import { fdTarget, parentOf } from '../system/proc.js';
+import * as sys from '../system/libc.js';
 
 /**
  * The descriptors (>= 3) of this process without close-on-exec, with their targets.

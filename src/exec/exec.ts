@@ -6,10 +6,10 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { ShmfdError } from './errors.js';
-import type { Environment } from './listen-fds.js';
+import { ShmfdError } from '../base/errors.js';
+import type { Environment } from '../fds/listen-fds.js';
 import { callerFds } from './caller-fds.js';
-import * as sys from './system.js';
+import * as sys from '../system/libc.js';
 
 const DEFAULT_PATH = '/usr/local/bin:/usr/bin:/bin';
 

@@ -3,9 +3,9 @@
  * its mappings as typed arrays.
  * @module
  */
-import { fdTarget } from './proc.js';
-import { ShmfdError } from './errors.js';
-import * as sys from './system.js';
+import { fdTarget } from '../system/proc.js';
+import { ShmfdError } from '../base/errors.js';
+import * as sys from '../system/libc.js';
 
 /** Options of {@link MemoryFile.create}. */
 export interface CreateMemoryFileOptions {

@@ -8,10 +8,10 @@ import dgram from 'node:dgram';
 import http from 'node:http';
 import https from 'node:https';
 import net from 'node:net';
-import { ShmfdError } from './errors.js';
-import { findListenFd, NODE_SAFE_FIRST_FD, type Environment } from './listen-fds.js';
-import { SOCKET_BACKLOG } from './sockets.js';
-import * as sys from './system.js';
+import { ShmfdError } from '../base/errors.js';
+import { findListenFd, NODE_SAFE_FIRST_FD, type Environment } from '../fds/listen-fds.js';
+import { SOCKET_BACKLOG } from './open.js';
+import * as sys from '../system/libc.js';
 
 /** A socket passed under a name, and what it is. */
 export interface PassedSocket {

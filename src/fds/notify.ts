@@ -3,9 +3,9 @@
  * status, watchdog, and the file descriptor store.
  * @module
  */
-import { ShmfdError } from './errors.js';
+import { ShmfdError } from '../base/errors.js';
 import { checkFdName, type Environment } from './listen-fds.js';
-import * as sys from './system.js';
+import * as sys from '../system/libc.js';
 
 /** The largest notification datagram, as systemd reads it. */
 export const MAX_MESSAGE_BYTES = 4096;

@@ -4,9 +4,9 @@
  * parent passed, looking descriptors up by name, and describing what to pass on.
  * @module
  */
-import { ShmfdError } from './errors.js';
-import { fdTarget, parentOf } from './proc.js';
-import * as sys from './system.js';
+import { ShmfdError } from '../base/errors.js';
+import { fdTarget, parentOf } from '../system/proc.js';
+import * as sys from '../system/libc.js';
 
 /** The first passed descriptor when `LISTEN_FDS_FIRST_FD` is not set. */
 export const DEFAULT_FIRST_FD = 3;

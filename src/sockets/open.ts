@@ -12,11 +12,11 @@
  */
 import fs from 'node:fs';
 import net from 'node:net';
-import { ShmfdError } from './errors.js';
-import type { Log } from './log.js';
-import { checkFdName, type PassedFd } from './listen-fds.js';
-import { fdStoreWarning, type Notifier } from './notify.js';
-import * as sys from './system.js';
+import { ShmfdError } from '../base/errors.js';
+import type { Log } from '../base/log.js';
+import { checkFdName, type PassedFd } from '../fds/listen-fds.js';
+import { fdStoreWarning, type Notifier } from '../fds/notify.js';
+import * as sys from '../system/libc.js';
 
 /** The socket kinds of systemfd. `http` and `https` are tcp listeners with a URL in the logs. */
 export type SocketKind = 'tcp' | 'http' | 'https' | 'udp' | 'unix';

@@ -2,7 +2,7 @@
  * The program side of `shm-fd` and `shm-restore`: the shared memory file they pass.
  * @module
  */
-import { ShmfdError } from './errors.js';
+import { ShmfdError } from '../base/errors.js';
 import { findListenFd, listenPidTarget, type Environment } from './listen-fds.js';
 import { MemoryFile } from './memory-file.js';
 
