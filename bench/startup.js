@@ -50,7 +50,7 @@ const rows = [
 ];
 const steps = [
   ['koffi (the FFI and its native library)', 'esm: import koffi', 'esm: nothing'],
-  ['binding the libc functions (src/system.ts)', 'esm: import dist/system/libc.js', 'esm: import koffi'],
+  ['binding the libc functions (src/system/libc.ts)', 'esm: import dist/system/libc.js', 'esm: import koffi'],
   ["the CLI's other modules", 'esm: import dist/cli/shm-fd.js', 'esm: import dist/system/libc.js'],
   ['parsing, the memfd, the exec (shm-fd true − imports − `true`)', 'shm-fd true', 'esm: import dist/cli/shm-fd.js'],
 ].map(([what, a, b]) => [what, ms(over(a, b))]);

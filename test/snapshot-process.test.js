@@ -1,5 +1,5 @@
 // Snapshots across processes: a child writes into a shared memfd, this process recovers
-// (and, concurrently, reads while the child writes). Uses src/memory-file.ts for the memfd.
+// (and, concurrently, reads while the child writes). Uses src/fds/memory-file.ts for the memfd.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { MemoryFile } from '../dist/fds/memory-file.js';

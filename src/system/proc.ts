@@ -1,7 +1,7 @@
 /**
  * What /proc tells about processes and their descriptors. Reading it has no effect and
  * loads nothing: modules that only ask about a descriptor import this one, not the scan
- * of the caller's descriptors in caller-fds.ts.
+ * of the caller's descriptors in exec/caller-fds.ts.
  * @module
  */
 import fs from 'node:fs';
