@@ -241,7 +241,7 @@ test('stdin passes through to the program', async () => {
 });
 
 test('a descriptor to place that is not open: EBADF from the kernel, thrown before anything changed', async () => {
-  const exec = new URL('../dist/exec.js', import.meta.url).href;
+  const exec = new URL('../dist/exec/exec.js', import.meta.url).href;
   const script = `const { execReplace } = await import(${JSON.stringify(exec)});
 try {
   execReplace({ command: '/bin/true', args: [], env: {}, fds: [{ from: 900, to: 3 }] });

@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import { test } from 'node:test';
-import * as sys from '../dist/system.js';
+import * as sys from '../dist/system/libc.js';
 
 const isShmfdError = (code) => (err) => err.name === 'ShmfdError' && err.code === code;
 const isSystemError = (code, syscall) => (err) => err.name === 'SystemError' && err.code === code && err.syscall === syscall;

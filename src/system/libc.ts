@@ -16,7 +16,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import util from 'node:util';
 import koffi from 'koffi';
-import { ShmfdError } from './errors.js';
+import { ShmfdError } from '../base/errors.js';
 
 const { errno: E, signals } = os.constants;
 
@@ -370,7 +370,7 @@ export function resetSignalsForExec(): void {
 
 /**
  * Replaces the process image (execve(2)). Returns only by throwing. The caller prepares the
- * descriptors; see `src/exec.ts` for the steps a Node process needs first.
+ * descriptors; see `src/exec/exec.ts` for the steps a Node process needs first.
  */
 export function execve(path: string, argv: readonly (string | Uint8Array)[], env: readonly (string | Uint8Array)[]): never {
   // Strings go out as UTF-8; bytes (arguments that are not UTF-8) as they are, NUL added.
