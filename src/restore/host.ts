@@ -90,8 +90,6 @@ export function childStdio(descriptors: readonly PassedFd[], first: number = DEF
   return ['inherit', 'inherit', 'inherit', ...gap, ...descriptors.map((d) => d.fd)];
 }
 
-/** The shell program that sets `LISTEN_PID` to its own pid, which `exec` keeps (fd-passing.md). */
-export const LISTEN_PID_SHELL = 'LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"';
 
 /**
  * The `setpriv` (util-linux 2.33 or later) in `env.PATH` that can start the program with a
@@ -110,15 +108,16 @@ export function findSetpriv(env: Environment): string | undefined {
 }
 
 /**
- * The shell program that `setpriv --pdeathsig KILL` runs in front of COMMAND. setpriv sets
- * the signal some time after the fork: a host killed in between would leave the program
- * unguarded. The shell starts after that, so if its parent is still the host the signal
- * is set and comes when the host dies; if not, the host is gone and the shell kills
- * itself instead of starting COMMAND. Then, as {@link LISTEN_PID_SHELL}, it sets
- * `LISTEN_PID` (unless `listenPid` is false) and execs COMMAND, which keeps the pid.
+ * The shell program run in front of COMMAND ("$0", its arguments "$@"); it ends by exec'ing
+ * COMMAND, which keeps the shell's pid. With `hostPid` (under `setpriv --pdeathsig KILL`):
+ * setpriv sets the signal some time after the fork, so a host killed in between would
+ * leave the program unguarded; the shell starts after that, and if its parent is no
+ * longer the host it kills itself instead of starting COMMAND. With `listenPid`, it sets
+ * `LISTEN_PID` to that pid (fd-passing.md).
  */
-export function guardedShell(hostPid: number, listenPid: boolean): string {
-  return `[ "$PPID" = ${hostPid} ] || kill -KILL $$; ${listenPid ? 'LISTEN_PID=$$; export LISTEN_PID; ' : ''}exec "$0" "$@"`;
+function childShell(hostPid: number | undefined, listenPid: boolean): string {
+  const guard = hostPid === undefined ? '' : `[ "$PPID" = ${hostPid} ] || kill -KILL $$; `;
+  return `${guard}${listenPid ? 'LISTEN_PID=$$; export LISTEN_PID; ' : ''}exec "$0" "$@"`;
 }
 
 /** The shell convention: 128 + N for a program killed by signal N. */
@@ -345,16 +344,15 @@ function startChild(
   // The shell only sets LISTEN_PID to its pid and execs the program in its place. A name
   // starting with '-' would be taken for an option of exec by some shells.
   const target = o.command.startsWith('-') ? path.resolve(executable) : o.command;
+  const listenPid = o.listenPid !== false;
   if (setpriv !== undefined) {
     // Node cannot run code between fork and exec: setpriv sets the parent-death signal
     // there and execs the shell, which execs the program; the pid stays the same.
-    const shell = guardedShell(process.pid, o.listenPid !== false);
+    const shell = childShell(process.pid, listenPid);
     return spawn(setpriv, ['--pdeathsig', 'KILL', '--', '/bin/sh', '-c', shell, target, ...args], { env: childEnv, stdio });
   }
-  if (o.listenPid === false) {
-    return spawn(executable, args, { argv0: o.command, env: childEnv, stdio });
-  }
-  return spawn('/bin/sh', ['-c', LISTEN_PID_SHELL, target, ...args], { env: childEnv, stdio });
+  if (!listenPid) return spawn(executable, args, { argv0: o.command, env: childEnv, stdio });
+  return spawn('/bin/sh', ['-c', childShell(undefined, true), target, ...args], { env: childEnv, stdio });
 }
 
 function waitForChild(child: ChildProcess): Promise<ChildEnd> {
