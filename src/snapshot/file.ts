@@ -17,13 +17,13 @@ import {
   type DiscoveredHead,
   type Snapshot,
 } from './format.js';
-import { Memory } from './memory.js';
-import { SnapshotWriter, readRing } from './writer.js';
+import { MappedSnapshot, WRITE_OFFSET_U32, storeU64 } from './mapped.js';
+import { SnapshotReader } from './reader.js';
+import { SnapshotWriter } from './writer.js';
 
-const VERSION_WORD = HEAD.version / 8;
-const ENTRY_MASK_WORD = HEAD.entryMask / 8;
-const DATA_MASK_WORD = HEAD.dataMask / 8;
-const WRITE_OFFSET_WORD = HEAD.writeOffset / 8;
+const VERSION_U64 = HEAD.version / 8;
+const ENTRY_MASK_U64 = HEAD.entryMask / 8;
+const DATA_MASK_U64 = HEAD.dataMask / 8;
 
 /**
  * The memory of a whole snapshot file, typically `mapping.bytes` of a mapped memfd. It
@@ -31,14 +31,14 @@ const WRITE_OFFSET_WORD = HEAD.writeOffset / 8;
  * aligned, as every mapping does.
  */
 export class SnapshotFile {
-  readonly #mem: Memory;
+  readonly #mapped: MappedSnapshot;
 
   /**
    * @throws {@link SnapshotFormatError} `ERR_SNAPSHOT_ALIGNMENT` when `bytes` does not
    *   start at a multiple of 8 in its buffer
    */
   constructor(bytes: Uint8Array) {
-    this.#mem = new Memory(bytes);
+    this.#mapped = new MappedSnapshot(bytes);
   }
 
   /** Same as the constructor. */
@@ -48,7 +48,7 @@ export class SnapshotFile {
 
   /** The file's bytes. */
   get bytes(): Uint8Array {
-    return this.#mem.bytes;
+    return this.#mapped.bytes;
   }
 
   /**
@@ -61,11 +61,11 @@ export class SnapshotFile {
    *   inconsistent (see {@link parseHead})
    */
   recover(into?: ConfigureFile): FileDiscovery | undefined {
-    const head = parseHead(this.#mem.bytes, this.#mem.length);
+    const head = parseHead(this.#mapped.bytes, this.#mapped.length);
     if (head === undefined) return undefined;
     const configuration = ConfigureFile.fromHead(head);
     into?.copyFrom(configuration);
-    return new FileDiscovery(this.#mem, head, configuration);
+    return new FileDiscovery(this.#mapped, head, configuration);
   }
 
   /**
@@ -84,29 +84,29 @@ export class SnapshotFile {
    */
   configure(config: SnapshotConfig): SnapshotWriter {
     const { entries, data, initialOffset } = checkConfig(config);
-    const mem = this.#mem;
-    const layout = computeLayout(entries, data, mem.length);
+    const mapped = this.#mapped;
+    const layout = computeLayout(entries, data, mapped.length);
     if (!layoutFits(layout)) {
-      throw new SnapshotFormatError('ERR_SNAPSHOT_TOO_SMALL', `entries ${entries} and data ${data} need ${layout.tailStart} bytes; the file has ${mem.length}`);
+      throw new SnapshotFormatError('ERR_SNAPSHOT_TOO_SMALL', `entries ${entries} and data ${data} need ${layout.tailStart} bytes; the file has ${mapped.length}`);
     }
-    const current = headOrUndefined(mem);
+    const current = headOrUndefined(mapped);
     const keep = current !== undefined && current.entries === entries && current.data === data;
     let start = initialOffset;
     if (!keep) {
       // A reader may still hold a snapshot of the old layout: the new stream starts past
       // every old position, so that no (slot, offset, length) it checks can come back.
       if (current !== undefined) {
-        start = Math.min(Math.max(start, streamEnd(current.writeOffset, readSlots(mem.bytes, current))), Number.MAX_SAFE_INTEGER - data);
+        start = Math.min(Math.max(start, streamEnd(current.writeOffset, readSlots(mapped.bytes, current))), Number.MAX_SAFE_INTEGER - data);
       }
-      Atomics.store(mem.u64, VERSION_WORD, 0n);
-      mem.bytes.fill(0, PAGE, layout.dataStart);
+      Atomics.store(mapped.u64, VERSION_U64, 0n);
+      mapped.bytes.fill(0, PAGE, layout.dataStart);
     }
     const head: DiscoveredHead = { ...layout, writeOffset: keep ? current.writeOffset : start };
-    const writer = new SnapshotWriter(mem, head, start);
-    mem.u64[ENTRY_MASK_WORD] = BigInt(entries - 1);
-    mem.u64[DATA_MASK_WORD] = BigInt(data - 1);
-    mem.u64[WRITE_OFFSET_WORD] = BigInt(writer.writeOffset);
-    Atomics.store(mem.u64, VERSION_WORD, MAGIC);
+    const writer = new SnapshotWriter(mapped, head, start);
+    mapped.u64[ENTRY_MASK_U64] = BigInt(entries - 1);
+    mapped.u64[DATA_MASK_U64] = BigInt(data - 1);
+    storeU64(mapped.u32, WRITE_OFFSET_U32, writer.writeOffset);
+    Atomics.store(mapped.u64, VERSION_U64, MAGIC);
     return writer;
   }
 
@@ -116,18 +116,18 @@ export class SnapshotFile {
    *   file, and the errors of {@link recover}
    */
   intoWriter(): SnapshotWriter {
-    const head = parseHead(this.#mem.bytes, this.#mem.length);
+    const head = parseHead(this.#mapped.bytes, this.#mapped.length);
     if (head === undefined) {
       throw new SnapshotFormatError('ERR_SNAPSHOT_NOT_CONFIGURED', 'the file is not configured (no snapshot magic in its head): use configure()');
     }
-    return new SnapshotWriter(this.#mem, head, head.writeOffset);
+    return new SnapshotWriter(this.#mapped, head, head.writeOffset);
   }
 }
 
 /** The configured head, or `undefined` for an unconfigured or damaged one. */
-function headOrUndefined(mem: Memory): DiscoveredHead | undefined {
+function headOrUndefined(mapped: MappedSnapshot): DiscoveredHead | undefined {
   try {
-    return parseHead(mem.bytes, mem.length);
+    return parseHead(mapped.bytes, mapped.length);
   } catch (err) {
     // Configuring is how a damaged head gets replaced.
     if (err instanceof SnapshotFormatError) return undefined;
@@ -136,44 +136,24 @@ function headOrUndefined(mem: Memory): DiscoveredHead | undefined {
 }
 
 /** The snapshots of a configured file, as recovered (the Rust crate's `FileDiscovery`). */
-export class FileDiscovery {
+export class FileDiscovery extends SnapshotReader {
   /** The configuration found in the file (initialized). */
   readonly configuration: ConfigureFile;
   /** Layout and stored write position. */
   readonly head: DiscoveredHead;
-  readonly #mem: Memory;
+  readonly #mapped: MappedSnapshot;
 
   /** @internal use {@link SnapshotFile.recover}. */
-  constructor(mem: Memory, head: DiscoveredHead, configuration: ConfigureFile) {
-    this.#mem = mem;
+  constructor(mapped: MappedSnapshot, head: DiscoveredHead, configuration: ConfigureFile) {
+    super(mapped, head);
+    this.#mapped = mapped;
     this.head = head;
     this.configuration = configuration;
   }
 
   /** The valid snapshots, oldest first (read afresh on every call; see {@link readSlots}). */
   valid(): Snapshot[] {
-    return readSlots(this.#mem.bytes, this.head);
-  }
-
-  /** The newest valid snapshot (largest offset), if any. */
-  newest(): Snapshot | undefined {
-    const all = this.valid();
-    return all[all.length - 1];
-  }
-
-  /**
-   * Copies a snapshot's bytes. When another process may be writing, check
-   * {@link isCurrent} afterwards: the bytes are intact if it is still true.
-   * @param into destination; a new array of `snapshot.length` bytes by default
-   * @returns `into`, or the part of it that was filled
-   */
-  read(snapshot: Pick<Snapshot, 'offset' | 'length'>, into?: Uint8Array): Uint8Array {
-    return readRing(this.#mem, this.head, snapshot, into);
-  }
-
-  /** True when slot `snapshot.index` still holds exactly this snapshot. */
-  isCurrent(snapshot: Snapshot): boolean {
-    return this.#mem.holds(this.head, snapshot);
+    return readSlots(this.#mapped.bytes, this.head);
   }
 
   /**
@@ -181,8 +161,8 @@ export class FileDiscovery {
    * @returns whether the slot was emptied
    */
   invalidate(snapshot: Snapshot): boolean {
-    if (!this.#mem.holds(this.head, snapshot)) return false;
-    this.#mem.clearSlot(snapshot.index);
+    if (!this.#mapped.holds(this.head, snapshot)) return false;
+    this.#mapped.clearSlot(snapshot.index);
     return true;
   }
 
@@ -193,13 +173,13 @@ export class FileDiscovery {
    * @returns the number of slots emptied
    */
   retain(keep: (snapshot: Snapshot) => boolean): number {
-    const mem = this.#mem;
+    const mapped = this.#mapped;
     const kept = new Uint8Array(this.head.entries);
     for (const s of this.valid()) if (keep(s)) kept[s.index] = 1;
     let cleared = 0;
     for (let i = 0; i < this.head.entries; i++) {
-      if (kept[i] === 0 && mem.slotLength(i) !== 0) {
-        mem.clearSlot(i);
+      if (kept[i] === 0 && mapped.slotLength(i) !== 0) {
+        mapped.clearSlot(i);
         cleared++;
       }
     }

@@ -35,4 +35,5 @@ export {
 } from './format.js';
 export { ConfigureFile, type SnapshotConfig } from './config.js';
 export { SnapshotFile, FileDiscovery } from './file.js';
+export type { SnapshotReader } from './reader.js';
 export { SnapshotWriter, PreparedTransaction, type CommitResult } from './writer.js';

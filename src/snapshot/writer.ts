@@ -3,8 +3,9 @@
  * @module
  */
 import { SnapshotFormatError } from './errors.js';
-import { checkSnapshot, readSlots, streamEnd, type DiscoveredHead, type Snapshot, type SnapshotLayout } from './format.js';
-import { LENGTH_WORDS, Memory, NEEDS_FENCE, WRITE_OFFSET_WORD, slotWord } from './memory.js';
+import { readSlots, streamEnd, type DiscoveredHead, type Snapshot, type SnapshotLayout } from './format.js';
+import { LENGTH_U32, NEEDS_FENCE, WRITE_OFFSET_U32, slotU32, storeU64, type MappedSnapshot } from './mapped.js';
+import { SnapshotReader } from './reader.js';
 
 const TWO_32 = 0x1_0000_0000;
 /** Payloads up to this many bytes are copied byte by byte (measured: faster than `set`). */
@@ -117,7 +118,7 @@ export class PreparedTransaction {
  *
  * Obtain one from {@link SnapshotFile.configure} or {@link SnapshotFile.intoWriter}.
  */
-export class SnapshotWriter {
+export class SnapshotWriter extends SnapshotReader {
   /** Layout of the file. */
   readonly layout: SnapshotLayout;
   /** The tail: the program's own area after the data ring. */
@@ -125,7 +126,7 @@ export class SnapshotWriter {
   /** The tail as native (little-endian) u64 words. */
   readonly tailU64: BigUint64Array;
 
-  private readonly mem: Memory;
+  private readonly mapped: MappedSnapshot;
   private readonly bytes: Uint8Array;
   private readonly u32: Uint32Array;
   private readonly ringStart: number;
@@ -157,11 +158,8 @@ export class SnapshotWriter {
    * Takes over the slots of `head`: the valid ones that follow the ring order stay,
    * every other slot that claims a snapshot is emptied.
    */
-  constructor(mem: Memory, head: DiscoveredHead, initialOffset: number) {
-    this.mem = mem;
-    this.bytes = mem.bytes;
-    this.u32 = mem.u32;
-    this.layout = {
+  constructor(mapped: MappedSnapshot, head: DiscoveredHead, initialOffset: number) {
+    const layout: SnapshotLayout = {
       entries: head.entries,
       data: head.data,
       sequencePages: head.sequencePages,
@@ -171,18 +169,23 @@ export class SnapshotWriter {
       tailLength: head.tailLength,
       fileLength: head.fileLength,
     };
+    super(mapped, layout);
+    this.mapped = mapped;
+    this.bytes = mapped.bytes;
+    this.u32 = mapped.u32;
+    this.layout = layout;
     this.ringStart = head.dataStart;
     this.data = head.data;
     this.entries = head.entries;
     this.entryMask = head.entries - 1;
     this.payloadLimit = head.data;
-    const tail = mem.tail(head);
+    const tail = mapped.tail(head);
     this.tail = tail.bytes;
     this.tailU64 = tail.u64;
     this.offsets = new Float64Array(head.entries).fill(-1);
     this.tx = new PreparedTransaction(this);
     this.stream = Math.max(head.writeOffset, initialOffset);
-    this.adopt(readSlots(mem.bytes, head));
+    this.adopt(readSlots(mapped.bytes, head));
     this.ringPos = this.stream % this.data;
   }
 
@@ -256,10 +259,10 @@ export class SnapshotWriter {
   /** The snapshot in slot `index`, or `undefined` when the slot is empty. */
   snapshotAt(index: number): Snapshot | undefined {
     if (!Number.isInteger(index) || index < 0 || index >= this.entries) return undefined;
-    const length = this.mem.slotLength(index);
+    const length = this.mapped.slotLength(index);
     if (length <= 0) return undefined;
-    const w = slotWord(index);
-    return { index, offset: Atomics.load(this.u32, w + 1) * TWO_32 + Atomics.load(this.u32, w), length };
+    const at = slotU32(index);
+    return { index, offset: Atomics.load(this.u32, at + 1) * TWO_32 + Atomics.load(this.u32, at), length };
   }
 
   /** The valid snapshots, oldest first. */
@@ -267,32 +270,10 @@ export class SnapshotWriter {
     const out: Snapshot[] = [];
     for (let k = 0, i = this.oldest; k < this.rangeLength; k++, i = (i + 1) & this.entryMask) {
       const offset = this.offsets[i] ?? -1;
-      const length = offset < 0 ? 0 : this.mem.slotLength(i);
+      const length = offset < 0 ? 0 : this.mapped.slotLength(i);
       if (length > 0) out.push({ index: i, offset, length });
     }
     return out;
-  }
-
-  /** The newest valid snapshot, if any. */
-  newest(): Snapshot | undefined {
-    const all = this.valid();
-    return all[all.length - 1];
-  }
-
-  /**
-   * Copies a snapshot's bytes.
-   * @param into destination; a new array of `snapshot.length` bytes by default
-   * @returns `into`, or the part of it that was filled when it is longer than the snapshot
-   * @throws {@link SnapshotFormatError} `ERR_SNAPSHOT_BAD_SNAPSHOT` for a snapshot that
-   *   cannot belong to this ring; `ERR_SNAPSHOT_PAYLOAD_SIZE` when `into` is too short
-   */
-  read(snapshot: Pick<Snapshot, 'offset' | 'length'>, into?: Uint8Array): Uint8Array {
-    return readRing(this.mem, this.layout, snapshot, into);
-  }
-
-  /** True when slot `snapshot.index` still holds exactly this snapshot. */
-  isCurrent(snapshot: Snapshot): boolean {
-    return this.mem.holds(this.layout, snapshot);
   }
 
   /**
@@ -303,8 +284,8 @@ export class SnapshotWriter {
    * never be seen as part of a valid snapshot. Costs O(1) amortized: every slot is
    * emptied at most once per publication.
    *
-   * Each slot is emptied with `Atomics.store` (a full barrier on x86, followed by an
-   * acquire load elsewhere), so the tail stores that follow cannot become visible first.
+   * Each slot is emptied before the tail stores that follow can become visible (see
+   * docs/snapshot-format.md, "Ordering").
    * @returns the number of slots emptied
    */
   invalidateBefore(position: number): number {
@@ -316,9 +297,7 @@ export class SnapshotWriter {
       const offset = offsets[oldest]!; // in bounds: oldest < entries
       if (offset >= position) break;
       if (offset >= 0) {
-        const word = slotWord(oldest) + LENGTH_WORDS;
-        Atomics.store(this.u32, word, 0);
-        if (NEEDS_FENCE) Atomics.load(this.u32, word);
+        this.mapped.clearSlot(oldest);
         offsets[oldest] = -1;
         cleared++;
       }
@@ -361,7 +340,7 @@ export class SnapshotWriter {
       // A full range means `oldest` is the slot `next` reuses, whatever its offset.
       if (offset >= limit && range < this.entries) break;
       if (offset >= 0) {
-        this.clearSlot(oldest);
+        this.mapped.clearSlot(oldest);
         offsets[oldest] = -1;
       }
       oldest = (oldest + 1) & this.entryMask;
@@ -372,33 +351,15 @@ export class SnapshotWriter {
     return this.next;
   }
 
-  /**
-   * Empties a slot of ours. Its high length word is 0, so one 32-bit store clears the
-   * u64. On x86 (TSO) stores become visible in program order, and the ring copy that
-   * follows is a call the JIT does not move stores across, so a plain store already
-   * precedes the new bytes; elsewhere an atomic store plus an acquire load fence it.
-   */
-  private clearSlot(index: number): void {
-    const word = slotWord(index) + LENGTH_WORDS;
-    if (NEEDS_FENCE) {
-      Atomics.store(this.u32, word, 0);
-      Atomics.load(this.u32, word);
-    } else {
-      this.u32[word] = 0;
-    }
-  }
-
   /** Protocol steps 5 to 7. */
   private publish(index: number, n: number): void {
     const start = this.stream;
     const end = start + n;
     const u32 = this.u32;
     // Plain stores are enough for these: the length store below is atomic and orders them.
-    u32[WRITE_OFFSET_WORD] = end >>> 0;
-    u32[WRITE_OFFSET_WORD + 1] = (end / TWO_32) >>> 0;
-    const w = slotWord(index);
-    u32[w] = start >>> 0;
-    u32[w + 1] = (start / TWO_32) >>> 0;
+    storeU64(u32, WRITE_OFFSET_U32, end);
+    const at = slotU32(index);
+    storeU64(u32, at, start);
     // The slot was emptied as a whole u64, so its high length word is already 0 and this
     // single store publishes the complete length. It needs release order only: every
     // store above must be visible first. The memory is a plain ArrayBuffer shared with
@@ -407,8 +368,8 @@ export class SnapshotWriter {
     // with older stores, so a plain store is a release store, and `Atomics.store` (an
     // xchg, a full barrier) would only add ~8 ns to every commit. Elsewhere (aarch64)
     // `Atomics.store` compiles to a release store (stlr).
-    if (NEEDS_FENCE) Atomics.store(u32, w + LENGTH_WORDS, n);
-    else u32[w + LENGTH_WORDS] = n;
+    if (NEEDS_FENCE) Atomics.store(u32, at + LENGTH_U32, n);
+    else u32[at + LENGTH_U32] = n;
     this.offsets[index] = start;
     this.rangeLength++;
     this.next = (index + 1) & this.entryMask;
@@ -458,26 +419,7 @@ export class SnapshotWriter {
       this.next = (newest.index + 1) & this.entryMask;
     }
     for (let i = 0; i < this.entries; i++) {
-      if (kept[i] === 0 && this.mem.slotLength(i) !== 0) this.mem.clearSlot(i);
+      if (kept[i] === 0 && this.mapped.slotLength(i) !== 0) this.mapped.clearSlot(i);
     }
   }
-}
-
-/**
- * Copies a snapshot's bytes out of the ring.
- * @internal
- */
-export function readRing(
-  mem: Memory,
-  layout: SnapshotLayout,
-  snapshot: Pick<Snapshot, 'offset' | 'length'>,
-  into?: Uint8Array,
-): Uint8Array {
-  checkSnapshot(layout, snapshot);
-  const out = into ?? new Uint8Array(snapshot.length);
-  if (out.length < snapshot.length) {
-    throw new SnapshotFormatError('ERR_SNAPSHOT_PAYLOAD_SIZE', `${snapshot.length} bytes do not fit a ${out.length}-byte buffer`);
-  }
-  mem.copyOut(layout, snapshot.offset, snapshot.length, out);
-  return out.length === snapshot.length ? out : out.subarray(0, snapshot.length);
 }

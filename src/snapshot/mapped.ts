@@ -1,26 +1,33 @@
 /**
- * Typed-array access to a mapped snapshot file, shared by the discovery and the writer.
- * Not exported from the package.
+ * Typed-array views of a mapped snapshot file and the atomic accesses the protocol makes
+ * through them (docs/snapshot-format.md), shared by the discovery and the writer. Not
+ * exported from the package.
  * @module
  * @internal
  */
 import { SnapshotFormatError } from './errors.js';
-import { PAGE, SLOT, SLOT_SIZE, type Snapshot, type SnapshotLayout } from './format.js';
+import { HEAD, PAGE, SLOT, SLOT_SIZE, type Snapshot, type SnapshotLayout } from './format.js';
 
-/** u32 index of the head's `write_offset` (low half). */
-export const WRITE_OFFSET_WORD = 0x18 / 4;
+/** Index in the file's u32 array of the low half of the head's `write_offset`. */
+export const WRITE_OFFSET_U32 = HEAD.writeOffset / 4;
 
-const SLOT_WORDS_START = PAGE / 4;
-const WORDS_PER_SLOT_SHIFT = Math.log2(SLOT_SIZE / 4);
+const SLOTS_U32 = PAGE / 4;
+const U32_PER_SLOT_SHIFT = Math.log2(SLOT_SIZE / 4);
 
-/** u32 index of slot `index`'s `offset` (low half). */
-export function slotWord(index: number): number {
+/** Index in the file's u32 array of the low half of slot `index`'s `offset`. */
+export function slotU32(index: number): number {
   // Integer arithmetic only: this sits on the commit path.
-  return (index << WORDS_PER_SLOT_SHIFT) + SLOT_WORDS_START;
+  return (index << U32_PER_SLOT_SHIFT) + SLOTS_U32;
 }
 
-/** Distance in u32 words from a slot's `offset` to its `length`. */
-export const LENGTH_WORDS = SLOT.length / 4;
+/** Distance in u32 elements from a slot's `offset` to its `length`. */
+export const LENGTH_U32 = SLOT.length / 4;
+
+/** Stores `value` (an integer below 2^53) as a little-endian u64 at u32 index `at`. */
+export function storeU64(u32: Uint32Array, at: number, value: number): void {
+  u32[at] = value >>> 0;
+  u32[at + 1] = (value / 0x1_0000_0000) >>> 0;
+}
 
 /**
  * x86 compiles `Atomics.store` to a full barrier. Elsewhere (aarch64: `stlr`) a release
@@ -29,7 +36,8 @@ export const LENGTH_WORDS = SLOT.length / 4;
  */
 export const NEEDS_FENCE = process.arch !== 'x64' && process.arch !== 'ia32';
 
-export class Memory {
+/** The whole mapped snapshot file as bytes, u32 and u64 elements. */
+export class MappedSnapshot {
   readonly bytes: Uint8Array;
   readonly u32: Uint32Array;
   readonly u64: BigUint64Array;
@@ -51,33 +59,41 @@ export class Memory {
 
   /** The `length` of slot `index`, or -1 when it does not fit a number below 2^32. */
   slotLength(index: number): number {
-    const w = slotWord(index) + LENGTH_WORDS;
-    if (Atomics.load(this.u32, w + 1) !== 0) return -1;
-    return Atomics.load(this.u32, w);
+    const at = slotU32(index) + LENGTH_U32;
+    if (Atomics.load(this.u32, at + 1) !== 0) return -1;
+    return Atomics.load(this.u32, at);
   }
 
   /**
-   * Stores `length = 0` into slot `index`. Our own slots have a zero high half, so one
-   * 32-bit atomic store empties the whole u64 at once; foreign ones get a 64-bit store.
+   * Stores `length = 0` into slot `index`, ordered before every store that follows (the
+   * ring or tail bytes the slot's snapshot refers to). The one way a slot is emptied.
+   *
+   * Our own slots have a zero high half, so one 32-bit store empties the whole u64; a
+   * foreign one gets a 64-bit atomic store. On x86 (TSO) stores become visible in program
+   * order and V8 emits them in program order, so a plain store is enough and this stays
+   * cheap on the commit path (`Atomics.store` is an `xchg` there, ~8 ns per commit).
+   * Elsewhere an atomic store followed by an acquire load keeps later stores behind it.
    */
   clearSlot(index: number): void {
-    const w = slotWord(index) + LENGTH_WORDS;
-    if (this.u32[w + 1] !== 0) Atomics.store(this.u64, w >> 1, 0n);
-    else Atomics.store(this.u32, w, 0);
+    const at = slotU32(index) + LENGTH_U32;
+    if (this.u32[at + 1] !== 0) Atomics.store(this.u64, at >> 1, 0n);
+    else if (NEEDS_FENCE) Atomics.store(this.u32, at, 0);
+    else this.u32[at] = 0;
+    if (NEEDS_FENCE) Atomics.load(this.u32, at);
   }
 
   /** True when slot `snapshot.index` still holds exactly `snapshot`. */
   holds(layout: SnapshotLayout, snapshot: Snapshot): boolean {
     const { index } = snapshot;
     if (!Number.isInteger(index) || index < 0 || index >= layout.entries) return false;
-    const w = slotWord(index);
+    const at = slotU32(index);
     // The reader copied the ring bytes with plain loads before this check. An acquire load
     // does not keep earlier loads before it (aarch64 may finish them later, when the writer
     // already overwrote them); a read-modify-write (acquire and release) does.
     Atomics.add(this.#fence, 0, 0);
     // Length first: a writer stores the offset before publishing the length.
     const length = this.slotLength(index);
-    const offset = Atomics.load(this.u32, w + 1) * 0x1_0000_0000 + Atomics.load(this.u32, w);
+    const offset = Atomics.load(this.u32, at + 1) * 0x1_0000_0000 + Atomics.load(this.u32, at);
     return length === snapshot.length && offset === snapshot.offset;
   }
 
@@ -94,7 +110,7 @@ export class Memory {
     }
   }
 
-  /** The tail as bytes and as u64 words (whole words only). */
+  /** The tail as bytes and as u64 elements (whole ones only). */
   tail(layout: SnapshotLayout): { bytes: Uint8Array; u64: BigUint64Array } {
     const bytes = this.bytes.subarray(layout.tailStart, layout.tailStart + layout.tailLength);
     const u64 = new BigUint64Array(this.bytes.buffer, this.bytes.byteOffset + layout.tailStart, Math.floor(layout.tailLength / 8));
