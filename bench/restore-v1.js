@@ -22,7 +22,7 @@ const SHM_RESTORE = path.join(ROOT, 'bin', 'shm-restore.js');
 const COMMITTER = path.join(ROOT, 'bench', 'fixtures', 'committer.js');
 const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim() || 100);
 
-const { readSlotState } = await import(`${ROOT}/dist/restore/slots.js`);
+const { readSlotState } = await import(`${ROOT}/dist/snapshot/pread.js`);
 const { DEFAULT_INTERVAL_MS } = await import(`${ROOT}/dist/restore/snapshotter.js`);
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));

@@ -11,7 +11,7 @@ import { ShmfdError } from '../base/errors.js';
 import { SnapshotFormatError } from '../snapshot/errors.js';
 import { getXattr, isSystemError, setXattr } from '../system/libc.js';
 import { CHUNK, copySparse, dataExtents, yieldToLoop, type CopyResult, type CopySparseOptions } from './copy.js';
-import { readHead, readSlotState, type SlotState } from './slots.js';
+import { readHead, readSlotState, type SlotState } from '../snapshot/pread.js';
 
 /** How the host treats the backup: a raw memory image, or a snapshot file (restore-v1). */
 export type BackupFormat = 'raw' | 'snapshot';

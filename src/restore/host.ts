@@ -28,7 +28,7 @@ import { BackupFile, describeSystemError, type BackupInspection } from './backup
 import { BackupLock } from './lock.js';
 import { directorySyncWarning, persistAtomically, type PersistResult } from './persist.js';
 import { formatBytes, formatDuration, Progress } from './progress.js';
-import { readSlotState, type SlotState } from './slots.js';
+import { readSlotState, type SlotState } from '../snapshot/pread.js';
 import { quiescentCopyFixup, Snapshotter } from './snapshotter.js';
 
 /** Snapshot strategies of `--snapshot`. */

@@ -17,7 +17,7 @@ import { clearSlotsExcept, MIN_FILE_LENGTH, PAGE, readSlots, type Snapshot } fro
 import { describeSystemError, type BackupFile } from './backup.js';
 import { directorySyncWarning, persistAtomically, type PersistFixup, type PersistResult } from './persist.js';
 import { formatBytes, formatDuration, Progress } from './progress.js';
-import { intersectSlots, newestSlot, readHead, readSlotsAfter, readSlotState, type SlotState } from './slots.js';
+import { intersectSlots, newestSlot, readHead, readSlotsAfter, readSlotState, type SlotState } from '../snapshot/pread.js';
 
 /**
  * Default pause between rounds, in milliseconds. A round that copies costs about 0.5 ms

@@ -4,7 +4,7 @@
  */
 import { BackupDamagedError, BackupFile, CHECK_ATTRIBUTE, type BackupFormat, type BackupInspection } from './backup.js';
 import { formatBytes, formatDuration } from './progress.js';
-import { newestSlot } from './slots.js';
+import { newestSlot } from '../snapshot/pread.js';
 
 /** Facts about a backup, one `key: value` line each. */
 export interface BackupStatus {

@@ -5,8 +5,8 @@
  * @module
  */
 import fs from 'node:fs';
-import { SnapshotFormatError } from '../snapshot/errors.js';
-import { PAGE, parseHead, readSlots, slotPosition, type DiscoveredHead, type Snapshot } from '../snapshot/format.js';
+import { SnapshotFormatError } from './errors.js';
+import { PAGE, parseHead, readSlots, slotPosition, type DiscoveredHead, type Snapshot } from './format.js';
 
 /** The configuration and valid snapshots of a file at one moment. */
 export interface SlotState {
