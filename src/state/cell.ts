@@ -3,7 +3,8 @@
  * and an update writes the next version into a copy that no valid snapshot names.
  * @module
  */
-import { putU64, type StateHost, type Structure } from './host.js';
+import { storeU64 } from '../snapshot/mapped.js';
+import type { StructureContainer, Structure } from './structure.js';
 import type { CellArray, CellArrayConstructor } from './layout.js';
 
 /**
@@ -20,7 +21,7 @@ export class VersionedCell<T extends CellArray> implements Structure {
   readonly copies: number;
   /** Elements of the value. */
   readonly length: number;
-  readonly #host: StateHost;
+  readonly #container: StructureContainer;
   readonly #views: T[];
   readonly #bytes: Uint8Array[];
   /** Per copy: stream offset of the newest snapshot that named it, -1 when none can be valid. */
@@ -29,8 +30,8 @@ export class VersionedCell<T extends CellArray> implements Structure {
   #staged = false;
 
   /** @internal created by the state file. */
-  constructor(host: StateHost, name: string, region: Uint8Array, type: CellArrayConstructor<T>, length: number, copies: number, stride: number) {
-    this.#host = host;
+  constructor(container: StructureContainer, name: string, region: Uint8Array, type: CellArrayConstructor<T>, length: number, copies: number, stride: number) {
+    this.#container = container;
     this.name = name;
     this.copies = copies;
     this.length = length;
@@ -89,13 +90,13 @@ export class VersionedCell<T extends CellArray> implements Structure {
    */
   update(change: (next: T) => void): number {
     this.stage(change);
-    this.#host.commit();
+    this.#container.commit();
     return this.#version;
   }
 
   /** Commits the whole state file (see `StateFile.commit`). */
   commit(): boolean {
-    return this.#host.commit();
+    return this.#container.commit();
   }
 
   /** Drops the staged version, if any. */
@@ -113,20 +114,20 @@ export class VersionedCell<T extends CellArray> implements Structure {
     if (!this.#staged) {
       const named = this.#lastNamed[target]!;
       if (named >= 0) {
-        this.#host.writer.invalidateBefore(named + 1);
+        this.#container.writer.invalidateBefore(named + 1);
         this.#lastNamed[target] = -1;
       }
       this.#bytes[target]!.set(this.#bytes[current]!);
       this.#staged = true;
-      this.#host.markDirty();
+      this.#container.markDirty();
     }
     return this.#views[target]!;
   }
 
   /** @internal */
   encode(u32: Uint32Array, word: number): void {
-    putU64(u32, word, this.#staged ? this.#version + 1 : this.#version);
-    putU64(u32, word + 2, 0);
+    storeU64(u32, word, this.#staged ? this.#version + 1 : this.#version);
+    storeU64(u32, word + 2, 0);
   }
 
   /** @internal */

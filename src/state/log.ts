@@ -4,7 +4,8 @@
  * @module
  */
 import { ShmfdError } from '../base/errors.js';
-import { putU64, type StateHost, type Structure } from './host.js';
+import { storeU64 } from '../snapshot/mapped.js';
+import type { StructureContainer, Structure } from './structure.js';
 import { RECORD_ALIGN, RECORD_HEADER } from './layout.js';
 
 /** Bytes a record of `length` bytes takes in a log: header plus length rounded up to 8. */
@@ -26,7 +27,7 @@ export class AppendLog implements Structure {
   readonly name: string;
   /** Bytes available for records, headers and padding included. */
   readonly capacity: number;
-  readonly #host: StateHost;
+  readonly #container: StructureContainer;
   readonly #bytes: Uint8Array;
   readonly #u32: Uint32Array;
   #end = 0;
@@ -35,8 +36,8 @@ export class AppendLog implements Structure {
   #committedCount = 0;
 
   /** @internal created by the state file. */
-  constructor(host: StateHost, name: string, region: Uint8Array, capacity: number) {
-    this.#host = host;
+  constructor(container: StructureContainer, name: string, region: Uint8Array, capacity: number) {
+    this.#container = container;
     this.name = name;
     this.capacity = capacity;
     this.#bytes = region.subarray(0, capacity);
@@ -96,13 +97,13 @@ export class AppendLog implements Structure {
     // Whatever an uncommitted record left here earlier must not show in the padding.
     if ((n & 7) !== 0) bytes.fill(0, at + RECORD_HEADER + n, padded);
     this.#end = padded;
-    this.#host.markDirty();
+    this.#container.markDirty();
     return this.#count++;
   }
 
   /** Commits the whole state file (this log and every other structure). See `StateFile.commit`. */
   commit(): boolean {
-    return this.#host.commit();
+    return this.#container.commit();
   }
 
   /**
@@ -137,8 +138,8 @@ export class AppendLog implements Structure {
 
   /** @internal */
   encode(u32: Uint32Array, word: number): void {
-    putU64(u32, word, this.#end);
-    putU64(u32, word + 2, this.#count);
+    storeU64(u32, word, this.#end);
+    storeU64(u32, word + 2, this.#count);
   }
 
   /** @internal */

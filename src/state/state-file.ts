@@ -11,9 +11,10 @@ import { checkConfig } from '../snapshot/config.js';
 import { SnapshotFormatError } from '../snapshot/errors.js';
 import { SnapshotFile, type FileDiscovery } from '../snapshot/file.js';
 import { MAGIC, PAGE, tailStart, type Snapshot, type SnapshotLayout } from '../snapshot/format.js';
+import { storeU64 } from '../snapshot/mapped.js';
 import type { SnapshotWriter } from '../snapshot/writer.js';
 import { CounterSet, VersionedCell } from './cell.js';
-import { putU64, type StateHost, type Structure } from './host.js';
+import type { StructureContainer, Structure } from './structure.js';
 import {
   PAYLOAD_MAGIC,
   decodePayload,
@@ -50,7 +51,7 @@ export interface StateFileOptions {
   entries?: number;
   /**
    * Bytes of the snapshot data ring, a power of two (default: room for `entries` payloads,
-   * at least 4096). Used only when the file has no committed state yet.
+   * at least one page). Used only when the file has no committed state yet.
    */
   data?: number;
 }
@@ -60,6 +61,13 @@ export interface StateFromEnvOptions extends StateFileOptions, SharedFdOptions {
 
 /** Default number of snapshot slots. */
 export const DEFAULT_STATE_ENTRIES = 256;
+
+/**
+ * The default data ring holds the payloads of all slots, up to this many, and at most
+ * {@link DEFAULT_RING_MAX} bytes: a large `entries` alone does not make a large ring.
+ */
+const DEFAULT_RING_SLOTS = 2 ** 12;
+const DEFAULT_RING_MAX = 2 ** 24;
 
 /**
  * A program's state in a shared memory file, as declared structures (append-only logs,
@@ -76,7 +84,7 @@ export const DEFAULT_STATE_ENTRIES = 256;
  *
  * One process at a time may open a file (there is one snapshot writer per file).
  */
-export class StateFile<D extends Declarations> implements StateHost {
+export class StateFile<D extends Declarations> implements StructureContainer {
   /** The structures, by declared name. */
   readonly structures: Structures<D>;
   /** The memory file. */
@@ -260,7 +268,7 @@ export class StateFile<D extends Declarations> implements StateHost {
     if (!this.#dirty) return false;
     const sequence = this.#sequence + 1;
     const u32 = this.#payloadU32;
-    putU64(u32, 4, sequence);
+    storeU64(u32, 4, sequence);
     const list = this.#list;
     for (let i = 0; i < list.length; i++) list[i]!.encode(u32, 6 + 4 * i);
     const offset = this.writer.writeOffset;
@@ -299,8 +307,8 @@ function wantedConfig(layout: StateLayout, options: StateFileOptions): { entries
   const entries = options.entries ?? DEFAULT_STATE_ENTRIES;
   let data = options.data;
   if (data === undefined) {
-    data = 4096;
-    while (data <= layout.payloadBytes * Math.min(entries, 4096) && data < 2 ** 24) data *= 2;
+    data = PAGE;
+    while (data <= layout.payloadBytes * Math.min(entries, DEFAULT_RING_SLOTS) && data < DEFAULT_RING_MAX) data *= 2;
   }
   try {
     checkConfig({ entries, data });
