@@ -1,7 +1,10 @@
 // The snapshot file format as pure functions over bytes (src/snapshot/format.ts): region
 // arithmetic, head parsing with typed errors on garbage, slot reading, and the exact byte
-// layout a writer produces (hand-computed from snapshot-format.md).
+// layout a writer produces (hand-computed from docs/snapshot-format.md), and that page's
+// tables against the constants, so the description cannot drift from the code.
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
 import { test } from 'node:test';
 import {
   HEAD,
@@ -10,6 +13,7 @@ import {
   MAX_ENTRIES,
   MIN_FILE_LENGTH,
   PAGE,
+  SLOT,
   SLOTS_PER_PAGE,
   SLOT_SIZE,
   SnapshotFile,
@@ -26,7 +30,7 @@ import {
   tailLength,
   tailStart,
 } from '../dist/snapshot/index.js';
-import { seededRandom } from './helpers.js';
+import { ROOT, seededRandom } from './helpers.js';
 
 /** A deterministic PRNG, so a failing random case can be replayed. */
 const prng = (seed) => seededRandom(seed).next;
@@ -62,13 +66,53 @@ function throwsCode(fn, code, what) {
   });
 }
 
-test('constants: page size, magic and head field offsets are those of the spec', () => {
+test('constants: page size, magic and head field offsets are those of docs/snapshot-format.md', () => {
   assert.equal(PAGE, 4096);
   assert.equal(MAGIC, 0x96c2a6f4b68519b3n);
   assert.deepEqual({ ...HEAD }, { version: 0, entryMask: 8, dataMask: 16, writeOffset: 24 });
   assert.equal(SLOT_SIZE, 16);
   assert.equal(SLOTS_PER_PAGE, 256);
   assert.equal(MIN_FILE_LENGTH, 3 * 4096);
+});
+
+const FORMAT_DOC = fs.readFileSync(path.join(ROOT, 'docs', 'snapshot-format.md'), 'utf8');
+
+/** The body rows of the first table under the heading `## title`, as arrays of cell texts. */
+function docTable(title) {
+  const section = FORMAT_DOC.split(/^## /m).find((part) => part.startsWith(`${title}\n`));
+  assert.ok(section !== undefined, `docs/snapshot-format.md has a section "${title}"`);
+  const rows = section.split('\n').filter((line) => line.startsWith('|'));
+  assert.ok(rows.length > 2, `the section "${title}" has a table`);
+  return rows.slice(2).map((row) => row.slice(1, -1).split('|').map((cell) => cell.trim().replace(/^`|`$/g, '')));
+}
+
+const snakeCase = (name) => name.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`);
+
+test('docs/snapshot-format.md: its offset tables are those of HEAD and SLOT, field for field', () => {
+  for (const [title, fields] of [['Head page', HEAD], ['Slots', SLOT]]) {
+    const rows = docTable(title);
+    const documented = rows.map(([offset, field, inCode]) => {
+      const [object, key] = inCode.split('.');
+      assert.equal(object, title === 'Head page' ? 'HEAD' : 'SLOT', `${title}: ${inCode}`);
+      assert.equal(field, snakeCase(key), `${title}: the field ${field} is ${inCode}`);
+      assert.equal(Number(offset), fields[key], `${title}: the offset of ${field}`);
+      return key;
+    });
+    assert.deepEqual(documented.sort(), Object.keys(fields).sort(), `${title}: every field is documented`);
+  }
+  assert.match(FORMAT_DOC, /Slot `i` \(`0 <= i < entries`\) is 16 bytes at offset `PAGE \+ 16\*i`/);
+  assert.equal(slotPosition(3), PAGE + SLOT_SIZE * 3);
+});
+
+test('docs/snapshot-format.md: its constants table gives the values of the code', () => {
+  const code = { PAGE, SLOT_SIZE, SLOTS_PER_PAGE, MIN_FILE_LENGTH, MAX_ENTRIES, MAX_DATA, MAGIC };
+  const rows = docTable('Conventions');
+  for (const [name, value] of rows) {
+    assert.ok(name in code, `the table names ${name}, which the test compares`);
+    if (typeof code[name] === 'bigint') assert.equal(BigInt(value), code[name], name);
+    else assert.equal(Number(value), code[name], name);
+  }
+  assert.deepEqual(rows.map(([name]) => name).sort(), Object.keys(code).sort(), 'every constant is in the table');
 });
 
 test('region arithmetic: P_seq = ceil(entries/256), P_data = ceil(data/PAGE) >= 1, tail = whole pages after the ring', () => {
@@ -102,7 +146,7 @@ test('ring positions: stream position s lives at data_start + (s mod data), and 
   throwsCode(() => snapshotRanges(layout, { offset: 0, length: 2048 }), 'ERR_SNAPSHOT_BAD_SNAPSHOT', 'a snapshot is at most data - 1 bytes');
 });
 
-test('byte layout: a configured file has the head fields, slots and ring bytes exactly where the spec puts them', () => {
+test('byte layout: a configured file has the head fields, slots and ring bytes exactly where docs/snapshot-format.md puts them', () => {
   const bytes = new Uint8Array(5 * PAGE);
   bytes.fill(0xee, 3 * PAGE); // the tail must stay untouched
   const writer = new SnapshotFile(bytes).configure({ entries: 256, data: 2048 });

@@ -1,5 +1,5 @@
 /**
- * The on-memory layout of a snapshot file (snapshot-format.md), as pure functions over
+ * The on-memory layout of a snapshot file (docs/snapshot-format.md), as pure functions over
  * bytes. Nothing here maps a file: the functions work on any `Uint8Array` that holds the
  * pages they need (the head page; for slots also the sequence region) while the real
  * file length is passed separately, so a reader that `pread`s only those pages can use
@@ -211,7 +211,7 @@ export function parseHead(bytes: Uint8Array, fileLength: number): DiscoveredHead
 /**
  * Reads the slots that hold a usable snapshot, oldest first (by stream position).
  *
- * A slot counts when its `length` is not 0 (the spec's validity), and it also describes
+ * A slot counts when its `length` is not 0 (the format's validity), and it also describes
  * bytes the ring can still hold: `length <= data - 1`, an end a head's `write_offset` can
  * store (at most 2^53 - 1 - `data`, the bound of {@link parseHead}), and not older than
  * `data` bytes before the {@link streamEnd}. Slots failing that can only come from a

@@ -1,5 +1,5 @@
 /**
- * Crash-consistent snapshots in a shared-memory file: the format of snapshot-format.md
+ * Crash-consistent snapshots in a shared-memory file: the format of docs/snapshot-format.md
  * and a typed API whose concepts follow the Rust crate `shm-snapshot` 0.2.
  * @module
  */

@@ -1,5 +1,5 @@
 /**
- * The writer: appends snapshots with the corrected protocol of snapshot-format.md.
+ * The writer: appends snapshots with the corrected protocol of docs/snapshot-format.md.
  * @module
  */
 import { SnapshotFormatError } from './errors.js';
