@@ -1,5 +1,5 @@
 // Issue 2, "Descriptor conventions": LISTEN_FDS / LISTEN_FDNAMES / LISTEN_PID /
-// LISTEN_FDS_FIRST_FD with the semantics of spec/fd-passing.md, in this process (on real
+// LISTEN_FDS_FIRST_FD with the semantics of docs/fd-passing.md, in this process (on real
 // descriptors placed at high numbers) and through the real shm-fd command.
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';

@@ -1,7 +1,7 @@
 /**
  * The systemd descriptor-passing convention (sd_listen_fds(3)): `LISTEN_FDS`,
- * `LISTEN_FDNAMES`, `LISTEN_PID`, and listenfd's `LISTEN_FDS_FIRST_FD`. Reading what a
- * parent passed, looking descriptors up by name, and describing what to pass on.
+ * `LISTEN_FDNAMES`, `LISTEN_PID`, and listenfd's `LISTEN_FDS_FIRST_FD` (docs/fd-passing.md).
+ * Reading what a parent passed, looking descriptors up by name, and describing what to pass on.
  * @module
  */
 import { ShmfdError } from '../base/errors.js';

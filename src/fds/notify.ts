@@ -1,6 +1,6 @@
 /**
  * A client of the service manager's notification socket (sd_notify(3)): readiness,
- * status, watchdog, and the file descriptor store.
+ * status, watchdog, and the file descriptor store (docs/fd-passing.md).
  * @module
  */
 import { ShmfdError } from '../base/errors.js';

@@ -113,7 +113,7 @@ export function findSetpriv(env: Environment): string | undefined {
  * setpriv sets the signal some time after the fork, so a host killed in between would
  * leave the program unguarded; the shell starts after that, and if its parent is no
  * longer the host it kills itself instead of starting COMMAND. With `listenPid`, it sets
- * `LISTEN_PID` to that pid (fd-passing.md).
+ * `LISTEN_PID` to that pid (docs/fd-passing.md).
  */
 function childShell(hostPid: number | undefined, listenPid: boolean): string {
   const guard = hostPid === undefined ? '' : `[ "$PPID" = ${hostPid} ] || kill -KILL $$; `;
