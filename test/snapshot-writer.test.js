@@ -5,11 +5,13 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import {
   ConfigureFile,
+  FileDiscovery,
   HEAD,
   MAGIC,
   PAGE,
   SnapshotFile,
   SnapshotFormatError,
+  SnapshotWriter,
   parseHead,
   readSlots,
   slotPosition,
@@ -293,6 +295,41 @@ test('discovery: invalidate and retain drop snapshots a caller no longer trusts,
   const reopened = new SnapshotFile(bytes).intoWriter();
   for (const s of ['f', 'g', 'h', 'i']) reopened.commit(enc(s)); // slots 5 6 7 0
   assert.deepEqual(reopened.valid().map((s) => dec(reopened.read(s))), ['c', 'e', 'f', 'g', 'h', 'i']);
+});
+
+test('reader API: a recovered file and its writer read snapshots through one implementation, with the same answers', () => {
+  for (const method of ['newest', 'read', 'isCurrent']) {
+    assert.equal(FileDiscovery.prototype[method], SnapshotWriter.prototype[method], `${method} is written once`);
+  }
+  const bytes = new Uint8Array(8 * PAGE);
+  const writer = new SnapshotFile(bytes).configure({ entries: 4, data: 64 });
+  for (const s of ['one', 'two', 'three']) writer.commit(enc(s));
+  const found = new SnapshotFile(bytes).recover();
+  assert.deepEqual(found.valid(), writer.valid());
+  assert.deepEqual(found.newest(), writer.newest());
+  assert.equal(dec(found.read(found.newest())), 'three');
+  assert.equal(dec(writer.read(writer.newest())), 'three');
+  const first = found.valid()[0];
+  // Eight commits of 20 bytes wrap the 64-byte ring: the first snapshot is overwritten.
+  for (let i = 0; i < 8; i++) writer.commit(new Uint8Array(20).fill(i + 1));
+  assert.equal(found.isCurrent(first), false);
+  assert.equal(writer.isCurrent(first), false);
+  assert.equal(found.isCurrent(writer.newest()), true);
+});
+
+test('emptying a foreign slot whose length has a high half clears the whole u64', () => {
+  const bytes = new Uint8Array(8 * PAGE);
+  new SnapshotFile(bytes).configure({ entries: 4, data: 2048 });
+  const view = new DataView(bytes.buffer);
+  view.setBigUint64(slotPosition(2), 0n, true);
+  view.setBigUint64(slotPosition(2) + 8, (1n << 40n) + 5n, true);
+  const found = new SnapshotFile(bytes).recover();
+  assert.deepEqual(found.valid(), [], 'a length of 2^40 + 5 is not a snapshot of a 2048-byte ring');
+  assert.equal(found.retain(() => true), 1);
+  assert.equal(slotAt(bytes, 2).length, 0n);
+  view.setBigUint64(slotPosition(1) + 8, 1n << 33n, true);
+  new SnapshotFile(bytes).intoWriter();
+  assert.equal(slotAt(bytes, 1).length, 0n, 'a writer taking over the file empties it as well');
 });
 
 test('foreign slot order: on a file another writer left out of ring order, the writer empties what it cannot keep track of', () => {
