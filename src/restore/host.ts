@@ -238,7 +238,7 @@ async function host(o: RestoreHostOptions, name: string, backup: BackupFile, log
   let statusTimer: NodeJS.Timeout | undefined;
   if (o.snapshot !== undefined && child.pid !== undefined) {
     snapshotter = new Snapshotter({
-      memory: memory.fd,
+      memoryFd: memory.fd,
       backup,
       intervalMs: o.intervalMs,
       log,

@@ -57,7 +57,7 @@ export type RoundOutcome = 'persisted' | 'unchanged' | 'not-ready' | 'discarded'
 /** Options of {@link Snapshotter}. */
 export interface SnapshotterOptions {
   /** Descriptor of the live memory file (read with pread and sendfile only, never mapped). */
-  memory: number;
+  memoryFd: number;
   backup: BackupFile;
   intervalMs?: number;
   log: Log;
@@ -75,11 +75,11 @@ export interface SnapshotterOptions {
  * Checks a temporary copy taken while the memory was live: reads the slots again (B),
  * keeps A ∩ B, clears every other slot in the copy, and verifies the result.
  */
-export function liveCopyFixup(memory: number, before: SlotState, log: Log, kept: { slots: Snapshot[] }): PersistFixup {
+export function liveCopyFixup(memoryFd: number, before: SlotState, log: Log, kept: { slots: Snapshot[] }): PersistFixup {
   return (tempFd, size) => {
     let after: SlotState | undefined;
     try {
-      after = readSlotState(memory, sizeOf(memory));
+      after = readSlotState(memoryFd, sizeOf(memoryFd));
     } catch (err) {
       if (err instanceof SnapshotFormatError) after = undefined;
       else throw err;
@@ -192,21 +192,21 @@ export class Snapshotter {
   }
 
   async #roundInner(): Promise<RoundOutcome> {
-    const { log, memory } = this.#o;
+    const { log, memoryFd } = this.#o;
     this.#nextDelay = this.intervalMs;
     let size: number;
     let before: SlotState;
     try {
-      size = sizeOf(memory);
+      size = sizeOf(memoryFd);
       if (size < MIN_FILE_LENGTH) return this.#notReady(`the memory has ${size} bytes, too few for a snapshot file`);
-      const found = readHead(memory, size);
+      const found = readHead(memoryFd, size);
       if (found === undefined) return this.#notReady('the memory is not configured as a snapshot file yet');
       // Nothing committed since the last persist: the slots need not be read.
       if (found.head.writeOffset === this.#persistedWriteOffset) return 'unchanged';
-      before = readSlotsAfter(memory, found);
+      before = readSlotsAfter(memoryFd, found);
       // A snapshot in `before` was published after the data it refers to was written, so
       // the size now covers that data; the size read first may not (the file can grow).
-      size = Math.max(size, sizeOf(memory));
+      size = Math.max(size, sizeOf(memoryFd));
     } catch (err) {
       if (err instanceof SnapshotFormatError) return this.#notReady(`the memory is not a valid snapshot file: ${err.message}`);
       return this.#failed(err);
@@ -220,8 +220,8 @@ export class Snapshotter {
     const progress = Progress.start('shm-restore: persisting snapshot', this.#o.progress === true);
     let result: PersistResult | undefined;
     try {
-      result = await persistAtomically(this.#o.backup, memory, size, {
-        fixup: liveCopyFixup(memory, before, log, kept),
+      result = await persistAtomically(this.#o.backup, memoryFd, size, {
+        fixup: liveCopyFixup(memoryFd, before, log, kept),
         signal: this.#abort.signal,
         progress: progress === undefined ? undefined : (done, total) => progress.update(done, total),
         mode: this.#o.mode,
