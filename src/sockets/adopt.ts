@@ -4,9 +4,7 @@
  * every setting. The service lifecycle around them, `serve()`, is in serve.ts.
  * @module
  */
-import dgram from 'node:dgram';
-import http from 'node:http';
-import https from 'node:https';
+import type dgram from 'node:dgram';
 import net from 'node:net';
 import { ShmfdError } from '../base/errors.js';
 import { findListenFd, NODE_SAFE_FIRST_FD, type Environment } from '../fds/listen-fds.js';
@@ -70,12 +68,14 @@ export interface Listening {
   url: string;
 }
 
-function describeServer(server: net.Server, passed?: sys.SocketAddress): string {
+async function describeServer(server: net.Server, passed?: sys.SocketAddress): Promise<string> {
   const address = server.address();
   // Node knows no address for a unix socket it adopted; the kernel does.
   if (address === null || address === '') return passed === undefined ? '' : sys.describeSocketAddress(passed);
   if (typeof address === 'string') return address;
   const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
+  // Loaded here, not at the top: importing shmfd for a memory file must not load HTTP.
+  const [{ default: http }, { default: https }] = await Promise.all([import('node:http'), import('node:https')]);
   const scheme = server instanceof https.Server ? 'https://' : server instanceof http.Server ? 'http://' : '';
   return `${scheme}${host}:${address.port}`;
 }
@@ -137,7 +137,7 @@ export async function listenOn(server: net.Server, options: ListenOnOptions = {}
     // which on an already listening socket only sets the backlog: keep the wrapper's deep
     // queue (Node's default is 511), which holds the connections of a restart.
     await whenListening(server, () => server.listen({ fd: passed.fd, backlog: backlog ?? SOCKET_BACKLOG }));
-    return { passed: true, fd: passed.fd, name, url: describeServer(server, passed.info.address) };
+    return { passed: true, fd: passed.fd, name, url: await describeServer(server, passed.info.address) };
   }
   const fallback = options.fallback;
   if (fallback === undefined) {
@@ -146,7 +146,7 @@ export async function listenOn(server: net.Server, options: ListenOnOptions = {}
   const listenOptions: net.ListenOptions =
     typeof fallback === 'number' ? { port: fallback } : typeof fallback === 'string' ? { path: fallback } : fallback;
   await whenListening(server, () => server.listen(backlog === undefined ? listenOptions : { backlog, ...listenOptions }));
-  return { passed: false, fd: undefined, name, url: describeServer(server) };
+  return { passed: false, fd: undefined, name, url: await describeServer(server) };
 }
 
 /** Options of {@link openDatagram}. */
@@ -168,6 +168,8 @@ export interface OpenDatagramOptions {
 export async function openDatagram(options: OpenDatagramOptions = {}): Promise<dgram.Socket> {
   const name = options.name ?? 'udp';
   const passed = findPassedSocket(name, { env: options.env });
+  // Loaded here, not at the top, for the same reason as node:http above.
+  const { createSocket } = await import('node:dgram');
   let socket: dgram.Socket;
   let bind: (done: () => void) => void;
   if (passed !== undefined) {
@@ -178,7 +180,7 @@ export async function openDatagram(options: OpenDatagramOptions = {}): Promise<d
         `the socket ${name} (fd ${passed.fd}) is a ${family} ${type} socket; node:dgram takes only UDP sockets`,
       );
     }
-    socket = dgram.createSocket(family === 'ipv6' ? 'udp6' : 'udp4');
+    socket = createSocket(family === 'ipv6' ? 'udp6' : 'udp4');
     bind = (done) => socket.bind({ fd: passed.fd }, done);
   } else {
     const fallback = options.fallback;
@@ -186,7 +188,7 @@ export async function openDatagram(options: OpenDatagramOptions = {}): Promise<d
       throw new ShmfdError('ERR_FD_NOT_PASSED', `no socket named ${name} was passed and no address to bind was given`);
     }
     const address = fallback.address ?? '127.0.0.1';
-    socket = dgram.createSocket(fallback.type ?? (net.isIPv6(address) ? 'udp6' : 'udp4'));
+    socket = createSocket(fallback.type ?? (net.isIPv6(address) ? 'udp6' : 'udp4'));
     bind = (done) => socket.bind({ port: fallback.port, address }, done);
   }
   await new Promise<void>((resolve, reject) => {
