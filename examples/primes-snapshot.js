@@ -15,7 +15,8 @@
 // - the newest valid snapshot's payload is the prime count as an 8-byte big-endian number;
 // - the primes are native-endian u64 values from the start of the tail, in order; the
 //   words after the last counted prime are zero.
-import { SharedFd, SnapshotFile, ConfigureFile } from 'shmfd';
+import { SharedFd } from 'shmfd';
+import { SnapshotFile, ConfigureFile } from 'shmfd/snapshot';
 
 // `... | head` closing the pipe ends the program quietly, as it would a C program; every
 // commit so far is in the memory already.

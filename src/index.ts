@@ -1,5 +1,9 @@
 /**
- * shmfd: keep a program's in-memory state across restarts, crashes and upgrades.
+ * shmfd, the main entry: what a program uses to keep its state across restarts, crashes
+ * and upgrades. Each name is described in docs/api.md; the snapshot format over bytes is
+ * the entry `shmfd/snapshot`. What the commands use inside (exec, opening sockets, the
+ * restore host) is not exported: importing this loads koffi and node:net, nothing that
+ * spawns, speaks HTTP or scans the descriptors.
  * @module
  */
 export { ShmfdError, type ShmfdErrorCode } from './base/errors.js';
@@ -7,7 +11,7 @@ export type { Log } from './base/log.js';
 export { SystemError, isSystemError, Seal, type SocketAddress, type SocketInfo } from './system/libc.js';
 export {
   MemoryFile,
-  Mapping,
+  type Mapping,
   type CreateMemoryFileOptions,
   type MapOptions,
   type TypedArrayConstructor,
@@ -16,46 +20,20 @@ export {
   findListenFd,
   readListenFds,
   findPassedFd,
-  listenPidTarget,
-  listenEnv,
-  withEnv,
-  checkFdName,
-  DEFAULT_FIRST_FD,
-  UNKNOWN_NAME,
   type PassedFd,
   type Environment,
   type ReadListenFdsOptions,
-  type ListenEnvOptions,
 } from './fds/listen-fds.js';
 export {
   Notifier,
-  parseNotifySocket,
   fdStoreCapacity,
   fdStoreWarning,
-  watchdogUsec,
   keepWatchdogFed,
-  MAX_MESSAGE_BYTES,
   type NotifyState,
   type StoreFdsOptions,
   type WatchdogKeeper,
 } from './fds/notify.js';
-export { SharedFd, SHARED_FD_NAME, type SharedFdOptions } from './fds/shared-fd.js';
-export { execReplace, resolveCommand, type ExecRequest, type FdPlacement } from './exec/exec.js';
-export {
-  parseSocketSpec,
-  openSocket,
-  socketFitsSpec,
-  prepareSockets,
-  describeSocket,
-  DEFAULT_SOCKET_HOST,
-  SOCKET_BACKLOG,
-  type SocketKind,
-  type SocketSpec,
-  type OpenSocket,
-  type SocketLog,
-  type PrepareSocketsOptions,
-  type PreparedSockets,
-} from './sockets/open.js';
+export { SharedFd, type SharedFdOptions } from './fds/shared-fd.js';
 export {
   findPassedSocket,
   listenOn,
@@ -69,19 +47,26 @@ export {
 } from './sockets/adopt.js';
 export { serve, type Endpoint, type ServeOptions, type Service } from './sockets/serve.js';
 export {
-  runRestoreHost,
-  childDescriptors,
-  childStdio,
-  exitStatus,
-  SNAPSHOT_MODES,
-  FORWARDED_SIGNALS,
-  EXIT_HOST_FAILURE,
-  type RestoreHostOptions,
-  type SnapshotMode,
-} from './restore/host.js';
-export { BackupFile, type BackupFormat, type BackupInspection, type BackupRecord } from './restore/backup.js';
-export { persistAtomically, type PersistOptions, type PersistResult, type PersistTimings } from './restore/persist.js';
-export { Snapshotter, DEFAULT_INTERVAL_MS, type DurableSnapshot, type SnapshotterOptions } from './restore/snapshotter.js';
-export { backupStatus, type BackupStatus } from './restore/status.js';
-export * from './snapshot/index.js';
-export * from './state/index.js';
+  StateFile,
+  appendLog,
+  versionedCell,
+  counterSet,
+  recordBytes,
+  type AppendLog,
+  type VersionedCell,
+  type CounterSet,
+  type StateFileOptions,
+  type StateFromEnvOptions,
+  type Structures,
+  type StructureOf,
+  type CellArray,
+  type CellArrayConstructor,
+  type CopiesOptions,
+  type Declaration,
+  type Declarations,
+  type LogDeclaration,
+  type CellDeclaration,
+  type CounterDeclaration,
+  type PlacedStructure,
+  type StateLayout,
+} from './state/index.js';

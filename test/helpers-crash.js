@@ -3,8 +3,8 @@
 // processes below a pid, and a line watcher for a child's output.
 import fs from 'node:fs';
 import os from 'node:os';
-import { MemoryFile } from '../dist/index.js';
-import { SnapshotFile } from '../dist/snapshot/index.js';
+import { MemoryFile } from 'shmfd';
+import { SnapshotFile } from 'shmfd/snapshot';
 
 if (os.endianness() !== 'LE') throw new Error('these helpers read u64 tables as little-endian u32 pairs');
 

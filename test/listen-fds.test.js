@@ -5,17 +5,8 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import { test } from 'node:test';
-import {
-  checkFdName,
-  findListenFd,
-  findPassedFd,
-  listenEnv,
-  listenPidTarget,
-  readListenFds,
-  SharedFd,
-  ShmfdError,
-  withEnv,
-} from '../dist/index.js';
+import { findListenFd, findPassedFd, readListenFds, SharedFd, ShmfdError } from 'shmfd';
+import { checkFdName, listenEnv, listenPidTarget, withEnv } from '../dist/fds/listen-fds.js';
 import * as sys from '../dist/system/libc.js';
 import { assertOneErrorLine, cleanEnv, fixture, NODE, run, runShmFd } from './helpers.js';
 

@@ -4,7 +4,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { MemoryFile, Seal, ShmfdError } from '../dist/index.js';
+import { MemoryFile, Seal, ShmfdError } from 'shmfd';
 import * as sys from '../dist/system/libc.js';
 import { fixture, NODE, run, tempDir } from './helpers.js';
 

@@ -5,17 +5,8 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import {
-  fdStoreCapacity,
-  fdStoreWarning,
-  keepWatchdogFed,
-  MAX_MESSAGE_BYTES,
-  MemoryFile,
-  Notifier,
-  parseNotifySocket,
-  ShmfdError,
-  watchdogUsec,
-} from '../dist/index.js';
+import { fdStoreCapacity, fdStoreWarning, keepWatchdogFed, MemoryFile, Notifier, ShmfdError } from 'shmfd';
+import { MAX_MESSAGE_BYTES, parseNotifySocket, watchdogUsec } from '../dist/fds/notify.js';
 import * as sys from '../dist/system/libc.js';
 import {
   abstractAddress,

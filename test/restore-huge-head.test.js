@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { BIN, run, runHost, tempFiles } from './fixtures/restore-helpers.js';
-import { HEAD, MAGIC, MAX_ENTRIES, PAGE } from '../dist/snapshot/index.js';
+import { HEAD, MAGIC, MAX_ENTRIES, PAGE } from '../dist/snapshot/format.js';
 import { assertOneErrorLine, tempDir } from './helpers.js';
 
 const SIZE = 64 * 2 ** 30;

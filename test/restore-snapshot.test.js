@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { SnapshotFile } from '../dist/snapshot/index.js';
+import { SnapshotFile } from 'shmfd/snapshot';
 import { COUNTER, RAW, fingerprint, readCounterBackup, runHost, startHost, tempFiles, waitFor } from './fixtures/restore-helpers.js';
 import { fixture, seededRandom, sleep, tempDir } from './helpers.js';
 

@@ -6,30 +6,25 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
+import { PAGE, SnapshotFile, SnapshotFormatError, parseHead, readSlots, snapshotRanges } from 'shmfd/snapshot';
 import {
   HEAD,
   MAGIC,
   MAX_DATA,
   MAX_ENTRIES,
   MIN_FILE_LENGTH,
-  PAGE,
   SLOT,
   SLOTS_PER_PAGE,
   SLOT_SIZE,
-  SnapshotFile,
-  SnapshotFormatError,
   clearSlotsExcept,
   dataPages,
   dataStart,
-  parseHead,
-  readSlots,
   ringPosition,
   sequencePages,
   slotPosition,
-  snapshotRanges,
   tailLength,
   tailStart,
-} from '../dist/snapshot/index.js';
+} from '../dist/snapshot/format.js';
 import { ROOT, seededRandom } from './helpers.js';
 
 /** A deterministic PRNG, so a failing random case can be replayed. */

@@ -2,8 +2,8 @@
 // (and, concurrently, reads while the child writes). Uses src/fds/memory-file.ts for the memfd.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { MemoryFile } from '../dist/fds/memory-file.js';
-import { PAGE, SnapshotFile } from '../dist/snapshot/index.js';
+import { MemoryFile } from 'shmfd';
+import { PAGE, SnapshotFile } from 'shmfd/snapshot';
 import { NODE, fixture, run } from './helpers.js';
 
 const pattern = (position) => Math.imul(position >>> 0, 0x9e3779b1) >>> 24; // as in the fixture

@@ -3,19 +3,10 @@
 // that every slot claiming validity holds exactly the bytes committed for it.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import {
-  ConfigureFile,
-  FileDiscovery,
-  HEAD,
-  MAGIC,
-  PAGE,
-  SnapshotFile,
-  SnapshotFormatError,
-  SnapshotWriter,
-  parseHead,
-  readSlots,
-  slotPosition,
-} from '../dist/snapshot/index.js';
+import { ConfigureFile, PAGE, SnapshotFile, SnapshotFormatError, parseHead, readSlots } from 'shmfd/snapshot';
+import { HEAD, MAGIC, slotPosition } from '../dist/snapshot/format.js';
+import { FileDiscovery } from '../dist/snapshot/file.js';
+import { SnapshotWriter } from '../dist/snapshot/writer.js';
 import { seededRandom } from './helpers.js';
 
 /** A deterministic PRNG, so a failing random case can be replayed. */

@@ -8,7 +8,7 @@ import http from 'node:http';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { serve } from '../dist/index.js';
+import { serve } from 'shmfd';
 import * as sys from '../dist/system/libc.js';
 import { cleanEnv, datagramReceiver, fixture, NODE, ROOT, SHM_FD, tempDir, waitFor } from './helpers.js';
 

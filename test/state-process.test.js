@@ -12,7 +12,7 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { MemoryFile } from '../dist/index.js';
+import { MemoryFile } from 'shmfd';
 import { cleanEnv, fixture, NODE, ROOT, run, seededRandom, sleep, tempDir } from './helpers.js';
 import { LineWatcher } from './helpers-crash.js';
 import { recoverFrom } from './fixtures/state-model.js';

@@ -4,16 +4,9 @@
 // exactly the state committed with it (the discipline restore-v1 relies on).
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import {
-  MemoryFile,
-  SnapshotFile,
-  StateFile,
-  appendLog,
-  counterSet,
-  versionedCell,
-  recordBytes,
-  planLayout,
-} from '../dist/index.js';
+import { MemoryFile, StateFile, appendLog, counterSet, versionedCell, recordBytes } from 'shmfd';
+import { SnapshotFile } from 'shmfd/snapshot';
+import { planLayout } from '../dist/state/layout.js';
 import { seededRandom } from './helpers.js';
 
 const SEED = process.env.STATE_SEED === undefined ? Date.now() % 1_000_000_007 : Number(process.env.STATE_SEED);

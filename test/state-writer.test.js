@@ -4,7 +4,7 @@
 // and works on the slots a reopened writer adopted.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { SnapshotFile, readSlots, parseHead } from '../dist/snapshot/index.js';
+import { SnapshotFile, readSlots, parseHead } from 'shmfd/snapshot';
 
 function file(pages = 8) {
   const bytes = new Uint8Array(new ArrayBuffer(pages * 4096));

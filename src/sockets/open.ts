@@ -259,9 +259,6 @@ export function socketFitsSpec(fd: number, spec: SocketSpec): boolean {
   return sys.encodeSocketAddress({ ...wanted, port }).equals(sys.encodeSocketAddress(actual));
 }
 
-/** @deprecated The same as {@link Log}, under its former name. */
-export type SocketLog = Log;
-
 /** Options of {@link prepareSockets}. */
 export interface PrepareSocketsOptions {
   /** The service manager: new sockets are parked in its fd store (`FDSTORE=1`). */
