@@ -7,7 +7,6 @@
  * @module
  */
 export { ShmfdError, type ShmfdErrorCode } from './base/errors.js';
-export type { Log } from './base/log.js';
 export { SystemError, isSystemError, Seal, type SocketAddress, type SocketInfo } from './system/libc.js';
 export {
   MemoryFile,
