@@ -23,7 +23,7 @@ const PROGRAM_KILLS = 20;
 const TREE_KILLS = 20;
 const ROUND_GUARD_MS = 30_000;
 
-console.log(`# crash-consistency seed ${SEED} (replay with CRASH_SEED=${SEED})`);
+console.log(`# restore-crash seed ${SEED} (replay with CRASH_SEED=${SEED})`);
 const rng = seededRandom(SEED);
 const context = (round, what) => `seed ${SEED}, ${what} round ${round}`;
 

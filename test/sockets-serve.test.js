@@ -40,7 +40,7 @@ test('READY after listening, RELOADING+MONOTONIC_USEC then READY on SIGHUP, STOP
   const dir = tempDir(t);
   const receiver = datagramReceiver(path.join(dir, 'notify'));
   t.after(() => receiver.close());
-  const s = startServer(t, [fixture('sockets-lifecycle.js')], cleanEnv({ NOTIFY_SOCKET: receiver.address }));
+  const s = startServer(t, [fixture('sockets-serve.js')], cleanEnv({ NOTIFY_SOCKET: receiver.address }));
   const ready = (await receiver.next()).text;
   assert.equal(ready, 'READY=1\nSTATUS=serving');
   const port = Number((await waitFor(() => /ready http:\/\/127\.0\.0\.1:(\d+)/.exec(s.out()), 20_000, 'ready'))[1]);
@@ -77,7 +77,7 @@ test('under a service manager shm-fd parks the sockets it opens in the fd store,
   t.after(() => receiver.close());
   const s = startServer(
     t,
-    [SHM_FD, '-s', 'http::0', '-s', 'api=udp::0', '--', NODE, fixture('sockets-lifecycle.js')],
+    [SHM_FD, '-s', 'http::0', '-s', 'api=udp::0', '--', NODE, fixture('sockets-serve.js')],
     cleanEnv({ NOTIFY_SOCKET: receiver.address, FDSTORE: '8' }),
   );
   const stored = [await receiver.next(), await receiver.next(), await receiver.next()];
@@ -109,7 +109,7 @@ test('a stored socket that no longer fits --socket is replaced in the fd store t
   const socketPath = path.join(dir, 'http.sock');
   const s = startServer(
     t,
-    [SHM_FD, '-s', `http=unix::${socketPath}`, '--', NODE, fixture('sockets-lifecycle.js')],
+    [SHM_FD, '-s', `http=unix::${socketPath}`, '--', NODE, fixture('sockets-serve.js')],
     cleanEnv({ NOTIFY_SOCKET: receiver.address, LISTEN_FDS: '1', LISTEN_FDNAMES: 'http' }),
     [held],
   );
@@ -148,7 +148,7 @@ test('serve(): a listen that fails and is retried by the program does not end th
 test('serve(): the same stop signal twice within 250 ms is one stop (terminal + forwarding parent); a later one cuts what is left', async (t) => {
   const dir = tempDir(t);
   const start = async (receiver) => {
-    const s = startServer(t, [fixture('sockets-lifecycle.js')], cleanEnv(receiver === undefined ? {} : { NOTIFY_SOCKET: receiver.address }));
+    const s = startServer(t, [fixture('sockets-serve.js')], cleanEnv(receiver === undefined ? {} : { NOTIFY_SOCKET: receiver.address }));
     const port = Number((await waitFor(() => /ready http:\/\/127\.0\.0\.1:(\d+)/.exec(s.out()), 20_000, 'ready'))[1]);
     return { s, port };
   };
@@ -190,7 +190,7 @@ test('serve(): stop() while the server is still starting closes it once it liste
 });
 
 test('serve(): SIGINT stops gracefully, then ends the process by SIGINT, as a shell loop expects of Ctrl-C', async (t) => {
-  const s = startServer(t, [fixture('sockets-lifecycle.js')], cleanEnv());
+  const s = startServer(t, [fixture('sockets-serve.js')], cleanEnv());
   await waitFor(() => /ready /.test(s.out()), 20_000, 'ready');
   s.child.kill('SIGINT');
   assert.deepEqual(await s.exited, { code: null, signal: 'SIGINT' });
