@@ -5,20 +5,19 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import * as sys from '../dist/system/libc.js';
-import { BIN, COUNTER, ENV, RAW, run, runHost, tempFiles } from './fixtures/restore-helpers.js';
-import { cleanEnv, ROOT, SHM_FD, tempDir } from './helpers.js';
+import { cleanEnv, COUNTER, ENV, RAW, ROOT, run, runHost, SHM_FD, SHM_RESTORE, tempDir, tempFiles } from './helpers.js';
 
 const pkg = JSON.parse(fs.readFileSync(new URL('../package.json', import.meta.url), 'utf8'));
 
 test('--help prints the usage with both argument orders and the status command; --version the version', async () => {
   const help = await runHost(['--help']);
-  assert.equal(help.status, 0);
+  assert.equal(help.code, 0);
   assert.match(help.stdout, /^Usage: shm-restore \[OPTIONS\] BACKUP \[--\] COMMAND/);
   assert.match(help.stdout, /status BACKUP/);
   assert.match(help.stdout, /--snapshot=MODE/);
   assert.equal(help.stderr, '');
   const version = await runHost(['-V']);
-  assert.equal(version.status, 0);
+  assert.equal(version.code, 0);
   assert.equal(version.stdout, `shm-restore ${pkg.version}\n`);
 });
 
@@ -42,7 +41,7 @@ test('usage errors: one line on stderr, exit 125, no backup created', async (t) 
   ];
   for (const [args, pattern] of cases) {
     const r = await runHost(args);
-    assert.equal(r.status, 125, `${args.join(' ')}: ${r.stderr}`);
+    assert.equal(r.code, 125, `${args.join(' ')}: ${r.stderr}`);
     assert.match(r.stderr.trimEnd(), pattern);
     assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr);
   }
@@ -55,7 +54,7 @@ test('a command that is not found exits 127 before anything is restored or writt
   fs.writeFileSync(backup, 'raw state');
   const before = fs.statSync(backup).mtimeMs;
   const r = await runHost([backup, 'no-such-command-shmfd']);
-  assert.equal(r.status, 127);
+  assert.equal(r.code, 127);
   assert.match(r.stderr, /no-such-command-shmfd: command not found/);
   assert.equal(fs.readFileSync(backup, 'utf8'), 'raw state');
   assert.equal(fs.statSync(backup).mtimeMs, before);
@@ -65,7 +64,7 @@ test('a command that is not found exits 127 before anything is restored or writt
 test('the program gets the memory at fd 3, LISTEN_FDS/LISTEN_FDNAMES, and LISTEN_PID = its own pid (original order, no --)', async (t) => {
   const dir = tempDir(t);
   const r = await runHost([path.join(dir, 'b'), process.execPath, ENV]);
-  assert.equal(r.status, 0, r.stderr);
+  assert.equal(r.code, 0, r.stderr);
   const info = JSON.parse(r.stdout);
   assert.equal(info.env.LISTEN_FDS, '1');
   assert.equal(info.env.LISTEN_FDNAMES, 'SHM_SHARED_FD');
@@ -84,21 +83,21 @@ test('the snapshot demo says at start where its backup is (SHMFD_BACKUP, after s
   fs.symlinkSync(target, link);
   const example = path.join(ROOT, 'examples', 'primes-snapshot.js');
   const r = await runHost(['--snapshot=restore-v1', link, process.execPath, example, '0', '1']);
-  assert.equal(r.status, 0, r.stderr);
+  assert.equal(r.code, 0, r.stderr);
   const [first, second] = r.stdout.split('\n');
   const removal = `rm '${dir}/the user'\\''s state'`;
   assert.equal(first, `the state is kept in ${target} (a 100 MB sparse file) between runs; to start over or clean up, stop this and run: ${removal}`);
   assert.equal(second, 'recovered 0 primes');
   assert.equal(fs.statSync(target).size, 100_000_000);
   const rm = await run('/bin/sh', ['-c', first.slice(first.indexOf(': rm ') + 2)]);
-  assert.equal(rm.status, 0, rm.stderr);
+  assert.equal(rm.code, 0, rm.stderr);
   assert.equal(fs.existsSync(target), false);
 });
 
 test('--name renames the descriptor; --no-pid leaves LISTEN_PID unset; COMMAND is not interpreted by a shell', async (t) => {
   const dir = tempDir(t);
   const r = await runHost(['--name', 'state', '--no-pid', path.join(dir, 'b'), '--', process.execPath, ENV, '$HOME; echo x']);
-  assert.equal(r.status, 0, r.stderr);
+  assert.equal(r.code, 0, r.stderr);
   const info = JSON.parse(r.stdout);
   assert.equal(info.env.LISTEN_FDNAMES, 'state');
   assert.equal(info.env.LISTEN_PID, undefined);
@@ -110,8 +109,8 @@ test('--name renames the descriptor; --no-pid leaves LISTEN_PID unset; COMMAND i
 
 test('descriptors passed in are passed on first, in order, and the new memory file is appended', async (t) => {
   const dir = tempDir(t);
-  const r = await run(process.execPath, [SHM_FD, '--name', 'other', process.execPath, BIN, path.join(dir, 'b'), process.execPath, ENV]);
-  assert.equal(r.status, 0, r.stderr);
+  const r = await run(process.execPath, [SHM_FD, '--name', 'other', process.execPath, SHM_RESTORE, path.join(dir, 'b'), process.execPath, ENV]);
+  assert.equal(r.code, 0, r.stderr);
   const info = JSON.parse(r.stdout);
   assert.equal(info.env.LISTEN_FDS, '2');
   assert.equal(info.env.LISTEN_FDNAMES, 'other:SHM_SHARED_FD');
@@ -125,8 +124,8 @@ test('a memory file passed in under the name is used as it is (newer than the ba
   const backup = path.join(dir, 'b');
   fs.writeFileSync(backup, 'old state on disk');
   // shm-fd creates an empty memory file and execs shm-restore with it.
-  const r = await run(process.execPath, [SHM_FD, process.execPath, BIN, backup, process.execPath, RAW, '--write', 'new state']);
-  assert.equal(r.status, 0, r.stderr);
+  const r = await run(process.execPath, [SHM_FD, process.execPath, SHM_RESTORE, backup, process.execPath, RAW, '--write', 'new state']);
+  assert.equal(r.code, 0, r.stderr);
   assert.deepEqual(JSON.parse(r.stdout), { size: 0, text: '' }, 'the backup was not copied over the passed memory');
   assert.equal(fs.readFileSync(backup).subarray(0, 9).toString(), 'new state');
 });
@@ -139,7 +138,7 @@ test('under a service manager: the new memory file goes to the fd store (FDSTORE
   sys.setNonBlocking(sock, true);
   try {
     const r = await runHost([path.join(dir, 'b'), process.execPath, ENV], { env: cleanEnv({ NOTIFY_SOCKET: address }) });
-    assert.equal(r.status, 0, r.stderr);
+    assert.equal(r.code, 0, r.stderr);
     assert.match(r.stderr, /warning: \$FDSTORE is not set: .*fd store is disabled and SHM_SHARED_FD will not survive a restart of the service, only the backup will/);
     assert.equal(JSON.parse(r.stdout).env.NOTIFY_SOCKET, address);
     const message = sys.receiveDatagram(sock);
@@ -149,7 +148,7 @@ test('under a service manager: the new memory file goes to the fd store (FDSTORE
     for (const fd of message.fds) sys.close(fd);
 
     const quiet = await runHost([path.join(dir, 'c'), 'true'], { env: cleanEnv({ NOTIFY_SOCKET: address, FDSTORE: '4' }) });
-    assert.equal(quiet.status, 0);
+    assert.equal(quiet.code, 0);
     assert.equal(quiet.stderr, '', 'no warning when the store is enabled');
     for (const fd of sys.receiveDatagram(sock).fds) sys.close(fd);
   } finally {
@@ -161,14 +160,14 @@ test('status: size, snapshot count, size and age of the newest snapshot, one fac
   const dir = tempDir(t);
   const backup = path.join(dir, 'b');
   const missing = await runHost(['status', backup]);
-  assert.equal(missing.status, 1);
+  assert.equal(missing.code, 1);
   assert.match(missing.stdout, /^state: missing/m);
 
   const made = await runHost(['--snapshot=restore-v1', backup, process.execPath, COUNTER, '--commits', '3', '--exit']);
-  assert.equal(made.status, 0, made.stderr);
+  assert.equal(made.code, 0, made.stderr);
   for (const args of [['status', backup], ['--status', backup], ['--snapshot=restore-v1', 'status', backup]]) {
     const r = await runHost(args);
-    assert.equal(r.status, 0, r.stderr);
+    assert.equal(r.code, 0, r.stderr);
     const facts = Object.fromEntries(r.stdout.trim().split('\n').map((l) => [l.slice(0, l.indexOf(':')), l.slice(l.indexOf(':') + 2)]));
     assert.equal(facts.backup, backup);
     assert.match(facts['backup size'], /^65536 bytes/);
@@ -180,10 +179,10 @@ test('status: size, snapshot count, size and age of the newest snapshot, one fac
   fs.rmSync(backup); // a new file: one overwritten in place keeps the size shm-restore recorded, and is refused
   fs.writeFileSync(backup, Buffer.alloc(8192, 7));
   const raw = await runHost(['status', backup]);
-  assert.equal(raw.status, 0, 'a raw image is a valid backup without --snapshot');
+  assert.equal(raw.code, 0, 'a raw image is a valid backup without --snapshot');
   assert.match(raw.stdout, /^state: raw memory image/m);
   const invalid = await runHost(['--snapshot=restore-v1', 'status', backup]);
-  assert.equal(invalid.status, 1);
+  assert.equal(invalid.code, 1);
   assert.match(invalid.stderr, /not a snapshot file/);
   assert.equal(invalid.stderr.trim().split('\n').length, 1);
 });
@@ -203,7 +202,7 @@ test('shm-restore warns, as shm-fd does, when a Node restarter (nodemon, node --
   const nodemon = path.join(dir, 'nodemon');
   fs.writeFileSync(nodemon, '#!/bin/sh\nexit 0\n', { mode: 0o755 });
   const low = await runHost([path.join(dir, 'b'), nodemon]);
-  assert.equal(low.status, 0, low.stderr);
+  assert.equal(low.code, 0, low.stderr);
   assert.match(low.stderr, /warning: nodemon is a Node process that restarts its program: descriptors below 17 do not reach the program; use --first-fd 17/);
   const safe = await runHost(['--first-fd', '17', path.join(dir, 'b'), nodemon]);
   assert.equal(safe.stderr, '');

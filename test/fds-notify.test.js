@@ -15,14 +15,13 @@ import {
   datagramReceiver,
   fixture,
   NODE,
-  ROOT,
   run,
   runShmFd,
+  SHM_RESTORE,
   sleep,
   tempDir,
 } from './helpers.js';
 
-const SHM_RESTORE = path.join(ROOT, 'bin', 'shm-restore.js');
 
 function isShmfdError(code) {
   return (err) => err instanceof ShmfdError && err.code === code;

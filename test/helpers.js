@@ -1,21 +1,30 @@
-// Shared helpers of the tests: run the real CLIs as child processes, temp directories,
-// a real AF_UNIX datagram receiver, and small assertions on error output.
+// Shared helpers of the tests: run programs (the real CLIs among them) as child processes
+// and capture their output, wait for an event, temp directories, a real AF_UNIX datagram
+// receiver, assertions on error output, and readers of the backups the fixtures write.
 import assert from 'node:assert/strict';
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import * as sys from '../dist/system/libc.js';
+import { MemoryFile } from 'shmfd';
+import { SnapshotFile } from 'shmfd/snapshot';
 
 /** The repository root. */
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 /** The node binary running the tests: children use the same one. */
 export const NODE = process.execPath;
 export const SHM_FD = path.join(ROOT, 'bin', 'shm-fd.js');
+export const SHM_RESTORE = path.join(ROOT, 'bin', 'shm-restore.js');
 export const PRIMES = path.join(ROOT, 'examples', 'primes.js');
 export const FIXTURES = path.join(ROOT, 'test', 'fixtures');
 export const PYTHON = '/usr/bin/python3';
+/** The programs the shm-restore tests run: see the comments at the top of each. */
+export const COUNTER = path.join(FIXTURES, 'restore-counter.js');
+export const RAW = path.join(FIXTURES, 'restore-raw.js');
+export const ENV = path.join(FIXTURES, 'restore-env.js');
 
 /** True when the tests run as root (needed by the systemd sandbox). */
 export const isRoot = typeof process.getuid === 'function' && process.getuid() === 0;
@@ -118,50 +127,216 @@ export function fixture(name) {
 }
 
 /**
- * Runs a program and collects its output.
- * @param {string} command
- * @param {string[]} args
- * @param {object} [options]
- * @param {Record<string, string | undefined>} [options.env] the whole environment (default: process.env)
- * @param {Array<number | 'pipe' | 'ignore' | 'inherit' | null>} [options.extraFds] stdio entries 3, 4, ...
- * @param {string | Buffer} [options.input] written to stdin, which is then closed
- * @param {number} [options.timeoutMs] SIGKILL after this long (a guard against hangs, not an assertion)
- * @param {(child: import('node:child_process').ChildProcess) => void} [options.onSpawn]
- * @returns {Promise<{code: number | null, signal: string | null, stdout: string, stderr: string, pid: number}>}
+ * @typedef {object} RunOptions
+ * @property {Record<string, string | undefined>} [env] the whole environment (default: {@link cleanEnv}())
+ * @property {string} [cwd] default: the repository root
+ * @property {Array<number | 'pipe' | 'ignore' | 'inherit' | null>} [extraFds] stdio entries 3, 4, ...
+ * @property {string | Buffer} [input] written to stdin, which is then closed
+ * @property {number} [timeoutMs] SIGKILL after this long (a guard against hangs, not an assertion)
+ * @property {(child: import('node:child_process').ChildProcess) => void} [onSpawn]
  */
-export function run(command, args, options = {}) {
-  const env = Object.fromEntries(Object.entries(options.env ?? process.env).filter(([, v]) => v !== undefined));
+
+/** @typedef {{code: number | null, signal: NodeJS.Signals | null, stdout: string, stderr: string}} Ended */
+
+/** @typedef {Ended & {pid: number}} RunResult */
+
+/**
+ * Runs a program to its end and collects its output.
+ * @param {string} command
+ * @param {readonly string[]} args
+ * @param {RunOptions} [options]
+ * @returns {Promise<RunResult>}
+ */
+export async function run(command, args, options = {}) {
+  const started = start(command, args, { ...options, input: options.input ?? '', guardMs: options.timeoutMs ?? 30_000 });
+  options.onSpawn?.(started.child);
+  return { ...(await started.exited), pid: started.pid };
+}
+
+/**
+ * @typedef {object} StartOptions
+ * @property {Record<string, string | undefined>} [env] the whole environment (default: {@link cleanEnv}())
+ * @property {string} [cwd] default: the repository root
+ * @property {Array<number | 'pipe' | 'ignore' | 'inherit' | null>} [extraFds] stdio entries 3, 4, ...
+ * @property {string | Buffer} [input] written to stdin, which is then closed (default: stdin is /dev/null)
+ * @property {boolean} [detached] in a new process group, which {@link Started.kill} signals whole
+ * @property {import('node:test').TestContext} [t] the process (its group when detached) is SIGKILLed when `t` ends
+ * @property {number} [guardMs] SIGKILL after this long (a guard against hangs, not an assertion)
+ */
+
+/**
+ * @typedef {object} Started
+ * @property {import('node:child_process').ChildProcessByStdio<import('node:stream').Writable | null, import('node:stream').Readable, import('node:stream').Readable>} child
+ * @property {number} pid
+ * @property {LineWatcher} out its stdout
+ * @property {LineWatcher} err its stderr
+ * @property {Promise<{code: number | null, signal: NodeJS.Signals | null}>} exit the process ended (a program it left may still hold its output)
+ * @property {Promise<Ended>} exited the process ended and its output is closed: how, and all it wrote
+ * @property {() => Ended | undefined} ended how it ended, or undefined while it runs
+ * @property {(signal?: NodeJS.Signals) => void} kill signals it (its group when detached) while it runs
+ */
+
+/**
+ * Starts a program in the background, capturing its stdout and stderr line by line.
+ * @param {string} command
+ * @param {readonly string[]} args
+ * @param {StartOptions} [options]
+ * @returns {Started}
+ */
+export function start(command, args, options = {}) {
+  const env = Object.fromEntries(Object.entries(options.env ?? cleanEnv()).filter(([, v]) => v !== undefined));
+  const detached = options.detached === true;
   const child = spawn(command, args, {
     cwd: options.cwd ?? ROOT,
     env,
-    stdio: ['pipe', 'pipe', 'pipe', ...(options.extraFds ?? [])],
+    stdio: [options.input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe', ...(options.extraFds ?? [])],
+    detached,
   });
-  const stdout = [];
-  const stderr = [];
-  child.stdout.on('data', (d) => stdout.push(d));
-  child.stderr.on('data', (d) => stderr.push(d));
-  child.stdin.on('error', () => {});
-  child.stdin.end(options.input ?? '');
-  const timer = setTimeout(() => child.kill('SIGKILL'), options.timeoutMs ?? 30_000);
-  options.onSpawn?.(child);
-  return new Promise((resolve, reject) => {
+  if (child.stdin !== null) {
+    child.stdin.on('error', () => {});
+    child.stdin.end(options.input);
+  }
+  const out = new LineWatcher(child.stdout);
+  const err = new LineWatcher(child.stderr);
+  /** @type {Ended | undefined} */
+  let ended;
+  const exit = new Promise((resolve) => child.on('exit', (code, signal) => resolve({ code, signal })));
+  /** @type {Promise<Ended>} */
+  const exited = new Promise((resolve, reject) => {
     child.on('error', reject);
     child.on('close', (code, signal) => {
-      clearTimeout(timer);
-      resolve({
-        code,
-        signal,
-        stdout: Buffer.concat(stdout).toString(),
-        stderr: Buffer.concat(stderr).toString(),
-        pid: child.pid,
-      });
+      ended = { code, signal, stdout: out.text, stderr: err.text };
+      resolve(ended);
     });
   });
+  const kill = (/** @type {NodeJS.Signals} */ signal = 'SIGKILL') => {
+    // Only while it runs: the id of an ended process or an empty group may be another's by then.
+    if (child.exitCode !== null || child.signalCode !== null || child.pid === undefined) return;
+    try {
+      if (detached) process.kill(-child.pid, signal);
+      else child.kill(signal);
+    } catch {
+      // already gone
+    }
+  };
+  if (options.guardMs !== undefined) {
+    const guard = setTimeout(() => kill('SIGKILL'), options.guardMs);
+    exited.finally(() => clearTimeout(guard)).catch(() => {});
+  }
+  options.t?.after(() => kill('SIGKILL'));
+  return { child, pid: child.pid ?? -1, out, err, exit, exited, ended: () => ended, kill };
 }
 
-/** Runs `node bin/shm-fd.js ARGS...`. */
-export function runShmFd(args, options = {}) {
+/** Runs `node bin/shm-fd.js ARGS...` to its end. */
+export function runShmFd(/** @type {readonly string[]} */ args, /** @type {RunOptions} */ options = {}) {
   return run(NODE, [SHM_FD, ...args], options);
+}
+
+/** Runs `node bin/shm-restore.js ARGS...` to its end. */
+export function runHost(/** @type {readonly string[]} */ args, /** @type {RunOptions} */ options = {}) {
+  return run(NODE, [SHM_RESTORE, ...args], options);
+}
+
+/**
+ * Starts `shm-restore ARGS` in the background. `next()` is the next line of the program's
+ * stdout, parsed as JSON (`{line}` when it is not JSON); it rejects when the host's output
+ * ends first.
+ * @param {readonly string[]} args
+ * @param {StartOptions} [options]
+ */
+export function startHost(args, options = {}) {
+  const started = start(NODE, [SHM_RESTORE, ...args], options);
+  let read = 0;
+  return {
+    ...started,
+    get stderr() {
+      return started.err.text;
+    },
+    /** @returns {Promise<any>} */
+    async next() {
+      const line = await started.out.line(read++);
+      if (line === undefined) {
+        const end = await started.exited;
+        throw new Error(`the host exited (${end.code ?? end.signal}) before the program printed a line: ${started.err.text}`);
+      }
+      try {
+        return JSON.parse(line);
+      } catch {
+        return { line };
+      }
+    },
+  };
+}
+
+/** Collects the lines a stream carries, and lets a test wait for one. */
+export class LineWatcher {
+  /** @type {string[]} the complete lines so far */
+  lines = [];
+  /** Everything the stream carried so far, the last partial line included. */
+  text = '';
+  ended = false;
+  /** @type {Array<() => void>} */
+  #waiters = [];
+
+  /** @param {import('node:stream').Readable} stream */
+  constructor(stream) {
+    let rest = '';
+    stream.setEncoding('utf8');
+    stream.on('data', (/** @type {string} */ chunk) => {
+      this.text += chunk;
+      const parts = (rest + chunk).split('\n');
+      rest = parts.pop() ?? '';
+      this.lines.push(...parts);
+      this.#wake();
+    });
+    stream.on('end', () => {
+      if (rest !== '') this.lines.push(rest);
+      rest = '';
+      this.ended = true;
+      this.#wake();
+    });
+  }
+
+  #wake() {
+    for (const waiter of this.#waiters.splice(0)) waiter();
+  }
+
+  /**
+   * The line number `index` (from 0), once it is there; undefined if the stream ends first.
+   * @param {number} index
+   * @returns {Promise<string | undefined>}
+   */
+  async line(index) {
+    while (index >= this.lines.length && !this.ended) await new Promise((resolve) => this.#waiters.push(() => resolve(undefined)));
+    return this.lines[index];
+  }
+
+  /**
+   * The first line (seen so far or later) matching `pattern`; undefined if the stream ends first.
+   * @param {RegExp} pattern
+   * @returns {Promise<RegExpExecArray | undefined>}
+   */
+  async waitFor(pattern) {
+    for (let i = 0; ; i++) {
+      const line = await this.line(i);
+      if (line === undefined) return undefined;
+      const match = pattern.exec(line);
+      if (match) return match;
+    }
+  }
+
+  /**
+   * Numbers captured by `pattern`'s first group on every line, in order.
+   * @param {RegExp} pattern
+   */
+  numbers(pattern) {
+    const out = [];
+    for (const line of this.lines) {
+      const m = pattern.exec(line);
+      if (m) out.push(Number(m[1]));
+    }
+    return out;
+  }
 }
 
 /** process.env without the variables that would change what shm-fd and the programs see. */
@@ -222,14 +397,8 @@ export function datagramReceiver(address) {
       }
     },
     /** Waits (polling) until a datagram arrives; throws after `timeoutMs`. */
-    async next(timeoutMs = 10_000) {
-      const deadline = Date.now() + timeoutMs;
-      for (;;) {
-        const message = this.receive();
-        if (message !== undefined) return message;
-        if (Date.now() > deadline) throw new Error(`no datagram on ${address} within ${timeoutMs} ms`);
-        await sleep(10);
-      }
+    next(timeoutMs = 10_000) {
+      return waitFor(() => this.receive(), `a datagram on ${address}`, timeoutMs, 10);
     },
     close() {
       for (const received_fd of received) {
@@ -259,13 +428,17 @@ export function sleep(ms) {
 }
 
 /**
- * Polls `check` every `intervalMs` until it returns a truthy value; throws after
- * `timeoutMs` (a guard, not an assertion on speed).
+ * Polls `check` every `intervalMs` until it returns (or resolves to) a truthy value, and
+ * returns that; throws after `timeoutMs` (a guard, not an assertion on speed).
+ * @template T
+ * @param {() => T | Promise<T>} check
+ * @param {string} what what is awaited, for the error
+ * @returns {Promise<T>}
  */
-export async function waitFor(check, timeoutMs = 20_000, what = 'condition', intervalMs = 20) {
+export async function waitFor(check, what, timeoutMs = 20_000, intervalMs = 20) {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
-    const value = check();
+    const value = await check();
     if (value) return value;
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await sleep(intervalMs);
@@ -293,4 +466,181 @@ export function seededRandom(seed) {
     return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
   };
   return { next, int: (lo, hi) => lo + Math.floor(next() * (hi - lo + 1)) };
+}
+
+/** The pids of the children of `pid` (of all its threads), from /proc. */
+export function childrenOf(/** @type {number} */ pid) {
+  /** @type {number[]} */
+  const out = [];
+  let tasks;
+  try {
+    tasks = fs.readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return out;
+  }
+  if (!fs.existsSync(`/proc/${pid}/task/${pid}/children`)) {
+    // A kernel without CONFIG_PROC_CHILDREN: every process's parent.
+    return fs.readdirSync('/proc').filter((entry) => /^\d+$/.test(entry) && processInfo(Number(entry))?.parent === pid).map(Number);
+  }
+  for (const task of tasks) {
+    try {
+      const text = fs.readFileSync(`/proc/${pid}/task/${task}/children`, 'utf8').trim();
+      if (text !== '') out.push(...text.split(/\s+/).map(Number));
+    } catch {
+      // the thread ended meanwhile
+    }
+  }
+  return out;
+}
+
+/**
+ * State, parent and start time of a process, from /proc/PID/stat; undefined when it is gone.
+ * @returns {{state: string, parent: number, start: string} | undefined}
+ */
+export function processInfo(/** @type {number} */ pid) {
+  let stat;
+  try {
+    stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
+  } catch {
+    return undefined;
+  }
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return { state: fields[0] ?? '', parent: Number(fields[1]), start: fields[19] ?? '' };
+}
+
+// Readers of the snapshot files of examples/primes-snapshot.js.
+if (os.endianness() !== 'LE') throw new Error('these helpers read u64 tables as little-endian u32 pairs');
+
+let reference = new Uint32Array(0);
+
+/**
+ * The first `n` primes, computed here (odd-only sieve), independent of the example's sieve.
+ * Cached and extended on demand.
+ */
+export function firstPrimes(n) {
+  if (n <= reference.length) return reference.subarray(0, n);
+  // p_n < n (ln n + ln ln n) for n >= 6.
+  const bound = n < 6 ? 15 : Math.ceil(n * (Math.log(n) + Math.log(Math.log(n))));
+  const half = Math.floor((bound - 1) / 2); // index i stands for 2i + 1
+  const composite = new Uint8Array(half + 1);
+  for (let i = 1; (2 * i + 1) * (2 * i + 1) <= bound; i++) {
+    if (composite[i] === 1) continue;
+    const p = 2 * i + 1;
+    for (let j = (p * p - 1) / 2; j <= half; j += p) composite[j] = 1;
+  }
+  const out = new Uint32Array(n);
+  let k = 0;
+  out[k++] = 2;
+  for (let i = 1; i <= half && k < n; i++) if (composite[i] === 0) out[k++] = 2 * i + 1;
+  if (k < n) throw new Error(`prime bound ${bound} too small for ${n} primes`);
+  reference = out;
+  return out;
+}
+
+/**
+ * Index of the first of `count` u64 words at `byteOffset` of `bytes` that is not the
+ * matching prime, or -1 when they are exactly the first `count` primes.
+ */
+export function firstWrongPrime(bytes, byteOffset, count) {
+  const words = new Uint32Array(bytes.buffer, bytes.byteOffset + byteOffset, count * 2);
+  const expected = firstPrimes(count);
+  for (let i = 0; i < count; i++) {
+    if (words[2 * i] !== expected[i] || words[2 * i + 1] !== 0) return i;
+  }
+  return -1;
+}
+
+/**
+ * Calls `use(bytes, found, size)` with the snapshot file `file` (a backup, or a live memfd
+ * through /proc/PID/fd/N) mapped read-only: `found` is its `FileDiscovery`, undefined for
+ * an empty or unconfigured file (then `bytes` may be undefined too).
+ */
+function withSnapshotFile(file, use) {
+  const memory = MemoryFile.fromFd(fs.openSync(file, 'r'), file);
+  try {
+    const size = memory.size;
+    if (size === 0) return use(undefined, undefined, size);
+    const mapping = memory.map({ readOnly: true });
+    try {
+      return use(mapping.bytes, new SnapshotFile(mapping.bytes).recover(), size);
+    } finally {
+      mapping.unmap();
+    }
+  } finally {
+    memory.close();
+  }
+}
+
+/**
+ * Reads a primes-snapshot state out of a snapshot file with the snapshot API: the newest
+ * valid snapshot's prime count, and whether the table holds exactly that many first primes.
+ * @returns {{configured: boolean, snapshots: number, count: number, wrongAt: number, size: number}}
+ *   `count` 0 and `snapshots` 0 for an empty or unconfigured file
+ */
+export function readPrimesState(file) {
+  return withSnapshotFile(file, (bytes, found, size) => {
+    const none = { configured: found !== undefined, snapshots: 0, count: 0, wrongAt: -1, size };
+    const valid = found?.valid() ?? [];
+    const newest = valid[valid.length - 1];
+    if (newest === undefined) return none;
+    if (newest.length !== 8) throw new Error(`${file}: newest snapshot has ${newest.length} bytes, not 8`);
+    const payload = found.read(newest);
+    const count = Number(new DataView(payload.buffer, payload.byteOffset, 8).getBigUint64(0, false));
+    return { ...none, snapshots: valid.length, count, wrongAt: firstWrongPrime(bytes, found.head.tailStart, count) };
+  });
+}
+
+/**
+ * Whether the `count` first u64 words of the tail of the snapshot file `file` are the first
+ * `count` primes (-1), or the index of the first wrong one. Reads only the table: for a live
+ * memfd whose slots keep changing.
+ */
+export function checkLiveTable(file, count) {
+  return withSnapshotFile(file, (bytes, found) => {
+    if (found === undefined) throw new Error(`${file} is not a configured snapshot file`);
+    return firstWrongPrime(bytes, found.head.tailStart, count);
+  });
+}
+
+// Readers of the backups of shm-restore.
+
+/**
+ * Reads a backup as a snapshot file: { size, valid, counter } where counter is the
+ * restore-counter value of its newest snapshot; undefined when the file is missing.
+ * Throws for a file that is not a valid snapshot file.
+ */
+export function readCounterBackup(file) {
+  let buf;
+  try {
+    buf = fs.readFileSync(file);
+  } catch (err) {
+    if (err.code === 'ENOENT') return undefined;
+    throw err;
+  }
+  const bytes = new Uint8Array(buf.length);
+  bytes.set(buf);
+  const found = SnapshotFile.open(bytes).recover();
+  if (found === undefined) throw new Error(`${file} is not configured as a snapshot file`);
+  const valid = found.valid();
+  const newest = found.newest();
+  const counter = newest === undefined ? undefined : Number(Buffer.from(found.read(newest)).readBigUInt64BE(0));
+  return { size: buf.length, valid: valid.length, counter, head: found.head, bytes };
+}
+
+/** Names of temporary files of shm-restore in `dir`. */
+export function tempFiles(dir) {
+  return fs.readdirSync(dir).filter((name) => /^\..*\.tmp-[0-9a-f]+$/.test(name));
+}
+
+/** True when `command` runs here (e.g. `unshare -m true` needs privileges). */
+export function works(command, args) {
+  const r = spawnSync(command, args, { stdio: 'ignore' });
+  return r.status === 0;
+}
+
+/** Content, mtime and mode of a file, to check it was left untouched. */
+export function fingerprint(file) {
+  const stat = fs.statSync(file);
+  const content = stat.isFile() ? crypto.createHash('sha256').update(fs.readFileSync(file)).digest('hex') : null;
+  return { content, mtimeMs: stat.mtimeMs, mode: stat.mode, ino: stat.ino };
 }

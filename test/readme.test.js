@@ -9,12 +9,11 @@
 // - anything else runs alone and exits 0; under a service manager, a block that notifies
 //   is checked against a real notify socket.
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import http from 'node:http';
 import path from 'node:path';
 import { test } from 'node:test';
-import { cleanEnv, datagramReceiver, NODE, ROOT, run, runShmFd, SHM_FD, tempDir, waitFor } from './helpers.js';
+import { cleanEnv, datagramReceiver, NODE, ROOT, run, runShmFd, SHM_FD, start, tempDir, waitFor } from './helpers.js';
 
 const NEEDS_MEMORY = /^\/\/ Needs shm-fd or shm-restore, which pass the memory file: shm-fd node app\.mjs$/;
 const SERVER = /^\/\/ A server: runs until SIGTERM or Ctrl-C, on the socket passed as (\w+) or else on port \d+$/;
@@ -60,17 +59,9 @@ blocks.forEach((code, i) => {
       assert.ok(match, `the first line says that it serves, on which socket: ${first}`);
       const { file } = writeExample(t, code, i);
       const socket = path.join(tempDir(t), 'app.sock');
-      const child = spawn(NODE, [SHM_FD, '-s', `${match[1]}=unix::${socket}`, NODE, file], {
-        cwd: ROOT,
-        env: cleanEnv(),
-        stdio: ['ignore', 'pipe', 'pipe'],
-      });
-      t.after(() => child.kill('SIGKILL'));
-      let stderr = '';
-      child.stderr.on('data', (d) => (stderr += d));
-      const exited = new Promise((resolve) => child.on('close', (code, signal) => resolve({ code, signal })));
+      const wrapper = start(NODE, [SHM_FD, '-s', `${match[1]}=unix::${socket}`, NODE, file], { t });
       // The wrapper's socket queues connections at once; the answer shows the example serves.
-      await waitFor(() => fs.existsSync(socket), 20_000, 'the passed socket');
+      await waitFor(() => fs.existsSync(socket), 'the passed socket');
       const body = await new Promise((resolve, reject) => {
         http.get({ socketPath: socket, path: '/' }, (res) => {
           let text = '';
@@ -79,9 +70,10 @@ blocks.forEach((code, i) => {
         }).on('error', reject);
       });
       assert.equal(body, 'hello\n');
-      child.kill('SIGTERM');
-      assert.deepEqual(await exited, { code: 0, signal: null }, stderr);
-      assert.equal(stderr, '');
+      wrapper.kill('SIGTERM');
+      const end = await wrapper.exited;
+      assert.deepEqual([end.code, end.signal], [0, null], end.stderr);
+      assert.equal(wrapper.err.text, '');
     });
     return;
   }

@@ -6,15 +6,14 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { after, test } from 'node:test';
-import { BIN, COUNTER, fingerprint, run, runHost, tempFiles, works } from './fixtures/restore-helpers.js';
 import * as sys from '../dist/system/libc.js';
-import { isRoot, nobodySkip, readableCopy, tempDir } from './helpers.js';
+import { COUNTER, fingerprint, isRoot, nobodySkip, readableCopy, run, runHost, SHM_RESTORE, tempDir, tempFiles, works } from './helpers.js';
 
 /** A valid restore-v1 backup of 64 KiB with 3 snapshots, made by the real host. */
 async function validBackup(dir) {
   const file = path.join(dir, 'good');
   const r = await runHost(['--snapshot=restore-v1', file, process.execPath, COUNTER, '--commits', '3', '--exit']);
-  assert.equal(r.status, 0, r.stderr);
+  assert.equal(r.code, 0, r.stderr);
   return fs.readFileSync(file);
 }
 
@@ -32,9 +31,9 @@ async function expectRefusal(backup, args, problem, options = {}) {
   const dir = path.dirname(backup);
   const marker = path.join(dir, 'program-ran');
   const before = fingerprint(backup);
-  const argv = [...(options.wrap ?? []), process.execPath, options.wrap === undefined ? BIN : READABLE_BIN, ...args, backup, 'touch', marker];
+  const argv = [...(options.wrap ?? []), process.execPath, options.wrap === undefined ? SHM_RESTORE : READABLE_BIN, ...args, backup, 'touch', marker];
   const r = await run(argv[0], argv.slice(1), { cwd: dir });
-  assert.equal(r.status, 125, `${backup}: ${r.stdout}${r.stderr}`);
+  assert.equal(r.code, 125, `${backup}: ${r.stdout}${r.stderr}`);
   const lines = r.stderr.trim().split('\n');
   assert.equal(lines.length, 1, r.stderr);
   assert.ok(lines[0].includes(options.names ?? backup), `the error names the file: ${lines[0]}`);
@@ -91,7 +90,7 @@ test('a backup cut short or extended after shm-restore wrote it is refused, in b
   const copy = path.join(dir, 'copy');
   fs.writeFileSync(copy, good.subarray(0, good.length - 4096));
   const r = await runHost(['--snapshot=restore-v1', copy, 'true']);
-  assert.equal(r.status, 0, r.stderr);
+  assert.equal(r.code, 0, r.stderr);
 });
 
 test('without --snapshot the same bytes are a raw image and are accepted', async (t) => {
@@ -99,7 +98,7 @@ test('without --snapshot the same bytes are a raw image and are accepted', async
   const file = path.join(dir, 'raw');
   fs.writeFileSync(file, Buffer.alloc(5000, 0xee));
   const r = await runHost([file, 'true']);
-  assert.equal(r.status, 0, r.stderr);
+  assert.equal(r.code, 0, r.stderr);
   assert.equal(fs.readFileSync(file).length, 5000);
 });
 
@@ -152,8 +151,8 @@ test('a backup in a read-only directory (a read-only mount) is refused, in both 
     "$@"
   `;
   for (const args of [[], ['--snapshot=restore-v1']]) {
-    const r = await run('unshare', ['-m', 'sh', '-c', script, 'sh', dir, process.execPath, BIN, ...args, backup, 'touch', path.join(dir, 'ran')]);
-    assert.equal(r.status, 125, r.stderr);
+    const r = await run('unshare', ['-m', 'sh', '-c', script, 'sh', dir, process.execPath, SHM_RESTORE, ...args, backup, 'touch', path.join(dir, 'ran')]);
+    assert.equal(r.code, 125, r.stderr);
     const lines = r.stderr.trim().split('\n');
     assert.equal(lines.length, 1, r.stderr);
     assert.match(lines[0], new RegExp(`backup ${backup}: cannot create its lock file ${dir}/\\.state\\.lock: read-only file system \\(EROFS\\)$`));

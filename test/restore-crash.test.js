@@ -5,14 +5,11 @@
 //
 // The kill moments come from a seeded generator; replay a failure with CRASH_SEED=<seed>.
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { cleanEnv, NODE, ROOT, seededRandom, sleep, tempDir } from './helpers.js';
-import { checkLiveTable, childrenOf, firstPrimes, LineWatcher, readPrimesState } from './helpers-crash.js';
+import { checkLiveTable, childrenOf, firstPrimes, NODE, readPrimesState, ROOT, seededRandom, SHM_RESTORE, sleep, start, tempDir, waitFor } from './helpers.js';
 
-const SHM_RESTORE = path.join(ROOT, 'bin', 'shm-restore.js');
 const EXAMPLE = path.join(ROOT, 'examples', 'primes-snapshot.js');
 const SEED = process.env.CRASH_SEED === undefined ? Date.now() % 1_000_000_007 : Number(process.env.CRASH_SEED);
 const COMMIT_INTERVAL_MS = 5;
@@ -29,17 +26,8 @@ const context = (round, what) => `seed ${SEED}, ${what} round ${round}`;
 
 /** Starts the host running the example; `detached` puts host and program in a new process group. */
 function startHost(backup, { detached = false } = {}) {
-  const host = spawn(
-    NODE,
-    [SHM_RESTORE, '--snapshot=restore-v1', '--interval', String(SNAPSHOT_INTERVAL_MS), backup, NODE, EXAMPLE, String(COMMIT_INTERVAL_MS), String(LIMIT)],
-    { cwd: ROOT, env: cleanEnv(), stdio: ['ignore', 'pipe', 'pipe'], detached },
-  );
-  const out = new LineWatcher(host.stdout);
-  const err = new LineWatcher(host.stderr);
-  const exited = new Promise((resolve) => host.on('close', (code, signal) => resolve({ code, signal })));
-  const guard = setTimeout(() => host.kill('SIGKILL'), ROUND_GUARD_MS);
-  exited.then(() => clearTimeout(guard));
-  return { host, out, err, exited };
+  const args = ['--snapshot=restore-v1', '--interval', String(SNAPSHOT_INTERVAL_MS), backup, NODE, EXAMPLE, String(COMMIT_INTERVAL_MS), String(LIMIT)];
+  return start(NODE, [SHM_RESTORE, ...args], { detached, guardMs: ROUND_GUARD_MS });
 }
 
 /** The command line of a process, or '' once it is gone. */
@@ -57,17 +45,13 @@ function commandLine(pid) {
  * has not exec'd yet still shows the host's command line.
  */
 async function programOf(run) {
-  let done = false;
-  run.exited.then(() => (done = true));
-  for (;;) {
-    const pid = childrenOf(run.host.pid).find((child) => {
+  const program = () =>
+    childrenOf(run.pid).find((child) => {
       const line = commandLine(child);
       return line.includes(EXAMPLE) && !line.includes(SHM_RESTORE);
     });
-    if (pid !== undefined) return pid;
-    if (done) return undefined;
-    await sleep(2);
-  }
+  const pid = await waitFor(() => program() ?? (run.ended() !== undefined && -1), 'the program to start', ROUND_GUARD_MS, 2);
+  return pid === -1 ? undefined : pid;
 }
 
 /** True for the name of a host's temporary file next to primes.backup. */
@@ -104,7 +88,7 @@ async function checkRecovery(run, expected, round, what, stats) {
   const recovered = Number(line[1]);
   assert.equal(recovered, expected, `${context(round, what)}: recovered ${recovered} primes, the backup held ${expected}`);
   stats.recovered.push(recovered);
-  const pid = childrenOf(run.host.pid)[0];
+  const pid = childrenOf(run.pid)[0];
   if (pid === undefined) return;
   let wrongAt;
   try {
@@ -213,7 +197,7 @@ test('SIGKILL of the whole process tree (host and program) at random moments, re
       await sleep(rng.int(0, 4));
     }
     try {
-      process.kill(-run.host.pid, 'SIGKILL');
+      process.kill(-run.pid, 'SIGKILL');
       stats.kills++;
     } catch (err) {
       if (err.code !== 'ESRCH') throw err;
@@ -230,7 +214,7 @@ test('SIGKILL of the whole process tree (host and program) at random moments, re
   const last = startHost(backup, { detached: true });
   await checkRecovery(last, durable, TREE_KILLS + 1, what, stats);
   await last.out.waitFor(/^committed \d+ primes$/);
-  last.host.kill('SIGTERM');
+  last.child.kill('SIGTERM');
   const { code } = await last.exited;
   assert.equal(code, 0, `the program stops cleanly on a forwarded SIGTERM: ${last.err.lines.join('\n')}`);
   const committed = Math.max(...last.out.numbers(/^committed (\d+) primes$/));

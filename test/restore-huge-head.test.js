@@ -7,9 +7,8 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { BIN, run, runHost, tempFiles } from './fixtures/restore-helpers.js';
 import { HEAD, MAGIC, MAX_ENTRIES, PAGE } from '../dist/snapshot/format.js';
-import { assertOneErrorLine, tempDir } from './helpers.js';
+import { assertOneErrorLine, run, runHost, SHM_RESTORE, tempDir, tempFiles } from './helpers.js';
 
 const SIZE = 64 * 2 ** 30;
 
@@ -55,12 +54,12 @@ test('status and a run refuse a 64 GiB backup whose head claims 2^26 to 2^40 slo
 
     // status exits 1 for an invalid backup (its documented answer); the host 125.
     const status = await runHost(['--snapshot=restore-v1', 'status', file]);
-    assert.equal(status.status, 1, `2^${k}: ${status.stdout}${status.stderr}`);
+    assert.equal(status.code, 1, `2^${k}: ${status.stdout}${status.stderr}`);
     assertOneErrorLine(status.stderr, problem, 'shm-restore');
 
     const marker = path.join(dir, 'program-ran');
-    const host = await run(process.execPath, [BIN, '--snapshot=restore-v1', file, 'touch', marker]);
-    assert.equal(host.status, 125, `2^${k}: ${host.stderr}`);
+    const host = await run(process.execPath, [SHM_RESTORE, '--snapshot=restore-v1', file, 'touch', marker]);
+    assert.equal(host.code, 125, `2^${k}: ${host.stderr}`);
     assertOneErrorLine(host.stderr, problem, 'shm-restore');
     assert.equal(fs.existsSync(marker), false, 'the program must not run');
     assert.deepEqual(fingerprint(file), before, 'the backup must be untouched');
@@ -77,7 +76,7 @@ test(`a 64 GiB backup with MAX_ENTRIES (${MAX_ENTRIES}) slots, the largest accep
   const dir = tempDir(t);
   const file = sparseBackup(dir, 'widest', MAX_ENTRIES);
   const r = await runHost(['--snapshot=restore-v1', 'status', file]);
-  assert.equal(r.status, 0, r.stderr);
+  assert.equal(r.code, 0, r.stderr);
   assert.match(r.stdout, new RegExp(`^state: snapshot file \\(${MAX_ENTRIES} slots, 2048-byte data ring, write offset 1\\)$`, 'm'));
   assert.match(r.stdout, /^snapshots: 1/m);
 });

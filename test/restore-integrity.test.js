@@ -10,10 +10,9 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { BIN, COUNTER, RAW, fingerprint, readCounterBackup, run, runHost, startHost, tempFiles } from './fixtures/restore-helpers.js';
 import { BackupFile } from '../dist/restore/backup.js';
 import * as sys from '../dist/system/libc.js';
-import { seededRandom, tempDir } from './helpers.js';
+import { COUNTER, fingerprint, RAW, readCounterBackup, run, runHost, seededRandom, SHM_RESTORE, startHost, tempDir, tempFiles } from './helpers.js';
 
 const CHECK = 'user.shmfd.check';
 const WRITE_OFFSET = 0x18;
@@ -81,7 +80,7 @@ async function hostBackup(t, dir, name = 'good', args = ['--snapshot=restore-v1'
   }
   const file = path.join(dir, name);
   const r = await runHost([...args, file, process.execPath, COUNTER, '--commits', '3', '--exit']);
-  assert.equal(r.status, 0, r.stderr);
+  assert.equal(r.code, 0, r.stderr);
   assert.notEqual(attribute(file), undefined, `the host records ${CHECK}`);
   return file;
 }
@@ -89,7 +88,7 @@ async function hostBackup(t, dir, name = 'good', args = ['--snapshot=restore-v1'
 /** A copy made the way a user makes one: `cp`, which keeps no extended attributes. */
 async function plainCopy(from, to) {
   const r = await run('cp', [from, to]);
-  assert.equal(r.status, 0, r.stderr);
+  assert.equal(r.code, 0, r.stderr);
   assert.equal(attribute(to), undefined, 'cp keeps no extended attributes');
   return to;
 }
@@ -99,8 +98,8 @@ async function expectRefusal(backup, args, problem) {
   const dir = path.dirname(backup);
   const marker = path.join(dir, 'program-ran');
   const before = fingerprint(backup);
-  const r = await run(process.execPath, [BIN, ...args, backup, 'touch', marker]);
-  assert.equal(r.status, 125, `${backup}: ${r.stdout}${r.stderr}`);
+  const r = await run(process.execPath, [SHM_RESTORE, ...args, backup, 'touch', marker]);
+  assert.equal(r.code, 125, `${backup}: ${r.stdout}${r.stderr}`);
   const lines = r.stderr.trim().split('\n');
   assert.equal(lines.length, 1, r.stderr);
   assert.ok(lines[0].startsWith(`shm-restore: error: backup ${backup}: `), lines[0]);
@@ -132,7 +131,7 @@ test('a flipped bit in write_offset of a backup the host wrote is refused in bot
   patch(file, WRITE_OFFSET, u64(BigInt(good.head.writeOffset)));
   const host = startHost(['--snapshot=restore-v1', file, process.execPath, COUNTER, '--commits', '1', '--exit']);
   assert.equal((await host.next()).recovered, good.counter);
-  assert.equal((await host.exited).status, 0);
+  assert.equal((await host.exited).code, 0);
 });
 
 test('restore-v1: a copy without the record (cp) whose head shows no valid snapshot is refused, not replaced', async (t) => {
@@ -149,7 +148,7 @@ test('restore-v1: a copy without the record (cp) whose head shows no valid snaps
   const copy = await plainCopy(file, path.join(dir, 'intact'));
   const host = startHost(['--snapshot=restore-v1', copy, process.execPath, COUNTER, '--commits', '1', '--exit']);
   assert.equal((await host.next()).recovered, good.counter);
-  assert.equal((await host.exited).status, 0);
+  assert.equal((await host.exited).code, 0);
 });
 
 test('60 seeded single-bit flips in the head: with the record each is refused; without it none reads as empty', async (t) => {
@@ -194,7 +193,7 @@ test('status shows a changed backup as damaged, with the reason, in both modes',
   flipBit(file, 0, 0);
   for (const args of [['status', file], ['--snapshot=restore-v1', 'status', file]]) {
     const r = await runHost(args);
-    assert.equal(r.status, 1, r.stdout + r.stderr);
+    assert.equal(r.code, 1, r.stdout + r.stderr);
     assert.equal(r.stderr, '');
     assert.match(r.stdout, new RegExp(`^backup: ${file}$`, 'm'));
     assert.match(r.stdout, /^state: damaged: changed since shm-restore wrote it: its first \d+ bytes no longer match the digest/m);
@@ -204,10 +203,10 @@ test('status shows a changed backup as damaged, with the reason, in both modes',
   flipBit(copy, 0, 0);
   patch(copy, WRITE_OFFSET, u64(2n ** 40n));
   const r = await runHost(['--snapshot=restore-v1', 'status', copy]);
-  assert.equal(r.status, 1);
+  assert.equal(r.code, 1);
   assert.match(r.stdout, /^state: damaged: holds no valid snapshot though it has the snapshot magic/m);
   const plain = await runHost(['status', copy]);
-  assert.equal(plain.status, 0, 'without --snapshot a host would restore it as it is');
+  assert.equal(plain.code, 0, 'without --snapshot a host would restore it as it is');
   assert.match(plain.stdout, /^integrity record: none /m);
   assert.match(plain.stdout, /^snapshots: 0$/m);
 });
@@ -217,14 +216,14 @@ test('a raw image is covered whole: a change anywhere is refused', async (t) => 
   if ((await hostBackup(t, dir)) === undefined) return;
   const file = path.join(dir, 'raw');
   const r = await runHost([file, process.execPath, RAW, '--write', 'text', '--size', '65536', '--fill', '7']);
-  assert.equal(r.status, 0, r.stderr);
+  assert.equal(r.code, 0, r.stderr);
   const size = fs.statSync(file).size;
   assert.match(attribute(file), new RegExp(`^v1 size=${size} region=${size} sha256-1m=[0-9a-f]{64}$`));
   flipBit(file, size - 1, 0);
   await expectRefusal(file, [], new RegExp(`its first ${size} bytes no longer match`));
   flipBit(file, size - 1, 0);
   const again = await runHost([file, 'true']);
-  assert.equal(again.status, 0, again.stderr);
+  assert.equal(again.code, 0, again.stderr);
 });
 
 test('the digest is SHA-256 over the SHA-256 of each 1 MiB block, and follows the content, not the holes', async (t) => {
@@ -233,7 +232,7 @@ test('the digest is SHA-256 over the SHA-256 of each 1 MiB block, and follows th
   const file = path.join(dir, 'sparse');
   const SIZE = 5 * 2 ** 20 + 123;
   const r = await runHost([file, process.execPath, RAW, '--write', 'text', '--size', String(SIZE)]);
-  assert.equal(r.status, 0, r.stderr);
+  assert.equal(r.code, 0, r.stderr);
   const bytes = fs.readFileSync(file);
   const blocks = [];
   for (let at = 0; at < bytes.length; at += 2 ** 20) blocks.push(crypto.createHash('sha256').update(bytes.subarray(at, at + 2 ** 20)).digest());
@@ -246,7 +245,7 @@ test('the digest is SHA-256 over the SHA-256 of each 1 MiB block, and follows th
   fs.closeSync(fd);
   assert.ok(fs.statSync(file).blocks > sparse, 'the holes are filled');
   const again = await runHost([file, 'true']);
-  assert.equal(again.status, 0, again.stderr);
+  assert.equal(again.code, 0, again.stderr);
 });
 
 test('a snapshot file is covered up to its tail, whichever mode wrote it', async (t) => {
@@ -287,7 +286,7 @@ test('a damaged record is refused: the size is decimal digits only, the record o
   refused(good.replace(/^v1/, 'v2'), /: its user\.shmfd\.check attribute is of a version this shm-restore does not know \("v2 [^"]*"; written by a newer one\?\)/);
   setAttribute(file, good);
   const r = await runHost([file, 'true']);
-  assert.equal(r.status, 0, r.stderr);
+  assert.equal(r.code, 0, r.stderr);
 });
 
 test('the way to restore a refused backup anyway needs nothing beyond coreutils, and works', async (t) => {
@@ -301,10 +300,10 @@ test('the way to restore a refused backup anyway needs nothing beyond coreutils,
   assert.doesNotMatch(line, /setfattr/);
   const command = /drop the record: (.*)\)$/.exec(line)[1];
   const r = await run('sh', ['-c', command]);
-  assert.equal(r.status, 0, r.stderr);
+  assert.equal(r.code, 0, r.stderr);
   const host = startHost(['--snapshot=restore-v1', file, process.execPath, COUNTER, '--commits', '1', '--exit']);
   assert.equal((await host.next()).recovered, good.counter);
-  assert.equal((await host.exited).status, 0);
+  assert.equal((await host.exited).code, 0);
 });
 
 test('the final error after the backup directory was removed, or the backup replaced by a directory, says what is on disk', async (t) => {
@@ -319,7 +318,7 @@ test('the final error after the backup directory was removed, or the backup repl
     if (damage === 'directory') fs.mkdirSync(file, { recursive: true });
     host.child.kill('SIGTERM');
     const end = await host.exited;
-    assert.equal(end.status, 125, end.stderr);
+    assert.equal(end.code, 125, end.stderr);
     const lines = end.stderr.trim().split('\n');
     assert.equal(lines.length, 1, end.stderr);
     assert.match(lines[0], /^shm-restore: error: the final write-back to .* failed: /);
@@ -336,7 +335,7 @@ test('restore-v1: a program that configures its memory but never commits leaves 
   await host.next();
   host.child.kill('SIGTERM');
   const end = await host.exited;
-  assert.equal(end.status, 0, end.stderr);
+  assert.equal(end.code, 0, end.stderr);
   assert.match(end.stderr, /warning: the memory holds no valid snapshot; nothing was written to /);
   assert.equal(fs.existsSync(file), false);
   assert.deepEqual(tempFiles(dir), []);
@@ -345,12 +344,12 @@ test('restore-v1: a program that configures its memory but never commits leaves 
   const plain = startHost([file, process.execPath, COUNTER, '--commits', '0', '--report-offset']);
   await plain.next();
   plain.child.kill('SIGTERM');
-  assert.equal((await plain.exited).status, 0);
+  assert.equal((await plain.exited).code, 0);
   if (attribute(file) === undefined) return;
   assert.equal(readCounterBackup(file).valid, 0);
   const vouched = startHost(['--snapshot=restore-v1', file, process.execPath, COUNTER, '--commits', '1', '--exit']);
   const first = await vouched.next();
   assert.equal(first.recovered, 0);
   assert.equal(first.valid, 0);
-  assert.equal((await vouched.exited).status, 0);
+  assert.equal((await vouched.exited).code, 0);
 });

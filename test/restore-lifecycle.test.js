@@ -4,14 +4,13 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { COUNTER, RAW, fingerprint, readCounterBackup, run, runHost, startHost, tempFiles, waitFor, works, BIN } from './fixtures/restore-helpers.js';
-import { cleanEnv, datagramReceiver, isRoot, tempDir } from './helpers.js';
+import { cleanEnv, COUNTER, datagramReceiver, fingerprint, isRoot, RAW, readCounterBackup, run, runHost, SHM_RESTORE, startHost, tempDir, tempFiles, waitFor, works } from './helpers.js';
 
 test('fresh start with a missing backup: the program gets an empty memory; the backup is written at exit, mode 0600', async (t) => {
   const dir = tempDir(t);
   const backup = path.join(dir, 'state');
   const r = await runHost([backup, process.execPath, RAW, '--write', 'hello']);
-  assert.equal(r.status, 0, r.stderr);
+  assert.equal(r.code, 0, r.stderr);
   assert.deepEqual(JSON.parse(r.stdout), { size: 0, text: '' });
   assert.equal(fs.statSync(backup).mode & 0o777, 0o600);
   assert.equal(fs.statSync(backup).size, 4096);
@@ -24,14 +23,14 @@ test('fresh start with an empty backup file, in both modes', async (t) => {
   const raw = path.join(dir, 'raw');
   fs.writeFileSync(raw, '');
   const r = await runHost([raw, process.execPath, RAW, '--write', 'x']);
-  assert.equal(r.status, 0, r.stderr);
+  assert.equal(r.code, 0, r.stderr);
   assert.deepEqual(JSON.parse(r.stdout), { size: 0, text: '' });
   assert.equal(fs.readFileSync(raw).subarray(0, 1).toString(), 'x');
 
   const snap = path.join(dir, 'snap');
   fs.writeFileSync(snap, '', { mode: 0o600 });
   const s = await runHost(['--snapshot=restore-v1', snap, process.execPath, COUNTER, '--commits', '2', '--exit']);
-  assert.equal(s.status, 0, s.stderr);
+  assert.equal(s.code, 0, s.stderr);
   assert.equal(JSON.parse(s.stdout.split('\n')[0]).recovered, 0);
   assert.equal(readCounterBackup(snap).counter, 2);
   assert.deepEqual(tempFiles(dir), []);
@@ -40,16 +39,16 @@ test('fresh start with an empty backup file, in both modes', async (t) => {
 test('restore: what run 1 wrote is what run 2 finds, through the backup on disk (raw and restore-v1)', async (t) => {
   const dir = tempDir(t);
   const raw = path.join(dir, 'raw');
-  assert.equal((await runHost([raw, process.execPath, RAW, '--write', 'first run', '--size', '1048576'])).status, 0);
+  assert.equal((await runHost([raw, process.execPath, RAW, '--write', 'first run', '--size', '1048576'])).code, 0);
   const second = await runHost([raw, process.execPath, RAW]);
-  assert.equal(second.status, 0, second.stderr);
+  assert.equal(second.code, 0, second.stderr);
   assert.deepEqual(JSON.parse(second.stdout), { size: 1048576, text: 'first run' });
 
   const snap = path.join(dir, 'snap');
   const one = await runHost(['--snapshot=restore-v1', snap, process.execPath, COUNTER, '--commits', '5', '--exit']);
-  assert.equal(one.status, 0, one.stderr);
+  assert.equal(one.code, 0, one.stderr);
   const two = await runHost(['--snapshot=restore-v1', snap, process.execPath, COUNTER, '--commits', '5', '--exit']);
-  assert.equal(two.status, 0, two.stderr);
+  assert.equal(two.code, 0, two.stderr);
   assert.equal(JSON.parse(two.stdout.split('\n')[0]).recovered, 5);
   assert.equal(readCounterBackup(snap).counter, 10);
 });
@@ -57,10 +56,10 @@ test('restore: what run 1 wrote is what run 2 finds, through the backup on disk 
 test("exit status: the program's code; 128+N for signal N; a SIGKILLed program is a failure (137), and its memory is still written back", async (t) => {
   const dir = tempDir(t);
   const backup = path.join(dir, 'b');
-  assert.equal((await runHost([backup, process.execPath, RAW, '--code', '7'])).status, 7);
-  assert.equal((await runHost([backup, process.execPath, RAW, '--signal', 'SIGUSR2'])).status, 140);
+  assert.equal((await runHost([backup, process.execPath, RAW, '--code', '7'])).code, 7);
+  assert.equal((await runHost([backup, process.execPath, RAW, '--signal', 'SIGUSR2'])).code, 140);
   const killed = await runHost([backup, process.execPath, RAW, '--write', 'before the kill', '--signal', 'SIGKILL']);
-  assert.equal(killed.status, 137);
+  assert.equal(killed.code, 137);
   assert.equal(fs.readFileSync(backup).subarray(0, 15).toString(), 'before the kill');
   assert.deepEqual(tempFiles(dir), []);
 });
@@ -74,7 +73,7 @@ test('SIGTERM to the host is forwarded; the host waits for the program, writes b
   assert.equal((await host.next()).committed, 4);
   host.child.kill('SIGTERM');
   const end = await host.exited;
-  assert.equal(end.status, 143, end.stderr);
+  assert.equal(end.code, 143, end.stderr);
   assert.equal(fs.readFileSync(marker, 'utf8'), 'SIGTERM');
   assert.equal(readCounterBackup(backup).counter, 4);
   assert.deepEqual(tempFiles(dir), []);
@@ -88,7 +87,7 @@ test('the host never exits before the program: a program that handles SIGTERM an
   assert.equal((await host.next()).line, 'started');
   host.child.kill('SIGTERM');
   const end = await host.exited;
-  assert.equal(end.status, 3, end.stderr);
+  assert.equal(end.code, 3, end.stderr);
   assert.equal(fs.readFileSync(marker, 'utf8'), 'handled\n');
 });
 
@@ -99,7 +98,7 @@ test('a host starting up removes temporary files a killed host left, and nothing
   fs.writeFileSync(path.join(dir, '.b.tmp-notes'), 'not ours');
   fs.writeFileSync(path.join(dir, '.other.tmp-0123abcd'), 'another backup');
   const r = await runHost([backup, 'true']);
-  assert.equal(r.status, 0, r.stderr);
+  assert.equal(r.code, 0, r.stderr);
   assert.deepEqual(fs.readdirSync(dir).sort(), ['.b.lock', '.b.tmp-notes', '.other.tmp-0123abcd', 'b']);
 });
 
@@ -111,7 +110,7 @@ test('the backup keeps its permission bits across write-backs; a symbolic link i
   const link = path.join(dir, 'link');
   fs.symlinkSync(target, link);
   const r = await runHost([link, process.execPath, RAW, '--write', 'v2']);
-  assert.equal(r.status, 0, r.stderr);
+  assert.equal(r.code, 0, r.stderr);
   assert.equal(JSON.parse(r.stdout).text, 'v1');
   assert.ok(fs.lstatSync(link).isSymbolicLink());
   assert.equal(fs.statSync(target).mode & 0o777, 0o640);
@@ -135,7 +134,7 @@ test('a full disk at write-back: one error line, non-zero status, the old backup
     echo "content=$(head -c 9 "$1/b")"
     echo "files=$(LC_ALL=C ls -A "$1" | tr '\\n' ' ')"
   `;
-  const r = await run('unshare', ['-m', 'sh', '-c', script, 'sh', dir, process.execPath, BIN, RAW, COUNTER]);
+  const r = await run('unshare', ['-m', 'sh', '-c', script, 'sh', dir, process.execPath, SHM_RESTORE, RAW, COUNTER]);
   const out = r.stdout;
   assert.match(out, /^status=125$/m, r.stderr);
   assert.match(out, /^content=old state$/m);
@@ -175,7 +174,7 @@ test('a signal during the restore ends the host without running the program, exi
   await waitFor(() => host.stderr.includes('restoring'), 'the restore to start', 10_000, 1);
   host.child.kill('SIGTERM');
   const end = await host.exited;
-  assert.equal(end.status, 143, end.stderr);
+  assert.equal(end.code, 143, end.stderr);
   assert.match(end.stderr, /received SIGTERM before the program started/);
   assert.doesNotMatch(end.stderr, /restored .* in /, 'the signal came during the copy');
   assert.equal(receiver.receive(), undefined, 'nothing was sent to the fd store');
@@ -189,8 +188,8 @@ test('the program gets its memory file at offset 0, and snapshot rounds never mo
   const backup = path.join(dir, 'b');
   fs.writeFileSync(backup, Buffer.alloc(3 * 4096, 7));
   // The descriptor is shared with the host: read(2) from it starts where the host left the offset.
-  const raw = await run('sh', ['-c', `exec ${JSON.stringify(process.execPath)} ${JSON.stringify(BIN)} ${JSON.stringify(backup)} sh -c 'grep ^pos: /proc/self/fdinfo/3; wc -c <&3'`]);
-  assert.equal(raw.status, 0, raw.stderr);
+  const raw = await run('sh', ['-c', `exec ${JSON.stringify(process.execPath)} ${JSON.stringify(SHM_RESTORE)} ${JSON.stringify(backup)} sh -c 'grep ^pos: /proc/self/fdinfo/3; wc -c <&3'`]);
+  assert.equal(raw.code, 0, raw.stderr);
   assert.deepEqual(raw.stdout.trim().split(/\s+/), ['pos:', '0', '12288']);
 
   const live = path.join(dir, 'live');
@@ -200,7 +199,7 @@ test('the program gets its memory file at offset 0, and snapshot rounds never mo
   await waitFor(() => /snapshot persisted/.test(host.stderr), 'a persisted round', 20_000);
   host.child.kill('SIGTERM');
   const end = await host.exited;
-  assert.equal(end.status, 0, end.stderr);
+  assert.equal(end.code, 0, end.stderr);
   let last = await host.next();
   while (last.offset === undefined) last = await host.next(); // skip {"committed": 3}
   assert.equal(last.offset, 0, 'the rounds seeked on their own file descriptions');

@@ -8,23 +8,10 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { BIN, COUNTER, RAW, readCounterBackup, run, runHost, startHost, tempFiles, waitFor, works } from './fixtures/restore-helpers.js';
-import { cleanEnv, seededRandom, sleep, tempDir } from './helpers.js';
+import { childrenOf, cleanEnv, COUNTER, processInfo, RAW, readCounterBackup, run, runHost, seededRandom, SHM_RESTORE, sleep, startHost, tempDir, tempFiles, waitFor, works } from './helpers.js';
 
 const pdeathsig = works('setpriv', ['--pdeathsig', 'KILL', '--version']) || 'needs setpriv with --pdeathsig (util-linux 2.33 or later)';
 const needsSetpriv = { skip: pdeathsig !== true && pdeathsig };
-
-/** State and start time of a process, from /proc/PID/stat; undefined when it is gone. */
-function processInfo(pid) {
-  let stat;
-  try {
-    stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
-  } catch {
-    return undefined;
-  }
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return { state: fields[0], start: fields[19] };
-}
 
 /** True while the process `info` describes runs (a zombie is dead; a reused pid is another process). */
 function isRunning(pid, info) {
@@ -32,22 +19,12 @@ function isRunning(pid, info) {
   return now !== undefined && now.start === info.start && now.state !== 'Z' && now.state !== 'X';
 }
 
-/** The children of a process (of all its threads), each with its /proc info. */
-function childrenOf(pid) {
-  const children = [];
-  for (const task of fs.readdirSync(`/proc/${pid}/task`)) {
-    let list = '';
-    try {
-      list = fs.readFileSync(`/proc/${pid}/task/${task}/children`, 'latin1');
-    } catch {
-      continue;
-    }
-    for (const child of list.trim().split(/\s+/).filter(Boolean).map(Number)) {
-      const info = processInfo(child);
-      if (info !== undefined) children.push({ pid: child, info });
-    }
-  }
-  return children;
+/** The children of a process, each with its /proc info. */
+function childrenWithInfo(pid) {
+  return childrenOf(pid).flatMap((child) => {
+    const info = processInfo(child);
+    return info === undefined ? [] : [{ pid: child, info }];
+  });
 }
 
 /**
@@ -58,7 +35,7 @@ async function killHostAlone(host) {
   const pid = host.child.pid;
   process.kill(pid, 'SIGSTOP');
   await waitFor(() => processInfo(pid)?.state === 'T', 'the host to stop');
-  const children = childrenOf(pid);
+  const children = childrenWithInfo(pid);
   process.kill(pid, 'SIGKILL');
   await host.exit;
   return children;
@@ -76,15 +53,10 @@ async function waitUntilGone(processes, what) {
 
 /**
  * Starts a host in its own process group, which its program joins: a host a failing test
- * leaves running is killed with its program when the test ends. (Only while the host
- * runs: the id of an empty group may be another process's by then.)
+ * leaves running is killed with its program when the test ends.
  */
-function start(t, args, options = {}) {
-  const host = startHost(args, { ...options, detached: true });
-  t.after(() => {
-    if (host.child.exitCode === null && host.child.signalCode === null) process.kill(-host.child.pid, 'SIGKILL');
-  });
-  return host;
+function startGroup(t, args, options = {}) {
+  return startHost(args, { ...options, detached: true, t });
 }
 
 /** The one line a refused host prints. */
@@ -104,12 +76,12 @@ test('30 start-up races of two hosts on one BACKUP: one runs undisturbed, the ot
     // Both at once; or the second once the first runs its program; or once it persists
     // snapshots (its temporary files come and go then).
     const stagger = race % 3;
-    const first = start(t, args);
+    const first = startGroup(t, args);
     const firstStart = first.next();
     firstStart.catch(() => undefined);
     if (stagger >= 1) await firstStart;
     if (stagger === 2) await waitFor(() => (readCounterBackup(backup)?.counter ?? 0) > expected, 'the first host to persist');
-    const second = start(t, args);
+    const second = startGroup(t, args);
     const secondStart = second.next();
     secondStart.catch(() => undefined);
     const outcome = await Promise.race([
@@ -120,7 +92,7 @@ test('30 start-up races of two hosts on one BACKUP: one runs undisturbed, the ot
     assert.notEqual(outcome, 'both', `race ${race}: both hosts run their program on ${backup}`);
     const [loser, winner, winnerStart] = outcome === 'first' ? [first, second, secondStart] : [second, first, firstStart];
     const refused = await loser.exited;
-    assert.equal(refused.status, 125, `race ${race}: ${refused.stderr}`);
+    assert.equal(refused.code, 125, `race ${race}: ${refused.stderr}`);
     assert.equal(refused.stderr, `${inUseLine(backup, winner.child.pid)}\n`, `race ${race}`);
     await assert.rejects(loser.next(), /exited/, 'the refused host never started its program');
 
@@ -138,7 +110,7 @@ test('30 start-up races of two hosts on one BACKUP: one runs undisturbed, the ot
     } else {
       winner.child.kill('SIGTERM');
       const end = await winner.exited;
-      assert.equal(end.status, 143, end.stderr);
+      assert.equal(end.code, 143, end.stderr);
       assert.doesNotMatch(end.stderr, /error/, `race ${race}: no persist of the holder failed`);
       assert.deepEqual(tempFiles(dir), [], 'the leftovers of killed holders were removed, and the holder left none');
     }
@@ -153,7 +125,7 @@ test('SIGKILL of the host alone, at random instants: the program dies with it, a
   const args = ['--snapshot=restore-v1', '--interval', '10', backup, process.execPath, COUNTER, '--every', '2'];
   const hosts = [];
   let durable = 0;
-  let host = start(t, args);
+  let host = startGroup(t, args);
   for (let kill = 0; kill < 20; kill++) {
     hosts.push({ host, recovered: durable });
     if (kill % 2 === 0) {
@@ -169,13 +141,13 @@ test('SIGKILL of the host alone, at random instants: the program dies with it, a
     assert.ok((found?.counter ?? 0) >= durable, `the durable counter never goes back (${durable} -> ${found?.counter})`);
     durable = found?.counter ?? 0;
     // At once: the kernel dropped the lock with the host, whatever its program is doing.
-    host = start(t, args);
+    host = startGroup(t, args);
     await waitUntilGone(children, `the program of killed host ${kill} to end with it`);
   }
   hosts.push({ host, recovered: durable });
   const last = await host.next();
   host.child.kill('SIGTERM');
-  assert.equal((await host.exited).status, 143);
+  assert.equal((await host.exited).code, 143);
   assert.ok(durable > 0, 'snapshots were persisted between the kills');
   assert.deepEqual(tempFiles(dir), [], 'the temporary files of killed hosts were removed');
 
@@ -208,7 +180,7 @@ test('a host killed before setpriv set the parent-death signal leaves no program
     { mode: 0o755 },
   );
   const ran = path.join(dir, 'ran');
-  const host = start(t, [path.join(dir, 'state'), 'sh', '-c', `echo ran > ${ran}; exec sleep 600`], {
+  const host = startGroup(t, [path.join(dir, 'state'), 'sh', '-c', `echo ran > ${ran}; exec sleep 600`], {
     env: cleanEnv({ PATH: `${bin}:${process.env.PATH}` }),
   });
   const pid = Number(await waitFor(() => fs.existsSync(waiting) && fs.readFileSync(waiting, 'utf8'), 'the child to wait before setpriv'));
@@ -227,7 +199,7 @@ test('the lock file: .BACKUP.lock beside the backup, mode 0600, holds the pid, n
   const dir = tempDir(t);
   const backup = path.join(dir, 'state');
   const lock = path.join(dir, '.state.lock');
-  const host = start(t, ['--log-level', 'info', '--snapshot=restore-v1', backup, process.execPath, COUNTER, '--commits', '2']);
+  const host = startGroup(t, ['--log-level', 'info', '--snapshot=restore-v1', backup, process.execPath, COUNTER, '--commits', '2']);
   const { pid } = await host.next();
   assert.equal(fs.statSync(lock).mode & 0o777, 0o600);
   assert.equal(fs.readFileSync(lock, 'utf8'), `${host.child.pid}\n`);
@@ -240,25 +212,25 @@ test('the lock file: .BACKUP.lock beside the backup, mode 0600, holds the pid, n
   const status = await runHost(['status', backup]);
   assert.match(status.stdout, new RegExp(`^host: running, pid ${host.child.pid}$`, 'm'));
   const second = await runHost([backup, 'touch', path.join(dir, 'ran')]);
-  assert.equal(second.status, 125);
+  assert.equal(second.code, 125);
   assert.equal(second.stderr, `${inUseLine(backup, host.child.pid)}\n`);
   assert.equal(fs.existsSync(path.join(dir, 'ran')), false);
 
   host.child.kill('SIGTERM');
   const end = await host.exited;
-  assert.equal(end.status, 143, end.stderr);
+  assert.equal(end.code, 143, end.stderr);
   assert.match(end.stderr, new RegExp(`forwarding it to the program \\(pid ${pid}\\)`), 'signals go to the program itself');
   assert.ok(fs.existsSync(lock), 'the lock file stays');
   assert.match((await runHost(['status', backup])).stdout, /^host: none$/m);
   // A symbolic link to the backup shares its lock.
   const link = path.join(dir, 'link');
   fs.symlinkSync(backup, link);
-  const again = start(t, [link, process.execPath, COUNTER, '--commits', '0']);
+  const again = startGroup(t, [link, process.execPath, COUNTER, '--commits', '0']);
   await again.next();
   const refused = await runHost([backup, 'true']);
   assert.equal(refused.stderr, `${inUseLine(backup, again.child.pid)}\n`);
   again.child.kill('SIGTERM');
-  assert.equal((await again.exited).status, 143);
+  assert.equal((await again.exited).code, 143);
 });
 
 test('a lock file that is not a regular file of ours is refused with one line, and left alone', async (t) => {
@@ -274,7 +246,7 @@ test('a lock file that is not a regular file of ours is refused with one line, a
     const backup = path.join(dir, name);
     make(path.join(dir, `.${name}.lock`));
     const r = await runHost([backup, 'touch', path.join(dir, 'ran')]);
-    assert.equal(r.status, 125, r.stderr);
+    assert.equal(r.code, 125, r.stderr);
     assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr);
     assert.match(r.stderr, new RegExp(`^shm-restore: error: backup ${backup}: `));
     assert.match(r.stderr.trim(), problem);
@@ -291,8 +263,8 @@ test('without a setpriv that has --pdeathsig, the program still runs, after one 
   const warning = `shm-restore: warning: no setpriv with --pdeathsig (util-linux 2.33 or later) in PATH: if shm-restore is killed, ${process.execPath} keeps running and nothing it does is persisted; install util-linux\n`;
   for (const PATH of [path.join(dir, 'nothing'), old]) {
     for (const pid of [[], ['--no-pid']]) {
-      const r = await run(process.execPath, [BIN, ...pid, path.join(dir, 'state'), process.execPath, RAW, '--write', 'ran'], { env: cleanEnv({ PATH }) });
-      assert.equal(r.status, 0, r.stderr);
+      const r = await run(process.execPath, [SHM_RESTORE, ...pid, path.join(dir, 'state'), process.execPath, RAW, '--write', 'ran'], { env: cleanEnv({ PATH }) });
+      assert.equal(r.code, 0, r.stderr);
       assert.equal(r.stderr, warning);
     }
   }

@@ -7,8 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { SnapshotFile } from 'shmfd/snapshot';
-import { COUNTER, RAW, fingerprint, readCounterBackup, runHost, startHost, tempFiles, waitFor } from './fixtures/restore-helpers.js';
-import { fixture, seededRandom, sleep, tempDir } from './helpers.js';
+import { COUNTER, fingerprint, fixture, RAW, readCounterBackup, runHost, seededRandom, sleep, startHost, tempDir, tempFiles, waitFor } from './helpers.js';
 
 /** True once `pid` is gone or a zombie (its reaper may take its time). */
 function isDead(pid) {
@@ -64,7 +63,7 @@ test('backups appear on disk while the program runs, each a valid snapshot file 
   assert.ok(inodes.size >= 2, 'each backup replaced the previous file');
   host.child.kill('SIGTERM');
   const end = await host.exited;
-  assert.equal(end.status, 143, end.stderr);
+  assert.equal(end.code, 143, end.stderr);
   const last = readCounterBackup(backup);
   assertSlotsIntact(last);
   assert.ok(last.counter >= seen.at(-1));
@@ -87,7 +86,7 @@ test('an idle program causes no backup writes: rounds are skipped while write_of
   assert.deepEqual(fingerprint(backup), before, 'no backup was written while nothing was committed');
   host.child.kill('SIGTERM');
   const end = await host.exited;
-  assert.equal(end.status, 143);
+  assert.equal(end.code, 143);
   const rounds = /snapshot rounds: (\d+) persisted, (\d+) unchanged/.exec(end.stderr);
   assert.ok(rounds !== null && Number(rounds[2]) >= 5, `rounds were skipped, not run: ${rounds?.[0]}`);
 });
@@ -96,11 +95,11 @@ test('memory that is not a snapshot file is never snapshotted, and never replace
   const dir = tempDir(t);
   const backup = path.join(dir, 'b');
   const made = await runHost(['--snapshot=restore-v1', backup, process.execPath, COUNTER, '--commits', '2', '--exit']);
-  assert.equal(made.status, 0, made.stderr);
+  assert.equal(made.code, 0, made.stderr);
   const before = fingerprint(backup);
   // The program overwrites the head with text: the memory is no snapshot file any more.
   const r = await runHost(['--snapshot=restore-v1', '--interval', '5', backup, process.execPath, RAW, '--write', 'not a snapshot', '--code', '4']);
-  assert.equal(r.status, 4);
+  assert.equal(r.code, 4);
   assert.match(r.stderr, /warning: the program never configured its memory as a snapshot file; the backup .* is kept as it was/);
   assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr);
   assert.deepEqual(fingerprint(backup), before);
@@ -108,7 +107,7 @@ test('memory that is not a snapshot file is never snapshotted, and never replace
   // No backup at all, and a program that never configures its memory: nothing is written.
   const fresh = path.join(dir, 'fresh');
   const f = await runHost(['--snapshot=restore-v1', fresh, process.execPath, RAW, '--write', 'raw']);
-  assert.equal(f.status, 0);
+  assert.equal(f.code, 0);
   assert.match(f.stderr, /nothing was written/);
   assert.equal(fs.existsSync(fresh), false);
   assert.deepEqual(tempFiles(dir), []);
@@ -256,7 +255,7 @@ test('restore-v1: a program that ends without snapshots does not replace a backu
   const dir = tempDir(t);
   const backup = path.join(dir, 'b');
   const r = await runHost(['--snapshot=restore-v1', '--interval', '20', '--log-level', 'debug', backup, process.execPath, fixture('restore-drop-all.js'), backup]);
-  assert.equal(r.status, 0, r.stderr);
+  assert.equal(r.code, 0, r.stderr);
   assert.equal(JSON.parse(r.stdout).valid, 0);
   assert.match(r.stderr, /snapshot persisted: 3 of 3 slots kept/);
   assert.match(r.stderr, /warning: the memory holds no valid snapshot but the backup does; the backup .* is kept as it was/);
@@ -303,7 +302,7 @@ test('restore-v1: memory that grows under the host never yields a backup whose n
     if (bytes.length < at + 8 || bytes.readBigUInt64LE(at) !== BigInt(n)) bad.push(`snapshot ${n}, file of ${bytes.length} bytes`);
   }
   const end = await exited;
-  assert.equal(end.status, 0, end.stderr);
+  assert.equal(end.code, 0, end.stderr);
   assert.ok(seen.size >= 10, `only ${seen.size} backups seen`);
   assert.deepEqual(bad, [], `${bad.length} of ${seen.size} backups were short`);
 });

@@ -2,28 +2,27 @@
 // (sd_listen_fds_with_names: pid check, names, count) accepts what shm-fd passes: the
 // sockets and the memory file, with the right names and LISTEN_PID.
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import http from 'node:http';
 import path from 'node:path';
 import { test } from 'node:test';
-import { cleanEnv, fixture, NODE, PYTHON, ROOT, SHM_FD, tempDir, waitFor } from './helpers.js';
+import { fixture, NODE, PYTHON, SHM_FD, start, tempDir } from './helpers.js';
 
 const SD_LISTEN = fixture('sockets-sd-listen.py');
 
-function start(t, args) {
-  const child = spawn(NODE, [SHM_FD, ...args], { cwd: ROOT, env: cleanEnv(), stdio: ['ignore', 'pipe', 'pipe'] });
-  t.after(() => child.kill('SIGKILL'));
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (d) => (stdout += d));
-  child.stderr.on('data', (d) => (stderr += d));
-  const exited = new Promise((resolve) => child.on('close', (code, signal) => resolve({ code, signal, stderr })));
-  return { child, exited, line: () => waitFor(() => (stdout.includes('\n') ? JSON.parse(stdout.split('\n')[0]) : undefined), 20_000, 'the report') };
+/** Starts `shm-fd ARGS`; `line()` is the first line of its program, parsed. */
+function startWrapper(t, args) {
+  const wrapper = start(NODE, [SHM_FD, ...args], { t });
+  const line = async () => {
+    const first = await wrapper.out.line(0);
+    assert.ok(first !== undefined, `the program printed nothing: ${wrapper.err.text}`);
+    return JSON.parse(first);
+  };
+  return { exited: wrapper.exited, line };
 }
 
 test('a libsystemd-style reader (Python) gets the sockets and the memory file, named, with its own pid', async (t) => {
   const unixPath = path.join(tempDir(t), 'py.sock');
-  const { line, exited } = start(t, ['-s', 'http::0', '-s', 'udp::0', '-s', `ctl=unix::${unixPath}`, '--', PYTHON, SD_LISTEN]);
+  const { line, exited } = startWrapper(t, ['-s', 'http::0', '-s', 'udp::0', '-s', `ctl=unix::${unixPath}`, '--', PYTHON, SD_LISTEN]);
   const report = await line();
   assert.equal(report.n, 4, 'LISTEN_PID equals the pid of the exec-ed program, so sd_listen_fds accepts');
   const [h, u, c, m] = report.fds;
@@ -46,7 +45,7 @@ test('a libsystemd-style reader (Python) gets the sockets and the memory file, n
 });
 
 test('with --no-pid the strict reader sees nothing (libsystemd requires LISTEN_PID), as documented', async (t) => {
-  const { line, exited } = start(t, ['--no-pid', '-s', 'tcp::0', '--', PYTHON, SD_LISTEN]);
+  const { line, exited } = startWrapper(t, ['--no-pid', '-s', 'tcp::0', '--', PYTHON, SD_LISTEN]);
   assert.equal((await line()).n, 0);
   assert.equal((await exited).code, 0);
 });

@@ -2,7 +2,6 @@
 // (after the passed descriptors, before the memory file) under its name, and usable in the
 // program through the library; bad specs and unusable addresses give one error line and 125.
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import dgram from 'node:dgram';
 import fs from 'node:fs';
 import net from 'node:net';
@@ -11,7 +10,7 @@ import path from 'node:path';
 import { test } from 'node:test';
 import { parseSocketSpec } from '../dist/sockets/open.js';
 import * as sys from '../dist/system/libc.js';
-import { assertOneErrorLine, cleanEnv, fixture, isRoot, NODE, ROOT, run, runShmFd, SHM_FD, tempDir, waitFor } from './helpers.js';
+import { assertOneErrorLine, cleanEnv, fixture, isRoot, NODE, ROOT, run, runShmFd, SHM_FD, SHM_RESTORE, start, tempDir } from './helpers.js';
 
 const ECHO = fixture('sockets-echo.js');
 
@@ -21,24 +20,14 @@ const hasIpv6 = Object.values(os.networkInterfaces())
 
 /** Starts `shm-fd ARGS -- node sockets-echo.js ENDPOINTS` and waits for its report line. */
 async function startEcho(t, wrapperArgs, endpoints, options = {}) {
-  const child = spawn(NODE, [options.wrapper ?? SHM_FD, ...wrapperArgs, '--', NODE, ECHO, ...endpoints], {
-    cwd: ROOT,
+  const echo = start(NODE, [options.wrapper ?? SHM_FD, ...wrapperArgs, '--', NODE, ECHO, ...endpoints], {
     env: options.env ?? cleanEnv(),
-    stdio: ['ignore', 'pipe', 'pipe', ...(options.extraFds ?? [])],
+    extraFds: options.extraFds ?? [],
+    t,
   });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (d) => (stdout += d));
-  child.stderr.on('data', (d) => (stderr += d));
-  const exited = new Promise((resolve) => child.on('close', (code, signal) => resolve({ code, signal })));
-  t.after(() => child.kill('SIGKILL'));
-  await Promise.race([
-    waitFor(() => stdout.includes('\n'), 20_000, 'the echo fixture to report'),
-    exited.then((r) => {
-      throw new Error(`the wrapper ended early (${r.code ?? r.signal}): ${stderr}`);
-    }),
-  ]);
-  return { child, report: JSON.parse(stdout.split('\n')[0]), stderr: () => stderr, exited };
+  const first = await echo.out.line(0);
+  if (first === undefined) throw new Error(`the wrapper ended early (${JSON.stringify(await echo.exited)}): ${echo.err.text}`);
+  return { child: echo.child, report: JSON.parse(first), stderr: () => echo.err.text, exited: echo.exited.then(({ code, signal }) => ({ code, signal })) };
 }
 
 function streamEcho(connectOptions, text) {
@@ -259,7 +248,7 @@ test('shm-restore takes -s and --first-fd too: sockets before the memory file, f
     t,
     ['--first-fd', '18', '-s', 'http::0', '-s', 'udp::0', backup],
     ['http:stream', 'udp:datagram'],
-    { wrapper: path.join(ROOT, 'bin', 'shm-restore.js') },
+    { wrapper: SHM_RESTORE },
   );
   assert.deepEqual(report.passed.map((p) => [p.fd, p.name]), [[18, 'http'], [19, 'udp'], [20, 'SHM_SHARED_FD']]);
   assert.equal(await streamEcho({ port: report.listening.http.info.address.port, host: '127.0.0.1' }, 'r'), 'http:r');

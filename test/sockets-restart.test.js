@@ -4,12 +4,11 @@
 // node --watch), the memory file too. Issue 7: the documented shell loop restarts the
 // program however it ended (a SIGTERM while Node starts, SIGKILL) and ends on Ctrl-C.
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import http from 'node:http';
 import path from 'node:path';
 import { test } from 'node:test';
-import { cleanEnv, NODE, ROOT, seededRandom, SHM_FD, tempDir, waitFor } from './helpers.js';
+import { childrenOf, NODE, ROOT, seededRandom, SHM_FD, start, tempDir, waitFor } from './helpers.js';
 
 const COUNTER = path.join(ROOT, 'examples', 'http-counter.js');
 
@@ -22,23 +21,6 @@ function documentedLoop() {
   assert.equal(readme[1], docs[1], 'the README shows the loop of docs/sockets.md');
   assert.ok(docs[1].includes('node examples/http-counter.js'), docs[1]);
   return docs[1].replace('node examples/http-counter.js', `"${NODE}" "${COUNTER}"`);
-}
-
-/** The pids of the children of `pid`, from /proc. */
-function childrenOf(pid) {
-  const file = `/proc/${pid}/task/${pid}/children`;
-  if (fs.existsSync(file)) return fs.readFileSync(file, 'latin1').split(' ').filter(Boolean).map(Number);
-  // A kernel without CONFIG_PROC_CHILDREN: every process's parent.
-  return fs.readdirSync('/proc').filter((entry) => /^\d+$/.test(entry) && parentOf(Number(entry)) === pid).map(Number);
-}
-
-function parentOf(pid) {
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
-    return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
-  } catch {
-    return undefined;
-  }
 }
 
 /** The children of the loop `pid` that run the example already (exec'd, not a forked sh). */
@@ -67,37 +49,15 @@ function ask(port) {
 
 /** Starts a wrapper in its own process group; resolves with the port it logged. */
 async function startWrapped(t, args) {
-  const child = spawn(NODE, [SHM_FD, '--log-level', 'info', ...args], {
-    cwd: ROOT,
-    env: cleanEnv(),
-    stdio: ['ignore', 'pipe', 'pipe'],
-    detached: true,
-  });
-  let stderr = '';
-  child.stderr.on('data', (d) => (stderr += d));
-  child.stdout.resume();
-  let ended;
-  const exited = new Promise((resolve) =>
-    child.on('close', (code, signal) => {
-      ended = { code, signal };
-      resolve(ended);
-    }),
-  );
-  // The whole group: the restarter and the server it runs.
-  const killGroup = (signal) => {
-    try {
-      process.kill(-child.pid, signal);
-    } catch {
-      // already gone
-    }
-  };
-  t.after(() => killGroup('SIGKILL'));
-  const match = await waitFor(() => /listening on http:\/\/127\.0\.0\.1:(\d+) \(socket http\)/.exec(stderr), 20_000, 'the socket');
+  // In its own group, so that kill() reaches the restarter and the server it runs.
+  const wrapper = start(NODE, [SHM_FD, '--log-level', 'info', ...args], { detached: true, t });
+  const match = await waitFor(() => /listening on http:\/\/127\.0\.0\.1:(\d+) \(socket http\)/.exec(wrapper.err.text), 'the socket');
   /** Throws once the wrapper has ended: for waits that only a running wrapper can end. */
   const alive = () => {
-    if (ended !== undefined) throw new Error(`the wrapper ended (${JSON.stringify(ended)}):\n${stderr}`);
+    const ended = wrapper.ended();
+    if (ended !== undefined) throw new Error(`the wrapper ended (${JSON.stringify(ended)}):\n${wrapper.err.text}`);
   };
-  return { pid: child.pid, port: Number(match[1]), stderr: () => stderr, killGroup, exited, alive };
+  return { pid: wrapper.pid, port: Number(match[1]), stderr: () => wrapper.err.text, killGroup: wrapper.kill, exited: wrapper.exited.then(({ code, signal }) => ({ code, signal })), alive };
 }
 
 /**
@@ -161,15 +121,15 @@ function loadGenerator(port, { concurrency = 4, limit = 50_000, keepAlive = fals
 
 /** Restarts `times` times with `restart(pid)`; each restart is done when another pid answers. */
 async function restartUnderLoad(load, times, restart) {
-  await waitFor(() => load.results.answered > 0, 20_000, 'a first answer');
+  await waitFor(() => load.results.answered > 0, 'a first answer');
   for (let i = 0; i < times; i++) {
     const before = load.results.lastPid;
     const seen = load.results.pids.size;
     await restart(before, i);
-    await waitFor(() => load.results.pids.size > seen && load.results.lastPid !== before, 30_000, `restart ${i + 1}`);
+    await waitFor(() => load.results.pids.size > seen && load.results.lastPid !== before, `restart ${i + 1}`, 30_000);
     // Some answers from the new process before the next restart.
     const answered = load.results.answered;
-    await waitFor(() => load.results.answered >= answered + 20, 20_000, 'answers after a restart');
+    await waitFor(() => load.results.answered >= answered + 20, 'answers after a restart');
   }
 }
 
@@ -202,7 +162,7 @@ test('keep-alive clients across 10 graceful restarts: nothing reset, every count
 test('the documented restart loop: SIGTERM at random instants, also while Node starts, under load: nothing refused, the count never goes back', async (t) => {
   const w = await startWrapped(t, ['-s', 'http::0', '--', 'sh', '-c', documentedLoop()]);
   const load = loadGenerator(w.port);
-  await waitFor(() => load.results.answered > 0, 20_000, 'a first answer');
+  await waitFor(() => load.results.answered > 0, 'a first answer');
   const random = seededRandom(7);
   const signalled = new Set();
   const instants = { starting: 0, answering: 0, later: 0 };
@@ -211,17 +171,17 @@ test('the documented restart loop: SIGTERM at random instants, also while Node s
     instants[when]++;
     // Polled every millisecond: "starting" signals the program as soon as it runs node,
     // long before Node's own start-up is over, when no handler of ours can exist yet.
-    const pid = await waitFor(() => w.alive() ?? programsOf(w.pid).find((p) => !signalled.has(p)), 30_000, `program ${round}`, 1);
-    if (when !== 'starting') await waitFor(() => w.alive() ?? load.results.pids.has(pid), 30_000, `answers of program ${round}`);
+    const pid = await waitFor(() => w.alive() ?? programsOf(w.pid).find((p) => !signalled.has(p)), `program ${round}`, 30_000, 1);
+    if (when !== 'starting') await waitFor(() => w.alive() ?? load.results.pids.has(pid), `answers of program ${round}`, 30_000);
     if (when === 'later') {
       const answered = load.results.answered + random.int(1, 50);
-      await waitFor(() => w.alive() ?? load.results.answered >= answered, 30_000, `more answers of program ${round}`);
+      await waitFor(() => w.alive() ?? load.results.answered >= answered, `more answers of program ${round}`, 30_000);
     }
     signalled.add(pid);
     process.kill(pid, 'SIGTERM');
   }
   const pids = load.results.pids.size;
-  await waitFor(() => w.alive() ?? load.results.pids.size > pids, 30_000, 'answers after the last SIGTERM');
+  await waitFor(() => w.alive() ?? load.results.pids.size > pids, 'answers after the last SIGTERM', 30_000);
   const r = await load.stop();
   t.diagnostic(`SIGTERM ${JSON.stringify(instants)}; sent ${r.sent}, answered ${r.answered}, processes answering ${r.pids.size}`);
   assert.deepEqual(r.errors, [], 'no request refused, reset or cut');
@@ -259,7 +219,7 @@ for (const [signal, status] of [
       let program = first.pid;
       if (starting) {
         process.kill(first.pid, 'SIGTERM');
-        program = await waitFor(() => w.alive() ?? programsOf(w.pid).find((p) => p !== first.pid), 30_000, 'the next program', 1);
+        program = await waitFor(() => w.alive() ?? programsOf(w.pid).find((p) => p !== first.pid), 'the next program', 30_000, 1);
       }
       w.killGroup(signal);
       assert.deepEqual(await w.exited, { code: status, signal: null }, w.stderr());
@@ -302,21 +262,7 @@ test('node --watch (the dev loop recipe, --first-fd 17): restarts on file change
 
 test('node --watch with descriptors below 17: shm-fd warns that they would not reach the program', async (t) => {
   const dir = tempDir(t);
-  const child = spawn(NODE, [SHM_FD, '-s', 'http::0', '--', NODE, `--watch-path=${dir}`, '-e', 'process.exit(0)'], {
-    cwd: ROOT,
-    env: cleanEnv(),
-    stdio: ['ignore', 'ignore', 'pipe'],
-    detached: true,
-  });
-  t.after(() => {
-    try {
-      process.kill(-child.pid, 'SIGKILL');
-    } catch {
-      // gone
-    }
-  });
-  let stderr = '';
-  child.stderr.on('data', (d) => (stderr += d));
-  await waitFor(() => stderr.includes('\n'), 20_000, 'the warning');
-  assert.match(stderr, /^shm-fd: warning: node is a Node process that restarts its program: descriptors below 17 do not reach the program; use --first-fd 17$/m);
+  const wrapper = start(NODE, [SHM_FD, '-s', 'http::0', '--', NODE, `--watch-path=${dir}`, '-e', 'process.exit(0)'], { detached: true, t });
+  const stderr = await wrapper.err.line(0);
+  assert.match(stderr ?? '', /^shm-fd: warning: node is a Node process that restarts its program: descriptors below 17 do not reach the program; use --first-fd 17$/m);
 });

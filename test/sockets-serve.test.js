@@ -3,24 +3,17 @@
 // requests in flight (with Connection: close), closes idle keep-alive connections and
 // exits 0. Under a service manager, shm-fd parks the sockets it opens in the fd store.
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import http from 'node:http';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { serve } from 'shmfd';
 import * as sys from '../dist/system/libc.js';
-import { cleanEnv, datagramReceiver, fixture, NODE, ROOT, SHM_FD, tempDir, waitFor } from './helpers.js';
+import { cleanEnv, datagramReceiver, fixture, NODE, SHM_FD, start, tempDir, waitFor } from './helpers.js';
 
 function startServer(t, args, env, extraFds = []) {
-  const child = spawn(NODE, args, { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe', ...extraFds] });
-  t.after(() => child.kill('SIGKILL'));
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (d) => (stdout += d));
-  child.stderr.on('data', (d) => (stderr += d));
-  const exited = new Promise((resolve) => child.on('close', (code, signal) => resolve({ code, signal })));
-  return { child, exited, out: () => stdout, err: () => stderr };
+  const server = start(NODE, args, { env, extraFds, t });
+  return { child: server.child, exited: server.exited.then(({ code, signal }) => ({ code, signal })), out: () => server.out.text, err: () => server.err.text };
 }
 
 function get(port, urlPath, agent = false) {
@@ -43,7 +36,7 @@ test('READY after listening, RELOADING+MONOTONIC_USEC then READY on SIGHUP, STOP
   const s = startServer(t, [fixture('sockets-serve.js')], cleanEnv({ NOTIFY_SOCKET: receiver.address }));
   const ready = (await receiver.next()).text;
   assert.equal(ready, 'READY=1\nSTATUS=serving');
-  const port = Number((await waitFor(() => /ready http:\/\/127\.0\.0\.1:(\d+)/.exec(s.out()), 20_000, 'ready'))[1]);
+  const port = Number((await waitFor(() => /ready http:\/\/127\.0\.0\.1:(\d+)/.exec(s.out()), 'ready'))[1]);
   assert.equal((await get(port, '/')).body, 'fast', 'READY came after the server listened');
 
   const before = process.hrtime.bigint() / 1000n;
@@ -53,14 +46,14 @@ test('READY after listening, RELOADING+MONOTONIC_USEC then READY on SIGHUP, STOP
   assert.ok(m, reloading);
   assert.ok(BigInt(m[1]) >= before, 'MONOTONIC_USEC is CLOCK_MONOTONIC, taken at the reload');
   assert.equal((await receiver.next()).text, 'READY=1\nSTATUS=serving');
-  await waitFor(() => s.out().includes('reloaded'), 20_000, 'the reload');
+  await waitFor(() => s.out().includes('reloaded'), 'the reload');
 
   // An idle keep-alive connection and a request in flight when the stop comes.
   const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
   const idle = await get(port, '/', agent);
   const idleClosed = new Promise((resolve) => idle.socket.once('close', resolve));
   const slow = get(port, '/slow');
-  await waitFor(() => s.out().includes('slow'), 20_000, 'the slow request');
+  await waitFor(() => s.out().includes('slow'), 'the slow request');
   s.child.kill('SIGTERM');
   assert.equal((await receiver.next()).text, 'STOPPING=1');
   const answer = await slow;
@@ -136,7 +129,7 @@ test('serve(): a listen that fails and is retried by the program does not end th
   t.after(() => receiver.close());
   const s = startServer(t, [fixture('serve-retry.js')], cleanEnv({ NOTIFY_SOCKET: receiver.address }));
   assert.equal((await receiver.next()).text, 'READY=1\nSTATUS=serving');
-  const port = Number((await waitFor(() => /ready (\d+)/.exec(s.out()), 20_000, 'ready'))[1]);
+  const port = Number((await waitFor(() => /ready (\d+)/.exec(s.out()), 'ready'))[1]);
   assert.match(s.out(), /^first listen failed: EADDRINUSE\n/);
   assert.equal((await get(port, '/')).body, 'ok');
   s.child.kill('SIGTERM');
@@ -149,12 +142,12 @@ test('serve(): the same stop signal twice within 250 ms is one stop (terminal + 
   const dir = tempDir(t);
   const start = async (receiver) => {
     const s = startServer(t, [fixture('sockets-serve.js')], cleanEnv(receiver === undefined ? {} : { NOTIFY_SOCKET: receiver.address }));
-    const port = Number((await waitFor(() => /ready http:\/\/127\.0\.0\.1:(\d+)/.exec(s.out()), 20_000, 'ready'))[1]);
+    const port = Number((await waitFor(() => /ready http:\/\/127\.0\.0\.1:(\d+)/.exec(s.out()), 'ready'))[1]);
     return { s, port };
   };
   const twice = await start();
   const finished = get(twice.port, '/slow?ms=800');
-  await waitFor(() => twice.s.out().includes('slow'), 20_000, 'the slow request');
+  await waitFor(() => twice.s.out().includes('slow'), 'the slow request');
   twice.s.child.kill('SIGTERM');
   // What shm-restore's forwarding adds to systemd's own, a few milliseconds later (two
   // kills back to back would merge into one pending signal).
@@ -171,7 +164,7 @@ test('serve(): the same stop signal twice within 250 ms is one stop (terminal + 
     () => 'answered',
     (err) => err.code,
   );
-  await waitFor(() => hurried.s.out().includes('slow'), 20_000, 'the slow request');
+  await waitFor(() => hurried.s.out().includes('slow'), 'the slow request');
   hurried.s.child.kill('SIGTERM');
   assert.equal((await receiver.next()).text, 'STOPPING=1', 'the first stop was handled');
   await new Promise((resolve) => setTimeout(resolve, 400));
@@ -191,7 +184,7 @@ test('serve(): stop() while the server is still starting closes it once it liste
 
 test('serve(): SIGINT stops gracefully, then ends the process by SIGINT, as a shell loop expects of Ctrl-C', async (t) => {
   const s = startServer(t, [fixture('sockets-serve.js')], cleanEnv());
-  await waitFor(() => /ready /.test(s.out()), 20_000, 'ready');
+  await waitFor(() => /ready /.test(s.out()), 'ready');
   s.child.kill('SIGINT');
   assert.deepEqual(await s.exited, { code: null, signal: 'SIGINT' });
   assert.match(s.out(), /stopped\n$/, 'after the graceful stop');
@@ -225,14 +218,14 @@ for (const [signal, ending] of [
 test('importing shmfd or shmfd/serve installs no signal handler: SIGTERM keeps its default', async (t) => {
   const program = "await import('shmfd'); await import('shmfd/serve'); process.stdout.write('imported\\n'); setInterval(() => {}, 60_000);";
   const s = startServer(t, ['--input-type=module', '-e', program], cleanEnv());
-  await waitFor(() => s.out().includes('imported'), 20_000, 'the imports');
+  await waitFor(() => s.out().includes('imported'), 'the imports');
   s.child.kill('SIGTERM');
   assert.deepEqual(await s.exited, { code: null, signal: 'SIGTERM' });
 });
 
 test('serve(): an invalid NOTIFY_SOCKET is one line on stderr, the service runs and stops as usual', async (t) => {
   const s = startServer(t, [fixture('serve-early.js')], cleanEnv({ NOTIFY_SOCKET: 'relative/path' }));
-  const port = Number((await waitFor(() => /listening http:\/\/127\.0\.0\.1:(\d+)/.exec(s.out()), 20_000, 'listening'))[1]);
+  const port = Number((await waitFor(() => /listening http:\/\/127\.0\.0\.1:(\d+)/.exec(s.out()), 'listening'))[1]);
   assert.equal((await get(port, '/')).body, 'ok');
   s.child.kill('SIGTERM');
   assert.deepEqual(await s.exited, { code: 0, signal: null });

@@ -14,9 +14,8 @@ import net from 'node:net';
 import path from 'node:path';
 import readline from 'node:readline';
 import { test } from 'node:test';
-import { fixture, NODE, ROOT, SANDBOX, sandboxEnv, SHM_FD, systemdSkip, tempDir, waitFor } from './helpers.js';
+import { fixture, NODE, ROOT, SANDBOX, sandboxEnv, SHM_FD, SHM_RESTORE, systemdSkip, tempDir, waitFor } from './helpers.js';
 
-const SHM_RESTORE = path.join(ROOT, 'bin', 'shm-restore.js');
 
 const COUNTER = path.join(ROOT, 'examples', 'http-counter.js');
 const skip = systemdSkip;
@@ -101,12 +100,12 @@ TimeoutStopSec=20
 
 async function restartsUnderLoad(t, sb, unit, port, times) {
   const l = load(port);
-  await waitFor(() => l.r.answered > 0, 20_000, 'a first answer');
+  await waitFor(() => l.r.answered > 0, 'a first answer');
   for (let i = 0; i < times; i++) {
     const answered = l.r.answered;
     const res = await sb.systemctl('restart', unit);
     assert.equal(res.code, 0, `restart ${i + 1}: ${res.stderr}\n${sb.log()}`);
-    await waitFor(() => l.r.answered >= answered + 10, 20_000, 'answers after a restart');
+    await waitFor(() => l.r.answered >= answered + 10, 'answers after a restart');
   }
   const r = await l.stop();
   t.diagnostic(`${unit}: ${times} restarts, sent ${r.sent}, answered ${r.answered}, failed ${r.errors.length}, processes ${r.pids.size}`);
@@ -198,7 +197,7 @@ ExecStart=${NODE} ${SHM_FD} ${NODE} ${fixture('sockets-gated-ready.js')}
   });
   const state = path.join(gate, 'state');
   assert.equal((await sb.systemctl('start', '--no-block', 'gated.service')).code, 0);
-  await waitFor(() => fs.existsSync(state) && fs.readFileSync(state, 'utf8') === 'waiting', 20_000, 'the service to wait');
+  await waitFor(() => fs.existsSync(state) && fs.readFileSync(state, 'utf8') === 'waiting', 'the service to wait');
   const before = await sb.systemctl('show', '-p', 'ActiveState', '-p', 'SubState', 'gated.service');
   assert.match(before.stdout, /^ActiveState=activating$/m, before.stdout);
   assert.match(before.stdout, /^SubState=start$/m);

@@ -8,16 +8,13 @@
 //   restores to a committed state, and never to an older one than before.
 // Kill moments come from a seeded generator; replay with STATE_SEED=<seed>.
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { MemoryFile } from 'shmfd';
-import { cleanEnv, fixture, NODE, ROOT, run, seededRandom, sleep, tempDir } from './helpers.js';
-import { LineWatcher } from './helpers-crash.js';
+import { cleanEnv, fixture, NODE, run, seededRandom, SHM_RESTORE, sleep, start, tempDir } from './helpers.js';
 import { recoverFrom } from './fixtures/state-model.js';
 
-const SHM_RESTORE = path.join(ROOT, 'bin', 'shm-restore.js');
 const PROGRAM = fixture('state-sequence.js');
 const SEED = process.env.STATE_SEED === undefined ? Date.now() % 1_000_000_007 : Number(process.env.STATE_SEED);
 const rng = seededRandom(SEED);
@@ -55,10 +52,7 @@ test('SIGKILL of the writer at random moments: the memfd always holds exactly a 
   const rounds = 10;
   let midStream = 0;
   for (let round = 1; round <= rounds; round++) {
-    const child = spawn(NODE, [PROGRAM, '0', '0', String(capacity)], { env, stdio: ['ignore', 'pipe', 'pipe', memory.fd] });
-    const out = new LineWatcher(child.stdout);
-    const err = new LineWatcher(child.stderr);
-    const exited = new Promise((resolve) => child.on('close', (code, signal) => resolve({ code, signal })));
+    const { child, out, err, exited } = start(NODE, [PROGRAM, '0', '0', String(capacity)], { env, extraFds: [memory.fd] });
     const recovered = await out.waitFor(/^recovered (\d+)$/);
     assert.ok(recovered !== undefined, `round ${round}: the program started: ${err.lines.join('\n')}`);
     assert.equal(Number(recovered[1]), durable, `round ${round}: the program recovered what the last check found`);
@@ -78,18 +72,7 @@ test('SIGKILL of the writer at random moments: the memfd always holds exactly a 
 });
 
 function startTree(backup) {
-  const host = spawn(NODE, [SHM_RESTORE, '--snapshot=restore-v1', '--interval', '5', backup, NODE, PROGRAM, '0', '2'], {
-    cwd: ROOT,
-    env: cleanEnv(),
-    stdio: ['ignore', 'pipe', 'pipe'],
-    detached: true,
-  });
-  const out = new LineWatcher(host.stdout);
-  const err = new LineWatcher(host.stderr);
-  const exited = new Promise((resolve) => host.on('close', (code, signal) => resolve({ code, signal })));
-  const guard = setTimeout(() => host.kill('SIGKILL'), 30_000);
-  exited.then(() => clearTimeout(guard));
-  return { host, out, err, exited };
+  return start(NODE, [SHM_RESTORE, '--snapshot=restore-v1', '--interval', '5', backup, NODE, PROGRAM, '0', '2'], { detached: true, guardMs: 30_000 });
 }
 
 test('SIGKILL of the whole tree under shm-restore --snapshot=restore-v1: every backup restores to a committed state, never an older one', async (t) => {
@@ -136,7 +119,7 @@ test('SIGKILL of the whole tree under shm-restore --snapshot=restore-v1: every b
     }
     if (durable > startDurable) stats.grewWhileRunning++;
     try {
-      process.kill(-tree.host.pid, 'SIGKILL');
+      process.kill(-tree.pid, 'SIGKILL');
       stats.kills++;
     } catch (e) {
       if (e.code !== 'ESRCH') throw e;
@@ -149,7 +132,7 @@ test('SIGKILL of the whole tree under shm-restore --snapshot=restore-v1: every b
   const last = startTree(backup);
   assert.equal(Number((await last.out.waitFor(/^recovered (\d+)$/))[1]), durable);
   await last.out.waitFor(/^committed \d+$/);
-  last.host.kill('SIGTERM');
+  last.child.kill('SIGTERM');
   const { code } = await last.exited;
   assert.equal(code, 0, last.err.lines.join('\n'));
   const final = checkRecovered(recoverFrom(backup), 'after a clean stop', { atLeast: lastCommitted(last.out) });

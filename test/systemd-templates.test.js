@@ -8,8 +8,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { NODE, ROOT, run, SANDBOX, sandboxEnv, systemdSkip, tempDir } from './helpers.js';
-import { readPrimesState } from './helpers-crash.js';
+import { NODE, readPrimesState, ROOT, run, SANDBOX, sandboxEnv, systemdSkip, tempDir } from './helpers.js';
 
 const DRIVER = path.join(ROOT, 'test', 'fixtures', 'crash-systemd-driver.js');
 const skip = systemdSkip;
