@@ -1,0 +1,159 @@
+// One round of the restore-v1 snapshotter (src/restore/snapshotter.ts) on a real memfd
+// and a real backup file: memory that is not (yet) a snapshot file with a snapshot is
+// never persisted; a round after a commit persists a backup that holds exactly the
+// committed snapshots; a round with nothing new committed writes nothing; a failing
+// round is counted and logged once, and the old backup stays.
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { test } from 'node:test';
+import { MemoryFile } from '../dist/index.js';
+import { BackupFile } from '../dist/restore/backup.js';
+import { Snapshotter } from '../dist/restore/snapshotter.js';
+import { SnapshotFile } from '../dist/snapshot/index.js';
+import { fingerprint, tempDir, tempFiles } from './helpers.js';
+
+const PAGE = 4096;
+
+/** A Log that keeps its lines. */
+function collectingLog() {
+  /** @type {string[]} */
+  const lines = [];
+  const at = (/** @type {string} */ level) => (/** @type {string} */ message) => lines.push(`${level}: ${message}`);
+  return { lines, error: at('error'), warn: at('warn'), info: at('info'), debug: at('debug') };
+}
+
+/**
+ * A memfd of `pages` pages, mapped, closed when `t` ends, and a snapshotter of it into
+ * `dir/state`.
+ * @param {import('node:test').TestContext} t
+ */
+function setUp(t, pages = 8) {
+  const memory = MemoryFile.create('snapshotter', { size: pages * PAGE, sealShrink: false });
+  const mapping = memory.map();
+  t.after(() => {
+    mapping.unmap();
+    memory.close();
+  });
+  const dir = tempDir(t);
+  const backup = new BackupFile(path.join(dir, 'state'));
+  const log = collectingLog();
+  /** @type {Array<import('../dist/restore/snapshotter.js').DurableSnapshot>} */
+  const persisted = [];
+  const snapshotter = new Snapshotter({ memory: memory.fd, backup, log, onPersisted: (snapshot) => persisted.push(snapshot) });
+  return { memory, bytes: mapping.bytes, dir, backup, log, snapshotter, persisted };
+}
+
+/** The payloads of the valid snapshots in the backup file, oldest first, as text. */
+function backupPayloads(/** @type {string} */ file) {
+  const found = SnapshotFile.open(new Uint8Array(fs.readFileSync(file))).recover();
+  assert.ok(found !== undefined, `${file} is a configured snapshot file`);
+  return found.valid().map((snapshot) => Buffer.from(found.read(snapshot)).toString());
+}
+
+test('memory that is no snapshot file, or holds no snapshot yet, is never persisted', async (t) => {
+  const { memory, bytes, backup, log, snapshotter } = setUp(t);
+  assert.equal(await snapshotter.round(), 'not-ready', 'zeros: not configured');
+  new SnapshotFile(bytes).configure({ entries: 16, data: 2 * PAGE });
+  assert.equal(await snapshotter.round(), 'not-ready', 'configured, no snapshot');
+  bytes.fill(0xff, 0, 64);
+  assert.equal(await snapshotter.round(), 'not-ready', 'a damaged head');
+  memory.resize(0);
+  assert.equal(await snapshotter.round(), 'not-ready', 'an empty file');
+  assert.equal(fs.existsSync(backup.path), false, 'no backup was written');
+  assert.deepEqual(tempFiles(backup.dir), []);
+  assert.deepEqual(snapshotter.counts, { persisted: 0, unchanged: 0, 'not-ready': 4, discarded: 0, failed: 0, aborted: 0 });
+  assert.equal(snapshotter.lastPersisted, undefined);
+  assert.ok(log.lines.every((line) => line.startsWith('debug: no snapshot taken: ')), log.lines.join('\n'));
+});
+
+test('a round after commits persists exactly the committed snapshots; without a new commit it writes nothing', async (t) => {
+  const { bytes, backup, log, snapshotter, persisted } = setUp(t);
+  const writer = new SnapshotFile(bytes).configure({ entries: 16, data: 2 * PAGE });
+  writer.commit(Buffer.from('first'));
+  writer.commit(Buffer.from('second'));
+  const writeOffset = writer.writeOffset;
+  assert.equal(await snapshotter.round(), 'persisted');
+  assert.deepEqual(backupPayloads(backup.path), ['first', 'second']);
+  assert.equal(fs.statSync(backup.path).size, bytes.length);
+  assert.equal(persisted.length, 1);
+  assert.deepEqual(
+    { count: persisted[0]?.count, writeOffset: persisted[0]?.writeOffset, size: persisted[0]?.size, newest: persisted[0]?.newest?.length },
+    { count: 2, writeOffset, size: bytes.length, newest: 'second'.length },
+  );
+  assert.equal(snapshotter.lastPersisted, persisted[0]);
+  const found = backup.inspect('snapshot');
+  assert.ok(found.state === 'present' && found.record !== undefined, 'with a verified record');
+
+  // Nothing committed since: the round reads the head only and leaves the backup alone.
+  const before = fingerprint(backup.path);
+  bytes[bytes.length - 1] = 7; // the tail changes, no commit: still nothing to persist
+  assert.equal(await snapshotter.round(), 'unchanged');
+  assert.equal(await snapshotter.round(), 'unchanged');
+  assert.deepEqual(fingerprint(backup.path), before);
+  assert.equal(persisted.length, 1);
+
+  writer.commit(Buffer.from('third'));
+  assert.equal(await snapshotter.round(), 'persisted');
+  assert.deepEqual(backupPayloads(backup.path), ['first', 'second', 'third']);
+  assert.equal(fs.readFileSync(backup.path)[bytes.length - 1], 7, 'the tail is copied with the snapshots');
+  assert.equal(persisted.length, 2);
+  assert.deepEqual(snapshotter.counts, { persisted: 2, unchanged: 2, 'not-ready': 0, discarded: 0, failed: 0, aborted: 0 });
+  assert.deepEqual(tempFiles(backup.dir), []);
+  assert.deepEqual(log.lines.filter((line) => !line.startsWith('debug: ')), [], 'nothing above debug');
+});
+
+test('commits during the copy: the backup keeps only the snapshots valid before and after it; none left is no backup', async (t) => {
+  const { bytes, backup, snapshotter, persisted } = setUp(t);
+  const writer = new SnapshotFile(bytes).configure({ entries: 16, data: 2 * PAGE });
+  for (const name of ['a', 'b', 'c']) writer.commit(Buffer.alloc(1000, name));
+  // round() reads the slots before its first await, and copies after it: the commit below
+  // lands between the two. Its data wraps the ring over the oldest snapshot, 'a'.
+  const round = snapshotter.round();
+  writer.commit(Buffer.alloc(5500, 'd'));
+  assert.equal(await round, 'persisted');
+  const kept = backupPayloads(backup.path).map((payload) => `${payload[0]}${payload.length}`);
+  assert.deepEqual(kept, ['b1000', 'c1000'], "'a' was overwritten during the copy, 'd' was not there before it");
+  assert.equal(persisted[0]?.count, 2);
+
+  const before = fingerprint(backup.path);
+  const again = snapshotter.round();
+  for (let i = 0; i < 3; i++) writer.commit(Buffer.alloc(6000, 'e')); // overwrites every snapshot the round read
+  assert.equal(await again, 'discarded');
+  assert.deepEqual(fingerprint(backup.path), before, 'a copy with no snapshot intact replaces nothing');
+  assert.deepEqual(tempFiles(backup.dir), []);
+});
+
+test('a snapshotter told the write offset of the backup on disk does not copy an unchanged memory again', async (t) => {
+  const { memory, bytes, backup, log } = setUp(t);
+  const writer = new SnapshotFile(bytes).configure({ entries: 16, data: 2 * PAGE });
+  writer.commit(Buffer.from('kept'));
+  const snapshotter = new Snapshotter({ memory: memory.fd, backup, log, baselineWriteOffset: writer.writeOffset });
+  assert.equal(await snapshotter.round(), 'unchanged');
+  assert.equal(fs.existsSync(backup.path), false);
+});
+
+test('a round that cannot persist is counted as failed and logged once; the old backup stays; the next round recovers', async (t) => {
+  const { bytes, dir, backup, log, snapshotter } = setUp(t);
+  const writer = new SnapshotFile(bytes).configure({ entries: 16, data: 2 * PAGE });
+  writer.commit(Buffer.from('one'));
+  assert.equal(await snapshotter.round(), 'persisted');
+  const before = fingerprint(backup.path);
+  writer.commit(Buffer.from('two'));
+  // The backup's directory is gone (moved away) while two rounds run.
+  fs.renameSync(dir, `${dir}-away`);
+  try {
+    assert.equal(await snapshotter.round(), 'failed');
+    assert.equal(await snapshotter.round(), 'failed');
+  } finally {
+    fs.renameSync(`${dir}-away`, dir);
+  }
+  assert.deepEqual(fingerprint(backup.path), before, 'the old backup stays');
+  const errors = log.lines.filter((line) => line.startsWith('error: '));
+  assert.equal(errors.length, 1, `the same failure is logged once: ${log.lines.join('\n')}`);
+  assert.match(errors[0] ?? '', new RegExp(`^error: cannot persist a snapshot to ${backup.path}: `));
+  assert.equal(await snapshotter.round(), 'persisted');
+  assert.deepEqual(backupPayloads(backup.path), ['one', 'two']);
+  assert.ok(log.lines.includes('info: persisting snapshots works again'), log.lines.join('\n'));
+  assert.equal(snapshotter.counts.failed, 2);
+});
