@@ -158,7 +158,7 @@ test('--size sizes a new file and grows (never shrinks) a passed one; a bad size
   // The help names the same suffixes, and each of them works.
   const help = await runShmFd(['--help'], { env: cleanEnv() });
   assert.match(help.stdout, /--size BYTES +size of a new file \(suffixes K, M, G, T\)/);
-  for (const [suffix, bytes] of [['1K', 2 ** 10], ['1m', 2 ** 20], ['1GiB', 2 ** 30], ['1TB', 2 ** 40]]) {
+  for (const [suffix, bytes] of Object.entries({ '1K': 2 ** 10, '1m': 2 ** 20, '1GiB': 2 ** 30, '1TB': 2 ** 40 })) {
     const r = await runShmFd(['--size', suffix, 'sh', '-c', 'stat -L -c %s /proc/self/fd/3'], { env: cleanEnv() });
     assert.equal(r.code, 0, r.stderr);
     assert.equal(Number(r.stdout), bytes, suffix);
@@ -172,6 +172,7 @@ test('command not found is 127, not executable is 126, each with one error line'
   const dir = tempDir(t);
   const notExecutable = path.join(dir, 'script.sh');
   fs.writeFileSync(notExecutable, '#!/bin/sh\necho ran\n', { mode: 0o644 });
+  /** @type {Array<[string[], number, RegExp, Record<string, string>]>} */
   const cases = [
     [['no-such-command-shmfd'], 127, /no-such-command-shmfd: command not found/, {}],
     [[path.join(dir, 'missing')], 127, /command not found/, {}],
@@ -233,6 +234,7 @@ test('COMMAND is looked up in PATH and gets its arguments verbatim; options afte
 });
 
 test('usage errors are one line and exit 125; --help and --version exit 0', async () => {
+  /** @type {Array<[string[], RegExp]>} */
   const cases = [
     [[], /no COMMAND given \(see shm-fd --help\)$/],
     [['--bogus', 'true'], /unknown option --bogus \(see shm-fd --help\)$/],

@@ -24,6 +24,7 @@ test('--help prints the usage with both argument orders and the status command; 
 test('usage errors: one line on stderr, exit 125, no backup created', async (t) => {
   const dir = tempDir(t);
   const backup = path.join(dir, 'b');
+  /** @type {Array<[string[], RegExp]>} */
   const cases = [
     [[], /no BACKUP given \(see shm-restore --help\)$/],
     [[backup], /no COMMAND given \(see shm-restore --help\)$/],

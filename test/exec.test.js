@@ -95,7 +95,7 @@ test('a program started with only stdio open sees exactly 0, 1, 2 and the memfd'
   for (const fd of [0, 1, 2]) delete expected[fd];
   for (const fd of [0, 1, 2]) delete fds[fd];
   assert.deepEqual(fds, expected, r.stdout);
-  assert.deepEqual(Object.keys(baseline).filter((fd) => fd >= 3 && fd <= 40), [], 'the test runner itself holds no descriptor 3..40');
+  assert.deepEqual(Object.keys(baseline).map(Number).filter((fd) => fd >= 3 && fd <= 40), [], 'the test runner itself holds no descriptor 3..40');
 });
 
 test('the caller\'s descriptors pass through where Node leaves them apart; in the range Node marks, only by the documented ways', { skip: !hasPython && 'needs /usr/bin/python3' }, async (t) => {

@@ -157,7 +157,7 @@ test('findListenFd checks only the descriptor it looks up: a program that closed
   assert.throws(() => readListenFds({ env }), isShmfdError('ERR_FD_NOT_PASSED'), 'the strict reader still says so');
   assert.deepEqual(findListenFd('http', { env }), { fd: 356, name: 'http' });
   assert.equal(findListenFd('other', { env }), undefined);
-  assert.throws(() => findListenFd('SHM_SHARED_FD', { env }), (err) => isShmfdError('ERR_FD_NOT_PASSED')(err) && /355 \(SHM_SHARED_FD\) is not open/.test(err.message));
+  assert.throws(() => findListenFd('SHM_SHARED_FD', { env }), (/** @type {Error} */ err) => isShmfdError('ERR_FD_NOT_PASSED')(err) && /355 \(SHM_SHARED_FD\) is not open/.test(err.message));
   assert.throws(() => SharedFd.fromEnv({ env }), isShmfdError('ERR_FD_NOT_PASSED'));
 });
 
@@ -165,7 +165,7 @@ test('a descriptor in the range that is not open is ERR_FD_NOT_PASSED', (t) => {
   placeFds(t, 350, 1);
   assert.throws(
     () => readListenFds({ env: { LISTEN_FDS: '2', LISTEN_FDNAMES: 'a:b', LISTEN_FDS_FIRST_FD: '350' } }),
-    (err) => isShmfdError('ERR_FD_NOT_PASSED')(err) && /351 \(b\)/.test(err.message),
+    (/** @type {Error} */ err) => isShmfdError('ERR_FD_NOT_PASSED')(err) && /351 \(b\)/.test(err.message),
   );
 });
 

@@ -35,7 +35,7 @@ test('grow never shrinks; resize below the size fails with EPERM once sealed', (
   assert.equal(file.size, 10_000);
   file.resize(20_000);
   assert.equal(file.size, 20_000);
-  assert.throws(() => file.resize(4096), (err) => err.code === 'EPERM' && err.syscall === 'ftruncate');
+  assert.throws(() => file.resize(4096), { code: 'EPERM', syscall: 'ftruncate' });
   assert.equal(file.size, 20_000, 'the refused shrink left the size alone');
   assert.throws(() => file.grow(-1), isShmfdError('ERR_INVALID_ARGUMENT'));
   assert.throws(() => file.resize(1.5), isShmfdError('ERR_INVALID_ARGUMENT'));
@@ -49,8 +49,8 @@ test('sealShrink: false leaves the file shrinkable; seal() adds seals later', (t
   assert.equal(file.size, 4096);
   file.seal(Seal.SHRINK | Seal.GROW);
   assert.equal(file.seals, Seal.SHRINK | Seal.GROW);
-  assert.throws(() => file.resize(8192), (err) => err.code === 'EPERM');
-  assert.throws(() => file.resize(0), (err) => err.code === 'EPERM');
+  assert.throws(() => file.resize(8192), { code: 'EPERM' });
+  assert.throws(() => file.resize(0), { code: 'EPERM' });
 });
 
 test('fromFd adopts a memfd (isMemfd) and a regular file (not a memfd, no seals)', (t) => {
@@ -92,7 +92,7 @@ test('fromFd refuses a pipe, a socket, a directory and a device with ERR_NOT_A_M
   for (const [kind, fd] of Object.entries(candidates)) {
     assert.throws(
       () => MemoryFile.fromFd(fd, kind),
-      (err) => isShmfdError('ERR_NOT_A_MEMORY_FILE')(err) && err.message.includes(`descriptor ${fd} (${kind})`),
+      (/** @type {Error} */ err) => isShmfdError('ERR_NOT_A_MEMORY_FILE')(err) && err.message.includes(`descriptor ${fd} (${kind})`),
       kind,
     );
   }
@@ -101,7 +101,7 @@ test('fromFd refuses a pipe, a socket, a directory and a device with ERR_NOT_A_M
 test('fromFd on a closed descriptor fails with EBADF', () => {
   const fd = sys.memfdCreate('mf-closed');
   fs.closeSync(fd);
-  assert.throws(() => MemoryFile.fromFd(fd), (err) => err.code === 'EBADF');
+  assert.throws(() => MemoryFile.fromFd(fd), { code: 'EBADF' });
 });
 
 test('after close() every method throws ERR_MEMORY_FILE_CLOSED and leaves a file that got the same number alone', (t) => {
@@ -210,7 +210,7 @@ test('a 5 GiB sparse file: one mapping is refused, windows with {offset, length}
   const file = MemoryFile.create('mf-huge', { size: 5 * GiB });
   t.after(() => file.close());
   assert.equal(file.size, 5 * GiB);
-  assert.throws(() => file.map(), (err) => isShmfdError('ERR_MAPPING_RANGE')(err) && /windows/.test(err.message));
+  assert.throws(() => file.map(), (/** @type {Error} */ err) => isShmfdError('ERR_MAPPING_RANGE')(err) && /windows/.test(err.message));
   assert.throws(() => file.map({ offset: 4096, length: 4 * GiB + 1 }), isShmfdError('ERR_MAPPING_RANGE'));
   // An unaligned offset adds its page remainder to the mapping: 4 GiB from offset 1 is too much.
   assert.throws(() => file.map({ offset: 1, length: 4 * GiB }), isShmfdError('ERR_MAPPING_RANGE'));

@@ -92,6 +92,7 @@ test('shm-fd: an unreachable NOTIFY_SOCKET is one error line and exit 125, the p
   // Bound once, then closed: the path exists but nobody listens (ECONNREFUSED).
   const gone = datagramReceiver(path.join(dir, 'gone.sock'));
   gone.close();
+  /** @type {Array<[string, RegExp]>} */
   const cases = [
     [path.join(dir, 'missing.sock'), /NOTIFY_SOCKET.*ENOENT/],
     [path.join(dir, 'gone.sock'), /NOTIFY_SOCKET.*ECONNREFUSED/],
@@ -107,6 +108,7 @@ test('shm-fd: an unreachable NOTIFY_SOCKET is one error line and exit 125, the p
 
 test('a vsock, malformed, empty or over-long NOTIFY_SOCKET is one clear line from both wrappers, exit 125, nothing run', async (t) => {
   const backup = path.join(tempDir(t), 'backup');
+  /** @type {Array<[string, RegExp]>} */
   const cases = [
     ['vsock:2:1234', /^NOTIFY_SOCKET=vsock:2:1234: vsock addresses are not supported$/],
     ['garbage', /^NOTIFY_SOCKET=garbage is neither an absolute path nor an @abstract address \(unset it to run without a service manager\)$/],
@@ -216,7 +218,7 @@ test('Notifier: a receiver that is gone makes the call throw instead of blocking
   const dir = tempDir(t);
   const notifier = new Notifier(path.join(dir, 'none.sock'));
   t.after(() => notifier.close());
-  assert.throws(() => notifier.ready(), (err) => err.code === 'ENOENT' && err.syscall === 'sendmsg');
+  assert.throws(() => notifier.ready(), { code: 'ENOENT', syscall: 'sendmsg' });
 });
 
 test('fdStoreCapacity, fdStoreWarning and watchdogUsec read $FDSTORE, $WATCHDOG_USEC and $WATCHDOG_PID', () => {

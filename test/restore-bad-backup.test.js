@@ -48,6 +48,7 @@ test('restore-v1 refuses backups that are not valid snapshot files, and leaves t
   const good = await validBackup(dir);
   const random = Buffer.alloc(65536);
   for (let i = 0; i < random.length; i++) random[i] = (i * 2654435761) >>> 24;
+  /** @type {Array<[string, Uint8Array, RegExp]>} */
   const cases = [
     ['truncated-head', good.subarray(0, 2000), /too small|at least one page/],
     ['truncated', good.subarray(0, 5000), /not a valid snapshot file: .*needs at least 12288 bytes/],

@@ -43,8 +43,9 @@ function fingerprint(file) {
 
 test('status and a run refuse a 64 GiB backup whose head claims 2^26 to 2^40 slots at once, with one line saying what is wrong', async (t) => {
   const dir = tempDir(t);
+  /** @type {Array<[number, string]>} */
   const cases = [
-    ...[26, 27, 31].map((k) => [k, `entry_mask 0x${(2 ** k - 1).toString(16)} describes ${2 ** k} slots, above the ${MAX_ENTRIES} this implementation reads`]),
+    ...[26, 27, 31].map((k) => /** @type {[number, string]} */ ([k, `entry_mask 0x${(2 ** k - 1).toString(16)} describes ${2 ** k} slots, above the ${MAX_ENTRIES} this implementation reads`])),
     [40, `entries 0x${(2 ** 40).toString(16)} and data 0x800 need regions beyond the end of the ${SIZE}-byte file`],
   ];
   for (const [k, text] of cases) {

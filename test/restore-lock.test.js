@@ -237,6 +237,7 @@ test('a lock file that is not a regular file of ours is refused with one line, a
   const dir = tempDir(t);
   const target = path.join(dir, 'precious');
   fs.writeFileSync(target, 'not to be overwritten');
+  /** @type {Array<[string, (lock: string) => void, RegExp]>} */
   const cases = [
     ['dir', (lock) => fs.mkdirSync(lock), /cannot open its lock file .*: illegal operation on a directory \(EISDIR\)$/],
     ['link', (lock) => fs.symlinkSync(target, lock), /cannot open its lock file .*: too many symbolic links encountered \(ELOOP\)$/],

@@ -127,7 +127,8 @@ test('region arithmetic: P_seq = ceil(entries/256), P_data = ceil(data/PAGE) >= 
 });
 
 test('ring positions: stream position s lives at data_start + (s mod data), and snapshots wrap in two ranges', () => {
-  const layout = { entries: 256, data: 2048, dataStart: 8192 };
+  // The ring arithmetic reads these three fields only.
+  const layout = /** @type {import('../dist/snapshot/index.js').SnapshotLayout} */ ({ entries: 256, data: 2048, dataStart: 8192 });
   assert.equal(ringPosition(layout, 0), 8192);
   assert.equal(ringPosition(layout, 2047), 8192 + 2047);
   assert.equal(ringPosition(layout, 2048), 8192);

@@ -53,6 +53,7 @@ function udpEcho(port, text) {
 }
 
 test('specs parse like systemfd: kinds, bare port on 127.0.0.1, HOST:PORT, [IPv6]:PORT, paths, NAME=', () => {
+  /** @type {Array<[string, string, string, import('../dist/sockets/open.js').SocketSpec['address']]>} */
   const cases = [
     ['tcp::8080', 'tcp', 'tcp', { family: 'ipv4', address: '127.0.0.1', port: 8080 }],
     ['http::0.0.0.0:80', 'http', 'http', { family: 'ipv4', address: '0.0.0.0', port: 80 }],
@@ -129,7 +130,7 @@ test('a passed socket of the same name that fits is reused (the fd store case); 
   t.after(() => sys.close(held));
   sys.bindSocket(held, { family: 'ipv4', address: '127.0.0.1', port: 0 });
   sys.listen(held, 16);
-  const port = sys.socketInfo(held).address.port;
+  const port = /** @type {{port: number}} */ (sys.socketInfo(held).address).port;
   const inode = fs.statSync(`/proc/self/fd/${held}`).ino;
   const env = cleanEnv({ LISTEN_FDS: '1', LISTEN_FDNAMES: 'http' });
 
@@ -158,7 +159,7 @@ test('a passed socket of the same name that fits is reused (the fd store case); 
 test('a passed socket that holds the very port the spec now wants on another host is let go first, then replaced', { skip: !fs.existsSync('/usr/bin/python3') && 'needs python3' }, async () => {
   const probe = net.createServer().listen(0, '127.0.0.1');
   await new Promise((r) => probe.once('listening', r));
-  const port = probe.address().port;
+  const port = /** @type {import('node:net').AddressInfo} */ (probe.address()).port;
   await new Promise((r) => probe.close(r));
   // python3 plays the fd store: the socket of the last start, on 127.0.0.1:PORT, at fd 3;
   // nobody else holds it. The unit now says -s http::0.0.0.0:PORT.
@@ -199,13 +200,14 @@ test('bad specs, ports in use, unusable unix paths: one error line, status 125, 
     fs.mkdirSync(path.join(dir, 'ro'), { mode: 0o555 });
     unwritable = path.join(dir, 'ro', 's.sock');
   }
+  /** @type {Array<[string[], RegExp]>} */
   const cases = [
     [['-s', 'ftp::21'], /invalid socket "ftp::21": unknown socket kind "ftp"/],
     [['-s', 'tcp::99999'], /"99999" is not a port number/],
     [['-s', 'tcp::example.com:80'], /"example.com" is not an IP address/],
     [['-s', 'no:pe=tcp::1'], /invalid socket "no:pe=tcp::1"/],
     [['-s', 'SHM_SHARED_FD=tcp::0'], /SHM_SHARED_FD is the memory file's name/],
-    [['-s', `http::${busy.address().port}`], /socket http::\d+: cannot bind 127\.0\.0\.1:\d+: the address is already in use \(EADDRINUSE\)/],
+    [['-s', `http::${/** @type {import('node:net').AddressInfo} */ (busy.address()).port}`], /socket http::\d+: cannot bind 127\.0\.0\.1:\d+: the address is already in use \(EADDRINUSE\)/],
     [['-s', 'tcp::192.0.2.1:80'], /the address is not available on this machine \(EADDRNOTAVAIL\)/],
     [['-s', `unix::${plain}`], /exists and is not a socket \(left untouched\)/],
     [['-s', `unix::${path.join(dir, 'live.sock')}`], /a server is listening on/],
@@ -284,7 +286,7 @@ test('listenOn refuses a passed stream socket that does not listen (node --watch
   const server = net.createServer((c) => c.on('error', () => {})).listen(0, '127.0.0.1');
   await new Promise((r) => server.once('listening', r));
   t.after(() => server.close());
-  const client = net.connect(server.address().port, '127.0.0.1');
+  const client = net.connect(/** @type {import('node:net').AddressInfo} */ (server.address()).port, '127.0.0.1');
   await new Promise((r) => client.once('connect', r));
   t.after(() => client.destroy());
   const tcp = await runWithFd3(client);

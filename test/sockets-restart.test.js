@@ -43,7 +43,7 @@ function ask(port) {
         res.on('data', (d) => (body += d));
         res.on('end', () => resolve(JSON.parse(body)));
       })
-      .on('error', (err) => resolve({ error: err.code ?? err.message }));
+      .on('error', (/** @type {NodeJS.ErrnoException} */ err) => resolve({ error: err.code ?? err.message }));
   });
 }
 
@@ -53,6 +53,7 @@ async function startWrapped(t, args) {
   const wrapper = start(NODE, [SHM_FD, '--log-level', 'info', ...args], { detached: true, t });
   const match = await waitFor(() => /listening on http:\/\/127\.0\.0\.1:(\d+) \(socket http\)/.exec(wrapper.err.text), 'the socket');
   /** Throws once the wrapper has ended: for waits that only a running wrapper can end. */
+  /** @returns {undefined} */
   const alive = () => {
     const ended = wrapper.ended();
     if (ended !== undefined) throw new Error(`the wrapper ended (${JSON.stringify(ended)}):\n${wrapper.err.text}`);
@@ -87,12 +88,12 @@ function loadGenerator(port, { concurrency = 4, limit = 50_000, keepAlive = fals
             resolve();
           }
         });
-        res.on('error', (err) => {
+        res.on('error', (/** @type {NodeJS.ErrnoException} */ err) => {
           results.errors.push(`response: ${err.code ?? err.message}`);
           resolve();
         });
       });
-      req.on('error', (err) => {
+      req.on('error', (/** @type {NodeJS.ErrnoException} */ err) => {
         results.errors.push(err.code ?? err.message);
         resolve();
       });
@@ -207,10 +208,12 @@ test('the documented restart loop starts the program again after SIGKILL; a requ
   w.killGroup('SIGTERM');
 });
 
-for (const [signal, status] of [
+/** @type {Array<[NodeJS.Signals, number]>} */
+const loopStops = [
   ['SIGINT', 130],
   ['SIGTERM', 143],
-]) {
+];
+for (const [signal, status] of loopStops) {
   test(`the documented restart loop ends on ${signal} to its process group with ${status}, the program stopped, also while it starts`, async (t) => {
     for (const starting of [false, true]) {
       const w = await startWrapped(t, ['-s', 'http::0', '--', 'sh', '-c', documentedLoop()]);

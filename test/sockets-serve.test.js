@@ -16,6 +16,11 @@ function startServer(t, args, env, extraFds = []) {
   return { child: server.child, exited: server.exited.then(({ code, signal }) => ({ code, signal })), out: () => server.out.text, err: () => server.err.text };
 }
 
+/**
+ * @param {number} port
+ * @param {string} urlPath
+ * @param {http.Agent | false} [agent]
+ */
 function get(port, urlPath, agent = false) {
   return new Promise((resolve, reject) => {
     http
@@ -79,7 +84,7 @@ test('under a service manager shm-fd parks the sockets it opens in the fd store,
   assert.deepEqual([http0.family, http0.type, http0.listening], ['ipv4', 'stream', true]);
   assert.equal(sys.socketInfo(stored[1].fds[0]).type, 'datagram');
   assert.equal((await receiver.next()).text, 'READY=1\nSTATUS=serving');
-  const port = http0.address.port;
+  const port = /** @type {{port: number}} */ (http0.address).port;
   assert.equal((await get(port, '/')).body, 'fast');
   s.child.kill('SIGTERM');
   assert.equal((await receiver.next()).text, 'STOPPING=1');
@@ -111,7 +116,7 @@ test('a stored socket that no longer fits --socket is replaced in the fd store t
   assert.equal(stored.text, 'FDSTORE=1\nFDNAME=http');
   assert.equal(stored.fds.length, 1);
   const info = sys.socketInfo(stored.fds[0]);
-  assert.deepEqual([info.family, info.listening, info.address.path], ['unix', true, socketPath]);
+  assert.deepEqual([info.family, info.listening, /** @type {{path: string}} */ (info.address).path], ['unix', true, socketPath]);
   assert.equal((await receiver.next()).text, 'FDSTORE=1\nFDNAME=SHM_SHARED_FD');
   assert.equal((await receiver.next()).text, 'READY=1\nSTATUS=serving');
   assert.ok(fs.statSync(socketPath).isSocket());
@@ -193,16 +198,18 @@ test('serve(): SIGINT stops gracefully, then ends the process by SIGINT, as a sh
 // Issue 7: a restarter's SIGTERM can come at any instant of a start-up, and loading shmfd
 // (koffi, libc) takes most of it. serve() from shmfd/serve loads nothing of that, so a
 // program calls it first and a stop during the rest of the start-up is graceful.
-for (const [signal, ending] of [
+/** @type {Array<[NodeJS.Signals, {code: number | null, signal: NodeJS.Signals | null}]>} */
+const stops = [
   ['SIGTERM', { code: 0, signal: null }],
   ['SIGINT', { code: null, signal: 'SIGINT' }],
-]) {
+];
+for (const [signal, ending] of stops) {
   test(`serve() from shmfd/serve, called first: a ${signal} while the rest of shmfd loads is a graceful stop`, async (t) => {
     const dir = tempDir(t);
     const receiver = datagramReceiver(path.join(dir, 'notify'));
     t.after(() => receiver.close());
     const s = startServer(t, [fixture('serve-early.js')], cleanEnv({ NOTIFY_SOCKET: receiver.address }));
-    const line = await waitFor(() => /serving, koffi loaded: (\w+)/.exec(s.out()), 20_000, 'serve()');
+    const line = await waitFor(() => /serving, koffi loaded: (\w+)/.exec(s.out()), 'serve()');
     assert.equal(line[1], 'no', 'the stop signals were handled before koffi was loaded');
     s.child.kill(signal);
     assert.deepEqual(await s.exited, ending, s.err());

@@ -23,7 +23,7 @@ const skip = systemdSkip;
 async function freePort() {
   const s = net.createServer().listen(0, '127.0.0.1');
   await new Promise((r) => s.once('listening', r));
-  const { port } = s.address();
+  const { port } = /** @type {import('node:net').AddressInfo} */ (s.address());
   await new Promise((r) => s.close(r));
   return port;
 }
