@@ -10,7 +10,7 @@ import path from 'node:path';
 import { test } from 'node:test';
 import { NODE, readPrimesState, ROOT, run, SANDBOX, sandboxEnv, systemdSkip, tempDir } from './helpers.js';
 
-const DRIVER = path.join(ROOT, 'test', 'fixtures', 'crash-systemd-driver.js');
+const DRIVER = path.join(ROOT, 'test', 'fixtures', 'systemd-templates-driver.js');
 const skip = systemdSkip;
 
 /**
