@@ -6,6 +6,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
+import { fileURLToPath } from 'node:url';
 import ts from 'typescript';
 import { cleanEnv, NODE, ROOT, run } from './helpers.js';
 
@@ -99,11 +100,21 @@ test("docs/api.md's links lead to existing files and headings", () => {
   }
 });
 
+/**
+ * The test sources under `dir`, this file excepted.
+ * @param {string} dir
+ * @returns {Generator<string>}
+ */
+function* testSources(dir) {
+  for (const entry of fs.readdirSync(dir, { withFileTypes: true })) {
+    const full = path.join(dir, entry.name);
+    if (entry.isDirectory()) yield* testSources(full);
+    else if (entry.name.endsWith('.js') && full !== fileURLToPath(import.meta.url)) yield full;
+  }
+}
+
 test('every value an entry exports is imported by name and used in a test', async () => {
-  const files = fs
-    .readdirSync(path.join(ROOT, 'test'), { recursive: true })
-    .filter((f) => f.endsWith('.js') && f !== 'package.test.js')
-    .map((f) => fs.readFileSync(path.join(ROOT, 'test', f), 'utf8'));
+  const files = [...testSources(path.join(ROOT, 'test'))].map((file) => fs.readFileSync(file, 'utf8'));
   for (const entry of ENTRIES) {
     const pattern = new RegExp(String.raw`import\s*\{([^}]*)\}\s*from\s*'${entry.name}'`, 'g');
     const used = new Set();

@@ -40,7 +40,7 @@ function setUp(t, pages = 8) {
   const log = collectingLog();
   /** @type {Array<import('../dist/restore/snapshotter.js').DurableSnapshot>} */
   const persisted = [];
-  const snapshotter = new Snapshotter({ memory: memory.fd, backup, log, onPersisted: (snapshot) => persisted.push(snapshot) });
+  const snapshotter = new Snapshotter({ memoryFd: memory.fd, backup, log, onPersisted: (snapshot) => persisted.push(snapshot) });
   return { memory, bytes: mapping.bytes, dir, backup, log, snapshotter, persisted };
 }
 
@@ -128,7 +128,7 @@ test('a snapshotter told the write offset of the backup on disk does not copy an
   const { memory, bytes, backup, log } = setUp(t);
   const writer = new SnapshotFile(bytes).configure({ entries: 16, data: 2 * PAGE });
   writer.commit(Buffer.from('kept'));
-  const snapshotter = new Snapshotter({ memory: memory.fd, backup, log, baselineWriteOffset: writer.writeOffset });
+  const snapshotter = new Snapshotter({ memoryFd: memory.fd, backup, log, baselineWriteOffset: writer.writeOffset });
   assert.equal(await snapshotter.round(), 'unchanged');
   assert.equal(fs.existsSync(backup.path), false);
 });
