@@ -48,7 +48,7 @@ export function prepareSocketOptions(texts: readonly string[], memoryName: strin
   const specs = parseSocketSpecs(texts, memoryName);
   const notifier = Notifier.fromEnv(env);
   try {
-    return prepareSockets(specs, readListenFds({ env }), { notifier, log });
+    return prepareSockets(specs, readListenFds({ env }), { notifier, env, log });
   } finally {
     notifier?.close();
   }

@@ -6,7 +6,7 @@
 import { commandErrorStatus, execReplace, roomForDescriptor } from '../exec/exec.js';
 import { findPassedFd, listenEnv, withEnv, type PassedFd } from '../fds/listen-fds.js';
 import { MemoryFile } from '../fds/memory-file.js';
-import { fdStoreWarning, Notifier } from '../fds/notify.js';
+import { storeInFdStore } from '../fds/notify.js';
 import { SHARED_FD_NAME } from '../fds/shared-fd.js';
 import { commonOptions, last, parseArgs, parseSize, SIZE_SUFFIXES, usageError, usageErrorSeeHelp, type OptionSpec } from './args.js';
 import { describeError, parseFirstFd, prepareSocketOptions, warnIfNodeRestarter } from './common.js';
@@ -77,14 +77,7 @@ function run(argv: readonly string[], log: StderrLog): number {
     const file = MemoryFile.create(name, { size: size ?? 0 });
     fds.push({ fd: file.fd, name });
     log.info(`created memory file ${name} (${file.size} bytes)`);
-    const notifier = Notifier.fromEnv();
-    if (notifier !== undefined) {
-      const warning = fdStoreWarning(`${name} will not survive a restart; set FileDescriptorStoreMax=1 or more`);
-      if (warning !== undefined) log.warn(warning);
-      notifier.storeFds(name, [file.fd]);
-      notifier.close();
-      log.info(`stored ${name} in the fd store of ${notifier.address}`);
-    }
+    storeInFdStore([{ name, fds: [file.fd] }], { consequence: `${name} will not survive a restart; set FileDescriptorStoreMax=1 or more`, log });
   }
 
   checkFirstFd(first, fds, command, commandArgs, log);

@@ -4,6 +4,7 @@
  * @module
  */
 import { ShmfdError } from '../base/errors.js';
+import type { Log } from '../base/log.js';
 import { checkFdName, type Environment } from './listen-fds.js';
 import * as sys from '../system/libc.js';
 
@@ -189,6 +190,57 @@ export function fdStoreWarning(consequence: string, env: Environment = process.e
     return `$FDSTORE is ${JSON.stringify(env.FDSTORE)}: the service manager's fd store is disabled and ${consequence}`;
   }
   return `$FDSTORE is not set: unless the service manager predates it (systemd < 254), its fd store is disabled and ${consequence}`;
+}
+
+/** Descriptors to park in the fd store under one name; see {@link storeInFdStore}. */
+export interface FdStoreEntry {
+  name: string;
+  fds: readonly number[];
+  /**
+   * Drop what the store holds under the name first (`FDSTOREREMOVE=1`): the store keeps
+   * every descriptor ever sent under a name, so replacing one means sending them all again.
+   */
+  replace?: boolean;
+}
+
+/** Options of {@link storeInFdStore}. */
+export interface StoreInFdStoreOptions {
+  /** What is lost if the store is disabled, and what to set: the end of the {@link fdStoreWarning}. */
+  consequence: string;
+  /** Names the manager (`NOTIFY_SOCKET`) and its store's capacity (`FDSTORE`) (default `process.env`). */
+  env?: Environment;
+  /** Send with this notifier, left open, instead of one for the manager `env` names. */
+  notifier?: Notifier;
+  /** Where the warning and one line per stored name go. */
+  log?: Log;
+  /** How the log names what is stored under a name (default: the name itself). */
+  label?: (name: string) => string;
+}
+
+/**
+ * Hands descriptors to the service manager's fd store, from where they come back in
+ * `LISTEN_FDS` when the service starts again: warns first when `$FDSTORE` does not show an
+ * enabled store, then sends each entry. Without a manager (`NOTIFY_SOCKET` unset) it sends
+ * nothing and returns false.
+ * @throws ShmfdError the errors of {@link parseNotifySocket}; SystemError when the manager
+ *   cannot be reached (ENOENT, ECONNREFUSED)
+ */
+export function storeInFdStore(entries: readonly FdStoreEntry[], options: StoreInFdStoreOptions): boolean {
+  const env = options.env ?? process.env;
+  const notifier = options.notifier ?? Notifier.fromEnv(env);
+  if (notifier === undefined) return false;
+  try {
+    const warning = fdStoreWarning(options.consequence, env);
+    if (warning !== undefined) options.log?.warn(warning);
+    for (const { name, fds, replace } of entries) {
+      if (replace === true) notifier.removeStoredFds(name);
+      notifier.storeFds(name, fds);
+      options.log?.info(`stored ${options.label?.(name) ?? name} in the fd store of ${notifier.address}`);
+    }
+  } finally {
+    if (options.notifier === undefined) notifier.close();
+  }
+  return true;
 }
 
 /**

@@ -21,7 +21,7 @@ import { ShmfdError } from '../base/errors.js';
 import { resolveCommand } from '../exec/exec.js';
 import { checkFdName, findPassedFd, listenEnv, readListenFds, withEnv, DEFAULT_FIRST_FD, type Environment, type PassedFd } from '../fds/listen-fds.js';
 import { MemoryFile } from '../fds/memory-file.js';
-import { fdStoreWarning, Notifier } from '../fds/notify.js';
+import { Notifier, storeInFdStore } from '../fds/notify.js';
 import { SHARED_FD_NAME } from '../fds/shared-fd.js';
 import { SnapshotFormatError } from '../snapshot/errors.js';
 import { BackupFile, describeSystemError, type BackupInspection } from './backup.js';
@@ -226,7 +226,7 @@ async function host(o: RestoreHostOptions, name: string, backup: BackupFile, log
   // A signal ends the host here, before a partly restored memory file (cut short by the
   // signal) reaches the store: it would win over the disk at the next start.
   if (relay.received !== undefined) return exitStatus(null, relay.received);
-  if (created !== undefined) storeInFdStore(env, name, memory, log);
+  if (created !== undefined) parkMemory(env, name, memory, log);
 
   const descriptors = childDescriptors(passed, o.extraFds ?? [], created);
   const child = startChild(o, executable, setpriv, withEnv(env, { SHMFD_BACKUP: backup.path }), descriptors, first, log);
@@ -312,19 +312,13 @@ async function restore(
   log.info(`restored ${formatBytes(result.size)} from ${backup.path} (${formatBytes(result.copied)} of data) in ${formatDuration(performance.now() - started)}`);
 }
 
-function storeInFdStore(env: Environment, name: string, memory: MemoryFile, log: Log): void {
-  let notifier: Notifier | undefined;
+/** Parks a new memory file in the fd store; a manager that cannot take it costs a warning, not the start. */
+function parkMemory(env: Environment, name: string, memory: MemoryFile, log: Log): void {
   try {
-    notifier = Notifier.fromEnv(env);
-    if (notifier === undefined) return;
-    const warning = fdStoreWarning(`${name} will not survive a restart of the service, only the backup will; set FileDescriptorStoreMax=1 or more`, env);
-    if (warning !== undefined) log.warn(warning);
-    notifier.storeFds(name, [memory.fd]);
-    log.info(`stored ${name} in the fd store of ${notifier.address}`);
+    const consequence = `${name} will not survive a restart of the service, only the backup will; set FileDescriptorStoreMax=1 or more`;
+    storeInFdStore([{ name, fds: [memory.fd] }], { consequence, env, log });
   } catch (err) {
     log.warn(`cannot hand ${name} to the service manager: ${describeSystemError(err)}`);
-  } finally {
-    notifier?.close();
   }
 }
 

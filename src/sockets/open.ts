@@ -14,8 +14,8 @@ import fs from 'node:fs';
 import net from 'node:net';
 import { ShmfdError } from '../base/errors.js';
 import type { Log } from '../base/log.js';
-import { checkFdName, type PassedFd } from '../fds/listen-fds.js';
-import { fdStoreWarning, type Notifier } from '../fds/notify.js';
+import { checkFdName, type Environment, type PassedFd } from '../fds/listen-fds.js';
+import { storeInFdStore, type Notifier } from '../fds/notify.js';
 import * as sys from '../system/libc.js';
 
 /** The socket kinds of systemfd. `http` and `https` are tcp listeners with a URL in the logs. */
@@ -263,6 +263,8 @@ export function socketFitsSpec(fd: number, spec: SocketSpec): boolean {
 export interface PrepareSocketsOptions {
   /** The service manager: new sockets are parked in its fd store (`FDSTORE=1`). */
   notifier?: Notifier | undefined;
+  /** Tells whether the fd store is enabled (`FDSTORE`) (default `process.env`). */
+  env?: Environment;
   /** Where it reports what it did. */
   log?: Log;
 }
@@ -346,22 +348,22 @@ export function prepareSockets(
     sys.dup2(m.open.fd, m.passed.fd, true);
     sys.close(m.open.fd);
   }
-  const notifier = options.notifier;
-  if (notifier !== undefined && opened.length + misfits.length > 0) {
-    const warning = fdStoreWarning('sockets are opened anew on every start (connections are refused meanwhile); set FileDescriptorStoreMax= to 2 or more');
-    if (warning !== undefined) log?.warn(warning);
-    for (const name of names) {
-      const fresh = opened.filter((o) => o.spec.name === name).map((o) => o.fd);
-      let toStore = fresh;
-      if (misfits.some((m) => m.passed.name === name)) {
-        // The store keeps every descriptor sent under a name: empty it, then store them all again.
-        notifier.removeStoredFds(name);
-        toStore = [...[...claimed].filter((c) => c.name === name).map((c) => c.fd), ...fresh];
-      }
-      if (toStore.length === 0) continue;
-      notifier.storeFds(name, toStore);
-      log?.info(`stored socket ${name} in the fd store of ${notifier.address}`);
-    }
+  if (options.notifier !== undefined && opened.length + misfits.length > 0) {
+    const entries = names
+      .map((name) => {
+        const fresh = opened.filter((o) => o.spec.name === name).map((o) => o.fd);
+        // A replaced socket's name is stored anew, with the passed sockets it still has.
+        const replace = misfits.some((m) => m.passed.name === name);
+        return { name, replace, fds: replace ? [...[...claimed].filter((c) => c.name === name).map((c) => c.fd), ...fresh] : fresh };
+      })
+      .filter((entry) => entry.fds.length > 0);
+    storeInFdStore(entries, {
+      consequence: 'sockets are opened anew on every start (connections are refused meanwhile); set FileDescriptorStoreMax= to 2 or more',
+      notifier: options.notifier,
+      env: options.env,
+      log,
+      label: (name) => `socket ${name}`,
+    });
   }
   return { passed: [...passed], opened: opened.map((o) => ({ fd: o.fd, name: o.spec.name })) };
 }
