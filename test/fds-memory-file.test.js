@@ -6,6 +6,7 @@ import path from 'node:path';
 import { test } from 'node:test';
 import { MemoryFile, Seal, ShmfdError } from 'shmfd';
 import * as sys from '../dist/system/libc.js';
+import { passedOrNewMemoryFile } from '../dist/fds/shared-fd.js';
 import { fixture, NODE, run, tempDir } from './helpers.js';
 
 const GiB = 2 ** 30;
@@ -130,6 +131,29 @@ test('create: names up to 255 characters (the descriptor name limit) are accepte
   t.after(() => file.close());
   assert.equal(file.name, name);
   assert.equal(fs.readlinkSync(`/proc/self/fd/${file.fd}`), `/memfd:${'n'.repeat(249)} (deleted)`);
+});
+
+test('passedOrNewMemoryFile: the passed file of that name, grown and never shrunk; else a new sealed one', (t) => {
+  const given = MemoryFile.create('mf-passed', { size: 8192 });
+  t.after(() => given.close());
+  const passed = [{ fd: 1, name: 'other' }, { fd: given.fd, name: 'mf-passed' }];
+
+  const found = passedOrNewMemoryFile(passed, 'mf-passed', { size: 16384 });
+  assert.equal(found.created, false);
+  assert.equal(found.file.fd, given.fd, 'the passed descriptor itself');
+  assert.equal(given.size, 16384, 'grown to the size asked for');
+  assert.equal(passedOrNewMemoryFile(passed, 'mf-passed', { size: 4096 }).file.size, 16384, 'never shrunk');
+
+  const made = passedOrNewMemoryFile(passed, 'mf-new', { size: 4096 });
+  t.after(() => made.file.close());
+  assert.equal(made.created, true);
+  assert.equal(made.file.size, 4096);
+  assert.equal(fs.readlinkSync(`/proc/self/fd/${made.file.fd}`), '/memfd:mf-new (deleted)');
+  assert.equal(made.file.seals & Seal.SHRINK, Seal.SHRINK);
+
+  const socket = sys.socket(sys.AF_UNIX, sys.SOCK_DGRAM);
+  t.after(() => sys.close(socket));
+  assert.throws(() => passedOrNewMemoryFile([{ fd: socket, name: 'sock' }], 'sock'), isShmfdError('ERR_NOT_A_MEMORY_FILE'));
 });
 
 test('typed arrays over a mapping work with Atomics and share the file', (t) => {

@@ -4,10 +4,9 @@
  * @module
  */
 import { commandErrorStatus, execReplace, roomForDescriptor } from '../exec/exec.js';
-import { findPassedFd, listenEnv, withEnv, type PassedFd } from '../fds/listen-fds.js';
-import { MemoryFile } from '../fds/memory-file.js';
+import { listenEnv, withEnv, type PassedFd } from '../fds/listen-fds.js';
 import { storeInFdStore } from '../fds/notify.js';
-import { SHARED_FD_NAME } from '../fds/shared-fd.js';
+import { passedOrNewMemoryFile, SHARED_FD_NAME } from '../fds/shared-fd.js';
 import { commonOptions, last, parseArgs, parseSize, SIZE_SUFFIXES, usageError, usageErrorSeeHelp, type OptionSpec } from './args.js';
 import { describeError, parseFirstFd, prepareSocketOptions, warnIfNodeRestarter } from './common.js';
 import { StderrLog } from '../base/log.js';
@@ -68,13 +67,10 @@ function run(argv: readonly string[], log: StderrLog): number {
   const sockets = prepareSocketOptions(args.options.get('socket') ?? [], name, process.env, log);
   const passed = sockets.passed;
   const fds: PassedFd[] = [...passed, ...sockets.opened];
-  const found = findPassedFd(passed, name);
-  if (found !== undefined) {
-    const file = MemoryFile.fromFd(found.fd, name);
-    if (size !== undefined) file.grow(size);
-    log.info(`using the passed memory file ${name} (fd ${found.fd}, ${file.size} bytes)`);
+  const { file, created } = passedOrNewMemoryFile(passed, name, { size });
+  if (!created) {
+    log.info(`using the passed memory file ${name} (fd ${file.fd}, ${file.size} bytes)`);
   } else {
-    const file = MemoryFile.create(name, { size: size ?? 0 });
     fds.push({ fd: file.fd, name });
     log.info(`created memory file ${name} (${file.size} bytes)`);
     storeInFdStore([{ name, fds: [file.fd] }], { consequence: `${name} will not survive a restart; set FileDescriptorStoreMax=1 or more`, log });

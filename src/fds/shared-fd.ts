@@ -1,10 +1,11 @@
 /**
- * The program side of `shm-fd` and `shm-restore`: the shared memory file they pass.
+ * The shared memory file that `shm-fd` and `shm-restore` pass: where the wrappers get it,
+ * and where the program finds it.
  * @module
  */
 import { ShmfdError } from '../base/errors.js';
-import { findListenFd, listenPidTarget, type Environment } from './listen-fds.js';
-import { MemoryFile } from './memory-file.js';
+import { findListenFd, findPassedFd, listenPidTarget, type Environment, type PassedFd } from './listen-fds.js';
+import { MemoryFile, type CreateMemoryFileOptions } from './memory-file.js';
 
 /** The descriptor name under which the wrappers pass the memory file by default. */
 export const SHARED_FD_NAME = 'SHM_SHARED_FD';
@@ -40,3 +41,24 @@ export const SharedFd = {
     }
   },
 };
+
+/** The memory file a wrapper passes on; see {@link passedOrNewMemoryFile}. */
+export interface WrapperMemoryFile {
+  file: MemoryFile;
+  /** True when it was created here, false when it was among the passed descriptors. */
+  created: boolean;
+}
+
+/**
+ * The wrapper side: the memory file passed in under `name` (it came back from the service
+ * manager's fd store, so it is newer than anything on disk), grown to `options.size` when
+ * given; or, when none was passed, a new memfd created with `options`.
+ * @throws ShmfdError `ERR_NOT_A_MEMORY_FILE` when the descriptor of that name is no regular file
+ */
+export function passedOrNewMemoryFile(passed: readonly PassedFd[], name: string, options: CreateMemoryFileOptions = {}): WrapperMemoryFile {
+  const found = findPassedFd(passed, name);
+  if (found === undefined) return { file: MemoryFile.create(name, options), created: true };
+  const file = MemoryFile.fromFd(found.fd, name);
+  if (options.size !== undefined) file.grow(options.size);
+  return { file, created: false };
+}

@@ -19,10 +19,10 @@ import path from 'node:path';
 import { StderrLog, type Log } from '../base/log.js';
 import { ShmfdError } from '../base/errors.js';
 import { resolveCommand } from '../exec/exec.js';
-import { checkFdName, findPassedFd, listenEnv, readListenFds, withEnv, DEFAULT_FIRST_FD, type Environment, type PassedFd } from '../fds/listen-fds.js';
-import { MemoryFile } from '../fds/memory-file.js';
+import { checkFdName, listenEnv, readListenFds, withEnv, DEFAULT_FIRST_FD, type Environment, type PassedFd } from '../fds/listen-fds.js';
+import type { MemoryFile } from '../fds/memory-file.js';
 import { Notifier, storeInFdStore } from '../fds/notify.js';
-import { SHARED_FD_NAME } from '../fds/shared-fd.js';
+import { passedOrNewMemoryFile, SHARED_FD_NAME } from '../fds/shared-fd.js';
 import { SnapshotFormatError } from '../snapshot/errors.js';
 import { BackupFile, describeSystemError, type BackupInspection } from './backup.js';
 import { BackupLock } from './lock.js';
@@ -212,23 +212,18 @@ async function host(o: RestoreHostOptions, name: string, backup: BackupFile, log
   const passed = readListenFds({ env });
   describeInspection(log, backup, inspection);
 
-  const found = findPassedFd(passed, name);
-  let memory: MemoryFile;
-  let created: PassedFd | undefined;
-  if (found !== undefined) {
-    memory = MemoryFile.fromFd(found.fd, name);
-    log.info(`using the memory file ${name} passed in (fd ${found.fd}, ${formatBytes(memory.size)}): it is newer than the backup, which is not restored`);
+  const { file: memory, created } = passedOrNewMemoryFile(passed, name);
+  if (!created) {
+    log.info(`using the memory file ${name} passed in (fd ${memory.fd}, ${formatBytes(memory.size)}): it is newer than the backup, which is not restored`);
   } else {
-    memory = MemoryFile.create(name, { sealShrink: true });
     await restore(backup, inspection, memory, log, relay, showProgress);
-    created = { fd: memory.fd, name };
   }
   // A signal ends the host here, before a partly restored memory file (cut short by the
   // signal) reaches the store: it would win over the disk at the next start.
   if (relay.received !== undefined) return exitStatus(null, relay.received);
-  if (created !== undefined) parkMemory(env, name, memory, log);
+  if (created) parkMemory(env, name, memory, log);
 
-  const descriptors = childDescriptors(passed, o.extraFds ?? [], created);
+  const descriptors = childDescriptors(passed, o.extraFds ?? [], created ? { fd: memory.fd, name } : undefined);
   const child = startChild(o, executable, setpriv, withEnv(env, { SHMFD_BACKUP: backup.path }), descriptors, first, log);
   const ended = waitForChild(child);
   relay.child = child;
