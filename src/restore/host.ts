@@ -27,7 +27,7 @@ import { SnapshotFormatError } from '../snapshot/errors.js';
 import { BackupFile, describeSystemError, type BackupInspection } from './backup.js';
 import { BackupLock } from './lock.js';
 import { directorySyncWarning, persistAtomically, type PersistResult } from './persist.js';
-import { formatBytes, formatDuration, Progress } from './progress.js';
+import { formatBytes, formatDuration, withProgress } from './progress.js';
 import { readSlotState, type SlotState } from '../snapshot/pread.js';
 import { quiescentCopyFixup, Snapshotter } from './snapshotter.js';
 
@@ -290,19 +290,15 @@ async function restore(
 ): Promise<void> {
   if (inspection.state === 'missing' || inspection.size === 0) return;
   log.debug(`restoring ${formatBytes(inspection.size)} from ${backup.path} into a new memory file`);
-  const progress = Progress.start(`shm-restore: restoring ${path.basename(backup.path)}`, showProgress);
   const started = performance.now();
   let result;
   try {
-    result = await backup.restoreInto(memory.fd, {
-      signal: relay.abort.signal,
-      progress: progress === undefined ? undefined : (done, total) => progress.update(done, total),
-    });
+    result = await withProgress(`shm-restore: restoring ${path.basename(backup.path)}`, showProgress, (progress) =>
+      backup.restoreInto(memory.fd, { signal: relay.abort.signal, progress }),
+    );
   } catch (err) {
     if (relay.abort.signal.aborted) return;
     throw new ShmfdError('ERR_BACKUP_ACCESS', `cannot restore backup ${backup.path} into memory: ${describeSystemError(err)}`, { cause: err });
-  } finally {
-    progress?.done();
   }
   log.info(`restored ${formatBytes(result.size)} from ${backup.path} (${formatBytes(result.copied)} of data) in ${formatDuration(performance.now() - started)}`);
 }
@@ -417,22 +413,21 @@ async function writeBack(
     log.error(`cannot read the memory for the final write-back: ${describeSystemError(err)}; the backup ${backup.path} is kept as it was`);
     return false;
   }
-  const progress = Progress.start(`shm-restore: writing back to ${path.basename(backup.path)}`, showProgress);
   let result: PersistResult | undefined;
   try {
-    result = await persistAtomically(backup, memory.fd, size, {
-      fixup: expected === undefined ? undefined : quiescentCopyFixup(expected),
-      progress: progress === undefined ? undefined : (done, total) => progress.update(done, total),
-      mode,
-      // The host is done with the memory: unless the fd store (or a grandchild) holds it
-      // too, its pages are freed while the copy is synced.
-      releaseSource: () => memory.close(),
-    });
+    result = await withProgress(`shm-restore: writing back to ${path.basename(backup.path)}`, showProgress, (progress) =>
+      persistAtomically(backup, memory.fd, size, {
+        fixup: expected === undefined ? undefined : quiescentCopyFixup(expected),
+        progress,
+        mode,
+        // The host is done with the memory: unless the fd store (or a grandchild) holds it
+        // too, its pages are freed while the copy is synced.
+        releaseSource: () => memory.close(),
+      }),
+    );
   } catch (err) {
     log.error(`the final write-back to ${backup.path} failed: ${describeSystemError(err)}; ${backup.whatIsLeft()}, the newest state is lost`);
     return false;
-  } finally {
-    progress?.done();
   }
   if (result === undefined) {
     log.error(`the final write-back to ${backup.path} failed: the memory changed during the copy (is another process still writing to it?); ${backup.whatIsLeft()}`);

@@ -82,3 +82,21 @@ export class Progress {
     }
   }
 }
+
+/**
+ * Runs `operation` under a progress line labelled `label` (see {@link Progress.start}): it
+ * gets the callback that updates the line, or undefined when no line is shown, and the
+ * line is removed when the operation ends, however it ends.
+ */
+export async function withProgress<T>(
+  label: string,
+  enabled: boolean,
+  operation: (progress: ((done: number, total: number) => void) | undefined) => Promise<T>,
+): Promise<T> {
+  const progress = Progress.start(label, enabled);
+  try {
+    return await operation(progress === undefined ? undefined : (done, total) => progress.update(done, total));
+  } finally {
+    progress?.done();
+  }
+}

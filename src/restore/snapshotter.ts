@@ -16,7 +16,7 @@ import { SnapshotFormatError } from '../snapshot/errors.js';
 import { clearSlotsExcept, MIN_FILE_LENGTH, PAGE, readSlots, type Snapshot } from '../snapshot/format.js';
 import { describeSystemError, type BackupFile } from './backup.js';
 import { directorySyncWarning, persistAtomically, type PersistFixup, type PersistResult } from './persist.js';
-import { formatBytes, formatDuration, Progress } from './progress.js';
+import { formatBytes, formatDuration, withProgress } from './progress.js';
 import { intersectSlots, newestSlot, readHead, readSlotsAfter, readSlotState, type SlotState } from '../snapshot/pread.js';
 
 /**
@@ -217,20 +217,20 @@ export class Snapshotter {
     const takenAt = Date.now();
     const cpuBefore = process.cpuUsage();
     const kept = { slots: [] as Snapshot[] };
-    const progress = Progress.start('shm-restore: persisting snapshot', this.#o.progress === true);
     let result: PersistResult | undefined;
     try {
-      result = await persistAtomically(this.#o.backup, memoryFd, size, {
-        fixup: liveCopyFixup(memoryFd, before, log, kept),
-        signal: this.#abort.signal,
-        progress: progress === undefined ? undefined : (done, total) => progress.update(done, total),
-        mode: this.#o.mode,
-      });
+      result = await withProgress('shm-restore: persisting snapshot', this.#o.progress === true, (progress) =>
+        persistAtomically(this.#o.backup, memoryFd, size, {
+          fixup: liveCopyFixup(memoryFd, before, log, kept),
+          signal: this.#abort.signal,
+          progress,
+          mode: this.#o.mode,
+        }),
+      );
     } catch (err) {
       if (this.#abort.signal.aborted) return 'aborted';
       return this.#failed(err);
     } finally {
-      progress?.done();
       // Every round that copied is paced, kept or not: discarded copies cost as much.
       const cpu = process.cpuUsage(cpuBefore);
       this.#nextDelay = Math.max(this.intervalMs, (PACING_FACTOR * (cpu.user + cpu.system)) / 1000);
