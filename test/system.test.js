@@ -92,3 +92,31 @@ test(`${sys.MAX_FDS_PER_MESSAGE} descriptors go in one message; one more is refu
     isSystemError('EINVAL', 'sendmsg'),
   );
 });
+
+test('describeError: a system error as its description and code, other errors by their message', () => {
+  let ebadf;
+  try {
+    sys.ftruncate(999_999, 0);
+  } catch (err) {
+    ebadf = err;
+  }
+  assert.equal(sys.describeError(ebadf), 'bad file descriptor (EBADF)');
+  let enoent;
+  try {
+    fs.readFileSync('/nonexistent-shmfd-test');
+  } catch (err) {
+    enoent = err;
+  }
+  assert.equal(sys.describeError(enoent), 'no such file or directory (ENOENT)', "node:fs's errors alike");
+  assert.equal(sys.describeError(new sys.SystemError('flock', 37)), 'no locks available (ENOLCK)', 'an errno libuv has no name for');
+  let invalid;
+  try {
+    sys.encodeSocketAddress({ family: 'ipv4', address: 'nope', port: 1 });
+  } catch (err) {
+    invalid = err;
+  }
+  assert.equal(sys.describeError(invalid), '"nope" is not an IPv4 address');
+  assert.equal(sys.describeError(new Error('plain')), 'plain');
+  assert.equal(sys.describeError(new TypeError('odd')), 'TypeError: odd');
+  assert.equal(sys.describeError('text'), 'text');
+});

@@ -4,12 +4,11 @@
  * @module
  */
 import path from 'node:path';
-import { ShmfdError } from '../base/errors.js';
 import { DEFAULT_FIRST_FD, NODE_SAFE_FIRST_FD, readListenFds, type Environment } from '../fds/listen-fds.js';
 import type { Log } from '../base/log.js';
 import { Notifier } from '../fds/notify.js';
 import { parseSocketSpecs, prepareSockets, type PreparedSockets } from '../sockets/open.js';
-import { isSystemError } from '../system/libc.js';
+import { describeError, isSystemError } from '../system/libc.js';
 import { usageError } from './args.js';
 
 /** Parses `--first-fd K` (3..65535); the default is 3. */
@@ -54,12 +53,15 @@ export function prepareSocketOptions(texts: readonly string[], memoryName: strin
   }
 }
 
-/** One line that names the thing and the problem. */
-export function describeError(err: unknown): string {
-  if (err instanceof ShmfdError) return err.message;
-  if (isSystemError(err)) {
-    if (err.syscall === 'sendmsg') return `cannot reach the service manager at NOTIFY_SOCKET: ${err.message}`;
-    return err.message;
+/**
+ * The one line a wrapper prints for the error that ends it, naming the thing and the
+ * problem: a failed system call is named with what it was called on.
+ */
+export function failureLine(err: unknown): string {
+  if (!isSystemError(err)) return describeError(err);
+  const target = typeof err.path === 'string' ? err.path : undefined;
+  if (err.syscall === 'sendmsg') {
+    return `cannot reach the service manager at NOTIFY_SOCKET${target === undefined ? '' : `=${target}`}: ${describeError(err)}`;
   }
-  return err instanceof Error ? `${err.name}: ${err.message}` : String(err);
+  return `${err.syscall}${target === undefined ? '' : ` ${target}`}: ${describeError(err)}`;
 }

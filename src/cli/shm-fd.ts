@@ -8,7 +8,7 @@ import { listenEnv, withEnv, type PassedFd } from '../fds/listen-fds.js';
 import { storeInFdStore } from '../fds/notify.js';
 import { passedOrNewMemoryFile, SHARED_FD_NAME } from '../fds/shared-fd.js';
 import { commonOptions, last, parseArgs, parseSize, SIZE_SUFFIXES, usageError, usageErrorSeeHelp, type OptionSpec } from './args.js';
-import { describeError, parseFirstFd, prepareSocketOptions, warnIfNodeRestarter } from './common.js';
+import { failureLine, parseFirstFd, prepareSocketOptions, warnIfNodeRestarter } from './common.js';
 import { StderrLog } from '../base/log.js';
 
 const USAGE = `Usage: shm-fd [OPTIONS] [--] COMMAND [ARGS...]
@@ -113,7 +113,7 @@ export function main(argv: readonly string[]): number {
   try {
     return run(argv, log);
   } catch (err) {
-    log.error(describeError(err));
+    log.error(failureLine(err));
     const commandStatus = commandErrorStatus(err);
     if (commandStatus !== undefined) return commandStatus;
     return EXIT_FAILURE;

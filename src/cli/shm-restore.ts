@@ -13,7 +13,7 @@ import { SHARED_FD_NAME } from '../fds/shared-fd.js';
 import { commandErrorStatus } from '../exec/exec.js';
 import { commonOptions, last, parseArgs, printAnswer, usageError, usageErrorSeeHelp, type OptionSpec, type ParsedArgs } from './args.js';
 import { StderrLog } from '../base/log.js';
-import { describeError, parseFirstFd, prepareSocketOptions, warnIfNodeRestarter } from './common.js';
+import { failureLine, parseFirstFd, prepareSocketOptions, warnIfNodeRestarter } from './common.js';
 
 const USAGE = `Usage: shm-restore [OPTIONS] BACKUP [--] COMMAND [ARGS...]
        shm-restore [--snapshot=restore-v1] status BACKUP
@@ -143,7 +143,7 @@ function statusCommand(file: string, mode: SnapshotMode | undefined, log: Stderr
   try {
     return status(file, mode);
   } catch (err) {
-    log.error(describeError(err));
+    log.error(failureLine(err));
     return 1;
   }
 }
@@ -154,7 +154,7 @@ export async function main(argv: readonly string[]): Promise<number> {
   try {
     return await run(argv, log);
   } catch (err) {
-    log.error(describeError(err));
+    log.error(failureLine(err));
     const commandStatus = commandErrorStatus(err);
     if (commandStatus !== undefined) return commandStatus;
     return EXIT_HOST_FAILURE;

@@ -69,12 +69,24 @@ export function roomForDescriptor(fd: number, probe: number): boolean {
   }
 }
 
-/** The exit status a shell gives for a command that cannot be started: 127 not found, 126 not executable. */
-export function commandErrorStatus(err: unknown): 126 | 127 | undefined {
-  if (!(err instanceof ShmfdError)) return undefined;
-  if (err.code === 'ERR_COMMAND_NOT_FOUND') return 127;
-  if (err.code === 'ERR_COMMAND_NOT_EXECUTABLE') return 126;
-  return undefined;
+/**
+ * The exit status a shell gives for a command it cannot start: 127 when it is not found,
+ * 126 when it cannot be executed; undefined for an error that is about something else.
+ * {@link resolveCommand}'s errors say which by their code. With `fromExec`, `err` is what
+ * execve(2) or spawn failed with: ENOENT is "not found", anything else "cannot execute".
+ */
+export function commandErrorStatus(err: unknown, fromExec: true): 126 | 127;
+export function commandErrorStatus(err: unknown, fromExec?: boolean): 126 | 127 | undefined;
+export function commandErrorStatus(err: unknown, fromExec = false): 126 | 127 | undefined {
+  let notFound: boolean;
+  if (err instanceof ShmfdError && (err.code === 'ERR_COMMAND_NOT_FOUND' || err.code === 'ERR_COMMAND_NOT_EXECUTABLE')) {
+    notFound = err.code === 'ERR_COMMAND_NOT_FOUND';
+  } else if (fromExec) {
+    notFound = sys.isSystemError(err, 'ENOENT');
+  } else {
+    return undefined;
+  }
+  return notFound ? 127 : 126;
 }
 
 /*
@@ -212,7 +224,7 @@ export function execReplace(request: ExecRequest): never {
     try {
       fs.writeSync(2, `${request.programName ?? 'shmfd'}: cannot execute ${request.command}: ${message}\n`);
     } finally {
-      sys.exitNow(sys.isSystemError(err, 'ENOENT') ? 127 : 126);
+      sys.exitNow(commandErrorStatus(err, true));
     }
   }
 }

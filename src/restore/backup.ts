@@ -6,10 +6,9 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import util from 'node:util';
 import { ShmfdError } from '../base/errors.js';
 import { SnapshotFormatError } from '../snapshot/errors.js';
-import { getXattr, isSystemError, setXattr } from '../system/libc.js';
+import { describeError, getXattr, isSystemError, setXattr } from '../system/libc.js';
 import { CHUNK, copySparse, dataExtents, yieldToLoop, type CopyResult, type CopySparseOptions } from './copy.js';
 import { readHead, readSlotState, type SlotState } from '../snapshot/pread.js';
 
@@ -174,16 +173,6 @@ function shellWord(word: string): string {
   return /^[\w@%+=:,./-]+$/.test(word) ? word : `'${word.replace(/'/g, `'\\''`)}'`;
 }
 
-/** One line about a failed system call: `permission denied (EACCES)`. */
-export function describeSystemError(err: unknown): string {
-  if (isSystemError(err)) {
-    const errno = typeof err.errno === 'number' ? err.errno : undefined;
-    const text = errno === undefined ? undefined : util.getSystemErrorMap().get(errno < 0 ? errno : -errno)?.[1];
-    return text === undefined ? err.code : `${text} (${err.code})`;
-  }
-  return err instanceof Error ? err.message : String(err);
-}
-
 /** The backup file named on the command line. */
 export class BackupFile {
   /** The file that is read and replaced (a symbolic link is followed to its target). */
@@ -234,7 +223,7 @@ export class BackupFile {
       if (isSystemError(err, 'ENOENT')) return { state: 'missing' };
       if (isSystemError(err, 'EISDIR')) throw this.#error('ERR_BACKUP_ACCESS', 'is a directory');
       if (isSystemError(err, 'ELOOP')) throw this.#error('ERR_BACKUP_ACCESS', 'is a symbolic link to nothing');
-      throw this.#error('ERR_BACKUP_ACCESS', `cannot open it: ${describeSystemError(err)}`);
+      throw this.#error('ERR_BACKUP_ACCESS', `cannot open it: ${describeError(err)}`);
     }
     try {
       const stat = fs.fstatSync(fd);
@@ -249,7 +238,7 @@ export class BackupFile {
           if (err instanceof SnapshotFormatError) {
             if (format === 'snapshot') throw this.#error('ERR_BACKUP_INVALID', `not a valid snapshot file: ${err.message}`);
           } else {
-            throw this.#error('ERR_BACKUP_ACCESS', `cannot read it: ${describeSystemError(err)}`);
+            throw this.#error('ERR_BACKUP_ACCESS', `cannot read it: ${describeError(err)}`);
           }
         }
         if (slots === undefined && format === 'snapshot') {
@@ -296,7 +285,7 @@ export class BackupFile {
     } catch (err) {
       throw new ShmfdError(
         'ERR_BACKUP_ACCESS',
-        `backup ${this.path}: cannot create a temporary file in ${this.dir}: ${describeSystemError(err)}`,
+        `backup ${this.path}: cannot create a temporary file in ${this.dir}: ${describeError(err)}`,
         { cause: err },
       );
     }
@@ -358,7 +347,7 @@ export class BackupFile {
     try {
       stat = fs.statSync(this.path);
     } catch (err) {
-      if (!isSystemError(err, 'ENOENT') && !isSystemError(err, 'ENOTDIR')) return `${this.path} cannot be checked: ${describeSystemError(err)}`;
+      if (!isSystemError(err, 'ENOENT') && !isSystemError(err, 'ENOTDIR')) return `${this.path} cannot be checked: ${describeError(err)}`;
       return fs.existsSync(this.dir) ? `there is no backup at ${this.path}` : `there is no backup: its directory ${this.dir} was removed`;
     }
     if (stat.isFile()) return 'the backup on disk is the previous one';
@@ -371,7 +360,7 @@ export class BackupFile {
     try {
       text = getXattr(fd, CHECK_ATTRIBUTE);
     } catch (err) {
-      throw this.#error('ERR_BACKUP_ACCESS', `cannot read its ${CHECK_ATTRIBUTE} attribute: ${describeSystemError(err)}`);
+      throw this.#error('ERR_BACKUP_ACCESS', `cannot read its ${CHECK_ATTRIBUTE} attribute: ${describeError(err)}`);
     }
     if (text === undefined) return undefined;
     // cp keeps no extended attributes (unless -a or --preserve=xattr); setfattr would need Debian's attr package.
@@ -385,7 +374,7 @@ export class BackupFile {
     try {
       digest = digestOf(fd, record.region);
     } catch (err) {
-      throw this.#error('ERR_BACKUP_ACCESS', `cannot read it: ${describeSystemError(err)}`);
+      throw this.#error('ERR_BACKUP_ACCESS', `cannot read it: ${describeError(err)}`);
     }
     if (digest !== record.digest) {
       throw new BackupDamagedError(

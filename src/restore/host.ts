@@ -18,13 +18,14 @@ import os from 'node:os';
 import path from 'node:path';
 import { StderrLog, type Log } from '../base/log.js';
 import { ShmfdError } from '../base/errors.js';
-import { resolveCommand } from '../exec/exec.js';
+import { commandErrorStatus, resolveCommand } from '../exec/exec.js';
 import { checkFdName, listenEnv, readListenFds, withEnv, DEFAULT_FIRST_FD, type Environment, type PassedFd } from '../fds/listen-fds.js';
 import type { MemoryFile } from '../fds/memory-file.js';
 import { Notifier, storeInFdStore } from '../fds/notify.js';
 import { passedOrNewMemoryFile, SHARED_FD_NAME } from '../fds/shared-fd.js';
 import { SnapshotFormatError } from '../snapshot/errors.js';
-import { BackupFile, describeSystemError, type BackupInspection } from './backup.js';
+import { BackupFile, type BackupInspection } from './backup.js';
+import { describeError } from '../system/libc.js';
 import { BackupLock } from './lock.js';
 import { directorySyncWarning, persistAtomically, type PersistResult } from './persist.js';
 import { formatBytes, formatDuration, withProgress } from './progress.js';
@@ -250,8 +251,8 @@ async function host(o: RestoreHostOptions, name: string, backup: BackupFile, log
   if (statusTimer !== undefined) clearInterval(statusTimer);
   await snapshotter?.stop();
   if ('error' in end) {
-    log.error(`cannot start ${o.command}: ${describeSystemError(end.error)}`);
-    return (end.error as NodeJS.ErrnoException).code === 'ENOENT' ? 127 : 126;
+    log.error(`cannot start ${o.command}: ${describeError(end.error)}`);
+    return commandErrorStatus(end.error, true);
   }
   const status = exitStatus(end.code, end.signal);
   log.info(`${o.command} exited ${end.signal === null ? `with status ${end.code}` : `on ${end.signal}`}`);
@@ -298,7 +299,7 @@ async function restore(
     );
   } catch (err) {
     if (relay.abort.signal.aborted) return;
-    throw new ShmfdError('ERR_BACKUP_ACCESS', `cannot restore backup ${backup.path} into memory: ${describeSystemError(err)}`, { cause: err });
+    throw new ShmfdError('ERR_BACKUP_ACCESS', `cannot restore backup ${backup.path} into memory: ${describeError(err)}`, { cause: err });
   }
   log.info(`restored ${formatBytes(result.size)} from ${backup.path} (${formatBytes(result.copied)} of data) in ${formatDuration(performance.now() - started)}`);
 }
@@ -309,7 +310,7 @@ function parkMemory(env: Environment, name: string, memory: MemoryFile, log: Log
     const consequence = `${name} will not survive a restart of the service, only the backup will; set FileDescriptorStoreMax=1 or more`;
     storeInFdStore([{ name, fds: [memory.fd] }], { consequence, env, log });
   } catch (err) {
-    log.warn(`cannot hand ${name} to the service manager: ${describeSystemError(err)}`);
+    log.warn(`cannot hand ${name} to the service manager: ${describeError(err)}`);
   }
 }
 
@@ -368,7 +369,7 @@ function reportStatus(env: Environment, snapshotter: Snapshotter, log: Log): Nod
     try {
       notifier.status(text);
     } catch (err) {
-      log.debug(`cannot send STATUS to the service manager: ${describeSystemError(err)}`);
+      log.debug(`cannot send STATUS to the service manager: ${describeError(err)}`);
     }
   }, 5000);
   timer.unref();
@@ -410,7 +411,7 @@ async function writeBack(
       expected = verdict;
     }
   } catch (err) {
-    log.error(`cannot read the memory for the final write-back: ${describeSystemError(err)}; the backup ${backup.path} is kept as it was`);
+    log.error(`cannot read the memory for the final write-back: ${describeError(err)}; the backup ${backup.path} is kept as it was`);
     return false;
   }
   let result: PersistResult | undefined;
@@ -426,7 +427,7 @@ async function writeBack(
       }),
     );
   } catch (err) {
-    log.error(`the final write-back to ${backup.path} failed: ${describeSystemError(err)}; ${backup.whatIsLeft()}, the newest state is lost`);
+    log.error(`the final write-back to ${backup.path} failed: ${describeError(err)}; ${backup.whatIsLeft()}, the newest state is lost`);
     return false;
   }
   if (result === undefined) {

@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { ShmfdError } from '../base/errors.js';
 import * as sys from '../system/libc.js';
-import { describeSystemError, type BackupFile } from './backup.js';
+import type { BackupFile } from './backup.js';
 
 /** The lock file of a backup: `.<name>.lock` in its directory. */
 export function lockFilePath(backup: BackupFile): string {
@@ -40,7 +40,7 @@ export class BackupLock {
       fd = fs.openSync(file, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_NOFOLLOW | sys.O_CLOEXEC, 0o600);
     } catch (err) {
       const verb = fs.lstatSync(file, { throwIfNoEntry: false }) === undefined ? 'create' : 'open';
-      throw new ShmfdError('ERR_BACKUP_ACCESS', `backup ${backup.path}: cannot ${verb} its lock file ${file}: ${describeSystemError(err)}`, { cause: err });
+      throw new ShmfdError('ERR_BACKUP_ACCESS', `backup ${backup.path}: cannot ${verb} its lock file ${file}: ${sys.describeError(err)}`, { cause: err });
     }
     try {
       if (!fs.fstatSync(fd).isFile()) {

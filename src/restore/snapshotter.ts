@@ -14,7 +14,8 @@ import fs from 'node:fs';
 import type { Log } from '../base/log.js';
 import { SnapshotFormatError } from '../snapshot/errors.js';
 import { clearSlotsExcept, MIN_FILE_LENGTH, PAGE, readSlots, type Snapshot } from '../snapshot/format.js';
-import { describeSystemError, type BackupFile } from './backup.js';
+import type { BackupFile } from './backup.js';
+import { describeError } from '../system/libc.js';
 import { directorySyncWarning, persistAtomically, type PersistFixup, type PersistResult } from './persist.js';
 import { formatBytes, formatDuration, withProgress } from './progress.js';
 import { intersectSlots, newestSlot, readHead, readSlotsAfter, readSlotState, type SlotState } from '../snapshot/pread.js';
@@ -278,7 +279,7 @@ export class Snapshotter {
   }
 
   #failed(err: unknown): RoundOutcome {
-    const message = `cannot persist a snapshot to ${this.#o.backup.path}: ${describeSystemError(err)}; ${this.#o.backup.whatIsLeft()}`;
+    const message = `cannot persist a snapshot to ${this.#o.backup.path}: ${describeError(err)}; ${this.#o.backup.whatIsLeft()}`;
     if (message !== this.#lastError) this.#o.log.error(message);
     else this.#o.log.debug(message);
     this.#lastError = message;

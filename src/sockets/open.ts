@@ -162,8 +162,8 @@ const MESSAGES: Record<string, string> = {
 };
 
 function openError(spec: SocketSpec, what: string, err: unknown): ShmfdError {
-  const code = sys.isSystemError(err) ? err.code : undefined;
-  const problem = code === undefined ? String(err) : `${MESSAGES[code] ?? (err as Error).message} (${code})`;
+  const message = sys.isSystemError(err) ? MESSAGES[err.code] : undefined;
+  const problem = message === undefined ? sys.describeError(err) : `${message} (${(err as { code: string }).code})`;
   return new ShmfdError('ERR_SOCKET_OPEN', `socket ${spec.text}: cannot ${what}: ${problem}`, { cause: err });
 }
 

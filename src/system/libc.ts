@@ -64,6 +64,21 @@ export function isSystemError(err: unknown, code?: string): err is NodeJS.ErrnoE
   );
 }
 
+/**
+ * An error as the end of a message line: a system error's description and code
+ * (`permission denied (EACCES)`), the message of any other error (with the error's name
+ * when it is not a plain `Error` or one of shmfd's own).
+ */
+export function describeError(err: unknown): string {
+  if (isSystemError(err)) {
+    const errno = typeof err.errno === 'number' ? Math.abs(err.errno) : undefined;
+    const text = errno === undefined ? undefined : (util.getSystemErrorMap().get(-errno) ?? MISSING_ERRNO_NAMES.get(errno))?.[1];
+    return text === undefined ? err.code : `${text} (${err.code})`;
+  }
+  if (err instanceof ShmfdError || (err instanceof Error && err.name === 'Error')) return err.message;
+  return err instanceof Error ? `${err.name}: ${err.message}` : String(err);
+}
+
 const libc = koffi.load('libc.so.6');
 
 // Prototypes are declared once; koffi parses them at load time (about 1 ms in total).
