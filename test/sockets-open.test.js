@@ -4,6 +4,8 @@
 import assert from 'node:assert/strict';
 import dgram from 'node:dgram';
 import fs from 'node:fs';
+import http from 'node:http';
+import https from 'node:https';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -97,6 +99,7 @@ test('every kind is opened, passed in order before the memory file, named, and u
       family: 'ipv4', type: 'stream', listening: true, address: { family: 'ipv4', address: '127.0.0.1', port: 0 },
     });
     assert.equal(await streamEcho({ port: l[name].info.address.port, host: '127.0.0.1' }, 'ping'), `${name}:ping`);
+    assert.equal(l[name].url, `127.0.0.1:${l[name].info.address.port}`, 'a net.Server: no scheme');
   }
   assert.equal(l.udp.info.type, 'datagram');
   assert.equal(await udpEcho(l.udp.address.port, 'ping'), 'udp:ping');
@@ -105,6 +108,7 @@ test('every kind is opened, passed in order before the memory file, named, and u
   assert.equal(await streamEcho({ path: unixPath }, 'ping'), 'unix:ping');
   if (hasIpv6) {
     assert.equal(l.v6.info.family, 'ipv6');
+    assert.equal(l.v6.url, `[::1]:${l.v6.info.address.port}`);
     assert.equal(await streamEcho({ port: l.v6.info.address.port, host: '::1' }, 'ping'), 'v6:ping');
   } else {
     t.diagnostic('no IPv6 loopback: the [::1] case was skipped');
@@ -295,4 +299,19 @@ test('listenOn refuses a passed stream socket that does not listen (node --watch
     code: 'ERR_SOCKET_NOT_LISTENING',
     message: `the socket http (fd 3) is a TCP socket that is not listening: ${advice}`,
   });
+});
+
+test('listenOn names where it listens: a URL for http and https servers, host:port for others', async (t) => {
+  const { listenOn } = await import('../dist/index.js');
+  const servers = [
+    [http.createServer(), 'http://127.0.0.1:'],
+    [https.createServer(), 'https://127.0.0.1:'],
+    [net.createServer(), '127.0.0.1:'],
+  ];
+  for (const [server, prefix] of servers) {
+    t.after(() => server.close());
+    const where = await listenOn(server, { env: {}, fallback: { port: 0, host: '127.0.0.1' } });
+    assert.equal(where.passed, false);
+    assert.equal(where.url, `${prefix}${server.address().port}`);
+  }
 });

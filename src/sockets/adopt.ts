@@ -73,11 +73,11 @@ async function describeServer(server: net.Server, passed?: sys.SocketAddress): P
   // Node knows no address for a unix socket it adopted; the kernel does.
   if (address === null || address === '') return passed === undefined ? '' : sys.describeSocketAddress(passed);
   if (typeof address === 'string') return address;
-  const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
   // Loaded here, not at the top: importing shmfd for a memory file must not load HTTP.
   const [{ default: http }, { default: https }] = await Promise.all([import('node:http'), import('node:https')]);
-  const scheme = server instanceof https.Server ? 'https://' : server instanceof http.Server ? 'http://' : '';
-  return `${scheme}${host}:${address.port}`;
+  const scheme = server instanceof https.Server ? 'https' : server instanceof http.Server ? 'http' : undefined;
+  const family = address.family === 'IPv6' ? 'ipv6' : 'ipv4';
+  return sys.describeSocketAddress({ family, address: address.address, port: address.port }, scheme);
 }
 
 function whenListening(server: net.Server, start: () => void): Promise<void> {

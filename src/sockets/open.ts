@@ -144,9 +144,10 @@ export function parseSocketSpec(text: string): SocketSpec {
  * `127.0.0.1:7000 (tcp socket raw)`).
  */
 export function describeSocket(kind: SocketKind, address: sys.SocketAddress, name?: string): string {
-  const where = sys.describeSocketAddress(address);
+  const url = kind === 'http' || kind === 'https';
+  const where = sys.describeSocketAddress(address, url ? kind : undefined);
   const socket = name === undefined ? '' : `socket ${name}`;
-  if (kind === 'http' || kind === 'https') return `${kind}://${where}${socket === '' ? '' : ` (${socket})`}`;
+  if (url) return `${where}${socket === '' ? '' : ` (${socket})`}`;
   return `${where} (${kind === 'unix' ? 'unix stream' : kind}${socket === '' ? '' : ` ${socket}`})`;
 }
 

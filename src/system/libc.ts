@@ -677,8 +677,12 @@ export function socketInfo(fd: number): SocketInfo {
   };
 }
 
-/** `127.0.0.1:8080`, `[::1]:8080` or the unix path. */
-export function describeSocketAddress(addr: SocketAddress): string {
+/**
+ * A socket address for people: `127.0.0.1:8080`, `[::1]:8080` or the unix path; with a
+ * `scheme`, an IP address as a URL (`http://127.0.0.1:8080`).
+ */
+export function describeSocketAddress(addr: SocketAddress, scheme?: string): string {
   if (addr.family === 'unix') return addr.path;
-  return addr.family === 'ipv6' ? `[${addr.address}]:${addr.port}` : `${addr.address}:${addr.port}`;
+  const where = addr.family === 'ipv6' ? `[${addr.address}]:${addr.port}` : `${addr.address}:${addr.port}`;
+  return scheme === undefined ? where : `${scheme}://${where}`;
 }
