@@ -10,7 +10,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
-import { parseSocketSpec } from '../dist/sockets/open.js';
+import { parseSocketSpec } from '../dist/sockets/spec.js';
 import * as sys from '../dist/system/libc.js';
 import { assertOneErrorLine, cleanEnv, fixture, isRoot, NODE, ROOT, run, runShmFd, SHM_FD, SHM_RESTORE, start, tempDir } from './helpers.js';
 

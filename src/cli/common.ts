@@ -7,7 +7,8 @@ import path from 'node:path';
 import { DEFAULT_FIRST_FD, NODE_SAFE_FIRST_FD, readListenFds, type Environment } from '../fds/listen-fds.js';
 import type { Log } from '../base/log.js';
 import { Notifier } from '../fds/notify.js';
-import { parseSocketSpecs, prepareSockets, type PreparedSockets } from '../sockets/open.js';
+import { prepareSockets, type PreparedSockets } from '../sockets/prepare.js';
+import { parseSocketSpecs } from '../sockets/spec.js';
 import { describeError, isSystemError } from '../system/libc.js';
 import { usageError } from './args.js';
 
