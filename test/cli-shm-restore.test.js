@@ -189,7 +189,7 @@ test('status: size, snapshot count, size and age of the newest snapshot, one fac
 });
 
 test('childDescriptors/childStdio: passed, then added, then the created memory; placed from the first fd on', async () => {
-  const { childDescriptors, childStdio } = await import('../dist/restore/host.js');
+  const { childDescriptors, childStdio } = await import('../dist/restore/child.js');
   const list = childDescriptors([{ fd: 3, name: 'a' }], [{ fd: 9, name: 'sock' }], { fd: 12, name: 'SHM_SHARED_FD' });
   assert.deepEqual(list.map((d) => d.name), ['a', 'sock', 'SHM_SHARED_FD']);
   assert.deepEqual(childStdio(list), ['inherit', 'inherit', 'inherit', 3, 9, 12]);

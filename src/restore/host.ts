@@ -11,26 +11,26 @@
  *
  * The host never maps the memory file: it reads it with `pread` and copies it with
  * `sendfile`, so a program that resizes it can never make the host fault.
+ *
+ * This module runs those steps in order; the child process (start, signals, exit status)
+ * is child.ts, the final write-back write-back.ts, the snapshots snapshotter.ts.
  * @module
  */
-import { spawn, spawnSync, type ChildProcess, type StdioOptions } from 'node:child_process';
-import os from 'node:os';
 import path from 'node:path';
 import { StderrLog, type Log } from '../base/log.js';
 import { ShmfdError } from '../base/errors.js';
 import { commandErrorStatus, resolveCommand } from '../exec/exec.js';
-import { checkFdName, listenEnv, readListenFds, withEnv, DEFAULT_FIRST_FD, type Environment, type PassedFd } from '../fds/listen-fds.js';
+import { checkFdName, readListenFds, withEnv, DEFAULT_FIRST_FD, type Environment, type PassedFd } from '../fds/listen-fds.js';
 import type { MemoryFile } from '../fds/memory-file.js';
 import { Notifier, storeInFdStore } from '../fds/notify.js';
 import { passedOrNewMemoryFile, SHARED_FD_NAME } from '../fds/shared-fd.js';
-import { SnapshotFormatError } from '../snapshot/errors.js';
-import { BackupFile, type BackupInspection } from './backup.js';
 import { describeError } from '../system/libc.js';
+import { BackupFile, type BackupInspection } from './backup.js';
+import { childDescriptors, exitStatus, findSetpriv, SignalRelay, startChild, waitForChild } from './child.js';
 import { BackupLock } from './lock.js';
-import { directorySyncWarning, persistAtomically, type PersistResult } from './persist.js';
 import { formatBytes, formatDuration, withProgress } from './progress.js';
-import { readSlotState, type SlotState } from '../snapshot/pread.js';
-import { quiescentCopyFixup, Snapshotter } from './snapshotter.js';
+import { Snapshotter } from './snapshotter.js';
+import { writeBack, type DurableState } from './write-back.js';
 
 /** Snapshot strategies of `--snapshot`. */
 export const SNAPSHOT_MODES = ['restore-v1'] as const;
@@ -38,9 +38,6 @@ export type SnapshotMode = (typeof SNAPSHOT_MODES)[number];
 
 /** Exit status when the host itself fails (as `env`, `nice`, `timeout` do). */
 export const EXIT_HOST_FAILURE = 125;
-
-/** The signals the host forwards to the program. */
-export const FORWARDED_SIGNALS = ['SIGINT', 'SIGTERM', 'SIGHUP', 'SIGQUIT'] as const;
 
 /** Options of {@link runRestoreHost}. */
 export interface RestoreHostOptions {
@@ -68,106 +65,6 @@ export interface RestoreHostOptions {
   /** Show progress of slow copies when stderr is a terminal (default true). */
   progress?: boolean;
 }
-
-/**
- * The descriptors the program gets, in order: those the host was passed (re-passed as they
- * are), then new ones (e.g. sockets), then the memory file when the host created it.
- * A memory file that was passed in is already among the first.
- */
-export function childDescriptors(
-  passed: readonly PassedFd[],
-  added: readonly PassedFd[],
-  createdMemory: PassedFd | undefined,
-): PassedFd[] {
-  return [...passed, ...added, ...(createdMemory === undefined ? [] : [createdMemory])];
-}
-
-/** The `stdio` of `spawn` that puts `descriptors` at `first`, `first + 1`, ... in the child. */
-export function childStdio(descriptors: readonly PassedFd[], first: number = DEFAULT_FIRST_FD): StdioOptions {
-  if (!Number.isSafeInteger(first) || first < DEFAULT_FIRST_FD) {
-    throw new ShmfdError('ERR_INVALID_ARGUMENT', `the first passed descriptor must be ${DEFAULT_FIRST_FD} or more, not ${first}`);
-  }
-  const gap = new Array<'ignore'>(first - DEFAULT_FIRST_FD).fill('ignore');
-  return ['inherit', 'inherit', 'inherit', ...gap, ...descriptors.map((d) => d.fd)];
-}
-
-
-/**
- * The `setpriv` (util-linux 2.33 or later) in `env.PATH` that can start the program with a
- * parent-death signal, or undefined when there is none.
- */
-export function findSetpriv(env: Environment): string | undefined {
-  let file: string;
-  try {
-    file = resolveCommand('setpriv', env);
-  } catch {
-    return undefined;
-  }
-  // Options are parsed in order: a setpriv without --pdeathsig fails before --version answers.
-  const probe = spawnSync(file, ['--pdeathsig', 'KILL', '--version'], { stdio: 'ignore' });
-  return probe.status === 0 ? file : undefined;
-}
-
-/**
- * The shell program run in front of COMMAND ("$0", its arguments "$@"); it ends by exec'ing
- * COMMAND, which keeps the shell's pid. With `hostPid` (under `setpriv --pdeathsig KILL`):
- * setpriv sets the signal some time after the fork, so a host killed in between would
- * leave the program unguarded; the shell starts after that, and if its parent is no
- * longer the host it kills itself instead of starting COMMAND. With `listenPid`, it sets
- * `LISTEN_PID` to that pid (docs/fd-passing.md).
- */
-function childShell(hostPid: number | undefined, listenPid: boolean): string {
-  const guard = hostPid === undefined ? '' : `[ "$PPID" = ${hostPid} ] || kill -KILL $$; `;
-  return `${guard}${listenPid ? 'LISTEN_PID=$$; export LISTEN_PID; ' : ''}exec "$0" "$@"`;
-}
-
-/** The shell convention: 128 + N for a program killed by signal N. */
-export function exitStatus(code: number | null, signal: NodeJS.Signals | null): number {
-  if (code !== null) return code;
-  const n = signal === null ? undefined : os.constants.signals[signal];
-  return 128 + (n ?? 0);
-}
-
-/** Forwards signals to the program; before it runs, remembers the first one to stop early. */
-class SignalRelay {
-  child: ChildProcess | undefined;
-  childExited = false;
-  received: NodeJS.Signals | undefined;
-  readonly abort = new AbortController();
-  #handlers = new Map<NodeJS.Signals, () => void>();
-
-  constructor(private readonly log: Log) {
-    for (const signal of FORWARDED_SIGNALS) {
-      const handler = (): void => this.#on(signal);
-      this.#handlers.set(signal, handler);
-      process.on(signal, handler);
-    }
-  }
-
-  #on(signal: NodeJS.Signals): void {
-    if (this.child === undefined) {
-      this.received ??= signal;
-      this.abort.abort(new Error(`received ${signal}`));
-      this.log.info(`received ${signal} before the program started: stopping`);
-    } else if (!this.childExited) {
-      this.log.info(`received ${signal}: forwarding it to the program (pid ${this.child.pid})`);
-      try {
-        this.child.kill(signal);
-      } catch {
-        // Gone in the meantime: its exit is on the way.
-      }
-    } else {
-      this.log.info(`received ${signal}: finishing the write-back first`);
-    }
-  }
-
-  uninstall(): void {
-    for (const [signal, handler] of this.#handlers) process.off(signal, handler);
-    this.#handlers.clear();
-  }
-}
-
-type ChildEnd = { code: number | null; signal: NodeJS.Signals | null } | { error: Error };
 
 /**
  * Runs the restore host to the end and returns the exit status: the program's (128 + N
@@ -225,7 +122,19 @@ async function host(o: RestoreHostOptions, name: string, backup: BackupFile, log
   if (created) parkMemory(env, name, memory, log);
 
   const descriptors = childDescriptors(passed, o.extraFds ?? [], created ? { fd: memory.fd, name } : undefined);
-  const child = startChild(o, executable, setpriv, withEnv(env, { SHMFD_BACKUP: backup.path }), descriptors, first, log);
+  const child = startChild(
+    {
+      command: o.command,
+      executable,
+      args: o.args ?? [],
+      setpriv,
+      env: withEnv(env, { SHMFD_BACKUP: backup.path }),
+      descriptors,
+      first,
+      listenPid: o.listenPid !== false,
+    },
+    log,
+  );
   const ended = waitForChild(child);
   relay.child = child;
 
@@ -266,7 +175,7 @@ async function host(o: RestoreHostOptions, name: string, backup: BackupFile, log
     exists: (inspection.state === 'present' && inspection.size > 0) || snapshotter?.lastPersisted !== undefined,
     snapshots: snapshotter?.lastPersisted?.count ?? (inspection.state === 'present' ? (inspection.slots?.slots.length ?? 0) : 0),
   };
-  const written = await writeBack(o, backup, durable, memory, mode, log, showProgress);
+  const written = await writeBack(backup, durable, memory, { snapshot: o.snapshot !== undefined, mode, log, progress: showProgress });
   if (!written) return status === 0 ? EXIT_HOST_FAILURE : status;
   return status;
 }
@@ -314,43 +223,6 @@ function parkMemory(env: Environment, name: string, memory: MemoryFile, log: Log
   }
 }
 
-function startChild(
-  o: RestoreHostOptions,
-  executable: string,
-  setpriv: string | undefined,
-  env: Environment,
-  descriptors: readonly PassedFd[],
-  first: number,
-  log: Log,
-): ChildProcess {
-  const childEnv = withEnv(env, listenEnv(descriptors.map((d) => d.name), { pid: undefined, first }));
-  const stdio = childStdio(descriptors, first);
-  const args = o.args ?? [];
-  log.debug(`starting ${o.command} with LISTEN_FDS=${childEnv.LISTEN_FDS} LISTEN_FDNAMES=${childEnv.LISTEN_FDNAMES}`);
-  // The shell only sets LISTEN_PID to its pid and execs the program in its place. A name
-  // starting with '-' would be taken for an option of exec by some shells.
-  const target = o.command.startsWith('-') ? path.resolve(executable) : o.command;
-  const listenPid = o.listenPid !== false;
-  if (setpriv !== undefined) {
-    // Node cannot run code between fork and exec: setpriv sets the parent-death signal
-    // there and execs the shell, which execs the program; the pid stays the same.
-    const shell = childShell(process.pid, listenPid);
-    return spawn(setpriv, ['--pdeathsig', 'KILL', '--', '/bin/sh', '-c', shell, target, ...args], { env: childEnv, stdio });
-  }
-  if (!listenPid) return spawn(executable, args, { argv0: o.command, env: childEnv, stdio });
-  return spawn('/bin/sh', ['-c', childShell(undefined, true), target, ...args], { env: childEnv, stdio });
-}
-
-function waitForChild(child: ChildProcess): Promise<ChildEnd> {
-  return new Promise((resolve) => {
-    child.once('exit', (code, signal) => resolve({ code, signal }));
-    child.on('error', (error) => {
-      // After a successful start, errors come from kill() on a process that is already gone.
-      if (child.pid === undefined) resolve({ error });
-    });
-  });
-}
-
 /** Sends `STATUS=` with the age of the newest durable snapshot every few seconds, under systemd. */
 function reportStatus(env: Environment, snapshotter: Snapshotter, log: Log): NodeJS.Timeout | undefined {
   let notifier: Notifier | undefined;
@@ -374,92 +246,4 @@ function reportStatus(env: Environment, snapshotter: Snapshotter, log: Log): Nod
   }, 5000);
   timer.unref();
   return timer;
-}
-
-/** The backup on disk as the final write-back must respect it. */
-interface DurableState {
-  /** A backup with content exists (found at start, or persisted since). */
-  exists: boolean;
-  /** Its number of valid snapshots. */
-  snapshots: number;
-}
-
-/**
- * The final write-back of quiescent memory. Returns false when it failed (the old backup
- * then stays, and the reason has been logged).
- */
-async function writeBack(
-  o: RestoreHostOptions,
-  backup: BackupFile,
-  durable: DurableState,
-  memory: MemoryFile,
-  mode: number,
-  log: Log,
-  showProgress: boolean,
-): Promise<boolean> {
-  let size: number;
-  let expected: SlotState | undefined;
-  try {
-    size = memory.size;
-    if (o.snapshot !== undefined) {
-      const verdict = checkFinalSnapshot(memory.fd, size, durable);
-      if (typeof verdict === 'string') {
-        if (durable.exists) log.warn(`${verdict}; the backup ${backup.path} is kept as it was`);
-        else if (size > 0) log.warn(`${verdict}; nothing was written to ${backup.path}`);
-        return true;
-      }
-      expected = verdict;
-    }
-  } catch (err) {
-    log.error(`cannot read the memory for the final write-back: ${describeError(err)}; the backup ${backup.path} is kept as it was`);
-    return false;
-  }
-  let result: PersistResult | undefined;
-  try {
-    result = await withProgress(`shm-restore: writing back to ${path.basename(backup.path)}`, showProgress, (progress) =>
-      persistAtomically(backup, memory.fd, size, {
-        fixup: expected === undefined ? undefined : quiescentCopyFixup(expected),
-        progress,
-        mode,
-        // The host is done with the memory: unless the fd store (or a grandchild) holds it
-        // too, its pages are freed while the copy is synced.
-        releaseSource: () => memory.close(),
-      }),
-    );
-  } catch (err) {
-    log.error(`the final write-back to ${backup.path} failed: ${describeError(err)}; ${backup.whatIsLeft()}, the newest state is lost`);
-    return false;
-  }
-  if (result === undefined) {
-    log.error(`the final write-back to ${backup.path} failed: the memory changed during the copy (is another process still writing to it?); ${backup.whatIsLeft()}`);
-    return false;
-  }
-  const unsynced = directorySyncWarning(backup, result);
-  if (unsynced !== undefined) log.warn(unsynced);
-  const t = result.timings;
-  log.info(
-    `wrote back ${formatBytes(result.size)} to ${backup.path} (${formatBytes(result.copied)} of data): ` +
-      `copy ${formatDuration(t.copyMs)}, validate ${formatDuration(t.validateMs)}, fsync ${formatDuration(t.fsyncMs)}, rename ${formatDuration(t.renameMs)}`,
-  );
-  return true;
-}
-
-/**
- * In snapshot mode, the memory may replace the backup only when it is a valid snapshot
- * file with at least one valid snapshot.
- * @returns the memory's slots, or why it must not replace the backup
- */
-function checkFinalSnapshot(fd: number, size: number, durable: DurableState): SlotState | string {
-  if (size === 0) return 'the memory is empty';
-  let state: SlotState | undefined;
-  try {
-    state = readSlotState(fd, size);
-  } catch (err) {
-    if (err instanceof SnapshotFormatError) return `the memory is not a valid snapshot file (${err.message})`;
-    throw err;
-  }
-  if (state === undefined) return 'the program never configured its memory as a snapshot file';
-  // It would restore nothing; and a start without the record refuses such a file as damaged.
-  if (state.slots.length === 0) return durable.snapshots > 0 ? 'the memory holds no valid snapshot but the backup does' : 'the memory holds no valid snapshot';
-  return state;
 }

@@ -1,0 +1,113 @@
+/**
+ * The restore host's last step: writing the quiescent memory back to the backup,
+ * atomically, once the program has exited; in snapshot mode only a memory that holds a
+ * valid snapshot may replace it.
+ * @module
+ */
+import path from 'node:path';
+import type { Log } from '../base/log.js';
+import type { MemoryFile } from '../fds/memory-file.js';
+import { SnapshotFormatError } from '../snapshot/errors.js';
+import { describeError } from '../system/libc.js';
+import type { BackupFile } from './backup.js';
+import { directorySyncWarning, persistAtomically, type PersistResult } from './persist.js';
+import { formatBytes, formatDuration, withProgress } from './progress.js';
+import { readSlotState, type SlotState } from '../snapshot/pread.js';
+import { quiescentCopyFixup } from './snapshotter.js';
+
+/** The backup on disk as the final write-back must respect it. */
+export interface DurableState {
+  /** A backup with content exists (found at start, or persisted since). */
+  exists: boolean;
+  /** Its number of valid snapshots. */
+  snapshots: number;
+}
+
+/** Options of {@link writeBack}. */
+export interface WriteBackOptions {
+  /** The memory is a snapshot file (`--snapshot`): it may replace the backup only when valid. */
+  snapshot: boolean;
+  /** Permission bits of the new backup. */
+  mode: number;
+  log: Log;
+  /** Show progress of a slow copy on a terminal. */
+  progress: boolean;
+}
+
+/**
+ * The final write-back of quiescent memory. Returns false when it failed (the old backup
+ * then stays, and the reason has been logged).
+ */
+export async function writeBack(
+  backup: BackupFile,
+  durable: DurableState,
+  memory: MemoryFile,
+  options: WriteBackOptions,
+): Promise<boolean> {
+  const { log, mode } = options;
+  let size: number;
+  let expected: SlotState | undefined;
+  try {
+    size = memory.size;
+    if (options.snapshot) {
+      const verdict = checkFinalSnapshot(memory.fd, size, durable);
+      if (typeof verdict === 'string') {
+        if (durable.exists) log.warn(`${verdict}; the backup ${backup.path} is kept as it was`);
+        else if (size > 0) log.warn(`${verdict}; nothing was written to ${backup.path}`);
+        return true;
+      }
+      expected = verdict;
+    }
+  } catch (err) {
+    log.error(`cannot read the memory for the final write-back: ${describeError(err)}; the backup ${backup.path} is kept as it was`);
+    return false;
+  }
+  let result: PersistResult | undefined;
+  try {
+    result = await withProgress(`shm-restore: writing back to ${path.basename(backup.path)}`, options.progress, (progress) =>
+      persistAtomically(backup, memory.fd, size, {
+        fixup: expected === undefined ? undefined : quiescentCopyFixup(expected),
+        progress,
+        mode,
+        // The host is done with the memory: unless the fd store (or a grandchild) holds it
+        // too, its pages are freed while the copy is synced.
+        releaseSource: () => memory.close(),
+      }),
+    );
+  } catch (err) {
+    log.error(`the final write-back to ${backup.path} failed: ${describeError(err)}; ${backup.whatIsLeft()}, the newest state is lost`);
+    return false;
+  }
+  if (result === undefined) {
+    log.error(`the final write-back to ${backup.path} failed: the memory changed during the copy (is another process still writing to it?); ${backup.whatIsLeft()}`);
+    return false;
+  }
+  const unsynced = directorySyncWarning(backup, result);
+  if (unsynced !== undefined) log.warn(unsynced);
+  const t = result.timings;
+  log.info(
+    `wrote back ${formatBytes(result.size)} to ${backup.path} (${formatBytes(result.copied)} of data): ` +
+      `copy ${formatDuration(t.copyMs)}, validate ${formatDuration(t.validateMs)}, fsync ${formatDuration(t.fsyncMs)}, rename ${formatDuration(t.renameMs)}`,
+  );
+  return true;
+}
+
+/**
+ * In snapshot mode, the memory may replace the backup only when it is a valid snapshot
+ * file with at least one valid snapshot.
+ * @returns the memory's slots, or why it must not replace the backup
+ */
+function checkFinalSnapshot(fd: number, size: number, durable: DurableState): SlotState | string {
+  if (size === 0) return 'the memory is empty';
+  let state: SlotState | undefined;
+  try {
+    state = readSlotState(fd, size);
+  } catch (err) {
+    if (err instanceof SnapshotFormatError) return `the memory is not a valid snapshot file (${err.message})`;
+    throw err;
+  }
+  if (state === undefined) return 'the program never configured its memory as a snapshot file';
+  // It would restore nothing; and a start without the record refuses such a file as damaged.
+  if (state.slots.length === 0) return durable.snapshots > 0 ? 'the memory holds no valid snapshot but the backup does' : 'the memory holds no valid snapshot';
+  return state;
+}
