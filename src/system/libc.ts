@@ -3,7 +3,8 @@
  * this is the only module that touches koffi. Each wrapper is typed, takes and returns
  * plain numbers, strings and buffers. What the kernel refuses is thrown as a
  * {@link SystemError} that looks like the ones `node:fs` throws (`code`, `errno`,
- * `syscall`); a check made here and not by the kernel throws a `ShmfdError` instead.
+ * `syscall`); a check made here and not by the kernel throws a `ShmfdError` instead, and
+ * {@link describeError} turns any of them into the end of a message line.
  *
  * What `node:fs` already does correctly (open, read, pread, fstat, fsync, close, ...) is not
  * routed through here: most modules call `node:fs` directly. `fstat` and `close` below are
@@ -22,13 +23,14 @@ const { errno: E, signals } = os.constants;
 
 /** Linux errnos that libuv's table (util.getSystemErrorMap) lacks and these calls can return. */
 const MISSING_ERRNO_NAMES = new Map<number, [string, string]>([
-  [8, ['ENOEXEC', 'exec format error']],
-  [10, ['ECHILD', 'no child processes']],
-  [35, ['EDEADLK', 'resource deadlock would occur']],
-  [37, ['ENOLCK', 'no locks available']],
+  [E.ENOEXEC, ['ENOEXEC', 'exec format error']],
+  [E.ECHILD, ['ECHILD', 'no child processes']],
+  [E.EDEADLK, ['EDEADLK', 'resource deadlock would occur']],
+  [E.ENOLCK, ['ENOLCK', 'no locks available']],
+  [E.ESTALE, ['ESTALE', 'stale file handle']],
+  [E.EDQUOT, ['EDQUOT', 'disk quota exceeded']],
+  // Node's os.constants.errno names neither of these; the numbers are Linux's (asm-generic/errno.h).
   [109, ['ETOOMANYREFS', 'too many references']],
-  [116, ['ESTALE', 'stale file handle']],
-  [122, ['EDQUOT', 'disk quota exceeded']],
   [123, ['ENOMEDIUM', 'no medium found']],
 ]);
 
@@ -124,8 +126,8 @@ const MAP_FAILED = 0xffffffffffffffffn;
 
 // ---------------------------------------------------------------- constants
 
-export const MFD_CLOEXEC = 0x1;
-export const MFD_ALLOW_SEALING = 0x2;
+const MFD_CLOEXEC = 0x1;
+const MFD_ALLOW_SEALING = 0x2;
 const MEMFD_NAME_MAX = 249;
 
 const F_GETFD = 1;
@@ -358,8 +360,11 @@ export const MAX_VIEW_BYTES = Math.min(2 ** 32, Number.MAX_SAFE_INTEGER);
 
 const SC_PAGESIZE = 30;
 
-/** The kernel's page size, which mmap(2) offsets are multiples of (4 KiB on x86-64; 4, 16 or 64 KiB on aarch64). */
-export const PAGE_SIZE = Number(c.sysconf(SC_PAGESIZE));
+/**
+ * The kernel's page size, which mmap(2) offsets are multiples of (4 KiB on x86-64; 4, 16 or
+ * 64 KiB on aarch64). Not the snapshot format's `PAGE`, which the file format fixes at 4096.
+ */
+export const KERNEL_PAGE_SIZE = Number(c.sysconf(SC_PAGESIZE));
 
 /** An ArrayBuffer over native memory. Never call with a null pointer or a length over {@link MAX_VIEW_BYTES}. */
 export function view(addr: Pointer, length: number): ArrayBuffer {
@@ -398,11 +403,33 @@ const NUL = Buffer.alloc(1);
 
 // ---------------------------------------------------------------- unix datagram sockets
 
+// The socket addresses of <sys/un.h> and <netinet/in.h>, laid out by koffi; the port and
+// the IP address are in network byte order, so they are written as bytes.
+const SockaddrUn = koffi.struct({ sun_family: 'uint16_t', sun_path: koffi.array('char', 108) });
+const SockaddrIn = koffi.struct({
+  sin_family: 'uint16_t',
+  sin_port: 'uint16_t',
+  sin_addr: koffi.array('uint8_t', 4),
+  sin_zero: koffi.array('uint8_t', 8),
+});
+const SockaddrIn6 = koffi.struct({
+  sin6_family: 'uint16_t',
+  sin6_port: 'uint16_t',
+  sin6_flowinfo: 'uint32_t',
+  sin6_addr: koffi.array('uint8_t', 16),
+  sin6_scope_id: 'uint32_t',
+});
+const SUN_PATH_AT = koffi.offsetof(SockaddrUn, 'sun_path');
+const SIN_PORT_AT = koffi.offsetof(SockaddrIn, 'sin_port');
+const SIN_ADDR_AT = koffi.offsetof(SockaddrIn, 'sin_addr');
+const SIN6_PORT_AT = koffi.offsetof(SockaddrIn6, 'sin6_port');
+const SIN6_ADDR_AT = koffi.offsetof(SockaddrIn6, 'sin6_addr');
+
 /**
  * The longest unix socket address: sun_path is 108 bytes, and a path needs room for its
  * NUL, an abstract name (`@name`, the `@` not counted) for its leading NUL.
  */
-export const MAX_UNIX_ADDRESS_BYTES = 107;
+export const MAX_UNIX_ADDRESS_BYTES = koffi.sizeof(SockaddrUn) - SUN_PATH_AT - 1;
 
 /**
  * Encodes a unix socket address: `/path`, or `@name` for the abstract namespace. One longer
@@ -412,9 +439,10 @@ export const MAX_UNIX_ADDRESS_BYTES = 107;
 function sockaddrUn(address: string): Buffer {
   const abstract = address.startsWith('@');
   const name = Buffer.from(abstract ? address.slice(1) : address);
-  const addr = Buffer.alloc(abstract ? 3 + name.length : 2 + name.length + 1);
+  // An abstract name follows a NUL and is as long as given; a path ends with its NUL.
+  const addr = Buffer.alloc(SUN_PATH_AT + 1 + name.length);
   addr.writeUInt16LE(AF_UNIX, 0);
-  name.copy(addr, abstract ? 3 : 2);
+  name.copy(addr, abstract ? SUN_PATH_AT + 1 : SUN_PATH_AT);
   return addr;
 }
 
@@ -585,35 +613,35 @@ function ipBytes(af: number, address: string): Buffer {
 export function encodeSocketAddress(addr: SocketAddress): Buffer {
   if (addr.family === 'unix') return sockaddrUn(addr.path);
   if (addr.family === 'ipv4') {
-    const b = Buffer.alloc(16);
+    const b = Buffer.alloc(koffi.sizeof(SockaddrIn));
     b.writeUInt16LE(AF_INET, 0);
-    b.writeUInt16BE(addr.port, 2);
-    ipBytes(AF_INET, addr.address).copy(b, 4);
+    b.writeUInt16BE(addr.port, SIN_PORT_AT);
+    ipBytes(AF_INET, addr.address).copy(b, SIN_ADDR_AT);
     return b;
   }
-  const b = Buffer.alloc(28);
+  const b = Buffer.alloc(koffi.sizeof(SockaddrIn6));
   b.writeUInt16LE(AF_INET6, 0);
-  b.writeUInt16BE(addr.port, 2);
-  ipBytes(AF_INET6, addr.address).copy(b, 8);
+  b.writeUInt16BE(addr.port, SIN6_PORT_AT);
+  ipBytes(AF_INET6, addr.address).copy(b, SIN6_ADDR_AT);
   return b;
 }
 
 function decodeSocketAddress(b: Buffer): SocketAddress | undefined {
   const family = b.length >= 2 ? b.readUInt16LE(0) : -1;
   if (family === AF_UNIX) {
-    const raw = b.subarray(2);
+    const raw = b.subarray(SUN_PATH_AT);
     if (raw.length > 0 && raw[0] === 0) return { family: 'unix', path: `@${raw.subarray(1).toString()}` };
     const end = raw.indexOf(0);
     return { family: 'unix', path: raw.subarray(0, end < 0 ? raw.length : end).toString() };
   }
   if (family !== AF_INET && family !== AF_INET6) return undefined;
   const text = Buffer.alloc(64);
-  const src = family === AF_INET ? b.subarray(4, 8) : b.subarray(8, 24);
-  if (c.inet_ntop(family, src, text, text.length) === null) fail('inet_ntop');
+  const [addrAt, addrBytes, portAt] = family === AF_INET ? [SIN_ADDR_AT, 4, SIN_PORT_AT] : [SIN6_ADDR_AT, 16, SIN6_PORT_AT];
+  if (c.inet_ntop(family, b.subarray(addrAt, addrAt + addrBytes), text, text.length) === null) fail('inet_ntop');
   return {
     family: family === AF_INET ? 'ipv4' : 'ipv6',
     address: text.subarray(0, text.indexOf(0)).toString(),
-    port: b.readUInt16BE(2),
+    port: b.readUInt16BE(portAt),
   };
 }
 
