@@ -9,6 +9,7 @@ import net from 'node:net';
 import { ShmfdError } from '../base/errors.js';
 import { findListenFd, NODE_SAFE_FIRST_FD, type Environment } from '../fds/listen-fds.js';
 import { SOCKET_BACKLOG } from './open.js';
+import { DEFAULT_SOCKET_HOST } from './spec.js';
 import * as sys from '../system/libc.js';
 
 /** A socket passed under a name, and what it is. */
@@ -187,7 +188,7 @@ export async function openDatagram(options: OpenDatagramOptions = {}): Promise<d
     if (fallback === undefined) {
       throw new ShmfdError('ERR_FD_NOT_PASSED', `no socket named ${name} was passed and no address to bind was given`);
     }
-    const address = fallback.address ?? '127.0.0.1';
+    const address = fallback.address ?? DEFAULT_SOCKET_HOST;
     socket = createSocket(fallback.type ?? (net.isIPv6(address) ? 'udp6' : 'udp4'));
     bind = (done) => socket.bind({ port: fallback.port, address }, done);
   }
