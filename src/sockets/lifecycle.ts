@@ -12,7 +12,7 @@ import { closeDatagram, isBound, StreamDrain } from './drain.js';
 /** Something the service serves on: a stream server or a datagram socket. */
 export type Endpoint = net.Server | dgram.Socket;
 
-/** Options of {@link serve}. */
+/** Options of `serve()`. */
 export interface ServeOptions {
   /** What to wait for before `READY=1`, and to close on stop. */
   endpoints: readonly Endpoint[];
@@ -42,7 +42,7 @@ export interface ServeOptions {
   onNotifyError?: (err: unknown) => void;
 }
 
-/** A running service; see {@link serve}. */
+/** A running service; see `serve()`. */
 export interface Service {
   /**
    * Resolves once every endpoint listens and `READY=1` was sent. It never rejects: a
@@ -87,7 +87,7 @@ function notifierFor(options: ServeOptions, onNotifyError: (err: unknown) => voi
     });
 }
 
-/** One service's lifecycle; {@link serve} hands out its {@link Service} face. */
+/** One service's lifecycle; `serve()` hands out its {@link Service} face. */
 export class ServiceLifecycle {
   readonly ready: Promise<void>;
   readonly stopped: Promise<void>;
