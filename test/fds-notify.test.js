@@ -253,3 +253,37 @@ test('keepWatchdogFed pings at once and then at half of WATCHDOG_USEC until stop
   await sleep(5 * keeper.intervalMs);
   assert.equal(receiver.receive(), undefined, 'no ping after stop()');
 });
+
+test('storeInFdStore: nothing without a manager; else one warning, FDSTORE per entry, FDSTOREREMOVE first to replace', async (t) => {
+  const { storeInFdStore } = await import('../dist/fds/notify.js');
+  const file = MemoryFile.create('store-entry', { size: 4096 });
+  t.after(() => file.close());
+  const lines = [];
+  const log = { error: (m) => lines.push(`error ${m}`), warn: (m) => lines.push(`warn ${m}`), info: (m) => lines.push(`info ${m}`), debug() {} };
+  const entries = [{ name: 'mem', fds: [file.fd] }, { name: 'web', fds: [file.fd], replace: true }];
+
+  assert.equal(storeInFdStore(entries, { consequence: 'x is lost', env: {}, log }), false);
+  assert.deepEqual(lines, [], 'no manager, nothing said');
+
+  const [receiver] = receivers(t);
+  assert.equal(storeInFdStore(entries, { consequence: 'x is lost', env: { NOTIFY_SOCKET: receiver.address }, log, label: (n) => `thing ${n}` }), true);
+  assert.equal(lines.length, 3, lines.join('\n'));
+  assert.match(lines[0], /^warn \$FDSTORE is not set: .* its fd store is disabled and x is lost$/);
+  assert.deepEqual(lines.slice(1), [`info stored thing mem in the fd store of ${receiver.address}`, `info stored thing web in the fd store of ${receiver.address}`]);
+  const texts = [];
+  for (let m = receiver.receive(); m !== undefined; m = receiver.receive()) texts.push(`${m.text} (${m.fds.length} fd)`);
+  assert.deepEqual(texts, ['FDSTORE=1\nFDNAME=mem (1 fd)', 'FDSTOREREMOVE=1\nFDNAME=web (0 fd)', 'FDSTORE=1\nFDNAME=web (1 fd)']);
+
+  // A notifier that is passed in stays open for its owner; an enabled store is no warning.
+  const notifier = new Notifier(receiver.address);
+  t.after(() => notifier.close());
+  lines.length = 0;
+  storeInFdStore([{ name: 'mem', fds: [file.fd] }], { consequence: 'x is lost', env: { FDSTORE: '2' }, notifier, log });
+  assert.deepEqual(lines, [`info stored mem in the fd store of ${receiver.address}`]);
+  notifier.status('still open');
+  assert.equal(receiver.receive().text, 'FDSTORE=1\nFDNAME=mem');
+  assert.equal(receiver.receive().text, 'STATUS=still open');
+
+  const unreachable = { NOTIFY_SOCKET: path.join(tempDir(t), 'nobody.sock'), FDSTORE: '1' };
+  assert.throws(() => storeInFdStore(entries, { consequence: 'x is lost', env: unreachable }), (err) => err.code === 'ENOENT' && err.syscall === 'sendmsg');
+});
