@@ -285,5 +285,5 @@ test('storeInFdStore: nothing without a manager; else one warning, FDSTORE per e
   assert.equal(receiver.receive().text, 'STATUS=still open');
 
   const unreachable = { NOTIFY_SOCKET: path.join(tempDir(t), 'nobody.sock'), FDSTORE: '1' };
-  assert.throws(() => storeInFdStore(entries, { consequence: 'x is lost', env: unreachable }), (err) => err.code === 'ENOENT' && err.syscall === 'sendmsg');
+  assert.throws(() => storeInFdStore(entries, { consequence: 'x is lost', env: unreachable }), { code: 'ENOENT', syscall: 'sendmsg' });
 });

@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { MemoryFile } from '../dist/index.js';
+import { MemoryFile } from 'shmfd';
 import { CHUNK, copySparse, dataExtents } from '../dist/restore/copy.js';
 import { seededRandom, tempDir } from './helpers.js';
 

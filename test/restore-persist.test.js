@@ -7,7 +7,7 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { MemoryFile } from '../dist/index.js';
+import { MemoryFile } from 'shmfd';
 import { BackupFile } from '../dist/restore/backup.js';
 import { persistAtomically } from '../dist/restore/persist.js';
 import { fingerprint, tempDir, tempFiles } from './helpers.js';

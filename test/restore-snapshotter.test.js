@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { MemoryFile } from '../dist/index.js';
+import { MemoryFile } from 'shmfd';
 import { BackupFile } from '../dist/restore/backup.js';
 import { Snapshotter } from '../dist/restore/snapshotter.js';
 import { SnapshotFile } from '../dist/snapshot/index.js';

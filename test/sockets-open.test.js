@@ -11,6 +11,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
 import { parseSocketSpec } from '../dist/sockets/spec.js';
+import { listenOn } from 'shmfd';
 import * as sys from '../dist/system/libc.js';
 import { assertOneErrorLine, cleanEnv, fixture, isRoot, NODE, ROOT, run, runShmFd, SHM_FD, SHM_RESTORE, start, tempDir } from './helpers.js';
 
@@ -55,7 +56,7 @@ function udpEcho(port, text) {
 }
 
 test('specs parse like systemfd: kinds, bare port on 127.0.0.1, HOST:PORT, [IPv6]:PORT, paths, NAME=', () => {
-  /** @type {Array<[string, string, string, import('../dist/sockets/open.js').SocketSpec['address']]>} */
+  /** @type {Array<[string, string, string, import('../dist/sockets/spec.js').SocketSpec['address']]>} */
   const cases = [
     ['tcp::8080', 'tcp', 'tcp', { family: 'ipv4', address: '127.0.0.1', port: 8080 }],
     ['http::0.0.0.0:80', 'http', 'http', { family: 'ipv4', address: '0.0.0.0', port: 80 }],
@@ -302,7 +303,7 @@ test('listenOn refuses a passed stream socket that does not listen (node --watch
 });
 
 test('listenOn names where it listens: a URL for http and https servers, host:port for others', async (t) => {
-  const { listenOn } = await import('../dist/index.js');
+  /** @type {Array<[http.Server | https.Server | net.Server, string]>} */
   const servers = [
     [http.createServer(), 'http://127.0.0.1:'],
     [https.createServer(), 'https://127.0.0.1:'],
@@ -312,6 +313,7 @@ test('listenOn names where it listens: a URL for http and https servers, host:po
     t.after(() => server.close());
     const where = await listenOn(server, { env: {}, fallback: { port: 0, host: '127.0.0.1' } });
     assert.equal(where.passed, false);
-    assert.equal(where.url, `${prefix}${server.address().port}`);
+    const address = /** @type {net.AddressInfo} */ (server.address());
+    assert.equal(where.url, `${prefix}${address.port}`);
   }
 });
