@@ -25,11 +25,15 @@ export interface ServeOptions {
   status?: string;
   /**
    * Reloads the configuration on SIGHUP, between `RELOADING=1` (+ `MONOTONIC_USEC`) and
-   * `READY=1`, as `Type=notify-reload` expects. Without it SIGHUP keeps Node's default.
+   * `READY=1`, as `Type=notify-reload` expects; a promise it returns is awaited, any other
+   * result ignored. Without it SIGHUP keeps Node's default.
    */
-  reload?: () => void | Promise<void>;
-  /** Runs after every endpoint is closed, before the process exits (e.g. flush state). */
-  onStop?: () => void | Promise<void>;
+  reload?: () => unknown;
+  /**
+   * Runs after every endpoint is closed, before the process exits (e.g. flush state); a
+   * promise it returns is awaited, any other result (`() => server.close()`) ignored.
+   */
+  onStop?: () => unknown;
   /** Signals that stop the service gracefully (default SIGTERM and SIGINT). */
   signals?: readonly NodeJS.Signals[];
   /** How long requests in flight may take once stopping, before their connections are cut (default 10 s). */
