@@ -4,7 +4,7 @@
 // exactly the state committed with it (the discipline restore-v1 relies on).
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { MemoryFile, StateFile, appendLog, counterSet, versionedCell, recordBytes } from 'shmfd';
+import { MemoryFile, StateFile, appendLog, counterSet, versionedCell, recordBytes, keyValueMap, entryBytes, MAX_KEY_BYTES } from 'shmfd';
 import { SnapshotFile } from 'shmfd/snapshot';
 import { planLayout } from '../dist/state/layout.js';
 import { seededRandom } from './helpers.js';
@@ -395,4 +395,322 @@ test('model check: random operations against an in-memory model, every valid sna
   state.close();
   t.diagnostic(`seed ${SEED}: ${JSON.stringify(counts)}`);
   assert.ok(counts.commit > 100 && counts.reopen > 50 && counts.full > 0, 'the run exercised commits, reopens and a full log');
+});
+
+// ---- the key-value map
+
+const hex = (b) => Buffer.from(b).toString('hex');
+const mapEntries = (m) => [...m.entries()].map(([k, v]) => [hex(k), hex(v)]).sort();
+
+/** A copy of `file` in a new memfd: what a restored backup is. */
+function copyOf(t, file) {
+  const copy = memory(t, file.size);
+  const from = file.map();
+  const to = copy.map();
+  to.bytes.set(from.bytes);
+  from.unmap();
+  to.unmap();
+  return copy;
+}
+
+/**
+ * The entries a map's committed window names, decoded from the bytes as docs/state.md
+ * describes them, without the library: the region is a header page, an index of the
+ * largest power of two of 8-byte slots within an eighth of the rest, then the ring.
+ */
+function decodeMapWindow(bytes, regionStart, regionLength, tail, head) {
+  let slots = 1;
+  while (slots * 2 * 8 <= (regionLength - 4096) / 8) slots *= 2;
+  const ringStart = regionStart + 4096 + slots * 8;
+  const ring = regionLength - 4096 - slots * 8;
+  const view = new DataView(bytes.buffer, bytes.byteOffset);
+  const out = new Map();
+  for (let at = tail; at < head; ) {
+    const phys = at % ring;
+    const word0 = ring - phys >= 16 ? view.getUint32(ringStart + phys, true) : 0x0200_0000;
+    if (word0 & 0x0200_0000) {
+      at += ring - phys;
+      continue;
+    }
+    const keyBytes = word0 & 0xffffff;
+    const valueBytes = view.getUint32(ringStart + phys + 4, true);
+    const key = hex(bytes.subarray(ringStart + phys + 16, ringStart + phys + 16 + keyBytes));
+    if (word0 & 0x0100_0000) out.delete(key);
+    else out.set(key, hex(bytes.subarray(ringStart + phys + 16 + keyBytes, ringStart + phys + 16 + keyBytes + valueBytes)));
+    at += 16 + Math.ceil((keyBytes + valueBytes) / 8) * 8;
+  }
+  return [...out].sort();
+}
+
+test('a key-value map stages, reads its staged changes, commits with the other structures and round-trips through a reopen', (t) => {
+  const file = memory(t);
+  const decl = { sessions: keyValueMap({ maxBytes: 1 << 20 }), totals: counterSet(2) };
+  let state = StateFile.open(file, decl);
+  let { sessions, totals } = state.structures;
+  assert.equal(sessions.size, 0);
+  assert.equal(sessions.rebuilt, false, 'a new map has nothing to rebuild');
+  assert.equal(sessions.set('alice', enc('{"n":1}')), sessions, 'set returns the map');
+  sessions.set(enc('bob'), enc('b'));
+  sessions.set('', new Uint8Array(0));
+  const value = enc('mutable');
+  sessions.set('carol', value);
+  value[0] = 0;
+  assert.equal(dec(sessions.get('carol')), 'mutable', 'set copies the value');
+  assert.equal(dec(sessions.get(enc('alice'))), '{"n":1}', 'string and byte keys are the same key');
+  assert.equal(dec(sessions.get('bob')), 'b');
+  assert.equal(sessions.get('nobody'), undefined);
+  assert.equal(sessions.size, 4);
+  assert.equal(sessions.has(''), true);
+  assert.equal(sessions.delete('carol'), true);
+  assert.equal(sessions.delete('carol'), false, 'deleting an absent key says so');
+  totals.add(0, 3n);
+  assert.equal(state.commit(), true);
+  const got = sessions.get('alice');
+  got[0] = 0;
+  assert.equal(dec(sessions.get('alice')), '{"n":1}', 'get returns a copy');
+  sessions.set('alice', enc(JSON.stringify({ n: 2 })));
+  sessions.delete('bob');
+  assert.equal(JSON.parse(dec(sessions.get('alice'))).n, 2, 'reads see staged changes');
+  assert.equal(sessions.has('bob'), false);
+  assert.deepEqual(mapEntries(sessions), [['', ''], [hex(enc('alice')), hex(enc('{"n":2}'))]]);
+  state.close();
+
+  state = StateFile.open(file, decl);
+  ({ sessions, totals } = state.structures);
+  assert.equal(sessions.rebuilt, false, 'reopening the same memfd uses the index as it is');
+  assert.equal(totals.get(0), 3n);
+  assert.deepEqual(mapEntries(sessions), [['', ''], [hex(enc('alice')), hex(enc('{"n":1}'))], [hex(enc('bob')), hex(enc('b'))]], 'uncommitted changes are gone');
+  assert.deepEqual([...sessions.keys()].map(dec).sort(), ['', 'alice', 'bob']);
+  sessions.set('dave', enc('d'));
+  sessions.discard();
+  assert.equal(sessions.has('dave'), false, 'discard drops staged changes');
+  sessions.clear();
+  assert.equal(sessions.size, 0);
+  assert.equal(sessions.get('alice'), undefined, 'a staged clear hides the committed entries');
+  sessions.set('erin', enc('e'));
+  assert.deepEqual([...sessions.keys()].map(dec), ['erin']);
+  state.commit();
+  state.close();
+
+  const restored = copyOf(t, file);
+  state = StateFile.open(restored, decl);
+  ({ sessions } = state.structures);
+  assert.equal(sessions.rebuilt, true, 'a copy in another memfd never trusts the copied index');
+  assert.deepEqual([...sessions.keys()].map(dec), ['erin']);
+  state.close();
+  state = StateFile.open(restored, decl);
+  assert.equal(state.structures.sessions.rebuilt, false, 'the rebuilt index is used by the next open of that memfd');
+  state.close();
+});
+
+test('a map commit that changes nothing else still publishes; an iteration across a commit that changes the map is ERR_STATE_MAP_CHANGED', (t) => {
+  const state = StateFile.open(memory(t), { m: keyValueMap({ maxBytes: 1 << 16 }) });
+  const { m } = state.structures;
+  m.set('a', enc('1'));
+  m.set('b', enc('2'));
+  assert.equal(state.commit(), true);
+  const it = m.keys();
+  it.next();
+  m.set('c', enc('3'));
+  assert.equal(it.next().done, false, 'staging does not end an iteration');
+  state.commit();
+  assert.throws(() => it.next(), (err) => err.code === 'ERR_STATE_MAP_CHANGED');
+  state.close();
+});
+
+test('map limits: a long key, a large value and a full map are refused with their codes, nothing staged, nothing committed lost', (t) => {
+  const file = memory(t);
+  const decl = { m: keyValueMap({ maxBytes: 1 << 16 }) };
+  const state = StateFile.open(file, decl);
+  const { m } = state.structures;
+  throwsCode(() => m.set('k'.repeat(MAX_KEY_BYTES + 1), enc('v')), 'ERR_STATE_KEY_TOO_LARGE', 'long string key');
+  throwsCode(() => m.get(new Uint8Array(MAX_KEY_BYTES + 1)), 'ERR_STATE_KEY_TOO_LARGE', 'long byte key');
+  throwsCode(() => m.set('k', new Uint8Array(m.maxRecordBytes)), 'ERR_STATE_VALUE_TOO_LARGE', 'large value');
+  m.set('k', new Uint8Array(m.maxRecordBytes - entryBytes(1, 0)));
+  assert.equal(m.size, 1, 'the largest record fits');
+  state.commit();
+  let i = 0;
+  const value = new Uint8Array(100);
+  assert.throws(() => {
+    for (;; i++) {
+      m.set(`key${i}`, value);
+      if (i % 10 === 9) state.commit();
+    }
+  }, (err) => err.code === 'ERR_STATE_MAP_FULL' && /map m is full/.test(err.message));
+  assert.equal(m.has(`key${i}`), false, 'the refused entry is not staged');
+  assert.ok(m.liveBytes <= m.maxLiveBytes);
+  state.commit();
+  const before = mapEntries(m);
+  assert.equal(before.length, i + 1);
+  // Overwrites and deletions go on in a full map: their space is reclaimed.
+  for (let round = 0; round < 50; round++) {
+    for (let j = 0; j < i; j += 3) {
+      m.set(`key${j}`, new Uint8Array(100).fill(round));
+      if (j % 30 === 0) state.commit();
+    }
+    state.commit();
+  }
+  m.delete('key0');
+  m.set('fresh', value);
+  state.commit();
+  state.close();
+  const again = StateFile.open(file, decl);
+  const after = again.structures.m;
+  assert.equal(after.size, i + 1);
+  assert.deepEqual([...after.get('key3')], new Array(100).fill(49));
+  assert.deepEqual([...after.get('key1')], new Array(100).fill(0));
+  again.close();
+});
+
+test('map declarations are checked: maxBytes a multiple of 4096 from 64 KiB', (t) => {
+  const file = memory(t);
+  for (const maxBytes of [undefined, 1000, 4096 * 15, 4096 * 16 + 1, 2 ** 33]) {
+    assert.throws(() => StateFile.open(file, { m: keyValueMap({ maxBytes }) }), (err) => err.code === 'ERR_STATE_DECLARATION' && /m: a map's maxBytes/.test(err.message), String(maxBytes));
+  }
+});
+
+test('a damaged committed map record in a restored copy is ERR_STATE_CORRUPT naming the map', (t) => {
+  const file = memory(t);
+  const decl = { m: keyValueMap({ maxBytes: 1 << 16 }) };
+  const state = StateFile.open(file, decl);
+  state.structures.m.set('a', enc('1'));
+  state.structures.m.set('b', enc('2'));
+  state.commit();
+  const ringStart = state.snapshotLayout.tailStart + state.layout.structures[0].offset + 4096 + 512 * 8;
+  state.close();
+  const copy = copyOf(t, file);
+  const mapping = copy.map();
+  mapping.bytes[ringStart + 24 + 4] ^= 1; // the second record's value length
+  mapping.unmap();
+  assert.throws(() => StateFile.open(copy, decl), (err) => err.code === 'ERR_STATE_CORRUPT' && /map m: the record at ring byte 24/.test(err.message));
+});
+
+// The map's model check: random sets, deletes, clears, discards, commits, and reopens (of
+// the same memfd, or of a copy in a new one: a restored backup) against a JS Map; a small
+// map, so the ring wraps and reclaims often. After every operation every valid snapshot is
+// decoded without the library and must name exactly the map committed with its sequence.
+test('model check: a key-value map under random operations, every valid snapshot intact after every operation', (t) => {
+  const rng = seededRandom(SEED + 1);
+  let file = memory(t);
+  const decl = { m: keyValueMap({ maxBytes: 1 << 16 }), n: counterSet(1, { copies: 64 }) };
+  // Snapshots live for 63 commits (the counters' copies): long enough for the ring to come
+  // round to the bytes they name.
+  const options = { entries: 64, data: 4096 };
+  const layout = planLayout(decl);
+  let state = StateFile.open(file, decl, options);
+  let committed = new Map();
+  let pending = null; // staged: { map, cleared, deletes: Set of committed keys deleted }
+  const history = new Map([[0, []]]);
+  let seq = 0;
+  let written = 0; // record bytes committed
+  const counts = { set: 0, delete: 0, clear: 0, full: 0, commit: 0, reopen: 0, restore: 0, discard: 0, checks: 0, rebuilt: 0 };
+  const sorted = (map) => [...map].sort();
+  const view = () => pending?.map ?? committed;
+  const staged = () => {
+    pending ??= { map: new Map(committed), cleared: false, changes: new Map() };
+    return pending;
+  };
+  const { maxLiveBytes, maxEntries, maxRecordBytes } = state.structures.m;
+  const ringBytes = layout.structures[0].length - 4096 - 512 * 8;
+
+  /** What the commit would need after the change (the limits of docs/state.md). */
+  function fits(after) {
+    let live = 0;
+    for (const [k, v] of after.map) live += entryBytes(k.length / 2, v.length / 2);
+    let need = 0;
+    for (const [k, v] of after.changes) {
+      if (v !== null) need += entryBytes(k.length / 2, v.length / 2);
+      else if (!after.cleared && committed.has(k)) need += entryBytes(k.length / 2, 0);
+    }
+    return after.map.size <= maxEntries && live <= maxLiveBytes && live + need <= ringBytes / 2 - 4 * maxRecordBytes;
+  }
+
+  function checkSnapshots(step) {
+    const bytes = file.map().bytes;
+    const found = new SnapshotFile(bytes).recover();
+    for (const slot of found.valid()) {
+      const p = new DataView(found.read(slot).buffer);
+      const s = Number(p.getBigUint64(16, true));
+      const want = history.get(s);
+      assert.ok(want !== undefined, `step ${step}: a valid snapshot names sequence ${s}, never committed`);
+      const tail = Number(p.getBigUint64(24, true));
+      const head = Number(p.getBigUint64(32, true));
+      const region = found.head.tailStart + layout.structures[0].offset;
+      assert.deepEqual(decodeMapWindow(bytes, region, layout.structures[0].length, tail, head), want, `step ${step}: seq ${s} map`);
+      assert.equal(p.getBigUint64(40, true), BigInt(s), `step ${step}: seq ${s} counter (cell version)`);
+      counts.checks++;
+    }
+  }
+
+  for (let step = 0; step < 2500; step++) {
+    const op = rng.int(0, 99);
+    const { m } = state.structures;
+    const key = (rng.int(0, 1) === 0 ? enc(`k${rng.int(0, 300)}`) : enc(`key-${rng.int(0, 40)}`));
+    const k = hex(key);
+    if (op < 55) {
+      const v = Uint8Array.from({ length: rng.int(0, rng.int(0, 1) === 0 ? 700 : 150) }, () => rng.int(0, 255));
+      const after = { map: new Map(view()), cleared: pending?.cleared ?? false, changes: new Map(pending?.changes ?? []) };
+      after.map.set(k, hex(v));
+      after.changes.set(k, hex(v));
+      if (fits(after)) {
+        m.set(key, v);
+        pending = after;
+        counts.set++;
+      } else {
+        assert.throws(() => m.set(key, v), (err) => err.code === 'ERR_STATE_MAP_FULL', `step ${step}`);
+        counts.full++;
+      }
+    } else if (op < 68) {
+      const present = view().has(k);
+      assert.equal(m.delete(key), present, `step ${step}: delete says whether the key was there`);
+      if (present) {
+        const p = staged();
+        p.map.delete(k);
+        if (!p.cleared && committed.has(k)) p.changes.set(k, null);
+        else p.changes.delete(k);
+        counts.delete++;
+      }
+    } else if (op < 69) {
+      if (rng.int(0, 2) !== 0) continue; // rarely: the map should fill up between clears
+      m.clear();
+      const p = staged();
+      p.map.clear();
+      p.changes.clear();
+      p.cleared = true;
+      counts.clear++;
+    } else if (op < 71) {
+      m.discard();
+      if (pending !== null) pending = { map: new Map(committed), cleared: false, changes: new Map() };
+      counts.discard++;
+    } else if (op < 89) {
+      state.structures.n.set(0, seq + 1); // every commit publishes; the counter's version is its sequence
+      state.commit();
+      seq++;
+      if (pending !== null) {
+        for (const [key2, v] of pending.changes) written += entryBytes(key2.length / 2, v === null ? 0 : v.length / 2);
+        committed = pending.map;
+      }
+      pending = null;
+      history.set(seq, sorted(committed));
+      counts.commit++;
+    } else {
+      const restore = op >= 95;
+      state.close();
+      if (restore) file = copyOf(t, file);
+      state = StateFile.open(file, decl, options);
+      assert.equal(state.structures.m.rebuilt, restore && seq > 0, `step ${step}: ${restore ? 'a copy rebuilds its index' : 'the same memfd keeps its index'}`);
+      if (state.structures.m.rebuilt) counts.rebuilt++;
+      pending = null;
+      counts[restore ? 'restore' : 'reopen']++;
+    }
+    if (op >= 71) checkSnapshots(step); // staging writes nothing to the memory file
+    assert.deepEqual(mapEntries(state.structures.m), sorted(view()), `step ${step}: entries`);
+    assert.equal(state.structures.m.size, view().size, `step ${step}: size`);
+    const probe = rng.int(0, 40);
+    assert.equal(state.structures.m.has(`key-${probe}`), view().has(hex(enc(`key-${probe}`))), `step ${step}: has`);
+  }
+  state.close();
+  t.diagnostic(`seed ${SEED + 1}: ${JSON.stringify(counts)}, ${written} record bytes committed into a ${ringBytes}-byte ring`);
+  assert.ok(counts.full > 0 && counts.restore > 20 && counts.rebuilt > 20, 'the run exercised full maps and restores');
+  assert.ok(written > 2 * ringBytes, 'the ring wrapped and was reclaimed many times');
 });

@@ -53,7 +53,11 @@ export type ShmfdErrorCode =
   | 'ERR_STATE_LAYOUT_MISMATCH'
   | 'ERR_STATE_CORRUPT'
   | 'ERR_STATE_LOG_FULL'
-  | 'ERR_STATE_RECORD_TOO_LARGE';
+  | 'ERR_STATE_RECORD_TOO_LARGE'
+  | 'ERR_STATE_MAP_FULL'
+  | 'ERR_STATE_KEY_TOO_LARGE'
+  | 'ERR_STATE_VALUE_TOO_LARGE'
+  | 'ERR_STATE_MAP_CHANGED';
 
 /** Base class of the errors shmfd raises. */
 export class ShmfdError extends Error {

@@ -14,6 +14,7 @@ export {
 } from './state-file.js';
 export { AppendLog, recordBytes } from './log.js';
 export { VersionedCell, CounterSet } from './cell.js';
+export { KeyValueMap, keyValueMap, MAX_KEY_BYTES, entryBytes, type MapKey, type MapDeclaration, type KeyValueMapOptions } from './kv-map.js';
 export {
   appendLog,
   versionedCell,

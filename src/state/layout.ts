@@ -54,8 +54,24 @@ export interface CounterDeclaration {
   readonly copies: number;
 }
 
+/** A key-value map; see {@link keyValueMap}. */
+export interface MapDeclaration {
+  readonly kind: 'map';
+  /** Bytes of the map's region: index, ring of entries and a header page. */
+  readonly maxBytes: number;
+}
+
+/** Options of {@link keyValueMap}. */
+export interface KeyValueMapOptions {
+  /**
+   * Bytes the map may take in the memory file, a multiple of 4096 from 64 KiB to 2^32
+   * (pages are only allocated when touched). Entries may take about a third of it.
+   */
+  maxBytes: number;
+}
+
 /** Any structure declaration. */
-export type Declaration = LogDeclaration | CellDeclaration | CounterDeclaration;
+export type Declaration = LogDeclaration | CellDeclaration | CounterDeclaration | MapDeclaration;
 
 /**
  * The structures of a state file by name, in the order their regions follow each other in
@@ -99,7 +115,7 @@ export const DIRECTORY_ENTRY = 64;
 const COPY_ALIGN = 64;
 
 /** Kind codes stored in the directory. */
-export const KIND_CODE = Object.freeze({ log: 1, cell: 2, counters: 3 } as const);
+export const KIND_CODE = Object.freeze({ log: 1, cell: 2, counters: 3, map: 4 } as const);
 
 const ELEMENT_TYPES: readonly CellArrayConstructor<CellArray>[] = [
   Int8Array,
@@ -211,6 +227,12 @@ export function planLayout(declarations: Declarations): StateLayout {
         }
         bytes = d.capacity;
         break;
+      case 'map':
+        if (!Number.isSafeInteger(d.maxBytes) || d.maxBytes < 16 * PAGE || d.maxBytes % PAGE !== 0 || d.maxBytes > MAX_REGION) {
+          throw declarationError(`${name}: a map's maxBytes must be a multiple of ${PAGE} from ${16 * PAGE} to 2^32, got ${String(d.maxBytes)}`);
+        }
+        bytes = d.maxBytes;
+        break;
       case 'cell':
       case 'counters': {
         if (d.kind === 'cell' && (typeof d.type !== 'function' || !ELEMENT_TYPES.includes(d.type))) {
@@ -228,7 +250,7 @@ export function planLayout(declarations: Declarations): StateLayout {
         break;
       }
       default:
-        throw declarationError(`${name}: not a structure declaration (use appendLog, versionedCell or counterSet)`);
+        throw declarationError(`${name}: not a structure declaration (use appendLog, versionedCell, counterSet or keyValueMap)`);
     }
     const length = roundUp(bytes, PAGE);
     structures.push({ name, declaration: d, index, offset, length, stride, valueBytes });
@@ -257,8 +279,8 @@ function encodeDirectory(structures: readonly PlacedStructure[], end: number, en
     view.setUint32(at, KIND_CODE[d.kind], true);
     view.setBigUint64(at + 8, BigInt(s.offset), true);
     view.setBigUint64(at + 16, BigInt(s.length), true);
-    if (d.kind === 'log') {
-      view.setBigUint64(at + 32, BigInt(d.capacity), true);
+    if (d.kind === 'log' || d.kind === 'map') {
+      view.setBigUint64(at + 32, BigInt(d.kind === 'log' ? d.capacity : d.maxBytes), true);
     } else {
       const type = d.kind === 'cell' ? d.type : BigUint64Array;
       view.setUint32(at + 4, d.copies, true);

@@ -26,9 +26,11 @@ import {
   type Declarations,
   type DecodedPayload,
   type LogDeclaration,
+  type MapDeclaration,
   type StateLayout,
 } from './layout.js';
 import { AppendLog } from './log.js';
+import { KeyValueMap, memoryIdentity } from './kv-map.js';
 
 /** The structure a declaration gives. */
 export type StructureOf<D> = D extends LogDeclaration
@@ -37,7 +39,9 @@ export type StructureOf<D> = D extends LogDeclaration
     ? VersionedCell<T>
     : D extends CounterDeclaration
       ? CounterSet
-      : never;
+      : D extends MapDeclaration
+        ? KeyValueMap
+        : never;
 
 /** The structures of a state file, by declared name. */
 export type Structures<D extends Declarations> = { readonly [K in keyof D]: StructureOf<D[K]> };
@@ -119,7 +123,7 @@ export class StateFile<D extends Declarations> implements StructureContainer {
     u32[3] = Number(layout.hash >> 32n);
 
     const tail = writer.tail;
-    const named: Record<string, AppendLog | VersionedCell<CellArray> | CounterSet> = {};
+    const named: Record<string, AppendLog | VersionedCell<CellArray> | CounterSet | KeyValueMap> = {};
     this.#list = [];
     for (const s of layout.structures) {
       const region = tail.subarray(s.offset, s.offset + s.length);
@@ -127,8 +131,13 @@ export class StateFile<D extends Declarations> implements StructureContainer {
       const words = newest?.words;
       const a = words?.[2 * s.index] ?? 0;
       const b = words?.[2 * s.index + 1] ?? 0;
-      let structure: AppendLog | VersionedCell<CellArray> | CounterSet;
-      if (d.kind === 'log') {
+      let structure: AppendLog | VersionedCell<CellArray> | CounterSet | KeyValueMap;
+      if (d.kind === 'map') {
+        const map = new KeyValueMap(this, s.name, region, memoryIdentity(file.fd));
+        const damage = map.restore(a, b, newest === undefined);
+        if (damage !== undefined) throw corrupt(file, damage);
+        structure = map;
+      } else if (d.kind === 'log') {
         const log = new AppendLog(this, s.name, region, d.capacity);
         const damage = log.restore(a, b);
         if (damage !== undefined) throw corrupt(file, damage);
@@ -293,6 +302,10 @@ export class StateFile<D extends Declarations> implements StructureContainer {
     for (const s of this.layout.structures) {
       if (s.declaration.kind === 'log') continue;
       const structure = this.#list[s.index]!;
+      if (structure instanceof KeyValueMap) {
+        structure.named(payload.words[2 * s.index]!, offset);
+        continue;
+      }
       const cell = structure instanceof CounterSet ? structure.cell : (structure as VersionedCell<CellArray>);
       cell.named(payload.words[2 * s.index]!, offset);
     }

@@ -1,0 +1,853 @@
+/**
+ * A crash-consistent key-value map in a tail region: an append-only ring of entry records
+ * is the truth (the snapshot payload names its committed window), and a hash index in the
+ * same region is a cache of it, trusted on open only when it provably matches.
+ * @module
+ */
+import fs from 'node:fs';
+import { Buffer } from 'node:buffer';
+import { ShmfdError } from '../base/errors.js';
+import { PAGE } from '../snapshot/format.js';
+import { putU64, type StateHost, type Structure } from './host.js';
+import { fnv1a64, type KeyValueMapOptions, type MapDeclaration } from './layout.js';
+
+export type { KeyValueMapOptions, MapDeclaration } from './layout.js';
+
+/** Longest key, in bytes (a string key counts its UTF-8 bytes). */
+export const MAX_KEY_BYTES = 4096;
+/** Bytes of an entry record's header: key length and flags, value length, hash, check. */
+export const ENTRY_HEADER = 16;
+/** Smallest `maxBytes` of a map. */
+export const MIN_MAP_BYTES = 16 * PAGE;
+/** Index slots a new (or cleared) index starts with; it doubles as entries are added. */
+const MIN_SLOTS = 1024;
+const FLAG_TOMBSTONE = 0x0100_0000;
+const FLAG_WRAP = 0x0200_0000;
+const KEY_MASK = 0x00ff_ffff;
+const CHECK_SALT = 0x6b76_6d70;
+/** `"shmkvidx"` as two little-endian u32: the index header's first words. */
+const INDEX_MAGIC_LO = 0x6b6d6873;
+const INDEX_MAGIC_HI = 0x78646976;
+
+/** Header words (u32 indexes into the region's first page). */
+const H_MAGIC = 0;
+const H_VALID = 2;
+const H_IDENTITY = 4;
+const H_TAIL = 6;
+const H_HEAD = 8;
+const H_SLOTS = 10;
+const H_COUNT = 12;
+const H_LIVE = 14;
+
+/** How a map's region is divided; a pure function of the region's length. */
+export interface MapGeometry {
+  /** Region offset of the index table (after the header page). */
+  readonly indexOffset: number;
+  /** Most index slots (a power of two); 8 bytes each. */
+  readonly maxSlots: number;
+  /** Region offset of the ring. */
+  readonly ringOffset: number;
+  /** Bytes of the ring (a multiple of 8). */
+  readonly ringBytes: number;
+  /** Largest record (header, key, value, padding): `ringBytes / 64`, rounded down to 8. */
+  readonly maxRecordBytes: number;
+  /** Most entries: three quarters of the slots. */
+  readonly maxEntries: number;
+}
+
+/** The geometry of a map region of `length` bytes (whole pages, at least {@link MIN_MAP_BYTES}). */
+export function mapGeometry(length: number): MapGeometry {
+  let maxSlots = 1;
+  while (maxSlots * 2 * 8 <= (length - PAGE) / 8) maxSlots *= 2;
+  const ringOffset = PAGE + maxSlots * 8;
+  const ringBytes = length - ringOffset;
+  return {
+    indexOffset: PAGE,
+    maxSlots,
+    ringOffset,
+    ringBytes,
+    maxRecordBytes: Math.floor(ringBytes / 64 / 8) * 8,
+    maxEntries: (maxSlots / 4) * 3,
+  };
+}
+
+/** Declares a key-value map of at most `options.maxBytes` bytes (see {@link KeyValueMap}). */
+export function keyValueMap(options: KeyValueMapOptions): MapDeclaration {
+  return { kind: 'map', maxBytes: options.maxBytes };
+}
+
+/** Bytes a record with a key of `keyBytes` and a value of `valueBytes` takes in the ring. */
+export function entryBytes(keyBytes: number, valueBytes: number): number {
+  return ENTRY_HEADER + Math.ceil((keyBytes + valueBytes) / 8) * 8;
+}
+
+/** A key: a string (stored as its UTF-8 bytes) or bytes. `'a'` and `Uint8Array [0x61]` are the same key. */
+export type MapKey = string | Uint8Array;
+
+let bootId: string | undefined;
+
+/**
+ * What tells this memory file apart from any other, also from a copy of its bytes in a new
+ * memfd (a restored backup) and from a file of an earlier boot: a hash of the boot id,
+ * device, inode and birth time (the change time moves with every store through a mapping).
+ * A false difference only costs a rebuild.
+ * @internal
+ */
+export function memoryIdentity(fd: number): readonly [number, number] {
+  if (bootId === undefined) {
+    try {
+      bootId = fs.readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
+    } catch {
+      bootId = '';
+    }
+  }
+  const st = fs.fstatSync(fd, { bigint: true });
+  const h = fnv1a64(Buffer.from(`${bootId}:${st.dev}:${st.ino}:${st.birthtimeNs}`));
+  return [Number(h & 0xffffffffn), Number(h >> 32n)];
+}
+
+/** 32-bit hash of `n` bytes of `b` (Murmur3's body and finalizer). */
+function hashBytes(b: Uint8Array, from: number, n: number): number {
+  let h = n ^ 0x9747b28c;
+  const end = from + (n & ~3);
+  let i = from;
+  for (; i < end; i += 4) {
+    let k = b[i]! | (b[i + 1]! << 8) | (b[i + 2]! << 16) | (b[i + 3]! << 24);
+    k = Math.imul(k, 0xcc9e2d51);
+    k = (k << 15) | (k >>> 17);
+    h ^= Math.imul(k, 0x1b873593);
+    h = (h << 13) | (h >>> 19);
+    h = (Math.imul(h, 5) + 0xe6546b64) | 0;
+  }
+  const rest = n & 3;
+  if (rest !== 0) {
+    let k = b[i]!;
+    if (rest > 1) k ^= b[i + 1]! << 8;
+    if (rest > 2) k ^= b[i + 2]! << 16;
+    k = Math.imul(k, 0xcc9e2d51);
+    k = (k << 15) | (k >>> 17);
+    h ^= Math.imul(k, 0x1b873593);
+  }
+  h ^= h >>> 16;
+  h = Math.imul(h, 0x85ebca6b);
+  h ^= h >>> 13;
+  h = Math.imul(h, 0xc2b2ae35);
+  h ^= h >>> 16;
+  return h >>> 0;
+}
+
+/** A staged change: a new value, or `null` for a deletion of a committed key. */
+interface Staged {
+  readonly key: Uint8Array;
+  readonly hash: number;
+  readonly value: Uint8Array | null;
+  /** Record bytes of the committed entry this replaces (0: none). */
+  readonly replaced: number;
+}
+
+/**
+ * A key-value map (see docs/state.md): keys are strings or bytes, values bytes. Changes
+ * are staged in memory and become part of the state with the next commit of the state
+ * file, atomically with every other structure; reads see the staged changes.
+ *
+ * Committed entries are records in a ring in the shared memory; the index that finds them
+ * in O(1) lives there too and survives a restart on the same memory file. Space of deleted
+ * and overwritten entries is reclaimed by commits, without ever writing bytes that a valid
+ * snapshot names.
+ */
+export class KeyValueMap implements Structure {
+  /** The name the map was declared under. */
+  readonly name: string;
+  /** Largest record: `entryBytes(key, value)` must not exceed it. */
+  readonly maxRecordBytes: number;
+  /** Most entries the map holds. */
+  readonly maxEntries: number;
+  /** Most bytes of records (`entryBytes` of every entry) the map holds. */
+  readonly maxLiveBytes: number;
+  readonly #host: StateHost;
+  readonly #bytes: Uint8Array;
+  readonly #u32: Uint32Array;
+  readonly #geometry: MapGeometry;
+  readonly #ring: number;
+  /** u32 index of the ring's first word. */
+  readonly #ringWord: number;
+  /** u32 index of the index table's first word. */
+  readonly #indexWord: number;
+  readonly #identity: readonly [number, number];
+  readonly #scratch: Buffer;
+  /** Committed window of the ring, as stream positions. */
+  #tail = 0;
+  #head = 0;
+  #slots: number;
+  #count = 0;
+  #live = 0;
+  #rebuilt = false;
+  /** Staged changes by key (as a latin1 string of the key bytes). */
+  #staged = new Map<string, Staged>();
+  #cleared = false;
+  /** Staged totals: entries and record bytes after the commit, bytes the commit appends. */
+  #countAfter = 0;
+  #liveAfter = 0;
+  #need = 0;
+  /** Bumped by every commit that changes the ring: iterators started before it stop. */
+  #generation = 0;
+  #changed = false;
+  /**
+   * Ring tails named by snapshots that may be valid, oldest first, each with the stream
+   * offset of the newest snapshot naming it: before ring bytes are reused, every snapshot
+   * naming a tail they lie after is invalidated.
+   */
+  #namedTails: number[] = [];
+  #namedOffsets: number[] = [];
+  #namedFirst = 0;
+
+  /** @internal created by the state file. */
+  constructor(host: StateHost, name: string, region: Uint8Array, identity: readonly [number, number]) {
+    this.#host = host;
+    this.name = name;
+    this.#bytes = region;
+    this.#u32 = new Uint32Array(region.buffer, region.byteOffset, region.length / 4);
+    const g = mapGeometry(region.length);
+    this.#geometry = g;
+    this.#ring = g.ringBytes;
+    this.#ringWord = g.ringOffset / 4;
+    this.#indexWord = g.indexOffset / 4;
+    this.maxRecordBytes = g.maxRecordBytes;
+    this.maxEntries = g.maxEntries;
+    this.maxLiveBytes = Math.floor((g.ringBytes * 3) / 8 / 8) * 8;
+    this.#identity = identity;
+    this.#scratch = Buffer.alloc(MAX_KEY_BYTES);
+    this.#slots = Math.min(MIN_SLOTS, g.maxSlots);
+  }
+
+  /** Entries, staged changes included. */
+  get size(): number {
+    return this.#countAfter;
+  }
+
+  /** Record bytes of the entries, staged changes included (at most {@link maxLiveBytes}). */
+  get liveBytes(): number {
+    return this.#liveAfter;
+  }
+
+  /** Whether changes are staged. */
+  get staged(): boolean {
+    return this.#staged.size > 0 || this.#cleared;
+  }
+
+  /**
+   * Whether opening rebuilt the index from the ring: after a crash, in a restored backup
+   * (another memory file), or with a damaged index. `false` when the index left by the
+   * previous process on the same memory file was used as it was, or the map is new.
+   */
+  get rebuilt(): boolean {
+    return this.#rebuilt;
+  }
+
+  /** The value of `key` (a copy), staged changes included; `undefined` when absent. */
+  get(key: MapKey): Uint8Array | undefined {
+    const n = this.#key(key);
+    const s = this.#scratch;
+    if (this.#staged.size > 0) {
+      const staged = this.#staged.get(s.toString('latin1', 0, n));
+      if (staged !== undefined) return staged.value?.slice();
+    }
+    if (this.#cleared) return undefined;
+    const slot = this.#find(hashBytes(s, 0, n), s, n);
+    if (slot < 0) return undefined;
+    const at = this.#recordByte(slot);
+    const w = (this.#geometry.ringOffset + at) >>> 2;
+    const keyBytes = this.#u32[w]! & KEY_MASK;
+    const start = this.#geometry.ringOffset + at + ENTRY_HEADER + keyBytes;
+    return this.#bytes.slice(start, start + this.#u32[w + 1]!);
+  }
+
+  /** Whether `key` is present, staged changes included. */
+  has(key: MapKey): boolean {
+    const n = this.#key(key);
+    const s = this.#scratch;
+    if (this.#staged.size > 0) {
+      const staged = this.#staged.get(s.toString('latin1', 0, n));
+      if (staged !== undefined) return staged.value !== null;
+    }
+    return !this.#cleared && this.#find(hashBytes(s, 0, n), s, n) >= 0;
+  }
+
+  /**
+   * Stages `key` = `value` (the value's bytes are copied). Committed with the next commit.
+   * @throws {@link ShmfdError} `ERR_STATE_KEY_TOO_LARGE` (key over {@link MAX_KEY_BYTES}),
+   *   `ERR_STATE_VALUE_TOO_LARGE` (record over {@link maxRecordBytes}), `ERR_STATE_MAP_FULL`
+   *   (the map would hold more than {@link maxEntries} entries or {@link maxLiveBytes}
+   *   bytes, or the commit would append more than the ring can take now: commit first);
+   *   nothing is staged then
+   */
+  set(key: MapKey, value: Uint8Array): this {
+    const n = this.#key(key);
+    const size = entryBytes(n, value.length);
+    if (size > this.maxRecordBytes) {
+      throw new ShmfdError('ERR_STATE_VALUE_TOO_LARGE', `map ${this.name}: an entry with a ${n}-byte key and a ${value.length}-byte value needs ${size} bytes, more than the largest record of ${this.maxRecordBytes}`);
+    }
+    if (!(value instanceof Uint8Array)) throw new TypeError(`map ${this.name}: a value is a Uint8Array`);
+    this.#stage(n, new Uint8Array(value));
+    return this;
+  }
+
+  /**
+   * Stages the deletion of `key`.
+   * @returns whether the key was present (staged changes included)
+   */
+  delete(key: MapKey): boolean {
+    const n = this.#key(key);
+    if (!this.has(key)) return false;
+    this.#stage(n, null);
+    return true;
+  }
+
+  /** Stages the removal of every entry. */
+  clear(): void {
+    if (this.#countAfter === 0 && !this.staged) return;
+    this.#staged.clear();
+    this.#cleared = true;
+    this.#countAfter = 0;
+    this.#liveAfter = 0;
+    this.#need = 0;
+    this.#host.markDirty();
+  }
+
+  /** Drops the staged changes. */
+  discard(): void {
+    this.#staged.clear();
+    this.#cleared = false;
+    this.#countAfter = this.#count;
+    this.#liveAfter = this.#live;
+    this.#need = 0;
+  }
+
+  /** Commits the whole state file (see `StateFile.commit`). */
+  commit(): boolean {
+    return this.#host.commit();
+  }
+
+  /**
+   * The entries as `[key, value]` (copies; keys as bytes: decode string keys with
+   * `TextDecoder`), staged changes included: committed entries in the order they were last
+   * written, then the staged ones. A commit that changes the map ends an iteration started
+   * before it with `ERR_STATE_MAP_CHANGED`; staging does not.
+   */
+  *entries(): IterableIterator<[Uint8Array, Uint8Array]> {
+    for (const [key, at, keyBytes, valueBytes] of this.#walkLive()) {
+      const start = this.#geometry.ringOffset + at + ENTRY_HEADER;
+      yield [key, this.#bytes.slice(start + keyBytes, start + keyBytes + valueBytes)];
+    }
+    for (const s of this.#staged.values()) if (s.value !== null) yield [s.key.slice(), s.value.slice()];
+  }
+
+  /** The keys (copies, as bytes), in the order of {@link entries}. */
+  *keys(): IterableIterator<Uint8Array> {
+    for (const [key] of this.#walkLive()) yield key;
+    for (const s of this.#staged.values()) if (s.value !== null) yield s.key.slice();
+  }
+
+  /** Same as {@link entries}. */
+  [Symbol.iterator](): IterableIterator<[Uint8Array, Uint8Array]> {
+    return this.entries();
+  }
+
+  /** Committed entries not overridden by a staged change: key copy, record byte, key and value lengths. */
+  *#walkLive(): IterableIterator<[Uint8Array, number, number, number]> {
+    if (this.#cleared) return;
+    const generation = this.#generation;
+    const ring = this.#ringWord;
+    let at = this.#tail;
+    while (at < this.#head) {
+      if (this.#generation !== generation) {
+        throw new ShmfdError('ERR_STATE_MAP_CHANGED', `map ${this.name}: a commit changed the map during an iteration`);
+      }
+      const phys = at % this.#ring;
+      if (this.#ring - phys < ENTRY_HEADER || (this.#u32[ring + (phys >>> 2)]! & FLAG_WRAP) !== 0) {
+        at += this.#ring - phys;
+        continue;
+      }
+      const w = ring + (phys >>> 2);
+      const word0 = this.#u32[w]!;
+      const keyBytes = word0 & KEY_MASK;
+      const valueBytes = this.#u32[w + 1]!;
+      at += entryBytes(keyBytes, valueBytes);
+      if ((word0 & FLAG_TOMBSTONE) !== 0 || !this.#isCurrent(phys, this.#u32[w + 2]!)) continue;
+      const start = this.#geometry.ringOffset + phys + ENTRY_HEADER;
+      const key = this.#bytes.slice(start, start + keyBytes);
+      if (this.#staged.size > 0 && this.#staged.has(Buffer.from(key.buffer, key.byteOffset, keyBytes).toString('latin1'))) continue;
+      yield [key, phys, keyBytes, valueBytes];
+    }
+  }
+
+  /** Puts the bytes of `key` into the scratch buffer; returns their number. */
+  #key(key: MapKey): number {
+    const s = this.#scratch;
+    if (typeof key === 'string') {
+      if (key.length * 3 > MAX_KEY_BYTES && Buffer.byteLength(key, 'utf8') > MAX_KEY_BYTES) throw this.#keyTooLarge(Buffer.byteLength(key, 'utf8'));
+      return s.write(key, 0, 'utf8');
+    }
+    if (!(key instanceof Uint8Array)) throw new TypeError(`map ${this.name}: a key is a string or a Uint8Array`);
+    if (key.length > MAX_KEY_BYTES) throw this.#keyTooLarge(key.length);
+    s.set(key, 0);
+    return key.length;
+  }
+
+  #keyTooLarge(n: number): ShmfdError {
+    return new ShmfdError('ERR_STATE_KEY_TOO_LARGE', `map ${this.name}: a key of ${n} bytes is longer than ${MAX_KEY_BYTES} bytes`);
+  }
+
+  /** Stages a change of the key in the scratch buffer (`n` bytes), after checking the limits. */
+  #stage(n: number, value: Uint8Array | null): void {
+    const s = this.#scratch;
+    const id = s.toString('latin1', 0, n);
+    const hash = hashBytes(s, 0, n);
+    const before = this.#staged.get(id);
+    let replaced: number;
+    if (before !== undefined) {
+      replaced = before.replaced;
+    } else if (this.#cleared) {
+      replaced = 0;
+    } else {
+      const slot = this.#find(hash, s, n);
+      replaced = slot < 0 ? 0 : this.#recordBytesAt(this.#recordByte(slot));
+    }
+    // What this key contributes to the totals after the commit, before and after the change.
+    const [oldCount, oldLive, oldNeed] = before === undefined ? [replaced > 0 ? 1 : 0, replaced, 0] : contribution(before);
+    const next: Staged = { key: new Uint8Array(s.subarray(0, n)), hash, value, replaced };
+    const [newCount, newLive, newNeed] = value === null && replaced === 0 ? [0, 0, 0] : contribution(next);
+    const count = this.#countAfter - oldCount + newCount;
+    const live = this.#liveAfter - oldLive + newLive;
+    const need = this.#need - oldNeed + newNeed;
+    if (count > this.maxEntries || live > this.maxLiveBytes || live + need > this.#ring / 2 - 4 * this.maxRecordBytes) {
+      throw new ShmfdError(
+        'ERR_STATE_MAP_FULL',
+        count > this.maxEntries
+          ? `map ${this.name} is full: it holds at most ${this.maxEntries} entries`
+          : live > this.maxLiveBytes
+            ? `map ${this.name} is full: ${live} bytes of entries would exceed its ${this.maxLiveBytes} bytes`
+            : `map ${this.name}: the staged changes (${need} bytes) do not fit the ring before a commit; commit more often`,
+      );
+    }
+    if (value === null && replaced === 0) this.#staged.delete(id);
+    else this.#staged.set(id, next);
+    this.#countAfter = count;
+    this.#liveAfter = live;
+    this.#need = need;
+    this.#host.markDirty();
+  }
+
+  // ---- the index: open addressing with linear probing, 8-byte slots (record position / 8 + 1, hash)
+
+  /** Byte offset in the ring of the record slot `slot` names. */
+  #recordByte(slot: number): number {
+    return (this.#u32[this.#indexWord + 2 * slot]! - 1) * 8;
+  }
+
+  #recordBytesAt(phys: number): number {
+    const w = this.#ringWord + (phys >>> 2);
+    return entryBytes(this.#u32[w]! & KEY_MASK, this.#u32[w + 1]!);
+  }
+
+  /** The slot holding the key `k[0..n)` with `hash`, or -1. */
+  #find(hash: number, k: Uint8Array, n: number): number {
+    const u32 = this.#u32;
+    const base = this.#indexWord;
+    const mask = this.#slots - 1;
+    const bytes = this.#bytes;
+    const ringOffset = this.#geometry.ringOffset;
+    for (let i = hash & mask; ; i = (i + 1) & mask) {
+      const pos = u32[base + 2 * i]!;
+      if (pos === 0) return -1;
+      if (u32[base + 2 * i + 1] !== hash) continue;
+      const at = ringOffset + (pos - 1) * 8;
+      if ((u32[at >>> 2]! & KEY_MASK) !== n) continue;
+      let j = 0;
+      const key = at + ENTRY_HEADER;
+      while (j < n && bytes[key + j] === k[j]) j++;
+      if (j === n) return i;
+    }
+  }
+
+  /** Whether the index names the record at ring byte `phys` (whose key hashes to `hash`). */
+  #isCurrent(phys: number, hash: number): boolean {
+    const u32 = this.#u32;
+    const base = this.#indexWord;
+    const mask = this.#slots - 1;
+    const want = phys / 8 + 1;
+    for (let i = hash & mask; ; i = (i + 1) & mask) {
+      const pos = u32[base + 2 * i]!;
+      if (pos === 0) return false;
+      if (pos === want) return true;
+    }
+  }
+
+  /** Points the key's slot at ring byte `phys`, adding a slot when the key is new. */
+  #upsert(hash: number, k: Uint8Array, n: number, phys: number): void {
+    const slot = this.#find(hash, k, n);
+    if (slot >= 0) {
+      this.#u32[this.#indexWord + 2 * slot] = phys / 8 + 1;
+      return;
+    }
+    this.#insertNew(hash, phys);
+    this.#count++;
+  }
+
+  #insertNew(hash: number, phys: number): void {
+    const u32 = this.#u32;
+    const base = this.#indexWord;
+    const mask = this.#slots - 1;
+    let i = hash & mask;
+    while (u32[base + 2 * i] !== 0) i = (i + 1) & mask;
+    u32[base + 2 * i] = phys / 8 + 1;
+    u32[base + 2 * i + 1] = hash;
+  }
+
+  /** Empties `slot`, moving later slots of the probe run back (no tombstones). */
+  #remove(slot: number): void {
+    const u32 = this.#u32;
+    const base = this.#indexWord;
+    const mask = this.#slots - 1;
+    let hole = slot;
+    for (let i = (slot + 1) & mask; ; i = (i + 1) & mask) {
+      const pos = u32[base + 2 * i]!;
+      if (pos === 0) break;
+      const home = u32[base + 2 * i + 1]! & mask;
+      // Move the entry into the hole unless its home lies cyclically in (hole, i].
+      if (hole <= i ? home <= hole || home > i : home <= hole && home > i) {
+        u32[base + 2 * hole] = pos;
+        u32[base + 2 * hole + 1] = u32[base + 2 * i + 1]!;
+        hole = i;
+      }
+    }
+    u32[base + 2 * hole] = 0;
+    u32[base + 2 * hole + 1] = 0;
+    this.#count--;
+  }
+
+  /** Makes the table `slots` long, reinserting every entry (after a clear: empty). */
+  #resize(slots: number, keep: boolean): void {
+    const base = this.#indexWord;
+    const old = keep ? this.#u32.slice(base, base + 2 * this.#slots) : undefined;
+    this.#u32.fill(0, base, base + 2 * Math.max(slots, this.#slots));
+    this.#slots = slots;
+    if (old === undefined) return;
+    for (let i = 0; i < old.length; i += 2) {
+      if (old[i] !== 0) this.#insertNew(old[i + 1]!, (old[i]! - 1) * 8);
+    }
+  }
+
+  // ---- the ring
+
+  /** Writes a record at the head (after a wrap marker when it does not fit before the end). */
+  #append(flags: number, key: Uint8Array, keyBytes: number, hash: number, value: Uint8Array | undefined, valueBytes: number): number {
+    const size = entryBytes(keyBytes, valueBytes);
+    let phys = this.#head % this.#ring;
+    if (this.#ring - phys < size) {
+      this.#protect(this.#head + (this.#ring - phys));
+      if (this.#ring - phys >= ENTRY_HEADER) this.#writeHeader(phys, FLAG_WRAP, 0, 0);
+      this.#head += this.#ring - phys;
+      phys = 0;
+    }
+    this.#protect(this.#head + size);
+    this.#writeHeader(phys, flags | keyBytes, valueBytes, hash);
+    const at = this.#geometry.ringOffset + phys + ENTRY_HEADER;
+    this.#bytes.set(key.length === keyBytes ? key : key.subarray(0, keyBytes), at);
+    if (value !== undefined) this.#bytes.set(value, at + keyBytes);
+    const end = at + keyBytes + valueBytes;
+    this.#bytes.fill(0, end, this.#geometry.ringOffset + phys + size);
+    this.#head += size;
+    return phys;
+  }
+
+  #writeHeader(phys: number, word0: number, valueBytes: number, hash: number): void {
+    const w = this.#ringWord + (phys >>> 2);
+    this.#u32[w] = word0;
+    this.#u32[w + 1] = valueBytes;
+    this.#u32[w + 2] = hash;
+    this.#u32[w + 3] = (word0 ^ valueBytes ^ hash ^ CHECK_SALT) >>> 0;
+  }
+
+  /**
+   * Before ring bytes up to stream position `end` are written: they overwrite positions
+   * below `end - ring`, so every snapshot naming a tail below that is invalidated first.
+   * The committed tail is never below it (the space accounting of {@link #stage}).
+   */
+  #protect(end: number): void {
+    const limit = end - this.#ring;
+    const tails = this.#namedTails;
+    let first = this.#namedFirst;
+    if (first >= tails.length || tails[first]! >= limit) return;
+    let offset = -1;
+    while (first < tails.length && tails[first]! < limit) offset = Math.max(offset, this.#namedOffsets[first++]!);
+    this.#host.writer.invalidateBefore(offset + 1);
+    if (first > 64 && first * 2 > tails.length) {
+      tails.splice(0, first);
+      this.#namedOffsets.splice(0, first);
+      first = 0;
+    }
+    this.#namedFirst = first;
+  }
+
+  // ---- commit
+
+  /**
+   * @internal Writes the staged changes into the ring and the index (the snapshot about to
+   * be published names them), reclaiming space from the tail, and the payload words:
+   * the ring's tail and head.
+   */
+  encode(u32: Uint32Array, word: number): void {
+    if (this.staged) this.#write();
+    putU64(u32, word, this.#tail);
+    putU64(u32, word + 2, this.#head);
+  }
+
+  #write(): void {
+    const h = this.#u32;
+    h[H_VALID] = 0; // the index changes now; a crash before it is valid again means a rebuild
+    if (this.#cleared) {
+      this.#tail = this.#head;
+      this.#count = 0;
+      this.#live = 0;
+      this.#resize(Math.min(MIN_SLOTS, this.#geometry.maxSlots), false);
+    }
+    let slots = this.#slots;
+    while (this.#countAfter > (slots / 4) * 3 && slots < this.#geometry.maxSlots) slots *= 2;
+    if (slots !== this.#slots) this.#resize(slots, true);
+    this.#reclaim();
+    const staged = this.#staged;
+    // Deletions first, so the table never holds more than the final number of entries.
+    for (const s of staged.values()) {
+      if (s.value !== null) continue;
+      this.#append(FLAG_TOMBSTONE, s.key, s.key.length, s.hash, undefined, 0);
+      const slot = this.#find(s.hash, s.key, s.key.length);
+      if (slot >= 0) this.#remove(slot);
+    }
+    for (const s of staged.values()) {
+      if (s.value === null) continue;
+      const phys = this.#append(0, s.key, s.key.length, s.hash, s.value, s.value.length);
+      this.#upsert(s.hash, s.key, s.key.length, phys);
+    }
+    this.#live = this.#liveAfter;
+    this.#countAfter = this.#count;
+    staged.clear();
+    this.#cleared = false;
+    this.#need = 0;
+    this.#generation++;
+    this.#changed = true;
+  }
+
+  /**
+   * Moves the oldest records out of the way until the window (committed records, the ones
+   * moved, and what this commit appends) is at most half the ring: a live record is
+   * copied to the head, a dead one (overwritten, deleted, a tombstone) is dropped. The
+   * bytes behind the new tail stay untouched until no valid snapshot names them.
+   */
+  #reclaim(): void {
+    const ring = this.#ring;
+    const target = ring / 2 - 2 * this.maxRecordBytes - this.#need;
+    const end = this.#head;
+    const staged = this.#staged;
+    while (this.#head - this.#tail > target && this.#tail < end) {
+      const phys = this.#tail % ring;
+      const w = this.#ringWord + (phys >>> 2);
+      if (ring - phys < ENTRY_HEADER || (this.#u32[w]! & FLAG_WRAP) !== 0) {
+        this.#tail += ring - phys;
+        continue;
+      }
+      const word0 = this.#u32[w]!;
+      const keyBytes = word0 & KEY_MASK;
+      const valueBytes = this.#u32[w + 1]!;
+      const hash = this.#u32[w + 2]!;
+      const size = entryBytes(keyBytes, valueBytes);
+      if ((word0 & FLAG_TOMBSTONE) === 0 && this.#isCurrent(phys, hash)) {
+        const start = this.#geometry.ringOffset + phys + ENTRY_HEADER;
+        const record = this.#bytes.subarray(start, start + keyBytes + valueBytes);
+        const overridden = staged.size > 0 && staged.has(Buffer.from(record.buffer, record.byteOffset, keyBytes).toString('latin1'));
+        if (!overridden) {
+          // Copied before the tail moves: the source stays named by the committed snapshot.
+          const copy = record.slice();
+          const moved = this.#append(0, copy, keyBytes, hash, copy.subarray(keyBytes), valueBytes);
+          this.#u32[this.#indexWord + 2 * this.#slotOf(phys, hash)] = moved / 8 + 1;
+        }
+      }
+      this.#tail += size;
+    }
+  }
+
+  #slotOf(phys: number, hash: number): number {
+    const mask = this.#slots - 1;
+    const want = phys / 8 + 1;
+    for (let i = hash & mask; ; i = (i + 1) & mask) if (this.#u32[this.#indexWord + 2 * i] === want) return i;
+  }
+
+  /** @internal */
+  published(offset: number): void {
+    this.#named(this.#tail, offset);
+    if (!this.#changed) return;
+    this.#changed = false;
+    this.#writeIndexHeader();
+  }
+
+  #writeIndexHeader(): void {
+    const h = this.#u32;
+    h[H_VALID] = 0;
+    h[H_MAGIC] = INDEX_MAGIC_LO;
+    h[H_MAGIC + 1] = INDEX_MAGIC_HI;
+    h[H_IDENTITY] = this.#identity[0];
+    h[H_IDENTITY + 1] = this.#identity[1];
+    putU64(h, H_TAIL, this.#tail);
+    putU64(h, H_HEAD, this.#head);
+    putU64(h, H_SLOTS, this.#slots);
+    putU64(h, H_COUNT, this.#count);
+    putU64(h, H_LIVE, this.#live);
+    h[H_VALID] = 1;
+  }
+
+  #named(tail: number, offset: number): void {
+    const tails = this.#namedTails;
+    const last = tails.length - 1;
+    if (last >= this.#namedFirst && tails[last]! >= tail) {
+      // Same tail (or, in a damaged file, a smaller one): one entry, conservatively.
+      tails[last] = Math.min(tails[last]!, tail);
+      this.#namedOffsets[last] = Math.max(this.#namedOffsets[last]!, offset);
+    } else {
+      tails.push(tail);
+      this.#namedOffsets.push(offset);
+    }
+  }
+
+  /** @internal A valid snapshot at stream `offset` names the ring tail `tail`. */
+  named(tail: number, offset: number): void {
+    this.#named(tail, offset);
+  }
+
+  /**
+   * @internal Takes over the committed window `[tail, head)`: uses the index when its
+   * header says it was built for exactly that window in this memory file, otherwise
+   * rebuilds it from the records.
+   * @returns a description of the damage, or undefined
+   */
+  restore(tail: number, head: number, fresh: boolean): string | undefined {
+    if (fresh) {
+      this.#tail = this.#head = 0;
+      this.#resize(Math.min(MIN_SLOTS, this.#geometry.maxSlots), false);
+      this.#count = this.#live = 0;
+      this.#writeIndexHeader();
+      this.discard();
+      return undefined;
+    }
+    if (tail % 8 !== 0 || head % 8 !== 0 || tail > head || head - tail > this.#ring / 2) {
+      return `map ${this.name}: the committed window [${tail}, ${head}) does not fit half its ${this.#ring}-byte ring`;
+    }
+    this.#tail = tail;
+    this.#head = head;
+    const damage = this.#trustIndex() ? undefined : this.#rebuild();
+    this.discard();
+    return damage;
+  }
+
+  #trustIndex(): boolean {
+    const h = this.#u32;
+    const u64 = (w: number): number => h[w]! + h[w + 1]! * 0x1_0000_0000;
+    const slots = u64(H_SLOTS);
+    const ok =
+      h[H_MAGIC] === INDEX_MAGIC_LO &&
+      h[H_MAGIC + 1] === INDEX_MAGIC_HI &&
+      h[H_VALID] === 1 &&
+      h[H_IDENTITY] === this.#identity[0] &&
+      h[H_IDENTITY + 1] === this.#identity[1] &&
+      u64(H_TAIL) === this.#tail &&
+      u64(H_HEAD) === this.#head &&
+      slots >= Math.min(MIN_SLOTS, this.#geometry.maxSlots) &&
+      slots <= this.#geometry.maxSlots &&
+      (slots & (slots - 1)) === 0 &&
+      u64(H_COUNT) <= (slots / 4) * 3 &&
+      u64(H_LIVE) <= this.#ring;
+    if (!ok) return false;
+    this.#slots = slots;
+    this.#count = u64(H_COUNT);
+    this.#live = u64(H_LIVE);
+    return true;
+  }
+
+  /** Rebuilds the index from the committed records; checks every record header on the way. */
+  #rebuild(): string | undefined {
+    this.#rebuilt = true;
+    const ring = this.#ring;
+    const u32 = this.#u32;
+    // First pass: check the headers and count the records, to size the table once.
+    let records = 0;
+    for (let at = this.#tail; at < this.#head; ) {
+      const phys = at % ring;
+      if (ring - phys < ENTRY_HEADER) {
+        at += ring - phys;
+        continue;
+      }
+      const w = this.#ringWord + (phys >>> 2);
+      const word0 = u32[w]!;
+      const valueBytes = u32[w + 1]!;
+      if (((word0 ^ valueBytes ^ u32[w + 2]! ^ CHECK_SALT) >>> 0) !== u32[w + 3] || (word0 & ~(KEY_MASK | FLAG_TOMBSTONE | FLAG_WRAP)) !== 0) {
+        return `map ${this.name}: the record at ring byte ${phys} (stream ${at}) has a damaged header`;
+      }
+      if ((word0 & FLAG_WRAP) !== 0) {
+        at += ring - phys;
+        continue;
+      }
+      const size = entryBytes(word0 & KEY_MASK, valueBytes);
+      if ((word0 & KEY_MASK) > MAX_KEY_BYTES || size > this.maxRecordBytes || phys + size > ring || at + size > this.#head) {
+        return `map ${this.name}: the record at ring byte ${phys} (stream ${at}) does not fit the ring`;
+      }
+      if ((word0 & FLAG_TOMBSTONE) === 0) records++;
+      at += size;
+    }
+    let slots = Math.min(MIN_SLOTS, this.#geometry.maxSlots);
+    while (records > (slots / 4) * 3 && slots < this.#geometry.maxSlots) slots *= 2;
+    this.#resize(slots, false);
+    this.#count = 0;
+    let live = 0;
+    const bytes = this.#bytes;
+    for (let at = this.#tail; at < this.#head; ) {
+      const phys = at % ring;
+      const w = this.#ringWord + (phys >>> 2);
+      if (ring - phys < ENTRY_HEADER || (u32[w]! & FLAG_WRAP) !== 0) {
+        at += ring - phys;
+        continue;
+      }
+      const word0 = u32[w]!;
+      const keyBytes = word0 & KEY_MASK;
+      const size = entryBytes(keyBytes, u32[w + 1]!);
+      const hash = u32[w + 2]!;
+      const key = bytes.subarray(this.#geometry.ringOffset + phys + ENTRY_HEADER, this.#geometry.ringOffset + phys + ENTRY_HEADER + keyBytes);
+      if (hashBytes(key, 0, keyBytes) !== hash) return `map ${this.name}: the record at ring byte ${phys} (stream ${at}) has a key that does not match its hash`;
+      const slot = this.#find(hash, key, keyBytes);
+      if ((word0 & FLAG_TOMBSTONE) !== 0) {
+        if (slot >= 0) {
+          live -= this.#recordBytesAt(this.#recordByte(slot));
+          this.#remove(slot);
+        }
+      } else if (slot >= 0) {
+        live += size - this.#recordBytesAt(this.#recordByte(slot));
+        u32[this.#indexWord + 2 * slot] = phys / 8 + 1;
+      } else {
+        if (this.#count >= this.maxEntries) return `map ${this.name}: the ring holds more than ${this.maxEntries} entries`;
+        this.#insertNew(hash, phys);
+        this.#count++;
+        live += size;
+      }
+      at += size;
+    }
+    this.#live = live;
+    this.#writeIndexHeader();
+    return undefined;
+  }
+}
+
+/** Entries, record bytes and appended bytes a staged change gives after the commit. */
+function contribution(s: Staged): [number, number, number] {
+  const n = s.key.length;
+  if (s.value === null) return [0, 0, entryBytes(n, 0)];
+  const size = entryBytes(n, s.value.length);
+  return [1, size, size];
+}
