@@ -413,13 +413,30 @@ export class KeyValueMap implements Structure {
       const slot = this.#find(hash, s, n);
       replaced = slot < 0 ? 0 : this.#recordBytesAt(this.#recordByte(slot));
     }
-    // What this key contributes to the totals after the commit, before and after the change.
-    const [oldCount, oldLive, oldNeed] = before === undefined ? [replaced > 0 ? 1 : 0, replaced, 0] : contribution(before);
-    const next: Staged = { key: new Uint8Array(s.subarray(0, n)), hash, value, replaced };
-    const [newCount, newLive, newNeed] = value === null && replaced === 0 ? [0, 0, 0] : contribution(next);
-    const count = this.#countAfter - oldCount + newCount;
-    const live = this.#liveAfter - oldLive + newLive;
-    const need = this.#need - oldNeed + newNeed;
+    // What this key contributes to the totals after the commit, before and after the change:
+    // entries, record bytes, and bytes the commit appends.
+    let count = this.#countAfter;
+    let live = this.#liveAfter;
+    let need = this.#need;
+    if (before === undefined) {
+      if (replaced > 0) count--;
+      live -= replaced;
+    } else if (before.value === null) {
+      need -= entryBytes(n, 0);
+    } else {
+      const size = entryBytes(n, before.value.length);
+      count--;
+      live -= size;
+      need -= size;
+    }
+    if (value !== null) {
+      const size = entryBytes(n, value.length);
+      count++;
+      live += size;
+      need += size;
+    } else if (replaced > 0) {
+      need += entryBytes(n, 0);
+    }
     if (count > this.maxEntries || live > this.maxLiveBytes || live + need > this.#ring / 2 - 4 * this.maxRecordBytes) {
       throw new ShmfdError(
         'ERR_STATE_MAP_FULL',
@@ -431,7 +448,7 @@ export class KeyValueMap implements Structure {
       );
     }
     if (value === null && replaced === 0) this.#staged.delete(id);
-    else this.#staged.set(id, next);
+    else this.#staged.set(id, { key: Uint8Array.prototype.slice.call(s, 0, n), hash, value, replaced });
     this.#countAfter = count;
     this.#liveAfter = live;
     this.#need = need;
@@ -842,12 +859,4 @@ export class KeyValueMap implements Structure {
     this.#writeIndexHeader();
     return undefined;
   }
-}
-
-/** Entries, record bytes and appended bytes a staged change gives after the commit. */
-function contribution(s: Staged): [number, number, number] {
-  const n = s.key.length;
-  if (s.value === null) return [0, 0, entryBytes(n, 0)];
-  const size = entryBytes(n, s.value.length);
-  return [1, size, size];
 }
