@@ -493,13 +493,19 @@ test('a key-value map stages, reads its staged changes, commits with the other s
   state.close();
 
   const restored = copyOf(t, file);
-  state = StateFile.open(restored, decl);
+  const lines = [];
+  const log = { error: (m) => lines.push(`error ${m}`), warn: (m) => lines.push(`warn ${m}`), info: (m) => lines.push(`info ${m}`), debug: () => {} };
+  state = StateFile.open(restored, decl, { log });
   ({ sessions } = state.structures);
   assert.equal(sessions.rebuilt, true, 'a copy in another memfd never trusts the copied index');
   assert.deepEqual([...sessions.keys()].map(dec), ['erin']);
+  assert.match(lines[0], /^info map sessions: rebuilding its index from 0\.0 MiB of entries/, 'a rebuild says so (a warning from 64 MiB on)');
+  assert.match(lines[1], /^info map sessions: index rebuilt, 1 entries, in \d+ ms$/);
   state.close();
-  state = StateFile.open(restored, decl);
+  lines.length = 0;
+  state = StateFile.open(restored, decl, { log });
   assert.equal(state.structures.sessions.rebuilt, false, 'the rebuilt index is used by the next open of that memfd');
+  assert.deepEqual(lines, [], 'reattaching says nothing');
   state.close();
 });
 

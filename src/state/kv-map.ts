@@ -7,6 +7,7 @@
 import fs from 'node:fs';
 import { Buffer } from 'node:buffer';
 import { ShmfdError } from '../base/errors.js';
+import type { Log } from '../base/log.js';
 import { PAGE } from '../snapshot/format.js';
 import { putU64, type StateHost, type Structure } from './host.js';
 import { fnv1a64, type KeyValueMapOptions, type MapDeclaration } from './layout.js';
@@ -25,6 +26,8 @@ const FLAG_TOMBSTONE = 0x0100_0000;
 const FLAG_WRAP = 0x0200_0000;
 const KEY_MASK = 0x00ff_ffff;
 const CHECK_SALT = 0x6b76_6d70;
+/** Windows from this size on take long enough to rebuild that opening warns first. */
+const LARGE_REBUILD = 64 * 2 ** 20;
 /** `"shmkvidx"` as two little-endian u32: the index header's first words. */
 const INDEX_MAGIC_LO = 0x6b6d6873;
 const INDEX_MAGIC_HI = 0x78646976;
@@ -746,7 +749,7 @@ export class KeyValueMap implements Structure {
    * rebuilds it from the records.
    * @returns a description of the damage, or undefined
    */
-  restore(tail: number, head: number, fresh: boolean): string | undefined {
+  restore(tail: number, head: number, fresh: boolean, log: Log): string | undefined {
     if (fresh) {
       this.#tail = this.#head = 0;
       this.#resize(Math.min(MIN_SLOTS, this.#geometry.maxSlots), false);
@@ -760,7 +763,16 @@ export class KeyValueMap implements Structure {
     }
     this.#tail = tail;
     this.#head = head;
-    const damage = this.#trustIndex() ? undefined : this.#rebuild();
+    if (this.#trustIndex()) {
+      this.discard();
+      return undefined;
+    }
+    const window = `${((head - tail) / 2 ** 20).toFixed(1)} MiB`;
+    const report = head - tail >= LARGE_REBUILD ? log.warn.bind(log) : log.info.bind(log);
+    report(`map ${this.name}: rebuilding its index from ${window} of entries (a restored copy, or a commit was interrupted); about a second per GiB`);
+    const started = performance.now();
+    const damage = this.#rebuild();
+    if (damage === undefined) log.info(`map ${this.name}: index rebuilt, ${this.#count} entries, in ${Math.round(performance.now() - started)} ms`);
     this.discard();
     return damage;
   }

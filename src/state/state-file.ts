@@ -5,6 +5,7 @@
  * @module
  */
 import { ShmfdError } from '../base/errors.js';
+import { StderrLog, type Log } from '../base/log.js';
 import type { MemoryFile, Mapping } from '../fds/memory-file.js';
 import { SharedFd, SHARED_FD_NAME, type SharedFdOptions } from '../fds/shared-fd.js';
 import { checkConfig } from '../snapshot/config.js';
@@ -58,6 +59,11 @@ export interface StateFileOptions {
    * at least one page). Used only when the file has no committed state yet.
    */
   data?: number;
+  /**
+   * Where opening reports a rebuild of a map's index (default: stderr, `shmfd: ...`
+   * lines; the rebuild of a large map is a warning, the others are `info`).
+   */
+  log?: Log;
 }
 
 /** Options of {@link StateFile.fromEnv}. */
@@ -106,7 +112,7 @@ export class StateFile<D extends Declarations> implements StructureContainer {
   #sequence: number;
   #dirty = false;
 
-  private constructor(file: MemoryFile, mapping: Mapping, writer: SnapshotWriter, layout: StateLayout, newest: DecodedPayload | undefined, ownsFile: boolean) {
+  private constructor(file: MemoryFile, mapping: Mapping, writer: SnapshotWriter, layout: StateLayout, newest: DecodedPayload | undefined, ownsFile: boolean, log: Log) {
     this.file = file;
     this.#mapping = mapping;
     this.writer = writer;
@@ -134,7 +140,7 @@ export class StateFile<D extends Declarations> implements StructureContainer {
       let structure: AppendLog | VersionedCell<CellArray> | CounterSet | KeyValueMap;
       if (d.kind === 'map') {
         const map = new KeyValueMap(this, s.name, region, memoryIdentity(file.fd));
-        const damage = map.restore(a, b, newest === undefined);
+        const damage = map.restore(a, b, newest === undefined, log);
         if (damage !== undefined) throw corrupt(file, damage);
         structure = map;
       } else if (d.kind === 'log') {
@@ -227,7 +233,7 @@ export class StateFile<D extends Declarations> implements StructureContainer {
       const writer = new SnapshotFile(mapping.bytes).configure(config);
       const newest = adoptSnapshots(file, writer, layout);
       if (newest === undefined) writeDirectory(writer.tail, layout);
-      const state = new StateFile<D>(file, mapping, writer, layout, newest?.payload, ownsFile);
+      const state = new StateFile<D>(file, mapping, writer, layout, newest?.payload, ownsFile, options.log ?? new StderrLog('shmfd'));
       if (newest !== undefined) {
         for (const { payload, offset } of newest.all) state.#named(payload, offset);
       }
