@@ -6,6 +6,7 @@
  * speaks HTTP or UDP, or scans the descriptors (test/package.test.js checks it).
  * @module
  */
+export type { Log } from './base/log.js';
 export { ShmfdError, type ShmfdErrorCode } from './base/errors.js';
 export { SystemError, isSystemError, Seal, type SocketAddress, type SocketInfo } from './system/libc.js';
 export {

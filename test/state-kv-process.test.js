@@ -8,16 +8,13 @@
 //   also those persisted while the program ran, restores to a committed map.
 // Kill moments come from a seeded generator; replay with STATE_SEED=<seed>.
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { MemoryFile } from '../dist/index.js';
-import { cleanEnv, fixture, NODE, ROOT, seededRandom, sleep, tempDir } from './helpers.js';
-import { LineWatcher } from './helpers-crash.js';
+import { MemoryFile } from 'shmfd';
+import { cleanEnv, fixture, NODE, seededRandom, SHM_RESTORE, sleep, start as startProcess, tempDir } from './helpers.js';
 import { expectedAt, recoverCopy } from './fixtures/kv-model.js';
 
-const SHM_RESTORE = path.join(ROOT, 'bin', 'shm-restore.js');
 const PROGRAM = fixture('kv-sequence.js');
 const SEED = process.env.STATE_SEED === undefined ? Date.now() % 1_000_000_007 : Number(process.env.STATE_SEED);
 const rng = seededRandom(SEED);
@@ -25,13 +22,10 @@ console.log(`# state-kv-process seed ${SEED} (replay with STATE_SEED=${SEED})`);
 
 const lastCommitted = (watcher) => Math.max(0, ...watcher.numbers(/^committed (\d+)$/));
 
-function start(memory) {
+/** The writer on `memory`, passed as its fd 3. */
+function start(/** @type {MemoryFile} */ memory) {
   const env = cleanEnv({ LISTEN_FDS: '1', LISTEN_FDNAMES: 'SHM_SHARED_FD' });
-  const child = spawn(NODE, [PROGRAM], { env, stdio: ['ignore', 'pipe', 'pipe', memory.fd] });
-  const out = new LineWatcher(child.stdout);
-  const err = new LineWatcher(child.stderr);
-  const exited = new Promise((resolve) => child.on('close', (code, signal) => resolve({ code, signal })));
-  return { child, out, err, exited };
+  return startProcess(NODE, [PROGRAM], { env, extraFds: [memory.fd] });
 }
 
 async function recovered(run, what) {
@@ -85,19 +79,9 @@ test('SIGKILL of a map writer at random moments: the same memfd holds a committe
   assert.ok(written > 4 * (1 << 16), 'the ring was reclaimed several times');
 });
 
-function startTree(backup) {
-  const host = spawn(NODE, [SHM_RESTORE, '--snapshot=restore-v1', '--interval', '5', backup, NODE, PROGRAM, '2'], {
-    cwd: ROOT,
-    env: cleanEnv(),
-    stdio: ['ignore', 'pipe', 'pipe'],
-    detached: true,
-  });
-  const out = new LineWatcher(host.stdout);
-  const err = new LineWatcher(host.stderr);
-  const exited = new Promise((resolve) => host.on('close', (code, signal) => resolve({ code, signal })));
-  const guard = setTimeout(() => host.kill('SIGKILL'), 30_000);
-  exited.then(() => clearTimeout(guard));
-  return { host, out, err, exited };
+/** The writer under shm-restore, in a process group of its own. */
+function startTree(/** @type {string} */ backup, /** @type {import('node:test').TestContext} */ t) {
+  return startProcess(NODE, [SHM_RESTORE, '--snapshot=restore-v1', '--interval', '5', backup, NODE, PROGRAM, '2'], { detached: true, guardMs: 30_000, t });
 }
 
 function checkBackup(backup, what, atLeast) {
@@ -113,7 +97,7 @@ test('SIGKILL of the whole tree under shm-restore --snapshot=restore-v1: every b
   let durable = 0;
   let seen = 0;
   for (let round = 1; round <= 5; round++) {
-    const tree = startTree(backup);
+    const tree = startTree(backup, t);
     const m = await tree.out.waitFor(/^recovered (\d+) rebuilt/);
     assert.ok(m !== undefined, `round ${round}: ${tree.err.lines.join('\n')}`);
     assert.equal(Number(m[1]), durable, `seed ${SEED}, round ${round}: the program recovered what the backup held`);
@@ -142,11 +126,7 @@ test('SIGKILL of the whole tree under shm-restore --snapshot=restore-v1: every b
       }
       await sleep(3);
     }
-    try {
-      process.kill(-tree.host.pid, 'SIGKILL');
-    } catch (e) {
-      if (e.code !== 'ESRCH') throw e;
-    }
+    tree.kill('SIGKILL');
     await tree.exited;
     assert.ok(!tree.out.lines.some((l) => l.startsWith('problem')), tree.out.lines.join('\n'));
     durable = checkBackup(backup, `round ${round}, after the kill`, durable);

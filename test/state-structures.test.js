@@ -520,7 +520,7 @@ test('a map commit that changes nothing else still publishes; an iteration acros
   m.set('c', enc('3'));
   assert.equal(it.next().done, false, 'staging does not end an iteration');
   state.commit();
-  assert.throws(() => it.next(), (err) => err.code === 'ERR_STATE_MAP_CHANGED');
+  assert.throws(() => it.next(), { code: 'ERR_STATE_MAP_CHANGED' });
   state.close();
 });
 
@@ -542,7 +542,7 @@ test('map limits: a long key, a large value and a full map are refused with thei
       m.set(`key${i}`, value);
       if (i % 10 === 9) state.commit();
     }
-  }, (err) => err.code === 'ERR_STATE_MAP_FULL' && /map m is full/.test(err.message));
+  }, { code: 'ERR_STATE_MAP_FULL', message: /map m is full/ });
   assert.equal(m.has(`key${i}`), false, 'the refused entry is not staged');
   assert.ok(m.liveBytes <= m.maxLiveBytes);
   state.commit();
@@ -571,7 +571,7 @@ test('map limits: a long key, a large value and a full map are refused with thei
 test('map declarations are checked: maxBytes a multiple of 4096 from 64 KiB', (t) => {
   const file = memory(t);
   for (const maxBytes of [undefined, 1000, 4096 * 15, 4096 * 16 + 1, 2 ** 33]) {
-    assert.throws(() => StateFile.open(file, { m: keyValueMap({ maxBytes }) }), (err) => err.code === 'ERR_STATE_DECLARATION' && /m: a map's maxBytes/.test(err.message), String(maxBytes));
+    assert.throws(() => StateFile.open(file, { m: keyValueMap({ maxBytes }) }), { code: 'ERR_STATE_DECLARATION', message: /m: a map's maxBytes/ }, String(maxBytes));
   }
 });
 
@@ -588,7 +588,7 @@ test('a damaged committed map record in a restored copy is ERR_STATE_CORRUPT nam
   const mapping = copy.map();
   mapping.bytes[ringStart + 24 + 4] ^= 1; // the second record's value length
   mapping.unmap();
-  assert.throws(() => StateFile.open(copy, decl), (err) => err.code === 'ERR_STATE_CORRUPT' && /map m: the record at ring byte 24/.test(err.message));
+  assert.throws(() => StateFile.open(copy, decl), { code: 'ERR_STATE_CORRUPT', message: /map m: the record at ring byte 24/ });
 });
 
 // The map's model check: random sets, deletes, clears, discards, commits, and reopens (of
@@ -663,7 +663,7 @@ test('model check: a key-value map under random operations, every valid snapshot
         pending = after;
         counts.set++;
       } else {
-        assert.throws(() => m.set(key, v), (err) => err.code === 'ERR_STATE_MAP_FULL', `step ${step}`);
+        assert.throws(() => m.set(key, v), { code: 'ERR_STATE_MAP_FULL' }, `step ${step}`);
         counts.full++;
       }
     } else if (op < 68) {

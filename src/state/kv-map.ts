@@ -9,7 +9,8 @@ import { Buffer } from 'node:buffer';
 import { ShmfdError } from '../base/errors.js';
 import type { Log } from '../base/log.js';
 import { PAGE } from '../snapshot/format.js';
-import { putU64, type StateHost, type Structure } from './host.js';
+import { storeU64 } from '../snapshot/mapped.js';
+import type { StructureContainer, Structure } from './structure.js';
 import { fnv1a64, type KeyValueMapOptions, type MapDeclaration } from './layout.js';
 
 export type { KeyValueMapOptions, MapDeclaration } from './layout.js';
@@ -167,7 +168,7 @@ export class KeyValueMap implements Structure {
   readonly maxEntries: number;
   /** Most bytes of records (`entryBytes` of every entry) the map holds. */
   readonly maxLiveBytes: number;
-  readonly #host: StateHost;
+  readonly #container: StructureContainer;
   readonly #bytes: Uint8Array;
   readonly #u32: Uint32Array;
   readonly #geometry: MapGeometry;
@@ -205,8 +206,8 @@ export class KeyValueMap implements Structure {
   #namedFirst = 0;
 
   /** @internal created by the state file. */
-  constructor(host: StateHost, name: string, region: Uint8Array, identity: readonly [number, number]) {
-    this.#host = host;
+  constructor(container: StructureContainer, name: string, region: Uint8Array, identity: readonly [number, number]) {
+    this.#container = container;
     this.name = name;
     this.#bytes = region;
     this.#u32 = new Uint32Array(region.buffer, region.byteOffset, region.length / 4);
@@ -314,7 +315,7 @@ export class KeyValueMap implements Structure {
     this.#countAfter = 0;
     this.#liveAfter = 0;
     this.#need = 0;
-    this.#host.markDirty();
+    this.#container.markDirty();
   }
 
   /** Drops the staged changes. */
@@ -328,7 +329,7 @@ export class KeyValueMap implements Structure {
 
   /** Commits the whole state file (see `StateFile.commit`). */
   commit(): boolean {
-    return this.#host.commit();
+    return this.#container.commit();
   }
 
   /**
@@ -455,7 +456,7 @@ export class KeyValueMap implements Structure {
     this.#countAfter = count;
     this.#liveAfter = live;
     this.#need = need;
-    this.#host.markDirty();
+    this.#container.markDirty();
   }
 
   // ---- the index: open addressing with linear probing, 8-byte slots (record position / 8 + 1, hash)
@@ -601,7 +602,7 @@ export class KeyValueMap implements Structure {
     if (first >= tails.length || tails[first]! >= limit) return;
     let offset = -1;
     while (first < tails.length && tails[first]! < limit) offset = Math.max(offset, this.#namedOffsets[first++]!);
-    this.#host.writer.invalidateBefore(offset + 1);
+    this.#container.writer.invalidateBefore(offset + 1);
     if (first > 64 && first * 2 > tails.length) {
       tails.splice(0, first);
       this.#namedOffsets.splice(0, first);
@@ -619,8 +620,8 @@ export class KeyValueMap implements Structure {
    */
   encode(u32: Uint32Array, word: number): void {
     if (this.staged) this.#write();
-    putU64(u32, word, this.#tail);
-    putU64(u32, word + 2, this.#head);
+    storeU64(u32, word, this.#tail);
+    storeU64(u32, word + 2, this.#head);
   }
 
   #write(): void {
@@ -717,11 +718,11 @@ export class KeyValueMap implements Structure {
     h[H_MAGIC + 1] = INDEX_MAGIC_HI;
     h[H_IDENTITY] = this.#identity[0];
     h[H_IDENTITY + 1] = this.#identity[1];
-    putU64(h, H_TAIL, this.#tail);
-    putU64(h, H_HEAD, this.#head);
-    putU64(h, H_SLOTS, this.#slots);
-    putU64(h, H_COUNT, this.#count);
-    putU64(h, H_LIVE, this.#live);
+    storeU64(h, H_TAIL, this.#tail);
+    storeU64(h, H_HEAD, this.#head);
+    storeU64(h, H_SLOTS, this.#slots);
+    storeU64(h, H_COUNT, this.#count);
+    storeU64(h, H_LIVE, this.#live);
     h[H_VALID] = 1;
   }
 
