@@ -4,6 +4,7 @@
 //   npm run bench                   all of them (a few minutes)
 //   npm run bench -- commits        one or more by name
 //   npm run bench -- --list         the names
+//   npm run bench -- kv --quick     other --flags go to every selected benchmark
 //
 // Environment: SHMFD_BENCH_DIR (where the big files go; default the OS temp directory),
 // SHMFD_BENCH_STARTUP_RUNS, SHMFD_BENCH_RESTORE_RUNS, SHMFD_BENCH_V1_RUNS,
@@ -19,9 +20,12 @@ const BENCHMARKS = {
   'restore-1g': { file: 'restore-1g.js', limitS: 900, about: 'restore + write-back of a 1 GiB state (dense and sparse) against cp/sync' },
   'restore-v1': { file: 'restore-v1.js', limitS: 600, about: 'restore-v1 on a 100 MB state: host CPU, disk writes, snapshot age' },
   state: { file: 'state.js', limitS: 180, about: 'state structures: appends, commits, counters, cell updates, recovery' },
+  kv: { file: 'kv.js', limitS: 600, about: 'key-value map against a JS Map, lmdb and Redis (--quick: 100 k keys)' },
 };
 
-const args = process.argv.slice(2);
+const argv = process.argv.slice(2);
+const args = argv.filter((a) => !a.startsWith('--') || a === '--list' || a === '--help');
+const flags = argv.filter((a) => !args.includes(a));
 if (args.includes('--list') || args.includes('--help') || args.includes('-h')) {
   console.log('usage: node bench/run.js [NAME...]\n');
   for (const [name, b] of Object.entries(BENCHMARKS)) console.log(`  ${name.padEnd(11)} ${b.about} (limit ${b.limitS} s)`);
@@ -51,7 +55,7 @@ function runOne(name) {
   process.stderr.write(`bench: ${name} (limit ${b.limitS} s)\n`);
   const started = Date.now();
   return new Promise((resolve) => {
-    const child = spawn(process.execPath, ['--expose-gc', path.join(ROOT, 'bench', b.file)], { stdio: 'inherit', detached: true });
+    const child = spawn(process.execPath, ['--expose-gc', path.join(ROOT, 'bench', b.file), ...flags], { stdio: 'inherit', detached: true });
     let timedOut = false;
     const timer = setTimeout(() => {
       timedOut = true;
