@@ -27,7 +27,7 @@ const argv = process.argv.slice(2);
 const args = argv.filter((a) => !a.startsWith('--') || a === '--list' || a === '--help');
 const flags = argv.filter((a) => !args.includes(a));
 if (args.includes('--list') || args.includes('--help') || args.includes('-h')) {
-  console.log('usage: node bench/run.js [NAME...]\n');
+  console.log('usage: node bench/run.js [NAME...] [--FLAG...] (flags go to every benchmark run; kv takes --quick)\n');
   for (const [name, b] of Object.entries(BENCHMARKS)) console.log(`  ${name.padEnd(11)} ${b.about} (limit ${b.limitS} s)`);
   process.exit(0);
 }
