@@ -64,6 +64,7 @@ export {
   type CounterSet,
   type StateFileOptions,
   type StateFromEnvOptions,
+  type AnyStructure,
   type Structures,
   type StructureOf,
   type CellArray,

@@ -57,7 +57,9 @@ export type ShmfdErrorCode =
   | 'ERR_STATE_MAP_FULL'
   | 'ERR_STATE_KEY_TOO_LARGE'
   | 'ERR_STATE_VALUE_TOO_LARGE'
-  | 'ERR_STATE_MAP_CHANGED';
+  | 'ERR_STATE_MAP_CHANGED'
+  | 'ERR_STATE_MIGRATION_FAILED'
+  | 'ERR_STATE_READ_ONLY';
 
 /** Base class of the errors shmfd raises. */
 export class ShmfdError extends Error {

@@ -9,6 +9,7 @@ export {
   DEFAULT_STATE_ENTRIES,
   type StateFileOptions,
   type StateFromEnvOptions,
+  type AnyStructure,
   type Structures,
   type StructureOf,
 } from './state-file.js';

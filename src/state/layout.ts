@@ -107,6 +107,8 @@ export const PAYLOAD_MAGIC = 0x54534853;
 export const PAYLOAD_HEADER = 24;
 /** Payload bytes per structure: two u64. */
 export const PAYLOAD_PER_STRUCTURE = 16;
+/** Bytes a payload of a layout not at tail offset 0 ends with: the u64 tail offset of its directory. */
+export const PAYLOAD_BASE_BYTES = 8;
 /** Directory bytes before the entries. */
 export const DIRECTORY_HEADER = 32;
 /** Directory bytes per entry. */
@@ -175,7 +177,9 @@ export interface PlacedStructure {
 /** Where everything lies in the tail, and the directory bytes that describe it. */
 export interface StateLayout {
   readonly structures: readonly PlacedStructure[];
-  /** Tail bytes the directory page and all regions need. */
+  /** Tail offset of the directory page: 0, or past an older layout after a migration. */
+  readonly base: number;
+  /** Tail bytes the directory page and all regions need (up to the end of the last region). */
   readonly tailBytes: number;
   /** The directory's bytes (header and entries, without the zero rest of its page). */
   readonly directory: Uint8Array;
@@ -200,18 +204,19 @@ function checkCopies(name: string, copies: number): void {
 }
 
 /**
- * Validates the declarations and places them: the directory takes the tail's first page,
- * then every region follows on a page boundary, in declaration order.
+ * Validates the declarations and places them: the directory takes the page at tail offset
+ * `base` (a multiple of the page size; 0 but for a layout a migration placed after an
+ * older one), then every region follows on a page boundary, in declaration order.
  * @throws {@link ShmfdError} `ERR_STATE_DECLARATION` naming the structure and the problem
  */
-export function planLayout(declarations: Declarations): StateLayout {
+export function planLayout(declarations: Declarations, base = 0): StateLayout {
   if (typeof declarations !== 'object' || declarations === null) throw declarationError('the declarations must be an object of named structures');
   const names = Object.keys(declarations);
   if (names.length === 0) throw declarationError('declare at least one structure');
   if (names.length > MAX_STRUCTURES) throw declarationError(`at most ${MAX_STRUCTURES} structures fit the directory, got ${names.length}`);
   const encoder = new TextEncoder();
   const structures: PlacedStructure[] = [];
-  let offset = PAGE;
+  let offset = base + PAGE;
   for (const [index, name] of names.entries()) {
     const d = declarations[name]!;
     if (!NAME_PATTERN.test(name) || encoder.encode(name).length > MAX_NAME_BYTES) {
@@ -259,10 +264,11 @@ export function planLayout(declarations: Declarations): StateLayout {
   const directory = encodeDirectory(structures, offset, encoder);
   return {
     structures,
+    base,
     tailBytes: offset,
     directory,
     hash: fnv1a64(directory),
-    payloadBytes: PAYLOAD_HEADER + PAYLOAD_PER_STRUCTURE * structures.length,
+    payloadBytes: PAYLOAD_HEADER + PAYLOAD_PER_STRUCTURE * structures.length + (base === 0 ? 0 : PAYLOAD_BASE_BYTES),
   };
 }
 
@@ -350,6 +356,7 @@ export interface DecodedPayload {
  */
 export function decodePayload(bytes: Uint8Array, layout: StateLayout): DecodedPayload | string {
   if (bytes.length !== layout.payloadBytes) return `its payload has ${bytes.length} bytes, a state payload for this layout ${layout.payloadBytes}`;
+  if (payloadBase(bytes) !== layout.base) return 'its payload names the directory of another layout';
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.length);
   if (view.getUint32(0, true) !== PAYLOAD_MAGIC) return 'its payload does not start with the state magic';
   if (view.getUint32(4, true) !== layout.structures.length) return 'its payload names another number of structures';
@@ -363,4 +370,63 @@ export function decodePayload(bytes: Uint8Array, layout: StateLayout): DecodedPa
     words[i] = high * 0x1_0000_0000 + view.getUint32(at, true);
   }
   return { sequence: words[0]!, words: words.subarray(1) };
+}
+
+/**
+ * The tail offset of the directory a state payload was written for: 0, or the u64 a
+ * payload 8 bytes longer than its structures need ends with (a layout a migration placed).
+ * @returns the offset, or a string describing why `bytes` is not a state payload
+ */
+export function payloadBase(bytes: Uint8Array): number | string {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.length);
+  if (bytes.length < PAYLOAD_HEADER || view.getUint32(0, true) !== PAYLOAD_MAGIC) return 'its payload does not start with the state magic';
+  const plain = PAYLOAD_HEADER + PAYLOAD_PER_STRUCTURE * view.getUint32(4, true);
+  if (bytes.length === plain) return 0;
+  if (bytes.length !== plain + PAYLOAD_BASE_BYTES) return `its payload has ${bytes.length} bytes, not a state payload for ${view.getUint32(4, true)} structures`;
+  const base = Number(view.getBigUint64(plain, true));
+  if (base === 0 || base % PAGE !== 0 || !Number.isSafeInteger(base)) return `its payload names a directory at tail offset ${base}, not a page boundary past 0`;
+  return base;
+}
+
+/**
+ * The declarations a directory found at tail offset `base` records, as the declaration
+ * functions would give them: a migration reads the old state with them, without the old
+ * program's code. Checked by planning them again: the result must be the same directory.
+ * @returns the declarations, or a string describing why `found` is not such a directory
+ */
+export function declarationsOf(found: Uint8Array, base: number): Declarations | string {
+  const view = new DataView(found.buffer, found.byteOffset, found.length);
+  if (found.length < DIRECTORY_HEADER || view.getBigUint64(0, true) !== DIRECTORY_MAGIC) return 'the tail has no state directory';
+  if (view.getUint32(8, true) !== STATE_FORMAT_VERSION) return `the state directory has format version ${view.getUint32(8, true)}, this code reads ${STATE_FORMAT_VERSION}`;
+  const count = view.getUint32(12, true);
+  if (count < 1 || count > MAX_STRUCTURES) return `the state directory counts ${count} structures`;
+  const decoder = new TextDecoder();
+  const declarations: Record<string, Declaration> = {};
+  for (let i = 0; i < count; i++) {
+    const at = DIRECTORY_HEADER + DIRECTORY_ENTRY * i;
+    const raw = found.subarray(at + 40, at + 40 + MAX_NAME_BYTES);
+    const end = raw.indexOf(0);
+    const name = decoder.decode(end < 0 ? raw : raw.subarray(0, end));
+    const kind = view.getUint32(at, true);
+    const copies = view.getUint32(at + 4, true);
+    const size = Number(view.getBigUint64(at + 32, true));
+    const type = ELEMENT_TYPES[view.getUint32(at + 24, true) - 1];
+    if (kind === KIND_CODE.log) declarations[name] = appendLog(size);
+    else if (kind === KIND_CODE.map) declarations[name] = { kind: 'map', maxBytes: size };
+    else if (kind === KIND_CODE.counters) declarations[name] = counterSet(size, { copies });
+    else if (kind === KIND_CODE.cell && type !== undefined) declarations[name] = versionedCell(type, size, { copies });
+    else return `structure ${JSON.stringify(name)} of the state directory has an unknown kind ${kind}`;
+  }
+  let planned: StateLayout;
+  try {
+    planned = planLayout(declarations, base);
+  } catch (err) {
+    if (err instanceof ShmfdError) return `the state directory declares ${err.message}`;
+    throw err;
+  }
+  const bytes = planned.directory;
+  for (let k = 0; k < bytes.length; k++) {
+    if (found[k] !== bytes[k]) return 'the state directory records something this code does not declare';
+  }
+  return declarations;
 }

@@ -18,8 +18,10 @@ import { CounterSet, VersionedCell } from './cell.js';
 import type { StructureContainer, Structure } from './structure.js';
 import {
   PAYLOAD_MAGIC,
+  declarationsOf,
   decodePayload,
   directoryDifference,
+  payloadBase,
   planLayout,
   type CellArray,
   type CellDeclaration,
@@ -47,8 +49,22 @@ export type StructureOf<D> = D extends LogDeclaration
 /** The structures of a state file, by declared name. */
 export type Structures<D extends Declarations> = { readonly [K in keyof D]: StructureOf<D[K]> };
 
+/** Any structure, as a migration sees the structures of the old layout. */
+export type AnyStructure = AppendLog | VersionedCell<CellArray> | CounterSet | KeyValueMap;
+
 /** Options of {@link StateFile.open}. */
-export interface StateFileOptions {
+export interface StateFileOptions<D extends Declarations = Declarations> {
+  /**
+   * Runs when the file holds committed state declared differently: `old` gives the
+   * committed state as the file's directory describes it (read only), `next` the new
+   * declarations' structures, empty; what the migration stages in `next` becomes the
+   * file's state, with one commit, when it returns. Until then the old state stays the
+   * committed one: a crash or an exception (`ERR_STATE_MIGRATION_FAILED`) keeps it, and
+   * the next open migrates again. Without it, other declarations are
+   * `ERR_STATE_LAYOUT_MISMATCH`. In TypeScript, `old` may be declared as the old
+   * declarations' structures: `migrate(old: Structures<typeof v1>, next) { ... }`.
+   */
+  migrate?(old: Readonly<Record<string, AnyStructure>>, next: Structures<D>): void;
   /**
    * Snapshot slots, a power of two (default 256). Used only when the file has no
    * committed state yet; otherwise the file's configuration is kept.
@@ -67,7 +83,7 @@ export interface StateFileOptions {
 }
 
 /** Options of {@link StateFile.fromEnv}. */
-export interface StateFromEnvOptions extends StateFileOptions, SharedFdOptions {}
+export interface StateFromEnvOptions<D extends Declarations = Declarations> extends StateFileOptions<D>, SharedFdOptions {}
 
 /** Default number of snapshot slots. */
 export const DEFAULT_STATE_ENTRIES = 256;
@@ -107,15 +123,21 @@ export class StateFile<D extends Declarations> implements StructureContainer {
   readonly #list: Structure[];
   readonly #payload: Uint8Array;
   readonly #payloadU32: Uint32Array;
-  readonly #recovered: boolean;
+  #recovered: boolean;
   readonly #ownsFile: boolean;
+  readonly #readOnly: boolean;
+  #migrating = false;
+  #migrated = false;
   #sequence: number;
   #dirty = false;
 
-  private constructor(file: MemoryFile, mapping: Mapping, writer: SnapshotWriter, layout: StateLayout, newest: DecodedPayload | undefined, ownsFile: boolean, log: Log) {
+  private constructor(file: MemoryFile, mapping: Mapping, writer: SnapshotWriter, layout: StateLayout, newest: DecodedPayload | undefined, ownsFile: boolean, log: Log, readOnly = false) {
     this.file = file;
     this.#mapping = mapping;
-    this.writer = writer;
+    // The old state of a migration must stay exactly as its snapshots name it: a cell's
+    // first stage would invalidate snapshots before markDirty could refuse it.
+    this.writer = readOnly ? (Object.create(writer, { invalidateBefore: { value: () => this.markDirty() } }) as SnapshotWriter) : writer;
+    this.#readOnly = readOnly;
     this.layout = layout;
     this.#ownsFile = ownsFile;
     this.#recovered = newest !== undefined;
@@ -127,6 +149,7 @@ export class StateFile<D extends Declarations> implements StructureContainer {
     u32[1] = layout.structures.length;
     u32[2] = Number(layout.hash & 0xffffffffn);
     u32[3] = Number(layout.hash >> 32n);
+    if (layout.base !== 0) storeU64(u32, u32.length - 2, layout.base);
 
     const tail = writer.tail;
     const named: Record<string, AppendLog | VersionedCell<CellArray> | CounterSet | KeyValueMap> = {};
@@ -167,7 +190,7 @@ export class StateFile<D extends Declarations> implements StructureContainer {
    * @throws {@link ShmfdError} `ERR_STATE_NO_SHARED_FD` when the program runs without one;
    *   the errors of {@link open} and of `SharedFd.fromEnv`
    */
-  static fromEnv<D extends Declarations>(declarations: D, options: StateFromEnvOptions = {}): StateFile<D> {
+  static fromEnv<D extends Declarations>(declarations: D, options: StateFromEnvOptions<D> = {}): StateFile<D> {
     const file = SharedFd.fromEnv(options);
     if (file === undefined) {
       throw new ShmfdError(
@@ -182,22 +205,27 @@ export class StateFile<D extends Declarations> implements StructureContainer {
    * Opens the state in `file`: grows the file to fit the declared structures, configures a
    * snapshot file when it has no committed state, and recovers the newest committed state
    * otherwise. Records and copies written after that state (an update a crash
-   * interrupted) are discarded.
+   * interrupted) are discarded. When the committed state was declared differently and
+   * `options.migrate` is given, migrates it (see {@link StateFileOptions.migrate}).
    *
    * @throws {@link ShmfdError} `ERR_STATE_DECLARATION` for invalid declarations or options;
    *   `ERR_STATE_LAYOUT_MISMATCH` when the file holds committed state declared differently
-   *   (or written by something else); `ERR_STATE_CORRUPT` when its newest snapshot does not
+   *   (or written by something else) and there is no migration, or when the file's
+   *   snapshot ring cannot hold the new declarations' payloads;
+   *   `ERR_STATE_MIGRATION_FAILED` when the migration throws (the old state is kept);
+   *   `ERR_STATE_CORRUPT` when its newest snapshot does not
    *   describe a well-formed state; the `ERR_SNAPSHOT_*` errors of a damaged snapshot head.
    *   Declaration and layout errors leave the file untouched; no error changes committed
    *   state.
    */
-  static open<D extends Declarations>(file: MemoryFile, declarations: D, options: StateFileOptions = {}): StateFile<D> {
+  static open<D extends Declarations>(file: MemoryFile, declarations: D, options: StateFileOptions<D> = {}): StateFile<D> {
     return StateFile.#open(file, declarations, options, false);
   }
 
-  static #open<D extends Declarations>(file: MemoryFile, declarations: D, options: StateFileOptions, ownsFile: boolean): StateFile<D> {
-    const layout = planLayout(declarations);
+  static #open<D extends Declarations>(file: MemoryFile, declarations: D, options: StateFileOptions<D>, ownsFile: boolean): StateFile<D> {
+    let layout = planLayout(declarations);
     const wanted = wantedConfig(layout, options);
+    const log = options.log ?? new StderrLog('shmfd');
     let mapping = file.size > 0 ? file.map() : undefined;
     try {
       // A file too small for a snapshot file is new, unless its head says it was configured:
@@ -205,25 +233,39 @@ export class StateFile<D extends Declarations> implements StructureContainer {
       const discovery = mapping === undefined || !startsWithMagic(mapping.bytes) ? undefined : discover(file, mapping);
       const valid = discovery?.valid() ?? [];
       let config: { entries: number; data: number; initialOffset: number };
+      let old: StateLayout | undefined;
       if (discovery !== undefined && valid.length > 0) {
         const head = discovery.head;
-        const directory = mapping!.bytes.subarray(head.tailStart, head.tailStart + Math.min(PAGE, head.tailLength));
+        const newest = valid[valid.length - 1]!;
+        const raw = discovery.read(newest);
+        // A payload that names no directory in the file is checked against the first page:
+        // another program's file is a layout mismatch, a damaged payload corrupt.
+        const named = payloadBase(raw);
+        const base = typeof named === 'number' && named + PAGE <= head.tailLength ? named : 0;
+        const directory = mapping!.bytes.subarray(head.tailStart + base, head.tailStart + base + PAGE);
+        layout = planLayout(declarations, base);
         const difference = directoryDifference(directory, layout);
         if (difference !== undefined) {
-          throw new ShmfdError('ERR_STATE_LAYOUT_MISMATCH', `${file.name}: holds committed state of another layout (${difference}); use another file, or migrate it`);
+          const found = options.migrate === undefined ? undefined : declarationsOf(directory, base);
+          if (found === undefined || typeof found === 'string') {
+            throw new ShmfdError('ERR_STATE_LAYOUT_MISMATCH', `${file.name}: holds committed state of another layout (${difference}); use another file, or migrate it`);
+          }
+          old = planLayout(found, base);
+          // The new layout goes where it overlaps nothing the old one uses: before it when
+          // it fits there (the space of the layout before the last migration), else after it.
+          layout = planLayout(declarations, planLayout(declarations).tailBytes <= base ? 0 : old.tailBytes);
         }
-        const newest = valid[valid.length - 1]!;
-        const decoded = decodePayload(discovery.read(newest), layout);
+        const decoded = decodePayload(raw, old ?? layout);
         if (typeof decoded === 'string') throw corrupt(file, `the newest snapshot (slot ${newest.index}): ${decoded}`);
         const unsafe = unsafeConfig(head.entries, head.data, layout.payloadBytes);
-        if (unsafe !== undefined) throw new ShmfdError('ERR_STATE_LAYOUT_MISMATCH', `${file.name}: its snapshot layout is unsafe (${unsafe}); migrate it`);
+        if (unsafe !== undefined) throw new ShmfdError('ERR_STATE_LAYOUT_MISMATCH', `${file.name}: its snapshot layout is unsafe for these declarations (${unsafe}); use another file`);
         config = { entries: head.entries, data: head.data, initialOffset: head.writeOffset };
       } else {
         // Continue the stream where it was, so a restore host never sees an old position again.
         const previous = discovery?.head.writeOffset ?? 0;
         config = { ...wanted, initialOffset: Math.min(previous, Number.MAX_SAFE_INTEGER - wanted.data) };
       }
-      const required = tailStart(config.entries, config.data) + layout.tailBytes;
+      const required = tailStart(config.entries, config.data) + Math.max(layout.tailBytes, old?.tailBytes ?? 0);
       if (mapping === undefined || file.size < required) {
         mapping?.unmap();
         mapping = undefined;
@@ -231,9 +273,10 @@ export class StateFile<D extends Declarations> implements StructureContainer {
         mapping = file.map();
       }
       const writer = new SnapshotFile(mapping.bytes).configure(config);
+      if (old !== undefined) return StateFile.#migrate(file, mapping, writer, old, layout, options.migrate!.bind(options), ownsFile, log);
       const newest = adoptSnapshots(file, writer, layout);
       if (newest === undefined) writeDirectory(writer.tail, layout);
-      const state = new StateFile<D>(file, mapping, writer, layout, newest?.payload, ownsFile, options.log ?? new StderrLog('shmfd'));
+      const state = new StateFile<D>(file, mapping, writer, layout, newest?.payload, ownsFile, log);
       if (newest !== undefined) {
         for (const { payload, offset } of newest.all) state.#named(payload, offset);
       }
@@ -242,6 +285,44 @@ export class StateFile<D extends Declarations> implements StructureContainer {
       mapping?.unmap();
       throw err;
     }
+  }
+
+  /**
+   * Builds the `next` layout's state past (or before) the `old` one's regions, which it
+   * never writes, and publishes it with one commit: until that snapshot, every valid
+   * snapshot names the old layout, intact; after it, the newest names the new one, complete.
+   */
+  static #migrate<D extends Declarations>(file: MemoryFile, mapping: Mapping, writer: SnapshotWriter, old: StateLayout, layout: StateLayout, migrate: NonNullable<StateFileOptions<D>['migrate']>, ownsFile: boolean, log: Log): StateFile<D> {
+    // Snapshots of still older layouts may name the bytes the new layout takes: only the
+    // old layout's stay valid (adopting invalidates the others, oldest first).
+    const adopted = adoptSnapshots(file, writer, old)!;
+    const before = new StateFile<Declarations>(file, mapping, writer, old, adopted.payload, false, log, true);
+    for (const { payload, offset } of adopted.all) before.#named(payload, offset);
+    writeDirectory(writer.tail.subarray(layout.base), layout);
+    const next = new StateFile<D>(file, mapping, writer, layout, undefined, ownsFile, log);
+    next.#migrating = true;
+    try {
+      migrate(before.structures as Readonly<Record<string, AnyStructure>>, next.structures);
+    } catch (err) {
+      const names = (l: StateLayout): string => l.structures.map((s) => s.name).join(', ');
+      throw new ShmfdError(
+        'ERR_STATE_MIGRATION_FAILED',
+        `${file.name}: the migration from [${names(old)}] to [${names(layout)}] failed (${err instanceof Error ? err.message : String(err)}); the old state is kept, the next open migrates again`,
+        { cause: err },
+      );
+    }
+    next.#migrating = false;
+    next.#migrated = true;
+    next.#recovered = true;
+    next.#sequence = adopted.payload.sequence;
+    next.#dirty = true;
+    next.commit();
+    return next;
+  }
+
+  /** Whether opening migrated the file's committed state to these declarations. */
+  get migrated(): boolean {
+    return this.#migrated;
   }
 
   /** Whether the file held a committed state when it was opened. */
@@ -269,6 +350,7 @@ export class StateFile<D extends Declarations> implements StructureContainer {
 
   /** @internal */
   markDirty(): void {
+    if (this.#readOnly) throw new ShmfdError('ERR_STATE_READ_ONLY', `${this.file.name}: the state a migration reads is read only; change the new structures`);
     this.#dirty = true;
   }
 
@@ -280,6 +362,7 @@ export class StateFile<D extends Declarations> implements StructureContainer {
    * @returns whether a snapshot was published
    */
   commit(): boolean {
+    if (this.#migrating) throw new ShmfdError('ERR_STATE_READ_ONLY', `${this.file.name}: a migration cannot commit; the new state is committed when the migration returns`);
     if (!this.#dirty) return false;
     const sequence = this.#sequence + 1;
     const u32 = this.#payloadU32;
@@ -322,7 +405,7 @@ function corrupt(file: MemoryFile, problem: string): ShmfdError {
   return new ShmfdError('ERR_STATE_CORRUPT', `${file.name}: ${problem}; the committed state cannot be recovered by this program`);
 }
 
-function wantedConfig(layout: StateLayout, options: StateFileOptions): { entries: number; data: number } {
+function wantedConfig(layout: StateLayout, options: { entries?: number; data?: number }): { entries: number; data: number } {
   const entries = options.entries ?? DEFAULT_STATE_ENTRIES;
   let data = options.data;
   if (data === undefined) {
