@@ -4,14 +4,18 @@
 // in the file is decoded here, on its own (payload, directory, log records and counter
 // copies read from the bytes, without the library's state code): each names a complete
 // version 1 state (one of its commits) or the complete migrated state, never a mix; the
-// next start migrates again, or opens the migrated state. Kill instants come from a seeded
-// generator; replay with STATE_SEED=<seed>.
+// next start migrates again, or opens the migrated state. The same under
+// shm-restore --snapshot=restore-v1, killing the whole tree: every backup persisted while
+// the migration ran (restore-v1 persists only after a new commit: none but the migration's)
+// and after the kill holds a complete old or new state, and the next start migrates it. Kill instants
+// come from a seeded generator; replay with STATE_SEED=<seed>.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { test } from 'node:test';
 import { MemoryFile } from 'shmfd';
 import { SnapshotFile } from 'shmfd/snapshot';
-import { cleanEnv, fixture, NODE, seededRandom, sleep, start } from './helpers.js';
+import path from 'node:path';
+import { cleanEnv, fixture, NODE, run, seededRandom, SHM_RESTORE, sleep, start, tempDir } from './helpers.js';
 import { BATCH, RECORDS, migrated, record, totalsAfter, totalsV2 } from './fixtures/migrate-model.js';
 
 const PROGRAM = fixture('state-migrate.js');
@@ -80,8 +84,8 @@ function decodeSnapshot(tail, payload) {
  * Checks every valid snapshot of the file: version 1's after one of its commits, or the
  * complete migrated state. @returns the newest snapshot's state
  */
-function checkFile(memory, what) {
-  const bytes = fs.readFileSync(`/proc/self/fd/${memory.fd}`);
+function checkFile(file, what) {
+  const bytes = fs.readFileSync(typeof file === 'string' ? file : `/proc/self/fd/${file.fd}`);
   const discovery = new SnapshotFile(bytes).recover();
   assert.ok(discovery, `${what}: a configured snapshot file`);
   const tail = bytes.subarray(discovery.head.tailStart);
@@ -156,4 +160,46 @@ test('SIGKILL during a long migration: every valid snapshot names a complete old
   assert.match(await runToEnd(memory, '2', env), new RegExp(`^opened ${RECORDS / BATCH + 1}$`, 'm'));
   t.diagnostic(`seed ${SEED}: ${stats.kills} kills during the run, ${stats.keptOld} left the old state, ${stats.files} version 1 files`);
   assert.ok(stats.keptOld >= 2, 'kills landed inside the migration');
+});
+
+test('SIGKILL of the whole tree during a migration under restore-v1: every backup holds a complete old or new state', async (t) => {
+  const backup = path.join(tempDir(t, 'shmfd-migrate-'), 'state.backup');
+  const first = await run(NODE, [SHM_RESTORE, backup, NODE, PROGRAM, '1'], { env: cleanEnv() });
+  assert.equal(first.code, 0, first.stderr);
+  assert.equal(checkFile(backup, 'version 1\'s backup').sequence, RECORDS / BATCH);
+  const stats = { backupsSeen: 0, keptOld: 0 };
+  let lastSeen = '';
+  const checkBackup = (what) => {
+    // A freed inode number is handed out again: the change time tells the files apart.
+    const stat = fs.statSync(backup, { bigint: true });
+    const seen = `${stat.ino}:${stat.ctimeNs}`;
+    if (seen === lastSeen) return undefined;
+    lastSeen = seen;
+    stats.backupsSeen++;
+    return checkFile(backup, what);
+  };
+  let migratedAt = 0;
+  for (let round = 1; round <= 4 && migratedAt === 0; round++) {
+    const tree = start(NODE, [SHM_RESTORE, '--snapshot=restore-v1', '--interval', '5', backup, NODE, PROGRAM, '2'], { detached: true, guardMs: 60_000 });
+    const began = await tree.out.waitFor(/^(migrating|opened \d+)$/);
+    assert.equal(began?.[1], 'migrating', `round ${round}: the restored old state is migrated again: ${tree.err.lines.join('\n')}`);
+    const until = Date.now() + rng.int(0, 700);
+    while (Date.now() < until && tree.child.exitCode === null) {
+      checkBackup(`round ${round}, a backup persisted during the migration`);
+      await sleep(3);
+    }
+    tree.kill('SIGKILL');
+    await tree.exited;
+    assert.ok(!tree.out.lines.some((l) => l.startsWith('problem')), tree.out.lines.join('\n'));
+    const newest = checkBackup(`round ${round}, after the kill`) ?? checkFile(backup, `round ${round}, after the kill`);
+    if (newest.names.includes('gauge')) migratedAt = newest.sequence;
+    else stats.keptOld++;
+  }
+  // Unkilled, the next start finishes the migration (or opens it), and the backup holds it.
+  const last = await run(NODE, [SHM_RESTORE, '--snapshot=restore-v1', backup, NODE, PROGRAM, '2'], { env: cleanEnv() });
+  assert.equal(last.code, 0, last.stderr);
+  assert.match(last.stdout, new RegExp(`^(migrated|opened) ${RECORDS / BATCH + 1}$`, 'm'));
+  assert.equal(checkFile(backup, 'the final backup').sequence, RECORDS / BATCH + 1);
+  t.diagnostic(`seed ${SEED}: ${stats.backupsSeen} backups checked, ${stats.keptOld} kills left the old state`);
+  assert.ok(stats.keptOld >= 1 || migratedAt > 0);
 });
