@@ -304,3 +304,24 @@ test('the worked example of docs/state.md runs as written and prints what its co
   assert.equal(expected.length, 4);
   assert.deepEqual(r.stdout.trim().split('\n'), expected);
 });
+
+test('new declarations whose payload the file\'s snapshot ring cannot hold twice: ERR_STATE_LAYOUT_MISMATCH, untouched', (t) => {
+  const file = memory(t);
+  const a = StateFile.open(file, { l: appendLog(64) }, { entries: 2, data: 128 });
+  a.structures.l.append(enc('kept'));
+  a.commit();
+  a.close();
+  const size = file.size;
+  let called = false;
+  const err = throwsCode(
+    () => StateFile.open(file, { l: appendLog(64), a: counterSet(1), b: counterSet(1), c: counterSet(1) }, { migrate: () => (called = true) }),
+    'ERR_STATE_LAYOUT_MISMATCH',
+    'a 96-byte payload in a 128-byte ring',
+  );
+  assert.match(err.message, /needs a data ring of at least twice that \(192\), got 128/);
+  assert.equal(called, false, 'the migration does not run');
+  assert.equal(file.size, size);
+  const b = StateFile.open(file, { l: appendLog(64) });
+  assert.equal(dec([...b.structures.l][0]), 'kept');
+  b.close();
+});
