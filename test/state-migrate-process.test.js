@@ -183,7 +183,8 @@ test('SIGKILL of the whole tree during a migration under restore-v1: every backu
     const tree = start(NODE, [SHM_RESTORE, '--snapshot=restore-v1', '--interval', '5', backup, NODE, PROGRAM, '2'], { detached: true, guardMs: 60_000 });
     const began = await tree.out.waitFor(/^(migrating|opened \d+)$/);
     assert.equal(began?.[1], 'migrating', `round ${round}: the restored old state is migrated again: ${tree.err.lines.join('\n')}`);
-    const until = Date.now() + rng.int(0, 700);
+    // The migration takes about 0.5 s: most kills land inside it.
+    const until = Date.now() + rng.int(0, 400);
     while (Date.now() < until && tree.child.exitCode === null) {
       checkBackup(`round ${round}, a backup persisted during the migration`);
       await sleep(3);
@@ -201,5 +202,5 @@ test('SIGKILL of the whole tree during a migration under restore-v1: every backu
   assert.match(last.stdout, new RegExp(`^(migrated|opened) ${RECORDS / BATCH + 1}$`, 'm'));
   assert.equal(checkFile(backup, 'the final backup').sequence, RECORDS / BATCH + 1);
   t.diagnostic(`seed ${SEED}: ${stats.backupsSeen} backups checked, ${stats.keptOld} kills left the old state`);
-  assert.ok(stats.keptOld >= 1 || migratedAt > 0);
+  assert.ok(stats.keptOld >= 1, 'a kill landed inside the migration, and the restored old state was migrated again');
 });
