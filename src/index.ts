@@ -56,6 +56,7 @@ export {
   entryBytes,
   MAX_KEY_BYTES,
   type AppendLog,
+  type AppendLogOptions,
   type KeyValueMap,
   type KeyValueMapOptions,
   type MapDeclaration,

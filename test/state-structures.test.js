@@ -720,3 +720,323 @@ test('model check: a key-value map under random operations, every valid snapshot
   assert.ok(counts.full > 0 && counts.restore > 20 && counts.rebuilt > 20, 'the run exercised full maps and restores');
   assert.ok(written > 2 * ringBytes, 'the ring wrapped and was reclaimed many times');
 });
+
+// ---- retained logs
+
+/**
+ * The records a retained log's committed window `[first, end)` names, decoded from the
+ * bytes as docs/state.md describes them, without the library: 16-byte headers (u32
+ * length, u32 NOT length, u64 index), a wrap marker (length 0xffffffff) skipping to the
+ * region's start. Returns [index, hex] pairs.
+ */
+function decodeLogWindow(bytes, regionStart, capacity, first, end, what) {
+  const view = new DataView(bytes.buffer, bytes.byteOffset);
+  const out = [];
+  for (let at = first; at < end; ) {
+    const phys = at % capacity;
+    const length = view.getUint32(regionStart + phys, true);
+    if (length === 0xffffffff) {
+      at += capacity - phys;
+      continue;
+    }
+    assert.equal(view.getUint32(regionStart + phys + 4, true), ~length >>> 0, `${what}: record at stream byte ${at}: check word`);
+    const index = Number(view.getBigUint64(regionStart + phys + 8, true));
+    out.push([index, hex(bytes.subarray(regionStart + phys + 16, regionStart + phys + 16 + length))]);
+    at += 16 + Math.ceil(length / 8) * 8;
+  }
+  return out;
+}
+
+/**
+ * A retained log as docs/state.md specifies it, in plain JS: where each record lies, which
+ * records a commit keeps. `committed` and `pending` are { first, firstIndex, end, records }
+ * with records [{ index, pos, size, hex }].
+ */
+class RingModel {
+  constructor(capacity, keepBytes, keepRecords = Infinity) {
+    this.capacity = capacity;
+    this.keepBytes = keepBytes;
+    this.keepRecords = keepRecords;
+    this.maxRecordBytes = Math.min(keepBytes, Math.floor((capacity - keepBytes + 8) / 16) * 8);
+    this.committed = { first: 0, firstIndex: 0, end: 0, records: [] };
+    this.pending = [];
+  }
+  get end() {
+    return this.pending.at(-1)?.end ?? this.committed.end;
+  }
+  get next() {
+    return this.committed.firstIndex + this.committed.records.length + this.pending.length;
+  }
+  /** 'too large', 'full', or the appended record's index. */
+  append(bytes) {
+    const size = 16 + Math.ceil(bytes.length / 8) * 8;
+    if (size > this.maxRecordBytes) return 'too large';
+    const phys = this.end % this.capacity;
+    const pos = this.end + (this.capacity - phys < size ? this.capacity - phys : 0);
+    if (pos + size - this.committed.first > this.capacity) return 'full';
+    this.pending.push({ index: this.next, pos, size, end: pos + size, hex: hex(bytes) });
+    return this.next - 1;
+  }
+  commit() {
+    const all = [...this.committed.records, ...this.pending];
+    const end = this.end;
+    let drop = 0;
+    const first = () => (drop < all.length ? all[drop].pos : end);
+    while (drop < all.length && (end - first() > this.keepBytes || all.length - drop > this.keepRecords)) drop++;
+    this.committed = { first: first(), firstIndex: this.committed.firstIndex + drop, end, records: all.slice(drop) };
+    this.pending = [];
+  }
+  window() {
+    return this.committed.records.map((r) => [r.index, r.hex]);
+  }
+}
+
+test('a retained log keeps the newest records: indexes count on across drops, and a reopen or a copy keeps the window', (t) => {
+  const file = memory(t);
+  const decl = { recent: appendLog(1024, { keepRecords: 3 }), tail: appendLog(256, { keepBytes: 64 }), plain: appendLog(64) };
+  let state = StateFile.open(file, decl);
+  let { recent, tail } = state.structures;
+  assert.equal(recent.keepRecords, 3);
+  assert.equal(recent.keepBytes, 512, 'keepRecords alone keeps at most half the capacity in bytes');
+  assert.equal(state.structures.plain.keepBytes, undefined, 'a log without options keeps everything');
+  assert.equal(tail.recordBytes(8), 24, 'a retained record has a 16-byte header');
+  assert.equal(tail.maxRecordBytes, 64);
+  assert.equal(recent.maxRecordBytes, 256, '(1024 - 512 + 8) / 2, rounded down to a multiple of 8');
+  for (let i = 0; i < 5; i++) assert.equal(recent.append(enc(`r${i}`)), i, 'append returns the index');
+  assert.deepEqual([...recent].map(dec), [], 'nothing is committed yet');
+  assert.deepEqual([...recent.pendingRecords()].map(dec), ['r0', 'r1', 'r2', 'r3', 'r4']);
+  state.commit();
+  assert.deepEqual([...recent].map(dec), ['r2', 'r3', 'r4'], 'the commit kept the newest 3');
+  assert.equal(recent.firstIndex, 2);
+  assert.equal(recent.committedLength, 5);
+  assert.equal(recent.length, 5);
+  // Around the rings many times, committing every few records.
+  const want = [];
+  for (let i = 0; i < 500; i++) {
+    const r = enc(`t${i}`.padEnd(8, '.'));
+    assert.equal(tail.append(r), i);
+    want.push(`t${i}`.padEnd(8, '.'));
+    recent.append(enc(`r${i + 5}`));
+    if (i % 3 === 2) state.commit();
+  }
+  state.commit();
+  assert.deepEqual([...tail].map(dec), want.slice(-2), '64 bytes keep two records of 24 bytes');
+  assert.equal(tail.firstIndex, 498);
+  assert.equal(tail.committedByteLength, 48);
+  assert.deepEqual([...recent].map(dec), ['r502', 'r503', 'r504']);
+  tail.append(enc('uncommitted'));
+  state.close();
+
+  /** @type {Array<[string, MemoryFile]>} */
+  const files = [['a reopen of the same memfd', file], ['a copy in a new memfd', copyOf(t, file)]];
+  for (const [what, f] of files) {
+    state = StateFile.open(f, decl);
+    ({ recent, tail } = state.structures);
+    assert.deepEqual([...tail].map(dec), want.slice(-2), what);
+    assert.equal(tail.firstIndex, 498, what);
+    assert.equal(tail.length, 500, `${what}: the uncommitted record is gone`);
+    assert.equal(recent.firstIndex, 502, what);
+    assert.equal(recent.append(enc('next')), 505, `${what}: indexes continue`);
+    state.commit();
+    assert.deepEqual([...recent].map(dec), ['r503', 'r504', 'next'], what);
+    state.close();
+  }
+});
+
+test('retained log limits: a record over maxRecordBytes is ERR_STATE_RECORD_TOO_LARGE, appends beyond the room before the next commit ERR_STATE_LOG_FULL; nothing is written', (t) => {
+  const state = StateFile.open(memory(t), { small: appendLog(256, { keepBytes: 160 }), big: appendLog(256, { keepBytes: 48 }) });
+  const { small, big } = state.structures;
+  assert.equal(small.maxRecordBytes, 48, 'the room: (256 - 160 + 8) / 2, rounded down to 8');
+  assert.equal(big.maxRecordBytes, 48, 'keepBytes: a larger record could never be kept');
+  throwsCode(() => small.append(new Uint8Array(33)), 'ERR_STATE_RECORD_TOO_LARGE', '56 of 48 bytes (room)');
+  throwsCode(() => big.append(new Uint8Array(33)), 'ERR_STATE_RECORD_TOO_LARGE', '56 of 48 bytes (keepBytes)');
+  assert.equal(small.length, 0);
+  for (let round = 0; round < 40; round++) {
+    let appended = 0;
+    let full;
+    for (;;) {
+      try {
+        small.append(new Uint8Array(32).fill(round));
+        appended++;
+      } catch (err) {
+        full = err;
+        break;
+      }
+    }
+    assert.equal(full.code, 'ERR_STATE_LOG_FULL');
+    assert.match(full.message, /log small: .*commit more often/);
+    assert.ok(appended >= 1, `round ${round}: a record of maxRecordBytes always fits after a commit`);
+    state.commit();
+    assert.ok(small.committedByteLength <= 160, 'the commit keeps at most keepBytes');
+    assert.deepEqual([...small].at(-1), new Uint8Array(32).fill(round));
+  }
+  state.close();
+});
+
+test('retained log declarations are checked, and are part of the layout: another retention is ERR_STATE_LAYOUT_MISMATCH', (t) => {
+  const file = memory(t);
+  /** @type {Array<[import('../dist/index.js').AppendLogOptions, RegExp]>} */
+  const cases = [
+    [{ keepBytes: 100 }, /r: keepBytes must be a multiple of 8/],
+    [{ keepBytes: 8 }, /r: keepBytes/],
+    [{ keepBytes: 1024 - 16 }, /capacity less 24/],
+    [{ keepRecords: 0 }, /r: keepRecords must be an integer from 1/],
+    [{ keepRecords: 2 ** 32 }, /r: keepRecords/],
+    [{ keepBytes: 512, keepRecords: 1.5 }, /r: keepRecords/],
+  ];
+  for (const [options, pattern] of cases) {
+    assert.throws(() => StateFile.open(file, { r: appendLog(1024, options) }), { code: 'ERR_STATE_DECLARATION', message: pattern }, JSON.stringify(options));
+  }
+  assert.equal(file.size, 0);
+  const a = StateFile.open(file, { r: appendLog(1024, { keepRecords: 3 }) });
+  a.structures.r.append(enc('x'));
+  a.commit();
+  a.close();
+  const before = Buffer.from(file.map().bytes);
+  for (const other of [appendLog(1024), appendLog(1024, { keepRecords: 4 }), appendLog(1024, { keepBytes: 256, keepRecords: 3 })]) {
+    assert.throws(() => StateFile.open(file, { r: other }), { code: 'ERR_STATE_LAYOUT_MISMATCH', message: /r is declared differently .*retention/ });
+  }
+  assert.ok(before.equals(Buffer.from(file.map().bytes)), 'the file is unchanged');
+  const b = StateFile.open(file, { r: appendLog(1024, { keepBytes: 512, keepRecords: 3 }) });
+  assert.deepEqual([...b.structures.r].map(dec), ['x'], 'the same retention spelled out opens it');
+  b.close();
+  // Logs without retention keep the directory (and so the payload hash) of files written
+  // before retention existed.
+  assert.equal(planLayout({ events: appendLog(4096), hits: counterSet(2) }).hash, 0x99c1f4060c7f5d7fn);
+});
+
+test('an iteration of a retained log that a commit overtakes is ERR_STATE_LOG_DROPPED; a damaged window is ERR_STATE_CORRUPT', (t) => {
+  const file = memory(t);
+  const decl = { r: appendLog(1024, { keepRecords: 2 }) };
+  const state = StateFile.open(file, decl);
+  const { r } = state.structures;
+  for (const s of ['a', 'b']) r.append(enc(s));
+  state.commit();
+  const it = r.records();
+  assert.equal(dec(it.next().value), 'a');
+  r.append(enc('c'));
+  assert.equal(dec(it.next().value), 'b', 'staging does not disturb an iteration');
+  const again = r.records();
+  again.next();
+  state.commit(); // drops 'a'
+  assert.equal(dec(it.next().value), 'c', 'an iteration ahead of the drops goes on, and sees the new commit');
+  r.append(enc('d'));
+  state.commit(); // drops 'b'
+  throwsCode(() => again.next(), 'ERR_STATE_LOG_DROPPED', 'the iteration was at the dropped record b');
+  const at = state.snapshotLayout.tailStart + state.layout.structures[0].offset + 3 * 24 + 8; // the index word of 'd', the window's second record
+  state.close();
+  const copy = copyOf(t, file);
+  const mapping = copy.map();
+  mapping.bytes[at] ^= 1;
+  mapping.unmap();
+  assert.throws(() => StateFile.open(copy, decl), { code: 'ERR_STATE_CORRUPT', message: /log r: record 1 of the window at stream byte 72/ });
+});
+
+// The retained logs' model check: random appends (some too large, some beyond the room),
+// commits, discards, reopens of the same memfd and of copies in new memfds, against
+// RingModel. Snapshots live up to 63 commits (the counter's copies), long enough for the
+// small rings to come round to the bytes they name many times: after every operation
+// every valid snapshot is decoded without the library and must name exactly the window
+// committed with its sequence.
+test('model check: retained logs under random operations, every valid snapshot intact after every operation', (t) => {
+  const rng = seededRandom(SEED + 2);
+  let file = memory(t);
+  const decl = { a: appendLog(1024, { keepBytes: 512 }), b: appendLog(2048, { keepRecords: 7 }), n: counterSet(1, { copies: 64 }) };
+  const options = { entries: 64, data: 8192 };
+  const layout = planLayout(decl);
+  let state = StateFile.open(file, decl, options);
+  const models = { a: new RingModel(1024, 512), b: new RingModel(2048, 1024, 7) };
+  const history = new Map([[0, { a: [], b: [] }]]);
+  let seq = 0;
+  const counts = { append: 0, tooLarge: 0, full: 0, commit: 0, discard: 0, reopen: 0, restore: 0, dropped: 0, checks: 0 };
+  const committedBytes = { a: 0, b: 0 };
+
+  function checkSnapshots(step) {
+    const bytes = file.map().bytes;
+    const found = new SnapshotFile(bytes).recover();
+    for (const slot of found.valid()) {
+      const p = new DataView(found.read(slot).buffer);
+      const s = Number(p.getBigUint64(16, true));
+      const want = history.get(s);
+      assert.ok(want !== undefined, `step ${step}: a valid snapshot names sequence ${s}, never committed`);
+      for (const [i, name] of ['a', 'b'].entries()) {
+        const first = Number(p.getBigUint64(24 + 16 * i, true));
+        const end = Number(p.getBigUint64(32 + 16 * i, true));
+        const region = found.head.tailStart + layout.structures[i].offset;
+        assert.deepEqual(decodeLogWindow(bytes, region, models[name].capacity, first, end, `step ${step}: seq ${s} log ${name}`), want[name], `step ${step}: seq ${s} log ${name}`);
+      }
+      assert.equal(p.getBigUint64(56, true), BigInt(s), `step ${step}: seq ${s} counter (cell version)`);
+      counts.checks++;
+    }
+  }
+
+  for (let step = 0; step < 4000; step++) {
+    const op = rng.int(0, 99);
+    const name = rng.int(0, 1) === 0 ? 'a' : 'b';
+    const log = state.structures[name];
+    const model = models[name];
+    if (op < 62) {
+      const big = rng.int(0, 9) === 0;
+      const r = Uint8Array.from({ length: big ? rng.int(model.maxRecordBytes - 40, model.maxRecordBytes) : rng.int(0, 90) }, () => rng.int(0, 255));
+      const want = model.append(r);
+      if (want === 'too large') {
+        assert.throws(() => log.append(r), { code: 'ERR_STATE_RECORD_TOO_LARGE' }, `step ${step}`);
+        counts.tooLarge++;
+      } else if (want === 'full') {
+        assert.throws(() => log.append(r), { code: 'ERR_STATE_LOG_FULL' }, `step ${step}`);
+        counts.full++;
+      } else {
+        assert.equal(log.append(r), want, `step ${step}: index`);
+        counts.append++;
+      }
+    } else if (op < 80) {
+      state.structures.n.set(0, seq + 1); // every commit publishes; the counter's version is its sequence
+      state.commit();
+      seq++;
+      for (const [n, m] of Object.entries(models)) {
+        committedBytes[n] += m.end - m.committed.end;
+        m.commit();
+      }
+      history.set(seq, { a: models.a.window(), b: models.b.window() });
+      counts.commit++;
+    } else if (op < 83) {
+      assert.equal(log.discard(), model.pending.length);
+      model.pending = [];
+      counts.discard++;
+    } else if (op < 87) {
+      // An iteration overtaken by a commit that drops the record it is at.
+      const it = log.records();
+      it.next();
+      const before = model.committed.firstIndex;
+      state.structures.n.set(0, seq + 1);
+      state.commit();
+      seq++;
+      for (const m of Object.values(models)) m.commit();
+      history.set(seq, { a: models.a.window(), b: models.b.window() });
+      if (model.committed.firstIndex > before + 1) {
+        assert.throws(() => it.next(), { code: 'ERR_STATE_LOG_DROPPED' }, `step ${step}`);
+        counts.dropped++;
+      }
+    } else {
+      const restore = op >= 96;
+      state.close();
+      if (restore) file = copyOf(t, file);
+      state = StateFile.open(file, decl, options);
+      for (const m of Object.values(models)) m.pending = [];
+      counts[restore ? 'restore' : 'reopen']++;
+    }
+    checkSnapshots(step);
+    for (const [n, m] of Object.entries(models)) {
+      const l = state.structures[n];
+      assert.deepEqual([...l.records()].map((r, i) => [l.firstIndex + i, hex(r)]), m.window(), `step ${step}: log ${n} committed records`);
+      assert.deepEqual([...l.pendingRecords()].map(hex), m.pending.map((r) => r.hex), `step ${step}: log ${n} pending records`);
+      assert.equal(l.firstIndex, m.committed.firstIndex, `step ${step}: log ${n} firstIndex`);
+      assert.equal(l.length, m.next, `step ${step}: log ${n} length`);
+      assert.equal(l.committedByteLength, m.committed.end - m.committed.first, `step ${step}: log ${n} committedByteLength`);
+    }
+  }
+  state.close();
+  t.diagnostic(`seed ${SEED + 2}: ${JSON.stringify(counts)}, bytes committed ${JSON.stringify(committedBytes)}`);
+  assert.ok(committedBytes.a > 30 * 1024 && committedBytes.b > 20 * 2048, 'the rings wrapped many times');
+  assert.ok(counts.tooLarge > 0 && counts.full > 0 && counts.restore > 20 && counts.dropped > 0, 'the run exercised the limits, restores and overtaken iterations');
+});

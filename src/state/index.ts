@@ -18,6 +18,7 @@ export { VersionedCell, CounterSet } from './cell.js';
 export { KeyValueMap, keyValueMap, MAX_KEY_BYTES, entryBytes, type MapKey, type MapDeclaration, type KeyValueMapOptions } from './kv-map.js';
 export {
   appendLog,
+  type AppendLogOptions,
   versionedCell,
   counterSet,
   planLayout,

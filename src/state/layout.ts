@@ -33,6 +33,26 @@ export interface LogDeclaration {
   readonly kind: 'log';
   /** Bytes for records (headers and padding included), a multiple of 8. */
   readonly capacity: number;
+  /** Retained logs: bytes of the newest records a commit keeps; undefined keeps everything. */
+  readonly keepBytes?: number | undefined;
+  /** Retained logs: most records a commit keeps; undefined for no limit. */
+  readonly keepRecords?: number | undefined;
+}
+
+/**
+ * Options of {@link appendLog}. Without them a log keeps every record and ends in
+ * `ERR_STATE_LOG_FULL`; with either, it is a ring that drops its oldest records.
+ */
+export interface AppendLogOptions {
+  /**
+   * Keep the newest records within this many bytes (headers, padding and the gap a
+   * record skips at the end of the region included): a multiple of 8 from 16 to
+   * `capacity - 24`. The rest of the capacity is the room for the records appended
+   * between two commits. Default with `keepRecords`: half the capacity.
+   */
+  keepBytes?: number;
+  /** Keep at most the newest `keepRecords` records (an integer from 1 to 2^32 - 1). */
+  keepRecords?: number;
 }
 
 /** A versioned fixed-size value; see {@link versionedCell}. */
@@ -137,12 +157,15 @@ const NAME_PATTERN = /^[A-Za-z_][A-Za-z0-9_.-]*$/;
 const MAX_REGION = 2 ** 32;
 
 /**
- * Declares an append-only log of byte records.
+ * Declares an append-only log of byte records: by default one that keeps every record
+ * until it is full; with `keepBytes` or `keepRecords` a ring that keeps only the newest.
  * @param capacity bytes for records in the tail, a multiple of 8; a record takes 8 header
- *   bytes plus its length rounded up to 8
+ *   bytes (16 in a retained log) plus its length rounded up to 8
  */
-export function appendLog(capacity: number): LogDeclaration {
-  return { kind: 'log', capacity };
+export function appendLog(capacity: number, options: AppendLogOptions = {}): LogDeclaration {
+  const { keepBytes, keepRecords } = options;
+  if (keepBytes === undefined && keepRecords === undefined) return { kind: 'log', capacity };
+  return { kind: 'log', capacity, keepBytes: keepBytes ?? Math.floor(capacity / 16) * 8, keepRecords };
 }
 
 /**
@@ -230,6 +253,16 @@ export function planLayout(declarations: Declarations, base = 0): StateLayout {
         if (!Number.isSafeInteger(d.capacity) || d.capacity < 2 * RECORD_ALIGN || d.capacity % RECORD_ALIGN !== 0 || d.capacity > MAX_REGION) {
           throw declarationError(`${name}: a log's capacity must be a multiple of 8 from 16 to 2^32 bytes, got ${String(d.capacity)}`);
         }
+        if (d.keepBytes !== undefined || d.keepRecords !== undefined) {
+          const k = d.keepBytes;
+          if (k === undefined || !Number.isSafeInteger(k) || k < 16 || k % RECORD_ALIGN !== 0 || k > d.capacity - 24) {
+            throw declarationError(`${name}: keepBytes must be a multiple of 8 from 16 to the capacity less 24 (room for appends between commits), got ${String(k)}`);
+          }
+          const r = d.keepRecords;
+          if (r !== undefined && (!Number.isSafeInteger(r) || r < 1 || r >= 2 ** 32)) {
+            throw declarationError(`${name}: keepRecords must be an integer from 1 to 2^32 - 1, got ${String(r)}`);
+          }
+        }
         bytes = d.capacity;
         break;
       case 'map':
@@ -287,6 +320,11 @@ function encodeDirectory(structures: readonly PlacedStructure[], end: number, en
     view.setBigUint64(at + 16, BigInt(s.length), true);
     if (d.kind === 'log' || d.kind === 'map') {
       view.setBigUint64(at + 32, BigInt(d.kind === 'log' ? d.capacity : d.maxBytes), true);
+      // Zero for a log that keeps everything: such files read exactly as before retention.
+      if (d.kind === 'log' && d.keepBytes !== undefined) {
+        view.setUint32(at + 24, d.keepBytes, true);
+        view.setUint32(at + 28, d.keepRecords ?? 0, true);
+      }
     } else {
       const type = d.kind === 'cell' ? d.type : BigUint64Array;
       view.setUint32(at + 4, d.copies, true);
@@ -332,7 +370,7 @@ export function directoryDifference(found: Uint8Array, layout: StateLayout): str
     for (let k = 0; k < DIRECTORY_ENTRY; k++) {
       if (found[at + k] !== expected[at + k]) {
         return names[s.index] === s.name
-          ? `structure ${s.name} is declared differently in the file (kind, size, type or copies)`
+          ? `structure ${s.name} is declared differently in the file (kind, size, type, copies or retention)`
           : `structure ${s.index + 1} is ${JSON.stringify(names[s.index])} in the file, ${JSON.stringify(s.name)} in the program`;
       }
     }

@@ -167,7 +167,7 @@ export class StateFile<D extends Declarations> implements StructureContainer {
         if (damage !== undefined) throw corrupt(file, damage);
         structure = map;
       } else if (d.kind === 'log') {
-        const log = new AppendLog(this, s.name, region, d.capacity);
+        const log = new AppendLog(this, s.name, region, d);
         const damage = log.restore(a, b);
         if (damage !== undefined) throw corrupt(file, damage);
         structure = log;
@@ -386,11 +386,14 @@ export class StateFile<D extends Declarations> implements StructureContainer {
     if (this.#ownsFile) this.file.close();
   }
 
-  /** Tells every cell that the valid snapshot at `offset` names the versions in `payload`. */
+  /** Tells every cell, map and retained log what the valid snapshot at `offset` names. */
   #named(payload: DecodedPayload, offset: number): void {
     for (const s of this.layout.structures) {
-      if (s.declaration.kind === 'log') continue;
       const structure = this.#list[s.index]!;
+      if (structure instanceof AppendLog) {
+        structure.named(payload.words[2 * s.index]!, offset);
+        continue;
+      }
       if (structure instanceof KeyValueMap) {
         structure.named(payload.words[2 * s.index]!, offset);
         continue;
