@@ -1,0 +1,124 @@
+// Retained logs across real processes: test/fixtures/log-retention.js appends to two
+// retained logs forever (log-retention-model.js), so any state found afterwards must be
+// exactly the state after some commit k, and k must be at least the last commit it reported.
+// - SIGKILL of the writer at random instants, recovered from the very same memfd, while the
+//   rings wrap again and again;
+// - SIGKILL of the whole tree (shm-restore --snapshot=restore-v1 and the program) at random
+//   instants: every backup on disk, also the ones persisted while the program ran, restores
+//   to a committed state, and never to an older one than before.
+// Kill instants come from a seeded generator; replay with STATE_SEED=<seed>.
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { test } from 'node:test';
+import { MemoryFile } from 'shmfd';
+import { cleanEnv, fixture, NODE, seededRandom, SHM_RESTORE, sleep, start, tempDir } from './helpers.js';
+import { recoverFrom } from './fixtures/log-retention-model.js';
+
+const PROGRAM = fixture('log-retention.js');
+const SEED = process.env.STATE_SEED === undefined ? Date.now() % 1_000_000_007 : Number(process.env.STATE_SEED);
+const rng = seededRandom(SEED);
+console.log(`# state-retention-process seed ${SEED} (replay with STATE_SEED=${SEED})`);
+
+const lastCommitted = (watcher) => Math.max(0, ...watcher.numbers(/^committed (\d+)$/));
+
+function checkRecovered(found, what, { atLeast }) {
+  assert.equal(found.problem, undefined, `seed ${SEED}, ${what}: recovered state is not the one after commit ${found.sequence}: ${found.problem}`);
+  assert.ok(found.sequence >= atLeast, `seed ${SEED}, ${what}: recovered commit ${found.sequence}, but ${atLeast} had been committed`);
+  return found;
+}
+
+test('SIGKILL of a writer appending to retained logs forever: the memfd always holds exactly a committed state, at least the last one reported', async (t) => {
+  // The test holds the memfd itself and passes it at fd 3, so nothing but the program
+  // touches it; a kill leaves it exactly as the program's stores left it.
+  const memory = MemoryFile.create('log-retention-kill');
+  t.after(() => memory.close());
+  const env = cleanEnv({ LISTEN_FDS: '1', LISTEN_FDNAMES: 'SHM_SHARED_FD' });
+  let durable = 0;
+  let records = 0;
+  const rounds = 10;
+  let midStream = 0;
+  for (let round = 1; round <= rounds; round++) {
+    const { child, out, err, exited } = start(NODE, [PROGRAM, '0'], { env, extraFds: [memory.fd] });
+    const recovered = await out.waitFor(/^recovered (\d+)$/);
+    assert.ok(recovered !== undefined, `round ${round}: the program started: ${err.lines.join('\n')}`);
+    assert.equal(Number(recovered[1]), durable, `round ${round}: the program recovered what the last check found`);
+    // Every other kill comes after a commit was reported, so the rounds make progress however slow.
+    if (round % 2 === 0) await out.waitFor(/^committed \d+$/);
+    await Promise.race([sleep(rng.int(5, 150)), exited]);
+    child.kill('SIGKILL');
+    const { signal } = await exited;
+    assert.ok(!out.lines.some((l) => l.startsWith('problem')), `round ${round}: ${out.lines.join('\n')}`);
+    if (signal === 'SIGKILL') midStream++;
+    const found = checkRecovered(recoverFrom(`/proc/self/fd/${memory.fd}`), `round ${round}`, { atLeast: Math.max(durable, lastCommitted(out)) });
+    durable = found.sequence;
+    records = found.records;
+  }
+  t.diagnostic(`seed ${SEED}: ${midStream} of ${rounds} kills hit a running writer; final commit ${durable}, ${records} records appended to each log`);
+  assert.ok(midStream >= rounds - 1, 'the kills hit a running writer');
+  // A record takes 116 bytes on average: the 2 KiB ring wrapped many times.
+  assert.ok(records * 116 > 50 * 2048, `the rings wrapped many times (${records} records)`);
+});
+
+function startTree(backup) {
+  return start(NODE, [SHM_RESTORE, '--snapshot=restore-v1', '--interval', '5', backup, NODE, PROGRAM, '2'], { detached: true, guardMs: 30_000 });
+}
+
+test('SIGKILL of the whole tree under shm-restore --snapshot=restore-v1 while retained logs wrap: every backup restores to a committed state, never an older one', async (t) => {
+  const dir = tempDir(t, 'shmfd-retention-');
+  const backup = path.join(dir, 'state.backup');
+  const stats = { kills: 0, backupsSeen: 0, grewWhileRunning: 0 };
+  let durable = 0;
+  let records = 0;
+  for (let round = 1; round <= 8; round++) {
+    const tree = startTree(backup);
+    const recovered = await tree.out.waitFor(/^recovered (\d+)$/);
+    if (recovered !== undefined) assert.equal(Number(recovered[1]), durable, `seed ${SEED}, round ${round}: the program recovered what the backup held`);
+    // Every version of the backup (each an atomic rename) must restore to a committed
+    // state, and they never go back. Every other round runs at least until a backup newer
+    // than the last one shows up, however slow.
+    const until = Date.now() + rng.int(150, 700);
+    const mustGrow = round % 2 === 0;
+    let lastSeen = '';
+    const startDurable = durable;
+    const guard = Date.now() + 60_000;
+    while (Date.now() < until || (mustGrow && durable === startDurable)) {
+      if (Date.now() > guard) throw new Error(`seed ${SEED}, round ${round}: no newer backup within 60 s`);
+      // A freed inode number is handed out again: the change time tells the files apart.
+      let seen;
+      try {
+        const stat = fs.statSync(backup, { bigint: true });
+        seen = `${stat.ino}:${stat.ctimeNs}`;
+      } catch {
+        seen = '';
+      }
+      if (seen !== lastSeen && seen !== '') {
+        lastSeen = seen;
+        let found;
+        try {
+          found = recoverFrom(backup);
+        } catch (e) {
+          if (e.code !== 'ENOENT') throw e;
+        }
+        if (found !== undefined) {
+          ({ sequence: durable, records } = checkRecovered(found, `round ${round}, a backup persisted while the program ran`, { atLeast: durable }));
+          stats.backupsSeen++;
+        }
+      }
+      await sleep(3);
+    }
+    if (durable > startDurable) stats.grewWhileRunning++;
+    try {
+      process.kill(-tree.pid, 'SIGKILL');
+      stats.kills++;
+    } catch (e) {
+      if (e.code !== 'ESRCH') throw e;
+    }
+    await tree.exited;
+    assert.ok(!tree.out.lines.some((l) => l.startsWith('problem')), tree.out.lines.join('\n'));
+    if (fs.existsSync(backup)) ({ sequence: durable, records } = checkRecovered(recoverFrom(backup), `round ${round}, after the kill`, { atLeast: durable }));
+  }
+  t.diagnostic(`seed ${SEED}: ${stats.kills} tree kills, ${stats.backupsSeen} backups checked while running, durable state grew during ${stats.grewWhileRunning} runs; final commit ${durable}, ${records} records per log`);
+  assert.ok(stats.grewWhileRunning >= 2, 'restore-v1 persisted new states while the program ran');
+  assert.ok(records * 116 > 5 * 2048, `the 2 KiB ring wrapped (${records} records)`);
+});
