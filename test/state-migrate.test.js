@@ -325,3 +325,27 @@ test('new declarations whose payload the file\'s snapshot ring cannot hold twice
   assert.equal(dec([...b.structures.l][0]), 'kept');
   b.close();
 });
+
+test('a retained log is read in a migration as its directory declares it: the kept records, their indexes', (t) => {
+  const file = memory(t);
+  const v1 = () => ({ events: appendLog(1024, { keepRecords: 5 }) });
+  const a = StateFile.open(file, v1());
+  for (let i = 0; i < 300; i++) {
+    a.structures.events.append(enc(`event ${i}`));
+    a.commit();
+  }
+  a.close();
+  let seen = { first: -1, records: /** @type {string[]} */ ([]) };
+  const b = StateFile.open(file, { events: appendLog(4096), total: counterSet(1) }, {
+    migrate(old, next) {
+      const events = /** @type {import('shmfd').AppendLog} */ (old.events);
+      seen = { first: events.firstIndex, records: [...events].map(dec) };
+      for (const record of events) next.events.append(record);
+      next.total.add(0, BigInt(events.firstIndex + seen.records.length));
+    },
+  });
+  assert.deepEqual(seen, { first: 295, records: [295, 296, 297, 298, 299].map((i) => `event ${i}`) }, 'the old log keeps its newest 5 records after wrapping');
+  assert.deepEqual([...b.structures.events].map(dec), seen.records);
+  assert.equal(b.structures.total.get(0), 300n);
+  b.close();
+});

@@ -449,7 +449,11 @@ export function declarationsOf(found: Uint8Array, base: number): Declarations | 
     const copies = view.getUint32(at + 4, true);
     const size = Number(view.getBigUint64(at + 32, true));
     const type = ELEMENT_TYPES[view.getUint32(at + 24, true) - 1];
-    if (kind === KIND_CODE.log) declarations[name] = appendLog(size);
+    if (kind === KIND_CODE.log) {
+      const keepBytes = view.getUint32(at + 24, true);
+      const keepRecords = view.getUint32(at + 28, true);
+      declarations[name] = keepBytes === 0 ? appendLog(size) : appendLog(size, { keepBytes, ...(keepRecords === 0 ? {} : { keepRecords }) });
+    }
     else if (kind === KIND_CODE.map) declarations[name] = { kind: 'map', maxBytes: size };
     else if (kind === KIND_CODE.counters) declarations[name] = counterSet(size, { copies });
     else if (kind === KIND_CODE.cell && type !== undefined) declarations[name] = versionedCell(type, size, { copies });
