@@ -114,12 +114,16 @@ function refuse(res, err) {
   reply(res, status, err.message);
 }
 
-/** Reads the body, up to `limit` bytes; undefined (after a 413) when it is longer. */
+/**
+ * Reads the body, up to `limit` bytes; undefined (after a 413) when it is longer. The rest
+ * of a refused body is read and dropped, so that the client, still sending, gets the answer.
+ */
 function readBody(req, res, limit) {
-  const refuseLength = (n) => reply(res, 413, `value too large: ${n} bytes, at most ${limit} with this key`, { connection: 'close' });
+  const refuseLength = (n) => reply(res, 413, `value too large: ${n} bytes, at most ${limit} with this key`);
   const declared = Number(req.headers['content-length']);
   if (declared > limit) {
     refuseLength(declared);
+    req.resume();
     return Promise.resolve(undefined);
   }
   return new Promise((resolve) => {
