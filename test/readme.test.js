@@ -11,9 +11,10 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import http from 'node:http';
+import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
-import { cleanEnv, datagramReceiver, NODE, ROOT, run, runShmFd, SHM_FD, start, tempDir, waitFor } from './helpers.js';
+import { cleanEnv, commandExists, datagramReceiver, NODE, ROOT, run, runShmFd, SHM_FD, SHM_RESTORE, start, tempDir, waitFor } from './helpers.js';
 
 const NEEDS_MEMORY = /^\/\/ Needs shm-fd or shm-restore, which pass the memory file: shm-fd node app\.mjs$/;
 const SERVER = /^\/\/ A server: runs until SIGTERM or Ctrl-C, on the socket passed as (\w+) or else on port \d+$/;
@@ -102,4 +103,68 @@ blocks.forEach((code, i) => {
       ],
     );
   });
+});
+
+// The shell recipe of examples/kv-server.js: the server line as written (on a free port and
+// a temporary backup), then every line of the next block, each printing exactly what its
+// comment says (nothing without one); after Ctrl-C (SIGINT to the process group) and a
+// restart, the value is still there.
+const SERVER_LINE = 'shm-restore --snapshot=restore-v1 -s http::8080 /tmp/kv.state -- node examples/kv-server.js';
+
+test('README kv-server recipe: runs as written, and the map survives Ctrl-C and a restart', { skip: !commandExists('curl') && 'needs curl' }, async (t) => {
+  const shellBlocks = [...fs.readFileSync(path.join(ROOT, 'README.md'), 'utf8').matchAll(/```sh\n([\s\S]*?)```/g)].map((m) => m[1]);
+  const at = shellBlocks.findIndex((b) => b === `${SERVER_LINE}\n`);
+  assert.ok(at >= 0 && at + 1 < shellBlocks.length, `a block of its own: ${SERVER_LINE}, then one of curl commands`);
+  const port = await new Promise((resolve, reject) => {
+    const probe = net.createServer().listen(0, '127.0.0.1', () => {
+      const { port: free } = /** @type {net.AddressInfo} */ (probe.address());
+      probe.close(() => resolve(free));
+    });
+    probe.on('error', reject);
+  });
+  const backup = path.join(tempDir(t), 'kv.state');
+  const args = SERVER_LINE.split(' ').flatMap((word) => {
+    if (word === 'shm-restore') return [SHM_RESTORE];
+    if (word === 'node') return [NODE];
+    return [word.replace('8080', String(port)).replace('/tmp/kv.state', backup)];
+  });
+  const startServer = async () => {
+    const host = start(NODE, args, { t, detached: true });
+    // The host's socket queues connections once it listens; the program answers them.
+    await waitFor(
+      () =>
+        new Promise((resolve) => {
+          const c = net.connect(port, '127.0.0.1', () => resolve(true));
+          c.on('connect', () => c.destroy());
+          c.on('error', () => resolve(false));
+        }),
+      `port ${port}`,
+    );
+    return host;
+  };
+  const lines = shellBlocks[at + 1].trimEnd().split('\n').map((line) => {
+    const m = /^(.*?)\s+# (.*)$/.exec(line);
+    return { command: (m ? m[1] : line).replaceAll(':8080/', `:${port}/`), prints: m ? `${m[2]}\n` : '' };
+  });
+  const runLine = async ({ command, prints }) => {
+    const r = await run('sh', ['-c', command], { env: cleanEnv() });
+    assert.equal(r.code, 0, `${command}: ${r.stderr}`);
+    assert.equal(r.stdout, prints, command);
+  };
+
+  const first = await startServer();
+  for (const line of lines) await runLine(line);
+  first.kill('SIGINT');
+  const stopped = await first.exited;
+  assert.equal(stopped.code, 130, `Ctrl-C: ${stopped.stderr}`);
+  assert.equal(stopped.stderr, '');
+
+  const again = await startServer();
+  const greeting = lines.find((l) => /\/kv\/greeting$/.test(l.command) && l.prints !== '');
+  assert.ok(greeting, 'the block reads greeting back');
+  await runLine(greeting);
+  // To the host alone, as systemd's KillMode=mixed does: it forwards the signal once.
+  again.child.kill('SIGTERM');
+  const end = await again.exited;
+  assert.deepEqual([end.code, end.signal, end.stderr], [0, null, '']);
 });
