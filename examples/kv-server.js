@@ -24,7 +24,8 @@
 // Environment: PORT (default 8080) when no socket was passed as `http`; KV_MAX_BYTES, the
 // map's region (default 64 MiB, pages used as touched; a multiple of 4096): it holds about a
 // third of that in entries, each at most 1/64 of it. Changing it for an existing backup is
-// ERR_STATE_LAYOUT_MISMATCH. Quiet: it prints nothing unless something goes wrong.
+// ERR_STATE_LAYOUT_MISMATCH. Quiet: it prints nothing unless something goes wrong (run
+// alone, without a memory file, it warns once that the data lives in the process only).
 import http from 'node:http';
 import { serve } from 'shmfd/serve';
 
@@ -32,7 +33,7 @@ let state; // set below, before the server listens
 let kv;
 const server = http.createServer(handle);
 // First, so that a stop signal during the rest of the start-up is graceful too.
-serve({ endpoints: [server], onStop: () => state.close() });
+serve({ endpoints: [server], onStop: () => state?.close() });
 
 const { MAX_KEY_BYTES, MemoryFile, StateFile, keyValueMap, listenOn } = await import('shmfd');
 
@@ -46,12 +47,12 @@ try {
   state = StateFile.fromEnv(declarations);
 } catch (err) {
   if (err.code !== 'ERR_STATE_NO_SHARED_FD') fail(err);
-  console.error('kv-server: warning: no memory file passed; the data lives in this process only (run it under shm-restore to keep it)');
   try {
     state = StateFile.open(MemoryFile.create('kv-server'), declarations);
   } catch (err2) {
     fail(err2);
   }
+  console.error('kv-server: warning: no memory file passed; the data lives in this process only (run it under shm-restore to keep it)');
 }
 kv = state.structures.kv;
 
@@ -156,7 +157,7 @@ async function handleKey(req, res, encoded) {
     case 'HEAD':
       afterCommit(() => {
         const value = kv.get(key);
-        if (value === undefined) reply(res, 404, `not found: ${key}`);
+        if (value === undefined) reply(res, 404, `not found: ${JSON.stringify(key)}`);
         else res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': value.length }).end(value);
       });
       return;
@@ -179,7 +180,7 @@ async function handleKey(req, res, encoded) {
       } catch (err) {
         return refuse(res, err);
       }
-      afterCommit(present ? committedOr(res, 204) : () => reply(res, 404, `not found: ${key}`));
+      afterCommit(present ? committedOr(res, 204) : () => reply(res, 404, `not found: ${JSON.stringify(key)}`));
       return;
     }
     default:

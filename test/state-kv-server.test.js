@@ -7,7 +7,8 @@
 //   and a restart on that backup has every answered PUT, byte for byte;
 // - SIGKILL of the whole tree while one writer PUTs: the restart has exactly the effect of
 //   a prefix of the PUTs (a committed state), at least as new as a backup seen on disk
-//   before the kill. How old that prefix is at the kill is printed as a diagnostic.
+//   before the kill. How old that prefix is at the kill is printed as a diagnostic;
+// - run alone on PORT (with a warning), and one error line for a bad configuration.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import http from 'node:http';
@@ -15,7 +16,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
 import { MemoryFile, StateFile, keyValueMap } from 'shmfd';
-import { childrenOf, cleanEnv, NODE, ROOT, seededRandom, SHM_RESTORE, start, tempDir, waitFor } from './helpers.js';
+import { childrenOf, cleanEnv, NODE, ROOT, run, seededRandom, SHM_RESTORE, start, tempDir, waitFor } from './helpers.js';
 
 const KV_SERVER = path.join(ROOT, 'examples', 'kv-server.js');
 const SEED = process.env.KV_SEED === undefined ? Date.now() % 1_000_000_007 : Number(process.env.KV_SEED);
@@ -138,10 +139,11 @@ test('kv-server: PUT, GET, DELETE and the count; binary values byte for byte; qu
   assert.match(count.headers['content-type'], /^application\/json/);
   assert.deepEqual(JSON.parse(count.body.toString()), { count: 1 + values.size + concurrent.length });
 
-  assertLine(await request('GET', 'missing'), 404, /not found: missing/);
+  assertLine(await request('GET', 'missing'), 404, /not found: "missing"/);
+  assertLine(await request('GET', 'two\nlines'), 404, /not found: "two\\nlines"/);
   assert.equal((await request('DELETE', 'greeting')).status, 204);
-  assertLine(await request('GET', 'greeting'), 404, /not found: greeting/);
-  assertLine(await request('DELETE', 'greeting'), 404, /not found: greeting/);
+  assertLine(await request('GET', 'greeting'), 404, /not found: "greeting"/);
+  assertLine(await request('DELETE', 'greeting'), 404, /not found: "greeting"/);
   assert.deepEqual(JSON.parse((await request('GET')).body.toString()), { count: values.size + concurrent.length });
 
   // Bad requests: one line each, and nothing changed.
@@ -360,4 +362,46 @@ test('kv-server: SIGKILL of the whole tree while one writer PUTs: the restart ha
   );
   again.host.kill('SIGTERM');
   assert.equal((await again.host.exited).code, 0);
+});
+
+test('kv-server: alone it serves on PORT with a warning; a bad KV_MAX_BYTES or a backup of another layout is one error line', async (t) => {
+  const bad = await run(NODE, [KV_SERVER], { env: cleanEnv({ KV_MAX_BYTES: 'lots' }) });
+  assert.equal(bad.code, 1);
+  assert.match(bad.stderr, /^kv-server: error: kv: a map's maxBytes must be a multiple of 4096 .*, got NaN\n$/);
+
+  const dir = tempDir(t);
+  const server = startServer(t, dir);
+  await server.ready();
+  assert.equal((await server.request('PUT', 'a', 'x')).status, 204);
+  server.host.kill('SIGTERM');
+  assert.equal((await server.host.exited).code, 0);
+  const other = await run(NODE, [SHM_RESTORE, '--snapshot=restore-v1', path.join(dir, 'kv.state'), '--', NODE, KV_SERVER], {
+    env: cleanEnv({ KV_MAX_BYTES: String(64 << 10) }),
+  });
+  assert.equal(other.code, 1, other.stderr);
+  assert.match(other.stderr, /^kv-server: error: .*another layout.*\n$/);
+
+  const port = await new Promise((resolve, reject) => {
+    const probe = net.createServer().listen(0, '127.0.0.1', () => {
+      const { port: free } = /** @type {net.AddressInfo} */ (probe.address());
+      probe.close(() => resolve(free));
+    });
+    probe.on('error', reject);
+  });
+  const alone = start(NODE, [KV_SERVER], { t, env: cleanEnv({ PORT: String(port) }) });
+  await alone.err.waitFor(/^kv-server: warning: no memory file passed/);
+  const answer = await waitFor(
+    () =>
+      new Promise((resolve) => {
+        const req = http.request({ host: '127.0.0.1', port, path: '/kv/a', method: 'PUT' }, (res) => resolve(res.statusCode));
+        req.on('error', () => resolve(undefined));
+        req.end('x');
+      }),
+    `a PUT on port ${port}`,
+  );
+  assert.equal(answer, 204);
+  alone.kill('SIGTERM');
+  const end = await alone.exited;
+  assert.equal(end.code, 0);
+  assert.equal(end.stderr.split('\n').filter(Boolean).length, 1, `the warning alone: ${end.stderr}`);
 });
