@@ -463,8 +463,13 @@ test('a key-value map stages, reads its staged changes, commits with the other s
   assert.equal(sessions.has(''), true);
   assert.equal(sessions.delete('carol'), true);
   assert.equal(sessions.delete('carol'), false, 'deleting an absent key says so');
+  assert.equal(sessions.stagedBytes, 3 * entryBytes(5, 7) + entryBytes(3, 1) + entryBytes(0, 0) - entryBytes(5, 7), 'one record per staged key, the deleted one kept as a tombstone');
+  sessions.set('alice', enc('{"n":9}'));
+  assert.equal(sessions.stagedBytes, 3 * entryBytes(5, 7) + entryBytes(3, 1) + entryBytes(0, 0) - entryBytes(5, 7), 'a value of the same size is rewritten in place');
+  sessions.set('alice', enc('{"n":1}'));
   totals.add(0, 3n);
   assert.equal(state.commit(), true);
+  assert.equal(sessions.stagedBytes, 0);
   const got = sessions.get('alice');
   got[0] = 0;
   assert.equal(dec(sessions.get('alice')), '{"n":1}', 'get returns a copy');
@@ -605,7 +610,7 @@ test('model check: a key-value map under random operations, every valid snapshot
   const layout = planLayout(decl);
   let state = StateFile.open(file, decl, options);
   let committed = new Map();
-  let pending = null; // staged: { map, cleared, deletes: Set of committed keys deleted }
+  let pending = null; // staged: { map, cleared, records: record bytes of each staged key's newest record, need }
   const history = new Map([[0, []]]);
   let seq = 0;
   let written = 0; // record bytes committed
@@ -613,27 +618,28 @@ test('model check: a key-value map under random operations, every valid snapshot
   const sorted = (map) => [...map].sort();
   const view = () => pending?.map ?? committed;
   const staged = () => {
-    pending ??= { map: new Map(committed), cleared: false, changes: new Map() };
+    pending ??= { map: new Map(committed), cleared: false, records: new Map(), need: 0 };
     return pending;
   };
   const { maxLiveBytes, maxEntries, maxRecordBytes } = state.structures.m;
   const ringBytes = layout.structures[0].length - 4096 - 512 * 8;
 
-  /** What the commit would need after the change (the limits of docs/state.md). */
+  /**
+   * Whether the map takes a change leading to `after` (the limits of docs/state.md): the
+   * entries, their record bytes, and the ring bytes staged since the last commit (a change
+   * of a staged key to a record of the same size, or its deletion, rewrites its record; any
+   * other change adds one).
+   */
   function fits(after) {
     let live = 0;
     for (const [k, v] of after.map) live += entryBytes(k.length / 2, v.length / 2);
-    let need = 0;
-    for (const [k, v] of after.changes) {
-      if (v !== null) need += entryBytes(k.length / 2, v.length / 2);
-      else if (!after.cleared && committed.has(k)) need += entryBytes(k.length / 2, 0);
-    }
-    return after.map.size <= maxEntries && live <= maxLiveBytes && live + need <= ringBytes / 2 - 4 * maxRecordBytes;
+    return after.map.size <= maxEntries && live <= maxLiveBytes && live + after.need <= ringBytes / 2 - 4 * maxRecordBytes;
   }
 
   function checkSnapshots(step) {
     const bytes = file.map().bytes;
     const found = new SnapshotFile(bytes).recover();
+    const sequences = [];
     for (const slot of found.valid()) {
       const p = new DataView(found.read(slot).buffer);
       const s = Number(p.getBigUint64(16, true));
@@ -645,7 +651,9 @@ test('model check: a key-value map under random operations, every valid snapshot
       assert.deepEqual(decodeMapWindow(bytes, region, layout.structures[0].length, tail, head), want, `step ${step}: seq ${s} map`);
       assert.equal(p.getBigUint64(40, true), BigInt(s), `step ${step}: seq ${s} counter (cell version)`);
       counts.checks++;
+      sequences.push(s);
     }
+    assert.ok(seq === 0 || sequences.includes(seq), `step ${step}: the newest commit (${seq}) is still valid`);
   }
 
   for (let step = 0; step < 2500; step++) {
@@ -655,9 +663,11 @@ test('model check: a key-value map under random operations, every valid snapshot
     const k = hex(key);
     if (op < 55) {
       const v = Uint8Array.from({ length: rng.int(0, rng.int(0, 1) === 0 ? 700 : 150) }, () => rng.int(0, 255));
-      const after = { map: new Map(view()), cleared: pending?.cleared ?? false, changes: new Map(pending?.changes ?? []) };
+      const after = { map: new Map(view()), cleared: pending?.cleared ?? false, records: new Map(pending?.records ?? []), need: pending?.need ?? 0 };
+      const size = entryBytes(key.length, v.length);
       after.map.set(k, hex(v));
-      after.changes.set(k, hex(v));
+      if (after.records.get(k) !== size) after.need += size;
+      after.records.set(k, size);
       if (fits(after)) {
         m.set(key, v);
         pending = after;
@@ -672,8 +682,11 @@ test('model check: a key-value map under random operations, every valid snapshot
       if (present) {
         const p = staged();
         p.map.delete(k);
-        if (!p.cleared && committed.has(k)) p.changes.set(k, null);
-        else p.changes.delete(k);
+        if (!p.records.has(k)) {
+          // A committed key not staged yet: a tombstone record (a staged one becomes one).
+          p.records.set(k, entryBytes(key.length, 0));
+          p.need += entryBytes(key.length, 0);
+        }
         counts.delete++;
       }
     } else if (op < 69) {
@@ -681,19 +694,20 @@ test('model check: a key-value map under random operations, every valid snapshot
       m.clear();
       const p = staged();
       p.map.clear();
-      p.changes.clear();
+      p.records.clear();
+      p.need = 0;
       p.cleared = true;
       counts.clear++;
     } else if (op < 71) {
       m.discard();
-      if (pending !== null) pending = { map: new Map(committed), cleared: false, changes: new Map() };
+      if (pending !== null) pending = { map: new Map(committed), cleared: false, records: new Map(), need: 0 };
       counts.discard++;
     } else if (op < 89) {
       state.structures.n.set(0, seq + 1); // every commit publishes; the counter's version is its sequence
       state.commit();
       seq++;
       if (pending !== null) {
-        for (const [key2, v] of pending.changes) written += entryBytes(key2.length / 2, v === null ? 0 : v.length / 2);
+        written += pending.need;
         committed = pending.map;
       }
       pending = null;
@@ -709,9 +723,10 @@ test('model check: a key-value map under random operations, every valid snapshot
       pending = null;
       counts[restore ? 'restore' : 'reopen']++;
     }
-    if (op >= 71) checkSnapshots(step); // staging writes nothing to the memory file
+    checkSnapshots(step); // staging writes records past the committed head: never into a valid snapshot
     assert.deepEqual(mapEntries(state.structures.m), sorted(view()), `step ${step}: entries`);
     assert.equal(state.structures.m.size, view().size, `step ${step}: size`);
+    assert.equal(state.structures.m.stagedBytes, pending?.need ?? 0, `step ${step}: staged ring bytes`);
     const probe = rng.int(0, 40);
     assert.equal(state.structures.m.has(`key-${probe}`), view().has(hex(enc(`key-${probe}`))), `step ${step}: has`);
   }

@@ -140,24 +140,19 @@ function hashBytes(b: Uint8Array, from: number, n: number): number {
   return h >>> 0;
 }
 
-/** A staged change: a new value, or `null` for a deletion of a committed key. */
-interface Staged {
-  readonly key: Uint8Array;
-  readonly hash: number;
-  readonly value: Uint8Array | null;
-  /** Record bytes of the committed entry this replaces (0: none). */
-  readonly replaced: number;
-}
+/** Slots a new staged index starts with (it doubles as keys are staged). */
+const MIN_STAGED_SLOTS = 64;
 
 /**
  * A key-value map (see docs/state.md): keys are strings or bytes, values bytes. Changes
- * are staged in memory and become part of the state with the next commit of the state
- * file, atomically with every other structure; reads see the staged changes.
+ * are staged and become part of the state with the next commit of the state file,
+ * atomically with every other structure; reads see the staged changes.
  *
  * Committed entries are records in a ring in the shared memory; the index that finds them
- * in O(1) lives there too and survives a restart on the same memory file. Space of deleted
- * and overwritten entries is reclaimed by commits, without ever writing bytes that a valid
- * snapshot names.
+ * in O(1) lives there too and survives a restart on the same memory file. Staged changes
+ * are records too, written past the committed head, where no valid snapshot looks; a
+ * commit makes them part of the window it publishes. Space of deleted and overwritten
+ * entries is reclaimed by commits, without ever writing bytes that a valid snapshot names.
  */
 export class KeyValueMap implements Structure {
   /** The name the map was declared under. */
@@ -173,6 +168,8 @@ export class KeyValueMap implements Structure {
   readonly #u32: Uint32Array;
   readonly #geometry: MapGeometry;
   readonly #ring: number;
+  /** Region offset of the ring. */
+  readonly #ringOffset: number;
   /** u32 index of the ring's first word. */
   readonly #ringWord: number;
   /** u32 index of the index table's first word. */
@@ -182,14 +179,23 @@ export class KeyValueMap implements Structure {
   /** Committed window of the ring, as stream positions. */
   #tail = 0;
   #head = 0;
+  /** End of the staged records, which lie in `[head, end)`. */
+  #end = 0;
   #slots: number;
   #count = 0;
   #live = 0;
   #rebuilt = false;
-  /** Staged changes by key (as a latin1 string of the key bytes). */
-  #staged = new Map<string, Staged>();
+  /**
+   * The staged keys, in the order first staged: ring byte of the key's newest staged record
+   * (a tombstone for a deletion) and the key's hash; found through `#stagedSlots`, an open
+   * addressing table of list index + 1. In the JS heap: nothing of it has to survive.
+   */
+  #stagedAt = new Uint32Array(MIN_STAGED_SLOTS / 2);
+  #stagedHash = new Uint32Array(MIN_STAGED_SLOTS / 2);
+  #stagedSlots = new Uint32Array(MIN_STAGED_SLOTS);
+  #stagedCount = 0;
   #cleared = false;
-  /** Staged totals: entries and record bytes after the commit, bytes the commit appends. */
+  /** Staged totals: entries and record bytes after the commit, record bytes staged. */
   #countAfter = 0;
   #liveAfter = 0;
   #need = 0;
@@ -214,6 +220,7 @@ export class KeyValueMap implements Structure {
     const g = mapGeometry(region.length);
     this.#geometry = g;
     this.#ring = g.ringBytes;
+    this.#ringOffset = g.ringOffset;
     this.#ringWord = g.ringOffset / 4;
     this.#indexWord = g.indexOffset / 4;
     this.maxRecordBytes = g.maxRecordBytes;
@@ -234,9 +241,18 @@ export class KeyValueMap implements Structure {
     return this.#liveAfter;
   }
 
+  /**
+   * Ring bytes the staged changes take: every record staged since the last commit,
+   * `discard` or `clear` (a change of a staged key to a value of another size adds a
+   * record; to one of the same size, or a deletion, rewrites it).
+   */
+  get stagedBytes(): number {
+    return this.#need;
+  }
+
   /** Whether changes are staged. */
   get staged(): boolean {
-    return this.#staged.size > 0 || this.#cleared;
+    return this.#stagedCount > 0 || this.#cleared;
   }
 
   /**
@@ -250,31 +266,33 @@ export class KeyValueMap implements Structure {
 
   /** The value of `key` (a copy), staged changes included; `undefined` when absent. */
   get(key: MapKey): Uint8Array | undefined {
-    const n = this.#key(key);
-    const s = this.#scratch;
-    if (this.#staged.size > 0) {
-      const staged = this.#staged.get(s.toString('latin1', 0, n));
-      if (staged !== undefined) return staged.value?.slice();
-    }
-    if (this.#cleared) return undefined;
-    const slot = this.#find(hashBytes(s, 0, n), s, n);
-    if (slot < 0) return undefined;
-    const at = this.#recordByte(slot);
-    const w = (this.#geometry.ringOffset + at) >>> 2;
-    const keyBytes = this.#u32[w]! & KEY_MASK;
-    const start = this.#geometry.ringOffset + at + ENTRY_HEADER + keyBytes;
+    const at = this.#lookup(key);
+    if (at < 0) return undefined;
+    const w = this.#ringWord + (at >>> 2);
+    const start = this.#ringOffset + at + ENTRY_HEADER + (this.#u32[w]! & KEY_MASK);
     return this.#bytes.slice(start, start + this.#u32[w + 1]!);
   }
 
   /** Whether `key` is present, staged changes included. */
   has(key: MapKey): boolean {
+    return this.#lookup(key) >= 0;
+  }
+
+  /** Ring byte of the record holding the key's value, staged changes included; -1 when absent. */
+  #lookup(key: MapKey): number {
     const n = this.#key(key);
     const s = this.#scratch;
-    if (this.#staged.size > 0) {
-      const staged = this.#staged.get(s.toString('latin1', 0, n));
-      if (staged !== undefined) return staged.value !== null;
+    const hash = hashBytes(s, 0, n);
+    if (this.#stagedCount > 0) {
+      const i = this.#findStaged(hash, s, 0, n);
+      if (i >= 0) {
+        const at = this.#stagedAt[i]!;
+        return (this.#u32[this.#ringWord + (at >>> 2)]! & FLAG_TOMBSTONE) !== 0 ? -1 : at;
+      }
     }
-    return !this.#cleared && this.#find(hashBytes(s, 0, n), s, n) >= 0;
+    if (this.#cleared) return -1;
+    const slot = this.#find(hash, s, 0, n);
+    return slot < 0 ? -1 : this.#recordByte(slot);
   }
 
   /**
@@ -287,12 +305,51 @@ export class KeyValueMap implements Structure {
    */
   set(key: MapKey, value: Uint8Array): this {
     const n = this.#key(key);
+    if (!(value instanceof Uint8Array)) throw new TypeError(`map ${this.name}: a value is a Uint8Array`);
     const size = entryBytes(n, value.length);
     if (size > this.maxRecordBytes) {
       throw new ShmfdError('ERR_STATE_VALUE_TOO_LARGE', `map ${this.name}: an entry with a ${n}-byte key and a ${value.length}-byte value needs ${size} bytes, more than the largest record of ${this.maxRecordBytes}`);
     }
-    if (!(value instanceof Uint8Array)) throw new TypeError(`map ${this.name}: a value is a Uint8Array`);
-    this.#stage(n, new Uint8Array(value));
+    const s = this.#scratch;
+    const hash = hashBytes(s, 0, n);
+    const u32 = this.#u32;
+    // What the key contributes to the totals after the commit, before and after the change.
+    let count = this.#countAfter + 1;
+    let live = this.#liveAfter + size;
+    let need = this.#need + size;
+    const i = this.#stagedCount > 0 ? this.#findStaged(hash, s, 0, n) : -1;
+    let inPlace = -1;
+    if (i >= 0) {
+      const at = this.#stagedAt[i]!;
+      const w = this.#ringWord + (at >>> 2);
+      const old = entryBytes(u32[w]! & KEY_MASK, u32[w + 1]!);
+      if ((u32[w]! & FLAG_TOMBSTONE) === 0) {
+        count--;
+        live -= old;
+      }
+      if (old === size) {
+        need -= size;
+        inPlace = at;
+      }
+    } else if (!this.#cleared) {
+      const slot = this.#find(hash, s, 0, n);
+      if (slot >= 0) {
+        count--;
+        live -= this.#recordBytesAt(this.#recordByte(slot));
+      }
+    }
+    this.#checkRoom(count, live, need);
+    if (inPlace >= 0) this.#writeRecord(inPlace, n, hash, value);
+    else {
+      const at = this.#append(n, hash, value.length);
+      this.#writeRecord(at, n, hash, value);
+      if (i >= 0) this.#stagedAt[i] = at;
+      else this.#addStaged(hash, at);
+    }
+    this.#countAfter = count;
+    this.#liveAfter = live;
+    this.#need = need;
+    this.#container.markDirty();
     return this;
   }
 
@@ -302,29 +359,55 @@ export class KeyValueMap implements Structure {
    */
   delete(key: MapKey): boolean {
     const n = this.#key(key);
-    if (!this.has(key)) return false;
-    this.#stage(n, null);
+    const s = this.#scratch;
+    const hash = hashBytes(s, 0, n);
+    const u32 = this.#u32;
+    const i = this.#stagedCount > 0 ? this.#findStaged(hash, s, 0, n) : -1;
+    if (i >= 0) {
+      // The staged record becomes the tombstone: no room needed, and an earlier record of
+      // the key in the window (committed, or staged before) is overridden by it.
+      const at = this.#stagedAt[i]!;
+      const w = this.#ringWord + (at >>> 2);
+      const word0 = u32[w]!;
+      if ((word0 & FLAG_TOMBSTONE) !== 0) return false;
+      this.#writeHeader(at, word0 | FLAG_TOMBSTONE, u32[w + 1]!, hash);
+      this.#countAfter--;
+      this.#liveAfter -= entryBytes(word0 & KEY_MASK, u32[w + 1]!);
+      this.#container.markDirty();
+      return true;
+    }
+    if (this.#cleared) return false;
+    const slot = this.#find(hash, s, 0, n);
+    if (slot < 0) return false;
+    // A tombstone takes no more than the record it deletes: this never exceeds the room.
+    const at = this.#append(n, hash, 0);
+    this.#writeHeader(at, FLAG_TOMBSTONE | n, 0, hash);
+    this.#bytes.set(n === s.length ? s : s.subarray(0, n), this.#ringOffset + at + ENTRY_HEADER);
+    this.#bytes.fill(0, this.#ringOffset + at + ENTRY_HEADER + n, this.#ringOffset + at + entryBytes(n, 0));
+    this.#addStaged(hash, at);
+    this.#countAfter--;
+    this.#liveAfter -= this.#recordBytesAt(this.#recordByte(slot));
+    this.#need += entryBytes(n, 0);
+    this.#container.markDirty();
     return true;
   }
 
   /** Stages the removal of every entry. */
   clear(): void {
     if (this.#countAfter === 0 && !this.staged) return;
-    this.#staged.clear();
+    this.#dropStaged();
     this.#cleared = true;
     this.#countAfter = 0;
     this.#liveAfter = 0;
-    this.#need = 0;
     this.#container.markDirty();
   }
 
   /** Drops the staged changes. */
   discard(): void {
-    this.#staged.clear();
+    this.#dropStaged();
     this.#cleared = false;
     this.#countAfter = this.#count;
     this.#liveAfter = this.#live;
-    this.#need = 0;
   }
 
   /** Commits the whole state file (see `StateFile.commit`). */
@@ -339,17 +422,20 @@ export class KeyValueMap implements Structure {
    * before it with `ERR_STATE_MAP_CHANGED`; staging does not.
    */
   *entries(): IterableIterator<[Uint8Array, Uint8Array]> {
-    for (const [key, at, keyBytes, valueBytes] of this.#walkLive()) {
-      const start = this.#geometry.ringOffset + at + ENTRY_HEADER;
-      yield [key, this.#bytes.slice(start + keyBytes, start + keyBytes + valueBytes)];
+    for (const at of this.#walk()) {
+      const w = this.#ringWord + (at >>> 2);
+      const start = this.#ringOffset + at + ENTRY_HEADER;
+      const keyBytes = this.#u32[w]! & KEY_MASK;
+      yield [this.#bytes.slice(start, start + keyBytes), this.#bytes.slice(start + keyBytes, start + keyBytes + this.#u32[w + 1]!)];
     }
-    for (const s of this.#staged.values()) if (s.value !== null) yield [s.key.slice(), s.value.slice()];
   }
 
   /** The keys (copies, as bytes), in the order of {@link entries}. */
   *keys(): IterableIterator<Uint8Array> {
-    for (const [key] of this.#walkLive()) yield key;
-    for (const s of this.#staged.values()) if (s.value !== null) yield s.key.slice();
+    for (const at of this.#walk()) {
+      const start = this.#ringOffset + at + ENTRY_HEADER;
+      yield this.#bytes.slice(start, start + (this.#u32[this.#ringWord + (at >>> 2)]! & KEY_MASK));
+    }
   }
 
   /** Same as {@link entries}. */
@@ -357,16 +443,17 @@ export class KeyValueMap implements Structure {
     return this.entries();
   }
 
-  /** Committed entries not overridden by a staged change: key copy, record byte, key and value lengths. */
-  *#walkLive(): IterableIterator<[Uint8Array, number, number, number]> {
-    if (this.#cleared) return;
+  /**
+   * Ring bytes of the records of the entries: the committed ones not overridden by a
+   * staged change, then the staged ones. A commit between two steps ends the walk.
+   */
+  *#walk(): IterableIterator<number> {
     const generation = this.#generation;
+    const changed = (): ShmfdError => new ShmfdError('ERR_STATE_MAP_CHANGED', `map ${this.name}: a commit changed the map during an iteration`);
     const ring = this.#ringWord;
-    let at = this.#tail;
+    let at = this.#cleared ? this.#head : this.#tail;
     while (at < this.#head) {
-      if (this.#generation !== generation) {
-        throw new ShmfdError('ERR_STATE_MAP_CHANGED', `map ${this.name}: a commit changed the map during an iteration`);
-      }
+      if (this.#generation !== generation) throw changed();
       const phys = at % this.#ring;
       if (this.#ring - phys < ENTRY_HEADER || (this.#u32[ring + (phys >>> 2)]! & FLAG_WRAP) !== 0) {
         at += this.#ring - phys;
@@ -375,13 +462,17 @@ export class KeyValueMap implements Structure {
       const w = ring + (phys >>> 2);
       const word0 = this.#u32[w]!;
       const keyBytes = word0 & KEY_MASK;
-      const valueBytes = this.#u32[w + 1]!;
-      at += entryBytes(keyBytes, valueBytes);
-      if ((word0 & FLAG_TOMBSTONE) !== 0 || !this.#isCurrent(phys, this.#u32[w + 2]!)) continue;
-      const start = this.#geometry.ringOffset + phys + ENTRY_HEADER;
-      const key = this.#bytes.slice(start, start + keyBytes);
-      if (this.#staged.size > 0 && this.#staged.has(Buffer.from(key.buffer, key.byteOffset, keyBytes).toString('latin1'))) continue;
-      yield [key, phys, keyBytes, valueBytes];
+      at += entryBytes(keyBytes, this.#u32[w + 1]!);
+      const hash = this.#u32[w + 2]!;
+      if ((word0 & FLAG_TOMBSTONE) !== 0 || !this.#isCurrent(phys, hash)) continue;
+      if (this.#stagedCount > 0 && this.#findStaged(hash, this.#bytes, this.#ringOffset + phys + ENTRY_HEADER, keyBytes) >= 0) continue;
+      yield phys;
+    }
+    // Staging during the walk may add keys (seen) or replace records (their new ones are seen).
+    for (let i = 0; i < this.#stagedCount; i++) {
+      if (this.#generation !== generation) throw changed();
+      const phys = this.#stagedAt[i]!;
+      if ((this.#u32[ring + (phys >>> 2)]! & FLAG_TOMBSTONE) === 0) yield phys;
     }
   }
 
@@ -389,6 +480,17 @@ export class KeyValueMap implements Structure {
   #key(key: MapKey): number {
     const s = this.#scratch;
     if (typeof key === 'string') {
+      // Short ASCII keys are copied here: cheaper than a call into Buffer's UTF-8 encoder.
+      const length = key.length;
+      if (length <= 64) {
+        let i = 0;
+        for (; i < length; i++) {
+          const c = key.charCodeAt(i);
+          if (c >= 0x80) break;
+          s[i] = c;
+        }
+        if (i === length) return length;
+      }
       if (key.length * 3 > MAX_KEY_BYTES && Buffer.byteLength(key, 'utf8') > MAX_KEY_BYTES) throw this.#keyTooLarge(Buffer.byteLength(key, 'utf8'));
       return s.write(key, 0, 'utf8');
     }
@@ -402,61 +504,100 @@ export class KeyValueMap implements Structure {
     return new ShmfdError('ERR_STATE_KEY_TOO_LARGE', `map ${this.name}: a key of ${n} bytes is longer than ${MAX_KEY_BYTES} bytes`);
   }
 
-  /** Stages a change of the key in the scratch buffer (`n` bytes), after checking the limits. */
-  #stage(n: number, value: Uint8Array | null): void {
+  /** Throws `ERR_STATE_MAP_FULL` unless the totals after a change fit the limits. */
+  #checkRoom(count: number, live: number, need: number): void {
+    if (count <= this.maxEntries && live <= this.maxLiveBytes && live + need <= this.#ring / 2 - 4 * this.maxRecordBytes) return;
+    throw new ShmfdError(
+      'ERR_STATE_MAP_FULL',
+      count > this.maxEntries
+        ? `map ${this.name} is full: it holds at most ${this.maxEntries} entries`
+        : live > this.maxLiveBytes
+          ? `map ${this.name} is full: ${live} bytes of entries would exceed its ${this.maxLiveBytes} bytes`
+          : `map ${this.name}: the staged changes (${need} bytes) do not fit the ring before a commit; commit more often`,
+    );
+  }
+
+  /** Writes a record of the key in the scratch buffer (`n` bytes) and `value` at ring byte `at`. */
+  #writeRecord(at: number, n: number, hash: number, value: Uint8Array): void {
+    this.#writeHeader(at, n, value.length, hash);
+    const bytes = this.#bytes;
+    const start = this.#ringOffset + at + ENTRY_HEADER;
     const s = this.#scratch;
-    const id = s.toString('latin1', 0, n);
-    const hash = hashBytes(s, 0, n);
-    const before = this.#staged.get(id);
-    let replaced: number;
-    if (before !== undefined) {
-      replaced = before.replaced;
-    } else if (this.#cleared) {
-      replaced = 0;
+    if (n <= 32) for (let j = 0; j < n; j++) bytes[start + j] = s[j]!;
+    else bytes.set(s.subarray(0, n), start);
+    bytes.set(value, start + n);
+    bytes.fill(0, start + n + value.length, this.#ringOffset + at + entryBytes(n, value.length));
+  }
+
+  // ---- the staged index: open addressing with linear probing over the staged keys
+
+  /** List index of the staged key `src[from..from+n)` with `hash`, or -1. */
+  #findStaged(hash: number, src: Uint8Array, from: number, n: number): number {
+    const table = this.#stagedSlots;
+    const mask = table.length - 1;
+    for (let j = hash & mask; ; j = (j + 1) & mask) {
+      const e = table[j]!;
+      if (e === 0) return -1;
+      if (this.#stagedHash[e - 1] === hash && this.#sameKey(this.#stagedAt[e - 1]!, src, from, n)) return e - 1;
+    }
+  }
+
+  /** Whether the record at ring byte `at` has the key `src[from..from+n)`. */
+  #sameKey(at: number, src: Uint8Array, from: number, n: number): boolean {
+    if ((this.#u32[this.#ringWord + (at >>> 2)]! & KEY_MASK) !== n) return false;
+    const bytes = this.#bytes;
+    const key = this.#ringOffset + at + ENTRY_HEADER;
+    for (let j = 0; j < n; j++) if (bytes[key + j] !== src[from + j]) return false;
+    return true;
+  }
+
+  #addStaged(hash: number, at: number): void {
+    if ((this.#stagedCount + 1) * 2 > this.#stagedSlots.length) this.#growStaged();
+    const i = this.#stagedCount++;
+    this.#stagedAt[i] = at;
+    this.#stagedHash[i] = hash;
+    const table = this.#stagedSlots;
+    const mask = table.length - 1;
+    let j = hash & mask;
+    while (table[j] !== 0) j = (j + 1) & mask;
+    table[j] = i + 1;
+  }
+
+  #growStaged(): void {
+    const slots = this.#stagedSlots.length * 2;
+    const at = new Uint32Array(slots / 2);
+    at.set(this.#stagedAt);
+    const hashes = new Uint32Array(slots / 2);
+    hashes.set(this.#stagedHash);
+    this.#stagedAt = at;
+    this.#stagedHash = hashes;
+    const table = new Uint32Array(slots);
+    const mask = slots - 1;
+    for (let i = 0; i < this.#stagedCount; i++) {
+      let j = hashes[i]! & mask;
+      while (table[j] !== 0) j = (j + 1) & mask;
+      table[j] = i + 1;
+    }
+    this.#stagedSlots = table;
+  }
+
+  /** Forgets the staged keys and records (their ring bytes are garbage past the head). */
+  #dropStaged(): void {
+    const table = this.#stagedSlots;
+    if (this.#stagedCount * 8 < table.length) {
+      // Few keys in a large table: clear their slots only (found by value, past zeroed ones).
+      const mask = table.length - 1;
+      for (let i = 0; i < this.#stagedCount; i++) {
+        let j = this.#stagedHash[i]! & mask;
+        while (table[j] !== i + 1) j = (j + 1) & mask;
+        table[j] = 0;
+      }
     } else {
-      const slot = this.#find(hash, s, n);
-      replaced = slot < 0 ? 0 : this.#recordBytesAt(this.#recordByte(slot));
+      table.fill(0);
     }
-    // What this key contributes to the totals after the commit, before and after the change:
-    // entries, record bytes, and bytes the commit appends.
-    let count = this.#countAfter;
-    let live = this.#liveAfter;
-    let need = this.#need;
-    if (before === undefined) {
-      if (replaced > 0) count--;
-      live -= replaced;
-    } else if (before.value === null) {
-      need -= entryBytes(n, 0);
-    } else {
-      const size = entryBytes(n, before.value.length);
-      count--;
-      live -= size;
-      need -= size;
-    }
-    if (value !== null) {
-      const size = entryBytes(n, value.length);
-      count++;
-      live += size;
-      need += size;
-    } else if (replaced > 0) {
-      need += entryBytes(n, 0);
-    }
-    if (count > this.maxEntries || live > this.maxLiveBytes || live + need > this.#ring / 2 - 4 * this.maxRecordBytes) {
-      throw new ShmfdError(
-        'ERR_STATE_MAP_FULL',
-        count > this.maxEntries
-          ? `map ${this.name} is full: it holds at most ${this.maxEntries} entries`
-          : live > this.maxLiveBytes
-            ? `map ${this.name} is full: ${live} bytes of entries would exceed its ${this.maxLiveBytes} bytes`
-            : `map ${this.name}: the staged changes (${need} bytes) do not fit the ring before a commit; commit more often`,
-      );
-    }
-    if (value === null && replaced === 0) this.#staged.delete(id);
-    else this.#staged.set(id, { key: Uint8Array.prototype.slice.call(s, 0, n), hash, value, replaced });
-    this.#countAfter = count;
-    this.#liveAfter = live;
-    this.#need = need;
-    this.#container.markDirty();
+    this.#stagedCount = 0;
+    this.#end = this.#head;
+    this.#need = 0;
   }
 
   // ---- the index: open addressing with linear probing, 8-byte slots (record position / 8 + 1, hash)
@@ -471,23 +612,15 @@ export class KeyValueMap implements Structure {
     return entryBytes(this.#u32[w]! & KEY_MASK, this.#u32[w + 1]!);
   }
 
-  /** The slot holding the key `k[0..n)` with `hash`, or -1. */
-  #find(hash: number, k: Uint8Array, n: number): number {
+  /** The slot holding the key `src[from..from+n)` with `hash`, or -1. */
+  #find(hash: number, src: Uint8Array, from: number, n: number): number {
     const u32 = this.#u32;
     const base = this.#indexWord;
     const mask = this.#slots - 1;
-    const bytes = this.#bytes;
-    const ringOffset = this.#geometry.ringOffset;
     for (let i = hash & mask; ; i = (i + 1) & mask) {
       const pos = u32[base + 2 * i]!;
       if (pos === 0) return -1;
-      if (u32[base + 2 * i + 1] !== hash) continue;
-      const at = ringOffset + (pos - 1) * 8;
-      if ((u32[at >>> 2]! & KEY_MASK) !== n) continue;
-      let j = 0;
-      const key = at + ENTRY_HEADER;
-      while (j < n && bytes[key + j] === k[j]) j++;
-      if (j === n) return i;
+      if (u32[base + 2 * i + 1] === hash && this.#sameKey((pos - 1) * 8, src, from, n)) return i;
     }
   }
 
@@ -502,17 +635,6 @@ export class KeyValueMap implements Structure {
       if (pos === 0) return false;
       if (pos === want) return true;
     }
-  }
-
-  /** Points the key's slot at ring byte `phys`, adding a slot when the key is new. */
-  #upsert(hash: number, k: Uint8Array, n: number, phys: number): void {
-    const slot = this.#find(hash, k, n);
-    if (slot >= 0) {
-      this.#u32[this.#indexWord + 2 * slot] = phys / 8 + 1;
-      return;
-    }
-    this.#insertNew(hash, phys);
-    this.#count++;
   }
 
   #insertNew(hash: number, phys: number): void {
@@ -561,24 +683,21 @@ export class KeyValueMap implements Structure {
 
   // ---- the ring
 
-  /** Writes a record at the head (after a wrap marker when it does not fit before the end). */
-  #append(flags: number, key: Uint8Array, keyBytes: number, hash: number, value: Uint8Array | undefined, valueBytes: number): number {
+  /**
+   * Makes room for a record at the end of the staged records (after a wrap marker when it
+   * does not fit before the ring's end) and returns its ring byte; the caller writes it.
+   */
+  #append(keyBytes: number, hash: number, valueBytes: number): number {
     const size = entryBytes(keyBytes, valueBytes);
-    let phys = this.#head % this.#ring;
+    let phys = this.#end % this.#ring;
     if (this.#ring - phys < size) {
-      this.#protect(this.#head + (this.#ring - phys));
+      this.#protect(this.#end + (this.#ring - phys));
       if (this.#ring - phys >= ENTRY_HEADER) this.#writeHeader(phys, FLAG_WRAP, 0, 0);
-      this.#head += this.#ring - phys;
+      this.#end += this.#ring - phys;
       phys = 0;
     }
-    this.#protect(this.#head + size);
-    this.#writeHeader(phys, flags | keyBytes, valueBytes, hash);
-    const at = this.#geometry.ringOffset + phys + ENTRY_HEADER;
-    this.#bytes.set(key.length === keyBytes ? key : key.subarray(0, keyBytes), at);
-    if (value !== undefined) this.#bytes.set(value, at + keyBytes);
-    const end = at + keyBytes + valueBytes;
-    this.#bytes.fill(0, end, this.#geometry.ringOffset + phys + size);
-    this.#head += size;
+    this.#protect(this.#end + size);
+    this.#end += size;
     return phys;
   }
 
@@ -593,7 +712,7 @@ export class KeyValueMap implements Structure {
   /**
    * Before ring bytes up to stream position `end` are written: they overwrite positions
    * below `end - ring`, so every snapshot naming a tail below that is invalidated first.
-   * The committed tail is never below it (the space accounting of {@link #stage}).
+   * The committed tail is never below it (the space accounting of {@link #checkRoom}).
    */
   #protect(end: number): void {
     const limit = end - this.#ring;
@@ -614,9 +733,9 @@ export class KeyValueMap implements Structure {
   // ---- commit
 
   /**
-   * @internal Writes the staged changes into the ring and the index (the snapshot about to
-   * be published names them), reclaiming space from the tail, and the payload words:
-   * the ring's tail and head.
+   * @internal Makes the staged records part of the committed window (the snapshot about to
+   * be published names it) and updates the index, reclaiming space from the tail; writes
+   * the payload words: the ring's tail and head.
    */
   encode(u32: Uint32Array, word: number): void {
     if (this.staged) this.#write();
@@ -637,60 +756,69 @@ export class KeyValueMap implements Structure {
     while (this.#countAfter > (slots / 4) * 3 && slots < this.#geometry.maxSlots) slots *= 2;
     if (slots !== this.#slots) this.#resize(slots, true);
     this.#reclaim();
-    const staged = this.#staged;
+    const bytes = this.#bytes;
+    const keyAt = this.#ringOffset + ENTRY_HEADER;
     // Deletions first, so the table never holds more than the final number of entries.
-    for (const s of staged.values()) {
-      if (s.value !== null) continue;
-      this.#append(FLAG_TOMBSTONE, s.key, s.key.length, s.hash, undefined, 0);
-      const slot = this.#find(s.hash, s.key, s.key.length);
-      if (slot >= 0) this.#remove(slot);
+    for (let pass = 0; pass < 2; pass++) {
+      for (let i = 0; i < this.#stagedCount; i++) {
+        const at = this.#stagedAt[i]!;
+        const w = this.#ringWord + (at >>> 2);
+        const tombstone = (h[w]! & FLAG_TOMBSTONE) !== 0;
+        if (tombstone !== (pass === 0)) continue;
+        const hash = this.#stagedHash[i]!;
+        const slot = this.#find(hash, bytes, keyAt + at, h[w]! & KEY_MASK);
+        if (tombstone) {
+          if (slot >= 0) this.#remove(slot);
+        } else if (slot >= 0) {
+          h[this.#indexWord + 2 * slot] = at / 8 + 1;
+        } else {
+          this.#insertNew(hash, at);
+          this.#count++;
+        }
+      }
     }
-    for (const s of staged.values()) {
-      if (s.value === null) continue;
-      const phys = this.#append(0, s.key, s.key.length, s.hash, s.value, s.value.length);
-      this.#upsert(s.hash, s.key, s.key.length, phys);
-    }
+    this.#head = this.#end;
     this.#live = this.#liveAfter;
     this.#countAfter = this.#count;
-    staged.clear();
+    this.#dropStaged();
     this.#cleared = false;
-    this.#need = 0;
     this.#generation++;
     this.#changed = true;
   }
 
   /**
-   * Moves the oldest records out of the way until the window (committed records, the ones
-   * moved, and what this commit appends) is at most half the ring: a live record is
-   * copied to the head, a dead one (overwritten, deleted, a tombstone) is dropped. The
-   * bytes behind the new tail stay untouched until no valid snapshot names them.
+   * Moves the oldest records out of the way until the window (committed records, the
+   * staged ones, and the ones moved) is at most half the ring less two records: a live
+   * record not changed by this commit is copied after the staged ones, a dead one
+   * (overwritten, deleted, a tombstone) is dropped. The bytes behind the new tail stay
+   * untouched until no valid snapshot names them.
    */
   #reclaim(): void {
     const ring = this.#ring;
-    const target = ring / 2 - 2 * this.maxRecordBytes - this.#need;
+    const target = ring / 2 - 2 * this.maxRecordBytes;
     const end = this.#head;
-    const staged = this.#staged;
-    while (this.#head - this.#tail > target && this.#tail < end) {
+    const u32 = this.#u32;
+    const bytes = this.#bytes;
+    while (this.#end - this.#tail > target && this.#tail < end) {
       const phys = this.#tail % ring;
       const w = this.#ringWord + (phys >>> 2);
-      if (ring - phys < ENTRY_HEADER || (this.#u32[w]! & FLAG_WRAP) !== 0) {
+      if (ring - phys < ENTRY_HEADER || (u32[w]! & FLAG_WRAP) !== 0) {
         this.#tail += ring - phys;
         continue;
       }
-      const word0 = this.#u32[w]!;
+      const word0 = u32[w]!;
       const keyBytes = word0 & KEY_MASK;
-      const valueBytes = this.#u32[w + 1]!;
-      const hash = this.#u32[w + 2]!;
+      const valueBytes = u32[w + 1]!;
+      const hash = u32[w + 2]!;
       const size = entryBytes(keyBytes, valueBytes);
       if ((word0 & FLAG_TOMBSTONE) === 0 && this.#isCurrent(phys, hash)) {
-        const start = this.#geometry.ringOffset + phys + ENTRY_HEADER;
-        const record = this.#bytes.subarray(start, start + keyBytes + valueBytes);
-        const overridden = staged.size > 0 && staged.has(Buffer.from(record.buffer, record.byteOffset, keyBytes).toString('latin1'));
-        if (!overridden) {
-          // Copied before the tail moves: the source stays named by the committed snapshot.
-          const copy = record.slice();
-          const moved = this.#append(0, copy, keyBytes, hash, copy.subarray(keyBytes), valueBytes);
-          this.#u32[this.#indexWord + 2 * this.#slotOf(phys, hash)] = moved / 8 + 1;
+        const start = this.#ringOffset + phys;
+        if (this.#stagedCount === 0 || this.#findStaged(hash, bytes, start + ENTRY_HEADER, keyBytes) < 0) {
+          // The source stays named by the committed snapshot, and the copy lands past the
+          // window, so it cannot overlap the source.
+          const moved = this.#append(keyBytes, hash, valueBytes);
+          bytes.copyWithin(this.#ringOffset + moved, start, start + size);
+          u32[this.#indexWord + 2 * this.#slotOf(phys, hash)] = moved / 8 + 1;
         }
       }
       this.#tail += size;
@@ -802,20 +930,26 @@ export class KeyValueMap implements Structure {
     return true;
   }
 
-  /** Rebuilds the index from the committed records; checks every record header on the way. */
+  /**
+   * Rebuilds the index from the committed records; checks every record header on the way.
+   * Two sequential passes over the window: the headers (to size the table once), then the
+   * records into the table, without an allocation per record.
+   */
   #rebuild(): string | undefined {
     this.#rebuilt = true;
     const ring = this.#ring;
     const u32 = this.#u32;
-    // First pass: check the headers and count the records, to size the table once.
+    const ringWord = this.#ringWord;
+    const tail = this.#tail;
+    const head = this.#head;
     let records = 0;
-    for (let at = this.#tail; at < this.#head; ) {
+    for (let at = tail; at < head; ) {
       const phys = at % ring;
       if (ring - phys < ENTRY_HEADER) {
         at += ring - phys;
         continue;
       }
-      const w = this.#ringWord + (phys >>> 2);
+      const w = ringWord + (phys >>> 2);
       const word0 = u32[w]!;
       const valueBytes = u32[w + 1]!;
       if (((word0 ^ valueBytes ^ u32[w + 2]! ^ CHECK_SALT) >>> 0) !== u32[w + 3] || (word0 & ~(KEY_MASK | FLAG_TOMBSTONE | FLAG_WRAP)) !== 0) {
@@ -826,7 +960,7 @@ export class KeyValueMap implements Structure {
         continue;
       }
       const size = entryBytes(word0 & KEY_MASK, valueBytes);
-      if ((word0 & KEY_MASK) > MAX_KEY_BYTES || size > this.maxRecordBytes || phys + size > ring || at + size > this.#head) {
+      if ((word0 & KEY_MASK) > MAX_KEY_BYTES || size > this.maxRecordBytes || phys + size > ring || at + size > head) {
         return `map ${this.name}: the record at ring byte ${phys} (stream ${at}) does not fit the ring`;
       }
       if ((word0 & FLAG_TOMBSTONE) === 0) records++;
@@ -838,9 +972,10 @@ export class KeyValueMap implements Structure {
     this.#count = 0;
     let live = 0;
     const bytes = this.#bytes;
-    for (let at = this.#tail; at < this.#head; ) {
+    const keyAt = this.#ringOffset + ENTRY_HEADER;
+    for (let at = tail; at < head; ) {
       const phys = at % ring;
-      const w = this.#ringWord + (phys >>> 2);
+      const w = ringWord + (phys >>> 2);
       if (ring - phys < ENTRY_HEADER || (u32[w]! & FLAG_WRAP) !== 0) {
         at += ring - phys;
         continue;
@@ -849,9 +984,8 @@ export class KeyValueMap implements Structure {
       const keyBytes = word0 & KEY_MASK;
       const size = entryBytes(keyBytes, u32[w + 1]!);
       const hash = u32[w + 2]!;
-      const key = bytes.subarray(this.#geometry.ringOffset + phys + ENTRY_HEADER, this.#geometry.ringOffset + phys + ENTRY_HEADER + keyBytes);
-      if (hashBytes(key, 0, keyBytes) !== hash) return `map ${this.name}: the record at ring byte ${phys} (stream ${at}) has a key that does not match its hash`;
-      const slot = this.#find(hash, key, keyBytes);
+      if (hashBytes(bytes, keyAt + phys, keyBytes) !== hash) return `map ${this.name}: the record at ring byte ${phys} (stream ${at}) has a key that does not match its hash`;
+      const slot = this.#find(hash, bytes, keyAt + phys, keyBytes);
       if ((word0 & FLAG_TOMBSTONE) !== 0) {
         if (slot >= 0) {
           live -= this.#recordBytesAt(this.#recordByte(slot));
