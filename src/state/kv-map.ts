@@ -973,6 +973,8 @@ export class KeyValueMap implements Structure {
     let live = 0;
     const bytes = this.#bytes;
     const keyAt = this.#ringOffset + ENTRY_HEADER;
+    const index = this.#indexWord;
+    const mask = slots - 1;
     for (let at = tail; at < head; ) {
       const phys = at % ring;
       const w = ringWord + (phys >>> 2);
@@ -984,19 +986,29 @@ export class KeyValueMap implements Structure {
       const keyBytes = word0 & KEY_MASK;
       const size = entryBytes(keyBytes, u32[w + 1]!);
       const hash = u32[w + 2]!;
-      if (hashBytes(bytes, keyAt + phys, keyBytes) !== hash) return `map ${this.name}: the record at ring byte ${phys} (stream ${at}) has a key that does not match its hash`;
-      const slot = this.#find(hash, bytes, keyAt + phys, keyBytes);
+      const key = keyAt + phys;
+      if (hashBytes(bytes, key, keyBytes) !== hash) return `map ${this.name}: the record at ring byte ${phys} (stream ${at}) has a key that does not match its hash`;
+      // One probe sequence finds the key's slot or the empty slot where it goes.
+      let slot = hash & mask;
+      for (;;) {
+        const pos = u32[index + 2 * slot]!;
+        if (pos === 0) break;
+        if (u32[index + 2 * slot + 1] === hash && this.#sameKey((pos - 1) * 8, bytes, key, keyBytes)) break;
+        slot = (slot + 1) & mask;
+      }
+      const pos = u32[index + 2 * slot]!;
       if ((word0 & FLAG_TOMBSTONE) !== 0) {
-        if (slot >= 0) {
-          live -= this.#recordBytesAt(this.#recordByte(slot));
+        if (pos !== 0) {
+          live -= this.#recordBytesAt((pos - 1) * 8);
           this.#remove(slot);
         }
-      } else if (slot >= 0) {
-        live += size - this.#recordBytesAt(this.#recordByte(slot));
-        u32[this.#indexWord + 2 * slot] = phys / 8 + 1;
+      } else if (pos !== 0) {
+        live += size - this.#recordBytesAt((pos - 1) * 8);
+        u32[index + 2 * slot] = phys / 8 + 1;
       } else {
         if (this.#count >= this.maxEntries) return `map ${this.name}: the ring holds more than ${this.maxEntries} entries`;
-        this.#insertNew(hash, phys);
+        u32[index + 2 * slot] = phys / 8 + 1;
+        u32[index + 2 * slot + 1] = hash;
         this.#count++;
         live += size;
       }
