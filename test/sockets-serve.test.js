@@ -222,6 +222,14 @@ for (const [signal, ending] of stops) {
   });
 }
 
+test('serve(): a stop signal that arrives while the process exits after a graceful stop does not kill it', async (t) => {
+  const s = startServer(t, [fixture('serve-early.js'), 'late-signal'], cleanEnv());
+  await waitFor(() => /listening /.exec(s.out()), 'listening');
+  s.child.kill('SIGTERM');
+  assert.deepEqual(await s.exited, { code: 0, signal: null }, s.err());
+  assert.match(s.out(), /stopped\n$/);
+});
+
 test('importing shmfd or shmfd/serve installs no signal handler: SIGTERM keeps its default', async (t) => {
   const program = "await import('shmfd'); await import('shmfd/serve'); process.stdout.write('imported\\n'); setInterval(() => {}, 60_000);";
   const s = startServer(t, ['--input-type=module', '-e', program], cleanEnv());

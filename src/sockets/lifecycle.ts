@@ -172,12 +172,13 @@ export class ServiceLifecycle {
     return this.#reloading;
   }
 
-  /** Drains and closes the endpoints, runs `onStop`, lets go of the signals and the notifier. */
+  /** Drains and closes the endpoints, runs `onStop`, lets go of the notifier (and of the signals when `exit` is false). */
   async #shutDown(): Promise<void> {
     await Promise.all([...this.#drains.map((d) => d.drain(this.#graceMs, this.#firstRequestMs)), ...this.#datagrams.map(closeDatagram)]);
     await this.#options.onStop?.();
-    for (const signal of this.#signals) process.off(signal, this.#onSignal);
-    if (this.#options.reload !== undefined) process.off('SIGHUP', this.#onHangup);
+    // When the process ends with the stop, the handlers stay until it is gone: a stop
+    // signal forwarded late (a parent relaying the group's) would otherwise kill it.
+    if (this.#options.exit === false) this.#releaseSignals();
     await this.#sent;
     (await this.#notifier)?.close();
   }
@@ -187,14 +188,23 @@ export class ServiceLifecycle {
       () => {
         // Ctrl-C: end by SIGINT again (our handlers are gone), so that a shell loop
         // around the program stops too, as it does for any program Ctrl-C ends.
-        if (this.#firstSignal?.signal === 'SIGINT') process.kill(process.pid, 'SIGINT');
-        else process.exit(0);
+        if (this.#firstSignal?.signal === 'SIGINT') {
+          this.#releaseSignals();
+          process.kill(process.pid, 'SIGINT');
+        } else {
+          process.exit(0);
+        }
       },
       (err: unknown) => {
         process.stderr.write(`shmfd: stopping failed: ${(err as Error).message}\n`);
         process.exit(1);
       },
     );
+  }
+
+  #releaseSignals(): void {
+    for (const signal of this.#signals) process.off(signal, this.#onSignal);
+    if (this.#options.reload !== undefined) process.off('SIGHUP', this.#onHangup);
   }
 
   #send(what: (n: Notifier) => void): Promise<void> {
