@@ -446,6 +446,36 @@ export async function waitFor(check, what, timeoutMs = 20_000, intervalMs = 20) 
 }
 
 /** A unique abstract socket address for this test process. */
+/**
+ * Calls `check(file)` once for each version of `file` while `running()` holds: each atomic
+ * rename is a new version (a freed inode number is handed out again, so the change time
+ * tells them apart). A version replaced before it could be read is skipped.
+ * @param {string} file
+ * @param {() => boolean} running
+ * @param {(file: string) => void} check
+ */
+export async function eachVersion(file, running, check) {
+  let last = '';
+  while (running()) {
+    let id = '';
+    try {
+      const stat = fs.statSync(file, { bigint: true });
+      id = `${stat.ino}:${stat.ctimeNs}`;
+    } catch {
+      // not there yet
+    }
+    if (id !== '' && id !== last) {
+      last = id;
+      try {
+        check(file);
+      } catch (err) {
+        if (/** @type {NodeJS.ErrnoException} */ (err).code !== 'ENOENT') throw err;
+      }
+    }
+    await sleep(3);
+  }
+}
+
 export function abstractAddress(tag) {
   return `@shmfd-test-${tag}-${process.pid}-${Math.random().toString(36).slice(2)}`;
 }

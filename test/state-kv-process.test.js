@@ -8,11 +8,10 @@
 //   also those persisted while the program ran, restores to a committed map.
 // Kill moments come from a seeded generator; replay with STATE_SEED=<seed>.
 import assert from 'node:assert/strict';
-import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { MemoryFile } from 'shmfd';
-import { cleanEnv, fixture, NODE, seededRandom, SHM_RESTORE, sleep, start as startProcess, tempDir } from './helpers.js';
+import { cleanEnv, fixture, NODE, seededRandom, SHM_RESTORE, eachVersion, sleep, start as startProcess, tempDir } from './helpers.js';
 import { expectedAt, recoverCopy } from './fixtures/kv-model.js';
 
 const PROGRAM = fixture('kv-sequence.js');
@@ -104,28 +103,15 @@ test('SIGKILL of the whole tree under shm-restore --snapshot=restore-v1: every b
     const startDurable = durable;
     const until = Date.now() + rng.int(300, 900);
     const guard = Date.now() + 60_000;
-    let last = '';
     // Run until the time is up and a backup newer than the last one was checked.
-    while (Date.now() < until || durable === startDurable) {
+    const running = () => {
       if (Date.now() > guard) throw new Error(`seed ${SEED}, round ${round}: no newer backup within 60 s`);
-      let id = '';
-      try {
-        const stat = fs.statSync(backup, { bigint: true });
-        id = `${stat.ino}:${stat.ctimeNs}`;
-      } catch {
-        // not persisted yet
-      }
-      if (id !== '' && id !== last) {
-        last = id;
-        try {
-          durable = checkBackup(backup, `round ${round}, a backup persisted while the program ran`, durable);
-          seen++;
-        } catch (e) {
-          if (e.code !== 'ENOENT') throw e;
-        }
-      }
-      await sleep(3);
-    }
+      return Date.now() < until || durable === startDurable;
+    };
+    await eachVersion(backup, running, (file) => {
+      durable = checkBackup(file, `round ${round}, a backup persisted while the program ran`, durable);
+      seen++;
+    });
     tree.kill('SIGKILL');
     await tree.exited;
     assert.ok(!tree.out.lines.some((l) => l.startsWith('problem')), tree.out.lines.join('\n'));

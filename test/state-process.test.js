@@ -12,7 +12,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { MemoryFile } from 'shmfd';
-import { cleanEnv, fixture, NODE, run, seededRandom, SHM_RESTORE, sleep, start, tempDir } from './helpers.js';
+import { cleanEnv, fixture, NODE, run, seededRandom, SHM_RESTORE, eachVersion, sleep, start, tempDir } from './helpers.js';
 import { recoverFrom } from './fixtures/state-model.js';
 
 const PROGRAM = fixture('state-sequence.js');
@@ -89,34 +89,16 @@ test('SIGKILL of the whole tree under shm-restore --snapshot=restore-v1: every b
     // round runs at least until a backup newer than the last one shows up, however slow.
     const until = Date.now() + rng.int(150, 700);
     const mustGrow = round % 2 === 0;
-    let lastSeen = '';
     const startDurable = durable;
     const guard = Date.now() + 60_000;
-    while (Date.now() < until || (mustGrow && durable === startDurable)) {
+    const running = () => {
       if (Date.now() > guard) throw new Error(`seed ${SEED}, round ${round}: no newer backup within 60 s`);
-      // A freed inode number is handed out again: the change time tells the files apart.
-      let seen;
-      try {
-        const stat = fs.statSync(backup, { bigint: true });
-        seen = `${stat.ino}:${stat.ctimeNs}`;
-      } catch {
-        seen = '';
-      }
-      if (seen !== lastSeen && seen !== '') {
-        lastSeen = seen;
-        let found;
-        try {
-          found = recoverFrom(backup);
-        } catch (e) {
-          if (e.code !== 'ENOENT') throw e;
-        }
-        if (found !== undefined) {
-          durable = checkRecovered(found, `round ${round}, a backup persisted while the program ran`, { atLeast: durable });
-          stats.backupsSeen++;
-        }
-      }
-      await sleep(3);
-    }
+      return Date.now() < until || (mustGrow && durable === startDurable);
+    };
+    await eachVersion(backup, running, (file) => {
+      durable = checkRecovered(recoverFrom(file), `round ${round}, a backup persisted while the program ran`, { atLeast: durable });
+      stats.backupsSeen++;
+    });
     if (durable > startDurable) stats.grewWhileRunning++;
     try {
       process.kill(-tree.pid, 'SIGKILL');
