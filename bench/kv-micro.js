@@ -9,7 +9,7 @@ import crypto from 'node:crypto';
 import { ROOT, median } from './lib.js';
 
 const { MemoryFile } = await import(`${ROOT}/dist/fds/memory-file.js`);
-const { StateFile, keyValueMap } = await import(`${ROOT}/dist/state/index.js`);
+const { StateFile, keyValueMap } = await import(`${ROOT}/dist/index.js`);
 
 const KEYS = Number(process.argv[2] ?? 1_000_000);
 const MAX_BYTES = Number(process.argv[3] ?? 512) * 2 ** 20;

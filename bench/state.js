@@ -35,13 +35,13 @@ function measure(op, batch = 1000) {
 
 async function open(declarations) {
   const { MemoryFile } = await import(`${ROOT}/dist/fds/memory-file.js`);
-  const { StateFile } = await import(`${ROOT}/dist/state/index.js`);
+  const { StateFile } = await import(`${ROOT}/dist/index.js`);
   const file = MemoryFile.create('bench-state', { size: CAPACITY + 16 * 2 ** 20 });
   return { state: StateFile.open(file, declarations), file, StateFile };
 }
 
 async function worker(mode) {
-  const { appendLog, counterSet, versionedCell } = await import(`${ROOT}/dist/state/index.js`);
+  const { appendLog, counterSet, versionedCell } = await import(`${ROOT}/dist/index.js`);
   const record = crypto.randomBytes(64);
   if (mode === 'baseline') {
     const ring = new Uint8Array(2 ** 20);

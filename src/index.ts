@@ -46,28 +46,12 @@ export {
   type OpenDatagramOptions,
 } from './sockets/adopt.js';
 export { serve, type Endpoint, type ServeOptions, type Service } from './sockets/serve.js';
+export { StateFile, type StateFileOptions, type StateFromEnvOptions, type AnyStructure, type Structures, type StructureOf } from './state/state-file.js';
 export {
-  StateFile,
   appendLog,
   versionedCell,
   counterSet,
-  recordBytes,
-  keyValueMap,
-  entryBytes,
-  MAX_KEY_BYTES,
-  type AppendLog,
   type AppendLogOptions,
-  type KeyValueMap,
-  type KeyValueMapOptions,
-  type MapDeclaration,
-  type MapKey,
-  type VersionedCell,
-  type CounterSet,
-  type StateFileOptions,
-  type StateFromEnvOptions,
-  type AnyStructure,
-  type Structures,
-  type StructureOf,
   type CellArray,
   type CellArrayConstructor,
   type CopiesOptions,
@@ -78,4 +62,7 @@ export {
   type CounterDeclaration,
   type PlacedStructure,
   type StateLayout,
-} from './state/index.js';
+} from './state/layout.js';
+export { recordBytes, type AppendLog } from './state/log.js';
+export type { VersionedCell, CounterSet } from './state/cell.js';
+export { keyValueMap, entryBytes, MAX_KEY_BYTES, type KeyValueMap, type KeyValueMapOptions, type MapDeclaration, type MapKey } from './state/kv-map.js';
