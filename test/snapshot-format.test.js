@@ -18,6 +18,8 @@ import {
   SLOT_SIZE,
   clearSlotsExcept,
   dataPages,
+  readNewestSlot,
+  readStreamEnd,
   dataStart,
   ringPosition,
   sequencePages,
@@ -289,6 +291,139 @@ test('readSlots: a head write_offset behind the slots (the Rust crate never stor
   setSlot(bytes, 1, 100, 8); // older than the newest end minus data: overwritten
   const head = parseHead(bytes, len);
   assert.deepEqual(readSlots(bytes, head), [{ index: 0, offset: 4_000, length: 8 }]);
+});
+
+/**
+ * The rules of docs/snapshot-format.md "Discovery", spelled out on u64 fields as BigInts:
+ * the valid slots sorted by stream position (ties by slot index), and the end of the
+ * stream they imply. readSlots and its faster paths must agree with this on any table.
+ */
+function discoveryRules(bytes, head) {
+  const view = new DataView(bytes.buffer, bytes.byteOffset);
+  const data = BigInt(head.data);
+  const claims = [];
+  for (let index = 0; index < head.entries; index++) {
+    const offset = view.getBigUint64(slotPosition(index) + SLOT.offset, true);
+    const length = view.getBigUint64(slotPosition(index) + SLOT.length, true);
+    if (length === 0n || length > data - 1n || offset + length > BigInt(Number.MAX_SAFE_INTEGER) - data) continue;
+    claims.push({ index, offset, length });
+  }
+  let end = BigInt(head.writeOffset);
+  for (const c of claims) if (c.offset + c.length > end) end = c.offset + c.length;
+  const valid = claims
+    .filter((c) => c.offset >= end - data)
+    .map((c) => ({ index: c.index, offset: Number(c.offset), length: Number(c.length) }))
+    .sort((a, b) => a.offset - b.offset || a.index - b.index);
+  return { valid, end: Number(end) };
+}
+
+/**
+ * A random slot table: runs written in ring order from any slot (as a writer leaves
+ * them, with holes), mixed per case with slots out of order, equal or overlapping
+ * offsets, slots older than the ring, and foreign u64 values whose high halves are set.
+ */
+function randomSlotTable(random, { entries, data, byteOffset = 0 }) {
+  const int = (lo, hi) => lo + Math.floor(random() * (hi - lo + 1));
+  const fileLength = tailStart(entries, data) + PAGE;
+  const bytes = new Uint8Array(new ArrayBuffer(fileLength + byteOffset), byteOffset, fileLength);
+  const view = new DataView(bytes.buffer, byteOffset);
+  const setU64 = (index, field, value) => view.setBigUint64(slotPosition(index) + field, BigInt.asUintN(64, BigInt(value)), true);
+  const lastEnd = Number.MAX_SAFE_INTEGER - data;
+  const bases = [int(0, 4 * data), int(0, 2 ** 40), lastEnd - int(0, 3 * data)];
+  let stream = bases[int(0, 2)];
+  const maxLength = Math.max(1, Math.min(data - 1, int(1, 3) === 1 ? data : 64));
+  const mess = random() < 0.6 ? random() * 0.3 : 0;
+  for (let k = 0, index = int(0, entries - 1); k < entries; k++, index = (index + 1) % entries) {
+    const length = int(1, maxLength);
+    if (random() < mess) {
+      const r = random();
+      if (r < 0.2) setU64(index, SLOT.offset, stream - int(0, 3 * data)); // out of order, maybe older than the ring
+      else if (r < 0.35) setU64(index, SLOT.offset, stream + int(0, 2 * data)); // ahead, overlapping
+      else if (r < 0.5) setU64(index, SLOT.offset, (BigInt(int(1, 2 ** 32 - 1)) << 32n) | BigInt(int(0, 2 ** 32 - 1))); // foreign high half
+      else if (r < 0.6) setU64(index, SLOT.offset, lastEnd - length + int(-2, 2)); // around the last end a head can store
+      else setU64(index, SLOT.offset, stream - int(0, 2) * length); // equal to a neighbour's
+      const q = random();
+      if (q < 0.15) setU64(index, SLOT.length, (BigInt(int(1, 2 ** 32 - 1)) << 32n) | BigInt(length)); // high half set
+      else if (q < 0.3) setU64(index, SLOT.length, data - int(-1, 1)); // around data - 1
+      else setU64(index, SLOT.length, length);
+      continue;
+    }
+    if (random() < 0.2) continue; // a hole (empty slot) or a slot never written
+    if (stream + length > lastEnd) break;
+    setU64(index, SLOT.offset, stream);
+    setU64(index, SLOT.length, length);
+    stream += length;
+  }
+  const writeOffset = random() < 0.3 ? 0 : Math.max(0, Math.min(lastEnd, stream + int(-data, data)));
+  view.setBigUint64(HEAD.version, MAGIC, true);
+  view.setBigUint64(HEAD.entryMask, BigInt(entries - 1), true);
+  view.setBigUint64(HEAD.dataMask, BigInt(data - 1), true);
+  view.setBigUint64(HEAD.writeOffset, BigInt(writeOffset), true);
+  return bytes;
+}
+
+test('readSlots, newest and the stream end agree with the rules of Discovery on random and adversarial slot tables', () => {
+  const random = prng(0x510757);
+  const int = (lo, hi) => lo + Math.floor(random() * (hi - lo + 1));
+  const seen = { sorted: 0, rotated: 0, outOfOrder: 0, dropped: 0, empty: 0 };
+  let previous;
+  for (let i = 0; i < 3000; i++) {
+    const entries = i === 0 ? 2 ** 17 : 2 ** int(0, 10); // one table above what the scan keeps between calls
+    const data = 2 ** int(1, 16);
+    // An unaligned view is what a Buffer from a pool can be: the slots are read from a copy.
+    const bytes = randomSlotTable(random, { entries, data, byteOffset: random() < 0.1 ? int(1, 7) : 0 });
+    const head = parseHead(bytes, bytes.length);
+    const { valid, end } = discoveryRules(bytes, head);
+    const listed = readSlots(bytes, head);
+    assert.deepEqual(listed, valid, `case ${i}: readSlots`);
+    assert.equal(readStreamEnd(bytes, head), end, `case ${i}: stream end`);
+    assert.deepEqual(readNewestSlot(bytes, head), valid.at(-1), `case ${i}: newest`);
+    if (bytes.byteOffset % 8 === 0) {
+      const found = new SnapshotFile(bytes).recover();
+      assert.deepEqual(found.valid(), valid, `case ${i}: FileDiscovery.valid`);
+      assert.deepEqual(found.newest(), valid.at(-1), `case ${i}: FileDiscovery.newest`);
+    }
+    // A list handed out earlier is the caller's: later reads never change it.
+    if (previous !== undefined) assert.deepEqual(previous.listed, previous.valid, `case ${i}: the list of case ${i - 1}`);
+    previous = { listed, valid };
+    const byIndex = [...valid].sort((a, b) => a.index - b.index);
+    const breaks = byIndex.filter((s, k) => k > 0 && s.offset < byIndex[k - 1].offset).length;
+    if (valid.length === 0) seen.empty++;
+    else if (breaks === 0) seen.sorted++;
+    else if (breaks === 1 && byIndex.at(-1).offset < byIndex[0].offset) seen.rotated++;
+    else seen.outOfOrder++;
+    if (discoveryRulesClaims(bytes, head) > valid.length) seen.dropped++;
+  }
+  // Every path of the scan must be taken often, or agreeing proves little.
+  for (const [what, n] of Object.entries(seen)) assert.ok(n > 100, `${what}: only ${n} cases (${JSON.stringify(seen)})`);
+});
+
+/** How many slots claim a snapshot (a non-zero length), valid or not. */
+function discoveryRulesClaims(bytes, head) {
+  const view = new DataView(bytes.buffer, bytes.byteOffset);
+  let n = 0;
+  for (let index = 0; index < head.entries; index++) if (view.getBigUint64(slotPosition(index) + SLOT.length, true) !== 0n) n++;
+  return n;
+}
+
+test('readSlots: slots at equal offsets are listed by slot index, rotated or not', () => {
+  const len = 4 * PAGE;
+  const bytes = headFile(len, { entryMask: 0xffn, dataMask: 0x7ffn, writeOffset: 1_000n });
+  setSlot(bytes, 4, 900, 8);
+  setSlot(bytes, 5, 950, 8);
+  setSlot(bytes, 6, 950, 8);
+  setSlot(bytes, 1, 980, 8); // wraps: a rotation from slot 4
+  const head = parseHead(bytes, len);
+  const expected = [
+    { index: 4, offset: 900, length: 8 },
+    { index: 5, offset: 950, length: 8 },
+    { index: 6, offset: 950, length: 8 },
+    { index: 1, offset: 980, length: 8 },
+  ];
+  assert.deepEqual(readSlots(bytes, head), expected);
+  setSlot(bytes, 2, 900, 8); // equal to slot 4's offset, but a lower index: not a rotation any more
+  assert.deepEqual(readSlots(bytes, head), [{ index: 2, offset: 900, length: 8 }, ...expected]);
+  assert.deepEqual(readNewestSlot(bytes, head), { index: 1, offset: 980, length: 8 });
 });
 
 test('clearSlotsExcept: empties every claiming slot except the kept ones (restore-v1 step 4)', () => {

@@ -12,8 +12,9 @@ import {
   computeLayout,
   layoutFits,
   parseHead,
+  readNewestSlot,
   readSlots,
-  streamEnd,
+  readStreamEnd,
   type DiscoveredHead,
   type Snapshot,
 } from './format.js';
@@ -96,7 +97,7 @@ export class SnapshotFile {
       // A reader may still hold a snapshot of the old layout: the new stream starts past
       // every old position, so that no (slot, offset, length) it checks can come back.
       if (current !== undefined) {
-        start = Math.min(Math.max(start, streamEnd(current.writeOffset, readSlots(mapped.bytes, current))), Number.MAX_SAFE_INTEGER - data);
+        start = Math.min(Math.max(start, readStreamEnd(mapped.bytes, current)), Number.MAX_SAFE_INTEGER - data);
       }
       Atomics.store(mapped.u64, VERSION_U64, 0n);
       mapped.bytes.fill(0, PAGE, layout.dataStart);
@@ -154,6 +155,11 @@ export class FileDiscovery extends SnapshotReader {
   /** The valid snapshots, oldest first (read afresh on every call; see {@link readSlots}). */
   valid(): Snapshot[] {
     return readSlots(this.#mapped.bytes, this.head);
+  }
+
+  /** The newest valid snapshot (largest offset), if any; see {@link SnapshotReader.newest}. */
+  newest(): Snapshot | undefined {
+    return readNewestSlot(this.#mapped.bytes, this.head);
   }
 
   /**

@@ -224,7 +224,64 @@ export function parseHead(bytes: Uint8Array, fileLength: number): DiscoveredHead
  *   the last slot
  */
 export function readSlots(bytes: Uint8Array, head: DiscoveredHead): Snapshot[] {
-  const needed = slotPosition(head.entries);
+  const { count, first, table } = scanSlots(bytes, head);
+  const found = new Array<Snapshot>(count);
+  for (let k = 0, at = first * 3; k < count; k++, at += 3) {
+    if (at === count * 3) at = 0;
+    found[k] = { index: table[at]!, offset: table[at + 1]!, length: table[at + 2]! };
+  }
+  return found;
+}
+
+/**
+ * The newest snapshot {@link readSlots} would list (the valid one with the largest
+ * offset), found without building the others.
+ * @internal
+ */
+export function readNewestSlot(bytes: Uint8Array, head: DiscoveredHead): Snapshot | undefined {
+  const { count, first, table } = scanSlots(bytes, head);
+  if (count === 0) return undefined;
+  const at = ((first + count - 1) % count) * 3;
+  return { index: table[at]!, offset: table[at + 1]!, length: table[at + 2]! };
+}
+
+/**
+ * {@link streamEnd} of the head's `write_offset` and the slots that pass the first two
+ * rules of {@link readSlots}, without building them.
+ * @internal
+ */
+export function readStreamEnd(bytes: Uint8Array, head: DiscoveredHead): number {
+  return scanSlots(bytes, head).end;
+}
+
+/** What {@link scanSlots} found: `count` slots in `table`, stream order from triple `first` on. */
+interface SlotScan {
+  readonly count: number;
+  /** The oldest slot's triple; the list wraps from the last triple to triple 0. */
+  readonly first: number;
+  /** The largest of `write_offset` and the end of every slot passing the first two rules. */
+  readonly end: number;
+  /** `index, offset, length` of each valid slot, three numbers each. */
+  readonly table: Float64Array;
+}
+
+/**
+ * Scratch for {@link scanSlots}: every caller consumes a scan before it returns, so one
+ * table serves them all, and a recovery allocates nothing per slot. Tables above
+ * `SCRATCH_KEEP` numbers (more than 65,536 slots) are allocated per call instead, so a
+ * rare huge file does not pin memory.
+ */
+let scratch = new Float64Array(3 * SLOTS_PER_PAGE);
+const SCRATCH_KEEP = 3 * 65536;
+
+/**
+ * The rules of {@link readSlots} in one pass over the slots' u32 words, into a shared
+ * table of numbers; the valid slots come out as a rotation of the table (how a writer
+ * fills the slots), or sorted in place when they are not one.
+ */
+function scanSlots(bytes: Uint8Array, head: DiscoveredHead): SlotScan {
+  const entries = head.entries;
+  const needed = slotPosition(entries);
   if (bytes.length < needed) {
     throw new SnapshotFormatError('ERR_SNAPSHOT_SHORT_BUFFER', `the sequence region ends at byte ${needed}, only ${bytes.length} bytes were given`);
   }
@@ -234,24 +291,86 @@ export function readSlots(bytes: Uint8Array, head: DiscoveredHead): Snapshot[] {
     bytes.byteOffset % 4 === 0
       ? new Uint32Array(bytes.buffer, bytes.byteOffset, needed >>> 2)
       : new Uint32Array(bytes.slice(0, needed).buffer);
-  const found: Snapshot[] = [];
+  let table = scratch;
+  if (table.length < 3 * entries) {
+    table = new Float64Array(3 * entries);
+    if (table.length <= SCRATCH_KEEP) scratch = table;
+  }
   const data = head.data;
   const lastEnd = Number.MAX_SAFE_INTEGER - data;
-  for (let index = 0, w = PAGE >>> 2; index < head.entries; index++, w += SLOT_SIZE >>> 2) {
+  let end = head.writeOffset;
+  let n = 0;
+  // Where index order breaks stream order, and the oldest offset: when nothing is older
+  // than a ring before the end (the usual case), this pass is the only one.
+  let breaks = 0;
+  let first = 0;
+  let previous = -1;
+  let lowest = Infinity;
+  for (let index = 0, w = PAGE >>> 2; index < entries; index++, w += SLOT_SIZE >>> 2) {
     const length = words[w + 2]!;
     const lengthHigh = words[w + 3]!;
     if ((length | lengthHigh) === 0) continue;
-    const offsetHigh = words[w + 1]!;
-    if (lengthHigh !== 0 || length >= data || offsetHigh >= 0x200000) continue;
-    const offset = offsetHigh * 0x1_0000_0000 + words[w]!;
-    if (offset + length > lastEnd) continue;
-    found.push({ index, offset, length });
+    // A length of 2^32 or more has a non-zero high half. An offset of 2^53 or more loses
+    // precision as a number, but stays above lastEnd, so the end check drops it.
+    if (lengthHigh !== 0 || length >= data) continue;
+    const offset = words[w + 1]! * 0x1_0000_0000 + words[w]!;
+    const slotEnd = offset + length;
+    if (slotEnd > lastEnd) continue;
+    if (slotEnd > end) end = slotEnd;
+    if (offset < previous) {
+      breaks++;
+      first = n / 3;
+    }
+    if (offset < lowest) lowest = offset;
+    previous = offset;
+    table[n] = index;
+    table[n + 1] = offset;
+    table[n + 2] = length;
+    n += 3;
   }
-  const oldest = streamEnd(head.writeOffset, found) - data;
-  let kept = 0;
-  for (const s of found) if (s.offset >= oldest) found[kept++] = s;
-  found.length = kept;
-  return inStreamOrder(found);
+  let kept = n;
+  const oldest = end - data;
+  if (lowest < oldest) {
+    // Drop the slots older than a ring before the end, and find the breaks among the rest.
+    kept = 0;
+    breaks = 0;
+    first = 0;
+    previous = -1;
+    for (let at = 0; at < n; at += 3) {
+      const offset = table[at + 1]!;
+      if (offset < oldest) continue;
+      if (offset < previous) {
+        breaks++;
+        first = kept / 3;
+      }
+      previous = offset;
+      table[kept] = table[at]!;
+      table[kept + 1] = offset;
+      table[kept + 2] = table[at + 2]!;
+      kept += 3;
+    }
+  }
+  const count = kept / 3;
+  if (breaks === 0) return { count, first: 0, end, table };
+  // One break and the last slot older than the first: a rotation.
+  if (breaks === 1 && table[kept - 2]! < table[1]!) return { count, first, end, table };
+  sortTable(table, count);
+  return { count, first: 0, end, table };
+}
+
+/** Sorts the first `count` triples of `table` by offset, then index. */
+function sortTable(table: Float64Array, count: number): void {
+  const order = new Uint32Array(count);
+  for (let k = 0; k < count; k++) order[k] = k * 3;
+  order.sort((a, b) => table[a + 1]! - table[b + 1]! || table[a]! - table[b]!);
+  const sorted = new Float64Array(count * 3);
+  for (let k = 0; k < count; k++) {
+    const at = order[k]!;
+    sorted[k * 3] = table[at]!;
+    sorted[k * 3 + 1] = table[at + 1]!;
+    sorted[k * 3 + 2] = table[at + 2]!;
+  }
+  table.set(sorted);
 }
 
 /**
@@ -265,25 +384,6 @@ export function streamEnd(writeOffset: number, slots: readonly Pick<Snapshot, 'o
   let end = writeOffset;
   for (const s of slots) if (s.offset + s.length > end) end = s.offset + s.length;
   return end;
-}
-
-/**
- * Sorts slots listed by index into stream order. A writer fills slots in ring order, so
- * the list is normally a rotation of a sorted one: rotate in O(n), sort only otherwise.
- */
-function inStreamOrder(slots: Snapshot[]): Snapshot[] {
-  const n = slots.length;
-  let breaks = 0;
-  let start = 0;
-  for (let i = 1; i < n; i++) {
-    if (slots[i]!.offset < slots[i - 1]!.offset) {
-      breaks++;
-      start = i;
-    }
-  }
-  if (breaks === 0) return slots;
-  if (breaks === 1 && slots[n - 1]!.offset < slots[0]!.offset) return slots.slice(start).concat(slots.slice(0, start));
-  return slots.sort((a, b) => a.offset - b.offset || a.index - b.index);
 }
 
 /**

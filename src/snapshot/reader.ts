@@ -26,11 +26,11 @@ export abstract class SnapshotReader {
   /** The valid snapshots, oldest first. */
   abstract valid(): Snapshot[];
 
-  /** The newest valid snapshot (largest offset), if any. */
-  newest(): Snapshot | undefined {
-    const all = this.valid();
-    return all[all.length - 1];
-  }
+  /**
+   * The newest valid snapshot (largest offset), if any: the last of {@link valid}, found
+   * without building the others (a recovery that resumes from it needs only this one).
+   */
+  abstract newest(): Snapshot | undefined;
 
   /**
    * Copies a snapshot's bytes. When another process may be writing, check

@@ -276,6 +276,17 @@ export class SnapshotWriter extends SnapshotReader {
     return out;
   }
 
+  /** The newest valid snapshot (largest offset), if any; see {@link SnapshotReader.newest}. */
+  newest(): Snapshot | undefined {
+    for (let k = this.rangeLength - 1; k >= 0; k--) {
+      const i = (this.oldest + k) & this.entryMask;
+      const offset = this.offsets[i] ?? -1;
+      const length = offset < 0 ? 0 : this.mapped.slotLength(i);
+      if (length > 0) return { index: i, offset, length };
+    }
+    return undefined;
+  }
+
   /**
    * Empties every published slot of this writer whose snapshot starts before stream
    * position `position`, oldest first. A program calls this before it modifies tail data
