@@ -246,7 +246,8 @@ export function readSlots(bytes: Uint8Array, head: DiscoveredHead): Snapshot[] {
   const found = new Array<Snapshot>(count);
   for (let k = 0, at = first * 3; k < count; k++, at += 3) {
     if (at === count * 3) at = 0;
-    found[k] = { index: table[at]!, offset: table[at + 1]!, length: table[at + 2]! };
+    // Integers out of the f64 table where they are ones: V8 boxes a double field apart.
+    found[k] = { index: table[at]! | 0, offset: table[at + 1]!, length: table[at + 2]! >>> 0 };
   }
   return found;
 }
@@ -260,7 +261,7 @@ export function readNewestSlot(bytes: Uint8Array, head: DiscoveredHead): Snapsho
   const { count, first, table } = scanSlots(bytes, head);
   if (count === 0) return undefined;
   const at = ((first + count - 1) % count) * 3;
-  return { index: table[at]!, offset: table[at + 1]!, length: table[at + 2]! };
+  return { index: table[at]! | 0, offset: table[at + 1]!, length: table[at + 2]! >>> 0 };
 }
 
 /**
