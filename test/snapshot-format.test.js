@@ -366,7 +366,7 @@ test('readSlots, newest and the stream end agree with the rules of Discovery on 
   const random = prng(0x510757);
   const int = (lo, hi) => lo + Math.floor(random() * (hi - lo + 1));
   const seen = { sorted: 0, rotated: 0, outOfOrder: 0, dropped: 0, empty: 0 };
-  let previous;
+  let previous = { listed: [], valid: [] };
   for (let i = 0; i < 3000; i++) {
     const entries = i === 0 ? 2 ** 17 : 2 ** int(0, 10); // one table above what the scan keeps between calls
     const data = 2 ** int(1, 16);
@@ -384,7 +384,7 @@ test('readSlots, newest and the stream end agree with the rules of Discovery on 
       assert.deepEqual(found.newest(), valid.at(-1), `case ${i}: FileDiscovery.newest`);
     }
     // A list handed out earlier is the caller's: later reads never change it.
-    if (previous !== undefined) assert.deepEqual(previous.listed, previous.valid, `case ${i}: the list of case ${i - 1}`);
+    assert.deepEqual(previous.listed, previous.valid, `case ${i}: the list of case ${i - 1}`);
     previous = { listed, valid };
     const byIndex = [...valid].sort((a, b) => a.index - b.index);
     const breaks = byIndex.filter((s, k) => k > 0 && s.offset < byIndex[k - 1].offset).length;
