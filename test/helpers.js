@@ -447,9 +447,10 @@ export async function waitFor(check, what, timeoutMs = 20_000, intervalMs = 20) 
 
 /** A unique abstract socket address for this test process. */
 /**
- * Calls `check(file)` once for each version of `file` while `running()` holds: each atomic
- * rename is a new version (a freed inode number is handed out again, so the change time
- * tells them apart). A version replaced before it could be read is skipped.
+ * Calls `check(copy)` once for each version of the restore-v1 backup `file` while
+ * `running()` holds, `copy` being {@link settledBackup}'s copy of it: each atomic rename
+ * and each in-place round is a new version (a freed inode number is handed out again, so
+ * the change time tells them apart). A version replaced before it could be read is skipped.
  * @param {string} file
  * @param {() => boolean} running
  * @param {(file: string) => void} check
@@ -467,13 +468,89 @@ export async function eachVersion(file, running, check) {
     if (id !== '' && id !== last) {
       last = id;
       try {
-        check(file);
+        const copy = settledBackup(file);
+        if (copy !== undefined) check(copy);
       } catch (err) {
         if (/** @type {NodeJS.ErrnoException} */ (err).code !== 'ENOENT') throw err;
       }
     }
     await sleep(3);
   }
+}
+
+/**
+ * The round in a restore-v1 journal (`.NAME.journal` beside backup NAME), decoded from the
+ * layout docs/restore.md gives, independently of src/: undefined when there is none or it
+ * is incomplete (its SHA-256 does not match), as a host starting up would discard it.
+ * @param {Buffer | undefined} bytes
+ */
+export function decodeJournal(bytes) {
+  if (bytes === undefined || bytes.length < 96 || bytes.toString('latin1', 0, 8) !== 'shmfdjnl' || bytes.readUInt32LE(8) !== 1) return undefined;
+  const total = Number(bytes.readBigUInt64LE(48));
+  if (total > bytes.length || total < 96) return undefined;
+  const sum = crypto.createHash('sha256').update(bytes.subarray(0, total - 32)).digest();
+  if (!sum.equals(bytes.subarray(total - 32, total))) return undefined;
+  const count = bytes.readUInt32LE(12);
+  const recordLength = bytes.readUInt32LE(56);
+  let table = 64 + Math.ceil(recordLength / 8) * 8;
+  let data = table + 16 * count;
+  const runs = [];
+  for (let i = 0; i < count; i++, table += 16) {
+    const length = Number(bytes.readBigUInt64LE(table + 8));
+    runs.push({ offset: Number(bytes.readBigUInt64LE(table)), data: bytes.subarray(data, data + length) });
+    data += length;
+  }
+  return {
+    sequence: Number(bytes.readBigUInt64LE(16)),
+    inode: bytes.readBigUInt64LE(24),
+    baseSize: Number(bytes.readBigUInt64LE(32)),
+    size: Number(bytes.readBigUInt64LE(40)),
+    record: bytes.toString('utf8', 64, 64 + recordLength),
+    runs,
+  };
+}
+
+/**
+ * What a host starting now would restore from the restore-v1 backup `file`, which a running
+ * host may be writing in place: a copy of it (`settled.NAME` beside it) with its complete
+ * journal applied, read between two identical reads of the journal so that the backup's
+ * bytes are those of one round. Undefined when the journal changed while reading (the
+ * caller reads again later); throws ENOENT when there is no backup.
+ * @param {string} file
+ * @returns {string | undefined}
+ */
+export function settledBackup(file) {
+  const journalPath = path.join(path.dirname(file), `.${path.basename(file)}.journal`);
+  const readJournal = () => {
+    try {
+      return fs.readFileSync(journalPath);
+    } catch (err) {
+      if (/** @type {NodeJS.ErrnoException} */ (err).code === 'ENOENT') return undefined;
+      throw err;
+    }
+  };
+  const before = readJournal();
+  const fd = fs.openSync(file, 'r');
+  let bytes;
+  let inode;
+  try {
+    inode = fs.fstatSync(fd, { bigint: true }).ino;
+    bytes = fs.readFileSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+  const after = readJournal();
+  if ((before === undefined) !== (after === undefined) || (before !== undefined && !before.equals(/** @type {Buffer} */ (after)))) return undefined;
+  const round = decodeJournal(before);
+  if (round !== undefined && round.inode === inode && (bytes.length === round.baseSize || bytes.length === round.size)) {
+    const out = Buffer.alloc(round.size);
+    bytes.copy(out, 0, 0, Math.min(bytes.length, round.size));
+    for (const run of round.runs) run.data.copy(out, run.offset);
+    bytes = out;
+  }
+  const copy = path.join(path.dirname(file), `settled.${path.basename(file)}`);
+  fs.writeFileSync(copy, bytes);
+  return copy;
 }
 
 export function abstractAddress(tag) {

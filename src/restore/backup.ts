@@ -150,7 +150,24 @@ export async function recordBackupCheck(fd: number, size: number, signal?: Abort
       signal?.throwIfAborted();
     }
   }
-  setXattr(fd, CHECK_ATTRIBUTE, `v1 size=${size} region=${region} sha256-1m=${hash.digest('hex')}`);
+  setXattr(fd, CHECK_ATTRIBUTE, recordText(size, region, hash.digest('hex')));
+}
+
+function recordText(size: number, region: number, digest: string): string {
+  return `v1 size=${size} region=${region} sha256-1m=${digest}`;
+}
+
+/**
+ * The {@link CHECK_ATTRIBUTE} record of a file of `size` bytes whose checked region (its
+ * first `region.length` bytes) is `region`: what an in-place round sets, computed from the
+ * bytes it writes rather than read back.
+ */
+export function recordOfRegion(size: number, region: Uint8Array): string {
+  const hash = crypto.createHash('sha256');
+  for (let start = 0; start < region.length; start += DIGEST_BLOCK) {
+    hash.update(sha256(region.subarray(start, Math.min(start + DIGEST_BLOCK, region.length))));
+  }
+  return recordText(size, region.length, hash.digest('hex'));
 }
 
 /**
@@ -195,6 +212,11 @@ export class BackupFile {
     this.dir = path.dirname(resolved);
     this.base = path.basename(resolved);
     this.#tempPrefix = `.${this.base}.tmp-`;
+  }
+
+  /** The journal of in-place rounds, `.BACKUP.journal` beside the backup (docs/restore.md). */
+  get journalPath(): string {
+    return path.join(this.dir, `.${this.base}.journal`);
   }
 
   /** A fresh, unused-looking name for a temporary file next to the backup. */

@@ -17,15 +17,17 @@ export const FORWARDED_SIGNALS = ['SIGINT', 'SIGTERM', 'SIGHUP', 'SIGQUIT'] as c
 
 /**
  * The descriptors the program gets, in order: those the host was passed (re-passed as they
- * are), then new ones (e.g. sockets), then the memory file when the host created it.
- * A memory file that was passed in is already among the first.
+ * are), then new ones (e.g. sockets), then the memory file when the host created it, then
+ * (restore-v1) the dirty-page map. A memory file that was passed in is already among the
+ * first.
  */
 export function childDescriptors(
   passed: readonly PassedFd[],
   added: readonly PassedFd[],
   createdMemory: PassedFd | undefined,
+  dirtyPages?: PassedFd,
 ): PassedFd[] {
-  return [...passed, ...added, ...(createdMemory === undefined ? [] : [createdMemory])];
+  return [...passed, ...added, ...(createdMemory === undefined ? [] : [createdMemory]), ...(dirtyPages === undefined ? [] : [dirtyPages])];
 }
 
 /** The `stdio` of `spawn` that puts `descriptors` at `first`, `first + 1`, ... in the child. */

@@ -24,12 +24,15 @@ import { checkFdName, readListenFds, withEnv, DEFAULT_FIRST_FD, type Environment
 import type { MemoryFile } from '../fds/memory-file.js';
 import { Notifier, storeInFdStore } from '../fds/notify.js';
 import { passedOrNewMemoryFile, SHARED_FD_NAME } from '../fds/shared-fd.js';
+import { DirtyPages, DIRTY_PAGES_NAME } from '../fds/dirty-pages.js';
 import { describeError } from '../system/libc.js';
 import { BackupFile, type BackupInspection } from './backup.js';
 import { childDescriptors, exitStatus, findSetpriv, SignalRelay, startChild, waitForChild } from './child.js';
 import { BackupLock } from './lock.js';
 import { formatBytes, formatDuration, withProgress } from './progress.js';
-import { Snapshotter } from './snapshotter.js';
+import { replayJournal } from './journal.js';
+import { Snapshotter, type DurableSnapshot } from './snapshotter.js';
+import type { PersistResult } from './persist.js';
 import { writeBack, type DurableState } from './write-back.js';
 
 /** Snapshot strategies of `--snapshot`. */
@@ -64,6 +67,8 @@ export interface RestoreHostOptions {
   log?: Log;
   /** Show progress of slow copies when stderr is a terminal (default true). */
   progress?: boolean;
+  /** Called after every snapshot round that made a backup durable, whole or incremental. */
+  onPersisted?: (snapshot: DurableSnapshot, result: PersistResult) => void;
 }
 
 /**
@@ -97,6 +102,11 @@ async function host(o: RestoreHostOptions, name: string, backup: BackupFile, log
   const first = o.firstFd ?? DEFAULT_FIRST_FD;
   const showProgress = o.progress !== false;
 
+  // A round interrupted in the middle of its in-place writes is finished first: until
+  // then the backup may be torn, and its record does not match it.
+  const replayed = await replayJournal(backup);
+  if (replayed.action === 'replayed') log.info(`applied the journal of round ${replayed.round.sequence} to ${backup.path}: the host was stopped while writing it in place`);
+  if (replayed.action === 'discarded') log.info(`discarded the journal ${backup.journalPath}: ${replayed.problem}`);
   // Everything that can be refused is checked before the memory is touched.
   const inspection = backup.inspect(o.snapshot === undefined ? 'raw' : 'snapshot');
   const leftovers = backup.removeLeftovers();
@@ -121,7 +131,13 @@ async function host(o: RestoreHostOptions, name: string, backup: BackupFile, log
   if (relay.received !== undefined) return exitStatus(null, relay.received);
   if (created) parkMemory(env, name, memory, log);
 
-  const descriptors = childDescriptors(passed, o.extraFds ?? [], created ? { fd: memory.fd, name } : undefined);
+  const dirtyPages = o.snapshot !== undefined ? DirtyPages.create() : undefined;
+  const descriptors = childDescriptors(
+    passed,
+    o.extraFds ?? [],
+    created ? { fd: memory.fd, name } : undefined,
+    dirtyPages === undefined ? undefined : { fd: dirtyPages.file.fd, name: DIRTY_PAGES_NAME },
+  );
   const child = startChild(
     {
       command: o.command,
@@ -150,6 +166,10 @@ async function host(o: RestoreHostOptions, name: string, backup: BackupFile, log
       baselineWriteOffset: inspection.state === 'present' ? inspection.slots?.head.writeOffset : undefined,
       mode,
       progress: showProgress,
+      dirtyPages,
+      // The memory is a copy of the backup: what the program marks from now on is all that differs.
+      backupMatchesMemory: created && inspection.state === 'present' && inspection.size > 0,
+      onPersisted: o.onPersisted,
     });
     snapshotter.start();
     statusTimer = reportStatus(env, snapshotter, log);
@@ -159,6 +179,7 @@ async function host(o: RestoreHostOptions, name: string, backup: BackupFile, log
   relay.childExited = true;
   if (statusTimer !== undefined) clearInterval(statusTimer);
   await snapshotter?.stop();
+  dirtyPages?.close();
   if ('error' in end) {
     log.error(`cannot start ${o.command}: ${describeError(end.error)}`);
     return commandErrorStatus(end.error, true);

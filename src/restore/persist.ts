@@ -8,6 +8,7 @@
  */
 import fs from 'node:fs';
 import { recordBackupCheck, type BackupFile } from './backup.js';
+import { isSystemError } from '../system/libc.js';
 import { copySparse, type CopyProgress } from './copy.js';
 
 /** Milliseconds spent in each step of a persist. */
@@ -89,6 +90,10 @@ export async function persistAtomically(
     const t3 = performance.now();
     await fs.promises.rename(temp, backup.path);
     renamed = true;
+    // After the rename, not before: a torn backup waiting for its journal must never be
+    // left without it. A journal left by a crash here names the old file's inode, which
+    // the new file (it existed beside the old one) cannot have: it is discarded at start.
+    await removeJournal(backup);
     const directorySyncError = await syncDirectory(backup.dir).then(
       () => undefined,
       (err: unknown) => err,
@@ -116,5 +121,20 @@ export async function syncDirectory(dir: string): Promise<void> {
     await handle.sync();
   } finally {
     await handle.close();
+  }
+}
+
+/**
+ * Removes the journal of in-place rounds (journal.ts), if any; the caller syncs the
+ * directory.
+ * @returns whether there was one
+ */
+export async function removeJournal(backup: BackupFile): Promise<boolean> {
+  try {
+    await fs.promises.unlink(backup.journalPath);
+    return true;
+  } catch (err) {
+    if (isSystemError(err, 'ENOENT')) return false;
+    throw err;
   }
 }

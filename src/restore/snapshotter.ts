@@ -13,12 +13,14 @@
 import fs from 'node:fs';
 import type { Log } from '../base/log.js';
 import { SnapshotFormatError } from '../snapshot/errors.js';
-import { clearSlotsExcept, MIN_FILE_LENGTH, PAGE, readSlots, type Snapshot } from '../snapshot/format.js';
-import type { BackupFile } from './backup.js';
+import { clearSlotsExcept, MIN_FILE_LENGTH, PAGE, parseHead, readSlots, type Snapshot } from '../snapshot/format.js';
+import { DIRTY_MAX_BYTES, type DirtyPages } from '../fds/dirty-pages.js';
+import { recordOfRegion, type BackupFile } from './backup.js';
+import { applyRound, writeJournal, type JournalRound } from './journal.js';
 import { describeError } from '../system/libc.js';
 import { directorySyncWarning, persistAtomically, type PersistFixup, type PersistResult } from './persist.js';
 import { formatBytes, formatDuration, withProgress } from './progress.js';
-import { intersectSlots, newestSlot, readHead, readSlotsAfter, readSlotState, type SlotState } from '../snapshot/pread.js';
+import { intersectSlots, newestSlot, preadFully, readHead, readSlotsAfter, readSlotState, type SlotState } from '../snapshot/pread.js';
 
 /**
  * Default pause between rounds, in milliseconds. A round that copies costs about 0.5 ms
@@ -50,6 +52,8 @@ export interface DurableSnapshot {
   newest: Snapshot | undefined;
   /** Size of the backup file. */
   size: number;
+  /** Whether the round wrote only the changed pages in place (through the journal), rather than a whole new file. */
+  incremental: boolean;
 }
 
 /** What one round did. */
@@ -68,8 +72,22 @@ export interface SnapshotterOptions {
   mode?: number;
   /** Show progress of slow copies on a terminal. */
   progress?: boolean;
-  /** Called after each persisted round. */
+  /**
+   * Called after each round that made a backup durable, whole or incremental: the one
+   * place to hook what follows durability (e.g. shipping the backup elsewhere).
+   */
   onPersisted?: (snapshot: DurableSnapshot, result: PersistResult) => void;
+  /**
+   * The dirty-page map passed to the program. When the program sets its tracking flag,
+   * rounds copy only the marked pages and apply them to the backup in place.
+   */
+  dirtyPages?: DirtyPages;
+  /**
+   * The backup on disk holds exactly the memory as the program found it (the host restored
+   * the memory from it): rounds may be incremental from the start. Otherwise the first
+   * durable round is a whole copy.
+   */
+  backupMatchesMemory?: boolean;
 }
 
 /**
@@ -137,6 +155,18 @@ export class Snapshotter {
   #lastError = '';
   #nextDelay: number;
   #discardedInARow = 0;
+  /**
+   * Whether the backup on disk plus the pages marked since (taken into {@link #pending}
+   * or still in the map) make the memory: true once a whole copy taken after the program
+   * set its tracking flag is durable, or from the start when the host restored the memory
+   * from the backup.
+   */
+  #base: boolean;
+  /** Pages taken from the map and not yet durable in the backup, one bit each. */
+  #pending = new Uint32Array(0);
+  /** A journaled round whose in-place writes failed: applied again before anything else. */
+  #unapplied: JournalRound | undefined;
+  #sequence = 0;
   /** The newest backup made durable by this snapshotter. */
   lastPersisted: DurableSnapshot | undefined;
   /** Rounds by outcome, for logs and tests. */
@@ -154,6 +184,7 @@ export class Snapshotter {
     this.intervalMs = options.intervalMs ?? DEFAULT_INTERVAL_MS;
     this.#nextDelay = this.intervalMs;
     this.#persistedWriteOffset = options.baselineWriteOffset;
+    this.#base = options.backupMatchesMemory === true;
   }
 
   /** Starts the timer. */
@@ -219,15 +250,25 @@ export class Snapshotter {
     const cpuBefore = process.cpuUsage();
     const kept = { slots: [] as Snapshot[] };
     let result: PersistResult | undefined;
+    const dirty = this.#o.dirtyPages;
+    // The flag is read before the bits are taken: a whole copy that starts after both then
+    // holds every write the program made before it began to mark them.
+    const tracking = dirty?.tracking === true;
+    const pages = Math.ceil(Math.min(size, DIRTY_MAX_BYTES) / PAGE);
+    if (dirty !== undefined) this.#take(dirty, pages);
+    const incremental = tracking && this.#base && size <= DIRTY_MAX_BYTES;
     try {
-      result = await withProgress('shm-restore: persisting snapshot', this.#o.progress === true, (progress) =>
-        persistAtomically(this.#o.backup, memoryFd, size, {
-          fixup: liveCopyFixup(memoryFd, before, log, kept),
-          signal: this.#abort.signal,
-          progress,
-          mode: this.#o.mode,
-        }),
-      );
+      if (this.#unapplied !== undefined) await this.#applyAgain(this.#unapplied);
+      result = incremental
+        ? await this.#persistInPlace(before, size, kept)
+        : await withProgress('shm-restore: persisting snapshot', this.#o.progress === true, (progress) =>
+            persistAtomically(this.#o.backup, memoryFd, size, {
+              fixup: liveCopyFixup(memoryFd, before, log, kept),
+              signal: this.#abort.signal,
+              progress,
+              mode: this.#o.mode,
+            }),
+          );
     } catch (err) {
       if (this.#abort.signal.aborted) return 'aborted';
       return this.#failed(err);
@@ -237,6 +278,9 @@ export class Snapshotter {
       this.#nextDelay = Math.max(this.intervalMs, (PACING_FACTOR * (cpu.user + cpu.system)) / 1000);
     }
     if (result === undefined) return this.#discarded();
+    // Durable: the pages it copied are in the backup; bits taken beyond the size stay.
+    this.#settle(pages);
+    if (!incremental) this.#base = tracking;
     this.#discardedInARow = 0;
     if (this.#lastError !== '') log.info('persisting snapshots works again');
     this.#lastError = '';
@@ -247,18 +291,139 @@ export class Snapshotter {
       count: kept.slots.length,
       newest: newestSlot(kept.slots),
       size,
+      incremental,
     };
     this.lastPersisted = snapshot;
     const unsynced = directorySyncWarning(this.#o.backup, result);
     if (unsynced !== undefined) log.warn(unsynced);
     const t = result.timings;
     log.debug(
-      `snapshot persisted: ${snapshot.count} of ${before.slots.length} slots kept, newest at ${snapshot.newest?.offset ?? '-'}; ` +
+      `snapshot persisted${incremental ? ' in place' : ''}: ${snapshot.count} of ${before.slots.length} slots kept, newest at ${snapshot.newest?.offset ?? '-'}; ` +
         `copy ${ms(t.copyMs)} (${formatBytes(result.copied)} of ${formatBytes(size)}), validate ${ms(t.validateMs)}, ` +
-        `fsync ${ms(t.fsyncMs)}, rename ${ms(t.renameMs)}`,
+        (incremental ? `journal and write ${ms(t.fsyncMs)}` : `fsync ${ms(t.fsyncMs)}, rename ${ms(t.renameMs)}`),
     );
     this.#o.onPersisted?.(snapshot, result);
     return 'persisted';
+  }
+
+  /** Moves the map's bits of pages `[0, pages)` into {@link #pending}. */
+  #take(dirty: DirtyPages, pages: number): void {
+    const words = Math.ceil(pages / 32);
+    if (this.#pending.length < words) {
+      const grown = new Uint32Array(Math.max(words, 2 * this.#pending.length));
+      grown.set(this.#pending);
+      this.#pending = grown;
+    }
+    dirty.take(pages, this.#pending);
+  }
+
+  /** Forgets the pending pages below `pages`, now durable. */
+  #settle(pages: number): void {
+    const pending = this.#pending;
+    const full = Math.min(pages >>> 5, pending.length);
+    pending.fill(0, 0, full);
+    const rest = pages & 31;
+    if (rest !== 0 && full < pending.length) pending[full]! &= ~((1 << rest) - 1);
+  }
+
+  /**
+   * An incremental round: copies the head, slots and data ring (always: they decide which
+   * snapshots the backup holds, and the record covers them) and the pending pages, checks
+   * the slots as a whole copy is checked, journals the result durably, then writes it into
+   * the backup in place.
+   */
+  async #persistInPlace(before: SlotState, size: number, kept: { slots: Snapshot[] }): Promise<PersistResult | undefined> {
+    const { memoryFd, backup, log } = this.#o;
+    const t0 = performance.now();
+    const region = before.head.tailStart;
+    const pages = Math.ceil(size / PAGE);
+    const runs: JournalRound['runs'] = [{ offset: 0, data: preadFully(memoryFd, region, 0) }];
+    let copied = runs[0]!.data.length;
+    let short = copied < region;
+    const pending = this.#pending;
+    for (let page = region / PAGE; page < pages && !short; ) {
+      const word = pending[page >>> 5] ?? 0;
+      if (word === 0) {
+        page = ((page >>> 5) + 1) << 5;
+        continue;
+      }
+      if ((word & (1 << (page & 31))) === 0) {
+        page++;
+        continue;
+      }
+      let end = page + 1;
+      while (end < pages && ((pending[end >>> 5] ?? 0) & (1 << (end & 31))) !== 0) end++;
+      const offset = page * PAGE;
+      const length = Math.min(end * PAGE, size) - offset;
+      const data = preadFully(memoryFd, length, offset);
+      short = data.length < length;
+      runs.push({ offset, data });
+      copied += data.length;
+      page = end;
+    }
+    const t1 = performance.now();
+    if (short) {
+      log.debug('snapshot discarded: the memory shrank during the copy');
+      return undefined;
+    }
+    let after: SlotState | undefined;
+    try {
+      after = readSlotState(memoryFd, sizeOf(memoryFd));
+    } catch (err) {
+      if (!(err instanceof SnapshotFormatError)) throw err;
+    }
+    if (after === undefined || !sameLayout(after, before)) {
+      log.debug('snapshot discarded: the memory was reconfigured during the copy');
+      return undefined;
+    }
+    const keep = intersectSlots(before.slots, after.slots);
+    if (keep.length === 0) {
+      log.debug(`snapshot discarded: none of the ${before.slots.length} slots stayed valid during the copy`);
+      return undefined;
+    }
+    const copy = runs[0]!.data;
+    const head = parseHead(copy, size);
+    if (head === undefined || head.entries !== before.head.entries || head.data !== before.head.data) {
+      log.debug('snapshot discarded: the copied head differs from the live one');
+      return undefined;
+    }
+    clearSlotsExcept(copy, head, keep);
+    if (!sameSlots(readSlots(copy, head), keep)) {
+      log.debug('snapshot discarded: the copy does not hold the slots it was checked against');
+      return undefined;
+    }
+    kept.slots = keep;
+    const record = recordOfRegion(size, copy);
+    this.#abort.signal.throwIfAborted();
+    const t2 = performance.now();
+    const fd = fs.openSync(backup.path, fs.constants.O_RDWR | fs.constants.O_NOFOLLOW);
+    try {
+      const stat = fs.fstatSync(fd);
+      const round: JournalRound = { sequence: ++this.#sequence, inode: stat.ino, baseSize: stat.size, size, record, runs };
+      await writeJournal(backup, round);
+      try {
+        await applyRound(fd, round);
+      } catch (err) {
+        // The backup may be torn now; the journal that repairs it must stay until it is applied.
+        this.#unapplied = round;
+        throw err;
+      }
+    } finally {
+      fs.closeSync(fd);
+    }
+    const t3 = performance.now();
+    return { size, copied, timings: { copyMs: t1 - t0, validateMs: t2 - t1, fsyncMs: t3 - t2, renameMs: 0 } };
+  }
+
+  /** Applies a journaled round whose in-place writes failed; throws while it still fails. */
+  async #applyAgain(round: JournalRound): Promise<void> {
+    const fd = fs.openSync(this.#o.backup.path, fs.constants.O_RDWR | fs.constants.O_NOFOLLOW);
+    try {
+      await applyRound(fd, round);
+    } finally {
+      fs.closeSync(fd);
+    }
+    this.#unapplied = undefined;
   }
 
   #discarded(): RoundOutcome {

@@ -17,7 +17,8 @@ export interface SlotState {
   bytes: Buffer;
 }
 
-function preadFully(fd: number, length: number, position: number): Buffer {
+/** Up to `length` bytes of `fd` from `position`: fewer only where the file ends. */
+export function preadFully(fd: number, length: number, position: number): Buffer {
   const buf = Buffer.alloc(length);
   let done = 0;
   while (done < length) {

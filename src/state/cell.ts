@@ -126,6 +126,10 @@ export class VersionedCell<T extends CellArray> implements Structure {
 
   /** @internal */
   encode(u32: Uint32Array, word: number): void {
+    if (this.#staged) {
+      const copy = this.#bytes[(this.#version + 1) % this.copies]!;
+      this.#container.written(copy, 0, copy.length);
+    }
     storeU64(u32, word, this.#staged ? this.#version + 1 : this.#version);
     storeU64(u32, word + 2, 0);
   }

@@ -10,7 +10,7 @@ import { ShmfdError } from '../base/errors.js';
 import type { Log } from '../base/log.js';
 import { PAGE } from '../snapshot/format.js';
 import { storeU64 } from '../snapshot/mapped.js';
-import type { StructureContainer, Structure } from './structure.js';
+import { writtenRing, type StructureContainer, type Structure } from './structure.js';
 import { fnv1a64, type KeyValueMapOptions, type MapDeclaration } from './layout.js';
 
 export type { KeyValueMapOptions, MapDeclaration } from './layout.js';
@@ -738,7 +738,11 @@ export class KeyValueMap implements Structure {
    * the payload words: the ring's tail and head.
    */
   encode(u32: Uint32Array, word: number): void {
-    if (this.staged) this.#write();
+    if (this.staged) {
+      const from = this.#head;
+      this.#write();
+      writtenRing(this.#container, this.#bytes.subarray(this.#ringOffset, this.#ringOffset + this.#ring), from, this.#head);
+    }
     storeU64(u32, word, this.#tail);
     storeU64(u32, word + 2, this.#head);
   }

@@ -7,7 +7,7 @@
  */
 import { ShmfdError } from '../base/errors.js';
 import { storeU64 } from '../snapshot/mapped.js';
-import type { StructureContainer, Structure } from './structure.js';
+import { writtenRing, type StructureContainer, type Structure } from './structure.js';
 import { RECORD_ALIGN, RECORD_HEADER, type LogDeclaration } from './layout.js';
 
 /** Bytes of a record header in a retained log: the header of a log, then the u64 record index. */
@@ -228,6 +228,7 @@ export class AppendLog implements Structure {
    * window the snapshot names, after dropping the oldest records beyond the retention.
    */
   encode(u32: Uint32Array, word: number): void {
+    writtenRing(this.#container, this.#bytes, this.#committedEnd, this.#end);
     if (!this.#ring) {
       storeU64(u32, word, this.#end);
       storeU64(u32, word + 2, this.#count);

@@ -8,6 +8,7 @@ import { ShmfdError } from '../base/errors.js';
 import { StderrLog, type Log } from '../base/log.js';
 import type { MemoryFile, Mapping } from '../fds/memory-file.js';
 import { SharedFd, SHARED_FD_NAME, type SharedFdOptions } from '../fds/shared-fd.js';
+import { DirtyPages } from '../fds/dirty-pages.js';
 import { checkConfig } from '../snapshot/config.js';
 import { SnapshotFormatError } from '../snapshot/errors.js';
 import { SnapshotFile, type FileDiscovery } from '../snapshot/file.js';
@@ -80,6 +81,12 @@ export interface StateFileOptions<D extends Declarations = Declarations> {
    * lines; the rebuild of a large map is a warning, the others are `info`).
    */
   log?: Log;
+  /**
+   * The restore host's dirty-page map (docs/restore.md, "Incremental rounds"): every
+   * commit marks the pages it made live, so `shm-restore --snapshot=restore-v1` copies
+   * only those. {@link StateFile.fromEnv} finds it by itself.
+   */
+  dirtyPages?: DirtyPages;
 }
 
 /** Options of {@link StateFile.fromEnv}. */
@@ -130,6 +137,8 @@ export class StateFile<D extends Declarations> implements StructureContainer {
   #migrated = false;
   #sequence: number;
   #dirty = false;
+  #dirtyPages: DirtyPages | undefined;
+  #ownsDirtyPages = false;
 
   private constructor(file: MemoryFile, mapping: Mapping, writer: SnapshotWriter, layout: StateLayout, newest: DecodedPayload | undefined, ownsFile: boolean, log: Log, readOnly = false) {
     this.file = file;
@@ -198,7 +207,17 @@ export class StateFile<D extends Declarations> implements StructureContainer {
         `no shared memory file ${options.name ?? SHARED_FD_NAME} was passed; run the program under shm-restore (or shm-fd)`,
       );
     }
-    return StateFile.#open(file, declarations, options, true);
+    // Before anything is written: from the flag on, the host trusts the marks.
+    let dirtyPages: DirtyPages | undefined;
+    try {
+      dirtyPages = options.dirtyPages ?? DirtyPages.fromEnv({ env: options.env });
+      const state = StateFile.#open(file, declarations, { ...options, dirtyPages }, true);
+      state.#ownsDirtyPages = options.dirtyPages === undefined;
+      return state;
+    } catch (err) {
+      if (options.dirtyPages === undefined) dirtyPages?.close();
+      throw err;
+    }
   }
 
   /**
@@ -273,10 +292,15 @@ export class StateFile<D extends Declarations> implements StructureContainer {
         mapping = file.map();
       }
       const writer = new SnapshotFile(mapping.bytes).configure(config);
-      if (old !== undefined) return StateFile.#migrate(file, mapping, writer, old, layout, options.migrate!.bind(options), ownsFile, log);
+      const dirty = options.dirtyPages;
+      if (old !== undefined) return StateFile.#migrate(file, mapping, writer, old, layout, options.migrate!.bind(options), ownsFile, log, dirty);
       const newest = adoptSnapshots(file, writer, layout);
-      if (newest === undefined) writeDirectory(writer.tail, layout);
+      if (newest === undefined) {
+        writeDirectory(writer.tail, layout);
+        dirty?.mark(writer.layout.tailStart + layout.base, PAGE);
+      }
       const state = new StateFile<D>(file, mapping, writer, layout, newest?.payload, ownsFile, log);
+      state.#dirtyPages = dirty;
       if (newest !== undefined) {
         for (const { payload, offset } of newest.all) state.#named(payload, offset);
       }
@@ -292,14 +316,16 @@ export class StateFile<D extends Declarations> implements StructureContainer {
    * never writes, and publishes it with one commit: until that snapshot, every valid
    * snapshot names the old layout, intact; after it, the newest names the new one, complete.
    */
-  static #migrate<D extends Declarations>(file: MemoryFile, mapping: Mapping, writer: SnapshotWriter, old: StateLayout, layout: StateLayout, migrate: NonNullable<StateFileOptions<D>['migrate']>, ownsFile: boolean, log: Log): StateFile<D> {
+  static #migrate<D extends Declarations>(file: MemoryFile, mapping: Mapping, writer: SnapshotWriter, old: StateLayout, layout: StateLayout, migrate: NonNullable<StateFileOptions<D>['migrate']>, ownsFile: boolean, log: Log, dirty: DirtyPages | undefined): StateFile<D> {
     // Snapshots of still older layouts may name the bytes the new layout takes: only the
     // old layout's stay valid (adopting invalidates the others, oldest first).
     const adopted = adoptSnapshots(file, writer, old)!;
     const before = new StateFile<Declarations>(file, mapping, writer, old, adopted.payload, false, log, true);
     for (const { payload, offset } of adopted.all) before.#named(payload, offset);
     writeDirectory(writer.tail.subarray(layout.base), layout);
+    dirty?.mark(writer.layout.tailStart + layout.base, PAGE);
     const next = new StateFile<D>(file, mapping, writer, layout, undefined, ownsFile, log);
+    next.#dirtyPages = dirty;
     next.#migrating = true;
     try {
       migrate(before.structures as Readonly<Record<string, AnyStructure>>, next.structures);
@@ -354,6 +380,11 @@ export class StateFile<D extends Declarations> implements StructureContainer {
     this.#dirty = true;
   }
 
+  /** @internal */
+  written(view: Uint8Array, start: number, end: number): void {
+    this.#dirtyPages?.mark(view.byteOffset - this.#mapping.bytes.byteOffset + this.#mapping.offset + start, end - start);
+  }
+
   /**
    * Publishes the current state of every structure as one snapshot: the appended records of
    * every log and the staged version of every cell become committed together, or (after a
@@ -384,6 +415,7 @@ export class StateFile<D extends Declarations> implements StructureContainer {
   close(): void {
     this.#mapping.unmap();
     if (this.#ownsFile) this.file.close();
+    if (this.#ownsDirtyPages) this.#dirtyPages?.close();
   }
 
   /** Tells every cell, map and retained log what the valid snapshot at `offset` names. */

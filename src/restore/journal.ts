@@ -1,0 +1,186 @@
+/**
+ * The journal of incremental restore-v1 rounds (docs/restore.md, "Incremental rounds"):
+ * before a round writes changed pages into the backup in place, it writes them to
+ * `.BACKUP.journal` beside it and makes that durable; a crash during the in-place writes
+ * is then repaired at the next start by replaying the journal, and a journal that is not
+ * complete (its checksum fails) was never applied and is discarded.
+ *
+ * Layout (little-endian): the 8-byte magic `shmfdjnl`, u32 version 1, u32 number of runs,
+ * u64 sequence, u64 inode of the backup it applies to, u64 size of the backup before the
+ * round, u64 size after it, u64 total length of the journal, u32 length of the integrity
+ * record text, u32 0, the record text padded with zeros to a multiple of 8, then each run
+ * as u64 file offset and u64 length, then the runs' bytes in that order, then the SHA-256
+ * of everything before it. The journal file is written over in place by the next round;
+ * bytes after its total length mean nothing.
+ * @module
+ */
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import { CHECK_ATTRIBUTE, type BackupFile } from './backup.js';
+import { isSystemError, setXattr } from '../system/libc.js';
+import { removeJournal, syncDirectory } from './persist.js';
+
+const MAGIC = Buffer.from('shmfdjnl');
+const VERSION = 1;
+const FIXED = 56;
+const DIGEST = 32;
+
+/** One incremental round, as journaled and applied. */
+export interface JournalRound {
+  /** Number of the round, for the logs. */
+  sequence: number;
+  /** Inode of the backup the round applies to. */
+  inode: number;
+  /** The backup's size before the round. */
+  baseSize: number;
+  /** The backup's size after it. */
+  size: number;
+  /** The integrity record to set (empty: none). */
+  record: string;
+  /** Bytes to write at each file offset, in order. */
+  runs: { offset: number; data: Buffer }[];
+}
+
+function encode(round: JournalRound): Buffer[] {
+  const record = Buffer.from(round.record);
+  const table = FIXED + 8 + Math.ceil(record.length / 8) * 8;
+  const head = Buffer.alloc(table + 16 * round.runs.length);
+  const dataBytes = round.runs.reduce((sum, r) => sum + r.data.length, 0);
+  MAGIC.copy(head, 0);
+  head.writeUInt32LE(VERSION, 8);
+  head.writeUInt32LE(round.runs.length, 12);
+  head.writeBigUInt64LE(BigInt(round.sequence), 16);
+  head.writeBigUInt64LE(BigInt(round.inode), 24);
+  head.writeBigUInt64LE(BigInt(round.baseSize), 32);
+  head.writeBigUInt64LE(BigInt(round.size), 40);
+  head.writeBigUInt64LE(BigInt(head.length + dataBytes + DIGEST), 48);
+  head.writeUInt32LE(record.length, FIXED);
+  record.copy(head, FIXED + 8);
+  round.runs.forEach((r, i) => {
+    head.writeBigUInt64LE(BigInt(r.offset), table + 16 * i);
+    head.writeBigUInt64LE(BigInt(r.data.length), table + 16 * i + 8);
+  });
+  const parts = [head, ...round.runs.map((r) => r.data)];
+  const hash = crypto.createHash('sha256');
+  for (const p of parts) hash.update(p);
+  parts.push(hash.digest());
+  return parts;
+}
+
+/**
+ * Writes `round` to the journal file and makes it durable (`fsync`; the directory too when
+ * the file was created). Only then may the round be applied to the backup.
+ */
+export async function writeJournal(backup: BackupFile, round: JournalRound): Promise<void> {
+  let created = false;
+  let handle: fs.promises.FileHandle;
+  try {
+    handle = await fs.promises.open(backup.journalPath, fs.constants.O_WRONLY);
+  } catch (err) {
+    if (!isSystemError(err, 'ENOENT')) throw err;
+    handle = await fs.promises.open(backup.journalPath, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600);
+    created = true;
+  }
+  try {
+    let at = 0;
+    for (const part of encode(round)) {
+      let done = 0;
+      while (done < part.length) done += fs.writeSync(handle.fd, part, done, part.length - done, at + done);
+      at += part.length;
+    }
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+  if (created) await syncDirectory(backup.dir);
+}
+
+/** Writes `round` into the backup open at `fd` in place, sets its record, and syncs it. */
+export async function applyRound(fd: number, round: JournalRound): Promise<void> {
+  if (fs.fstatSync(fd).size !== round.size) fs.ftruncateSync(fd, round.size);
+  for (const r of round.runs) {
+    let done = 0;
+    while (done < r.data.length) done += fs.writeSync(fd, r.data, done, r.data.length - done, r.offset + done);
+  }
+  if (round.record !== '') setXattr(fd, CHECK_ATTRIBUTE, round.record);
+  await new Promise<void>((resolve, reject) => fs.fsync(fd, (err) => (err === null ? resolve() : reject(err))));
+}
+
+/** The round in the journal at `file`, or why there is none to replay. */
+export function readJournal(file: string): JournalRound | { problem: string } | undefined {
+  let bytes: Buffer;
+  try {
+    bytes = fs.readFileSync(file);
+  } catch (err) {
+    if (isSystemError(err, 'ENOENT')) return undefined;
+    throw err;
+  }
+  if (bytes.length < FIXED + 8 + DIGEST || !bytes.subarray(0, 8).equals(MAGIC)) return { problem: 'it is incomplete (no journal header)' };
+  if (bytes.readUInt32LE(8) !== VERSION) return { problem: `its version ${bytes.readUInt32LE(8)} is unknown` };
+  const total = Number(bytes.readBigUInt64LE(48));
+  if (!Number.isSafeInteger(total) || total > bytes.length || total < FIXED + 8 + DIGEST) return { problem: 'it is incomplete (shorter than its header says)' };
+  const digest = crypto.createHash('sha256').update(bytes.subarray(0, total - DIGEST)).digest();
+  if (!digest.equals(bytes.subarray(total - DIGEST, total))) return { problem: 'it is incomplete (its checksum does not match)' };
+  const count = bytes.readUInt32LE(12);
+  const recordLength = bytes.readUInt32LE(FIXED);
+  const record = bytes.toString('utf8', FIXED + 8, FIXED + 8 + recordLength);
+  let table = FIXED + 8 + Math.ceil(recordLength / 8) * 8;
+  let data = table + 16 * count;
+  const runs: JournalRound['runs'] = [];
+  for (let i = 0; i < count; i++, table += 16) {
+    const offset = Number(bytes.readBigUInt64LE(table));
+    const length = Number(bytes.readBigUInt64LE(table + 8));
+    runs.push({ offset, data: bytes.subarray(data, data + length) });
+    data += length;
+  }
+  return {
+    sequence: Number(bytes.readBigUInt64LE(16)),
+    inode: Number(bytes.readBigUInt64LE(24)),
+    baseSize: Number(bytes.readBigUInt64LE(32)),
+    size: Number(bytes.readBigUInt64LE(40)),
+    record,
+    runs,
+  };
+}
+
+/** What {@link replayJournal} did. */
+export type ReplayOutcome = { action: 'none' } | { action: 'replayed'; round: JournalRound } | { action: 'discarded'; problem: string };
+
+/**
+ * At start, under the backup's lock and before the backup is read: a complete journal for
+ * this backup is applied (again: applying a round twice writes the same bytes), an
+ * incomplete one was never applied and is dropped; either way the journal is then removed
+ * durably.
+ */
+export async function replayJournal(backup: BackupFile): Promise<ReplayOutcome> {
+  const found = readJournal(backup.journalPath);
+  if (found === undefined) return { action: 'none' };
+  let outcome: ReplayOutcome;
+  if ('problem' in found) {
+    outcome = { action: 'discarded', problem: found.problem };
+  } else {
+    let fd: number | undefined;
+    try {
+      fd = fs.openSync(backup.path, fs.constants.O_RDWR | fs.constants.O_NOFOLLOW);
+    } catch (err) {
+      if (!isSystemError(err, 'ENOENT')) throw err;
+    }
+    if (fd === undefined) {
+      outcome = { action: 'discarded', problem: `there is no backup ${backup.path} to apply it to` };
+    } else {
+      try {
+        const stat = fs.fstatSync(fd);
+        if (stat.ino !== found.inode) outcome = { action: 'discarded', problem: `it belongs to another file (inode ${found.inode}; the backup was replaced since)` };
+        else if (stat.size !== found.baseSize && stat.size !== found.size) outcome = { action: 'discarded', problem: `the backup has ${stat.size} bytes, neither the ${found.baseSize} before the round nor the ${found.size} after it` };
+        else {
+          await applyRound(fd, found);
+          outcome = { action: 'replayed', round: found };
+        }
+      } finally {
+        fs.closeSync(fd);
+      }
+    }
+  }
+  if (await removeJournal(backup)) await syncDirectory(backup.dir);
+  return outcome;
+}

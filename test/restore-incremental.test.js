@@ -1,0 +1,268 @@
+// Incremental restore-v1 rounds (docs/restore.md, "Incremental rounds"): a program that
+// marks its writes (StateFile.fromEnv) gets rounds that copy only the marked pages and
+// write them into the backup in place through a journal.
+// - after N in-place rounds, every valid snapshot of the backup names exactly the bytes of
+//   the committed state it claims, decoded here from the format's bytes (head, slots,
+//   payload, log records, cell copies), independently of src/;
+// - a complete journal is replayed at start, an incomplete one or one of another file is
+//   discarded, byte for byte;
+// - SIGKILL of the program, of the host, and of the whole tree at random instants during
+//   incremental rounds; after each, the backup (with its journal applied, as the next host
+//   would) is checked as above, and the next run recovers at least that state.
+//   SHMFD_KILLS=N sets the number of kills (npm run test:long: 200).
+// Kill moments come from a seeded generator; replay with STATE_SEED=<seed>.
+import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { test } from 'node:test';
+import { MemoryFile, StateFile } from 'shmfd';
+import { decodeJournal, fixture, NODE, run, seededRandom, settledBackup, SHM_RESTORE, sleep, start, tempDir } from './helpers.js';
+import { declarations, gaugeAt, record } from './fixtures/state-model.js';
+
+const PROGRAM = fixture('incremental-writer.js');
+const CAPACITY = 1 << 22;
+const SEED = process.env.STATE_SEED === undefined ? Date.now() % 1_000_000_007 : Number(process.env.STATE_SEED);
+const KILLS = Number(process.env.SHMFD_KILLS ?? 6);
+const rng = seededRandom(SEED);
+console.log(`# restore-incremental seed ${SEED} (replay with STATE_SEED=${SEED})`);
+
+const PAGE = 4096;
+const IN_PLACE = /snapshot persisted in place/;
+
+/** Where the structures of state-model.js lie in the tail (offsets of the declarations, not of any file). */
+const LAYOUT = (() => {
+  const memory = MemoryFile.create('layout');
+  try {
+    const state = StateFile.open(memory, declarations(CAPACITY));
+    const byName = Object.fromEntries(state.layout.structures.map((s) => [s.name, s]));
+    state.close();
+    return byName;
+  } finally {
+    memory.close();
+  }
+})();
+
+/** The bytes of the log after commit `k`, as appended: per record u32 n, u32 ~n, the bytes, zero padding to 8. */
+function logBytes(k) {
+  const parts = [];
+  for (let c = 1; c <= k; c++) {
+    for (let j = 0; j < c % 3; j++) {
+      const r = record(c, j);
+      const out = Buffer.alloc(8 + Math.ceil(r.length / 8) * 8);
+      out.writeUInt32LE(r.length, 0);
+      out.writeUInt32LE(~r.length >>> 0, 4);
+      out.set(r, 8);
+      parts.push(out);
+    }
+  }
+  return Buffer.concat(parts);
+}
+
+const logCache = new Map();
+function logAt(k) {
+  if (!logCache.has(k)) logCache.set(k, logBytes(k));
+  return logCache.get(k);
+}
+
+/**
+ * Every valid snapshot of the snapshot file `bytes`, decoded from the format (head, slots,
+ * ring) and checked against the state after the commit its payload names: the log's bytes,
+ * both cells' named copies. Returns the newest sequence (0 for no snapshot); throws what
+ * is wrong.
+ */
+function checkAllSnapshots(bytes, what) {
+  assert.ok(bytes.length >= 3 * PAGE, `${what}: ${bytes.length} bytes`);
+  assert.equal(bytes.readBigUInt64LE(0), 0x96c2a6f4b68519b3n, `${what}: the magic`);
+  const entries = Number(bytes.readBigUInt64LE(8)) + 1;
+  const data = Number(bytes.readBigUInt64LE(16)) + 1;
+  const writeOffset = Number(bytes.readBigUInt64LE(24));
+  const ringStart = PAGE * (1 + Math.ceil(entries / 256));
+  const tailStart = ringStart + PAGE * Math.ceil(data / PAGE);
+  const slots = [];
+  for (let i = 0; i < entries; i++) {
+    const offset = Number(bytes.readBigUInt64LE(PAGE + 16 * i));
+    const length = Number(bytes.readBigUInt64LE(PAGE + 16 * i + 8));
+    if (length !== 0 && length <= data - 1) slots.push({ i, offset, length });
+  }
+  const end = Math.max(writeOffset, ...slots.map((s) => s.offset + s.length));
+  let newest = 0;
+  let checked = 0;
+  for (const s of slots.filter((x) => x.offset >= end - data)) {
+    const payload = Buffer.alloc(s.length);
+    for (let b = 0; b < s.length; b++) payload[b] = bytes[ringStart + ((s.offset + b) % data)];
+    const k = Number(payload.readBigUInt64LE(16));
+    const word = (structure, n) => Number(payload.readBigUInt64LE(24 + 16 * LAYOUT[structure].index + 8 * n));
+    const at = `${what}, slot ${s.i} (commit ${k})`;
+    const events = LAYOUT.events;
+    const log = logAt(k);
+    assert.equal(word('events', 0), log.length, `${at}: the log's end`);
+    const logStart = tailStart + events.offset;
+    assert.ok(bytes.subarray(logStart, logStart + log.length).equals(log), `${at}: the log's bytes differ from the records of commits 1..${k}`);
+    let records = 0;
+    for (let c = 1; c <= k; c++) records += c % 3;
+    /** @type {[string, unknown[]][]} */
+    const cells = [
+      ['totals', [BigInt(k), BigInt((k * (k + 1)) / 2), BigInt(records)]],
+      ['gauge', gaugeAt(k)],
+    ];
+    for (const [name, want] of cells) {
+      const cell = LAYOUT[name];
+      const version = word(name, 0);
+      assert.equal(version, k, `${at}: ${name}'s version`);
+      const copies = name === 'totals' ? 2 : 3; // state-model.js: counterSet(3), versionedCell(Float64Array, 4, { copies: 3 })
+      const copy = tailStart + cell.offset + (version % copies) * cell.stride;
+      const got = name === 'totals'
+        ? [0, 1, 2].map((i) => bytes.readBigUInt64LE(copy + 8 * i))
+        : [0, 1, 2, 3].map((i) => bytes.readDoubleLE(copy + 8 * i));
+      assert.deepEqual(got, want, `${at}: ${name}'s named copy`);
+    }
+    newest = Math.max(newest, k);
+    checked++;
+  }
+  return { newest, checked };
+}
+
+/** The lines of `watcher` matching `pattern`, once there are `count` of them (or the stream ended). */
+async function waitForCount(watcher, pattern, count) {
+  let seen = 0;
+  for (let i = 0; seen < count; i++) {
+    const line = await watcher.line(i);
+    if (line === undefined) return seen;
+    if (pattern.test(line)) seen++;
+  }
+  return seen;
+}
+
+function host(backup, extra = []) {
+  return start(NODE, [SHM_RESTORE, '--snapshot=restore-v1', '--interval', '5', '--log-level', 'debug', backup, NODE, PROGRAM, String(CAPACITY), ...extra], { detached: true, guardMs: 60_000 });
+}
+
+test('after N in-place rounds, every snapshot of the backup names exactly the committed bytes; a clean exit leaves a whole file and no journal', async (t) => {
+  const dir = tempDir(t, 'shmfd-incr-');
+  const backup = path.join(dir, 'state');
+  const tree = host(backup);
+  t.after(() => tree.kill('SIGKILL'));
+  assert.ok((await tree.out.waitFor(/^recovered 0$/)) !== undefined, tree.err.lines.join('\n'));
+  assert.equal(await waitForCount(tree.err, IN_PLACE, 20), 20, `20 in-place rounds:\n${tree.err.lines.join('\n')}`);
+  // The program keeps committing while the backup is read: settled between two reads of the journal.
+  let settled;
+  while ((settled = settledBackup(backup)) === undefined) await sleep(1);
+  const { newest, checked } = checkAllSnapshots(fs.readFileSync(settled), 'after 20 in-place rounds');
+  assert.ok(newest > 0 && checked > 1, `snapshots checked: ${checked}, newest ${newest}`);
+  assert.ok(fs.existsSync(path.join(dir, '.state.journal')), 'in-place rounds keep their journal beside the backup');
+  tree.kill('SIGTERM');
+  const { code } = await tree.exited;
+  assert.equal(code, 0, tree.err.lines.join('\n'));
+  assert.ok(!fs.existsSync(path.join(dir, '.state.journal')), 'the final write-back removed the journal');
+  assert.ok(checkAllSnapshots(fs.readFileSync(backup), 'after a clean exit').newest >= newest);
+  // A restart restores it, and its rounds are in place from the first one on.
+  const again = host(backup);
+  t.after(() => again.kill('SIGKILL'));
+  const recovered = Number((await again.out.waitFor(/^recovered (\d+)$/))[1]);
+  assert.ok(recovered >= newest);
+  const firstRound = await again.err.waitFor(/snapshot persisted.*/);
+  assert.match(firstRound?.[0] ?? '', IN_PLACE, `the first round after a restore is in place:\n${again.err.lines.join('\n')}`);
+  again.kill('SIGTERM');
+  assert.equal((await again.exited).code, 0);
+});
+
+/** A backup with in-place rounds, its host killed after one: returns the backup's bytes and the (applied) journal's. */
+async function killedAfterRounds(dir) {
+  const backup = path.join(dir, 'state');
+  const tree = host(backup);
+  assert.equal(await waitForCount(tree.err, IN_PLACE, 5), 5, tree.err.lines.join('\n'));
+  tree.kill('SIGKILL');
+  await tree.exited;
+  const journal = fs.readFileSync(path.join(dir, '.state.journal'));
+  const round = decodeJournal(journal);
+  assert.ok(round !== undefined, 'a complete journal is left after an in-place round');
+  return { backup, journalPath: path.join(dir, '.state.journal'), journal, round };
+}
+
+/** Runs the host with `true`: it replays or discards the journal, restores, and writes the memory back whole. */
+async function startAndExit(backup) {
+  const r = await run(NODE, [SHM_RESTORE, '--snapshot=restore-v1', '--log-level', 'info', backup, 'true']);
+  assert.equal(r.code, 0, r.stderr);
+  return r.stderr;
+}
+
+test('a complete journal is replayed at start: the pages its round had not written yet are written', async (t) => {
+  const dir = tempDir(t, 'shmfd-incr-');
+  const { backup, journalPath, round } = await killedAfterRounds(dir);
+  const expected = fs.readFileSync(backup);
+  for (const run of round.runs) run.data.copy(expected, run.offset);
+  // A crash in the middle of the in-place writes: the round's pages are not all there yet.
+  const torn = fs.openSync(backup, 'r+');
+  for (const run of round.runs) fs.writeSync(torn, Buffer.alloc(run.data.length, 0xee), 0, run.data.length, run.offset);
+  fs.closeSync(torn);
+  const stderr = await startAndExit(backup);
+  assert.match(stderr, new RegExp(`applied the journal of round ${round.sequence}`));
+  assert.ok(fs.readFileSync(backup).equals(expected), 'the backup is the round, complete');
+  assert.ok(!fs.existsSync(journalPath), 'the journal is removed once applied');
+  checkAllSnapshots(expected, 'the replayed backup');
+});
+
+test('an incomplete journal, or one of another file, is discarded at start and the backup is left as it was', async (t) => {
+  const dir = tempDir(t, 'shmfd-incr-');
+  const { backup, journalPath, journal, round } = await killedAfterRounds(dir);
+  // Other bytes where the round writes in the tail (the record does not cover it): a
+  // replay would show. The backup's bytes are rewritten in place, inode and record kept.
+  const before = fs.readFileSync(backup);
+  for (const r of round.runs.slice(1)) before.fill(0xee, r.offset, r.offset + r.data.length);
+  assert.ok(round.runs.length > 1, 'the round wrote tail pages');
+  fs.writeFileSync(backup, before);
+  // The journal is written over in place: what follows its own length is an older round's.
+  const total = Number(journal.readBigUInt64LE(48));
+  /** @type {[string, RegExp, Buffer][]} */
+  const cases = [
+    ['cut short', /incomplete/, journal.subarray(0, total - 100)],
+    ['a byte of its data flipped', /incomplete/, (() => { const j = Buffer.from(journal); j[total - 40] ^= 1; return j; })()],
+    ['of another file', /another file/, (() => {
+      // Same round, another inode: as left by a crash after a whole copy replaced the backup.
+      const j = Buffer.from(journal.subarray(0, total - 32));
+      j.writeBigUInt64LE(j.readBigUInt64LE(24) + 1n, 24);
+      return Buffer.concat([j, Buffer.from(crypto.createHash('sha256').update(j).digest())]);
+    })()],
+  ];
+  for (const [what, reason, bytes] of cases) {
+    fs.writeFileSync(journalPath, bytes);
+    const stderr = await startAndExit(backup);
+    assert.match(stderr, /discarded the journal/, what);
+    assert.match(stderr, reason, what);
+    assert.ok(!fs.existsSync(journalPath), `${what}: the journal is removed`);
+    assert.ok(fs.readFileSync(backup).equals(before), `${what}: the backup is unchanged`);
+  }
+});
+
+test(`SIGKILL of the program, the host, or the whole tree during in-place rounds (${KILLS} kills): every backup names committed states, and the next run recovers it`, async (t) => {
+  const dir = tempDir(t, 'shmfd-incr-');
+  const backup = path.join(dir, 'state');
+  const targets = ['program', 'host', 'tree'];
+  const stats = { program: 0, host: 0, tree: 0, journaled: 0 };
+  let durable = 0;
+  for (let kill = 0; kill < KILLS; kill++) {
+    const target = targets[kill % 3];
+    const tree = host(backup);
+    const pid = Number((await tree.out.waitFor(/^pid (\d+)$/))?.[1]);
+    const recovered = await tree.out.waitFor(/^recovered (\d+)$/);
+    assert.ok(recovered !== undefined, `seed ${SEED}, kill ${kill}: ${tree.err.lines.join('\n')}`);
+    assert.ok(Number(recovered[1]) >= durable, `seed ${SEED}, kill ${kill}: recovered ${recovered[1]}, but the backup held ${durable}`);
+    // At least one in-place round, then a random instant within the next ones.
+    await waitForCount(tree.err, IN_PLACE, 1 + rng.int(0, 3));
+    await sleep(rng.int(0, 12));
+    if (target === 'program') process.kill(pid, 'SIGKILL');
+    else if (target === 'host') process.kill(tree.pid, 'SIGKILL');
+    else tree.kill('SIGKILL');
+    stats[target]++;
+    const ended = await tree.exited;
+    assert.ok(!tree.out.lines.some((l) => l.startsWith('problem')), tree.out.lines.join('\n'));
+    if (target === 'program') assert.equal(ended.code, 137, `seed ${SEED}: the host reports the program's SIGKILL after writing it back:\n${ended.stderr}`);
+    if (fs.existsSync(path.join(dir, '.state.journal'))) stats.journaled++;
+    const { newest } = checkAllSnapshots(fs.readFileSync(settledBackup(backup)), `seed ${SEED}, kill ${kill} (${target})`);
+    assert.ok(newest >= durable, `seed ${SEED}, kill ${kill}: the backup went back from ${durable} to ${newest}`);
+    durable = newest;
+  }
+  t.diagnostic(`seed ${SEED}: ${JSON.stringify(stats)}; final commit ${durable}`);
+  assert.ok(durable > 0);
+});
