@@ -34,6 +34,7 @@ export {
   type WatchdogKeeper,
 } from './fds/notify.js';
 export { SharedFd, type SharedFdOptions } from './fds/shared-fd.js';
+export { DirtyPages, DIRTY_PAGES_NAME, type DirtyPagesOptions } from './fds/dirty-pages.js';
 export {
   findPassedSocket,
   listenOn,
