@@ -312,8 +312,8 @@ async function killChain(dir, kills, stats) {
 }
 
 test(`SIGKILL of the program, the host, or the whole tree during in-place rounds (${KILLS} kills): every backup names committed states, and the next run recovers it`, async (t) => {
-  // The long mode runs two backups side by side: the runs mostly wait for processes to start.
-  const chains = KILLS > 50 ? 2 : 1;
+  // The long mode runs three backups side by side: the runs mostly wait for processes to start.
+  const chains = KILLS > 50 ? 3 : 1;
   const stats = { program: 0, host: 0, tree: 0, journaled: 0 };
   const finals = await Promise.all(
     Array.from({ length: chains }, (_, i) => killChain(tempDir(t, `shmfd-incr-${i}-`), Math.ceil(KILLS / chains), stats)),
