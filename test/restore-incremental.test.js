@@ -237,6 +237,8 @@ test('a complete journal is replayed at start: the pages its round had not writt
   const torn = fs.openSync(backup, 'r+');
   for (const run of round.runs) fs.writeSync(torn, Buffer.alloc(run.data.length, 0xee), 0, run.data.length, run.offset);
   fs.closeSync(torn);
+  const status = await run(NODE, [SHM_RESTORE, '--snapshot=restore-v1', 'status', backup]);
+  assert.match(status.stdout, new RegExp(`^journal: .*\\.state\\.journal: round ${round.sequence}, complete; a host applies it at start`, 'm'), status.stdout);
   const stderr = await startAndExit(backup);
   assert.match(stderr, new RegExp(`applied the journal of round ${round.sequence}`));
   assert.ok(fs.readFileSync(backup).equals(expected), 'the backup is the round, complete');

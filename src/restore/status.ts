@@ -5,6 +5,7 @@
 import { BackupDamagedError, BackupFile, CHECK_ATTRIBUTE, type BackupFormat, type BackupInspection } from './backup.js';
 import { formatBytes, formatDuration } from './progress.js';
 import { newestSlot } from '../snapshot/pread.js';
+import { readJournal } from './journal.js';
 
 /** Facts about a backup, one `key: value` line each. */
 export interface BackupStatus {
@@ -22,6 +23,15 @@ export interface BackupStatus {
 export function backupStatus(file: string, format: BackupFormat, now: number = Date.now()): BackupStatus {
   const backup = new BackupFile(file);
   const lines = [`backup: ${backup.path}`];
+  // A host killed during an in-place round leaves the backup to be finished from it.
+  const journal = readJournal(backup.journalPath);
+  if (journal !== undefined) {
+    lines.push(
+      'problem' in journal
+        ? `journal: ${backup.journalPath}: ${journal.problem}; a host discards it at start`
+        : `journal: ${backup.journalPath}: round ${journal.sequence}, complete; a host applies it at start (the facts below are of the backup without it)`,
+    );
+  }
   let found: BackupInspection;
   try {
     found = backup.inspect(format);
