@@ -208,6 +208,26 @@ test('a program that writes its own tail and marks it (DirtyPages) gets in-place
   }
 });
 
+test('a backup removed while in-place rounds run is written again whole', async (t) => {
+  const dir = tempDir(t, 'shmfd-incr-');
+  const backup = path.join(dir, 'state');
+  const tree = host(backup);
+  t.after(() => tree.kill('SIGKILL'));
+  assert.equal(await waitForCount(tree.err, IN_PLACE, 3), 3, tree.err.lines.join('\n'));
+  fs.rmSync(backup);
+  const from = tree.err.lines.length;
+  for (let i = from; ; i++) {
+    const line = await tree.err.line(i);
+    assert.ok(line !== undefined, tree.err.lines.join('\n'));
+    if (/snapshot persisted: /.test(line)) break;
+  }
+  let settled;
+  while ((settled = settledBackup(backup)) === undefined) await sleep(1);
+  assert.ok(checkAllSnapshots(fs.readFileSync(settled), 'the backup written again').newest > 0);
+  tree.kill('SIGTERM');
+  assert.equal((await tree.exited).code, 0);
+});
+
 /** A backup with in-place rounds, its host killed after one: returns the backup's bytes and the (applied) journal's. */
 async function killedAfterRounds(dir) {
   const backup = path.join(dir, 'state');

@@ -271,6 +271,9 @@ export class Snapshotter {
           );
     } catch (err) {
       if (this.#abort.signal.aborted) return 'aborted';
+      // A backup that cannot be written in place (removed, replaced by a directory) gets
+      // a whole copy next, unless a journaled round must be finished first.
+      if (incremental && this.#unapplied === undefined) this.#base = false;
       return this.#failed(err);
     } finally {
       // Every round that copied is paced, kept or not: discarded copies cost as much.
