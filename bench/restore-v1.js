@@ -395,22 +395,25 @@ async function restoreAfterRounds(sub, backup, program) {
   const fresh = path.join(sub, 'fresh');
   spawnSync('cp', ['--sparse=always', backup, fresh]);
   // The host's restore (a sparse copy into a new memfd), from the disk as after a reboot:
-  // the file's pages are dropped from the page cache first.
-  const measure = async (file) => {
-    const out = [];
-    for (let r = 0; r < 3; r++) {
-      spawnSync('sync');
-      spawnSync('dd', [`if=${file}`, 'iflag=nocache', 'count=0', 'status=none']);
-      const memory = MemoryFile.create('bench-restore');
-      const t0 = performance.now();
-      await new BackupFile(file).restoreInto(memory.fd);
-      out.push(performance.now() - t0);
-      memory.close();
-    }
-    return stats(out);
+  // the file's pages are dropped from the page cache first. The two files take turns, so
+  // that both see the same load.
+  const once = async (file) => {
+    spawnSync('sync');
+    spawnSync('dd', [`if=${file}`, 'iflag=nocache', 'count=0', 'status=none']);
+    const memory = MemoryFile.create('bench-restore');
+    const t0 = performance.now();
+    await new BackupFile(file).restoreInto(memory.fd);
+    const took = performance.now() - t0;
+    memory.close();
+    return took;
   };
-  const incremental = await measure(backup);
-  const whole = await measure(fresh);
+  const times = { incremental: [], whole: [] };
+  for (let r = 0; r < 5; r++) {
+    times.incremental.push(await once(backup));
+    times.whole.push(await once(fresh));
+  }
+  const incremental = stats(times.incremental);
+  const whole = stats(times.whole);
   const r = incremental.median / whole.median;
   return [
     [

@@ -68,31 +68,38 @@ function encode(round: JournalRound): Buffer[] {
 }
 
 /**
- * Writes `round` to the journal file and makes it durable (`fsync`; the directory too when
- * the file was created). Only then may the round be applied to the backup.
+ * Opens the journal file for writing rounds, creating it (and making its name durable)
+ * when missing. The descriptor serves every round until a whole copy removes the file.
  */
-export async function writeJournal(backup: BackupFile, round: JournalRound): Promise<void> {
-  let created = false;
-  let handle: fs.promises.FileHandle;
+export async function openJournal(backup: BackupFile): Promise<number> {
   try {
-    handle = await fs.promises.open(backup.journalPath, fs.constants.O_WRONLY);
+    return fs.openSync(backup.journalPath, fs.constants.O_WRONLY | fs.constants.O_NOFOLLOW);
   } catch (err) {
     if (!isSystemError(err, 'ENOENT')) throw err;
-    handle = await fs.promises.open(backup.journalPath, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600);
-    created = true;
   }
+  const fd = fs.openSync(backup.journalPath, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW, 0o600);
   try {
-    let at = 0;
-    for (const part of encode(round)) {
-      let done = 0;
-      while (done < part.length) done += fs.writeSync(handle.fd, part, done, part.length - done, at + done);
-      at += part.length;
-    }
-    await handle.sync();
-  } finally {
-    await handle.close();
+    await syncDirectory(backup.dir);
+  } catch (err) {
+    fs.closeSync(fd);
+    throw err;
   }
-  if (created) await syncDirectory(backup.dir);
+  return fd;
+}
+
+/**
+ * Writes `round` over the journal open at `fd` and makes it durable; only then may the
+ * round be applied to the backup. `fdatasync`: the journal's data and length are what a
+ * replay needs, its timestamps are not.
+ */
+export async function writeJournal(fd: number, round: JournalRound): Promise<void> {
+  let at = 0;
+  for (const part of encode(round)) {
+    let done = 0;
+    while (done < part.length) done += fs.writeSync(fd, part, done, part.length - done, at + done);
+    at += part.length;
+  }
+  await new Promise<void>((resolve, reject) => fs.fdatasync(fd, (err) => (err === null ? resolve() : reject(err))));
 }
 
 /** Writes `round` into the backup open at `fd` in place, sets its record, and syncs it. */

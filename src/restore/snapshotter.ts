@@ -16,7 +16,7 @@ import { SnapshotFormatError } from '../snapshot/errors.js';
 import { clearSlotsExcept, MIN_FILE_LENGTH, PAGE, parseHead, readSlots, type Snapshot } from '../snapshot/format.js';
 import { DIRTY_MAX_BYTES, type DirtyPages } from '../fds/dirty-pages.js';
 import { recordOfRegion, type BackupFile } from './backup.js';
-import { applyRound, writeJournal, type JournalRound } from './journal.js';
+import { applyRound, openJournal, writeJournal, type JournalRound } from './journal.js';
 import { describeError } from '../system/libc.js';
 import { directorySyncWarning, persistAtomically, type PersistFixup, type PersistResult } from './persist.js';
 import { formatBytes, formatDuration, withProgress } from './progress.js';
@@ -167,6 +167,8 @@ export class Snapshotter {
   /** A journaled round whose in-place writes failed: applied again before anything else. */
   #unapplied: JournalRound | undefined;
   #sequence = 0;
+  /** The journal, open from the first in-place round until a whole copy removes it. */
+  #journalFd: number | undefined;
   /** The newest backup made durable by this snapshotter. */
   lastPersisted: DurableSnapshot | undefined;
   /** Rounds by outcome, for logs and tests. */
@@ -198,6 +200,12 @@ export class Snapshotter {
     if (this.#timer !== undefined) clearTimeout(this.#timer);
     this.#abort.abort(new Error('the snapshotter stopped'));
     await this.#round;
+    this.#closeJournal();
+  }
+
+  #closeJournal(): void {
+    if (this.#journalFd !== undefined) fs.closeSync(this.#journalFd);
+    this.#journalFd = undefined;
   }
 
   #schedule(): void {
@@ -283,7 +291,11 @@ export class Snapshotter {
     if (result === undefined) return this.#discarded();
     // Durable: the pages it copied are in the backup; bits taken beyond the size stay.
     this.#settle(pages);
-    if (!incremental) this.#base = tracking;
+    if (!incremental) {
+      this.#base = tracking;
+      // The rename removed the journal: the next in-place round creates it again.
+      this.#closeJournal();
+    }
     this.#discardedInARow = 0;
     if (this.#lastError !== '') log.info('persisting snapshots works again');
     this.#lastError = '';
@@ -403,7 +415,8 @@ export class Snapshotter {
     try {
       const stat = fs.fstatSync(fd);
       const round: JournalRound = { sequence: ++this.#sequence, inode: stat.ino, baseSize: stat.size, size, record, runs };
-      await writeJournal(backup, round);
+      this.#journalFd ??= await openJournal(backup);
+      await writeJournal(this.#journalFd, round);
       try {
         await applyRound(fd, round);
       } catch (err) {
