@@ -60,7 +60,18 @@ function encode(round: JournalRound): Buffer[] {
     head.writeBigUInt64LE(BigInt(r.offset), table + 16 * i);
     head.writeBigUInt64LE(BigInt(r.data.length), table + 16 * i + 8);
   });
-  const parts = [head, ...round.runs.map((r) => r.data)];
+  const parts: Buffer[] = [head];
+  // Runs read into one buffer, one after the other, are written (and hashed) as one part.
+  let last: Buffer | undefined;
+  for (const { data } of round.runs) {
+    if (last !== undefined && data.buffer === last.buffer && data.byteOffset === last.byteOffset + last.length) {
+      last = Buffer.from(last.buffer, last.byteOffset, last.length + data.length);
+      parts[parts.length - 1] = last;
+    } else {
+      parts.push(data);
+      last = data;
+    }
+  }
   const hash = crypto.createHash('sha256');
   for (const p of parts) hash.update(p);
   parts.push(hash.digest());
