@@ -309,7 +309,9 @@ export class Snapshotter {
     this.#discardedInARow = 0;
     if (this.#lastError !== '') log.info('persisting snapshots works again');
     this.#lastError = '';
-    this.#persistedWriteOffset = before.head.writeOffset;
+    // The slots are read after the head: a commit between the two reads is in the backup
+    // though the head said less, and must not make the next round copy the same state again.
+    this.#persistedWriteOffset = before.slots.reduce((end, x) => Math.max(end, x.offset + x.length), before.head.writeOffset);
     const snapshot: DurableSnapshot = {
       takenAt,
       writeOffset: before.head.writeOffset,
