@@ -2,8 +2,9 @@
  * shmfd, the main entry: what a program uses to keep its state across restarts, crashes
  * and upgrades. Each name is described in docs/api.md; the snapshot format over bytes is
  * the entry `shmfd/snapshot`. What the commands use inside (exec, opening sockets, the
- * restore host) is not exported, so importing this loads koffi but nothing that spawns,
- * speaks HTTP or UDP, or scans the descriptors (test/package.test.js checks it).
+ * restore host) is not exported, so importing this loads nothing that spawns,
+ * speaks HTTP or UDP, or scans the descriptors, and koffi only comes with the first call
+ * into libc (test/package.test.js checks it).
  * @module
  */
 export type { Log } from './base/log.js';

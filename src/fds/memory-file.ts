@@ -232,7 +232,7 @@ export class MemoryFile {
         `cannot map ${length} bytes at offset ${offset} of ${this.name}: the file has ${size} bytes`,
       );
     }
-    const skip = offset % sys.KERNEL_PAGE_SIZE;
+    const skip = offset % sys.kernelPageSize();
     const regionLength = skip + length;
     if (regionLength > sys.MAX_VIEW_BYTES) {
       throw new ShmfdError(

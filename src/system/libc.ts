@@ -14,9 +14,10 @@
  * @module
  */
 import fs from 'node:fs';
+import { createRequire } from 'node:module';
 import os from 'node:os';
 import util from 'node:util';
-import koffi from 'koffi';
+import type * as Koffi from 'koffi';
 import { ShmfdError } from '../base/errors.js';
 
 const { errno: E, signals } = os.constants;
@@ -81,42 +82,77 @@ export function describeError(err: unknown): string {
   return err instanceof Error ? `${err.name}: ${err.message}` : String(err);
 }
 
-const libc = koffi.load('libc.so.6');
+/*
+ * koffi and each libc function are loaded at their first use, not when this module is: loading
+ * koffi (its native library) and declaring every prototype cost a command 15-30 ms of its
+ * start, and many (`--help`, `status`, a program that only reads its LISTEN_FDS) need none of
+ * it or only a few functions. koffi is required, not imported, so that loading it can wait.
+ */
+const require = createRequire(import.meta.url);
+let koffiModule: typeof Koffi | undefined;
+let libcHandle: Koffi.LibraryHandle | undefined;
+type LibcFunction = ReturnType<Koffi.LibraryHandle['func']>;
 
-// Prototypes are declared once; koffi parses them at load time (about 1 ms in total).
-const c = {
-  memfd_create: libc.func('int memfd_create(const char *name, unsigned int flags)'),
-  ftruncate: libc.func('int ftruncate(int fd, int64_t length)'),
-  fcntl: libc.func('int fcntl(int fd, int cmd, ...)'),
-  mmap: libc.func('void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset)'),
-  munmap: libc.func('int munmap(void *addr, size_t length)'),
-  dup3: libc.func('int dup3(int oldfd, int newfd, int flags)'),
-  close_range: libc.func('int close_range(unsigned int first, unsigned int last, int flags)'),
-  execve: libc.func('int execve(const char *path, const char **argv, const char **envp)'),
-  signal: libc.func('void *signal(int signum, void *handler)'),
-  sigprocmask: libc.func('int sigprocmask(int how, const void *set, void *oldset)'),
-  socket: libc.func('int socket(int domain, int type, int protocol)'),
-  bind: libc.func('int bind(int fd, const void *addr, uint32_t addrlen)'),
-  sendmsg: libc.func('intptr_t sendmsg(int fd, const void *msg, int flags)'),
-  recvmsg: libc.func('intptr_t recvmsg(int fd, void *msg, int flags)'),
-  sendfile: libc.func('intptr_t sendfile(int out_fd, int in_fd, _Inout_ int64_t *offset, size_t count)'),
-  lseek: libc.func('int64_t lseek(int fd, int64_t offset, int whence)'),
-  flock: libc.func('int flock(int fd, int operation)'),
-  fsetxattr: libc.func('int fsetxattr(int fd, const char *name, const void *value, size_t size, int flags)'),
-  fgetxattr: libc.func('intptr_t fgetxattr(int fd, const char *name, _Out_ uint8_t *value, size_t size)'),
-  setsockopt: libc.func('int setsockopt(int fd, int level, int name, const void *value, uint32_t len)'),
-  getsockopt: libc.func('int getsockopt(int fd, int level, int name, _Out_ int *value, _Inout_ uint32_t *len)'),
-  getsockname: libc.func('int getsockname(int fd, _Out_ uint8_t *addr, _Inout_ uint32_t *len)'),
-  listen: libc.func('int listen(int fd, int backlog)'),
-  connect: libc.func('int connect(int fd, const void *addr, uint32_t addrlen)'),
-  inet_pton: libc.func('int inet_pton(int af, const char *src, _Out_ uint8_t *dst)'),
-  inet_ntop: libc.func('const char *inet_ntop(int af, const uint8_t *src, _Out_ uint8_t *dst, uint32_t size)'),
-  _exit: libc.func('void _exit(int status)'),
-  sysconf: libc.func('long sysconf(int name)'),
-};
+function ffi(): typeof Koffi {
+  return (koffiModule ??= require('koffi') as typeof Koffi);
+}
+
+/** An object whose properties are the libc functions of `prototypes`, each declared when first read. */
+function lazyFunctions<T extends Record<string, string>>(prototypes: T): { readonly [K in keyof T]: LibcFunction } {
+  const functions = {};
+  for (const [name, prototype] of Object.entries(prototypes)) {
+    Object.defineProperty(functions, name, {
+      configurable: true,
+      get() {
+        libcHandle ??= ffi().load('libc.so.6');
+        const bound = libcHandle.func(prototype);
+        // From then on a plain property: the calls on hot paths (sendfile, lseek) pay no getter.
+        Object.defineProperty(functions, name, { value: bound });
+        return bound;
+      },
+    });
+  }
+  return functions as { readonly [K in keyof T]: LibcFunction };
+}
+
+const c = lazyFunctions({
+  memfd_create: 'int memfd_create(const char *name, unsigned int flags)',
+  ftruncate: 'int ftruncate(int fd, int64_t length)',
+  fcntl: 'int fcntl(int fd, int cmd, ...)',
+  mmap: 'void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset)',
+  munmap: 'int munmap(void *addr, size_t length)',
+  dup3: 'int dup3(int oldfd, int newfd, int flags)',
+  close_range: 'int close_range(unsigned int first, unsigned int last, int flags)',
+  execve: 'int execve(const char *path, const char **argv, const char **envp)',
+  signal: 'void *signal(int signum, void *handler)',
+  sigprocmask: 'int sigprocmask(int how, const void *set, void *oldset)',
+  socket: 'int socket(int domain, int type, int protocol)',
+  bind: 'int bind(int fd, const void *addr, uint32_t addrlen)',
+  sendmsg: 'intptr_t sendmsg(int fd, const void *msg, int flags)',
+  recvmsg: 'intptr_t recvmsg(int fd, void *msg, int flags)',
+  sendfile: 'intptr_t sendfile(int out_fd, int in_fd, _Inout_ int64_t *offset, size_t count)',
+  lseek: 'int64_t lseek(int fd, int64_t offset, int whence)',
+  flock: 'int flock(int fd, int operation)',
+  fsetxattr: 'int fsetxattr(int fd, const char *name, const void *value, size_t size, int flags)',
+  fgetxattr: 'intptr_t fgetxattr(int fd, const char *name, _Out_ uint8_t *value, size_t size)',
+  setsockopt: 'int setsockopt(int fd, int level, int name, const void *value, uint32_t len)',
+  getsockopt: 'int getsockopt(int fd, int level, int name, _Out_ int *value, _Inout_ uint32_t *len)',
+  getsockname: 'int getsockname(int fd, _Out_ uint8_t *addr, _Inout_ uint32_t *len)',
+  listen: 'int listen(int fd, int backlog)',
+  connect: 'int connect(int fd, const void *addr, uint32_t addrlen)',
+  inet_pton: 'int inet_pton(int af, const char *src, _Out_ uint8_t *dst)',
+  inet_ntop: 'const char *inet_ntop(int af, const uint8_t *src, _Out_ uint8_t *dst, uint32_t size)',
+  _exit: 'void _exit(int status)',
+  sysconf: 'long sysconf(int name)',
+});
+
+/** The value of `errno` left by the last libc call made through koffi. */
+function lastErrno(): number {
+  return ffi().errno();
+}
 
 function fail(syscall: string, path?: string): never {
-  throw new SystemError(syscall, koffi.errno(), path);
+  throw new SystemError(syscall, lastErrno(), path);
 }
 
 /** A pointer into native memory, as koffi represents it. */
@@ -259,7 +295,7 @@ export function dup2(oldfd: number, newfd: number, cloexec = false): number {
 /** Marks every descriptor from `first` on close-on-exec (close_range(2) with CLOSE_RANGE_CLOEXEC). */
 export function cloexecFrom(first: number): void {
   if ((c.close_range(first, 0xffffffff, CLOSE_RANGE_CLOEXEC) as number) === 0) return;
-  const errno = koffi.errno();
+  const errno = lastErrno();
   // Kernels before 5.11 lack the flag: walk the open descriptors instead.
   if (errno !== E.EINVAL && errno !== E.ENOSYS) throw new SystemError('close_range', errno);
   for (const entry of fs.readdirSync('/proc/self/fd')) {
@@ -272,7 +308,7 @@ export function cloexecFrom(first: number): void {
 export function lseek(fd: number, offset: number, whence: number): number {
   const r = Number(c.lseek(fd, offset, whence));
   if (r < 0) {
-    if (koffi.errno() === E.ENXIO && (whence === SEEK_DATA || whence === SEEK_HOLE)) return -1;
+    if (lastErrno() === E.ENXIO && (whence === SEEK_DATA || whence === SEEK_HOLE)) return -1;
     fail('lseek');
   }
   return r;
@@ -300,7 +336,7 @@ export const LOCK_NB = 4;
  */
 export function flock(fd: number, operation: number): boolean {
   if ((c.flock(fd, operation) as number) === 0) return true;
-  const errno = koffi.errno();
+  const errno = lastErrno();
   if (errno === E.EWOULDBLOCK && (operation & LOCK_NB) !== 0) return false;
   throw new SystemError('flock', errno);
 }
@@ -315,7 +351,7 @@ const XATTR_VALUE_MAX = 256;
 export function setXattr(fd: number, name: string, value: string): boolean {
   const bytes = Buffer.from(value);
   if ((c.fsetxattr(fd, name, bytes, bytes.length, 0) as number) === 0) return true;
-  if (koffi.errno() === E.EOPNOTSUPP) return false;
+  if (lastErrno() === E.EOPNOTSUPP) return false;
   fail('fsetxattr');
 }
 
@@ -328,7 +364,7 @@ export function getXattr(fd: number, name: string): string | undefined {
   const buffer = Buffer.alloc(XATTR_VALUE_MAX);
   const n = Number(c.fgetxattr(fd, name, buffer, buffer.length));
   if (n >= 0) return buffer.toString('utf8', 0, n);
-  const errno = koffi.errno();
+  const errno = lastErrno();
   if (errno === E.ENODATA || errno === E.EOPNOTSUPP) return undefined;
   fail('fgetxattr');
 }
@@ -343,7 +379,7 @@ export function exitNow(status: number): never {
 
 /** Maps `length` bytes of `fd` at `offset` (mmap(2)); returns the address. */
 export function mmap(length: number, prot: number, flags: number, fd: number, offset = 0, addr: Pointer = 0n): Pointer {
-  const p = koffi.address(c.mmap(addr === 0n ? null : addr, length, prot, flags, fd, offset)) as Pointer;
+  const p = ffi().address(c.mmap(addr === 0n ? null : addr, length, prot, flags, fd, offset)) as Pointer;
   if (p === MAP_FAILED) fail('mmap');
   return p;
 }
@@ -359,19 +395,22 @@ export function munmap(addr: Pointer, length: number): void {
 export const MAX_VIEW_BYTES = Math.min(2 ** 32, Number.MAX_SAFE_INTEGER);
 
 const SC_PAGESIZE = 30;
+let pageSize: number | undefined;
 
 /**
  * The kernel's page size, which mmap(2) offsets are multiples of (4 KiB on x86-64; 4, 16 or
  * 64 KiB on aarch64). Not the snapshot format's `PAGE`, which the file format fixes at 4096.
  */
-export const KERNEL_PAGE_SIZE = Number(c.sysconf(SC_PAGESIZE));
+export function kernelPageSize(): number {
+  return (pageSize ??= Number(c.sysconf(SC_PAGESIZE)));
+}
 
 /** An ArrayBuffer over native memory. Never call with a null pointer or a length over {@link MAX_VIEW_BYTES}. */
 export function view(addr: Pointer, length: number): ArrayBuffer {
   if (addr === 0n || length <= 0 || length > MAX_VIEW_BYTES) {
     throw new RangeError(`cannot view ${length} bytes at 0x${addr.toString(16)}`);
   }
-  return koffi.view(addr, length);
+  return ffi().view(addr, length);
 }
 
 // ---------------------------------------------------------------- exec
@@ -403,33 +442,77 @@ const NUL = Buffer.alloc(1);
 
 // ---------------------------------------------------------------- unix datagram sockets
 
-// The socket addresses of <sys/un.h> and <netinet/in.h>, laid out by koffi; the port and
-// the IP address are in network byte order, so they are written as bytes.
-const SockaddrUn = koffi.struct({ sun_family: 'uint16_t', sun_path: koffi.array('char', 108) });
-const SockaddrIn = koffi.struct({
-  sin_family: 'uint16_t',
-  sin_port: 'uint16_t',
-  sin_addr: koffi.array('uint8_t', 4),
-  sin_zero: koffi.array('uint8_t', 8),
-});
-const SockaddrIn6 = koffi.struct({
-  sin6_family: 'uint16_t',
-  sin6_port: 'uint16_t',
-  sin6_flowinfo: 'uint32_t',
-  sin6_addr: koffi.array('uint8_t', 16),
-  sin6_scope_id: 'uint32_t',
-});
-const SUN_PATH_AT = koffi.offsetof(SockaddrUn, 'sun_path');
-const SIN_PORT_AT = koffi.offsetof(SockaddrIn, 'sin_port');
-const SIN_ADDR_AT = koffi.offsetof(SockaddrIn, 'sin_addr');
-const SIN6_PORT_AT = koffi.offsetof(SockaddrIn6, 'sin6_port');
-const SIN6_ADDR_AT = koffi.offsetof(SockaddrIn6, 'sin6_addr');
+/**
+ * The longest unix socket address: sun_path is 108 bytes (Linux's <sys/un.h>), and a path
+ * needs room for its NUL, an abstract name (`@name`, the `@` not counted) for its leading NUL.
+ * A constant, not read from koffi, so that checking an address needs no FFI.
+ */
+export const MAX_UNIX_ADDRESS_BYTES = 108 - 1;
 
 /**
- * The longest unix socket address: sun_path is 108 bytes, and a path needs room for its
- * NUL, an abstract name (`@name`, the `@` not counted) for its leading NUL.
+ * The structures the socket calls exchange with the kernel, laid out by koffi (with the C
+ * ABI's padding) when a call first needs them.
  */
-export const MAX_UNIX_ADDRESS_BYTES = koffi.sizeof(SockaddrUn) - SUN_PATH_AT - 1;
+function describeLayouts() {
+  const k = ffi();
+  // The socket addresses of <sys/un.h> and <netinet/in.h>; the port and the IP address are
+  // in network byte order, so they are written as bytes.
+  const SockaddrUn = k.struct({ sun_family: 'uint16_t', sun_path: k.array('char', MAX_UNIX_ADDRESS_BYTES + 1) });
+  const SockaddrIn = k.struct({
+    sin_family: 'uint16_t',
+    sin_port: 'uint16_t',
+    sin_addr: k.array('uint8_t', 4),
+    sin_zero: k.array('uint8_t', 8),
+  });
+  const SockaddrIn6 = k.struct({
+    sin6_family: 'uint16_t',
+    sin6_port: 'uint16_t',
+    sin6_flowinfo: 'uint32_t',
+    sin6_addr: k.array('uint8_t', 16),
+    sin6_scope_id: 'uint32_t',
+  });
+  // The structures of sendmsg(2) and recvmsg(2). Anonymous, because koffi's type names are
+  // global: a second copy of this module that shares the same koffi (two installs of the
+  // package in one process) would fail on them.
+  const Iovec = k.struct({ iov_base: 'void *', iov_len: 'size_t' });
+  const Msghdr = k.struct({
+    msg_name: 'void *',
+    msg_namelen: 'uint32_t',
+    msg_iov: 'void *',
+    msg_iovlen: 'size_t',
+    msg_control: 'void *',
+    msg_controllen: 'size_t',
+    msg_flags: 'int',
+  });
+  const Cmsghdr = k.struct({ cmsg_len: 'size_t', cmsg_level: 'int', cmsg_type: 'int' });
+  const sizeT = k.sizeof('size_t');
+  return {
+    SockaddrIn,
+    SockaddrIn6,
+    Iovec,
+    Msghdr,
+    Cmsghdr,
+    SUN_PATH_AT: k.offsetof(SockaddrUn, 'sun_path'),
+    SOCKADDR_IN_BYTES: k.sizeof(SockaddrIn),
+    SOCKADDR_IN6_BYTES: k.sizeof(SockaddrIn6),
+    SIN_PORT_AT: k.offsetof(SockaddrIn, 'sin_port'),
+    SIN_ADDR_AT: k.offsetof(SockaddrIn, 'sin_addr'),
+    SIN6_PORT_AT: k.offsetof(SockaddrIn6, 'sin6_port'),
+    SIN6_ADDR_AT: k.offsetof(SockaddrIn6, 'sin6_addr'),
+    MSGHDR_BYTES: k.sizeof(Msghdr),
+    IOVEC_BYTES: k.sizeof(Iovec),
+    INT_BYTES: k.sizeof('int'),
+    SIZE_T_BYTES: sizeT,
+    /** CMSG_LEN(0): the header before a control message's data. */
+    CMSG_HEADER_BYTES: Math.ceil(k.sizeof(Cmsghdr) / sizeT) * sizeT,
+  };
+}
+
+let layoutsCache: ReturnType<typeof describeLayouts> | undefined;
+
+function layouts(): ReturnType<typeof describeLayouts> {
+  return (layoutsCache ??= describeLayouts());
+}
 
 /**
  * Encodes a unix socket address: `/path`, or `@name` for the abstract namespace. One longer
@@ -439,6 +522,7 @@ export const MAX_UNIX_ADDRESS_BYTES = koffi.sizeof(SockaddrUn) - SUN_PATH_AT - 1
 function sockaddrUn(address: string): Buffer {
   const abstract = address.startsWith('@');
   const name = Buffer.from(abstract ? address.slice(1) : address);
+  const { SUN_PATH_AT } = layouts();
   // An abstract name follows a NUL and is as long as given; a path ends with its NUL.
   const addr = Buffer.alloc(SUN_PATH_AT + 1 + name.length);
   addr.writeUInt16LE(AF_UNIX, 0);
@@ -451,47 +535,28 @@ class Scratch {
   readonly ptr: Pointer;
   readonly bytes: Buffer;
   constructor(readonly size: number) {
-    this.ptr = koffi.address(koffi.alloc('uint8_t', size)) as Pointer;
-    this.bytes = Buffer.from(koffi.view(this.ptr, size));
+    const k = ffi();
+    this.ptr = k.address(k.alloc('uint8_t', size)) as Pointer;
+    this.bytes = Buffer.from(k.view(this.ptr, size));
     this.bytes.fill(0);
   }
   at(offset: number): Pointer {
     return this.ptr + BigInt(offset);
   }
   free(): void {
-    koffi.free(this.ptr);
+    ffi().free(this.ptr);
   }
 }
 
-// The structures of sendmsg(2) and recvmsg(2), laid out by koffi with the C ABI's padding.
-// Anonymous, because koffi's type names are global: a second copy of this module that
-// shares the same koffi (two installs of the package in one process) would fail on them.
-const Iovec = koffi.struct({ iov_base: 'void *', iov_len: 'size_t' });
-const Msghdr = koffi.struct({
-  msg_name: 'void *',
-  msg_namelen: 'uint32_t',
-  msg_iov: 'void *',
-  msg_iovlen: 'size_t',
-  msg_control: 'void *',
-  msg_controllen: 'size_t',
-  msg_flags: 'int',
-});
-const Cmsghdr = koffi.struct({ cmsg_len: 'size_t', cmsg_level: 'int', cmsg_type: 'int' });
-const MSGHDR_BYTES = koffi.sizeof(Msghdr);
-const IOVEC_BYTES = koffi.sizeof(Iovec);
-const INT_BYTES = koffi.sizeof('int');
-
 /** CMSG_ALIGN: control messages and their data start at multiples of size_t. */
 function cmsgAlign(bytes: number): number {
-  const align = koffi.sizeof('size_t');
+  const align = layouts().SIZE_T_BYTES;
   return Math.ceil(bytes / align) * align;
 }
 
-/** CMSG_LEN(0): the header before a control message's data. */
-const CMSG_HEADER_BYTES = cmsgAlign(koffi.sizeof(Cmsghdr));
-
 /** CMSG_SPACE of an `SCM_RIGHTS` message with `fdCount` descriptors. */
 function cmsgSpace(fdCount: number): number {
+  const { CMSG_HEADER_BYTES, INT_BYTES } = layouts();
   return CMSG_HEADER_BYTES + cmsgAlign(INT_BYTES * fdCount);
 }
 
@@ -501,6 +566,8 @@ function cmsgSpace(fdCount: number): number {
  * @returns the number of payload bytes sent.
  */
 export function sendDatagram(fd: number, address: string, payload: Uint8Array, fds: readonly number[] = []): number {
+  const k = ffi();
+  const { MSGHDR_BYTES, IOVEC_BYTES, CMSG_HEADER_BYTES, INT_BYTES, Iovec, Msghdr, Cmsghdr } = layouts();
   const addr = sockaddrUn(address);
   const control = fds.length === 0 ? 0 : cmsgSpace(fds.length);
   const iovAt = MSGHDR_BYTES;
@@ -511,8 +578,8 @@ export function sendDatagram(fd: number, address: string, payload: Uint8Array, f
   try {
     addr.copy(s.bytes, nameAt);
     s.bytes.set(payload, dataAt);
-    koffi.encode(s.ptr, iovAt, Iovec, { iov_base: s.at(dataAt), iov_len: payload.length });
-    koffi.encode(s.ptr, 0, Msghdr, {
+    k.encode(s.ptr, iovAt, Iovec, { iov_base: s.at(dataAt), iov_len: payload.length });
+    k.encode(s.ptr, 0, Msghdr, {
       msg_name: s.at(nameAt),
       msg_namelen: addr.length,
       msg_iov: s.at(iovAt),
@@ -523,8 +590,8 @@ export function sendDatagram(fd: number, address: string, payload: Uint8Array, f
     });
     if (control > 0) {
       const cmsg = { cmsg_len: CMSG_HEADER_BYTES + INT_BYTES * fds.length, cmsg_level: SOL_SOCKET, cmsg_type: SCM_RIGHTS };
-      koffi.encode(s.ptr, controlAt, Cmsghdr, cmsg);
-      koffi.encode(s.ptr, controlAt + CMSG_HEADER_BYTES, 'int', [...fds], fds.length);
+      k.encode(s.ptr, controlAt, Cmsghdr, cmsg);
+      k.encode(s.ptr, controlAt + CMSG_HEADER_BYTES, 'int', [...fds], fds.length);
     }
     const r = Number(c.sendmsg(fd, s.ptr, MSG_NOSIGNAL));
     if (r < 0) fail('sendmsg', address);
@@ -544,14 +611,16 @@ export interface ReceivedDatagram {
 
 /** Receives one datagram (blocking unless the socket is non-blocking), with its descriptors. */
 export function receiveDatagram(fd: number, maxBytes = 4096, maxFds = MAX_FDS_PER_MESSAGE): ReceivedDatagram {
+  const k = ffi();
+  const { MSGHDR_BYTES, IOVEC_BYTES, CMSG_HEADER_BYTES, INT_BYTES, Iovec, Msghdr, Cmsghdr } = layouts();
   const control = cmsgSpace(maxFds);
   const iovAt = MSGHDR_BYTES;
   const controlAt = iovAt + IOVEC_BYTES;
   const dataAt = controlAt + control;
   const s = new Scratch(dataAt + maxBytes);
   try {
-    koffi.encode(s.ptr, iovAt, Iovec, { iov_base: s.at(dataAt), iov_len: maxBytes });
-    koffi.encode(s.ptr, 0, Msghdr, {
+    k.encode(s.ptr, iovAt, Iovec, { iov_base: s.at(dataAt), iov_len: maxBytes });
+    k.encode(s.ptr, 0, Msghdr, {
       msg_name: null,
       msg_namelen: 0,
       msg_iov: s.at(iovAt),
@@ -562,16 +631,16 @@ export function receiveDatagram(fd: number, maxBytes = 4096, maxFds = MAX_FDS_PE
     });
     const n = Number(c.recvmsg(fd, s.ptr, MSG_CMSG_CLOEXEC));
     if (n < 0) fail('recvmsg');
-    const msg = koffi.decode(s.ptr, 0, Msghdr) as { msg_controllen: number | bigint; msg_flags: number };
+    const msg = k.decode(s.ptr, 0, Msghdr) as { msg_controllen: number | bigint; msg_flags: number };
     const fds: number[] = [];
     const controlEnd = controlAt + Number(msg.msg_controllen);
     for (let at = controlAt; at + CMSG_HEADER_BYTES <= controlEnd; ) {
-      const cmsg = koffi.decode(s.ptr, at, Cmsghdr) as { cmsg_len: number | bigint; cmsg_level: number; cmsg_type: number };
+      const cmsg = k.decode(s.ptr, at, Cmsghdr) as { cmsg_len: number | bigint; cmsg_level: number; cmsg_type: number };
       const len = Number(cmsg.cmsg_len);
       if (len < CMSG_HEADER_BYTES) break;
       const count = Math.floor((len - CMSG_HEADER_BYTES) / INT_BYTES);
       if (cmsg.cmsg_level === SOL_SOCKET && cmsg.cmsg_type === SCM_RIGHTS && count > 0) {
-        fds.push(...(koffi.decode(s.ptr, at + CMSG_HEADER_BYTES, 'int', count) as number[]));
+        fds.push(...(k.decode(s.ptr, at + CMSG_HEADER_BYTES, 'int', count) as number[]));
       }
       at += cmsgAlign(len);
     }
@@ -612,14 +681,15 @@ function ipBytes(af: number, address: string): Buffer {
 /** Encodes a socket address as the kernel's sockaddr_in, sockaddr_in6 or sockaddr_un. */
 export function encodeSocketAddress(addr: SocketAddress): Buffer {
   if (addr.family === 'unix') return sockaddrUn(addr.path);
+  const { SOCKADDR_IN_BYTES, SOCKADDR_IN6_BYTES, SIN_PORT_AT, SIN_ADDR_AT, SIN6_PORT_AT, SIN6_ADDR_AT } = layouts();
   if (addr.family === 'ipv4') {
-    const b = Buffer.alloc(koffi.sizeof(SockaddrIn));
+    const b = Buffer.alloc(SOCKADDR_IN_BYTES);
     b.writeUInt16LE(AF_INET, 0);
     b.writeUInt16BE(addr.port, SIN_PORT_AT);
     ipBytes(AF_INET, addr.address).copy(b, SIN_ADDR_AT);
     return b;
   }
-  const b = Buffer.alloc(koffi.sizeof(SockaddrIn6));
+  const b = Buffer.alloc(SOCKADDR_IN6_BYTES);
   b.writeUInt16LE(AF_INET6, 0);
   b.writeUInt16BE(addr.port, SIN6_PORT_AT);
   ipBytes(AF_INET6, addr.address).copy(b, SIN6_ADDR_AT);
@@ -627,6 +697,7 @@ export function encodeSocketAddress(addr: SocketAddress): Buffer {
 }
 
 function decodeSocketAddress(b: Buffer): SocketAddress | undefined {
+  const { SUN_PATH_AT, SIN_PORT_AT, SIN_ADDR_AT, SIN6_PORT_AT, SIN6_ADDR_AT } = layouts();
   const family = b.length >= 2 ? b.readUInt16LE(0) : -1;
   if (family === AF_UNIX) {
     const raw = b.subarray(SUN_PATH_AT);
