@@ -157,7 +157,7 @@ test('the main entry reaches neither the descriptor scan of exec/ nor child_proc
   assert.deepEqual([...modules].filter((m) => m.startsWith('dist/exec/') || m.startsWith('dist/restore/') || m.startsWith('dist/cli/')), []);
   assert.deepEqual([...builtins].filter((b) => HEAVY.includes(b)), []);
   // The check itself sees what the commands load.
-  const cli = staticGraph('./dist/cli/shm-fd.js');
+  const cli = staticGraph('./dist/cli/shm-restore.js');
   assert.ok(cli.modules.has('dist/exec/caller-fds.js'));
 });
 

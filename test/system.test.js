@@ -5,6 +5,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import { test } from 'node:test';
 import * as sys from '../dist/system/libc.js';
+import { fdCloseOnExec } from '../dist/system/proc.js';
 
 const isShmfdError = (code) => (err) => err.name === 'ShmfdError' && err.code === code;
 const isSystemError = (code, syscall) => (err) => err.name === 'SystemError' && err.code === code && err.syscall === syscall;
@@ -119,4 +120,18 @@ test('describeError: a system error as its description and code, other errors by
   assert.equal(sys.describeError(new Error('plain')), 'plain');
   assert.equal(sys.describeError(new TypeError('odd')), 'TypeError: odd');
   assert.equal(sys.describeError('text'), 'text');
+});
+
+test('fdCloseOnExec reads the close-on-exec flag from /proc as fcntl sets it; undefined once closed', () => {
+  const fd = fs.openSync('/dev/null', 'r');
+  try {
+    assert.equal(fdCloseOnExec(fd), true, 'Node opens with O_CLOEXEC');
+    sys.setCloexec(fd, false);
+    assert.equal(fdCloseOnExec(fd), false);
+    sys.setCloexec(fd, true);
+    assert.equal(fdCloseOnExec(fd), true);
+  } finally {
+    fs.closeSync(fd);
+  }
+  assert.equal(fdCloseOnExec(fd), undefined);
 });

@@ -7,8 +7,7 @@ import path from 'node:path';
 import { DEFAULT_FIRST_FD, NODE_SAFE_FIRST_FD, readListenFds, type Environment } from '../fds/listen-fds.js';
 import type { Log } from '../base/log.js';
 import { Notifier } from '../fds/notify.js';
-import { prepareSockets, type PreparedSockets } from '../sockets/prepare.js';
-import { parseSocketSpecs } from '../sockets/spec.js';
+import type { PreparedSockets } from '../sockets/prepare.js';
 import { describeError, isSystemError } from '../system/libc.js';
 import { usageError } from './args.js';
 
@@ -39,16 +38,21 @@ export function warnIfNodeRestarter(command: string, args: readonly string[], fi
 
 /**
  * The `-s/--socket` values of a wrapper that also passes a memory file named `memoryName`:
- * parsed, then given sockets by {@link prepareSockets} from the descriptors passed to this
+ * parsed, then given sockets by `prepareSockets` from the descriptors passed to this
  * process (as `env` describes them), new ones parked in the fd store of the service manager
- * that `env` names.
+ * that `env` names. Without values the socket modules (and `node:net`) are not loaded: the
+ * passed descriptors are all there is.
  * @throws ShmfdError `ERR_SOCKET_SPEC`, `ERR_SOCKET_OPEN`, and the errors of `readListenFds`
  */
-export function prepareSocketOptions(texts: readonly string[], memoryName: string, env: Environment, log: Log): PreparedSockets {
-  const specs = parseSocketSpecs(texts, memoryName);
+export async function prepareSocketOptions(texts: readonly string[], memoryName: string, env: Environment, log: Log): Promise<PreparedSockets> {
+  const sockets =
+    texts.length === 0 ? undefined : await Promise.all([import('../sockets/spec.js'), import('../sockets/prepare.js')]);
+  const specs = sockets === undefined ? [] : sockets[0].parseSocketSpecs(texts, memoryName);
   const notifier = Notifier.fromEnv(env);
   try {
-    return prepareSockets(specs, readListenFds({ env }), { notifier, env, log });
+    const passed = readListenFds({ env });
+    if (sockets === undefined) return { passed, opened: [] };
+    return sockets[1].prepareSockets(specs, passed, { notifier, env, log });
   } finally {
     notifier?.close();
   }

@@ -3,7 +3,6 @@
  * descriptor, and replaces itself with that program.
  * @module
  */
-import { commandErrorStatus, execReplace, roomForDescriptor } from '../exec/exec.js';
 import { listenEnv, withEnv, type PassedFd } from '../fds/listen-fds.js';
 import { storeInFdStore } from '../fds/notify.js';
 import { passedOrNewMemoryFile, SHARED_FD_NAME } from '../fds/shared-fd.js';
@@ -53,7 +52,14 @@ const OPTIONS: OptionSpec[] = [
 
 export const EXIT_FAILURE = 125;
 
-function run(argv: readonly string[], log: StderrLog): number {
+/**
+ * The exec module, loaded once the command line asks for a COMMAND: loading it takes the
+ * inventory of inherited descriptors (through koffi), which `--help` and `--version` do not
+ * need, and which must come before anything is opened here.
+ */
+const loadExec = () => import('../exec/exec.js');
+
+async function run(argv: readonly string[], log: StderrLog): Promise<number> {
   const args = parseArgs(argv, OPTIONS, 'shm-fd');
   const answered = commonOptions(args, 'shm-fd', USAGE, log);
   if (answered !== undefined) return answered;
@@ -64,7 +70,8 @@ function run(argv: readonly string[], log: StderrLog): number {
   const size = sizeText === undefined ? undefined : parseSize('--size', sizeText);
 
   const first = parseFirstFd(last(args, 'first-fd'));
-  const sockets = prepareSocketOptions(args.options.get('socket') ?? [], name, process.env, log);
+  const { execReplace, roomForDescriptor } = await loadExec();
+  const sockets = await prepareSocketOptions(args.options.get('socket') ?? [], name, process.env, log);
   const passed = sockets.passed;
   const fds: PassedFd[] = [...passed, ...sockets.opened];
   const { file, created } = passedOrNewMemoryFile(passed, name, { size });
@@ -76,7 +83,7 @@ function run(argv: readonly string[], log: StderrLog): number {
     storeInFdStore([{ name, fds: [file.fd] }], { consequence: `${name} will not survive a restart; set FileDescriptorStoreMax=1 or more`, log });
   }
 
-  checkFirstFd(first, fds, command, commandArgs, log);
+  checkFirstFd(first, fds, command, commandArgs, log, roomForDescriptor);
   const placements = fds.map((f, i) => ({ from: f.fd, to: first + i }));
   const env = withEnv(
     process.env,
@@ -96,7 +103,14 @@ function run(argv: readonly string[], log: StderrLog): number {
  * close-on-exec at start-up (libuv's uv_disable_stdio_inheritance), so its children only
  * see descriptors from 17 on, above a gap at 16.
  */
-function checkFirstFd(first: number, fds: readonly PassedFd[], command: string, args: readonly string[], log: StderrLog): void {
+function checkFirstFd(
+  first: number,
+  fds: readonly PassedFd[],
+  command: string,
+  args: readonly string[],
+  log: StderrLog,
+  roomForDescriptor: (fd: number, probe: number) => boolean,
+): void {
   const probe = fds[0];
   if (probe === undefined) return;
   // The exec stages every descriptor above the highest target before placing it.
@@ -107,14 +121,14 @@ function checkFirstFd(first: number, fds: readonly PassedFd[], command: string, 
   warnIfNodeRestarter(command, args, first, log);
 }
 
-/** Runs the command line; returns an exit status only when it did not exec. */
-export function main(argv: readonly string[]): number {
+/** Runs the command line; resolves to an exit status only when it did not exec. */
+export async function main(argv: readonly string[]): Promise<number> {
   const log = new StderrLog('shm-fd');
   try {
-    return run(argv, log);
+    return await run(argv, log);
   } catch (err) {
     log.error(failureLine(err));
-    const commandStatus = commandErrorStatus(err);
+    const commandStatus = (await loadExec()).commandErrorStatus(err);
     if (commandStatus !== undefined) return commandStatus;
     return EXIT_FAILURE;
   }

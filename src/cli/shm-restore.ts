@@ -122,7 +122,7 @@ async function run(argv: readonly string[], log: StderrLog): Promise<number> {
   const memoryName = last(args, 'name') ?? SHARED_FD_NAME;
   const firstFd = parseFirstFd(last(args, 'first-fd'));
   warnIfNodeRestarter(command, commandArgs, firstFd, log);
-  const sockets = prepareSocketOptions(args.options.get('socket') ?? [], memoryName, process.env, log).opened;
+  const sockets = (await prepareSocketOptions(args.options.get('socket') ?? [], memoryName, process.env, log)).opened;
 
   return runRestoreHost({
     backup,

@@ -6,8 +6,7 @@
  */
 import fs from 'node:fs';
 import type { Environment } from '../fds/listen-fds.js';
-import { fdTarget, parentOf } from '../system/proc.js';
-import * as sys from '../system/libc.js';
+import { fdCloseOnExec, fdTarget, parentOf } from '../system/proc.js';
 
 /**
  * The descriptors (>= 3) of this process without close-on-exec, with their targets.
@@ -31,11 +30,9 @@ function inheritable(): Map<number, string> {
     const target = fdTarget(fd);
     // Gone meanwhile: the listing's own descriptor.
     if (target === undefined) continue;
-    try {
-      if ((sys.getFdFlags(fd) & sys.FD_CLOEXEC) === 0) targets.set(fd, target);
-    } catch {
-      // Closed between the two calls: not ours to pass.
-    }
+    // Read from /proc, not with fcntl: taking this inventory loads no koffi. Closed between
+    // the two reads (undefined): not ours to pass.
+    if (fdCloseOnExec(fd) === false) targets.set(fd, target);
   }
   return targets;
 }

@@ -15,6 +15,24 @@ export function fdTarget(fd: number, pid: number | 'self' = 'self'): string | un
   }
 }
 
+const O_CLOEXEC = 0o2000000;
+
+/**
+ * Whether descriptor `fd` of this process is close-on-exec, as /proc/self/fdinfo shows it
+ * (its `flags` carry O_CLOEXEC for that); undefined when it is not open. The same answer as
+ * fcntl(F_GETFD), without a call into libc.
+ */
+export function fdCloseOnExec(fd: number): boolean | undefined {
+  let info: string;
+  try {
+    info = fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'latin1');
+  } catch {
+    return undefined;
+  }
+  const flags = /^flags:\s*([0-7]+)$/m.exec(info)?.[1];
+  return flags === undefined ? undefined : (parseInt(flags, 8) & O_CLOEXEC) !== 0;
+}
+
 /** The parent pid of `pid`, from /proc; undefined once at the root or when unreadable. */
 export function parentOf(pid: number): number | undefined {
   try {
