@@ -1,5 +1,8 @@
 #!/usr/bin/env node
-import { main } from '../dist/cli/shm-fd.js';
+import '../dist/cli/compile-cache.js';
+
+// Imported after the compile cache is on, to be compiled from it.
+const { main } = await import('../dist/cli/shm-fd.js');
 
 main(process.argv.slice(2)).then((code) => {
   process.exitCode = code;

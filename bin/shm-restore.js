@@ -1,5 +1,8 @@
 #!/usr/bin/env node
-import { main } from '../dist/cli/shm-restore.js';
+import '../dist/cli/compile-cache.js';
+
+// Imported after the compile cache is on, to be compiled from it.
+const { main } = await import('../dist/cli/shm-restore.js');
 
 main(process.argv.slice(2)).then((code) => {
   process.exitCode = code;

@@ -5,6 +5,7 @@
  * @module
  */
 import fs from 'node:fs';
+import module from 'node:module';
 import path from 'node:path';
 import { ShmfdError } from '../base/errors.js';
 import type { Environment } from '../fds/listen-fds.js';
@@ -199,6 +200,9 @@ export function execReplace(request: ExecRequest): never {
     throw err;
   }
 
+  // Node writes its compile cache at exit, which an exec never reaches (flushCompileCache:
+  // Node 22.10 and later; not in @types/node 20).
+  (module as { flushCompileCache?: () => void }).flushCompileCache?.();
   // Past this point the process is committed: no JavaScript that touches libuv runs again.
   sys.resetSignalsForExec();
   for (let fd = 0; fd <= 2; fd++) {

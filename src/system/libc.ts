@@ -16,9 +16,13 @@
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import os from 'node:os';
-import util from 'node:util';
 import type * as Koffi from 'koffi';
 import { ShmfdError } from '../base/errors.js';
+
+const require = createRequire(import.meta.url);
+// Required, not imported: the ES module view of node:util reads every export, and on Node
+// 24 one of them opens process.stderr, which loads node:net when stderr is a pipe.
+const util = require('node:util') as typeof import('node:util');
 
 const { errno: E, signals } = os.constants;
 
@@ -88,7 +92,6 @@ export function describeError(err: unknown): string {
  * start, and many (`--help`, `status`, a program that only reads its LISTEN_FDS) need none of
  * it or only a few functions. koffi is required, not imported, so that loading it can wait.
  */
-const require = createRequire(import.meta.url);
 let koffiModule: typeof Koffi | undefined;
 let libcHandle: Koffi.LibraryHandle | undefined;
 type LibcFunction = ReturnType<Koffi.LibraryHandle['func']>;
