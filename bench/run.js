@@ -15,7 +15,7 @@ import path from 'node:path';
 import { ROOT, machine } from './lib.js';
 
 const BENCHMARKS = {
-  startup: { file: 'startup.js', limitS: 120, about: 'start-up of shm-fd against true and node -e 0' },
+  startup: { file: 'startup.js', limitS: 300, about: 'start-up of shm-fd and shm-restore against true and node -e 0' },
   commits: { file: 'commits.js', limitS: 240, about: 'commits per second (8 B to 64 KiB), commitWith, recovering 4096 slots' },
   'restore-1g': { file: 'restore-1g.js', limitS: 900, about: 'restore + write-back of a 1 GiB state (dense and sparse) against cp/sync' },
   'restore-v1': { file: 'restore-v1.js', limitS: 1500, about: 'restore-v1 on 100 MB, 1 GiB and 4 GiB states (whole copies and incremental rounds): host CPU, disk writes, snapshot age; restore after 1,000 incremental rounds' },
