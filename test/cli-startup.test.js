@@ -64,15 +64,18 @@ test('shm-fd loads koffi for its memory file, and node:net (beyond what koffi lo
   assert.deepEqual({ code: socket.code, koffi: socket.koffi, net: socket.net }, { code: 127, koffi: true, net: true });
 });
 
+// Not in @types/node 20.
+const hasFlushCompileCache = typeof (/** @type {{ flushCompileCache?: unknown }} */ (module)).flushCompileCache === 'function';
+
 /** The files of Node's compile cache under `dir` (Node puts them in one directory per Node version). */
 function cacheFiles(dir) {
   if (!fs.existsSync(dir)) return [];
-  return fs.readdirSync(dir, { recursive: true }).filter((f) => fs.statSync(path.join(dir, f)).isFile());
+  return fs.readdirSync(dir, { recursive: true, encoding: 'utf8' }).filter((f) => fs.statSync(path.join(dir, f)).isFile());
 }
 
 test(
   "the commands keep Node's compile cache beside the package, or where NODE_COMPILE_CACHE says; shm-fd writes it before its exec",
-  { skip: typeof module.flushCompileCache !== 'function' && 'Node 22.10 or later (module.flushCompileCache)' },
+  { skip: !hasFlushCompileCache && 'Node 22.10 or later (module.flushCompileCache)' },
   async (t) => {
     const show = ['sh', '-c', 'echo "${NODE_COMPILE_CACHE-unset}"'];
     fs.rmSync(COMPILE_CACHE_DIR, { recursive: true, force: true });
