@@ -23,8 +23,9 @@ const LAYERS = [
   { name: 'snapshot', modules: ['snapshot/'], uses: ['base'] },
   { name: 'restore', modules: ['restore/'], uses: ['base', 'system', 'fds', 'exec', 'snapshot'] },
   { name: 'state', modules: ['state/'], uses: ['base', 'fds', 'snapshot'] },
-  { name: 'cli-shared', modules: ['cli/'], uses: ['base', 'system', 'fds', 'exec', 'sockets', 'snapshot', 'restore'] },
-  { name: 'cli', modules: ['cli/shm-fd.ts', 'cli/shm-restore.ts'], uses: ['base', 'system', 'fds', 'exec', 'sockets', 'snapshot', 'restore', 'cli-shared'], alone: true },
+  { name: 'replica', modules: ['replica/'], uses: ['base', 'system', 'fds', 'restore'] },
+  { name: 'cli-shared', modules: ['cli/'], uses: ['base', 'system', 'fds', 'exec', 'sockets', 'snapshot', 'restore', 'replica'] },
+  { name: 'cli', modules: ['cli/shm-fd.ts', 'cli/shm-restore.ts'], uses: ['base', 'system', 'fds', 'exec', 'sockets', 'snapshot', 'restore', 'replica', 'cli-shared'], alone: true },
   // The main entry: what programs use. The other entries are modules of their layers
   // (shmfd/serve is sockets/serve.ts, shmfd/snapshot is snapshot/index.ts), so their rows hold them.
   { name: 'entry', modules: ['index.ts'], uses: ['base', 'system', 'fds', 'sockets', 'state'] },

@@ -4,11 +4,12 @@
  * continuously while it runs). See docs/restore.md.
  * @module
  */
-import { EXIT_HOST_FAILURE, runRestoreHost, SNAPSHOT_MODES, type SnapshotMode } from '../restore/host.js';
+import { EXIT_HOST_FAILURE, runRestoreHost, SNAPSHOT_MODES, type RestoreHostOptions, type SnapshotMode } from '../restore/host.js';
 import { DEFAULT_INTERVAL_MS } from '../restore/snapshotter.js';
 import { BackupFile } from '../restore/backup.js';
 import { lockHolder } from '../restore/lock.js';
 import { backupStatus } from '../restore/status.js';
+import { isReplicaUrl } from '../replica/url.js';
 import { SHARED_FD_NAME } from '../fds/shared-fd.js';
 import { commandErrorStatus } from '../exec/exec.js';
 import { commonOptions, last, parseArgs, printAnswer, usageError, usageErrorSeeHelp, type OptionSpec, type ParsedArgs } from './args.js';
@@ -16,7 +17,8 @@ import { StderrLog } from '../base/log.js';
 import { failureLine, parseFirstFd, prepareSocketOptions, warnIfNodeRestarter } from './common.js';
 
 const USAGE = `Usage: shm-restore [OPTIONS] BACKUP [--] COMMAND [ARGS...]
-       shm-restore [--snapshot=restore-v1] status BACKUP
+       shm-restore [--snapshot=restore-v1] [--replica URL] status BACKUP
+       shm-restore status nats://HOST:PORT/NAME
 
 Runs COMMAND with a shared memory file (memfd) passed as a systemd-style descriptor
 (LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID), and keeps a copy of it in the file BACKUP:
@@ -40,6 +42,12 @@ Options:
       --first-fd K      pass the descriptors from K on (LISTEN_FDS_FIRST_FD=K); use 17 or
                         more behind Node-based tools (node --watch, nodemon)
       --no-pid          leave LISTEN_PID unset, for COMMANDs that re-spawn the program
+      --replica URL     also stream every durable snapshot to NATS JetStream, and start
+                        from the newer of BACKUP and the replica; needs --snapshot.
+                        URL is nats://HOST:PORT[,HOST:PORT...]/NAME[?replicas=N&lease=S]
+                        (tls:// for TLS); credentials come from NATS_CREDS,
+                        NATS_TOKEN_FILE, NATS_TOKEN or NATS_USER and NATS_PASSWORD, never
+                        from the command line (see docs/replica.md)
       --log-level LEVEL silent, error, warn (default), info or debug; also SHMFD_LOG
       --status BACKUP   same as the status command
   -h, --help            show this help
@@ -48,11 +56,12 @@ Options:
 status BACKUP prints the backup's size, its number of snapshots, the size and age of
 the newest durable snapshot, and the pid of the host running on it, one fact per line;
 exit status 1 when BACKUP is missing or invalid. (A backup file named "status" is
-written ./status.)
+written ./status.) With --replica, or given a nats:// or tls:// URL instead of BACKUP,
+it also prints the replica's newest committed state, its age, and the lease's holder.
 
 Exit status: that of COMMAND (128+N when it died of signal N); 125 if shm-restore fails
-(e.g. an unreadable or invalid BACKUP, which is never overwritten, or a BACKUP in use by
-another shm-restore) or the final write-back fails after COMMAND succeeded; 126 if
+(e.g. an unreadable or invalid BACKUP, which is never overwritten, a BACKUP in use by
+another shm-restore, or a replica whose lease another host holds) or the final write-back fails after COMMAND succeeded; 126 if
 COMMAND cannot be executed, 127 if it is not found.
 
 Example: shm-restore --snapshot=restore-v1 /var/lib/primes/state node examples/primes-snapshot.js`;
@@ -65,6 +74,7 @@ const OPTIONS: OptionSpec[] = [
   { name: 'first-fd', value: true },
   { name: 'no-pid' },
   { name: 'log-level', value: true },
+  { name: 'replica', value: true },
   { name: 'status', value: true },
   { name: 'help', short: 'h' },
   { name: 'version', short: 'V' },
@@ -89,12 +99,25 @@ function intervalMs(args: ParsedArgs): number | undefined {
   return n;
 }
 
-function status(file: string, mode: SnapshotMode | undefined): number {
-  const result = backupStatus(file, mode === undefined ? 'raw' : 'snapshot');
-  const holder = lockHolder(new BackupFile(file));
-  const host = holder === undefined ? 'host: none' : `host: running, pid ${holder}`;
-  printAnswer(`${[...result.lines, host].join('\n')}\n`);
-  return result.ok ? 0 : 1;
+async function status(file: string, mode: SnapshotMode | undefined, replica: string | undefined): Promise<number> {
+  let lines: string[] = [];
+  let ok = true;
+  if (!isReplicaUrl(file)) {
+    const result = backupStatus(file, mode === undefined ? 'raw' : 'snapshot');
+    const holder = lockHolder(new BackupFile(file));
+    lines = [...result.lines, holder === undefined ? 'host: none' : `host: running, pid ${holder}`];
+    ok = result.ok;
+  }
+  const url = isReplicaUrl(file) ? file : replica;
+  if (url !== undefined) {
+    // Loaded only here and for --replica: a host without a replica never loads the NATS client.
+    const { replicaStatus } = await import('../replica/start.js');
+    const result = await replicaStatus(url, process.env);
+    lines.push(...result.lines);
+    ok &&= result.ok;
+  }
+  printAnswer(`${lines.join('\n')}\n`);
+  return ok ? 0 : 1;
 }
 
 async function run(argv: readonly string[], log: StderrLog): Promise<number> {
@@ -104,15 +127,17 @@ async function run(argv: readonly string[], log: StderrLog): Promise<number> {
   const snapshot = snapshotMode(args);
   const interval = intervalMs(args);
 
+  const replica = last(args, 'replica');
   const statusOf = last(args, 'status');
   if (statusOf !== undefined) {
     if (args.rest.length > 0) throw usageErrorSeeHelp('shm-restore', '--status takes no COMMAND');
-    return statusCommand(statusOf, snapshot, log);
+    return statusCommand(statusOf, snapshot, replica, log);
   }
   if (args.rest[0] === 'status') {
     if (args.rest.length !== 2) throw usageError('usage: shm-restore status BACKUP');
-    return statusCommand(args.rest[1] as string, snapshot, log);
+    return statusCommand(args.rest[1] as string, snapshot, replica, log);
   }
+  if (replica !== undefined && snapshot === undefined) throw usageError('--replica needs --snapshot=restore-v1');
 
   const [backup, ...more] = args.rest;
   if (backup === undefined) throw usageErrorSeeHelp('shm-restore', 'no BACKUP given');
@@ -124,7 +149,7 @@ async function run(argv: readonly string[], log: StderrLog): Promise<number> {
   warnIfNodeRestarter(command, commandArgs, firstFd, log);
   const sockets = (await prepareSocketOptions(args.options.get('socket') ?? [], memoryName, process.env, log)).opened;
 
-  return runRestoreHost({
+  const options: RestoreHostOptions = {
     backup,
     command,
     args: commandArgs,
@@ -136,12 +161,24 @@ async function run(argv: readonly string[], log: StderrLog): Promise<number> {
     firstFd,
     log,
     progress: log.enabled('error'),
-  });
+  };
+  if (replica === undefined) return runRestoreHost(options);
+  const { startReplica } = await import('../replica/start.js');
+  const { replicator } = await startReplica(replica, backup, process.env, log);
+  replicator.start();
+  try {
+    return await runRestoreHost({ ...options, onDurable: (durable) => replicator.offer(durable.path) });
+  } finally {
+    await replicator.stop(REPLICA_GRACE_MS);
+  }
 }
 
-function statusCommand(file: string, mode: SnapshotMode | undefined, log: StderrLog): number {
+/** How long a host whose program ended waits for the replica to receive its last state. */
+const REPLICA_GRACE_MS = 10_000;
+
+async function statusCommand(file: string, mode: SnapshotMode | undefined, replica: string | undefined, log: StderrLog): Promise<number> {
   try {
-    return status(file, mode);
+    return await status(file, mode, replica);
   } catch (err) {
     log.error(failureLine(err));
     return 1;

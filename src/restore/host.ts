@@ -31,8 +31,7 @@ import { childDescriptors, exitStatus, findSetpriv, SignalRelay, startChild, wai
 import { BackupLock } from './lock.js';
 import { formatBytes, formatDuration, withProgress } from './progress.js';
 import { replayJournal } from './journal.js';
-import { Snapshotter, type DurableSnapshot } from './snapshotter.js';
-import type { PersistResult } from './persist.js';
+import { Snapshotter } from './snapshotter.js';
 import { writeBack, type DurableState } from './write-back.js';
 
 /** Snapshot strategies of `--snapshot`. */
@@ -67,8 +66,19 @@ export interface RestoreHostOptions {
   log?: Log;
   /** Show progress of slow copies when stderr is a terminal (default true). */
   progress?: boolean;
-  /** Called after every snapshot round that made a backup durable, whole or incremental. */
-  onPersisted?: (snapshot: DurableSnapshot, result: PersistResult) => void;
+  /**
+   * Called after every snapshot round that made a new backup durable, and after the final
+   * write-back (which may have left the backup as it was), with the backup's path. Until
+   * it returns, the file there is that round's: the next round replaces it only
+   * afterwards, so a caller that opens it here reads that state however long it takes.
+   */
+  onDurable?: (durable: DurableBackup) => void;
+}
+
+/** What {@link RestoreHostOptions.onDurable} is told. */
+export interface DurableBackup {
+  /** The backup file: complete and synced. */
+  path: string;
 }
 
 /**
@@ -169,7 +179,7 @@ async function host(o: RestoreHostOptions, name: string, backup: BackupFile, log
       dirtyPages,
       // The memory is a copy of the backup: what the program marks from now on is all that differs.
       backupMatchesMemory: created && inspection.state === 'present' && inspection.size > 0,
-      onPersisted: o.onPersisted,
+      onPersisted: o.onDurable === undefined ? undefined : () => o.onDurable?.({ path: backup.path }),
     });
     snapshotter.start();
     statusTimer = reportStatus(env, snapshotter, log);
@@ -198,6 +208,7 @@ async function host(o: RestoreHostOptions, name: string, backup: BackupFile, log
   };
   const written = await writeBack(backup, durable, memory, { snapshot: o.snapshot !== undefined, mode, log, progress: showProgress });
   if (!written) return status === 0 ? EXIT_HOST_FAILURE : status;
+  o.onDurable?.({ path: backup.path });
   return status;
 }
 

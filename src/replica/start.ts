@@ -1,0 +1,169 @@
+/**
+ * `--replica`: at start, take the lease, fence off any earlier holder, and make the local
+ * backup the newer of itself and the replica's newest committed state; then hand back a
+ * {@link Replicator} for the host's durable rounds. `status nats://...`: the replica's
+ * newest state, read-only.
+ * @module
+ */
+import fs from 'node:fs';
+import type { Log } from '../base/log.js';
+import type { Environment } from '../fds/listen-fds.js';
+import { BackupFile, recordBackupCheck } from '../restore/backup.js';
+import { BackupLock } from '../restore/lock.js';
+import { syncDirectory } from '../restore/persist.js';
+import { formatBytes, formatDuration } from '../restore/progress.js';
+import { describeError } from '../system/libc.js';
+import { heldMessage, Lease } from './lease.js';
+import { backupIdentity, Replicator } from './replicator.js';
+import { connectReplica, isFenced, newWriter, ReplicaStore, type Committed } from './store.js';
+import { credentialsFromEnv, parseReplicaUrl } from './url.js';
+
+/** Fence markers tried at start before giving up on a stream that keeps moving. */
+const FENCE_ATTEMPTS = 5;
+
+/** Where the host's start came from. */
+export interface ReplicaStart {
+  /** Sends the host's durable backups; start it once the host runs. */
+  replicator: Replicator;
+  /** `replica` when the local backup was replaced by the replica's newer state. */
+  source: 'replica' | 'local' | 'none';
+}
+
+/**
+ * Prepares `--replica URL` for the backup at `backupPath`. Holds the backup's lock while
+ * it may replace the backup, and releases it before returning (the host takes it).
+ * @throws ShmfdError `ERR_REPLICA_URL`, `ERR_REPLICA_CREDENTIALS`, `ERR_REPLICA_UNREACHABLE`,
+ *   `ERR_REPLICA_HELD`, `ERR_REPLICA_DAMAGED`, `ERR_BACKUP_IN_USE`, `ERR_BACKUP_ACCESS`
+ */
+export async function startReplica(text: string, backupPath: string, env: Environment, log: Log): Promise<ReplicaStart> {
+  const url = parseReplicaUrl(text);
+  const nc = await connectReplica(url, credentialsFromEnv(env));
+  try {
+    const writer = newWriter();
+    const store = await ReplicaStore.open(nc, url, true);
+    const lease = (await Lease.open(nc, url, writer, true)) as Lease;
+    const backup = new BackupFile(backupPath);
+    const lock = BackupLock.acquire(backup);
+    let source: ReplicaStart['source'];
+    let lastSeq: number;
+    let committed: Committed | undefined;
+    try {
+      await lease.take();
+      // From here on, whatever an earlier holder still sends is refused.
+      lastSeq = await fence(store, writer);
+      committed = await store.committed();
+      source = await newerOfTwo(backup, committed, store, url.text, log);
+    } catch (err) {
+      await lease.release().catch(() => undefined);
+      throw err;
+    } finally {
+      lock.release();
+    }
+    let sent: string | undefined;
+    if (source === 'replica') sent = backupIdentity(fs.statSync(backup.path));
+    const replicator = new Replicator({ nc, store, lease, writer, lastSeq, sent, name: url.text, log });
+    replicator.lastCommitted = committed;
+    // A local backup newer than the replica is sent first: the replica catches up at once.
+    if (source === 'local') replicator.offer(backup.path);
+    return { replicator, source };
+  } catch (err) {
+    await nc.close().catch(() => undefined);
+    throw err;
+  }
+}
+
+async function fence(store: ReplicaStore, writer: ReturnType<typeof newWriter>): Promise<number> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await store.fence(writer, await store.lastSeq());
+    } catch (err) {
+      // An earlier holder wrote between our look and our marker: look again.
+      if (!isFenced(err) || attempt === FENCE_ATTEMPTS) throw err;
+    }
+  }
+}
+
+async function newerOfTwo(
+  backup: BackupFile,
+  committed: Committed | undefined,
+  store: ReplicaStore,
+  name: string,
+  log: Log,
+): Promise<ReplicaStart['source']> {
+  let local: fs.Stats | undefined;
+  try {
+    local = fs.statSync(backup.path);
+    if (local.size === 0) local = undefined;
+  } catch {
+    local = undefined;
+  }
+  const now = Date.now();
+  const localText = local === undefined ? 'no local backup' : `the local backup ${backup.path} is ${formatDuration(now - local.mtimeMs)} old`;
+  if (committed === undefined) {
+    log.info(`the replica ${name} holds no state yet; ${localText}`);
+    return local === undefined ? 'none' : 'local';
+  }
+  const { manifest } = committed;
+  const replicaText = `the replica's newest state is ${formatDuration(Math.max(0, now - manifest.durableAt))} old (${formatBytes(manifest.size)}, from ${manifest.holder})`;
+  if (local !== undefined && Math.round(local.mtimeMs) >= manifest.durableAt) {
+    log.info(`starting from the local backup: ${localText}, ${replicaText}`);
+    return 'local';
+  }
+  const started = performance.now();
+  await download(backup, committed, store);
+  log.info(
+    `starting from the replica ${name}: ${replicaText}, ${localText}; fetched in ${formatDuration(performance.now() - started)}`,
+  );
+  return 'replica';
+}
+
+/** Replaces the backup by the replica's state: temporary file, verified, synced, renamed. */
+async function download(backup: BackupFile, committed: Committed, store: ReplicaStore): Promise<void> {
+  const temp = backup.tempPath();
+  const handle = await fs.promises.open(temp, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600);
+  let renamed = false;
+  try {
+    await store.receive(committed, handle.fd);
+    await recordBackupCheck(handle.fd, committed.manifest.size);
+    // Its mtime is when the state became durable on the host that sent it: the next start
+    // compares ages, and status reports them, from that.
+    const when = new Date(committed.manifest.durableAt);
+    await handle.utimes(when, when);
+    await handle.sync();
+    await fs.promises.rename(temp, backup.path);
+    renamed = true;
+    await syncDirectory(backup.dir);
+  } finally {
+    await handle.close().catch(() => undefined);
+    if (!renamed) await fs.promises.unlink(temp).catch(() => undefined);
+  }
+}
+
+/** The lines of `shm-restore status nats://...`, and whether the replica holds a state. */
+export async function replicaStatus(text: string, env: Environment): Promise<{ ok: boolean; lines: string[] }> {
+  const url = parseReplicaUrl(text);
+  const nc = await connectReplica(url, credentialsFromEnv(env));
+  try {
+    const lines = [`replica: ${url.text}`];
+    const store = await ReplicaStore.open(nc, url, false);
+    const committed = await store.committed();
+    const lease = await Lease.open(nc, url, newWriter(), false);
+    const holder = await lease?.state();
+    if (committed === undefined) {
+      lines.push('state: none committed yet');
+    } else {
+      const m = committed.manifest;
+      lines.push(
+        `state: committed at stream sequence ${committed.seq} by ${m.holder}`,
+        `state size: ${m.size} bytes (${formatBytes(m.size)}) in ${m.chunks} data message(s), sha256 ${m.sha256}`,
+        `state age: ${formatDuration(Math.max(0, Date.now() - m.durableAt))} (durable since ${new Date(m.durableAt).toISOString()})`,
+      );
+    }
+    lines.push(holder === undefined || lease === undefined ? 'lease: free' : `lease: ${heldMessage(url, holder, lease.ttlMs).replace(/^the replica \S+ is /, '')}`);
+    return { ok: committed !== undefined, lines };
+  } catch (err) {
+    throw err instanceof Error && 'code' in err ? err : new Error(`cannot read the replica ${url.text}: ${describeError(err)}`, { cause: err });
+  } finally {
+    await nc.close().catch(() => undefined);
+  }
+}
