@@ -43,21 +43,24 @@ export async function startReplica(text: string, backupPath: string, env: Enviro
     const store = await ReplicaStore.open(nc, url, true);
     const lease = (await Lease.open(nc, url, writer, true)) as Lease;
     const backup = new BackupFile(backupPath);
-    const lock = BackupLock.acquire(backup);
+    // A refused host touches nothing, not even the lock file.
+    await lease.take();
     let source: ReplicaStart['source'];
     let lastSeq: number;
     let committed: Committed | undefined;
     try {
-      await lease.take();
-      // From here on, whatever an earlier holder still sends is refused.
-      lastSeq = await fence(store, writer);
-      committed = await store.committed();
-      source = await newerOfTwo(backup, committed, store, url.text, log);
+      const lock = BackupLock.acquire(backup);
+      try {
+        // From here on, whatever an earlier holder still sends is refused.
+        lastSeq = await fence(store, writer);
+        committed = await store.committed();
+        source = await newerOfTwo(backup, committed, store, url.text, log);
+      } finally {
+        lock.release();
+      }
     } catch (err) {
       await lease.release().catch(() => undefined);
       throw err;
-    } finally {
-      lock.release();
     }
     let sent: string | undefined;
     if (source === 'replica') sent = backupIdentity(fs.statSync(backup.path));

@@ -1,0 +1,112 @@
+// Real NATS JetStream servers for the replica tests: `nats-server -js` processes on free
+// loopback ports with their store in a temporary directory, stopped when the test ends,
+// and a client to look at what a replica holds.
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { connect } from '@nats-io/transport-node';
+import { jetstreamManager } from '@nats-io/jetstream';
+import { start } from './helpers.js';
+
+/** The nats-server binary (Debian installs it in /usr/sbin), or undefined. */
+export const NATS_SERVER = [...(process.env.PATH ?? '').split(':'), '/usr/sbin', '/usr/local/bin']
+  .map((dir) => path.join(dir, 'nats-server'))
+  .find((file) => fs.existsSync(file));
+
+/** For `test(..., natsSkip, ...)`: skips, with the reason, where nats-server is missing; a guard against hangs. */
+export const natsSkip = { skip: NATS_SERVER === undefined && 'needs nats-server (Debian package nats-server, installed by .ci/run)', timeout: 180_000 };
+
+/** A free TCP port on 127.0.0.1. */
+export async function freePort() {
+  const server = net.createServer();
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve(undefined)));
+  const { port } = /** @type {net.AddressInfo} */ (server.address());
+  await new Promise((resolve) => server.close(resolve));
+  return port;
+}
+
+/**
+ * One nats-server with JetStream. `ready` resolves once it accepts clients (and, in a
+ * cluster, once it knows the metadata leader); `stop(signal)` ends it, `restart()` starts
+ * it again on the same port and store.
+ * @param {import('node:test').TestContext} t
+ * @param {string} dir its store directory
+ * @param {{ port?: number, name?: string, cluster?: { port: number, routes: number[] } }} [options]
+ */
+export async function startNats(t, dir, options = {}) {
+  const port = options.port ?? (await freePort());
+  const args = ['-js', '-a', '127.0.0.1', '-p', String(port), '-sd', dir];
+  if (options.cluster !== undefined) {
+    args.push('-n', options.name ?? `n${port}`, '--cluster_name', 'shmfd', '--cluster', `nats://127.0.0.1:${options.cluster.port}`);
+    args.push('--routes', options.cluster.routes.map((p) => `nats://127.0.0.1:${p}`).join(','));
+  }
+  const ready = options.cluster === undefined ? /Server is ready/ : /metadata leader/;
+  const server = {
+    port,
+    address: `127.0.0.1:${port}`,
+    /** @type {ReturnType<typeof start>} */
+    process: undefined,
+    async restart() {
+      server.process = start(/** @type {string} */ (NATS_SERVER), args, { t });
+      const line = await server.process.err.waitFor(ready);
+      if (line === undefined) throw new Error(`nats-server on port ${port} did not start: ${server.process.err.text}`);
+    },
+    /** @param {NodeJS.Signals} [signal] */
+    async stop(signal = 'SIGKILL') {
+      server.process.kill(signal);
+      await server.process.exited;
+    },
+  };
+  await server.restart();
+  return server;
+}
+
+/** Three clustered nats-servers on loopback, for streams with three replicas. */
+export async function startCluster(t, dir) {
+  const ports = [await freePort(), await freePort(), await freePort()];
+  const routes = [await freePort(), await freePort(), await freePort()];
+  return Promise.all(
+    ports.map((port, i) => startNats(t, path.join(dir, `n${i + 1}`), { port, name: `n${i + 1}`, cluster: { port: routes[i], routes } })),
+  );
+}
+
+/**
+ * A client that reads what the replica NAME holds.
+ * @param {import('node:test').TestContext} t
+ * @param {string[]} servers host:port of the servers
+ */
+export async function replicaReader(t, servers) {
+  const nc = await connect({ servers, maxReconnectAttempts: -1, reconnectTimeWait: 200 });
+  t.after(() => nc.close());
+  const jsm = await jetstreamManager(nc);
+  return {
+    /**
+     * The newest committed manifest of NAME and its sequence, or undefined.
+     * @param {string} name
+     */
+    async manifest(name) {
+      const stored = await jsm.streams.getMessage(`SHMFD_${name}`, { last_by_subj: `shmfd.${name}.manifest` }).catch(() => null);
+      return stored === null ? undefined : { seq: stored.seq, ...stored.json() };
+    },
+    /**
+     * Every message NAME's stream still holds from sequence `from` on: subject, sequence, writer id.
+     * @param {string} name
+     * @param {number} from
+     */
+    async messagesFrom(name, from) {
+      const info = await jsm.streams.info(`SHMFD_${name}`);
+      const out = [];
+      for (let seq = Math.max(from, info.state.first_seq); seq <= info.state.last_seq; seq++) {
+        const m = await jsm.streams.getMessage(`SHMFD_${name}`, { seq }).catch(() => null);
+        if (m !== null) out.push({ seq, subject: m.subject, writer: m.header?.get('Shmfd-Holder'), text: m.subject.endsWith('.data') ? '' : m.string() });
+      }
+      return out;
+    },
+  };
+}
+
+/** SHA-256 of a file, hex, as in a replica's manifest. */
+export function sha256(file) {
+  return crypto.createHash('sha256').update(fs.readFileSync(file)).digest('hex');
+}

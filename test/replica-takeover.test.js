@@ -1,0 +1,140 @@
+// Issue 11: shm-restore --replica streams restore-v1 backups to a real NATS JetStream
+// server, another host (another directory, no local backup) starts from the replica, and a
+// lease fences the writers: a second host is refused with one line naming the holder, a
+// dead holder's lease expires and another host takes over, and a paused holder that wakes
+// after losing its lease writes nothing more.
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { test } from 'node:test';
+import { assertOneErrorLine, COUNTER, NODE, readCounterBackup, runHost, startHost, tempDir, waitFor } from './helpers.js';
+import { natsSkip, replicaReader, sha256, startNats } from './nats.js';
+
+/** A directory per "host", and a server. */
+async function setUp(t) {
+  const dir = tempDir(t, 'shmfd-replica-');
+  const server = await startNats(t, path.join(dir, 'js'));
+  const reader = await replicaReader(t, [server.address]);
+  const backup = (/** @type {string} */ host) => {
+    fs.mkdirSync(path.join(dir, host), { recursive: true });
+    return path.join(dir, host, 'state');
+  };
+  return { dir, server, reader, backup };
+}
+
+/** Starts a host with a replica running the counter fixture with `counterArgs`. */
+function host(t, url, backup, counterArgs, extra = []) {
+  return startHost(['--snapshot=restore-v1', '--interval', '20', '--log-level', 'info', ...extra, '--replica', url, backup, NODE, COUNTER, '--every', '2', ...counterArgs], {
+    detached: true,
+    t,
+  });
+}
+
+/** Waits until the replica NAME holds exactly the local backup, whose counter is `counter`. */
+function replicated(reader, name, backup, counter) {
+  return waitFor(
+    async () => readCounterBackup(backup)?.counter === counter && (await reader.manifest(name))?.sha256 === sha256(backup),
+    `the backup with counter ${counter} to reach the replica`,
+  );
+}
+
+/** Starts hosts on `backup` until one gets the lease; every refusal must name `holderPid`. */
+async function takeOver(t, url, backup, holderPid, counterArgs) {
+  for (;;) {
+    const b = host(t, url, backup, counterArgs);
+    try {
+      return { b, first: await b.next() };
+    } catch {
+      const end = await b.exited;
+      assert.equal(end.code, 125, end.stderr);
+      assertOneErrorLine(end.stderr, new RegExp(`is held by \\S+ pid ${holderPid} \\(lease renewed`), 'shm-restore');
+    }
+  }
+}
+
+test('a host in another directory continues from the replica after the first host is SIGKILLed', natsSkip, async (t) => {
+  const { server, reader, backup } = await setUp(t);
+  const url = `nats://${server.address}/takeover?lease=1`;
+  const a = host(t, url, backup('a'), ['--commits', '300']);
+  assert.equal((await a.next()).recovered, 0);
+  assert.equal((await a.next()).committed, 300);
+  await replicated(reader, 'takeover', backup('a'), 300);
+  a.kill('SIGKILL');
+  await a.exited;
+
+  // The lease of the dead host expires; then the new host takes over with its state.
+  const { b, first } = await takeOver(t, url, backup('b'), a.pid, ['--commits', '5', '--exit']);
+  assert.equal(first.recovered, 300);
+  assert.equal((await b.next()).committed, 305);
+  const end = await b.exited;
+  assert.equal(end.code, 0, end.stderr);
+  assert.match(end.stderr, /starting from the replica nats:\/\/\S+: the replica's newest state is \S+ \S+ old \(65\.5 kB, from \S+ pid \d+\), no local backup/);
+  assert.equal(readCounterBackup(backup('b')).counter, 305);
+  // Its final state is replicated too, and status reads it without any local file.
+  const manifest = await reader.manifest('takeover');
+  assert.equal(manifest.sha256, sha256(backup('b')));
+  assert.match(manifest.holder, new RegExp(` pid ${b.pid}$`));
+  const status = await runHost(['status', `nats://${server.address}/takeover`]);
+  assert.equal(status.code, 0, status.stderr);
+  assert.match(status.stdout, new RegExp(`^state: committed at stream sequence ${manifest.seq} by \\S+ pid ${b.pid}$`, 'm'));
+  assert.match(status.stdout, /^state age: \S+ \S+ \(durable since \d{4}-/m);
+  assert.match(status.stdout, /^lease: free$/m);
+});
+
+test('a second host is refused with one line naming the holder, which goes on replicating', natsSkip, async (t) => {
+  const { server, reader, backup } = await setUp(t);
+  const url = `nats://${server.address}/refused?lease=5`;
+  const a = host(t, url, backup('a'), ['--commits', '50']);
+  await a.next();
+  assert.equal((await a.next()).committed, 50);
+  await replicated(reader, 'refused', backup('a'), 50);
+
+  const b = await runHost(['--snapshot=restore-v1', '--replica', url, backup('b'), NODE, COUNTER], { timeoutMs: 60_000 });
+  assert.equal(b.code, 125);
+  assertOneErrorLine(b.stderr, new RegExp(`^shm-restore: error: the replica ${url.replace(/[?.]/g, '\\$&')} is held by \\S+ pid ${a.pid} \\(lease renewed`), 'shm-restore');
+  assert.deepEqual(fs.readdirSync(path.dirname(backup('b'))), [], 'the refused host touched nothing');
+  const status = await runHost(['status', `nats://${server.address}/refused`]);
+  assert.match(status.stdout, new RegExp(`^lease: held by \\S+ pid ${a.pid} `, 'm'));
+
+  // The holder was not disturbed: its last state still reaches the replica when it stops.
+  a.kill('SIGTERM');
+  const end = await a.exited;
+  assert.equal(end.signal ?? end.code, 143, end.stderr);
+  assert.doesNotMatch(end.stderr, /warning|error/);
+  assert.equal((await reader.manifest('refused')).sha256, sha256(backup('a')));
+});
+
+test('a paused holder that wakes after losing its lease stops replicating and writes nothing', natsSkip, async (t) => {
+  const { server, reader, backup } = await setUp(t);
+  const url = `nats://${server.address}/paused?lease=1`;
+  const a = host(t, url, backup('a'), [], ['--log-level', 'debug']);
+  await a.next();
+  await a.err.waitFor(/replica \S+: committed /);
+  a.kill('SIGSTOP');
+
+  const { b, first } = await takeOver(t, url, backup('b'), a.pid, []);
+  assert.ok(first.recovered > 0, 'B starts from what A replicated');
+  // B commits and replicates on its own.
+  await waitFor(async () => (await reader.manifest('paused'))?.holder.endsWith(` pid ${b.pid}`), 'the new holder to commit a state');
+  const fencedAt = (await reader.manifest('paused')).seq;
+
+  const before = a.err.lines.length;
+  a.kill('SIGCONT');
+  await a.err.waitFor(/error: lost the lease of the replica \S+ to \S+ pid \d+: replication stopped, nothing more is written to it; local backups go on/);
+  const lost = a.err.lines.findIndex((line) => /lost the lease/.test(line));
+  assert.match(a.err.lines[lost], new RegExp(`to \\S+ pid ${b.pid}:`));
+  // A goes on with local backups only; B goes on replicating; nothing A sent was stored.
+  const localBefore = readCounterBackup(backup('a')).counter;
+  await waitFor(() => readCounterBackup(backup('a')).counter > localBefore, 'A to keep its local backups');
+  const next = (await reader.manifest('paused')).seq;
+  await waitFor(async () => (await reader.manifest('paused')).seq > next, 'B to commit again');
+  for (const m of await reader.messagesFrom('paused', fencedAt)) {
+    if (m.subject.endsWith('.manifest')) assert.match(JSON.parse(m.text).holder, new RegExp(` pid ${b.pid}$`));
+  }
+  assert.deepEqual(
+    a.err.lines.slice(before).filter((line) => /replica \S+: committed /.test(line)),
+    [],
+    'A committed nothing after it woke',
+  );
+  assert.doesNotMatch(b.err.text, /lost the lease|warning|error/);
+});
