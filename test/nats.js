@@ -7,7 +7,8 @@ import net from 'node:net';
 import path from 'node:path';
 import { connect } from '@nats-io/transport-node';
 import { jetstreamManager } from '@nats-io/jetstream';
-import { start } from './helpers.js';
+import assert from 'node:assert/strict';
+import { assertOneErrorLine, start } from './helpers.js';
 
 /** The nats-server binary (Debian installs it in /usr/sbin), or undefined. */
 export const NATS_SERVER = [...(process.env.PATH ?? '').split(':'), '/usr/sbin', '/usr/local/bin']
@@ -109,4 +110,25 @@ export async function replicaReader(t, servers) {
 /** SHA-256 of a file, hex, as in a replica's manifest. */
 export function sha256(file) {
   return crypto.createHash('sha256').update(fs.readFileSync(file)).digest('hex');
+}
+
+/**
+ * Starts hosts with `startHost()` until one gets the replica's lease and its program prints
+ * its first line; each host refused meanwhile must say, in one line, that `holderPid` holds it.
+ * @template {{ next: () => Promise<any>, exited: Promise<{ code: number | null, stderr: string }> }} H
+ * @param {() => H} startHost
+ * @param {number} holderPid
+ * @returns {Promise<{ host: H, first: any }>}
+ */
+export async function startWhenLeaseFree(startHost, holderPid) {
+  for (;;) {
+    const host = startHost();
+    try {
+      return { host, first: await host.next() };
+    } catch {
+      const end = await host.exited;
+      assert.equal(end.code, 125, end.stderr);
+      assertOneErrorLine(end.stderr, new RegExp(`is held by \\S+ pid ${holderPid} \\(lease renewed`), 'shm-restore');
+    }
+  }
 }

@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { assertOneErrorLine, COUNTER, NODE, readCounterBackup, runHost, startHost, tempDir, waitFor } from './helpers.js';
-import { natsSkip, replicaReader, sha256, startNats } from './nats.js';
+import { natsSkip, replicaReader, sha256, startNats, startWhenLeaseFree } from './nats.js';
 
 /** A directory per "host", and a server. */
 async function setUp(t) {
@@ -38,20 +38,6 @@ function replicated(reader, name, backup, counter) {
   );
 }
 
-/** Starts hosts on `backup` until one gets the lease; every refusal must name `holderPid`. */
-async function takeOver(t, url, backup, holderPid, counterArgs) {
-  for (;;) {
-    const b = host(t, url, backup, counterArgs);
-    try {
-      return { b, first: await b.next() };
-    } catch {
-      const end = await b.exited;
-      assert.equal(end.code, 125, end.stderr);
-      assertOneErrorLine(end.stderr, new RegExp(`is held by \\S+ pid ${holderPid} \\(lease renewed`), 'shm-restore');
-    }
-  }
-}
-
 test('a host in another directory continues from the replica after the first host is SIGKILLed', natsSkip, async (t) => {
   const { server, reader, backup } = await setUp(t);
   const url = `nats://${server.address}/takeover?lease=1`;
@@ -63,7 +49,7 @@ test('a host in another directory continues from the replica after the first hos
   await a.exited;
 
   // The lease of the dead host expires; then the new host takes over with its state.
-  const { b, first } = await takeOver(t, url, backup('b'), a.pid, ['--commits', '5', '--exit']);
+  const { host: b, first } = await startWhenLeaseFree(() => host(t, url, backup('b'), ['--commits', '5', '--exit']), a.pid);
   assert.equal(first.recovered, 300);
   assert.equal((await b.next()).committed, 305);
   const end = await b.exited;
@@ -112,7 +98,7 @@ test('a paused holder that wakes after losing its lease stops replicating and wr
   await a.err.waitFor(/replica \S+: committed /);
   a.kill('SIGSTOP');
 
-  const { b, first } = await takeOver(t, url, backup('b'), a.pid, []);
+  const { host: b, first } = await startWhenLeaseFree(() => host(t, url, backup('b'), []), a.pid);
   assert.ok(first.recovered > 0, 'B starts from what A replicated');
   // B commits and replicates on its own.
   await waitFor(async () => (await reader.manifest('paused'))?.holder.endsWith(` pid ${b.pid}`), 'the new holder to commit a state');

@@ -97,6 +97,11 @@ export class Lease {
       if (!isFenced(err)) throw err;
       const state = await this.state();
       if (state === undefined) return this.take();
+      if (state.holder.id === this.#writer.id) {
+        // Ours already (an earlier attempt whose answer was lost).
+        this.#revision = state.revision;
+        return;
+      }
       throw new ShmfdError('ERR_REPLICA_HELD', heldMessage(this.#url, state, this.ttlMs));
     }
   }

@@ -63,6 +63,7 @@ export class Replicator {
   #pause = FIRST_PAUSE_MS;
   #renewTimer: NodeJS.Timeout | undefined;
   #renewedAt = Date.now();
+  #renewing: Promise<boolean> | undefined;
   #loop: Promise<void> | undefined;
   #abort = new AbortController();
   #idle: (() => void) | undefined;
@@ -205,7 +206,13 @@ export class Replicator {
   }
 
   /** Renews the lease; on the timer, and before writing again after a failure. */
-  async #renew(): Promise<boolean> {
+  #renew(): Promise<boolean> {
+    // One renewal at a time: while the servers are unreachable, each waits for its timeout.
+    this.#renewing ??= this.#renewOnce().finally(() => (this.#renewing = undefined));
+    return this.#renewing;
+  }
+
+  async #renewOnce(): Promise<boolean> {
     if (this.#stopped || this.#fencedOff) return false;
     let outcome;
     try {

@@ -12,11 +12,16 @@ import { BackupFile, recordBackupCheck } from '../restore/backup.js';
 import { BackupLock } from '../restore/lock.js';
 import { syncDirectory } from '../restore/persist.js';
 import { formatBytes, formatDuration } from '../restore/progress.js';
-import { describeError } from '../system/libc.js';
+import { describeError, isSystemError } from '../system/libc.js';
+import { ShmfdError } from '../base/errors.js';
 import { heldMessage, Lease } from './lease.js';
 import { backupIdentity, Replicator } from './replicator.js';
-import { connectReplica, isFenced, newWriter, ReplicaStore, type Committed } from './store.js';
-import { credentialsFromEnv, parseReplicaUrl } from './url.js';
+import type { NatsConnection } from '@nats-io/transport-node';
+import { connectReplica, isFenced, newWriter, ReplicaStore, type Committed, type Writer } from './store.js';
+import { credentialsFromEnv, parseReplicaUrl, type ReplicaUrl } from './url.js';
+
+/** How long a start waits for servers that do not answer (a cluster electing its leaders). */
+const START_PATIENCE_MS = 30_000;
 
 /** Fence markers tried at start before giving up on a stream that keeps moving. */
 const FENCE_ATTEMPTS = 5;
@@ -38,44 +43,62 @@ export interface ReplicaStart {
 export async function startReplica(text: string, backupPath: string, env: Environment, log: Log): Promise<ReplicaStart> {
   const url = parseReplicaUrl(text);
   const nc = await connectReplica(url, credentialsFromEnv(env));
-  try {
-    const writer = newWriter();
-    const store = await ReplicaStore.open(nc, url, true);
-    const lease = (await Lease.open(nc, url, writer, true)) as Lease;
-    const backup = new BackupFile(backupPath);
-    // A refused host touches nothing, not even the lock file.
-    await lease.take();
-    let source: ReplicaStart['source'];
-    let lastSeq: number;
-    let committed: Committed | undefined;
+  const writer = newWriter();
+  const backup = new BackupFile(backupPath);
+  const deadline = Date.now() + START_PATIENCE_MS;
+  for (let warned = false; ; warned = true) {
     try {
-      const lock = BackupLock.acquire(backup);
-      try {
-        // From here on, whatever an earlier holder still sends is refused.
-        lastSeq = await fence(store, writer);
-        committed = await store.committed();
-        source = await newerOfTwo(backup, committed, store, url.text, log);
-      } finally {
-        lock.release();
-      }
+      return await prepare(nc, url, writer, backup, log);
     } catch (err) {
-      await lease.release().catch(() => undefined);
-      throw err;
+      // A cluster electing its leaders (a node just died) answers nothing for seconds.
+      if (err instanceof ShmfdError || isSystemError(err) || Date.now() > deadline) {
+        await nc.close().catch(() => undefined);
+        throw asReplicaError(err, url.text);
+      }
+      if (!warned) log.warn(`the replica ${url.text} does not answer yet (${describeError(err)}): trying again for up to ${START_PATIENCE_MS / 1000} s`);
+      await new Promise((resolve) => setTimeout(resolve, 500));
     }
-    let sent: string | undefined;
-    if (source === 'replica') sent = backupIdentity(fs.statSync(backup.path));
-    const replicator = new Replicator({ nc, store, lease, writer, lastSeq, sent, name: url.text, log });
-    replicator.lastCommitted = committed;
-    // A local backup newer than the replica is sent first: the replica catches up at once.
-    if (source === 'local') replicator.offer(backup.path);
-    return { replicator, source };
-  } catch (err) {
-    await nc.close().catch(() => undefined);
-    throw err;
   }
 }
 
-async function fence(store: ReplicaStore, writer: ReturnType<typeof newWriter>): Promise<number> {
+async function prepare(nc: NatsConnection, url: ReplicaUrl, writer: Writer, backup: BackupFile, log: Log): Promise<ReplicaStart> {
+  const store = await ReplicaStore.open(nc, url, true);
+  const lease = (await Lease.open(nc, url, writer, true)) as Lease;
+  // A refused host touches nothing, not even the lock file.
+  await lease.take();
+  let source: ReplicaStart['source'];
+  let lastSeq: number;
+  let committed: Committed | undefined;
+  try {
+    const lock = BackupLock.acquire(backup);
+    try {
+      // From here on, whatever an earlier holder still sends is refused.
+      lastSeq = await fence(store, writer);
+      committed = await store.committed();
+      source = await newerOfTwo(backup, committed, store, url.text, log);
+    } finally {
+      lock.release();
+    }
+  } catch (err) {
+    if (err instanceof ShmfdError || isSystemError(err)) await lease.release().catch(() => undefined);
+    throw err;
+  }
+  let sent: string | undefined;
+  if (source === 'replica') sent = backupIdentity(fs.statSync(backup.path));
+  const replicator = new Replicator({ nc, store, lease, writer, lastSeq, sent, name: url.text, log });
+  replicator.lastCommitted = committed;
+  // A local backup newer than the replica is sent first: the replica catches up at once.
+  if (source === 'local') replicator.offer(backup.path);
+  return { replicator, source };
+}
+
+/** Our own errors as they are; a failed request to the servers as `ERR_REPLICA_UNREACHABLE`. */
+function asReplicaError(err: unknown, name: string): unknown {
+  if (err instanceof ShmfdError || isSystemError(err)) return err;
+  return new ShmfdError('ERR_REPLICA_UNREACHABLE', `cannot use the replica ${name}: ${describeError(err)}`, { cause: err });
+}
+
+async function fence(store: ReplicaStore, writer: Writer): Promise<number> {
   for (let attempt = 1; ; attempt++) {
     try {
       return await store.fence(writer, await store.lastSeq());
@@ -165,7 +188,7 @@ export async function replicaStatus(text: string, env: Environment): Promise<{ o
     lines.push(holder === undefined || lease === undefined ? 'lease: free' : `lease: ${heldMessage(url, holder, lease.ttlMs).replace(/^the replica \S+ is /, '')}`);
     return { ok: committed !== undefined, lines };
   } catch (err) {
-    throw err instanceof Error && 'code' in err ? err : new Error(`cannot read the replica ${url.text}: ${describeError(err)}`, { cause: err });
+    throw asReplicaError(err, url.text);
   } finally {
     await nc.close().catch(() => undefined);
   }

@@ -18,7 +18,6 @@ import fs from 'node:fs';
 import os from 'node:os';
 import { connect, credsAuthenticator, headers, tokenAuthenticator, usernamePasswordAuthenticator, type NatsConnection } from '@nats-io/transport-node';
 import {
-  DeliverPolicy,
   JetStreamApiError,
   jetstream,
   jetstreamManager,
@@ -26,6 +25,7 @@ import {
   type JetStreamClient,
   type JetStreamManager,
   type PubAck,
+  type StoredMsg,
 } from '@nats-io/jetstream';
 import { ShmfdError } from '../base/errors.js';
 import type { ReplicaCredentials, ReplicaUrl } from './url.js';
@@ -273,31 +273,31 @@ export class ReplicaStore {
         hashed += n;
       }
     };
-    if (manifest.chunks > 0) {
-      const consumer = await this.#js.consumers.get(this.stream, {
-        filter_subjects: this.#subjects.data,
-        deliver_policy: DeliverPolicy.StartSequence,
-        opt_start_seq: manifest.firstSeq,
-      });
-      const messages = await consumer.consume();
-      let received = 0;
-      for await (const m of messages) {
-        const offset = Number(m.headers?.get(OFFSET_HEADER));
-        if (m.seq > manifest.lastSeq || !Number.isSafeInteger(offset) || offset < hashed || offset + m.data.length > manifest.size) {
-          await messages.close();
-          throw damaged(`misses data messages (found message ${m.seq} instead)`);
-        }
+    if (manifest.chunks !== manifest.lastSeq - manifest.firstSeq + 1) throw damaged(`names ${manifest.chunks} data messages in sequences ${manifest.firstSeq} to ${manifest.lastSeq}`);
+    for (let seq = manifest.firstSeq; manifest.chunks > 0 && seq <= manifest.lastSeq; seq += WINDOW) {
+      const batch: Promise<StoredMsg | null>[] = [];
+      for (let s = seq; s <= Math.min(manifest.lastSeq, seq + WINDOW - 1); s++) batch.push(this.#dataMessage(s));
+      for (const m of await Promise.all(batch)) {
+        const offset = Number(m?.header?.get(OFFSET_HEADER));
+        if (m === null || m.subject !== this.#subjects.data) throw damaged('misses some of its data messages');
+        if (!Number.isSafeInteger(offset) || offset < hashed || offset + m.data.length > manifest.size) throw damaged(`has a data message at a wrong offset (${offset})`);
         hashZerosTo(offset);
         hash.update(m.data);
         hashed += m.data.length;
         writeFully(fd, m.data, offset);
-        if (++received === manifest.chunks) break;
       }
-      await messages.close();
-      if (received !== manifest.chunks) throw damaged(`has ${received} of its ${manifest.chunks} data messages`);
     }
     hashZerosTo(manifest.size);
     if (hash.digest('hex') !== manifest.sha256) throw damaged('does not match its SHA-256');
+  }
+
+  /**
+   * The message at `seq`: a direct get (answered by any server holding the stream, no
+   * consumer to place), or, from a server that has not applied it yet, from the leader.
+   */
+  async #dataMessage(seq: number): Promise<StoredMsg | null> {
+    const direct = await this.#jsm.direct.getMessage(this.stream, { seq }).catch(() => null);
+    return direct ?? this.#jsm.streams.getMessage(this.stream, { seq }).catch(() => null);
   }
 
   /** Bytes per data message: within the server's max_payload, with room for headers. */
