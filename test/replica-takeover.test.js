@@ -124,3 +124,23 @@ test('a paused holder that wakes after losing its lease stops replicating and wr
   );
   assert.doesNotMatch(b.err.text, /lost the lease|warning|error/);
 });
+
+test('states sent while newer rounds end are whole: a host taking over starts from one', natsSkip, async (t) => {
+  const { server, reader, backup } = await setUp(t);
+  const url = `nats://${server.address}/overlap?lease=1`;
+  // 16 MiB of data: each send spans several snapshot rounds, each of which offers a newer backup.
+  const big = ['--size', String(16 * 2 ** 20), '--fill', '7'];
+  const a = host(t, url, backup('a'), big, ['--log-level', 'debug']);
+  await a.next();
+  await waitFor(() => a.err.numbers(/replica \S+: committed (\d+) bytes/).length >= 3, 'three states sent');
+  a.kill('SIGKILL');
+  await a.exited;
+  assert.doesNotMatch(a.err.text, /warning|error/);
+  const sent = await reader.manifest('overlap');
+
+  const { host: b, first } = await startWhenLeaseFree(() => host(t, url, backup('b'), [...big, '--commits', '1', '--exit']), a.pid);
+  assert.ok(first.recovered > 0, 'B starts from a state A sent');
+  const end = await b.exited;
+  assert.equal(end.code, 0, end.stderr);
+  assert.match(end.stderr, new RegExp(`starting from the replica .*\\(${(sent.size / 1e6).toFixed(1)} MB, from \\S+ pid ${a.pid}\\)`));
+});

@@ -55,6 +55,7 @@ export class Replicator {
   #lastSeq: number;
   #sent: string | undefined;
   #pending: Pending | undefined;
+  #sending: Pending | undefined;
   #wake: (() => void) | undefined;
   #stopped = false;
   #fencedOff = false;
@@ -104,7 +105,7 @@ export class Replicator {
     }
     const stat = fs.fstatSync(fd);
     const identity = backupIdentity(stat);
-    if (identity === this.#sent || identity === this.#pending?.identity) {
+    if (identity === this.#sent || identity === this.#pending?.identity || identity === this.#sending?.identity) {
       fs.closeSync(fd);
       return;
     }
@@ -119,9 +120,10 @@ export class Replicator {
    * @returns true when the newest offered state was committed
    */
   async stop(graceMs: number): Promise<boolean> {
-    if (this.#pending !== undefined && !this.#fencedOff) {
+    const waiting = () => (this.#pending !== undefined || this.#sending !== undefined) && !this.#fencedOff;
+    if (waiting()) {
       const deadline = Date.now() + graceMs;
-      while (this.#pending !== undefined && !this.#fencedOff && Date.now() < deadline) {
+      while (waiting() && Date.now() < deadline) {
         await new Promise<void>((resolve) => {
           const timer = setTimeout(resolve, Math.min(100, Math.max(1, deadline - Date.now())));
           this.#idle = () => {
@@ -131,8 +133,8 @@ export class Replicator {
         });
       }
     }
-    const complete = this.#pending === undefined && !this.#fencedOff;
-    if (this.#pending !== undefined && !this.#fencedOff) {
+    const complete = !waiting() && !this.#fencedOff;
+    if (waiting()) {
       this.#o.log.warn(`the replica ${this.#o.name} did not receive the newest state in time; it holds an older one`);
     }
     this.#stopped = true;
@@ -160,6 +162,11 @@ export class Replicator {
         this.#wake = undefined;
         continue;
       }
+      // Taken out of #pending, so that a newer offer cannot close it while it is read.
+      this.#pending = undefined;
+      this.#sending = p;
+      // Whether p went back to #pending, which then owns its descriptor.
+      let requeued = false;
       try {
         if (this.#mustResync || Date.now() - this.#renewedAt > this.#o.lease.ttlMs) await this.#resync();
         if (this.#fencedOff || this.#stopped) break;
@@ -167,8 +174,6 @@ export class Replicator {
         this.#lastSeq = committed.seq;
         this.lastCommitted = committed;
         this.#sent = p.identity;
-        if (this.#pending === p) this.#drop();
-        else fs.closeSync(p.fd);
         if (this.#failing) this.#o.log.warn(`the replica ${this.#o.name} is reachable again: caught up with the newest backup`);
         this.#failing = false;
         this.#pause = FIRST_PAUSE_MS;
@@ -184,8 +189,17 @@ export class Replicator {
           this.#o.log.debug(`replica ${this.#o.name}: ${describeError(err)}`);
         }
         this.#failing = true;
+        // Unless a newer state came meanwhile, this one is sent again after the pause.
+        this.#sending = undefined;
+        if (this.#pending === undefined && !this.#stopped && !this.#fencedOff) {
+          this.#pending = p;
+          requeued = true;
+        }
         await this.#sleep(this.#pause);
         this.#pause = Math.min(LONGEST_PAUSE_MS, this.#pause * 2);
+      } finally {
+        this.#sending = undefined;
+        if (!requeued) fs.closeSync(p.fd);
       }
     }
   }
