@@ -1,0 +1,52 @@
+// Issue 11: what `--replica` refuses before it touches anything: credentials on the
+// command line, a malformed URL, --replica without --snapshot, and servers that do not
+// answer; each one error line. Needs no NATS server.
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { test } from 'node:test';
+import { assertOneErrorLine, COUNTER, NODE, runHost, tempDir } from './helpers.js';
+import { freePort } from './nats.js';
+
+test('credentials in the replica URL are refused, never sent anywhere', async (t) => {
+  const dir = tempDir(t);
+  const backup = path.join(dir, 'state');
+  const r = await runHost(['--snapshot=restore-v1', '--replica', 'nats://alice:secret@127.0.0.1:4222/app', backup, NODE, COUNTER]);
+  assert.equal(r.code, 125);
+  assertOneErrorLine(r.stderr, /replica URL .*: credentials do not belong on the command line, .*NATS_CREDS/, 'shm-restore');
+  assert.deepEqual(fs.readdirSync(dir), []);
+});
+
+test('a malformed replica URL is one line naming the problem', async (t) => {
+  const backup = path.join(tempDir(t), 'state');
+  /** @type {Array<[string, RegExp]>} */
+  const cases = [
+    ['nats://127.0.0.1/app', /"127\.0\.0\.1" is not HOST:PORT/],
+    ['nats://127.0.0.1:4222/a.b', /the name "a\.b" must be 1 to 64 letters, digits, - or _/],
+    ['nats://127.0.0.1:4222/app?lease=0', /lease=0: seconds from 1 to 3600/],
+    ['nats://127.0.0.1:4222/app?ttl=3', /unknown parameter "ttl"/],
+  ];
+  for (const [url, problem] of cases) {
+    const r = await runHost(['--snapshot=restore-v1', '--replica', url, backup, NODE, COUNTER]);
+    assert.equal(r.code, 125, url);
+    assertOneErrorLine(r.stderr, problem, 'shm-restore');
+  }
+});
+
+test('--replica needs --snapshot=restore-v1', async (t) => {
+  const r = await runHost(['--replica', 'nats://127.0.0.1:4222/app', path.join(tempDir(t), 'state'), NODE, COUNTER]);
+  assert.equal(r.code, 125);
+  assertOneErrorLine(r.stderr, /--replica needs --snapshot=restore-v1$/, 'shm-restore');
+});
+
+test('a replica whose server does not answer stops the start with one line; status says so too', async (t) => {
+  const dir = tempDir(t);
+  const port = await freePort();
+  const r = await runHost(['--snapshot=restore-v1', '--replica', `nats://127.0.0.1:${port}/app`, path.join(dir, 'state'), NODE, COUNTER]);
+  assert.equal(r.code, 125);
+  assertOneErrorLine(r.stderr, new RegExp(`cannot connect to the replica nats://127\\.0\\.0\\.1:${port}/app: `), 'shm-restore');
+  assert.deepEqual(fs.readdirSync(dir), []);
+  const status = await runHost(['status', `nats://127.0.0.1:${port}/app`]);
+  assert.equal(status.code, 1);
+  assertOneErrorLine(status.stderr, /cannot connect to the replica/, 'shm-restore');
+});
