@@ -9,7 +9,7 @@
 import type { NatsConnection } from '@nats-io/transport-node';
 import { Kvm, type KV } from '@nats-io/kv';
 import { ShmfdError } from '../base/errors.js';
-import { isFenced, type Writer } from './store.js';
+import { isFenced, isStreamNotFound, type Writer } from './store.js';
 import type { ReplicaUrl } from './url.js';
 
 const KEY = 'holder';
@@ -57,15 +57,17 @@ export class Lease {
   static async open(nc: NatsConnection, url: ReplicaUrl, writer: Writer, create: boolean): Promise<Lease | undefined> {
     const kvm = new Kvm(nc);
     const bucket = `SHMFD_LEASE_${url.name}`;
-    let kv: KV;
-    if (create) {
+    // An existing bucket is used as it is: its max_age, not the URL's, is the lease.
+    let kv: KV = await kvm.open(bucket);
+    let status = await kv.status().catch((err: unknown) => {
+      if (isStreamNotFound(err)) return undefined;
+      throw err;
+    });
+    if (status === undefined) {
+      if (!create) return undefined;
       kv = await kvm.create(bucket, { ttl: url.leaseMs, history: 1, replicas: url.replicas });
-    } else {
-      const found = await kvm.open(bucket).catch(() => undefined);
-      if (found === undefined) return undefined;
-      kv = found;
+      status = await kv.status();
     }
-    const status = await kv.status();
     return new Lease(kv, status.ttl, writer, url);
   }
 

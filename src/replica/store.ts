@@ -77,6 +77,11 @@ export function isFenced(err: unknown): boolean {
   return err instanceof JetStreamApiError && err.code === WRONG_LAST_SEQUENCE;
 }
 
+/** True for JetStream's answer that a stream (or a bucket's) does not exist. */
+export function isStreamNotFound(err: unknown): boolean {
+  return err instanceof JetStreamApiError && err.code === STREAM_NOT_FOUND;
+}
+
 /** A new writer identity for this process. */
 export function newWriter(): Writer {
   return { id: crypto.randomBytes(9).toString('base64url'), description: `${os.hostname()} pid ${process.pid}` };
@@ -152,7 +157,7 @@ export class ReplicaStore {
     try {
       return await this.#jsm.streams.info(this.stream);
     } catch (err) {
-      if (err instanceof JetStreamApiError && err.code === STREAM_NOT_FOUND) return undefined;
+      if (isStreamNotFound(err)) return undefined;
       throw err;
     }
   }
@@ -168,7 +173,7 @@ export class ReplicaStore {
     try {
       stored = await this.#jsm.streams.getMessage(this.stream, { last_by_subj: this.#subjects.manifest });
     } catch (err) {
-      if (err instanceof JetStreamApiError && (err.code === STREAM_NOT_FOUND || err.status === 404)) return undefined;
+      if (isStreamNotFound(err) || (err instanceof JetStreamApiError && err.status === 404)) return undefined;
       throw err;
     }
     if (stored === null) return undefined;
