@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { assertOneErrorLine, COUNTER, NODE, readCounterBackup, runHost, startHost, tempDir, waitFor } from './helpers.js';
+import { assertOneErrorLine, COUNTER, fixture, NODE, readCounterBackup, runHost, SHM_RESTORE, start, startHost, tempDir, waitFor } from './helpers.js';
 import { natsSkip, replicaReader, sha256, startNats, startWhenLeaseFree } from './nats.js';
 
 /** A directory per "host", and a server. */
@@ -143,4 +143,21 @@ test('states sent while newer rounds end are whole: a host taking over starts fr
   const end = await b.exited;
   assert.equal(end.code, 0, end.stderr);
   assert.match(end.stderr, new RegExp(`starting from the replica .*\\(${(sent.size / 1e6).toFixed(1)} MB, from \\S+ pid ${a.pid}\\)`));
+});
+
+test('beside a replica, a program that marks its writes still gets whole rounds: the file being sent never changes', natsSkip, async (t) => {
+  const { server, backup } = await setUp(t);
+  const args = ['--snapshot=restore-v1', '--interval', '5', '--log-level', 'debug', '--replica', `nats://${server.address}/whole`, backup('a')];
+  const tree = start(NODE, [SHM_RESTORE, ...args, NODE, fixture('incremental-writer.js'), String(1 << 22)], { detached: true, t });
+  // Rounds in place would rewrite the backup while the replicator still reads the
+  // previous round from it, and it would send a state that was never committed.
+  let rounds = 0;
+  for (let i = 0; rounds < 10; i++) {
+    const line = await tree.err.line(i);
+    assert.ok(line !== undefined, `10 rounds:\n${tree.err.lines.join('\n')}`);
+    assert.doesNotMatch(line, /snapshot persisted in place/);
+    if (/snapshot persisted:/.test(line)) rounds++;
+  }
+  tree.kill('SIGKILL');
+  await tree.exited;
 });

@@ -141,7 +141,10 @@ async function host(o: RestoreHostOptions, name: string, backup: BackupFile, log
   if (relay.received !== undefined) return exitStatus(null, relay.received);
   if (created) parkMemory(env, name, memory, log);
 
-  const dirtyPages = o.snapshot !== undefined ? DirtyPages.create() : undefined;
+  // No dirty-page map beside a replica: rounds in place would change the backup while the
+  // replicator still reads the previous round from it, and it would send a torn state.
+  // Every round is then a whole copy, a new file the replicator's descriptor keeps intact.
+  const dirtyPages = o.snapshot !== undefined && o.onDurable === undefined ? DirtyPages.create() : undefined;
   const descriptors = childDescriptors(
     passed,
     o.extraFds ?? [],
