@@ -82,7 +82,9 @@ export function keyValueMap(options: KeyValueMapOptions): MapDeclaration {
 
 /** Bytes a record with a key of `keyBytes` and a value of `valueBytes` takes in the ring. */
 export function entryBytes(keyBytes: number, valueBytes: number): number {
-  return ENTRY_HEADER + Math.ceil((keyBytes + valueBytes) / 8) * 8;
+  // Modulo rather than `& ~7`: a length read from a damaged record may exceed 2^31.
+  const n = keyBytes + valueBytes + 7;
+  return ENTRY_HEADER + n - (n % 8);
 }
 
 /** A key: a string (stored as its UTF-8 bytes) or bytes. `'a'` and `Uint8Array [0x61]` are the same key. */
@@ -138,6 +140,30 @@ function hashBytes(b: Uint8Array, from: number, n: number): number {
   h = Math.imul(h, 0xc2b2ae35);
   h ^= h >>> 16;
   return h >>> 0;
+}
+
+/**
+ * Copies of values and keys are carved from shared 8 KiB buffers, as `Buffer.allocUnsafe`
+ * does: a typed array over 64 bytes with its own buffer costs a malloc'd backing store
+ * that the GC tracks, several times the rest of a `get`.
+ */
+const POOL_BYTES = 8192;
+let pool = new ArrayBuffer(POOL_BYTES);
+let poolBytes = new Uint8Array(pool);
+let poolAt = 0;
+
+/** A copy of `src[from..from+n)`, in its own memory or a slice of a shared pool buffer. */
+function copyOut(src: Uint8Array, from: number, n: number): Uint8Array {
+  if (n > POOL_BYTES / 8) return src.slice(from, from + n);
+  if (poolAt + n > POOL_BYTES) {
+    pool = new ArrayBuffer(POOL_BYTES);
+    poolBytes = new Uint8Array(pool);
+    poolAt = 0;
+  }
+  const at = poolAt;
+  poolBytes.set(src.subarray(from, from + n), at);
+  poolAt = (at + n + 7) & ~7;
+  return new Uint8Array(pool, at, n);
 }
 
 /** Slots a new staged index starts with (it doubles as keys are staged). */
@@ -205,11 +231,14 @@ export class KeyValueMap implements Structure {
   /**
    * Ring tails named by snapshots that may be valid, oldest first, each with the stream
    * offset of the newest snapshot naming it: before ring bytes are reused, every snapshot
-   * naming a tail they lie after is invalidated.
+   * naming a tail they lie after is invalidated. A ring of as many groups as the snapshot
+   * file has slots: when it is full, the oldest group's snapshots are older than that many
+   * commits, so their slots were reused.
    */
-  #namedTails: number[] = [];
-  #namedOffsets: number[] = [];
-  #namedFirst = 0;
+  readonly #namedTails: Float64Array;
+  readonly #namedOffsets: Float64Array;
+  #namedHead = 0;
+  #namedCount = 0;
 
   /** @internal created by the state file. */
   constructor(container: StructureContainer, name: string, region: Uint8Array, identity: readonly [number, number]) {
@@ -229,6 +258,9 @@ export class KeyValueMap implements Structure {
     this.#identity = identity;
     this.#scratch = Buffer.alloc(MAX_KEY_BYTES);
     this.#slots = Math.min(MIN_SLOTS, g.maxSlots);
+    const groups = container.writer.layout.entries;
+    this.#namedTails = new Float64Array(groups);
+    this.#namedOffsets = new Float64Array(groups);
   }
 
   /** Entries, staged changes included. */
@@ -264,13 +296,17 @@ export class KeyValueMap implements Structure {
     return this.#rebuilt;
   }
 
-  /** The value of `key` (a copy), staged changes included; `undefined` when absent. */
+  /**
+   * The value of `key` (a copy), staged changes included; `undefined` when absent. A small
+   * copy may share its `buffer` with other copies (as `Buffer.allocUnsafe` does): use its
+   * `byteOffset` and `length`.
+   */
   get(key: MapKey): Uint8Array | undefined {
     const at = this.#lookup(key);
     if (at < 0) return undefined;
     const w = this.#ringWord + (at >>> 2);
     const start = this.#ringOffset + at + ENTRY_HEADER + (this.#u32[w]! & KEY_MASK);
-    return this.#bytes.slice(start, start + this.#u32[w + 1]!);
+    return copyOut(this.#bytes, start, this.#u32[w + 1]!);
   }
 
   /** Whether `key` is present, staged changes included. */
@@ -426,7 +462,7 @@ export class KeyValueMap implements Structure {
       const w = this.#ringWord + (at >>> 2);
       const start = this.#ringOffset + at + ENTRY_HEADER;
       const keyBytes = this.#u32[w]! & KEY_MASK;
-      yield [this.#bytes.slice(start, start + keyBytes), this.#bytes.slice(start + keyBytes, start + keyBytes + this.#u32[w + 1]!)];
+      yield [copyOut(this.#bytes, start, keyBytes), copyOut(this.#bytes, start + keyBytes, this.#u32[w + 1]!)];
     }
   }
 
@@ -434,7 +470,7 @@ export class KeyValueMap implements Structure {
   *keys(): IterableIterator<Uint8Array> {
     for (const at of this.#walk()) {
       const start = this.#ringOffset + at + ENTRY_HEADER;
-      yield this.#bytes.slice(start, start + (this.#u32[this.#ringWord + (at >>> 2)]! & KEY_MASK));
+      yield copyOut(this.#bytes, start, this.#u32[this.#ringWord + (at >>> 2)]! & KEY_MASK);
     }
   }
 
@@ -717,17 +753,15 @@ export class KeyValueMap implements Structure {
   #protect(end: number): void {
     const limit = end - this.#ring;
     const tails = this.#namedTails;
-    let first = this.#namedFirst;
-    if (first >= tails.length || tails[first]! >= limit) return;
+    if (this.#namedCount === 0 || tails[this.#namedHead]! >= limit) return;
+    const groups = tails.length;
     let offset = -1;
-    while (first < tails.length && tails[first]! < limit) offset = Math.max(offset, this.#namedOffsets[first++]!);
-    this.#container.writer.invalidateBefore(offset + 1);
-    if (first > 64 && first * 2 > tails.length) {
-      tails.splice(0, first);
-      this.#namedOffsets.splice(0, first);
-      first = 0;
+    while (this.#namedCount > 0 && tails[this.#namedHead]! < limit) {
+      offset = Math.max(offset, this.#namedOffsets[this.#namedHead]!);
+      this.#namedHead = this.#namedHead + 1 === groups ? 0 : this.#namedHead + 1;
+      this.#namedCount--;
     }
-    this.#namedFirst = first;
+    this.#container.writer.invalidateBefore(offset + 1);
   }
 
   // ---- commit
@@ -860,15 +894,24 @@ export class KeyValueMap implements Structure {
 
   #named(tail: number, offset: number): void {
     const tails = this.#namedTails;
-    const last = tails.length - 1;
-    if (last >= this.#namedFirst && tails[last]! >= tail) {
-      // Same tail (or, in a damaged file, a smaller one): one entry, conservatively.
+    const groups = tails.length;
+    let last = this.#namedHead + this.#namedCount - 1;
+    if (last >= groups) last -= groups;
+    if (this.#namedCount > 0 && tails[last]! >= tail) {
+      // Same tail (or, in a damaged file, a smaller one): one group, conservatively.
       tails[last] = Math.min(tails[last]!, tail);
       this.#namedOffsets[last] = Math.max(this.#namedOffsets[last]!, offset);
-    } else {
-      tails.push(tail);
-      this.#namedOffsets.push(offset);
+      return;
     }
+    if (this.#namedCount === groups) {
+      this.#namedHead = this.#namedHead + 1 === groups ? 0 : this.#namedHead + 1;
+      this.#namedCount--;
+    }
+    let at = this.#namedHead + this.#namedCount;
+    if (at >= groups) at -= groups;
+    tails[at] = tail;
+    this.#namedOffsets[at] = offset;
+    this.#namedCount++;
   }
 
   /** @internal A valid snapshot at stream `offset` names the ring tail `tail`. */
