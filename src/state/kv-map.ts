@@ -27,6 +27,10 @@ const FLAG_TOMBSTONE = 0x0100_0000;
 const FLAG_WRAP = 0x0200_0000;
 const KEY_MASK = 0x00ff_ffff;
 const CHECK_SALT = 0x6b76_6d70;
+/** Bytes a rebuild reads at a time; more than the largest key and a record header. */
+const REBUILD_CHUNK = 1 << 20;
+/** Records a rebuild collects before it inserts them (12 bytes each, twice: 1.5 MiB). */
+const REBUILD_SEGMENT = 1 << 16;
 /** Windows from this size on take long enough to rebuild that opening warns first. */
 const LARGE_REBUILD = 64 * 2 ** 20;
 /** `"shmkvidx"` as two little-endian u32: the index header's first words. */
@@ -97,9 +101,8 @@ let bootId: string | undefined;
  * memfd (a restored backup) and from a file of an earlier boot: a hash of the boot id,
  * device, inode and birth time (the change time moves with every store through a mapping).
  * A false difference only costs a rebuild.
- * @internal
  */
-export function memoryIdentity(fd: number): readonly [number, number] {
+function memoryIdentity(fd: number): readonly [number, number] {
   if (bootId === undefined) {
     try {
       bootId = fs.readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
@@ -166,6 +169,14 @@ function copyOut(src: Uint8Array, from: number, n: number): Uint8Array {
   return new Uint8Array(pool, at, n);
 }
 
+/** Records found by a rebuild, in ring order or sorted by the part of the table they go to. */
+interface RebuildSegment {
+  readonly hashes: Uint32Array;
+  /** Ring byte / 8 + 1, plus 2^31 for a tombstone. */
+  readonly positions: Uint32Array;
+  readonly sizes: Uint32Array;
+}
+
 /** Slots a new staged index starts with (it doubles as keys are staged). */
 const MIN_STAGED_SLOTS = 64;
 
@@ -201,6 +212,9 @@ export class KeyValueMap implements Structure {
   /** u32 index of the index table's first word. */
   readonly #indexWord: number;
   readonly #identity: readonly [number, number];
+  /** The memory file and the file offset of the region, for the reads of a rebuild. */
+  readonly #fd: number;
+  readonly #fileOffset: number;
   readonly #scratch: Buffer;
   /** Committed window of the ring, as stream positions. */
   #tail = 0;
@@ -241,7 +255,7 @@ export class KeyValueMap implements Structure {
   #namedCount = 0;
 
   /** @internal created by the state file. */
-  constructor(container: StructureContainer, name: string, region: Uint8Array, identity: readonly [number, number]) {
+  constructor(container: StructureContainer, name: string, region: Uint8Array, fd: number, fileOffset: number) {
     this.#container = container;
     this.name = name;
     this.#bytes = region;
@@ -255,7 +269,9 @@ export class KeyValueMap implements Structure {
     this.maxRecordBytes = g.maxRecordBytes;
     this.maxEntries = g.maxEntries;
     this.maxLiveBytes = Math.floor((g.ringBytes * 3) / 8 / 8) * 8;
-    this.#identity = identity;
+    this.#identity = memoryIdentity(fd);
+    this.#fd = fd;
+    this.#fileOffset = fileOffset;
     this.#scratch = Buffer.alloc(MAX_KEY_BYTES);
     this.#slots = Math.min(MIN_SLOTS, g.maxSlots);
     const groups = container.writer.layout.entries;
@@ -978,91 +994,166 @@ export class KeyValueMap implements Structure {
   }
 
   /**
-   * Rebuilds the index from the committed records; checks every record header on the way.
-   * Two sequential passes over the window: the headers (to size the table once), then the
-   * records into the table, without an allocation per record.
+   * Rebuilds the index from the committed records; checks every record header and key
+   * hash on the way. The records are read in order with pread(2) into a buffer in the
+   * heap: the first access to each page of a new mapping costs several microseconds (a
+   * page fault per 16 pages, and more on a virtual machine), which made a pass over the
+   * mapping take seconds per GiB. Each segment of records found is then sorted by the part
+   * of the table its home slot lies in (a stable counting sort: the records of a key keep
+   * their order) and inserted part by part, so the table is written where it is cached,
+   * not at a random place per record. The table starts at the size the old index header
+   * suggests (a hint only) and doubles when a segment may not fit.
    */
   #rebuild(): string | undefined {
     this.#rebuilt = true;
     const ring = this.#ring;
     const u32 = this.#u32;
-    const ringWord = this.#ringWord;
     const tail = this.#tail;
     const head = this.#head;
-    let records = 0;
+    u32[H_VALID] = 0;
+    const maxSlots = this.#geometry.maxSlots;
+    const hinted = u32[H_SLOTS]! + u32[H_SLOTS + 1]! * 0x1_0000_0000;
+    let slots = Math.min(MIN_SLOTS, maxSlots);
+    if (hinted > slots && hinted <= maxSlots && (hinted & (hinted - 1)) === 0) slots = hinted;
+    this.#resize(slots, false);
+    this.#count = 0;
+    this.#live = 0;
+    const chunk = Buffer.allocUnsafeSlow(Math.min(REBUILD_CHUNK, ring));
+    const view = new Uint32Array(chunk.buffer, chunk.byteOffset, chunk.length / 4);
+    const segment = Math.min(REBUILD_SEGMENT, Math.ceil((head - tail) / ENTRY_HEADER) + 1);
+    const found: RebuildSegment = { hashes: new Uint32Array(segment), positions: new Uint32Array(segment), sizes: new Uint32Array(segment) };
+    const sorted: RebuildSegment = { hashes: new Uint32Array(segment), positions: new Uint32Array(segment), sizes: new Uint32Array(segment) };
+    let n = 0;
+    let adds = 0;
+    // The ring bytes [chunkAt, chunkAt + chunkBytes) are in `chunk`.
+    let chunkAt = 0;
+    let chunkBytes = 0;
     for (let at = tail; at < head; ) {
       const phys = at % ring;
       if (ring - phys < ENTRY_HEADER) {
         at += ring - phys;
         continue;
       }
-      const w = ringWord + (phys >>> 2);
-      const word0 = u32[w]!;
-      const valueBytes = u32[w + 1]!;
-      if (((word0 ^ valueBytes ^ u32[w + 2]! ^ CHECK_SALT) >>> 0) !== u32[w + 3] || (word0 & ~(KEY_MASK | FLAG_TOMBSTONE | FLAG_WRAP)) !== 0) {
+      if (phys < chunkAt || phys + ENTRY_HEADER > chunkAt + chunkBytes) {
+        chunkAt = phys;
+        chunkBytes = this.#readRing(chunk, phys, Math.min(head - at, ring - phys));
+      }
+      const w = (phys - chunkAt) >>> 2;
+      const word0 = view[w]!;
+      const valueBytes = view[w + 1]!;
+      const hash = view[w + 2]!;
+      if (((word0 ^ valueBytes ^ hash ^ CHECK_SALT) >>> 0) !== view[w + 3] || (word0 & ~(KEY_MASK | FLAG_TOMBSTONE | FLAG_WRAP)) !== 0) {
         return `map ${this.name}: the record at ring byte ${phys} (stream ${at}) has a damaged header`;
       }
       if ((word0 & FLAG_WRAP) !== 0) {
         at += ring - phys;
         continue;
       }
-      const size = entryBytes(word0 & KEY_MASK, valueBytes);
-      if ((word0 & KEY_MASK) > MAX_KEY_BYTES || size > this.maxRecordBytes || phys + size > ring || at + size > head) {
+      const keyBytes = word0 & KEY_MASK;
+      const size = entryBytes(keyBytes, valueBytes);
+      if (keyBytes > MAX_KEY_BYTES || size > this.maxRecordBytes || phys + size > ring || at + size > head) {
         return `map ${this.name}: the record at ring byte ${phys} (stream ${at}) does not fit the ring`;
       }
-      if ((word0 & FLAG_TOMBSTONE) === 0) records++;
+      if (phys + ENTRY_HEADER + keyBytes > chunkAt + chunkBytes) {
+        chunkAt = phys;
+        chunkBytes = this.#readRing(chunk, phys, Math.min(head - at, ring - phys));
+      }
+      if (hashBytes(chunk, phys - chunkAt + ENTRY_HEADER, keyBytes) !== hash) {
+        return `map ${this.name}: the record at ring byte ${phys} (stream ${at}) has a key that does not match its hash`;
+      }
+      const tombstone = (word0 & FLAG_TOMBSTONE) !== 0;
+      found.hashes[n] = hash;
+      // Ring bytes are below 2^32, so phys / 8 + 1 leaves the top bit for a tombstone.
+      found.positions[n] = (phys / 8 + 1 + (tombstone ? 0x8000_0000 : 0)) >>> 0;
+      found.sizes[n] = size;
+      n++;
+      if (!tombstone) adds++;
+      if (n === segment) {
+        const damage = this.#insertFound(found, sorted, n, adds);
+        if (damage !== undefined) return damage;
+        n = 0;
+        adds = 0;
+      }
       at += size;
     }
-    let slots = Math.min(MIN_SLOTS, this.#geometry.maxSlots);
-    while (records > (slots / 4) * 3 && slots < this.#geometry.maxSlots) slots *= 2;
-    this.#resize(slots, false);
-    this.#count = 0;
-    let live = 0;
+    const damage = this.#insertFound(found, sorted, n, adds);
+    if (damage !== undefined) return damage;
+    this.#writeIndexHeader();
+    return undefined;
+  }
+
+  /** Inserts `n` records found by a rebuild (`adds` of them not tombstones), in their order per key. */
+  #insertFound(found: RebuildSegment, sorted: RebuildSegment, n: number, adds: number): string | undefined {
+    let slots = this.#slots;
+    while (this.#count + adds > (slots / 4) * 3 && slots < this.#geometry.maxSlots) slots *= 2;
+    if (slots !== this.#slots) this.#resize(slots, true);
+    const mask = slots - 1;
+    // Parts of 4096 slots (32 KiB of table).
+    const shift = Math.min(12, Math.log2(slots));
+    const parts = slots >>> shift;
+    let from = found;
+    if (parts > 1) {
+      const starts = new Uint32Array(parts + 1);
+      for (let i = 0; i < n; i++) starts[((found.hashes[i]! & mask) >>> shift) + 1]!++;
+      for (let p = 1; p <= parts; p++) starts[p]! += starts[p - 1]!;
+      for (let i = 0; i < n; i++) {
+        const hash = found.hashes[i]!;
+        const j = starts[(hash & mask) >>> shift]!++;
+        sorted.hashes[j] = hash;
+        sorted.positions[j] = found.positions[i]!;
+        sorted.sizes[j] = found.sizes[i]!;
+      }
+      from = sorted;
+    }
+    const u32 = this.#u32;
+    const index = this.#indexWord;
     const bytes = this.#bytes;
     const keyAt = this.#ringOffset + ENTRY_HEADER;
-    const index = this.#indexWord;
-    const mask = slots - 1;
-    for (let at = tail; at < head; ) {
-      const phys = at % ring;
-      const w = ringWord + (phys >>> 2);
-      if (ring - phys < ENTRY_HEADER || (u32[w]! & FLAG_WRAP) !== 0) {
-        at += ring - phys;
-        continue;
-      }
-      const word0 = u32[w]!;
-      const keyBytes = word0 & KEY_MASK;
-      const size = entryBytes(keyBytes, u32[w + 1]!);
-      const hash = u32[w + 2]!;
-      const key = keyAt + phys;
-      if (hashBytes(bytes, key, keyBytes) !== hash) return `map ${this.name}: the record at ring byte ${phys} (stream ${at}) has a key that does not match its hash`;
+    let live = this.#live;
+    for (let i = 0; i < n; i++) {
+      const hash = from.hashes[i]!;
+      const position = from.positions[i]!;
+      const tombstone = position >= 0x8000_0000;
+      const record = tombstone ? position - 0x8000_0000 : position;
+      const phys = (record - 1) * 8;
       // One probe sequence finds the key's slot or the empty slot where it goes.
       let slot = hash & mask;
       for (;;) {
         const pos = u32[index + 2 * slot]!;
         if (pos === 0) break;
-        if (u32[index + 2 * slot + 1] === hash && this.#sameKey((pos - 1) * 8, bytes, key, keyBytes)) break;
+        if (u32[index + 2 * slot + 1] === hash && this.#sameKey((pos - 1) * 8, bytes, keyAt + phys, u32[this.#ringWord + (phys >>> 2)]! & KEY_MASK)) break;
         slot = (slot + 1) & mask;
       }
       const pos = u32[index + 2 * slot]!;
-      if ((word0 & FLAG_TOMBSTONE) !== 0) {
+      if (tombstone) {
         if (pos !== 0) {
           live -= this.#recordBytesAt((pos - 1) * 8);
           this.#remove(slot);
         }
       } else if (pos !== 0) {
-        live += size - this.#recordBytesAt((pos - 1) * 8);
-        u32[index + 2 * slot] = phys / 8 + 1;
+        live += from.sizes[i]! - this.#recordBytesAt((pos - 1) * 8);
+        u32[index + 2 * slot] = record;
       } else {
         if (this.#count >= this.maxEntries) return `map ${this.name}: the ring holds more than ${this.maxEntries} entries`;
-        u32[index + 2 * slot] = phys / 8 + 1;
+        u32[index + 2 * slot] = record;
         u32[index + 2 * slot + 1] = hash;
         this.#count++;
-        live += size;
+        live += from.sizes[i]!;
       }
-      at += size;
     }
     this.#live = live;
-    this.#writeIndexHeader();
     return undefined;
+  }
+
+  /** Reads ring bytes from `phys` into `into`, at most `limit`; returns how many. */
+  #readRing(into: Uint8Array, phys: number, limit: number): number {
+    const n = Math.min(into.length, limit);
+    let done = 0;
+    while (done < n) {
+      const got = fs.readSync(this.#fd, into, done, n - done, this.#fileOffset + this.#ringOffset + phys + done);
+      if (got === 0) break;
+      done += got;
+    }
+    return done;
   }
 }

@@ -34,7 +34,7 @@ import {
   type StateLayout,
 } from './layout.js';
 import { AppendLog } from './log.js';
-import { KeyValueMap, memoryIdentity } from './kv-map.js';
+import { KeyValueMap } from './kv-map.js';
 
 /** The structure a declaration gives. */
 export type StructureOf<D> = D extends LogDeclaration
@@ -171,7 +171,7 @@ export class StateFile<D extends Declarations> implements StructureContainer {
       const b = words?.[2 * s.index + 1] ?? 0;
       let structure: AppendLog | VersionedCell<CellArray> | CounterSet | KeyValueMap;
       if (d.kind === 'map') {
-        const map = new KeyValueMap(this, s.name, region, memoryIdentity(file.fd));
+        const map = new KeyValueMap(this, s.name, region, file.fd, mapping.offset + region.byteOffset - mapping.bytes.byteOffset);
         const damage = map.restore(a, b, newest === undefined, log);
         if (damage !== undefined) throw corrupt(file, damage);
         structure = map;
