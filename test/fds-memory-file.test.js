@@ -279,3 +279,27 @@ test('a second process mapping the same descriptor sees our writes, we see its w
   assert.equal(Atomics.load(table, 4), 0x600dn, 'the parent reads what the child wrote');
   assert.equal(Atomics.load(table, 2), BigInt(2 * COUNT));
 });
+
+test('populate allocates the pages of a range in one call without changing a byte; a hint elsewhere', (t) => {
+  const file = MemoryFile.create('populate', { size: 1 << 20 });
+  t.after(() => file.close());
+  const allocated = () => fs.fstatSync(file.fd).blocks * 512;
+  const mapping = file.map();
+  mapping.bytes[5000] = 7;
+  const before = allocated();
+  assert.equal(before, 4096);
+  // From byte 4100 for 64 KiB: pages 1 to 17 (page 1 already holds byte 5000).
+  const done = mapping.populate(4100, 65536);
+  if (done) assert.equal(allocated(), 17 * 4096);
+  else assert.equal(allocated(), before); // a kernel before 5.14
+  assert.equal(mapping.bytes[5000], 7);
+  assert.ok(mapping.bytes.subarray(0, 80_000).every((b, i) => b === (i === 5000 ? 7 : 0)));
+  assert.equal(mapping.populate(-1, 10), false);
+  assert.equal(mapping.populate(0, 0), false);
+  assert.equal(mapping.populate(1 << 20, 10), false);
+  const readOnly = file.map({ readOnly: true });
+  assert.equal(readOnly.populate(0, 4096), false);
+  readOnly.unmap();
+  mapping.unmap();
+  assert.equal(mapping.populate(0, 4096), false);
+});

@@ -171,7 +171,7 @@ export class StateFile<D extends Declarations> implements StructureContainer {
       const b = words?.[2 * s.index + 1] ?? 0;
       let structure: AppendLog | VersionedCell<CellArray> | CounterSet | KeyValueMap;
       if (d.kind === 'map') {
-        const map = new KeyValueMap(this, s.name, region, file.fd, mapping.offset + region.byteOffset - mapping.bytes.byteOffset);
+        const map = new KeyValueMap(this, s.name, mapping, region.byteOffset - mapping.bytes.byteOffset, region.length, file.fd);
         const damage = map.restore(a, b, newest === undefined, log);
         if (damage !== undefined) throw corrupt(file, damage);
         structure = map;

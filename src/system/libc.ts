@@ -124,6 +124,7 @@ const c = lazyFunctions({
   fcntl: 'int fcntl(int fd, int cmd, ...)',
   mmap: 'void *mmap(void *addr, size_t length, int prot, int flags, int fd, int64_t offset)',
   munmap: 'int munmap(void *addr, size_t length)',
+  madvise: 'int madvise(void *addr, size_t length, int advice)',
   dup3: 'int dup3(int oldfd, int newfd, int flags)',
   close_range: 'int close_range(unsigned int first, unsigned int last, int flags)',
   execve: 'int execve(const char *path, const char **argv, const char **envp)',
@@ -389,6 +390,14 @@ export function mmap(length: number, prot: number, flags: number, fd: number, of
 
 export function munmap(addr: Pointer, length: number): void {
   if (c.munmap(addr, length) !== 0) fail('munmap');
+}
+
+/** madvise(2) advice (Linux 5.14+): allocate and map pages for writing, faulting them in. */
+export const MADV_POPULATE_WRITE = 23;
+
+/** Gives the kernel `advice` about `length` bytes at `addr` (madvise(2)). */
+export function madvise(addr: Pointer, length: number, advice: number): void {
+  if (c.madvise(addr, length, advice) !== 0) fail('madvise');
 }
 
 /**
