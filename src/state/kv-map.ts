@@ -183,6 +183,8 @@ interface RebuildSegment {
   readonly sizes: Uint32Array;
 }
 
+const NO_BYTES = new Uint8Array(0);
+
 /** Slots a new staged index starts with (it doubles as keys are staged). */
 const MIN_STAGED_SLOTS = 64;
 
@@ -449,9 +451,7 @@ export class KeyValueMap implements Structure {
     if (slot < 0) return false;
     // A tombstone takes no more than the record it deletes: this never exceeds the room.
     const at = this.#append(n, hash, 0);
-    this.#writeHeader(at, FLAG_TOMBSTONE | n, 0, hash);
-    this.#bytes.set(n === s.length ? s : s.subarray(0, n), this.#ringOffset + at + ENTRY_HEADER);
-    this.#bytes.fill(0, this.#ringOffset + at + ENTRY_HEADER + n, this.#ringOffset + at + entryBytes(n, 0));
+    this.#writeRecord(at, FLAG_TOMBSTONE | n, hash, NO_BYTES);
     this.#addStaged(hash, at);
     this.#countAfter--;
     this.#liveAfter -= this.#recordBytesAt(this.#recordByte(slot));
@@ -585,16 +585,22 @@ export class KeyValueMap implements Structure {
     );
   }
 
-  /** Writes a record of the key in the scratch buffer (`n` bytes) and `value` at ring byte `at`. */
-  #writeRecord(at: number, n: number, hash: number, value: Uint8Array): void {
-    this.#writeHeader(at, n, value.length, hash);
+  /**
+   * Writes a record at ring byte `at`: header word `word0` (the key's length and flags),
+   * the key in the scratch buffer, `value`, zero padding. Without allocating: a subarray
+   * is an object per call.
+   */
+  #writeRecord(at: number, word0: number, hash: number, value: Uint8Array): void {
+    const n = word0 & KEY_MASK;
+    this.#writeHeader(at, word0, value.length, hash);
     const bytes = this.#bytes;
     const start = this.#ringOffset + at + ENTRY_HEADER;
     const s = this.#scratch;
-    if (n <= 32) for (let j = 0; j < n; j++) bytes[start + j] = s[j]!;
+    if (n <= 128) for (let j = 0; j < n; j++) bytes[start + j] = s[j]!;
     else bytes.set(s.subarray(0, n), start);
-    bytes.set(value, start + n);
-    bytes.fill(0, start + n + value.length, this.#ringOffset + at + entryBytes(n, value.length));
+    if (value.length > 0) bytes.set(value, start + n);
+    const end = this.#ringOffset + at + entryBytes(n, value.length);
+    for (let j = start + n + value.length; j < end; j++) bytes[j] = 0;
   }
 
   // ---- the staged index: open addressing with linear probing over the staged keys
