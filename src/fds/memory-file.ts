@@ -115,7 +115,7 @@ export class Mapping {
     const region = this.#region;
     if (region === undefined || !Number.isInteger(byteOffset) || byteOffset < 0 || !(length > 0)) return false;
     const start = this.bytes.byteOffset + byteOffset;
-    const from = start - (start % sys.KERNEL_PAGE_SIZE);
+    const from = start - (start % sys.kernelPageSize());
     const to = Math.min(start + length, this.bytes.byteOffset + this.bytes.length);
     if (to <= start) return false;
     try {
