@@ -284,9 +284,17 @@ export class LineWatcher {
     stream.setEncoding('utf8');
     stream.on('data', (/** @type {string} */ chunk) => {
       this.text += chunk;
-      const parts = (rest + chunk).split('\n');
-      rest = parts.pop() ?? '';
-      this.lines.push(...parts);
+      // Only the new chunk is split: joining it to a long partial line first made 8 MiB
+      // without a newline cost O(n^2), and a loaded machine hit the run's guard.
+      const parts = chunk.split('\n');
+      const last = parts.pop() ?? '';
+      if (parts.length === 0) {
+        rest += last;
+      } else {
+        parts[0] = rest + parts[0];
+        rest = last;
+        for (const line of parts) this.lines.push(line);
+      }
       this.#wake();
     });
     stream.on('end', () => {
