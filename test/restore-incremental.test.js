@@ -164,7 +164,9 @@ test('after N in-place rounds, every snapshot of the backup names exactly the co
   let settled;
   while ((settled = settledBackup(backup)) === undefined) await sleep(1);
   const { newest, checked } = checkAllSnapshots(fs.readFileSync(settled), 'after 20 in-place rounds');
-  assert.ok(newest > 0 && checked > 1, `snapshots checked: ${checked}, newest ${newest}`);
+  // The counters keep two copies, so at most the two newest commits are restorable; a
+  // round during which the program commits again keeps only one of them.
+  assert.ok(newest > 0 && checked >= 1, `snapshots checked: ${checked}, newest ${newest}`);
   assert.ok(fs.existsSync(path.join(dir, '.state.journal')), 'in-place rounds keep their journal beside the backup');
   tree.kill('SIGTERM');
   const { code } = await tree.exited;
