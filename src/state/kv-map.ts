@@ -1000,7 +1000,7 @@ export class KeyValueMap implements Structure {
     }
     const window = `${((head - tail) / 2 ** 20).toFixed(1)} MiB`;
     const report = head - tail >= LARGE_REBUILD ? log.warn.bind(log) : log.info.bind(log);
-    report(`map ${this.name}: rebuilding its index from ${window} of entries (a restored copy, or a commit was interrupted); about a second per GiB`);
+    report(`map ${this.name}: rebuilding its index from ${window} of entries (a restored copy, or a commit was interrupted); a few seconds per GiB`);
     const started = performance.now();
     const damage = this.#rebuild();
     if (damage === undefined) log.info(`map ${this.name}: index rebuilt, ${this.#count} entries, in ${Math.round(performance.now() - started)} ms`);
