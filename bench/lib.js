@@ -8,6 +8,9 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+// dist/ is what the CLIs run; run.js says so when it is missing, before any benchmark.
+const PREAD = path.join(ROOT, 'dist', 'snapshot', 'pread.js');
+const { readSlotState } = fs.existsSync(PREAD) ? await import(PREAD) : { readSlotState: undefined };
 
 /** The median of `values` (mean of the two middle ones for an even count). */
 export function median(values) {
@@ -157,4 +160,40 @@ export function readText(file) {
 /** "yes" / "**no**". */
 export function met(ok) {
   return ok ? 'yes' : '**no**';
+}
+
+/**
+ * The newest durable snapshot of the backup: which version of the file it is (a rename
+ * gives a new inode, an in-place round a new mtime; `mtime` in whole ms, as the replica's
+ * manifest names it) and the commit time it holds: its
+ * 8-byte payload (committer.js, replica.js), or the cell `clock` it names (big-state.js).
+ */
+export function newestDurable(backup, clock) {
+  let fd;
+  try {
+    fd = fs.openSync(backup, 'r');
+  } catch {
+    return undefined;
+  }
+  try {
+    const st = fs.fstatSync(fd);
+    const id = `${st.ino}:${st.mtimeMs}`;
+    const mtime = Math.round(st.mtimeMs);
+    const state = readSlotState(fd, st.size);
+    const newest = state?.slots[state.slots.length - 1];
+    if (newest === undefined || (clock === undefined && newest.length !== 8)) return { id, mtime, time: undefined };
+    const buf = Buffer.alloc(newest.length);
+    for (let i = 0; i < newest.length; i++) fs.readSync(fd, buf, i, 1, state.head.dataStart + ((newest.offset + i) % state.head.data));
+    if (clock === undefined) return { id, mtime, time: buf.readDoubleLE(0) };
+    const end = Number(buf.readBigUInt64LE(24 + 16 * clock.index));
+    const at = Buffer.alloc(8);
+    fs.readSync(fd, at, 0, 8, state.head.tailStart + clock.offset + end - 8);
+    const time = at.readDoubleLE(0);
+    // The fill's records hold no time.
+    return { id, mtime, time: time > 1e12 && time < 1e14 ? time : undefined };
+  } catch {
+    return undefined;
+  } finally {
+    fs.closeSync(fd);
+  }
 }

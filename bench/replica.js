@@ -20,7 +20,7 @@ import path from 'node:path';
 import { connect } from '@nats-io/transport-node';
 import { jetstreamManager } from '@nats-io/jetstream';
 import { Kvm } from '@nats-io/kv';
-import { ROOT, benchDir, bytes, met, ms, note, ratio, sig, stats, table, withSpread } from './lib.js';
+import { ROOT, benchDir, bytes, met, ms, newestDurable, note, ratio, sig, stats, table, withSpread } from './lib.js';
 
 const SIZES = [100_000_000, 2 ** 30];
 const WINDOW_MS = Number(process.env.SHMFD_BENCH_WINDOW_MS ?? 10_000);
@@ -33,7 +33,6 @@ const NATS_COPY = path.join(ROOT, 'bench', 'fixtures', 'nats-copy.js');
 const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim() || 100);
 const NATS_SERVER = ['/usr/sbin/nats-server', '/usr/bin/nats-server', '/usr/local/bin/nats-server'].find((f) => fs.existsSync(f));
 
-const { readSlotState } = await import(`${ROOT}/dist/snapshot/pread.js`);
 const sleep = (t) => new Promise((resolve) => setTimeout(resolve, t));
 
 function cpuSeconds(pid) {
@@ -66,29 +65,6 @@ function varz(port) {
   });
 }
 
-/** The backup's mtime and the commit time its newest snapshot holds. */
-function newestDurable(backup) {
-  let fd;
-  try {
-    fd = fs.openSync(backup, 'r');
-  } catch {
-    return undefined;
-  }
-  try {
-    const st = fs.fstatSync(fd);
-    const state = readSlotState(fd, st.size);
-    const newest = state?.slots[state.slots.length - 1];
-    if (newest === undefined || newest.length !== 8) return undefined;
-    const buf = Buffer.alloc(8);
-    fs.readSync(fd, buf, 0, 8, state.head.dataStart + (newest.offset % state.head.data));
-    return { mtime: Math.round(st.mtimeMs), time: buf.readDoubleLE(0) };
-  } catch {
-    return undefined;
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
 function startHost(args, dir) {
   const host = spawn(process.execPath, [SHM_RESTORE, ...args], { stdio: ['ignore', 'pipe', 'pipe'], cwd: dir, detached: true });
   let out = '';
@@ -105,7 +81,7 @@ async function scenario(dir, size, url, jsm, monitorPort, serverPid) {
   const h = startHost(args, dir);
   try {
     const deadline = Date.now() + 180_000;
-    while (!h.out().includes('ready') || newestDurable(backup) === undefined || (url !== undefined && (await manifest(jsm)) === undefined)) {
+    while (!h.out().includes('ready') || newestDurable(backup)?.time === undefined || (url !== undefined && (await manifest(jsm)) === undefined)) {
       if (Date.now() > deadline) throw new Error(`no first ${url === undefined ? 'backup' : 'replicated state'} within 180 s: ${h.err()}`);
       await sleep(50);
     }
@@ -120,11 +96,11 @@ async function scenario(dir, size, url, jsm, monitorPort, serverPid) {
     while (performance.now() < end) {
       await sleep(25);
       const d = newestDurable(backup);
-      if (d !== undefined) commitTimes.set(d.mtime, d.time);
+      if (d?.time !== undefined) commitTimes.set(d.mtime, d.time);
       const sample = performance.now() - lastAgeSample >= 100;
       if (sample) {
         lastAgeSample = performance.now();
-        if (d !== undefined) localAges.push(Date.now() - d.time);
+        if (d?.time !== undefined) localAges.push(Date.now() - d.time);
       }
       if (url !== undefined && sample) {
         const m = await manifest(jsm);

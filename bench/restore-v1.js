@@ -18,7 +18,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { ROOT, benchDir, bytes, met, ms, note, ratio, sig, stats, table, withSpread } from './lib.js';
+import { ROOT, benchDir, bytes, met, ms, newestDurable, note, ratio, sig, stats, table, withSpread } from './lib.js';
 
 const SIZE = 100_000_000;
 const WINDOW_MS = Number(process.env.SHMFD_BENCH_WINDOW_MS ?? 10_000);
@@ -31,7 +31,6 @@ const BIG = Number(process.env.SHMFD_BENCH_BIG ?? 2);
 const CHANGE_RATE = 1_000_000;
 const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim() || 100);
 
-const { readSlotState } = await import(`${ROOT}/dist/snapshot/pread.js`);
 const { DEFAULT_INTERVAL_MS } = await import(`${ROOT}/dist/restore/snapshotter.js`);
 const { BackupFile } = await import(`${ROOT}/dist/restore/backup.js`);
 const { MemoryFile } = await import(`${ROOT}/dist/index.js`);
@@ -75,40 +74,6 @@ function childrenOf(pid) {
     if (text !== undefined) out.push(...text.trim().split(/\s+/).filter(Boolean).map(Number));
   }
   return out;
-}
-
-/**
- * The newest durable snapshot of the backup: which version of the file it is (a rename
- * gives a new inode, an in-place round a new mtime) and the commit time it holds: its
- * 8-byte payload (committer.js), or the cell `clock` it names (big-state.js).
- */
-function newestDurable(backup, clock) {
-  let fd;
-  try {
-    fd = fs.openSync(backup, 'r');
-  } catch {
-    return undefined;
-  }
-  try {
-    const st = fs.fstatSync(fd);
-    const id = `${st.ino}:${st.mtimeMs}`;
-    const state = readSlotState(fd, st.size);
-    const newest = state?.slots[state.slots.length - 1];
-    if (newest === undefined || (clock === undefined && newest.length !== 8)) return { id, time: undefined };
-    const buf = Buffer.alloc(newest.length);
-    for (let i = 0; i < newest.length; i++) fs.readSync(fd, buf, i, 1, state.head.dataStart + ((newest.offset + i) % state.head.data));
-    if (clock === undefined) return { id, time: buf.readDoubleLE(0) };
-    const end = Number(buf.readBigUInt64LE(24 + 16 * clock.index));
-    const at = Buffer.alloc(8);
-    fs.readSync(fd, at, 0, 8, state.head.tailStart + clock.offset + end - 8);
-    const time = at.readDoubleLE(0);
-    // The fill's records hold no time.
-    return { id, time: time > 1e12 && time < 1e14 ? time : undefined };
-  } catch {
-    return undefined;
-  } finally {
-    fs.closeSync(fd);
-  }
 }
 
 /** The host of the scenario running, to stop on SIGTERM/SIGINT. */
