@@ -2,14 +2,16 @@
 // and a real backup file: memory that is not (yet) a snapshot file with a snapshot is
 // never persisted; a round after a commit persists a backup that holds exactly the
 // committed snapshots; a round with nothing new committed writes nothing; a failing
-// round is counted and logged once, and the old backup stays.
+// round is counted and logged once, and the old backup stays; the pause after a round
+// counts its own CPU time, not that of work run beside it through besideRounds.
 import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { MemoryFile } from 'shmfd';
 import { BackupFile } from '../dist/restore/backup.js';
-import { Snapshotter } from '../dist/restore/snapshotter.js';
+import { besideRounds, Snapshotter } from '../dist/restore/snapshotter.js';
 import { SnapshotFile } from '../dist/snapshot/index.js';
 import { fingerprint, tempDir, tempFiles } from './helpers.js';
 
@@ -156,4 +158,53 @@ test('a round that cannot persist is counted as failed and logged once; the old 
   assert.deepEqual(backupPayloads(backup.path), ['one', 'two']);
   assert.ok(log.lines.includes('info: persisting snapshots works again'), log.lines.join('\n'));
   assert.equal(snapshotter.counts.failed, 2);
+});
+
+/**
+ * Runs one round of `snapshotter` while the same thread hashes 32 MiB at each turn of the
+ * event loop the round leaves free (as a replicator sending the previous backup does),
+ * each turn through `wrap`.
+ * @returns the round's outcome, and the CPU time (µs) of the work beside it
+ */
+async function roundBesideWork(snapshotter, /** @type {<T>(work: () => T) => T} */ wrap) {
+  const block = crypto.randomBytes(32 * 2 ** 20);
+  let running = true;
+  let micros = 0;
+  const turn = () => {
+    if (!running) return;
+    wrap(() => {
+      const before = process.cpuUsage();
+      crypto.createHash('sha256').update(block).digest();
+      const used = process.cpuUsage(before);
+      micros += used.user + used.system;
+    });
+    setImmediate(turn);
+  };
+  setImmediate(turn);
+  const outcome = await snapshotter.round();
+  running = false;
+  return { outcome, micros };
+}
+
+test("work beside a round on the host's thread, run through besideRounds, does not slow the next round down", async (t) => {
+  const { memory, bytes, backup, log } = setUp(t);
+  const writer = new SnapshotFile(bytes).configure({ entries: 16, data: 2 * PAGE });
+  // A round of 32 KiB costs a few ms of CPU (more the first time): 10 times that is less than 500 ms.
+  const snapshotter = new Snapshotter({ memoryFd: memory.fd, backup, log, intervalMs: 500 });
+  writer.commit(Buffer.from('warm-up'));
+  assert.equal(await snapshotter.round(), 'persisted');
+  writer.commit(Buffer.from('one'));
+  const beside = await roundBesideWork(snapshotter, besideRounds);
+  assert.equal(beside.outcome, 'persisted');
+  // The work beside it would have paused the next round more than its interval, were it counted.
+  assert.ok((10 * beside.micros) / 1000 > snapshotter.intervalMs, `${beside.micros} µs of work ran beside the round`);
+  assert.equal(snapshotter.pauseMs, snapshotter.intervalMs, 'a round of 32 KiB is paced by its interval alone');
+
+  // The same work not declared is counted: the pacing still bounds what the host spends.
+  writer.commit(Buffer.from('two'));
+  const counted = await roundBesideWork(snapshotter, (work) => work());
+  assert.equal(counted.outcome, 'persisted');
+  assert.ok(counted.micros > 0, 'work ran beside the round');
+  assert.ok(snapshotter.pauseMs >= (10 * counted.micros) / 1000, `paused ${snapshotter.pauseMs} ms after ${counted.micros} µs of CPU`);
+  assert.deepEqual(backupPayloads(backup.path), ['warm-up', 'one', 'two']);
 });

@@ -37,6 +37,27 @@ export const DEFAULT_INTERVAL_MS = 250;
  */
 const PACING_FACTOR = 10;
 
+/** CPU time (µs) that {@link besideRounds} kept out of the pacing, ever growing. */
+let besideMicros = 0;
+
+/**
+ * Runs the synchronous `work` and keeps its CPU time out of the pacing of the rounds in
+ * progress. A round is paced by the process's CPU time across it, and whatever else the
+ * host's thread runs while the round awaits its I/O would count as the round's: work of
+ * another kind (sending backups to a replica: reading, hashing, publishing) would then
+ * slow the local backups down however cheap their own rounds are. Such work bounds its
+ * own cost.
+ */
+export function besideRounds<T>(work: () => T): T {
+  const before = process.cpuUsage();
+  try {
+    return work();
+  } finally {
+    const used = process.cpuUsage(before);
+    besideMicros += used.user + used.system;
+  }
+}
+
 /**
  * What one run of changed pages costs an in-place round, in bytes of a whole copy: a round
  * whose runs cost more than the file is copied whole. Measured on a 100 MB state with 16
@@ -148,7 +169,8 @@ export function quiescentCopyFixup(expected: SlotState): PersistFixup {
  *
  * Pacing: the next round starts `intervalMs` after the previous one ended, or
  * {@link PACING_FACTOR} times the CPU time it used if that is longer, so a large state
- * that changes constantly costs a bounded share of a core.
+ * that changes constantly costs a bounded share of a core. Work that the host's thread
+ * runs meanwhile through {@link besideRounds} is not the round's and is not counted.
  */
 export class Snapshotter {
   readonly intervalMs: number;
@@ -194,6 +216,11 @@ export class Snapshotter {
     this.#nextDelay = this.intervalMs;
     this.#persistedWriteOffset = options.baselineWriteOffset;
     this.#base = options.backupMatchesMemory === true;
+  }
+
+  /** The pause before the next round, in milliseconds: the interval, or longer after a costly round. */
+  get pauseMs(): number {
+    return this.#nextDelay;
   }
 
   /** Starts the timer. */
@@ -263,6 +290,7 @@ export class Snapshotter {
 
     const takenAt = Date.now();
     const cpuBefore = process.cpuUsage();
+    const besideBefore = besideMicros;
     const kept = { slots: [] as Snapshot[] };
     let result: PersistResult | undefined;
     const dirty = this.#o.dirtyPages;
@@ -296,7 +324,8 @@ export class Snapshotter {
     } finally {
       // Every round that copied is paced, kept or not: discarded copies cost as much.
       const cpu = process.cpuUsage(cpuBefore);
-      this.#nextDelay = Math.max(this.intervalMs, (PACING_FACTOR * (cpu.user + cpu.system)) / 1000);
+      const own = cpu.user + cpu.system - (besideMicros - besideBefore);
+      this.#nextDelay = Math.max(this.intervalMs, (PACING_FACTOR * own) / 1000);
     }
     if (result === undefined) return this.#discarded();
     // Durable: the pages it copied are in the backup; bits taken beyond the size stay.
