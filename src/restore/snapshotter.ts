@@ -119,27 +119,37 @@ export interface SnapshotterOptions {
 }
 
 /**
+ * The slots of `before` (read before a copy of the live memory began) that are still valid
+ * after it, as read now: only those name bytes the copy holds intact. Undefined, with the
+ * reason logged, when the memory was reconfigured or no slot stayed valid.
+ */
+function slotsValidThroughCopy(memoryFd: number, before: SlotState, log: Log): Snapshot[] | undefined {
+  let after: SlotState | undefined;
+  try {
+    after = readSlotState(memoryFd, sizeOf(memoryFd));
+  } catch (err) {
+    if (!(err instanceof SnapshotFormatError)) throw err;
+  }
+  if (after === undefined || !sameLayout(after, before)) {
+    log.debug('snapshot discarded: the memory was reconfigured during the copy');
+    return undefined;
+  }
+  const keep = intersectSlots(before.slots, after.slots);
+  if (keep.length === 0) {
+    log.debug(`snapshot discarded: none of the ${before.slots.length} slots stayed valid during the copy`);
+    return undefined;
+  }
+  return keep;
+}
+
+/**
  * Checks a temporary copy taken while the memory was live: reads the slots again (B),
  * keeps A ∩ B, clears every other slot in the copy, and verifies the result.
  */
 export function liveCopyFixup(memoryFd: number, before: SlotState, log: Log, kept: { slots: Snapshot[] }): PersistFixup {
   return (tempFd, size) => {
-    let after: SlotState | undefined;
-    try {
-      after = readSlotState(memoryFd, sizeOf(memoryFd));
-    } catch (err) {
-      if (err instanceof SnapshotFormatError) after = undefined;
-      else throw err;
-    }
-    if (after === undefined || !sameLayout(after, before)) {
-      log.debug('snapshot discarded: the memory was reconfigured during the copy');
-      return false;
-    }
-    const keep = intersectSlots(before.slots, after.slots);
-    if (keep.length === 0) {
-      log.debug(`snapshot discarded: none of the ${before.slots.length} slots stayed valid during the copy`);
-      return false;
-    }
+    const keep = slotsValidThroughCopy(memoryFd, before, log);
+    if (keep === undefined) return false;
     const copy = readSlotState(tempFd, size);
     if (copy === undefined || !sameLayout(copy, before)) {
       log.debug('snapshot discarded: the copied head differs from the live one');
@@ -416,21 +426,8 @@ export class Snapshotter {
       log.debug('snapshot discarded: the memory shrank during the copy');
       return undefined;
     }
-    let after: SlotState | undefined;
-    try {
-      after = readSlotState(memoryFd, sizeOf(memoryFd));
-    } catch (err) {
-      if (!(err instanceof SnapshotFormatError)) throw err;
-    }
-    if (after === undefined || !sameLayout(after, before)) {
-      log.debug('snapshot discarded: the memory was reconfigured during the copy');
-      return undefined;
-    }
-    const keep = intersectSlots(before.slots, after.slots);
-    if (keep.length === 0) {
-      log.debug(`snapshot discarded: none of the ${before.slots.length} slots stayed valid during the copy`);
-      return undefined;
-    }
+    const keep = slotsValidThroughCopy(memoryFd, before, log);
+    if (keep === undefined) return undefined;
     const copy = runs[0]!.data;
     const head = parseHead(copy, size);
     if (head === undefined || head.entries !== before.head.entries || head.data !== before.head.data) {
