@@ -13,6 +13,7 @@ import { PAGE } from '../snapshot/format.js';
 import { storeU64 } from '../snapshot/mapped.js';
 import { writtenRing, type StructureContainer, type Structure } from './structure.js';
 import { fnv1a64, type KeyValueMapOptions, type MapDeclaration } from './layout.js';
+import { NamedPositions } from './named-positions.js';
 
 export type { KeyValueMapOptions, MapDeclaration } from './layout.js';
 
@@ -257,17 +258,8 @@ export class KeyValueMap implements Structure {
   /** Bumped by every commit that changes the ring: iterators started before it stop. */
   #generation = 0;
   #changed = false;
-  /**
-   * Ring tails named by snapshots that may be valid, oldest first, each with the stream
-   * offset of the newest snapshot naming it: before ring bytes are reused, every snapshot
-   * naming a tail they lie after is invalidated. A ring of as many groups as the snapshot
-   * file has slots: when it is full, the oldest group's snapshots are older than that many
-   * commits, so their slots were reused.
-   */
-  readonly #namedTails: Float64Array;
-  readonly #namedOffsets: Float64Array;
-  #namedHead = 0;
-  #namedCount = 0;
+  /** The ring tails that valid snapshots may name: their bytes are reused only after. */
+  readonly #named: NamedPositions;
 
   /** @internal created by the state file. */
   constructor(container: StructureContainer, name: string, mapping: Mapping, regionOffset: number, regionBytes: number, fd: number) {
@@ -292,9 +284,7 @@ export class KeyValueMap implements Structure {
     this.#mapping = mapping;
     this.#scratch = Buffer.alloc(MAX_KEY_BYTES);
     this.#slots = Math.min(MIN_SLOTS, g.maxSlots);
-    const groups = container.writer.layout.entries;
-    this.#namedTails = new Float64Array(groups);
-    this.#namedOffsets = new Float64Array(groups);
+    this.#named = new NamedPositions(container.writer.layout.entries);
   }
 
   /** Entries, staged changes included. */
@@ -806,17 +796,8 @@ export class KeyValueMap implements Structure {
    * The committed tail is never below it (the space accounting of {@link #checkRoom}).
    */
   #protect(end: number): void {
-    const limit = end - this.#ring;
-    const tails = this.#namedTails;
-    if (this.#namedCount === 0 || tails[this.#namedHead]! >= limit) return;
-    const groups = tails.length;
-    let offset = -1;
-    while (this.#namedCount > 0 && tails[this.#namedHead]! < limit) {
-      offset = Math.max(offset, this.#namedOffsets[this.#namedHead]!);
-      this.#namedHead = this.#namedHead + 1 === groups ? 0 : this.#namedHead + 1;
-      this.#namedCount--;
-    }
-    this.#container.writer.invalidateBefore(offset + 1);
+    const offset = this.#named.dropBelow(end - this.#ring);
+    if (offset >= 0) this.#container.writer.invalidateBefore(offset + 1);
   }
 
   // ---- commit
@@ -926,7 +907,7 @@ export class KeyValueMap implements Structure {
 
   /** @internal */
   published(offset: number): void {
-    this.#named(this.#tail, offset);
+    this.#named.add(this.#tail, offset);
     if (!this.#changed) return;
     this.#changed = false;
     this.#writeIndexHeader();
@@ -947,31 +928,9 @@ export class KeyValueMap implements Structure {
     h[H_VALID] = 1;
   }
 
-  #named(tail: number, offset: number): void {
-    const tails = this.#namedTails;
-    const groups = tails.length;
-    let last = this.#namedHead + this.#namedCount - 1;
-    if (last >= groups) last -= groups;
-    if (this.#namedCount > 0 && tails[last]! >= tail) {
-      // Same tail (or, in a damaged file, a smaller one): one group, conservatively.
-      tails[last] = Math.min(tails[last]!, tail);
-      this.#namedOffsets[last] = Math.max(this.#namedOffsets[last]!, offset);
-      return;
-    }
-    if (this.#namedCount === groups) {
-      this.#namedHead = this.#namedHead + 1 === groups ? 0 : this.#namedHead + 1;
-      this.#namedCount--;
-    }
-    let at = this.#namedHead + this.#namedCount;
-    if (at >= groups) at -= groups;
-    tails[at] = tail;
-    this.#namedOffsets[at] = offset;
-    this.#namedCount++;
-  }
-
   /** @internal A valid snapshot at stream `offset` names the ring tail `tail`. */
   named(tail: number, offset: number): void {
-    this.#named(tail, offset);
+    this.#named.add(tail, offset);
   }
 
   /**

@@ -9,6 +9,7 @@ import { ShmfdError } from '../base/errors.js';
 import { storeU64 } from '../snapshot/mapped.js';
 import { writtenRing, type StructureContainer, type Structure } from './structure.js';
 import { RECORD_ALIGN, RECORD_HEADER, type LogDeclaration } from './layout.js';
+import { NamedPositions } from './named-positions.js';
 
 /** Bytes of a record header in a retained log: the header of a log, then the u64 record index. */
 const RING_HEADER = 16;
@@ -63,15 +64,8 @@ export class AppendLog implements Structure {
   /** The window the snapshot being published names, set by encode (retained logs). */
   #nextFirst = 0;
   #nextFirstIndex = 0;
-  /**
-   * Retained logs: per group of snapshots naming the same first position, that position
-   * and the newest snapshot's stream offset, oldest first, in a ring of as many entries as
-   * the snapshot file has slots (older snapshots' slots have been reused).
-   */
-  readonly #namedFirsts: Float64Array;
-  readonly #namedOffsets: Float64Array;
-  #namedHead = 0;
-  #namedCount = 0;
+  /** Retained logs: the first positions that valid snapshots may name. */
+  readonly #named: NamedPositions;
 
   /** @internal created by the state file. */
   constructor(container: StructureContainer, name: string, region: Uint8Array, declaration: LogDeclaration) {
@@ -89,8 +83,7 @@ export class AppendLog implements Structure {
     this.#bytes = region.subarray(0, capacity);
     this.#u32 = new Uint32Array(region.buffer, region.byteOffset, capacity / 4);
     const slots = this.#ring ? container.writer.layout.entries : 0;
-    this.#namedFirsts = new Float64Array(slots);
-    this.#namedOffsets = new Float64Array(slots);
+    this.#named = new NamedPositions(slots);
   }
 
   /** Index the next appended record gets: records ever appended, the uncommitted ones included. */
@@ -264,25 +257,7 @@ export class AppendLog implements Structure {
 
   /** @internal A valid snapshot at stream `offset` names a window from position `first`. */
   named(first: number, offset: number): void {
-    if (!this.#ring) return;
-    const slots = this.#namedFirsts.length;
-    const firsts = this.#namedFirsts;
-    const last = (this.#namedHead + this.#namedCount - 1) % slots;
-    if (this.#namedCount > 0 && firsts[last]! >= first) {
-      // Same first (or, in a damaged file, a smaller one): one group, conservatively.
-      firsts[last] = Math.min(firsts[last]!, first);
-      this.#namedOffsets[last] = Math.max(this.#namedOffsets[last]!, offset);
-      return;
-    }
-    // A full ring's oldest group is older than `slots` snapshots: its slots were reused.
-    if (this.#namedCount === slots) {
-      this.#namedHead = (this.#namedHead + 1) % slots;
-      this.#namedCount--;
-    }
-    const at = (this.#namedHead + this.#namedCount) % slots;
-    firsts[at] = first;
-    this.#namedOffsets[at] = offset;
-    this.#namedCount++;
+    if (this.#ring) this.#named.add(first, offset);
   }
 
   /**
@@ -291,14 +266,7 @@ export class AppendLog implements Structure {
    * invalidated. The committed window never starts below it (the check in {@link append}).
    */
   #protect(end: number): void {
-    const limit = end - this.capacity;
-    const slots = this.#namedFirsts.length;
-    let offset = -1;
-    while (this.#namedCount > 0 && this.#namedFirsts[this.#namedHead]! < limit) {
-      offset = Math.max(offset, this.#namedOffsets[this.#namedHead]!);
-      this.#namedHead = (this.#namedHead + 1) % slots;
-      this.#namedCount--;
-    }
+    const offset = this.#named.dropBelow(end - this.capacity);
     if (offset >= 0) this.#container.writer.invalidateBefore(offset + 1);
   }
 
