@@ -16,7 +16,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { DIRTY_PAGES_NAME, MemoryFile, StateFile } from 'shmfd';
+import { DIRTY_PAGES_NAME, DirtyPages, MemoryFile, StateFile } from 'shmfd';
 import { decodeJournal, fixture, NODE, run, seededRandom, settledBackup, SHM_RESTORE, sleep, start, tempDir } from './helpers.js';
 import { declarations, gaugeAt, record } from './fixtures/state-model.js';
 import { pattern } from './fixtures/marked-writer.js';
@@ -344,4 +344,28 @@ test(`SIGKILL of the program, the host, or the whole tree during in-place rounds
   );
   t.diagnostic(`seed ${SEED}: ${JSON.stringify(stats)}; final commits ${finals.join(', ')}`);
   assert.ok(finals.every((f) => f > 0));
+});
+
+test('DirtyPages.mark sets exactly the pages of each range, and take moves them out once', () => {
+  const random = seededRandom(7);
+  const map = DirtyPages.create();
+  try {
+    const pages = 4096;
+    for (let i = 0; i < 2000; i++) {
+      const offset = Math.floor(random.next() * 4096 * (pages - 200));
+      const length = 1 + Math.floor(random.next() * 4096 * (random.next() < 0.5 ? 2 : 150));
+      map.mark(offset, length);
+      const taken = new Uint32Array(pages / 32);
+      const first = Math.floor(offset / 4096);
+      const last = Math.floor((offset + length - 1) / 4096);
+      assert.equal(map.take(pages, taken), last - first + 1, `range ${offset}+${length}`);
+      for (let page = 0; page < pages; page++) {
+        const set = (taken[page >>> 5] >>> (page & 31)) & 1;
+        if (set !== (page >= first && page <= last ? 1 : 0)) assert.fail(`range ${offset}+${length}: page ${page} is ${set ? '' : 'not '}marked`);
+      }
+      assert.equal(map.take(pages, new Uint32Array(pages / 32)), 0, 'taken bits are cleared');
+    }
+  } finally {
+    map.close();
+  }
 });

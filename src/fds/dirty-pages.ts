@@ -116,7 +116,13 @@ export class DirtyPages {
     // Always the locked instruction, even for a bit that looks set: a plain load could
     // pass the program's own earlier stores (x86 reorders a store before a later load),
     // see the bit, and the host could take it and copy the page before those stores land.
-    for (let page = Math.floor(offset / DIRTY_PAGE); page <= last; page++) Atomics.or(bits, page >>> 5, 1 << (page & 31));
+    // One locked instruction per word of bits, not per page: a 1 MiB append is 8 words.
+    const first = Math.floor(offset / DIRTY_PAGE);
+    for (let word = first >>> 5; word <= last >>> 5; word++) {
+      const from = word === first >>> 5 ? first & 31 : 0;
+      const to = word === last >>> 5 ? last & 31 : 31;
+      Atomics.or(bits, word, (0xffffffff >>> (31 - to + from)) << from);
+    }
   }
 
   /**
