@@ -2,7 +2,7 @@
 // server, another host (another directory, no local backup) starts from the replica, and a
 // lease fences the writers: a second host is refused with one line naming the holder, a
 // dead holder's lease expires and another host takes over, and a paused holder that wakes
-// after losing its lease writes nothing more.
+// after losing its lease writes nothing more, even when the new holder's lease lapsed meanwhile.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -123,6 +123,36 @@ test('a paused holder that wakes after losing its lease stops replicating and wr
     'A committed nothing after it woke',
   );
   assert.doesNotMatch(b.err.text, /lost the lease|warning|error/);
+});
+
+test('a new holder whose lease lapsed gets it back from the woken old holder, which writes nothing', natsSkip, async (t) => {
+  const { server, reader, backup } = await setUp(t);
+  const url = `nats://${server.address}/lapsed?lease=1`;
+  const a = host(t, url, backup('a'), [], ['--log-level', 'debug']);
+  await a.next();
+  await a.err.waitFor(/replica \S+: committed /);
+  a.kill('SIGSTOP');
+  const { host: b } = await startWhenLeaseFree(() => host(t, url, backup('b'), [], ['--log-level', 'debug']), a.pid);
+  await waitFor(async () => (await reader.manifest('lapsed'))?.holder.endsWith(` pid ${b.pid}`), 'the new holder to commit a state');
+  const fencedAt = (await reader.manifest('lapsed')).seq;
+  // B stalls past its lease (as a slow renewal on a loaded machine would); A wakes, finds
+  // the lease free, takes it, and then B's commits after its own last message.
+  b.kill('SIGSTOP');
+  await waitFor(async () => /^lease: free$/m.test((await runHost(['status', `nats://${server.address}/lapsed`])).stdout), "B's lease to lapse");
+  const before = a.err.lines.length;
+  a.kill('SIGCONT');
+  const lost = await a.err.waitFor(/error: lost the lease of the replica \S+ to (\S+ pid \d+): /);
+  assert.ok(lost, a.err.text);
+  assert.match(lost[1], new RegExp(` pid ${b.pid}$`));
+  b.kill('SIGCONT');
+  // B takes its lease back and goes on replicating; A committed nothing after it woke.
+  const next = (await reader.manifest('lapsed')).seq;
+  await waitFor(async () => (await reader.manifest('lapsed')).seq > next, 'B to commit again');
+  for (const m of await reader.messagesFrom('lapsed', fencedAt)) {
+    if (m.subject.endsWith('.manifest')) assert.match(JSON.parse(m.text).holder, new RegExp(` pid ${b.pid}$`));
+  }
+  assert.deepEqual(a.err.lines.slice(before).filter((line) => /replica \S+: committed /.test(line)), []);
+  assert.doesNotMatch(b.err.text, /lost the lease|error/);
 });
 
 test('states sent while newer rounds end are whole: a host taking over starts from one', natsSkip, async (t) => {

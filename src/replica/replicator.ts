@@ -270,9 +270,16 @@ export class Replicator {
       }
       // Something follows our last known message: ours (an answer lost in an outage), or another host's.
       const last = await this.#o.store.lastSeq();
-      if ((await this.#o.store.writerAt(last)) !== this.#o.writer.id) {
+      const writer = await this.#o.store.writerAt(last);
+      if (writer?.id !== this.#o.writer.id) {
         const state = await this.#o.lease.state().catch(() => undefined);
-        this.#fenceOff(state === undefined || state.holder.id === this.#o.writer.id ? 'another host' : state.holder.description);
+        if (state?.holder.id === this.#o.writer.id) {
+          // The new holder's lease lapsed (a slow renewal) and this host took it again on
+          // waking: hand it back, or the host that goes on writing would be fenced off too.
+          await this.#o.lease.release().catch(() => undefined);
+        }
+        const other = state !== undefined && state.holder.id !== this.#o.writer.id ? state.holder.description : writer?.description;
+        this.#fenceOff(other ?? 'another host');
         return;
       }
       this.#lastSeq = last;

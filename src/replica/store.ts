@@ -181,10 +181,21 @@ export class ReplicaStore {
     return { manifest: parseManifest(stored.string(), this.#url), seq: stored.seq };
   }
 
-  /** The writer id of the message at `seq`, if it has one. */
-  async writerAt(seq: number): Promise<string | undefined> {
+  /**
+   * Who wrote the message at `seq`: its writer id, and the writer's description when the
+   * message carries one (fence markers and manifests do; data chunks do not).
+   */
+  async writerAt(seq: number): Promise<{ id: string; description?: string } | undefined> {
     const stored = await this.#jsm.streams.getMessage(this.stream, { seq }).catch(() => null);
-    return stored?.header?.get(HOLDER_HEADER) || undefined;
+    const id = stored?.header?.get(HOLDER_HEADER);
+    if (stored === null || stored === undefined || !id) return undefined;
+    if (stored.subject === this.#subjects.data) return { id };
+    try {
+      const { holder } = stored.json<{ holder?: unknown }>();
+      return typeof holder === 'string' ? { id, description: holder } : { id };
+    } catch {
+      return { id };
+    }
   }
 
   #publish(subject: string, payload: Uint8Array | string, writer: Writer, after: number, offset?: number): Promise<PubAck> {
