@@ -7,6 +7,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { after } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import * as sys from '../dist/system/libc.js';
 import { MemoryFile } from 'shmfd';
@@ -25,6 +26,24 @@ export const PYTHON = '/usr/bin/python3';
 export const COUNTER = path.join(FIXTURES, 'restore-counter.js');
 export const RAW = path.join(FIXTURES, 'restore-raw.js');
 export const ENV = path.join(FIXTURES, 'restore-env.js');
+
+/** Every process {@link start} started that has not ended yet, with its kill function. */
+const running = new Map();
+
+// A test file must end once its tests have: a process or handle left over (a test that
+// timed out while its body went on starting hosts, say) would otherwise keep it alive, and
+// the whole run would wait for it forever. So, in a test file, whatever is still running
+// after the last test is killed, and a file still alive a minute later says what holds it
+// and fails instead of hanging. (Fixture programs that import this module are not test files.)
+if (/\.test\.js$/.test(process.argv[1] ?? '')) {
+  after(() => {
+    for (const kill of running.values()) kill('SIGKILL');
+    setTimeout(() => {
+      console.error(`# ${path.basename(process.argv[1])}: still running a minute after its last test, held by ${process.getActiveResourcesInfo().join(', ')}`);
+      process.exit(1);
+    }, 60_000).unref();
+  });
+}
 
 /** True when the tests run as root (needed by the systemd sandbox). */
 export const isRoot = typeof process.getuid === 'function' && process.getuid() === 0;
@@ -161,6 +180,7 @@ export async function run(command, args, options = {}) {
  * @property {string | Buffer} [input] written to stdin, which is then closed (default: stdin is /dev/null)
  * @property {boolean} [detached] in a new process group, which {@link Started.kill} signals whole
  * @property {import('node:test').TestContext} [t] the process (its group when detached) is SIGKILLed when `t` ends
+ *   (passes, fails or times out); starting one for a test that has ended throws
  * @property {number} [guardMs] SIGKILL after this long (a guard against hangs, not an assertion)
  */
 
@@ -184,6 +204,8 @@ export async function run(command, args, options = {}) {
  * @returns {Started}
  */
 export function start(command, args, options = {}) {
+  // The body of a test that timed out goes on running: it must not start what nothing would stop.
+  if (options.t?.signal.aborted) throw new Error(`not starting ${path.basename(command)}: its test has ended`);
   const env = Object.fromEntries(Object.entries(options.env ?? cleanEnv()).filter(([, v]) => v !== undefined));
   const detached = options.detached === true;
   const child = spawn(command, args, {
@@ -223,7 +245,12 @@ export function start(command, args, options = {}) {
     const guard = setTimeout(() => kill('SIGKILL'), options.guardMs);
     exited.finally(() => clearTimeout(guard)).catch(() => {});
   }
-  options.t?.after(() => kill('SIGKILL'));
+  if (child.pid !== undefined) {
+    running.set(child.pid, kill);
+    child.on('exit', () => running.delete(child.pid));
+  }
+  // The test's signal aborts when it ends, before its after hooks: also when it timed out.
+  options.t?.signal.addEventListener('abort', () => kill('SIGKILL'), { once: true });
   return { child, pid: child.pid ?? -1, out, err, exit, exited, ended: () => ended, kill };
 }
 
