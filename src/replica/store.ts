@@ -182,20 +182,30 @@ export class ReplicaStore {
   }
 
   /**
-   * Who wrote the message at `seq`: its writer id, and the writer's description when the
-   * message carries one (fence markers and manifests do; data chunks do not).
+   * Who wrote the message at `seq`: its writer id, and the writer's description, which
+   * fence markers and manifests carry (a data chunk's, by its writer's last one of those).
    */
   async writerAt(seq: number): Promise<{ id: string; description?: string } | undefined> {
     const stored = await this.#jsm.streams.getMessage(this.stream, { seq }).catch(() => null);
     const id = stored?.header?.get(HOLDER_HEADER);
     if (stored === null || stored === undefined || !id) return undefined;
-    if (stored.subject === this.#subjects.data) return { id };
+    const described = stored.subject === this.#subjects.data ? await this.#lastDescribing(id) : stored;
+    if (described === undefined) return { id };
     try {
-      const { holder } = stored.json<{ holder?: unknown }>();
+      const { holder } = described.json<{ holder?: unknown }>();
       return typeof holder === 'string' ? { id, description: holder } : { id };
     } catch {
       return { id };
     }
+  }
+
+  /** The newest manifest or fence marker of writer `id` (one of the two survives the trimming). */
+  async #lastDescribing(id: string): Promise<StoredMsg | undefined> {
+    for (const subject of [this.#subjects.manifest, this.#subjects.fence]) {
+      const stored = await this.#jsm.streams.getMessage(this.stream, { last_by_subj: subject }).catch(() => null);
+      if (stored !== null && stored.header?.get(HOLDER_HEADER) === id) return stored;
+    }
+    return undefined;
   }
 
   #publish(subject: string, payload: Uint8Array | string, writer: Writer, after: number, offset?: number): Promise<PubAck> {
