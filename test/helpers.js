@@ -27,7 +27,7 @@ export const COUNTER = path.join(FIXTURES, 'restore-counter.js');
 export const RAW = path.join(FIXTURES, 'restore-raw.js');
 export const ENV = path.join(FIXTURES, 'restore-env.js');
 
-/** Every process {@link start} started that has not ended yet, with its kill function. */
+/** Every process {@link start} started that has not ended yet: its kill function, its exit, its test. */
 const running = new Map();
 
 // A test file must end once its tests have: a process or handle left over (a test that
@@ -37,7 +37,7 @@ const running = new Map();
 // and fails instead of hanging. (Fixture programs that import this module are not test files.)
 if (/\.test\.js$/.test(process.argv[1] ?? '')) {
   after(() => {
-    for (const kill of running.values()) kill('SIGKILL');
+    for (const { kill } of running.values()) kill('SIGKILL');
     setTimeout(() => {
       console.error(`# ${path.basename(process.argv[1])}: still running a minute after its last test, held by ${process.getActiveResourcesInfo().join(', ')}`);
       process.exit(1);
@@ -246,7 +246,7 @@ export function start(command, args, options = {}) {
     exited.finally(() => clearTimeout(guard)).catch(() => {});
   }
   if (child.pid !== undefined) {
-    running.set(child.pid, kill);
+    running.set(child.pid, { kill, exit, t: options.t });
     child.on('exit', () => running.delete(child.pid));
   }
   // The test's signal aborts when it ends, before its after hooks: also when it timed out.
@@ -389,10 +389,18 @@ export function cleanEnv(updates = {}) {
   return env;
 }
 
-/** A new temporary directory, removed when the test `t` ends. */
+/** A new temporary directory, removed when the test `t` ends (once its processes have). */
 export function tempDir(t, prefix = 'shmfd-test-') {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
-  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  t.after(async () => {
+    // The test's processes die first: one that has not died yet could still create a file
+    // in the directory while it is being removed. (A test's abort signal fires after its
+    // after hooks when it passes, before them when it times out.)
+    const mine = [...running.values()].filter((p) => p.t === t);
+    for (const p of mine) p.kill('SIGKILL');
+    await Promise.all(mine.map((p) => p.exit));
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
   return dir;
 }
 
