@@ -91,6 +91,40 @@ export async function replicaReader(t, servers) {
       return stored === null ? undefined : { seq: stored.seq, ...stored.json() };
     },
     /**
+     * The bytes of the state whose manifest is at `seq` in NAME, rebuilt here from the
+     * manifest format (docs/replica.md): its base's chunk runs, its own on top, each chunk's
+     * message at its offset. Undefined when a message it names is gone (a newer state
+     * replaced it).
+     * @param {string} name
+     * @param {number} seq
+     */
+    async stateAt(name, seq) {
+      const stream = `SHMFD_${name}`;
+      const get = (s) => jsm.streams.getMessage(stream, { seq: s }).catch(() => null);
+      const m = await get(seq);
+      if (m === null) return undefined;
+      const manifest = m.json();
+      const seqs = new Array(Math.ceil(manifest.size / manifest.chunkSize)).fill(0);
+      const apply = (runs) => {
+        for (let r = 0; r < runs.length; r += 3) for (let i = 0; i < runs[r + 2]; i++) seqs[runs[r] + i] = runs[r + 1] === 0 ? 0 : runs[r + 1] + i;
+      };
+      if (manifest.base !== 0) {
+        const base = await get(manifest.base);
+        if (base === null) return undefined;
+        apply(base.json().chunks);
+      }
+      apply(manifest.chunks);
+      const bytes = Buffer.alloc(manifest.size);
+      for (let i = 0; i < seqs.length; i++) {
+        if (seqs[i] === 0) continue;
+        const chunk = await get(seqs[i]);
+        if (chunk === null) return undefined;
+        assert.equal(Number(chunk.header.get('Shmfd-Offset')), i * manifest.chunkSize);
+        bytes.set(chunk.data, i * manifest.chunkSize);
+      }
+      return { manifest, bytes };
+    },
+    /**
      * Every message NAME's stream still holds from sequence `from` on: subject, sequence, writer id.
      * @param {string} name
      * @param {number} from
@@ -107,9 +141,15 @@ export async function replicaReader(t, servers) {
   };
 }
 
-/** SHA-256 of a file, hex, as in a replica's manifest. */
-export function sha256(file) {
-  return crypto.createHash('sha256').update(fs.readFileSync(file)).digest('hex');
+/**
+ * The digest a replica's manifest gives a state, computed here from a file (or its bytes): SHA-256 over
+ * the SHA-256 of each 64 KiB chunk of it in order (the last one shorter).
+ */
+export function stateDigest(file) {
+  const bytes = Buffer.isBuffer(file) ? file : fs.readFileSync(file);
+  const all = crypto.createHash('sha256');
+  for (let at = 0; at < bytes.length; at += 65536) all.update(crypto.createHash('sha256').update(bytes.subarray(at, at + 65536)).digest());
+  return all.digest('hex');
 }
 
 /**

@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { COUNTER, NODE, readCounterBackup, startHost, tempDir, waitFor } from './helpers.js';
-import { natsSkip, replicaReader, sha256, startCluster, startNats, startWhenLeaseFree } from './nats.js';
+import { natsSkip, replicaReader, stateDigest, startCluster, startNats, startWhenLeaseFree } from './nats.js';
 
 function host(t, url, backup, counterArgs) {
   return startHost(['--snapshot=restore-v1', '--interval', '20', '--log-level', 'info', '--replica', url, backup, NODE, COUNTER, '--every', '2', ...counterArgs], {
@@ -28,7 +28,7 @@ async function lastStateSurvives(t, a, url, reader, name, dir) {
   const end = await a.exited;
   assert.equal(end.signal ?? end.code, 143, end.stderr);
   const final = readCounterBackup(backupIn(dir, 'a')).counter;
-  await waitFor(async () => (await reader.manifest(name).catch(() => undefined))?.sha256 === sha256(backupIn(dir, 'a')), 'the last state in the replica');
+  await waitFor(async () => (await reader.manifest(name).catch(() => undefined))?.digest === stateDigest(backupIn(dir, 'a')), 'the last state in the replica');
   const { host: b, first } = await startWhenLeaseFree(() => host(t, url, backupIn(dir, 'b'), ['--commits', '1', '--exit']), a.pid);
   assert.equal(first.recovered, final, 'the new host starts from the last state');
   const bEnd = await b.exited;

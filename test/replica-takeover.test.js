@@ -8,7 +8,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { assertOneErrorLine, COUNTER, fixture, NODE, readCounterBackup, runHost, SHM_RESTORE, start, startHost, tempDir, waitFor } from './helpers.js';
-import { natsSkip, replicaReader, sha256, startNats, startWhenLeaseFree } from './nats.js';
+import { natsSkip, replicaReader, stateDigest, startNats, startWhenLeaseFree } from './nats.js';
+import { CAPACITY, checkAllSnapshots } from './state-check.js';
 
 /** A directory per "host", and a server. */
 async function setUp(t) {
@@ -33,7 +34,7 @@ function host(t, url, backup, counterArgs, extra = []) {
 /** Waits until the replica NAME holds exactly the local backup, whose counter is `counter`. */
 function replicated(reader, name, backup, counter) {
   return waitFor(
-    async () => readCounterBackup(backup)?.counter === counter && (await reader.manifest(name))?.sha256 === sha256(backup),
+    async () => readCounterBackup(backup)?.counter === counter && (await reader.manifest(name))?.digest === stateDigest(backup),
     `the backup with counter ${counter} to reach the replica`,
   );
 }
@@ -58,7 +59,7 @@ test('a host in another directory continues from the replica after the first hos
   assert.equal(readCounterBackup(backup('b')).counter, 305);
   // Its final state is replicated too, and status reads it without any local file.
   const manifest = await reader.manifest('takeover');
-  assert.equal(manifest.sha256, sha256(backup('b')));
+  assert.equal(manifest.digest, stateDigest(backup('b')));
   assert.match(manifest.holder, new RegExp(` pid ${b.pid}$`));
   const status = await runHost(['status', `nats://${server.address}/takeover`]);
   assert.equal(status.code, 0, status.stderr);
@@ -87,7 +88,7 @@ test('a second host is refused with one line naming the holder, which goes on re
   const end = await a.exited;
   assert.equal(end.signal ?? end.code, 143, end.stderr);
   assert.doesNotMatch(end.stderr, /warning|error/);
-  assert.equal((await reader.manifest('refused')).sha256, sha256(backup('a')));
+  assert.equal((await reader.manifest('refused')).digest, stateDigest(backup('a')));
 });
 
 test('a paused holder that wakes after losing its lease stops replicating and writes nothing', natsSkip, async (t) => {
@@ -175,19 +176,51 @@ test('states sent while newer rounds end are whole: a host taking over starts fr
   assert.match(end.stderr, new RegExp(`starting from the replica .*\\(${(sent.size / 1e6).toFixed(1)} MB, from \\S+ pid ${a.pid}\\)`));
 });
 
-test('beside a replica, a program that marks its writes still gets whole rounds: the file being sent never changes', natsSkip, async (t) => {
-  const { server, backup } = await setUp(t);
-  const args = ['--snapshot=restore-v1', '--interval', '5', '--log-level', 'debug', '--replica', `nats://${server.address}/whole`, backup('a')];
-  const tree = start(NODE, [SHM_RESTORE, ...args, NODE, fixture('incremental-writer.js'), String(1 << 22)], { detached: true, t });
-  // Rounds in place would rewrite the backup while the replicator still reads the
-  // previous round from it, and it would send a state that was never committed.
-  let rounds = 0;
-  for (let i = 0; rounds < 10; i++) {
-    const line = await tree.err.line(i);
-    assert.ok(line !== undefined, `10 rounds:\n${tree.err.lines.join('\n')}`);
-    assert.doesNotMatch(line, /snapshot persisted in place/);
-    if (/snapshot persisted:/.test(line)) rounds++;
+test('beside a replica, in-place rounds send only the chunks they change, and every replicated state is one the program committed', natsSkip, async (t) => {
+  const { server, reader, backup } = await setUp(t);
+  const url = `nats://${server.address}/delta?lease=1`;
+  const args = ['--snapshot=restore-v1', '--interval', '5', '--log-level', 'debug', '--replica', url];
+  const a = start(NODE, [SHM_RESTORE, ...args, backup('a'), NODE, fixture('incremental-writer.js'), String(CAPACITY)], { detached: true, t });
+  // Each state the replica holds while rounds go on in place is checked from its bytes,
+  // rebuilt here from the manifest format: it must be exactly a state the program committed.
+  let checked = 0;
+  let newest = 0;
+  let lastSeq = 0;
+  while (checked < 8) {
+    const committed = await waitFor(async () => {
+      const m = await reader.manifest('delta');
+      return m !== undefined && m.seq !== lastSeq ? m : undefined;
+    }, 'a new state in the replica');
+    lastSeq = committed.seq;
+    const state = await reader.stateAt('delta', committed.seq);
+    if (state === undefined) continue; // replaced (and its messages removed) before it was read
+    assert.equal(stateDigest(state.bytes), state.manifest.digest, 'the digest covers the bytes');
+    const got = checkAllSnapshots(state.bytes, `the replicated state at sequence ${committed.seq}`);
+    assert.ok(got.newest >= newest, 'replicated states only move forward');
+    newest = got.newest;
+    checked++;
   }
-  tree.kill('SIGKILL');
-  await tree.exited;
+  const sent = a.err.lines.flatMap((line) => {
+    const m = /replica \S+: committed \d+ bytes at sequence \d+: (\d+) of (\d+) chunks sent/.exec(line);
+    return m === null ? [] : [{ sent: Number(m[1]), of: Number(m[2]) }];
+  });
+  assert.ok(a.err.lines.some((line) => /snapshot persisted in place/.test(line)), 'rounds ran in place beside the replica');
+  assert.ok(sent.some((c) => c.sent * 8 < c.of), `some states sent less than an eighth of the chunks: ${JSON.stringify(sent.slice(0, 20))}`);
+
+  // The tree dies; another host, with no local backup, continues from the replica.
+  a.kill('SIGKILL');
+  await a.exited;
+  const last = await reader.manifest('delta');
+  const { host: b } = await startWhenLeaseFree(
+    () => startHost([...args, backup('b'), NODE, fixture('incremental-writer.js'), String(CAPACITY), '16'], { detached: true, t }),
+    a.pid,
+  );
+  const end = await b.exited;
+  assert.equal(end.code, 0, end.stderr);
+  assert.match(end.stderr, /starting from the replica /);
+  const recovered = Number(/^recovered (\d+)$/m.exec(end.stdout)?.[1]);
+  assert.ok(recovered >= newest, `B recovered commit ${recovered}, the replica held ${newest} or later`);
+  checkAllSnapshots(fs.readFileSync(backup('b')), "B's backup");
+  assert.ok((await reader.manifest('delta')).seq > last.seq, "B's last state reached the replica");
+  assert.equal((await reader.manifest('delta')).digest, stateDigest(backup('b')));
 });

@@ -5,7 +5,7 @@
  * @module
  */
 import { EXIT_HOST_FAILURE, runRestoreHost, SNAPSHOT_MODES, type RestoreHostOptions, type SnapshotMode } from '../restore/host.js';
-import { DEFAULT_INTERVAL_MS } from '../restore/snapshotter.js';
+import { DEFAULT_INTERVAL_MS, RoundGate } from '../restore/snapshotter.js';
 import { BackupFile } from '../restore/backup.js';
 import { lockHolder } from '../restore/lock.js';
 import { backupStatus } from '../restore/status.js';
@@ -164,10 +164,11 @@ async function run(argv: readonly string[], log: StderrLog): Promise<number> {
   };
   if (replica === undefined) return runRestoreHost(options);
   const { startReplica } = await import('../replica/start.js');
-  const { replicator } = await startReplica(replica, backup, process.env, log);
+  const gate = new RoundGate();
+  const { replicator } = await startReplica(replica, backup, gate, process.env, log);
   replicator.start();
   try {
-    return await runRestoreHost({ ...options, onDurable: (durable) => replicator.offer(durable.path) });
+    return await runRestoreHost({ ...options, gate, onDurable: (durable) => replicator.offer(durable) });
   } finally {
     await replicator.stop(REPLICA_GRACE_MS);
   }

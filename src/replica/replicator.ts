@@ -1,9 +1,17 @@
 /**
  * Sends each new durable backup to the replica in the background, never in the way of the
- * host: {@link Replicator.offer} only opens the file; a state is sent when the previous
- * one is done, and only the newest waiting state is kept. When the servers are
+ * host: a state is sent when the previous one is done, and only what changed since the
+ * replica's state travels, as chunks ({@link CHUNK_SIZE} bytes). When the servers are
  * unreachable or slow, local backups go on, one warning says so, and the replicator
  * retries with a growing pause until the newest state is sent (catch-up).
+ *
+ * What changed comes from the host's rounds. A round that changed the backup in place
+ * names its ranges: their chunks are read at once, while no round writes the file, and
+ * wait in memory (the newest read of a chunk wins). A round that wrote a new file (and the
+ * first state) has every chunk compared with the replica's by digest, read while later
+ * rounds may change that file in place; so the state is committed only at a moment when
+ * no round writes, with the chunks those rounds changed read at their ends: what is sent
+ * is always exactly the backup of one round.
  *
  * Before writing again after any failure, it renews its lease and writes a fence marker
  * after its own last message. A lease someone else took, or a stream someone else wrote
@@ -14,19 +22,29 @@
 import fs from 'node:fs';
 import type { NatsConnection } from '@nats-io/transport-node';
 import type { Log } from '../base/log.js';
+import type { DurableBackup } from '../restore/host.js';
+import { besideRounds, type RoundGate } from '../restore/snapshotter.js';
 import { describeError } from '../system/libc.js';
+import { CHUNK_SIZE, chunkCount, chunkDigest, chunkLength, copyTable, digestAt, resized, setChunk, zeroDigest, zeroTable, type ChunkTable } from './chunks.js';
 import type { Lease } from './lease.js';
 import { isFenced, type Committed, type ReplicaStore, type Writer } from './store.js';
 
 const FIRST_PAUSE_MS = 250;
 const LONGEST_PAUSE_MS = 15_000;
+/** Chunks read at the ends of rounds and waiting to be sent, at most: beyond, the whole file is compared instead. */
+const CAPTURE_LIMIT_BYTES = 64 * 1024 * 1024;
+/** Commits between two looks at how much the stream holds beyond the state. */
+const COMMITS_PER_GARBAGE_CHECK = 64;
 
-/** A durable backup waiting to be sent, held open so a later round cannot change it. */
+/** A state waiting to be sent, or being sent. */
 interface Pending {
-  fd: number;
+  /** A new backup file, held open: every chunk is compared. */
+  file?: { fd: number; ino: number };
+  /** Chunks read at the ends of later rounds (in place): they win over the file's. */
+  captured: Map<number, Buffer>;
+  capturedBytes: number;
   size: number;
   durableAt: number;
-  identity: string;
 }
 
 /** Options of {@link Replicator}. */
@@ -37,44 +55,55 @@ export interface ReplicatorOptions {
   writer: Writer;
   /** Sequence of this host's last message in the stream (its fence marker at start). */
   lastSeq: number;
-  /** Identity ({@link backupIdentity}) of a backup the replica already holds. */
-  sent?: string;
+  /** The replica's state, when the local backup is known to hold exactly it (the host started from it). */
+  committed?: { committed: Committed; table: ChunkTable };
+  /** The host's rounds: a state read from a whole file is committed between two of them. */
+  gate: RoundGate;
   /** The replica's URL, for messages. */
   name: string;
   log: Log;
-}
-
-/** What makes two looks at a backup path the same state: the file and its mtime. */
-export function backupIdentity(stat: fs.Stats): string {
-  return `${stat.dev}:${stat.ino}:${stat.mtimeMs}:${stat.size}`;
 }
 
 /** Streams durable backups to the replica until stopped or fenced off. */
 export class Replicator {
   #o: ReplicatorOptions;
   #lastSeq: number;
-  #sent: string | undefined;
+  /** The replica's state as this host last committed (or found) it; undefined: send every chunk. */
+  #table: ChunkTable | undefined;
+  #manifestSeq: number | undefined;
+  /** Messages of states never committed, removed after the next commit. */
+  #garbage: number[] = [];
   #pending: Pending | undefined;
-  #sending: Pending | undefined;
+  /** The state whose file is being read: chunks changed in place meanwhile go to it too. */
+  #reading: { state: Pending; late: Map<number, Buffer> | undefined } | undefined;
+  #sending = false;
+  /** Size of the backup at the last round offered. */
+  #offeredSize: number | undefined;
   #wake: (() => void) | undefined;
   #stopped = false;
   #fencedOff = false;
   #failing = false;
   #mustResync = false;
+  #rewrite = false;
+  #commits = 0;
+  /** Chunks the last committed state sent. */
+  #sentChunks = 0;
   #pause = FIRST_PAUSE_MS;
   #renewTimer: NodeJS.Timeout | undefined;
   #renewedAt = Date.now();
   #renewing: Promise<boolean> | undefined;
   #loop: Promise<void> | undefined;
-  #abort = new AbortController();
   #idle: (() => void) | undefined;
-  /** The newest state this host committed to the replica. */
+  /** The newest state this host committed to the replica (or found there at start). */
   lastCommitted: Committed | undefined;
 
   constructor(options: ReplicatorOptions) {
     this.#o = options;
     this.#lastSeq = options.lastSeq;
-    this.#sent = options.sent;
+    this.#table = options.committed?.table;
+    this.#manifestSeq = options.committed?.committed.seq;
+    this.lastCommitted = options.committed?.committed;
+    this.#offeredSize = options.committed?.table.size;
   }
 
   /** True once this host lost the lease: it writes nothing more. */
@@ -91,26 +120,61 @@ export class Replicator {
   }
 
   /**
-   * Queues the backup at `path` (opened now: the file there may be replaced as soon as
-   * this returns). An older state still waiting is dropped: only the newest matters.
+   * Takes in a durable round of the host (called at its end, while no round writes the
+   * backup): a new file is opened now (the path may name another one as soon as this
+   * returns); the chunks of ranges changed in place are read now.
    */
-  offer(path: string): void {
+  offer(durable: DurableBackup): void {
     if (this.#stopped || this.#fencedOff) return;
     let fd: number;
     try {
-      fd = fs.openSync(path, 'r');
+      fd = fs.openSync(durable.path, 'r');
     } catch (err) {
-      this.#o.log.warn(`cannot open ${path} to send it to the replica ${this.#o.name}: ${describeError(err)}`);
+      this.#o.log.warn(`cannot open ${durable.path} to send it to the replica ${this.#o.name}: ${describeError(err)}`);
       return;
     }
     const stat = fs.fstatSync(fd);
-    const identity = backupIdentity(stat);
-    if (identity === this.#sent || identity === this.#pending?.identity || identity === this.#sending?.identity) {
-      fs.closeSync(fd);
-      return;
+    const at = { size: stat.size, durableAt: Math.round(stat.mtimeMs) };
+    const reading = this.#reading?.state.file?.ino === stat.ino ? this.#reading : undefined;
+    // The file being read, if this is another, is not written any more: it stays as it is.
+    if (reading === undefined) this.#reading = undefined;
+    let captured: Map<number, Buffer> | undefined;
+    if (durable.changed !== undefined) {
+      try {
+        captured = new Map();
+        for (const index of touchedChunks(durable.changed, stat.size)) captured.set(index, readChunk(fd, stat.size, index));
+      } catch (err) {
+        this.#o.log.debug(`cannot read the chunks a round changed in ${durable.path}: ${describeError(err)}; comparing the whole file instead`);
+        captured = undefined;
+      }
     }
-    this.#drop();
-    this.#pending = { fd, size: stat.size, durableAt: Math.round(stat.mtimeMs), identity };
+    if (reading !== undefined) {
+      Object.assign(reading.state, at);
+      if (captured === undefined) {
+        // Not known what changed in the file being read: the state read from it is dropped.
+        reading.late = undefined;
+      } else {
+        for (const [index, bytes] of captured) reading.late?.set(index, bytes);
+      }
+    }
+    // A round that changed the size in place is taken as a new file: the chunks at the old
+    // and new ends are then compared too.
+    const resized = captured !== undefined && stat.size !== this.#offeredSize;
+    this.#offeredSize = stat.size;
+    let p = this.#pending;
+    if (captured === undefined || resized || (p !== undefined && p.capturedBytes > CAPTURE_LIMIT_BYTES && p.file === undefined)) {
+      // Every chunk of this file is compared: it is this round's state.
+      this.#drop();
+      this.#pending = { file: { fd, ino: stat.ino }, captured: new Map(), capturedBytes: 0, ...at };
+    } else {
+      fs.closeSync(fd);
+      p ??= this.#pending = { captured: new Map(), capturedBytes: 0, ...at };
+      Object.assign(p, at);
+      for (const [index, bytes] of captured) {
+        p.capturedBytes += bytes.length - (p.captured.get(index)?.length ?? 0);
+        p.captured.set(index, bytes);
+      }
+    }
     this.#wake?.();
   }
 
@@ -120,7 +184,7 @@ export class Replicator {
    * @returns true when the newest offered state was committed
    */
   async stop(graceMs: number): Promise<boolean> {
-    const waiting = () => (this.#pending !== undefined || this.#sending !== undefined) && !this.#fencedOff;
+    const waiting = () => (this.#pending !== undefined || this.#sending) && !this.#fencedOff;
     if (waiting()) {
       const deadline = Date.now() + graceMs;
       while (waiting() && Date.now() < deadline) {
@@ -139,17 +203,16 @@ export class Replicator {
     }
     this.#stopped = true;
     clearInterval(this.#renewTimer);
-    this.#abort.abort(new Error('the host is stopping'));
     this.#wake?.();
-    this.#drop();
     await this.#loop;
+    this.#drop();
     if (!this.#fencedOff && complete) await this.#o.lease.release().catch(() => undefined);
     await this.#o.nc.close().catch(() => undefined);
     return complete;
   }
 
   #drop(): void {
-    if (this.#pending !== undefined) fs.closeSync(this.#pending.fd);
+    if (this.#pending?.file !== undefined) fs.closeSync(this.#pending.file.fd);
     this.#pending = undefined;
   }
 
@@ -162,23 +225,21 @@ export class Replicator {
         this.#wake = undefined;
         continue;
       }
-      // Taken out of #pending, so that a newer offer cannot close it while it is read.
       this.#pending = undefined;
-      this.#sending = p;
-      // Whether p went back to #pending, which then owns its descriptor.
-      let requeued = false;
+      this.#sending = true;
       try {
         if (this.#mustResync || Date.now() - this.#renewedAt > this.#o.lease.ttlMs) await this.#resync();
         if (this.#fencedOff || this.#stopped) break;
-        const committed = await this.#o.store.send(this.#o.writer, this.#lastSeq, p.fd, p.size, p.durableAt, this.#abort.signal);
-        this.#lastSeq = committed.seq;
-        this.lastCommitted = committed;
-        this.#sent = p.identity;
+        const committed = await this.#send(p);
+        if (committed === undefined) continue;
         if (this.#failing) this.#o.log.warn(`the replica ${this.#o.name} is reachable again: caught up with the newest backup`);
         this.#failing = false;
         this.#pause = FIRST_PAUSE_MS;
-        this.#o.log.debug(`replica ${this.#o.name}: committed ${committed.manifest.size} bytes in ${committed.manifest.chunks} message(s) at sequence ${committed.seq}`);
-        await this.#o.store.dropBefore(committed).catch((err: unknown) => this.#o.log.debug(`cannot drop old states of the replica: ${describeError(err)}`));
+        const m = committed.manifest;
+        this.#o.log.debug(
+          `replica ${this.#o.name}: committed ${m.size} bytes at sequence ${committed.seq}: ${this.#sentChunks} of ${chunkCount(m.size)} chunks sent, ` +
+            `${m.messages} named (${m.base === 0 ? 'a base manifest' : `a delta of the manifest at ${m.base}`})`,
+        );
       } catch (err) {
         this.#mustResync = true;
         if (!this.#failing) {
@@ -189,18 +250,124 @@ export class Replicator {
           this.#o.log.debug(`replica ${this.#o.name}: ${describeError(err)}`);
         }
         this.#failing = true;
-        // Unless a newer state came meanwhile, this one is sent again after the pause.
-        this.#sending = undefined;
-        if (this.#pending === undefined && !this.#stopped && !this.#fencedOff) {
-          this.#pending = p;
-          requeued = true;
-        }
+        // What this state changed is not in the replica: it goes into the next one.
+        this.#requeue(p);
+        this.#sending = false;
         await this.#sleep(this.#pause);
         this.#pause = Math.min(LONGEST_PAUSE_MS, this.#pause * 2);
+        continue;
       } finally {
-        this.#sending = undefined;
-        if (!requeued) fs.closeSync(p.fd);
+        this.#reading = undefined;
+        this.#sending = false;
       }
+      if (p.file !== undefined) fs.closeSync(p.file.fd);
+    }
+  }
+
+  /** Puts a state that could not be sent back under the newer one waiting, if any. */
+  #requeue(p: Pending): void {
+    const newer = this.#pending;
+    if (this.#stopped || this.#fencedOff) {
+      if (p.file !== undefined) fs.closeSync(p.file.fd);
+      return;
+    }
+    if (newer === undefined) {
+      this.#pending = p;
+      return;
+    }
+    if (newer.file !== undefined) {
+      // The newer file holds everything: every chunk of it is compared anyway.
+      if (p.file !== undefined) fs.closeSync(p.file.fd);
+      return;
+    }
+    newer.file = p.file;
+    for (const [index, bytes] of p.captured) {
+      if (!newer.captured.has(index)) {
+        newer.captured.set(index, bytes);
+        newer.capturedBytes += bytes.length;
+      }
+    }
+  }
+
+  /**
+   * Sends the state `p`: the chunks that differ from the replica's, then its manifest.
+   * @returns undefined when a newer state waiting supersedes it
+   */
+  async #send(p: Pending): Promise<Committed | undefined> {
+    const previous = this.#rewrite ? undefined : this.#table;
+    const sender = this.#o.store.sendState(this.#o.writer, this.#lastSeq);
+    let table = previous === undefined ? zeroTable(p.size) : resized(copyTable(previous), p.size);
+    let read = 0;
+    // The table starts as the replica's state (or zeros): a chunk whose digest it holds is there already.
+    const put = async (index: number, bytes: Buffer) => {
+      const digest = besideRounds(() => chunkDigest(bytes));
+      if (digestAt(table, index).equals(digest)) return;
+      setChunk(table, index, digest.equals(zeroDigest(bytes.length)) ? 0 : await sender.publish(index, bytes), digest);
+    };
+    try {
+      if (p.file !== undefined) {
+        const reading: { state: Pending; late: Map<number, Buffer> | undefined } = { state: p, late: new Map() };
+        this.#reading = reading;
+        const file = p.file;
+        const readSize = p.size;
+        const n = chunkCount(readSize);
+        for (let index = 0; index < n; index++) {
+          if (this.#stopped) throw new Error('the host is stopping');
+          if (p.captured.has(index)) continue;
+          const bytes = besideRounds(() => readChunk(file.fd, readSize, index));
+          await put(index, bytes);
+          // Reading from the page cache does not yield: let the host's rounds and signals in.
+          if (++read % 64 === 0) await new Promise((resolve) => setImmediate(resolve));
+        }
+        // Now no round writes: chunks changed in place while the file was read were read
+        // at the ends of those rounds; the others are as they were read.
+        const settled = await this.#o.gate.quiet(() => {
+          this.#reading = undefined;
+          const late = reading.late;
+          if (late === undefined) return undefined;
+          // A round that changed the size in place: the chunks from the old end on, read now.
+          const now = chunkCount(p.size);
+          for (let index = Math.max(0, Math.min(n, now) - 1); p.size !== readSize && index < now; index++) {
+            if (!late.has(index) && !p.captured.has(index)) late.set(index, readChunk(file.fd, p.size, index));
+          }
+          return late;
+        });
+        if (settled === undefined) {
+          // A round changed the file being read in a way not known: the newer state waiting compares it all again.
+          this.#garbage.push(...(await sender.abandon()));
+          this.#lastSeq = sender.lastSeq;
+          return undefined;
+        }
+        table = resized(table, p.size);
+        for (const [index, bytes] of settled) if (index < chunkCount(p.size)) p.captured.set(index, bytes);
+      }
+      for (const [index, bytes] of p.captured) if (index < chunkCount(p.size)) await put(index, bytes);
+      const committed = await sender.commit(table, p.durableAt);
+      this.#sentChunks = sender.published.length;
+      this.#lastSeq = committed.seq;
+      const before = this.#table === undefined || this.#manifestSeq === undefined ? undefined : { seqs: this.#table.seqs, manifestSeq: this.#manifestSeq };
+      const garbage = this.#garbage.splice(0);
+      this.#table = table;
+      this.#manifestSeq = committed.seq;
+      this.lastCommitted = committed;
+      this.#rewrite = false;
+      await this.#retire(committed, table, before, garbage);
+      return committed;
+    } catch (err) {
+      this.#garbage.push(...sender.published);
+      throw err;
+    }
+  }
+
+  /** Removes what the replica no longer needs; decides whether the next state sends every chunk again. */
+  async #retire(committed: Committed, table: ChunkTable, before: { seqs: Float64Array; manifestSeq: number } | undefined, garbage: number[]): Promise<void> {
+    const store = this.#o.store;
+    try {
+      await store.retire(committed, table.seqs, before, garbage);
+      if (store.baseFragmented) this.#rewrite = true;
+      if (++this.#commits % COMMITS_PER_GARBAGE_CHECK === 0 && (await store.storedBytes()) > 2 * table.size + CAPTURE_LIMIT_BYTES) this.#rewrite = true;
+    } catch (err) {
+      this.#o.log.debug(`cannot drop old states of the replica: ${describeError(err)}`);
     }
   }
 
@@ -296,4 +463,31 @@ export class Replicator {
       `lost the lease of the replica ${this.#o.name} to ${holder}: replication stopped, nothing more is written to it; local backups go on`,
     );
   }
+}
+
+/** Indexes of the chunks that ranges `[offset, length]` touch, within `size` bytes. */
+function touchedChunks(changed: readonly (readonly [number, number])[], size: number): Set<number> {
+  const out = new Set<number>();
+  const n = chunkCount(size);
+  for (const [offset, length] of changed) {
+    const last = Math.min(n - 1, Math.floor((offset + length - 1) / CHUNK_SIZE));
+    for (let index = Math.floor(offset / CHUNK_SIZE); index <= last; index++) out.add(index);
+  }
+  return out;
+}
+
+/** Chunk `index` of the first `size` bytes of `fd` (zeros past its end). */
+function readChunk(fd: number, size: number, index: number): Buffer {
+  const length = chunkLength(size, index);
+  const buf = Buffer.allocUnsafe(length);
+  let done = 0;
+  while (done < length) {
+    const n = fs.readSync(fd, buf, done, length - done, index * CHUNK_SIZE + done);
+    if (n === 0) {
+      buf.fill(0, done);
+      break;
+    }
+    done += n;
+  }
+  return buf;
 }

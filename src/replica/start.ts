@@ -12,11 +12,13 @@ import { BackupFile, recordBackupCheck } from '../restore/backup.js';
 import { BackupLock } from '../restore/lock.js';
 import { syncDirectory } from '../restore/persist.js';
 import { formatBytes, formatDuration } from '../restore/progress.js';
+import type { RoundGate } from '../restore/snapshotter.js';
 import { describeError, isSystemError } from '../system/libc.js';
 import { ShmfdError } from '../base/errors.js';
 import { heldMessage, Lease } from './lease.js';
-import { backupIdentity, Replicator } from './replicator.js';
+import { Replicator } from './replicator.js';
 import type { NatsConnection } from '@nats-io/transport-node';
+import type { ChunkTable } from './chunks.js';
 import { connectReplica, isFenced, newWriter, ReplicaStore, type Committed, type Writer } from './store.js';
 import { credentialsFromEnv, parseReplicaUrl, type ReplicaUrl } from './url.js';
 
@@ -40,7 +42,7 @@ export interface ReplicaStart {
  * @throws ShmfdError `ERR_REPLICA_URL`, `ERR_REPLICA_CREDENTIALS`, `ERR_REPLICA_UNREACHABLE`,
  *   `ERR_REPLICA_HELD`, `ERR_REPLICA_DAMAGED`, `ERR_BACKUP_IN_USE`, `ERR_BACKUP_ACCESS`
  */
-export async function startReplica(text: string, backupPath: string, env: Environment, log: Log): Promise<ReplicaStart> {
+export async function startReplica(text: string, backupPath: string, gate: RoundGate, env: Environment, log: Log): Promise<ReplicaStart> {
   const url = parseReplicaUrl(text);
   const nc = await connectReplica(url, credentialsFromEnv(env));
   const writer = newWriter();
@@ -48,7 +50,7 @@ export async function startReplica(text: string, backupPath: string, env: Enviro
   const deadline = Date.now() + START_PATIENCE_MS;
   for (let warned = false; ; warned = true) {
     try {
-      return await prepare(nc, url, writer, backup, log);
+      return await prepare(nc, url, writer, backup, gate, log);
     } catch (err) {
       // A cluster electing its leaders (a node just died) answers nothing for seconds.
       if (err instanceof ShmfdError || isSystemError(err) || Date.now() > deadline) {
@@ -61,21 +63,23 @@ export async function startReplica(text: string, backupPath: string, env: Enviro
   }
 }
 
-async function prepare(nc: NatsConnection, url: ReplicaUrl, writer: Writer, backup: BackupFile, log: Log): Promise<ReplicaStart> {
+async function prepare(nc: NatsConnection, url: ReplicaUrl, writer: Writer, backup: BackupFile, gate: RoundGate, log: Log): Promise<ReplicaStart> {
   const store = await ReplicaStore.open(nc, url, true);
   const lease = (await Lease.open(nc, url, writer, true)) as Lease;
   // A refused host touches nothing, not even the lock file.
   await lease.take();
   let source: ReplicaStart['source'];
   let lastSeq: number;
-  let committed: Committed | undefined;
+  let fetched: { committed: Committed; table: ChunkTable } | undefined;
   try {
     const lock = BackupLock.acquire(backup);
     try {
       // From here on, whatever an earlier holder still sends is refused.
       lastSeq = await fence(store, writer);
-      committed = await store.committed();
-      source = await newerOfTwo(backup, committed, store, url.text, log);
+      const committed = await store.committed();
+      const newer = await newerOfTwo(backup, committed, store, url.text, log);
+      source = newer.source;
+      fetched = newer.fetched;
     } finally {
       lock.release();
     }
@@ -83,12 +87,11 @@ async function prepare(nc: NatsConnection, url: ReplicaUrl, writer: Writer, back
     if (err instanceof ShmfdError || isSystemError(err)) await lease.release().catch(() => undefined);
     throw err;
   }
-  let sent: string | undefined;
-  if (source === 'replica') sent = backupIdentity(fs.statSync(backup.path));
-  const replicator = new Replicator({ nc, store, lease, writer, lastSeq, sent, name: url.text, log });
-  replicator.lastCommitted = committed;
+  // Started from the replica: the backup holds its state, and the next states change it.
+  if (fetched !== undefined) store.adopt(fetched.committed, fetched.table.seqs);
+  const replicator = new Replicator({ nc, store, lease, writer, lastSeq, committed: fetched, gate, name: url.text, log });
   // A local backup newer than the replica is sent first: the replica catches up at once.
-  if (source === 'local') replicator.offer(backup.path);
+  if (source === 'local') replicator.offer({ path: backup.path });
   return { replicator, source };
 }
 
@@ -115,7 +118,7 @@ async function newerOfTwo(
   store: ReplicaStore,
   name: string,
   log: Log,
-): Promise<ReplicaStart['source']> {
+): Promise<{ source: ReplicaStart['source']; fetched?: { committed: Committed; table: ChunkTable } }> {
   let local: fs.Stats | undefined;
   try {
     local = fs.statSync(backup.path);
@@ -127,38 +130,39 @@ async function newerOfTwo(
   const localText = local === undefined ? 'no local backup' : `the local backup ${backup.path} is ${formatDuration(now - local.mtimeMs)} old`;
   if (committed === undefined) {
     log.info(`the replica ${name} holds no state yet; ${localText}`);
-    return local === undefined ? 'none' : 'local';
+    return { source: local === undefined ? 'none' : 'local' };
   }
   const { manifest } = committed;
   const replicaText = `the replica's newest state is ${formatDuration(Math.max(0, now - manifest.durableAt))} old (${formatBytes(manifest.size)}, from ${manifest.holder})`;
   if (local !== undefined && Math.round(local.mtimeMs) >= manifest.durableAt) {
     log.info(`starting from the local backup: ${localText}, ${replicaText}`);
-    return 'local';
+    return { source: 'local' };
   }
   const started = performance.now();
-  await download(backup, committed, store);
+  const fetched = await download(backup, committed, store);
   log.info(
     `starting from the replica ${name}: ${replicaText}, ${localText}; fetched in ${formatDuration(performance.now() - started)}`,
   );
-  return 'replica';
+  return { source: 'replica', fetched };
 }
 
 /** Replaces the backup by the replica's state: temporary file, verified, synced, renamed. */
-async function download(backup: BackupFile, committed: Committed, store: ReplicaStore): Promise<void> {
+async function download(backup: BackupFile, committed: Committed, store: ReplicaStore): Promise<{ committed: Committed; table: ChunkTable }> {
   const temp = backup.tempPath();
   const handle = await fs.promises.open(temp, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600);
   let renamed = false;
   try {
-    await store.receive(committed, handle.fd);
-    await recordBackupCheck(handle.fd, committed.manifest.size);
+    const received = await store.receive(committed, handle.fd);
+    await recordBackupCheck(handle.fd, received.committed.manifest.size);
     // Its mtime is when the state became durable on the host that sent it: the next start
     // compares ages, and status reports them, from that.
-    const when = new Date(committed.manifest.durableAt);
+    const when = new Date(received.committed.manifest.durableAt);
     await handle.utimes(when, when);
     await handle.sync();
     await fs.promises.rename(temp, backup.path);
     renamed = true;
     await syncDirectory(backup.dir);
+    return received;
   } finally {
     await handle.close().catch(() => undefined);
     if (!renamed) await fs.promises.unlink(temp).catch(() => undefined);
@@ -181,7 +185,7 @@ export async function replicaStatus(text: string, env: Environment): Promise<{ o
       const m = committed.manifest;
       lines.push(
         `state: committed at stream sequence ${committed.seq} by ${m.holder}`,
-        `state size: ${m.size} bytes (${formatBytes(m.size)}) in ${m.chunks} data message(s), sha256 ${m.sha256}`,
+        `state size: ${m.size} bytes (${formatBytes(m.size)}) in ${m.messages} data message(s) of ${formatBytes(m.chunkSize)}, digest ${m.digest}`,
         `state age: ${formatDuration(Math.max(0, Date.now() - m.durableAt))} (durable since ${new Date(m.durableAt).toISOString()})`,
       );
     }

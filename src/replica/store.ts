@@ -1,16 +1,16 @@
 /**
  * The replica in JetStream: one stream per NAME (`SHMFD_NAME`, subjects `shmfd.NAME.>`)
- * holding the backup's bytes as data messages, a manifest published after them that names
- * the messages, the size and the SHA-256 of the whole backup, and fence markers.
+ * holding the backup's chunks ({@link CHUNK_SIZE} bytes) as data messages, a manifest per
+ * state naming the message of each chunk, and fence markers.
  *
  * A state is committed when its manifest is stored: readers take the newest manifest and
  * the data messages it names, so a state whose manifest never arrived is invisible, never
- * torn. Every publish carries `Nats-Expected-Last-Sequence`, the stream sequence of the
- * writer's previous message: the stream refuses it once anything else was written, so a
- * host that a new holder fenced off (by a marker on `fence`) cannot write again.
- *
- * Deltas later fit the same frame: a manifest of another format may name data messages of
- * earlier states; readers refuse formats they do not know.
+ * torn. A new state sends only the chunks that changed and names the others where earlier
+ * states left them; its manifest lists the chunks that differ from a base manifest (one
+ * that lists every chunk), so a reader needs at most two manifests. Every publish carries
+ * `Nats-Expected-Last-Sequence`, the stream sequence of the writer's previous message: the
+ * stream refuses it once anything else was written, so a host that a new holder fenced off
+ * (by a marker on `fence`) cannot write again.
  * @module
  */
 import crypto from 'node:crypto';
@@ -28,7 +28,7 @@ import {
   type StoredMsg,
 } from '@nats-io/jetstream';
 import { ShmfdError } from '../base/errors.js';
-import { besideRounds } from '../restore/snapshotter.js';
+import { applyRuns, CHUNK_SIZE, chunkCount, chunkDigest, chunkLength, encodeRuns, setChunk, stateDigest, zeroTable, type ChunkTable } from './chunks.js';
 import type { ReplicaCredentials, ReplicaUrl } from './url.js';
 
 /** The manifest format this code writes and reads. */
@@ -39,13 +39,16 @@ export interface Manifest {
   format: typeof MANIFEST_FORMAT;
   /** Size of the backup in bytes. */
   size: number;
-  /** SHA-256 of the whole backup (holes as zeros), hex. */
-  sha256: string;
-  /** Stream sequences of its data messages (none for a backup of zeros: then both are 0). */
-  firstSeq: number;
-  lastSeq: number;
-  /** Number of data messages; a chunk of zeros is not sent. */
-  chunks: number;
+  /** Bytes per chunk. */
+  chunkSize: number;
+  /** SHA-256 over the SHA-256 of each chunk in order (holes as zeros), hex: {@link stateDigest}. */
+  digest: string;
+  /** 0 when `chunks` lists every chunk; else the sequence of the base manifest whose chunks it changes. */
+  base: number;
+  /** Chunk messages as runs (see {@link encodeRuns}): every chunk of a base; the changed ones of a delta. */
+  chunks: number[];
+  /** Data messages the state names. */
+  messages: number;
   /** When the backup sent was made durable (its mtime on the sending host), ms since the epoch. */
   durableAt: number;
   /** The host that committed it, `HOSTNAME pid PID`. */
@@ -67,8 +70,12 @@ export interface Writer {
 /** JetStream's code for a publish whose expected last sequence did not hold. */
 const WRONG_LAST_SEQUENCE = 10071;
 const STREAM_NOT_FOUND = 10059;
-/** Data messages in flight at once while a state is sent. */
-const WINDOW = 16;
+/** Data messages in flight at once while a state is sent or read. */
+const WINDOW = 32;
+/** A base manifest is written again once a delta would list more than this part of the chunks. */
+const DELTA_SHARE = 1 / 8;
+/** Runs a base manifest may list before the next state sends every chunk again (the manifest stays far below max_payload). */
+const MAX_BASE_RUNS = 20_000;
 const REQUEST_TIMEOUT_MS = 10_000;
 const HOLDER_HEADER = 'Shmfd-Holder';
 const OFFSET_HEADER = 'Shmfd-Offset';
@@ -123,13 +130,15 @@ export async function connectReplica(url: ReplicaUrl, credentials: ReplicaCreden
 export class ReplicaStore {
   readonly stream: string;
   readonly #subjects: { all: string; data: string; manifest: string; fence: string };
-  readonly #nc: NatsConnection;
   readonly #js: JetStreamClient;
   readonly #jsm: JetStreamManager;
   readonly #url: ReplicaUrl;
+  /** The base manifest this writer's deltas change. */
+  #base: { seq: number; seqs: Float64Array } | undefined;
+  /** The base manifest of the last state retired: removed once a newer base replaces it. */
+  #retiredBase: number | undefined;
 
   private constructor(nc: NatsConnection, jsm: JetStreamManager, url: ReplicaUrl) {
-    this.#nc = nc;
     this.#jsm = jsm;
     this.#js = jetstream(nc, { timeout: REQUEST_TIMEOUT_MS });
     this.#url = url;
@@ -226,103 +235,168 @@ export class ReplicaStore {
     return ack.seq;
   }
 
+  /** Starts a new state after sequence `after`: its changed chunks, then its manifest. */
+  sendState(writer: Writer, after: number): StateSender {
+    return new StateSender(this, writer, after);
+  }
+
+  /** @internal Publishes chunk `index` of a state after sequence `after`. */
+  publishChunk(writer: Writer, after: number, index: number, bytes: Uint8Array): Promise<PubAck> {
+    return this.#publish(this.#subjects.data, bytes, writer, after, index * CHUNK_SIZE);
+  }
+
   /**
-   * Sends the first `size` bytes of `fd` as a new state after sequence `after`: the
-   * non-zero chunks, then the manifest.
-   * @returns the manifest's sequence and its content
-   * @throws the first failing publish's error (nothing is committed then)
+   * @internal Publishes the manifest of `table` after sequence `after`: a delta of the
+   * current base when few chunks differ from it, else a new base.
    */
-  async send(writer: Writer, after: number, fd: number, size: number, durableAt: number, signal?: AbortSignal): Promise<Committed> {
-    const chunk = this.chunkSize();
-    const hash = crypto.createHash('sha256');
-    const inFlight: Promise<PubAck>[] = [];
-    let seq = after;
-    let firstSeq = 0;
-    let failure: unknown;
-    const settle = async (keep: number) => {
-      while (inFlight.length > keep) {
-        await (inFlight.shift() as Promise<PubAck>).catch((err: unknown) => {
-          failure ??= err;
-        });
+  async publishManifest(writer: Writer, after: number, table: ChunkTable, durableAt: number): Promise<Committed> {
+    const n = chunkCount(table.size);
+    let base = 0;
+    let chunks: number[] | undefined;
+    if (this.#base !== undefined) {
+      const from = this.#base.seqs;
+      let differing = Math.max(0, n - from.length);
+      for (let i = 0; i < Math.min(n, from.length); i++) if (table.seqs[i] !== from[i]) differing++;
+      if (differing <= Math.max(64, n * DELTA_SHARE)) {
+        base = this.#base.seq;
+        chunks = encodeRuns(table.seqs, from);
       }
-    };
-    for (let offset = 0; offset < size && failure === undefined; offset += chunk) {
-      signal?.throwIfAborted();
-      // Read, hashed and published while local rounds await their I/O: not their cost.
-      const published = besideRounds(() => {
-        const bytes = readFully(fd, Math.min(chunk, size - offset), offset);
-        hash.update(bytes);
-        if (isZero(bytes)) return false;
-        if (firstSeq === 0) firstSeq = seq + 1;
-        inFlight.push(this.#publish(this.#subjects.data, bytes, writer, seq++, offset));
-        // The client writes to its socket in a microtask, after this section; a flush
-        // writes now, so that this cost too is counted here.
-        this.#nc.flush().catch(() => undefined);
-        return true;
-      });
-      if (published) await settle(WINDOW - 1);
     }
-    await settle(0);
-    if (failure !== undefined) throw failure;
+    chunks ??= encodeRuns(table.seqs);
+    let messages = 0;
+    for (let i = 0; i < n; i++) if (table.seqs[i] !== 0) messages++;
     const manifest: Manifest = {
       format: MANIFEST_FORMAT,
-      size,
-      sha256: hash.digest('hex'),
-      firstSeq,
-      lastSeq: firstSeq === 0 ? 0 : seq,
-      chunks: firstSeq === 0 ? 0 : seq - firstSeq + 1,
+      size: table.size,
+      chunkSize: CHUNK_SIZE,
+      digest: stateDigest(table),
+      base,
+      chunks,
+      messages,
       durableAt,
       holder: writer.description,
     };
-    const ack = await this.#publish(this.#subjects.manifest, JSON.stringify(manifest), writer, seq);
+    const ack = await this.#publish(this.#subjects.manifest, JSON.stringify(manifest), writer, after);
+    if (base === 0) this.#base = { seq: ack.seq, seqs: table.seqs.slice() };
     return { manifest, seq: ack.seq };
   }
 
-  /**
-   * Drops everything before `committed`'s first message: earlier states, fence markers,
-   * and data of states never committed. Safe for a host that was fenced off meanwhile:
-   * whatever a later holder wrote comes after its own commit.
-   */
-  async dropBefore(committed: Committed): Promise<void> {
-    const seq = committed.manifest.firstSeq === 0 ? committed.seq : committed.manifest.firstSeq;
-    await this.#jsm.streams.purge(this.stream, { filter: this.#subjects.all, seq });
+  /** Whether the base manifest lists so many runs that the next state should send every chunk again. */
+  get baseFragmented(): boolean {
+    return this.#base !== undefined && encodeRuns(this.#base.seqs).length / 3 > MAX_BASE_RUNS;
+  }
+
+  /** Bytes the stream holds (every state's messages not yet removed). */
+  async storedBytes(): Promise<number> {
+    return (await this.#info())?.state.bytes ?? 0;
   }
 
   /**
-   * Writes the state `committed` names into `fd` (which must be empty) and checks its digest.
+   * Removes what the state `committed` (whose chunks are at `seqs`) no longer needs: the
+   * messages of chunks it replaced (`previous`: the state before it), the manifest before
+   * it, `garbage` (messages of states never committed), and everything older than its
+   * oldest message. Safe for a host that was fenced off meanwhile: a later holder's state
+   * never names a message that this state replaced.
+   */
+  async retire(committed: Committed, seqs: Float64Array, previous: { seqs: Float64Array; manifestSeq: number } | undefined, garbage: number[]): Promise<void> {
+    const keepBase = committed.manifest.base === 0 ? committed.seq : committed.manifest.base;
+    let oldest = Math.min(keepBase, committed.seq);
+    for (const seq of seqs) if (seq !== 0 && seq < oldest) oldest = seq;
+    const doomed = garbage.filter((seq) => seq >= oldest);
+    if (previous !== undefined) {
+      for (let i = 0; i < previous.seqs.length; i++) {
+        const seq = previous.seqs[i]!;
+        if (seq >= oldest && seq !== seqs[i]) doomed.push(seq);
+      }
+      if (previous.manifestSeq >= oldest && previous.manifestSeq !== keepBase && previous.manifestSeq !== committed.seq) doomed.push(previous.manifestSeq);
+    }
+    if (this.#retiredBase !== undefined && this.#retiredBase !== keepBase && this.#retiredBase >= oldest) doomed.push(this.#retiredBase);
+    this.#retiredBase = keepBase;
+    for (let i = 0; i < doomed.length; i += WINDOW) {
+      await Promise.all(doomed.slice(i, i + WINDOW).map((seq) => this.#jsm.streams.deleteMessage(this.stream, seq, false).catch(() => false)));
+    }
+    await this.#jsm.streams.purge(this.stream, { filter: this.#subjects.all, seq: oldest });
+  }
+
+  /**
+   * Makes the state `committed` (whose chunks are at `seqs`) the base that the next
+   * manifests change: a host starting from the replica continues its manifests.
+   */
+  adopt(committed: Committed, seqs: Float64Array): void {
+    // A delta's base is not at hand: the next manifest is a new base (it costs no data).
+    this.#base = committed.manifest.base === 0 ? { seq: committed.seq, seqs: seqs.slice() } : undefined;
+    this.#retiredBase = committed.manifest.base === 0 ? committed.seq : committed.manifest.base;
+  }
+
+  /**
+   * Where each chunk of the state `committed` is: its manifest applied to its base's.
+   * @throws ShmfdError `ERR_REPLICA_DAMAGED` for a manifest that does not fit its base
+   */
+  async chunkSeqs(committed: Committed): Promise<Float64Array> {
+    const { manifest } = committed;
+    const seqs = new Float64Array(chunkCount(manifest.size));
+    if (manifest.base !== 0) {
+      const base = await this.#jsm.streams.getMessage(this.stream, { seq: manifest.base }).catch(() => null);
+      if (base === null || base.subject !== this.#subjects.manifest) throw new MissingMessage(committed, `misses its base manifest at sequence ${manifest.base}`);
+      const parsed = parseManifest(base.string(), this.#url);
+      const own = new Float64Array(chunkCount(parsed.size));
+      if (parsed.base !== 0 || parsed.chunkSize !== manifest.chunkSize || !applyRuns(own, parsed.chunks)) throw this.#damaged(committed, 'names a base manifest that is not one');
+      seqs.set(own.subarray(0, seqs.length));
+    }
+    if (!applyRuns(seqs, manifest.chunks)) throw this.#damaged(committed, 'lists chunks beyond its size');
+    return seqs;
+  }
+
+  #damaged(committed: Committed, problem: string): ShmfdError {
+    return new ShmfdError('ERR_REPLICA_DAMAGED', `the replica ${this.#url.text} is damaged: the state committed at sequence ${committed.seq} ${problem}`);
+  }
+
+  /**
+   * Writes the state `committed` names into `fd` (which must be empty) and checks its
+   * digest. A message removed meanwhile by a newer state's holder makes it read the newest
+   * state instead.
+   * @returns the state it wrote, as a table of its chunks
    * @throws ShmfdError `ERR_REPLICA_DAMAGED` when messages are missing or the digest differs
    */
-  async receive(committed: Committed, fd: number): Promise<void> {
-    const { manifest } = committed;
-    const damaged = (problem: string) =>
-      new ShmfdError('ERR_REPLICA_DAMAGED', `the replica ${this.#url.text} is damaged: the state committed at sequence ${committed.seq} ${problem}`);
-    fs.ftruncateSync(fd, manifest.size);
-    const hash = crypto.createHash('sha256');
-    const zeros = ZEROS;
-    let hashed = 0;
-    const hashZerosTo = (end: number) => {
-      while (hashed < end) {
-        const n = Math.min(zeros.length, end - hashed);
-        hash.update(zeros.subarray(0, n));
-        hashed += n;
-      }
-    };
-    if (manifest.chunks !== manifest.lastSeq - manifest.firstSeq + 1) throw damaged(`names ${manifest.chunks} data messages in sequences ${manifest.firstSeq} to ${manifest.lastSeq}`);
-    for (let seq = manifest.firstSeq; manifest.chunks > 0 && seq <= manifest.lastSeq; seq += WINDOW) {
-      const batch: Promise<StoredMsg | null>[] = [];
-      for (let s = seq; s <= Math.min(manifest.lastSeq, seq + WINDOW - 1); s++) batch.push(this.#dataMessage(s));
-      for (const m of await Promise.all(batch)) {
-        const offset = Number(m?.header?.get(OFFSET_HEADER));
-        if (m === null || m.subject !== this.#subjects.data) throw damaged('misses some of its data messages');
-        if (!Number.isSafeInteger(offset) || offset < hashed || offset + m.data.length > manifest.size) throw damaged(`has a data message at a wrong offset (${offset})`);
-        hashZerosTo(offset);
-        hash.update(m.data);
-        hashed += m.data.length;
-        writeFully(fd, m.data, offset);
+  async receive(committed: Committed, fd: number): Promise<{ committed: Committed; table: ChunkTable }> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return { committed, table: await this.#receiveOnce(committed, fd) };
+      } catch (err) {
+        if (!(err instanceof MissingMessage)) throw err;
+        const newest = await this.committed();
+        if (attempt === 3 || newest === undefined || newest.seq === committed.seq) throw this.#damaged(err.committed, err.problem);
+        committed = newest;
       }
     }
-    hashZerosTo(manifest.size);
-    if (hash.digest('hex') !== manifest.sha256) throw damaged('does not match its SHA-256');
+  }
+
+  async #receiveOnce(committed: Committed, fd: number): Promise<ChunkTable> {
+    const { manifest } = committed;
+    if (manifest.chunkSize !== CHUNK_SIZE) throw this.#damaged(committed, `has chunks of ${manifest.chunkSize} bytes, which this version does not read`);
+    const seqs = await this.chunkSeqs(committed);
+    fs.ftruncateSync(fd, 0);
+    fs.ftruncateSync(fd, manifest.size);
+    const table = zeroTable(manifest.size);
+    const wanted: number[] = [];
+    for (let i = 0; i < seqs.length; i++) if (seqs[i] !== 0) wanted.push(i);
+    for (let w = 0; w < wanted.length; w += WINDOW) {
+      const batch = wanted.slice(w, w + WINDOW);
+      const messages = await Promise.all(batch.map((i) => this.#dataMessage(seqs[i]!)));
+      for (let k = 0; k < batch.length; k++) {
+        const i = batch[k]!;
+        const m = messages[k];
+        if (m === null || m === undefined) throw new MissingMessage(committed, `misses the message of chunk ${i} at sequence ${seqs[i]}`);
+        const offset = Number(m.header?.get(OFFSET_HEADER));
+        if (m.subject !== this.#subjects.data || offset !== i * CHUNK_SIZE || m.data.length !== chunkLength(manifest.size, i)) {
+          throw this.#damaged(committed, `names a message at sequence ${seqs[i]} that is not chunk ${i}`);
+        }
+        writeFully(fd, m.data, offset);
+        setChunk(table, i, seqs[i]!, chunkDigest(m.data));
+      }
+    }
+    if (stateDigest(table) !== manifest.digest) throw this.#damaged(committed, 'does not match its digest');
+    return table;
   }
 
   /**
@@ -333,10 +407,79 @@ export class ReplicaStore {
     const direct = await this.#jsm.direct.getMessage(this.stream, { seq }).catch(() => null);
     return direct ?? this.#jsm.streams.getMessage(this.stream, { seq }).catch(() => null);
   }
+}
 
-  /** Bytes per data message: within the server's max_payload, with room for headers. */
-  chunkSize(): number {
-    return Math.min(512 * 1024, (this.#nc.info?.max_payload ?? 1024 * 1024) - 4096);
+/** A message a state names is gone: removed by a newer state's holder, or lost. */
+class MissingMessage extends Error {
+  constructor(
+    readonly committed: Committed,
+    readonly problem: string,
+  ) {
+    super(problem);
+  }
+}
+
+/**
+ * One state being sent: {@link publish} each chunk that changed (a window of them in
+ * flight), then {@link commit} the table of all of them. Nothing is visible to readers
+ * until the commit's manifest is stored.
+ */
+export class StateSender {
+  readonly #store: ReplicaStore;
+  readonly #writer: Writer;
+  #seq: number;
+  #inFlight: Promise<unknown>[] = [];
+  #failure: unknown;
+  /** Sequences of the chunks published so far. */
+  readonly published: number[] = [];
+
+  /** Sequence of this writer's last message once all its publishes are stored. */
+  get lastSeq(): number {
+    return this.#seq;
+  }
+
+  constructor(store: ReplicaStore, writer: Writer, after: number) {
+    this.#store = store;
+    this.#writer = writer;
+    this.#seq = after;
+  }
+
+  /**
+   * Publishes chunk `index` (`bytes` must not change until the commit).
+   * @returns the stream sequence it gets once stored
+   * @throws the first failed publish's error
+   */
+  async publish(index: number, bytes: Uint8Array): Promise<number> {
+    if (this.#failure !== undefined) throw this.#failure;
+    const seq = ++this.#seq;
+    this.published.push(seq);
+    this.#inFlight.push(
+      this.#store.publishChunk(this.#writer, seq - 1, index, bytes).catch((err: unknown) => {
+        this.#failure ??= err;
+      }),
+    );
+    if (this.#inFlight.length >= WINDOW) await this.#inFlight.shift();
+    if (this.#failure !== undefined) throw this.#failure;
+    return seq;
+  }
+
+  /**
+   * Waits for the chunks in flight, and commits nothing.
+   * @returns the sequences of the chunks published, which no state names
+   */
+  async abandon(): Promise<number[]> {
+    await Promise.all(this.#inFlight.splice(0));
+    return this.published;
+  }
+
+  /**
+   * Waits for every chunk, then stores the manifest of `table` (every chunk's message).
+   * @throws the first failed publish's error (nothing is committed then)
+   */
+  async commit(table: ChunkTable, durableAt: number): Promise<Committed> {
+    await Promise.all(this.#inFlight.splice(0));
+    if (this.#failure !== undefined) throw this.#failure;
+    return this.#store.publishManifest(this.#writer, this.#seq, table, durableAt);
   }
 }
 
@@ -348,34 +491,23 @@ function parseManifest(text: string, url: ReplicaUrl): Manifest {
     value = undefined;
   }
   const m = value as Partial<Manifest> | undefined;
-  if (m?.format !== MANIFEST_FORMAT || typeof m.size !== 'number' || typeof m.sha256 !== 'string' || typeof m.durableAt !== 'number') {
-    const what = typeof m?.format === 'string' ? `format ${JSON.stringify(m.format)}, which this version does not know` : 'no valid manifest';
+  const valid =
+    m?.format === MANIFEST_FORMAT &&
+    Number.isSafeInteger(m.size) &&
+    Number.isSafeInteger(m.chunkSize) &&
+    typeof m.digest === 'string' &&
+    Number.isSafeInteger(m.base) &&
+    Array.isArray(m.chunks) &&
+    typeof m.durableAt === 'number' &&
+    typeof m.holder === 'string';
+  if (!valid) {
+    const what = typeof m?.format === 'string' && m.format !== MANIFEST_FORMAT ? `format ${JSON.stringify(m.format)}, which this version does not know` : 'no valid manifest';
     throw new ShmfdError('ERR_REPLICA_DAMAGED', `the replica ${url.text} holds ${what}`);
   }
   return m as Manifest;
 }
 
-function readFully(fd: number, length: number, position: number): Buffer {
-  const buf = Buffer.allocUnsafe(length);
-  let done = 0;
-  while (done < length) {
-    const n = fs.readSync(fd, buf, done, length - done, position + done);
-    if (n === 0) {
-      buf.fill(0, done);
-      break;
-    }
-    done += n;
-  }
-  return buf;
-}
-
 function writeFully(fd: number, data: Uint8Array, position: number): void {
   let done = 0;
   while (done < data.length) done += fs.writeSync(fd, data, done, data.length - done, position + done);
-}
-
-const ZEROS = Buffer.alloc(512 * 1024);
-
-function isZero(bytes: Buffer): boolean {
-  return bytes.length <= ZEROS.length && bytes.equals(ZEROS.subarray(0, bytes.length));
 }

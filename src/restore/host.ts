@@ -31,7 +31,7 @@ import { childDescriptors, exitStatus, findSetpriv, SignalRelay, startChild, wai
 import { BackupLock } from './lock.js';
 import { formatBytes, formatDuration, withProgress } from './progress.js';
 import { replayJournal } from './journal.js';
-import { Snapshotter } from './snapshotter.js';
+import { Snapshotter, type RoundGate } from './snapshotter.js';
 import { writeBack, type DurableState } from './write-back.js';
 
 /** Snapshot strategies of `--snapshot`. */
@@ -68,17 +68,23 @@ export interface RestoreHostOptions {
   progress?: boolean;
   /**
    * Called after every snapshot round that made a new backup durable, and after the final
-   * write-back (which may have left the backup as it was), with the backup's path. Until
-   * it returns, the file there is that round's: the next round replaces it only
-   * afterwards, so a caller that opens it here reads that state however long it takes.
+   * write-back (which may have left the backup as it was). Until it returns, no round
+   * writes the backup: it holds exactly that round's state.
    */
   onDurable?: (durable: DurableBackup) => void;
+  /** Told when each snapshot round begins and ends (see {@link RoundGate}). */
+  gate?: RoundGate;
 }
 
 /** What {@link RestoreHostOptions.onDurable} is told. */
 export interface DurableBackup {
   /** The backup file: complete and synced. */
   path: string;
+  /**
+   * The byte ranges `[offset, length]` the round changed in the backup file in place;
+   * undefined when the file there is a new one (or may be).
+   */
+  changed?: readonly (readonly [number, number])[];
 }
 
 /**
@@ -141,10 +147,7 @@ async function host(o: RestoreHostOptions, name: string, backup: BackupFile, log
   if (relay.received !== undefined) return exitStatus(null, relay.received);
   if (created) parkMemory(env, name, memory, log);
 
-  // No dirty-page map beside a replica: rounds in place would change the backup while the
-  // replicator still reads the previous round from it, and it would send a torn state.
-  // Every round is then a whole copy, a new file the replicator's descriptor keeps intact.
-  const dirtyPages = o.snapshot !== undefined && o.onDurable === undefined ? DirtyPages.create() : undefined;
+  const dirtyPages = o.snapshot !== undefined ? DirtyPages.create() : undefined;
   const descriptors = childDescriptors(
     passed,
     o.extraFds ?? [],
@@ -180,9 +183,11 @@ async function host(o: RestoreHostOptions, name: string, backup: BackupFile, log
       mode,
       progress: showProgress,
       dirtyPages,
+      gate: o.gate,
       // The memory is a copy of the backup: what the program marks from now on is all that differs.
       backupMatchesMemory: created && inspection.state === 'present' && inspection.size > 0,
-      onPersisted: o.onDurable === undefined ? undefined : () => o.onDurable?.({ path: backup.path }),
+      onPersisted:
+        o.onDurable === undefined ? undefined : (round) => o.onDurable?.({ path: backup.path, changed: round.changed }),
     });
     snapshotter.start();
     statusTimer = reportStatus(env, snapshotter, log);

@@ -82,6 +82,8 @@ export interface DurableSnapshot {
   size: number;
   /** Whether the round wrote only the changed pages in place (through the journal), rather than a whole new file. */
   incremental: boolean;
+  /** The byte ranges `[offset, length]` an in-place round wrote; everything else is as the round before left it. */
+  changed?: [number, number][];
 }
 
 /** What one round did. */
@@ -105,6 +107,8 @@ export interface SnapshotterOptions {
    * place to hook what follows durability (e.g. shipping the backup elsewhere).
    */
   onPersisted?: (snapshot: DurableSnapshot, result: PersistResult) => void;
+  /** Told when each round begins and ends, for readers of the backup that must not overlap one. */
+  gate?: RoundGate;
   /**
    * The dirty-page map passed to the program. When the program sets its tracking flag,
    * rounds copy only the marked pages and apply them to the backup in place.
@@ -116,6 +120,34 @@ export interface SnapshotterOptions {
    * durable round is a whole copy.
    */
   backupMatchesMemory?: boolean;
+}
+
+/**
+ * Lets a reader of the backup run between rounds: {@link quiet} runs its work now when no
+ * round is running, else as soon as the running one ends, before the next can begin
+ * (rounds start from a timer; the work runs in the microtask after the round's end). The
+ * backup then holds exactly the state of the last round reported to `onPersisted`.
+ */
+export class RoundGate {
+  #running: Promise<void> | undefined;
+  #ended: (() => void) | undefined;
+
+  /** A round begins. */
+  enter(): void {
+    this.#running = new Promise<void>((resolve) => (this.#ended = resolve));
+  }
+
+  /** The round ended. */
+  leave(): void {
+    this.#running = undefined;
+    this.#ended?.();
+  }
+
+  /** Runs `work` while no round runs. */
+  async quiet<T>(work: () => T): Promise<T> {
+    while (this.#running !== undefined) await this.#running;
+    return work();
+  }
 }
 
 /**
@@ -264,12 +296,16 @@ export class Snapshotter {
 
   /** Runs one round now. Never throws: failures are logged and counted. */
   async round(): Promise<RoundOutcome> {
+    const gate = this.#o.gate;
+    gate?.enter();
     let outcome: RoundOutcome;
     try {
       outcome = await this.#roundInner();
     } catch (err) {
       // Whatever went wrong, the host must outlive the program: log it and go on.
       outcome = this.#failed(err);
+    } finally {
+      gate?.leave();
     }
     this.counts[outcome]++;
     return outcome;
@@ -358,6 +394,7 @@ export class Snapshotter {
       newest: newestSlot(kept.slots),
       size,
       incremental,
+      changed: incremental ? spans : undefined,
     };
     this.lastPersisted = snapshot;
     const unsynced = directorySyncWarning(this.#o.backup, result);
