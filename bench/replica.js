@@ -77,7 +77,7 @@ function startHost(args, dir) {
 
 async function scenario(dir, size, url, jsm, monitorPort, serverPid) {
   const backup = path.join(dir, 'state');
-  const args = ['--snapshot=restore-v1', ...(url === undefined ? [] : ['--replica', url]), backup, '--', process.execPath, COMMITTER, 'active', String(size)];
+  const args = ['--snapshot=restore-v1', ...(url === undefined ? [] : ['--replica', url]), backup, '--', process.execPath, COMMITTER, 'marked', String(size)];
   const h = startHost(args, dir);
   try {
     const deadline = Date.now() + 180_000;

@@ -91,6 +91,13 @@ export async function replicaReader(t, servers) {
       return stored === null ? undefined : { seq: stored.seq, ...stored.json() };
     },
     /**
+     * What NAME's stream holds: messages, bytes, first and last sequence.
+     * @param {string} name
+     */
+    async streamState(name) {
+      return (await jsm.streams.info(`SHMFD_${name}`)).state;
+    },
+    /**
      * The bytes of the state whose manifest is at `seq` in NAME, rebuilt here from the
      * manifest format (docs/replica.md): its base's chunk runs, its own on top, each chunk's
      * message at its offset. Undefined when a message it names is gone (a newer state

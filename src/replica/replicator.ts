@@ -291,7 +291,7 @@ export class Replicator {
 
   /**
    * Sends the state `p`: the chunks that differ from the replica's, then its manifest.
-   * @returns undefined when a newer state waiting supersedes it
+   * @returns undefined when there was nothing to commit: the replica holds these bytes, or a newer state waiting supersedes it
    */
   async #send(p: Pending): Promise<Committed | undefined> {
     const previous = this.#rewrite ? undefined : this.#table;
@@ -299,9 +299,11 @@ export class Replicator {
     let table = previous === undefined ? zeroTable(p.size) : resized(copyTable(previous), p.size);
     let read = 0;
     // The table starts as the replica's state (or zeros): a chunk whose digest it holds is there already.
+    let changed = previous === undefined || previous.size !== p.size;
     const put = async (index: number, bytes: Buffer) => {
       const digest = besideRounds(() => chunkDigest(bytes));
       if (digestAt(table, index).equals(digest)) return;
+      changed = true;
       setChunk(table, index, digest.equals(zeroDigest(bytes.length)) ? 0 : await sender.publish(index, bytes), digest);
     };
     try {
@@ -342,6 +344,8 @@ export class Replicator {
         for (const [index, bytes] of settled) if (index < chunkCount(p.size)) p.captured.set(index, bytes);
       }
       for (const [index, bytes] of p.captured) if (index < chunkCount(p.size)) await put(index, bytes);
+      // The replica holds these bytes already (chunks read twice, at a round's end and for the state before).
+      if (!changed && table.size === p.size) return undefined;
       const committed = await sender.commit(table, p.durableAt);
       this.#sentChunks = sender.published.length;
       this.#lastSeq = committed.seq;

@@ -1,0 +1,70 @@
+// The replicator against the host's rounds, driven step by step: a state read from a whole
+// file while a round changes that file in place is committed only once no round runs, and
+// then holds that round's chunks; a round in place afterwards sends only its chunk, as a
+// delta of the first state. Real nats-server, real files, the real replicator (dist/).
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { test } from 'node:test';
+import { StderrLog } from '../dist/base/log.js';
+import { startReplica } from '../dist/replica/start.js';
+import { RoundGate } from '../dist/restore/snapshotter.js';
+import { tempDir, waitFor } from './helpers.js';
+import { natsSkip, replicaReader, stateDigest, startNats } from './nats.js';
+
+const CHUNK = 64 * 1024;
+
+/** Writes `bytes` at `offset` of `file` in place, as an in-place round does. */
+function writeInPlace(file, offset, bytes) {
+  const fd = fs.openSync(file, 'r+');
+  try {
+    fs.writeSync(fd, bytes, 0, bytes.length, offset);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+test('a state read while a round changes the file in place is committed after that round, with its chunks; the next round sends one chunk', natsSkip, async (t) => {
+  const dir = tempDir(t, 'shmfd-replica-rounds-');
+  const server = await startNats(t, path.join(dir, 'js'));
+  const reader = await replicaReader(t, [server.address]);
+  const backup = path.join(dir, 'state');
+  const bytes = Buffer.alloc(64 * CHUNK);
+  for (let i = 0; i < bytes.length; i += 4096) bytes.writeUInt32LE(i, i);
+  fs.writeFileSync(backup, bytes);
+
+  const gate = new RoundGate();
+  // A round is running when the replicator starts: it may read the file, not commit it.
+  gate.enter();
+  const { replicator, source } = await startReplica(`nats://${server.address}/rounds`, backup, gate, process.env, new StderrLog('test', 'error'));
+  t.after(() => replicator.stop(0));
+  assert.equal(source, 'local');
+  replicator.start();
+  // The fence marker, then the 64 chunks as read: the replicator now waits for the round's end.
+  await waitFor(async () => (await reader.streamState('rounds').catch(() => undefined))?.last_seq >= 65, 'every chunk read and sent');
+  // The round changes chunks 3 and 40 in place and reports them, then ends.
+  writeInPlace(backup, 3 * CHUNK + 100, Buffer.from('round one'));
+  writeInPlace(backup, 40 * CHUNK, Buffer.alloc(CHUNK, 7));
+  replicator.offer({ path: backup, changed: [[3 * CHUNK + 100, 9], [40 * CHUNK, CHUNK]] });
+  assert.equal(await reader.manifest('rounds'), undefined, 'nothing is committed while the round runs');
+  gate.leave();
+
+  const first = await waitFor(() => reader.manifest('rounds'), 'the first state');
+  const state = await reader.stateAt('rounds', first.seq);
+  assert.ok(state.bytes.equals(fs.readFileSync(backup)), "the replica holds the round's state, its changed chunks included");
+  assert.equal(first.digest, stateDigest(backup));
+  assert.equal(first.base, 0, 'the first state is a base');
+
+  // The next round changes one chunk in place: only it is sent, as a delta of the first state.
+  gate.enter();
+  writeInPlace(backup, 17 * CHUNK + 5, Buffer.from('round two'));
+  replicator.offer({ path: backup, changed: [[17 * CHUNK + 5, 9]] });
+  gate.leave();
+  const second = await waitFor(async () => {
+    const m = await reader.manifest('rounds');
+    return m.seq !== first.seq ? m : undefined;
+  }, 'the second state');
+  assert.equal(second.base, first.seq);
+  assert.deepEqual(second.chunks, [17, second.seq - 1, 1], 'the delta names the one chunk it sent, just before it');
+  assert.ok((await reader.stateAt('rounds', second.seq)).bytes.equals(fs.readFileSync(backup)));
+});
