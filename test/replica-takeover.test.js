@@ -200,12 +200,22 @@ test('beside a replica, in-place rounds send only the chunks they change, and ev
     newest = got.newest;
     checked++;
   }
+  const COMMITTED = /replica \S+: committed \d+ bytes at sequence \d+: (\d+) of (\d+) chunks sent/;
+  await waitFor(() => a.err.lines.filter((line) => COMMITTED.test(line)).length >= 40, '40 states replicated', 60_000);
   const sent = a.err.lines.flatMap((line) => {
-    const m = /replica \S+: committed \d+ bytes at sequence \d+: (\d+) of (\d+) chunks sent/.exec(line);
+    const m = COMMITTED.exec(line);
     return m === null ? [] : [{ sent: Number(m[1]), of: Number(m[2]) }];
   });
   assert.ok(a.err.lines.some((line) => /snapshot persisted in place/.test(line)), 'rounds ran in place beside the replica');
   assert.ok(sent.some((c) => c.sent * 8 < c.of), `some states sent less than an eighth of the chunks: ${JSON.stringify(sent.slice(0, 20))}`);
+  // Replaced chunks are removed: the stream holds about one state, not every state sent.
+  const held = await reader.streamState('delta');
+  const file = fs.readFileSync(backup('a'));
+  let live = 0;
+  for (let at = 0; at < file.length; at += 65536) if (file.subarray(at, at + 65536).some((b) => b !== 0)) live++;
+  const sentBytes = sent.reduce((n, c) => n + c.sent, 0) * 65536;
+  assert.ok(sentBytes > 4 * live * 65536, `enough was sent to tell: ${sentBytes} bytes`);
+  assert.ok(held.bytes < 2 * live * 65536 + 65536, `the stream holds ${held.bytes} bytes for a state of ${live} chunks that are not zeros`);
 
   // The tree dies; another host, with no local backup, continues from the replica.
   a.kill('SIGKILL');
