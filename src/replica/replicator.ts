@@ -227,6 +227,8 @@ export class Replicator {
       }
       this.#pending = undefined;
       this.#sending = true;
+      // Whether p went back to #pending, which then owns its file.
+      let requeued = false;
       try {
         if (this.#mustResync || Date.now() - this.#renewedAt > this.#o.lease.ttlMs) await this.#resync();
         if (this.#fencedOff || this.#stopped) break;
@@ -241,6 +243,7 @@ export class Replicator {
             `${m.messages} named (${m.base === 0 ? 'a base manifest' : `a delta of the manifest at ${m.base}`})`,
         );
       } catch (err) {
+        if (this.#stopped) break;
         this.#mustResync = true;
         if (!this.#failing) {
           this.#o.log.warn(
@@ -251,42 +254,41 @@ export class Replicator {
         }
         this.#failing = true;
         // What this state changed is not in the replica: it goes into the next one.
-        this.#requeue(p);
+        requeued = this.#requeue(p);
+        this.#reading = undefined;
         this.#sending = false;
         await this.#sleep(this.#pause);
         this.#pause = Math.min(LONGEST_PAUSE_MS, this.#pause * 2);
-        continue;
       } finally {
         this.#reading = undefined;
         this.#sending = false;
+        if (!requeued && p.file !== undefined) fs.closeSync(p.file.fd);
       }
-      if (p.file !== undefined) fs.closeSync(p.file.fd);
     }
   }
 
-  /** Puts a state that could not be sent back under the newer one waiting, if any. */
-  #requeue(p: Pending): void {
+  /**
+   * Puts a state that could not be sent back under the newer one waiting, if any.
+   * @returns whether #pending now holds its file
+   */
+  #requeue(p: Pending): boolean {
     const newer = this.#pending;
-    if (this.#stopped || this.#fencedOff) {
-      if (p.file !== undefined) fs.closeSync(p.file.fd);
-      return;
-    }
+    if (this.#stopped || this.#fencedOff) return false;
     if (newer === undefined) {
       this.#pending = p;
-      return;
+      return true;
     }
-    if (newer.file !== undefined) {
-      // The newer file holds everything: every chunk of it is compared anyway.
-      if (p.file !== undefined) fs.closeSync(p.file.fd);
-      return;
-    }
-    newer.file = p.file;
+    // A newer file holds everything: every chunk of it is compared anyway.
+    if (newer.file !== undefined) return false;
+    // Else the newer state changed some chunks of the same file since: its reads win.
     for (const [index, bytes] of p.captured) {
       if (!newer.captured.has(index)) {
         newer.captured.set(index, bytes);
         newer.capturedBytes += bytes.length;
       }
     }
+    newer.file = p.file;
+    return p.file !== undefined;
   }
 
   /**
