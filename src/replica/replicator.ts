@@ -27,7 +27,7 @@ import { besideRounds, type RoundGate } from '../restore/snapshotter.js';
 import { describeError } from '../system/libc.js';
 import { CHUNK_SIZE, chunkCount, chunkDigest, chunkLength, copyTable, digestAt, resized, setChunk, zeroDigest, zeroTable, type ChunkTable } from './chunks.js';
 import type { Lease } from './lease.js';
-import { isFenced, type Committed, type ReplicaStore, type Writer } from './store.js';
+import { isFenced, ManifestTooLarge, type Committed, type ReplicaStore, type Writer } from './store.js';
 
 const FIRST_PAUSE_MS = 250;
 const LONGEST_PAUSE_MS = 15_000;
@@ -244,6 +244,7 @@ export class Replicator {
         );
       } catch (err) {
         if (this.#stopped) break;
+        if (err instanceof ManifestTooLarge) this.#rewrite = true;
         this.#mustResync = true;
         if (!this.#failing) {
           this.#o.log.warn(

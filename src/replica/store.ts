@@ -28,6 +28,7 @@ import {
   type StoredMsg,
 } from '@nats-io/jetstream';
 import { ShmfdError } from '../base/errors.js';
+import { besideRounds } from '../restore/snapshotter.js';
 import { applyRuns, CHUNK_SIZE, chunkCount, chunkDigest, chunkLength, encodeRuns, setChunk, stateDigest, zeroTable, type ChunkTable } from './chunks.js';
 import type { ReplicaCredentials, ReplicaUrl } from './url.js';
 
@@ -74,8 +75,6 @@ const STREAM_NOT_FOUND = 10059;
 const WINDOW = 32;
 /** A base manifest is written again once a delta would list more than this part of the chunks. */
 const DELTA_SHARE = 1 / 8;
-/** Runs a base manifest may list before the next state sends every chunk again (the manifest stays far below max_payload). */
-const MAX_BASE_RUNS = 20_000;
 const REQUEST_TIMEOUT_MS = 10_000;
 const HOLDER_HEADER = 'Shmfd-Holder';
 const OFFSET_HEADER = 'Shmfd-Offset';
@@ -132,14 +131,17 @@ export class ReplicaStore {
   readonly #subjects: { all: string; data: string; manifest: string; fence: string };
   readonly #js: JetStreamClient;
   readonly #jsm: JetStreamManager;
+  readonly #nc: NatsConnection;
   readonly #url: ReplicaUrl;
   /** The base manifest this writer's deltas change. */
   #base: { seq: number; seqs: Float64Array } | undefined;
+  #baseFragmented = false;
   /** The base manifest of the last state retired: removed once a newer base replaces it. */
   #retiredBase: number | undefined;
 
   private constructor(nc: NatsConnection, jsm: JetStreamManager, url: ReplicaUrl) {
     this.#jsm = jsm;
+    this.#nc = nc;
     this.#js = jetstream(nc, { timeout: REQUEST_TIMEOUT_MS });
     this.#url = url;
     this.stream = `SHMFD_${url.name}`;
@@ -242,7 +244,14 @@ export class ReplicaStore {
 
   /** @internal Publishes chunk `index` of a state after sequence `after`. */
   publishChunk(writer: Writer, after: number, index: number, bytes: Uint8Array): Promise<PubAck> {
-    return this.#publish(this.#subjects.data, bytes, writer, after, index * CHUNK_SIZE);
+    // Published while local rounds await their I/O: not their cost. The client writes to
+    // its socket in a microtask, after this section; a flush writes now, so that this
+    // cost too is counted here.
+    return besideRounds(() => {
+      const ack = this.#publish(this.#subjects.data, bytes, writer, after, index * CHUNK_SIZE);
+      this.#nc.flush().catch(() => undefined);
+      return ack;
+    });
   }
 
   /**
@@ -250,6 +259,20 @@ export class ReplicaStore {
    * current base when few chunks differ from it, else a new base.
    */
   async publishManifest(writer: Writer, after: number, table: ChunkTable, durableAt: number): Promise<Committed> {
+    const { manifest, base } = besideRounds(() => this.#manifestOf(writer, table, durableAt));
+    const text = JSON.stringify(manifest);
+    const room = (this.#nc.info?.max_payload ?? 1024 * 1024) - 4096;
+    // A base whose chunks lie scattered over many states lists a run per chunk.
+    if (text.length > room) throw new ManifestTooLarge(`a manifest of ${text.length} bytes does not fit the server's max_payload; the next state sends every chunk`);
+    const ack = await besideRounds(() => this.#publish(this.#subjects.manifest, text, writer, after));
+    if (base === 0) {
+      this.#base = { seq: ack.seq, seqs: table.seqs.slice() };
+      this.#baseFragmented = text.length > room / 2;
+    }
+    return { manifest, seq: ack.seq };
+  }
+
+  #manifestOf(writer: Writer, table: ChunkTable, durableAt: number): { manifest: Manifest; base: number } {
     const n = chunkCount(table.size);
     let base = 0;
     let chunks: number[] | undefined;
@@ -276,14 +299,12 @@ export class ReplicaStore {
       durableAt,
       holder: writer.description,
     };
-    const ack = await this.#publish(this.#subjects.manifest, JSON.stringify(manifest), writer, after);
-    if (base === 0) this.#base = { seq: ack.seq, seqs: table.seqs.slice() };
-    return { manifest, seq: ack.seq };
+    return { manifest, base };
   }
 
-  /** Whether the base manifest lists so many runs that the next state should send every chunk again. */
+  /** Whether the base manifest lists so many runs that the next state should send every chunk again (then a base is one run). */
   get baseFragmented(): boolean {
-    return this.#base !== undefined && encodeRuns(this.#base.seqs).length / 3 > MAX_BASE_RUNS;
+    return this.#baseFragmented;
   }
 
   /** Bytes the stream holds (every state's messages not yet removed). */
@@ -408,6 +429,9 @@ export class ReplicaStore {
     return direct ?? this.#jsm.streams.getMessage(this.stream, { seq }).catch(() => null);
   }
 }
+
+/** A base manifest too large to publish: its chunks lie scattered over too many states. */
+export class ManifestTooLarge extends Error {}
 
 /** A message a state names is gone: removed by a newer state's holder, or lost. */
 class MissingMessage extends Error {
