@@ -1,10 +1,14 @@
-// --replica on 100 MB and 1 GiB states, against a nats-server -js started here (its store
-// in the bench directory). `shm-restore --snapshot=restore-v1` runs
-// bench/fixtures/committer.js (a commit every 10 ms after touching 16 random 4 KiB pages)
-// for WINDOW seconds, once without and once with --replica. Measured from outside:
+// --replica on the 100 MB and 1 GiB states of the restore-v1 benchmark, against a
+// nats-server -js started here (its store in the bench directory). `shm-restore
+// --snapshot=restore-v1` runs, for WINDOW seconds, once without and once with --replica:
+// - 100 MB: bench/fixtures/committer.js marked (a commit every 10 ms after touching and
+//   marking 16 random 4 KiB pages: 6.25 MiB/s of scattered change, incremental rounds);
+// - 1 GiB: bench/fixtures/big-state.js (an append log filled to 90 %, then ~1 MB/s of
+//   appends and map updates, incremental rounds), filled once before both runs.
+// Measured from outside:
 // - host CPU (the shm-restore process alone, /proc/PID/stat), and the server's;
 // - bytes the server received per second (its monitoring endpoint, /varz in_bytes),
-//   against the program's rate of change (pages touched per second);
+//   against the program's rate of change;
 // - every 100 ms, the age of the replica's newest state: now minus the commit time held
 //   by the backup it was sent from (backups sampled every 25 ms; one not seen counts from
 //   when it became durable, a lower bound);
@@ -22,7 +26,15 @@ import { jetstreamManager } from '@nats-io/jetstream';
 import { Kvm } from '@nats-io/kv';
 import { ROOT, benchDir, bytes, met, ms, newestDurable, note, ratio, sig, stats, table, withSpread } from './lib.js';
 
-const SIZES = [100_000_000, 2 ** 30];
+const BIG_STATE = path.join(ROOT, 'bench', 'fixtures', 'big-state.js');
+/** The 1 GiB state's change, as in the restore-v1 benchmark's large states. */
+const BIG_CHANGE = 1_000_000;
+const BIG_CAPACITY = 2 ** 30 - 2 ** 26 - 2 ** 20;
+const STATES = [
+  // 16 pages of 4 KiB touched per commit, a commit every 10 ms.
+  { size: 100_000_000, what: 'dense, marked', program: () => [COMMITTER, 'marked', '100000000'], change: 16 * 4096 * 100 },
+  { size: 2 ** 30, what: 'log + map', program: () => [BIG_STATE, String(BIG_CAPACITY), String(Math.floor((BIG_CAPACITY * 0.9) / 2 ** 16) * 2 ** 16), String(BIG_CHANGE)], change: BIG_CHANGE, big: true },
+];
 const WINDOW_MS = Number(process.env.SHMFD_BENCH_WINDOW_MS ?? 10_000);
 /** restore-v1 paces a 1 GiB state to a round every several seconds: a longer window sees a few. */
 const windowFor = (size) => (size > 2 ** 29 ? 3 * WINDOW_MS : WINDOW_MS);
@@ -75,14 +87,20 @@ function startHost(args, dir) {
   return { host, exited, out: () => out, err: () => err };
 }
 
-async function scenario(dir, size, url, jsm, monitorPort, serverPid) {
+async function scenario(dir, state, url, jsm, monitorPort, serverPid) {
+  const { size } = state;
   const backup = path.join(dir, 'state');
-  const args = ['--snapshot=restore-v1', ...(url === undefined ? [] : ['--replica', url]), backup, '--', process.execPath, COMMITTER, 'marked', String(size)];
+  const args = ['--snapshot=restore-v1', ...(url === undefined ? [] : ['--replica', url]), backup, '--', process.execPath, ...state.program()];
   const h = startHost(args, dir);
   try {
-    const deadline = Date.now() + 180_000;
-    while (!h.out().includes('ready') || newestDurable(backup)?.time === undefined || (url !== undefined && (await manifest(jsm)) === undefined)) {
-      if (Date.now() > deadline) throw new Error(`no first ${url === undefined ? 'backup' : 'replicated state'} within 180 s: ${h.err()}`);
+    // The 1 GiB state's first replicated state is all of it.
+    const deadline = Date.now() + 600_000;
+    let clock;
+    while (!h.out().includes('ready') || newestDurable(backup, clock)?.time === undefined || (url !== undefined && (await manifest(jsm)) === undefined)) {
+      if (Date.now() > deadline) throw new Error(`no first ${url === undefined ? 'backup' : 'replicated state'} within 600 s: ${h.err()}`);
+      if (h.host.exitCode !== null) throw new Error(`the host ended: ${h.err()}`);
+      const m = /^clock (\d+) (\d+)$/m.exec(h.out());
+      if (m !== null) clock = { index: Number(m[1]), offset: Number(m[2]) };
       await sleep(50);
     }
     await sleep(1000);
@@ -95,7 +113,7 @@ async function scenario(dir, size, url, jsm, monitorPort, serverPid) {
     const end = start.t + windowFor(size);
     while (performance.now() < end) {
       await sleep(25);
-      const d = newestDurable(backup);
+      const d = newestDurable(backup, clock);
       if (d?.time !== undefined) commitTimes.set(d.mtime, d.time);
       const sample = performance.now() - lastAgeSample >= 100;
       if (sample) {
@@ -191,22 +209,30 @@ try {
   const jsm = await jetstreamManager(nc);
   const rows = [];
   const startRows = [];
-  for (const size of SIZES) {
+  for (const state of STATES) {
+    const { size, change } = state;
     NAME = `bench${size}`;
     const url = `nats://127.0.0.1:${port}/${NAME}`;
     const hostDir = path.join(dir, 'a');
     fs.mkdirSync(hostDir, { recursive: true });
+    const backup = path.join(hostDir, 'state');
+    const fill = () => {
+      if (state.big !== true) return fs.rmSync(backup, { force: true });
+      note(`${bytes(size)}: filling the log`);
+      fs.rmSync(backup, { force: true });
+      const filled = spawnSync(process.execPath, [SHM_RESTORE, backup, '--', process.execPath, ...state.program(), '--fill-only'], { stdio: ['ignore', 'ignore', 'inherit'] });
+      if (filled.status !== 0) throw new Error(`filling the ${bytes(size)} state failed: ${filled.status}`);
+    };
+    fill();
     note(`${bytes(size)}: without --replica (${windowFor(size) / 1000} s)`);
-    const without = await scenario(hostDir, size, undefined, jsm, monitorPort, server.pid);
-    fs.rmSync(path.join(hostDir, 'state'), { force: true });
+    const without = await scenario(hostDir, state, undefined, jsm, monitorPort, server.pid);
+    fill();
     note(`${bytes(size)}: with --replica (${windowFor(size) / 1000} s)`);
-    const withReplica = await scenario(hostDir, size, url, jsm, monitorPort, server.pid);
+    const withReplica = await scenario(hostDir, state, url, jsm, monitorPort, server.pid);
     const age = stats(withReplica.ages);
     const pct = (v) => `${sig(v * 100)} %`;
-    // 16 pages of 4 KiB touched per commit, a commit every 10 ms.
-    const change = 16 * 4096 * 100;
     rows.push([
-      bytes(size),
+      `${bytes(size)} (${state.what})`,
       pct(without.hostCpu),
       pct(withReplica.hostCpu),
       pct(withReplica.serverCpu),
@@ -240,10 +266,10 @@ try {
       rows,
     ),
   );
-  console.log(`\nOne run of ${WINDOW_MS / 1000} s per row (${(3 * WINDOW_MS) / 1000} s for 1 GiB) after set-up and 1 s of settling; CPU in % of one core. Whole backups are sent (issue 10's deltas are not there yet), so the bytes sent follow the state's size, not its change.\n`);
+  console.log(`\nOne run of ${WINDOW_MS / 1000} s per row (${(3 * WINDOW_MS) / 1000} s for 1 GiB) after set-up and 1 s of settling; CPU in % of one core. A state sends the 64 KiB chunks that changed since the replica's previous one; the first (all of it) is sent before the window.\n`);
   console.log('### --replica: start on a new host from the replica\n');
   console.log(table(['state', 'shm-restore start to first line: median (min–max)', 'NATS client copy out of JetStream + fsync', 'ratio', 'target met?'], startRows));
-  console.log(`\n${STARTS} runs each, alternating; the start includes connecting, taking the lease, fetching, checking the SHA-256, syncing, renaming, and restoring into memory.\n`);
+  console.log(`\n${STARTS} runs each, alternating; the start includes connecting, taking the lease, fetching, checking the digest, syncing, renaming, and restoring into memory.\n`);
 } finally {
   cleanup();
 }

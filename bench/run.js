@@ -20,7 +20,7 @@ const BENCHMARKS = {
   'restore-1g': { file: 'restore-1g.js', limitS: 900, about: 'restore + write-back of a 1 GiB state (dense and sparse) against cp/sync' },
   'restore-v1': { file: 'restore-v1.js', limitS: 1500, about: 'restore-v1 on 100 MB, 1 GiB and 4 GiB states (whole copies and incremental rounds): host CPU, disk writes, snapshot age; restore after 1,000 incremental rounds' },
   state: { file: 'state.js', limitS: 180, about: 'state structures: appends, commits, counters, cell updates, recovery' },
-  replica: { file: 'replica.js', limitS: 900, about: '--replica on 100 MB and 1 GiB: CPU, bytes sent, replica age, start from the replica' },
+  replica: { file: 'replica.js', limitS: 1500, about: '--replica on 100 MB and 1 GiB: CPU, bytes sent, replica age, start from the replica' },
   kv: { file: 'kv.js', limitS: 600, about: 'key-value map against a JS Map, lmdb and Redis (--quick: 100 k keys)' },
 };
 

@@ -1,7 +1,8 @@
 // The replicator against the host's rounds, driven step by step: a state read from a whole
 // file while a round changes that file in place is committed only once no round runs, and
 // then holds that round's chunks; a round in place afterwards sends only its chunk, as a
-// delta of the first state. Real nats-server, real files, the real replicator (dist/).
+// delta of the first state. And a backup left torn by an interrupted round is sent only
+// once its journal is applied. Real nats-server, real files, the real replicator (dist/).
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -9,8 +10,9 @@ import { test } from 'node:test';
 import { StderrLog } from '../dist/base/log.js';
 import { startReplica } from '../dist/replica/start.js';
 import { RoundGate } from '../dist/restore/snapshotter.js';
-import { tempDir, waitFor } from './helpers.js';
+import { decodeJournal, fixture, NODE, SHM_RESTORE, start, tempDir, waitFor } from './helpers.js';
 import { natsSkip, replicaReader, stateDigest, startNats } from './nats.js';
+import { CAPACITY, checkAllSnapshots } from './state-check.js';
 
 const CHUNK = 64 * 1024;
 
@@ -67,4 +69,31 @@ test('a state read while a round changes the file in place is committed after th
   assert.equal(second.base, first.seq);
   assert.deepEqual(second.chunks, [17, second.seq - 1, 1], 'the delta names the one chunk it sent, just before it');
   assert.ok((await reader.stateAt('rounds', second.seq)).bytes.equals(fs.readFileSync(backup)));
+});
+
+test('a host that starts beside a replica with an interrupted round in its journal sends the backup with that round applied', natsSkip, async (t) => {
+  const dir = tempDir(t, 'shmfd-replica-rounds-');
+  const server = await startNats(t, path.join(dir, 'js'));
+  const reader = await replicaReader(t, [server.address]);
+  const backup = path.join(dir, 'state');
+  // Rounds in place, then the tree killed: the journal of the last round stays beside the backup.
+  const writer = start(NODE, [SHM_RESTORE, '--snapshot=restore-v1', '--interval', '5', '--log-level', 'debug', backup, NODE, fixture('incremental-writer.js'), String(CAPACITY)], { detached: true, t });
+  await writer.err.waitFor(/snapshot persisted in place/);
+  writer.kill('SIGKILL');
+  await writer.exited;
+  const round = decodeJournal(fs.readFileSync(path.join(dir, '.state.journal')));
+  assert.ok(round !== undefined, 'a complete journal is left after an in-place round');
+  const expected = fs.readFileSync(backup);
+  for (const run of round.runs) run.data.copy(expected, run.offset);
+  // As if the host had died in the middle of the round's in-place writes.
+  const torn = fs.openSync(backup, 'r+');
+  for (const run of round.runs) fs.writeSync(torn, Buffer.alloc(run.data.length, 0xee), 0, run.data.length, run.offset);
+  fs.closeSync(torn);
+
+  const url = `nats://${server.address}/journal`;
+  const host = start(NODE, [SHM_RESTORE, '--snapshot=restore-v1', '--log-level', 'info', '--replica', url, backup, 'sh', '-c', 'echo ready; exec sleep 1000'], { detached: true, t });
+  const committed = await waitFor(() => reader.manifest('journal'), 'the first replicated state').catch((err) => assert.fail(`${err.message}: ${host.err.text}`));
+  assert.match(host.err.text, new RegExp(`applied the journal of round ${round.sequence}`));
+  assert.ok((await reader.stateAt('journal', committed.seq)).bytes.equals(expected), 'the replica holds the backup with the round applied, never the torn one');
+  checkAllSnapshots(expected, 'the backup with its journal applied');
 });

@@ -9,6 +9,7 @@ import fs from 'node:fs';
 import type { Log } from '../base/log.js';
 import type { Environment } from '../fds/listen-fds.js';
 import { BackupFile, recordBackupCheck } from '../restore/backup.js';
+import { replayJournal } from '../restore/journal.js';
 import { BackupLock } from '../restore/lock.js';
 import { syncDirectory } from '../restore/persist.js';
 import { formatBytes, formatDuration } from '../restore/progress.js';
@@ -74,6 +75,8 @@ async function prepare(nc: NatsConnection, url: ReplicaUrl, writer: Writer, back
   try {
     const lock = BackupLock.acquire(backup);
     try {
+      // The local backup is compared, and maybe sent, as the host will restore it: whole.
+      await replayJournal(backup, log);
       // From here on, whatever an earlier holder still sends is refused.
       lastSeq = await fence(store, writer);
       const committed = await store.committed();

@@ -244,14 +244,9 @@ export class ReplicaStore {
 
   /** @internal Publishes chunk `index` of a state after sequence `after`. */
   publishChunk(writer: Writer, after: number, index: number, bytes: Uint8Array): Promise<PubAck> {
-    // Published while local rounds await their I/O: not their cost. The client writes to
-    // its socket in a microtask, after this section; a flush writes now, so that this
-    // cost too is counted here.
-    return besideRounds(() => {
-      const ack = this.#publish(this.#subjects.data, bytes, writer, after, index * CHUNK_SIZE);
-      this.#nc.flush().catch(() => undefined);
-      return ack;
-    });
+    // Published while local rounds await their I/O: not their cost. (The client copies the
+    // message into its buffer here; the socket write follows in a microtask.)
+    return besideRounds(() => this.#publish(this.#subjects.data, bytes, writer, after, index * CHUNK_SIZE));
   }
 
   /**

@@ -120,9 +120,7 @@ async function host(o: RestoreHostOptions, name: string, backup: BackupFile, log
 
   // A round interrupted in the middle of its in-place writes is finished first: until
   // then the backup may be torn, and its record does not match it.
-  const replayed = await replayJournal(backup);
-  if (replayed.action === 'replayed') log.info(`applied the journal of round ${replayed.round.sequence} to ${backup.path}: the host was stopped while writing it in place`);
-  if (replayed.action === 'discarded') log.info(`discarded the journal ${backup.journalPath}: ${replayed.problem}`);
+  await replayJournal(backup, log);
   // Everything that can be refused is checked before the memory is touched.
   const inspection = backup.inspect(o.snapshot === undefined ? 'raw' : 'snapshot');
   const leftovers = backup.removeLeftovers();

@@ -16,6 +16,7 @@
  */
 import crypto from 'node:crypto';
 import fs from 'node:fs';
+import type { Log } from '../base/log.js';
 import { CHECK_ATTRIBUTE, type BackupFile } from './backup.js';
 import { isSystemError, setXattr } from '../system/libc.js';
 import { removeJournal, syncDirectory } from './persist.js';
@@ -165,12 +166,19 @@ export function readJournal(file: string): JournalRound | { problem: string } | 
 export type ReplayOutcome = { action: 'none' } | { action: 'replayed'; round: JournalRound } | { action: 'discarded'; problem: string };
 
 /**
- * At start, under the backup's lock and before the backup is read: a complete journal for
- * this backup is applied (again: applying a round twice writes the same bytes), an
- * incomplete one was never applied and is dropped; either way the journal is then removed
- * durably.
+ * At start, under the backup's lock and before the backup is read (by the host, or by a
+ * replica deciding which state is newer): a complete journal for this backup is applied
+ * (again: applying a round twice writes the same bytes), an incomplete one was never
+ * applied and is dropped; either way the journal is then removed durably, and `log` told.
  */
-export async function replayJournal(backup: BackupFile): Promise<ReplayOutcome> {
+export async function replayJournal(backup: BackupFile, log: Log): Promise<ReplayOutcome> {
+  const outcome = await replay(backup);
+  if (outcome.action === 'replayed') log.info(`applied the journal of round ${outcome.round.sequence} to ${backup.path}: the host was stopped while writing it in place`);
+  if (outcome.action === 'discarded') log.info(`discarded the journal ${backup.journalPath}: ${outcome.problem}`);
+  return outcome;
+}
+
+async function replay(backup: BackupFile): Promise<ReplayOutcome> {
   const found = readJournal(backup.journalPath);
   if (found === undefined) return { action: 'none' };
   let outcome: ReplayOutcome;
