@@ -478,7 +478,7 @@ export function sleep(ms) {
  * @param {string} what what is awaited, for the error
  * @returns {Promise<T>}
  */
-export async function waitFor(check, what, timeoutMs = 20_000, intervalMs = 20) {
+export async function waitFor(check, what, timeoutMs = 60_000, intervalMs = 20) {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const value = await check();
