@@ -43,7 +43,7 @@ test('a state read while a round changes the file in place is committed after th
   assert.equal(source, 'local');
   replicator.start();
   // The fence marker, then the 64 chunks as read: the replicator now waits for the round's end.
-  await waitFor(async () => (await reader.streamState('rounds').catch(() => undefined))?.last_seq >= 65, 'every chunk read and sent');
+  await waitFor(async () => (await reader.streamState('rounds').catch(() => undefined))?.last_seq >= 65, 'every chunk read and sent', 120_000);
   // The round changes chunks 3 and 40 in place and reports them, then ends.
   writeInPlace(backup, 3 * CHUNK + 100, Buffer.from('round one'));
   writeInPlace(backup, 40 * CHUNK, Buffer.alloc(CHUNK, 7));
@@ -51,7 +51,7 @@ test('a state read while a round changes the file in place is committed after th
   assert.equal(await reader.manifest('rounds'), undefined, 'nothing is committed while the round runs');
   gate.leave();
 
-  const first = await waitFor(() => reader.manifest('rounds'), 'the first state');
+  const first = await waitFor(() => reader.manifest('rounds'), 'the first state', 120_000);
   const state = await reader.stateAt('rounds', first.seq);
   assert.ok(state.bytes.equals(fs.readFileSync(backup)), "the replica holds the round's state, its changed chunks included");
   assert.equal(first.digest, stateDigest(backup));
@@ -92,7 +92,7 @@ test('a host that starts beside a replica with an interrupted round in its journ
 
   const url = `nats://${server.address}/journal`;
   const host = start(NODE, [SHM_RESTORE, '--snapshot=restore-v1', '--log-level', 'info', '--replica', url, backup, 'sh', '-c', 'echo ready; exec sleep 1000'], { detached: true, t });
-  const committed = await waitFor(() => reader.manifest('journal'), 'the first replicated state').catch((err) => assert.fail(`${err.message}: ${host.err.text}`));
+  const committed = await waitFor(() => reader.manifest('journal'), 'the first replicated state', 120_000).catch((err) => assert.fail(`${err.message}: ${host.err.text}`));
   assert.match(host.err.text, new RegExp(`applied the journal of round ${round.sequence}`));
   assert.ok((await reader.stateAt('journal', committed.seq)).bytes.equals(expected), 'the replica holds the backup with the round applied, never the torn one');
   checkAllSnapshots(expected, 'the backup with its journal applied');

@@ -190,7 +190,7 @@ test('beside a replica, in-place rounds send only the chunks they change, and ev
     const committed = await waitFor(async () => {
       const m = await reader.manifest('delta');
       return m !== undefined && m.seq !== lastSeq ? m : undefined;
-    }, 'a new state in the replica');
+    }, 'a new state in the replica', 120_000);
     lastSeq = committed.seq;
     const state = await reader.stateAt('delta', committed.seq);
     if (state === undefined) continue; // replaced (and its messages removed) before it was read
