@@ -136,6 +136,8 @@ export class ReplicaStore {
   /** The base manifest this writer's deltas change. */
   #base: { seq: number; seqs: Float64Array } | undefined;
   #baseFragmented = false;
+  /** Everything before this sequence was purged by this writer. */
+  #purgedBelow = 0;
   /** The base manifest of the last state retired: removed once a newer base replaces it. */
   #retiredBase: number | undefined;
 
@@ -331,7 +333,11 @@ export class ReplicaStore {
     for (let i = 0; i < doomed.length; i += WINDOW) {
       await Promise.all(doomed.slice(i, i + WINDOW).map((seq) => this.#jsm.streams.deleteMessage(this.stream, seq, false).catch(() => false)));
     }
-    await this.#jsm.streams.purge(this.stream, { filter: this.#subjects.all, seq: oldest });
+    // Most deltas keep the oldest message (a chunk unchanged since the base): nothing to purge.
+    if (oldest > this.#purgedBelow) {
+      await this.#jsm.streams.purge(this.stream, { filter: this.#subjects.all, seq: oldest });
+      this.#purgedBelow = oldest;
+    }
   }
 
   /**
@@ -396,20 +402,19 @@ export class ReplicaStore {
     const table = zeroTable(manifest.size);
     const wanted: number[] = [];
     for (let i = 0; i < seqs.length; i++) if (seqs[i] !== 0) wanted.push(i);
-    for (let w = 0; w < wanted.length; w += WINDOW) {
-      const batch = wanted.slice(w, w + WINDOW);
-      const messages = await Promise.all(batch.map((i) => this.#dataMessage(seqs[i]!)));
-      for (let k = 0; k < batch.length; k++) {
-        const i = batch[k]!;
-        const m = messages[k];
-        if (m === null || m === undefined) throw new MissingMessage(committed, `misses the message of chunk ${i} at sequence ${seqs[i]}`);
-        const offset = Number(m.header?.get(OFFSET_HEADER));
-        if (m.subject !== this.#subjects.data || offset !== i * CHUNK_SIZE || m.data.length !== chunkLength(manifest.size, i)) {
-          throw this.#damaged(committed, `names a message at sequence ${seqs[i]} that is not chunk ${i}`);
-        }
-        writeFully(fd, m.data, offset);
-        setChunk(table, i, seqs[i]!, chunkDigest(m.data));
+    // A window of gets in flight all along, each chunk written as soon as its turn comes.
+    const inFlight: Promise<StoredMsg | null>[] = [];
+    let asked = 0;
+    for (const i of wanted) {
+      while (asked < wanted.length && inFlight.length < WINDOW) inFlight.push(this.#dataMessage(seqs[wanted[asked++]!]!));
+      const m = await inFlight.shift();
+      if (m === null || m === undefined) throw new MissingMessage(committed, `misses the message of chunk ${i} at sequence ${seqs[i]}`);
+      const offset = Number(m.header?.get(OFFSET_HEADER));
+      if (m.subject !== this.#subjects.data || offset !== i * CHUNK_SIZE || m.data.length !== chunkLength(manifest.size, i)) {
+        throw this.#damaged(committed, `names a message at sequence ${seqs[i]} that is not chunk ${i}`);
       }
+      writeFully(fd, m.data, offset);
+      setChunk(table, i, seqs[i]!, chunkDigest(m.data));
     }
     if (stateDigest(table) !== manifest.digest) throw this.#damaged(committed, 'does not match its digest');
     return table;
