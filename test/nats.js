@@ -99,8 +99,8 @@ export async function replicaReader(t, servers) {
     },
     /**
      * The bytes of the state whose manifest is at `seq` in NAME, rebuilt here from the
-     * manifest format (docs/replica.md): its base's chunk runs, its own on top, each chunk's
-     * message at its offset. Undefined when a message it names is gone (a newer state
+     * manifest format (docs/replica.md): its base's chunk runs, its own on top, each chunk
+     * taken from its message. Undefined when a message it names is gone (a newer state
      * replaced it).
      * @param {string} name
      * @param {number} seq
@@ -113,7 +113,7 @@ export async function replicaReader(t, servers) {
       const manifest = m.json();
       const seqs = new Array(Math.ceil(manifest.size / manifest.chunkSize)).fill(0);
       const apply = (runs) => {
-        for (let r = 0; r < runs.length; r += 3) for (let i = 0; i < runs[r + 2]; i++) seqs[runs[r] + i] = runs[r + 1] === 0 ? 0 : runs[r + 1] + i;
+        for (let r = 0; r < runs.length; r += 3) for (let i = 0; i < runs[r + 2]; i++) seqs[runs[r] + i] = runs[r + 1];
       };
       if (manifest.base !== 0) {
         const base = await get(manifest.base);
@@ -121,13 +121,18 @@ export async function replicaReader(t, servers) {
         apply(base.json().chunks);
       }
       apply(manifest.chunks);
+      // A message holds consecutive chunks from the offset in its header on.
       const bytes = Buffer.alloc(manifest.size);
+      const messages = new Map();
       for (let i = 0; i < seqs.length; i++) {
         if (seqs[i] === 0) continue;
-        const chunk = await get(seqs[i]);
-        if (chunk === null) return undefined;
-        assert.equal(Number(chunk.header.get('Shmfd-Offset')), i * manifest.chunkSize);
-        bytes.set(chunk.data, i * manifest.chunkSize);
+        if (!messages.has(seqs[i])) messages.set(seqs[i], await get(seqs[i]));
+        const m = messages.get(seqs[i]);
+        if (m === null) return undefined;
+        const at = i * manifest.chunkSize - Number(m.header.get('Shmfd-Offset'));
+        const length = Math.min(manifest.chunkSize, manifest.size - i * manifest.chunkSize);
+        assert.ok(at >= 0 && at + length <= m.data.length, `the message at ${seqs[i]} holds chunk ${i}`);
+        bytes.set(m.data.subarray(at, at + length), i * manifest.chunkSize);
       }
       return { manifest, bytes };
     },

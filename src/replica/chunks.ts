@@ -1,8 +1,9 @@
 /**
  * A replicated state as chunks: the backup cut into {@link CHUNK_SIZE} pieces, each held by
- * one data message of the stream (or by none: a chunk of zeros is not sent). A state is the
- * stream sequence of each chunk's message, and the digest that binds them, so that a new
- * state re-sends only the chunks that changed and names the others where they already are.
+ * a data message of the stream (one message holds up to {@link CHUNKS_PER_MESSAGE}
+ * consecutive chunks; a chunk of zeros is held by none). A state is the stream sequence of
+ * each chunk's message, and the digest that binds them, so that a new state re-sends only
+ * the chunks that changed and names the others where they already are.
  *
  * Pure: bytes and numbers in, bytes and numbers out.
  * @module
@@ -11,6 +12,9 @@ import crypto from 'node:crypto';
 
 /** Bytes per chunk. Small enough that a scattered change re-sends little, large enough that a gigabyte is 16 Ki messages. */
 export const CHUNK_SIZE = 64 * 1024;
+
+/** Consecutive chunks sent in one message at most (512 KiB): fewer messages for the same bytes. */
+export const CHUNKS_PER_MESSAGE = 8;
 
 const DIGEST_BYTES = 32;
 
@@ -91,9 +95,10 @@ export function stateDigest(table: ChunkTable): string {
 }
 
 /**
- * Chunk `index`'s message in runs: flat triples `[firstIndex, firstSeq, count, ...]`, one
- * per run of chunks whose messages follow each other (a whole state sent at once is one
- * triple); a run of seq 0 is zeros. Only chunks where `seqs` differs from `from` are listed.
+ * Where the chunks are, as runs: flat triples `[firstIndex, seq, count, ...]`, one per run
+ * of consecutive chunks held by the same message (a message holds consecutive chunks,
+ * the first at the offset in its header); a run of seq 0 is zeros. Only chunks where
+ * `seqs` differs from `from` are listed.
  */
 export function encodeRuns(seqs: Float64Array, from?: Float64Array): number[] {
   const out: number[] = [];
@@ -101,9 +106,8 @@ export function encodeRuns(seqs: Float64Array, from?: Float64Array): number[] {
   for (let i = 0; i < seqs.length; i++) {
     const seq = seqs[i]!;
     if (from !== undefined && i < from.length && from[i] === seq) continue;
-    const count = last >= 0 ? out[last + 2]! : 0;
-    if (last >= 0 && out[last]! + count === i && (seq === 0 ? out[last + 1] === 0 : out[last + 1]! !== 0 && out[last + 1]! + count === seq)) {
-      out[last + 2] = count + 1;
+    if (last >= 0 && out[last]! + out[last + 2]! === i && out[last + 1] === seq) {
+      out[last + 2]!++;
     } else {
       last = out.length;
       out.push(i, seq, 1);
@@ -121,7 +125,7 @@ export function applyRuns(seqs: Float64Array, runs: unknown): boolean {
   for (let r = 0; r < runs.length; r += 3) {
     const [first, seq, count] = [runs[r] as unknown, runs[r + 1] as unknown, runs[r + 2] as unknown];
     if (!isCount(first) || !isCount(seq) || !isCount(count) || count === 0 || first + count > seqs.length) return false;
-    for (let i = 0; i < count; i++) seqs[first + i] = seq === 0 ? 0 : seq + i;
+    seqs.fill(seq, first, first + count);
   }
   return true;
 }

@@ -303,11 +303,29 @@ export class Replicator {
     let read = 0;
     // The table starts as the replica's state (or zeros): a chunk whose digest it holds is there already.
     let changed = previous === undefined || previous.size !== p.size;
+    // Changed chunks gather into a run of consecutive ones, sent as one message when the
+    // run breaks or is full. Chunks are put in increasing order, then the run is flushed.
+    const perMessage = this.#o.store.chunksPerMessage;
+    let run: { first: number; parts: Buffer[]; digests: Buffer[] } | undefined;
+    const flush = async () => {
+      const r = run;
+      run = undefined;
+      if (r === undefined) return;
+      const seq = await sender.publish(r.first, r.parts.length === 1 ? r.parts[0]! : Buffer.concat(r.parts));
+      r.digests.forEach((digest, k) => setChunk(table, r.first + k, seq, digest));
+    };
     const put = async (index: number, bytes: Buffer) => {
       const digest = besideRounds(() => chunkDigest(bytes));
       if (digestAt(table, index).equals(digest)) return;
       changed = true;
-      setChunk(table, index, digest.equals(zeroDigest(bytes.length)) ? 0 : await sender.publish(index, bytes), digest);
+      if (digest.equals(zeroDigest(bytes.length))) {
+        setChunk(table, index, 0, digest);
+        return;
+      }
+      if (run !== undefined && (run.first + run.parts.length !== index || run.parts.length >= perMessage)) await flush();
+      run ??= { first: index, parts: [], digests: [] };
+      run.parts.push(bytes);
+      run.digests.push(digest);
     };
     try {
       if (p.file !== undefined) {
@@ -324,6 +342,7 @@ export class Replicator {
           // Reading from the page cache does not yield: let the host's rounds and signals in.
           if (++read % 64 === 0) await new Promise((resolve) => setImmediate(resolve));
         }
+        await flush();
         // Now no round writes: chunks changed in place while the file was read were read
         // at the ends of those rounds; the others are as they were read.
         const settled = await this.#o.gate.quiet(() => {
@@ -346,7 +365,9 @@ export class Replicator {
         table = resized(table, p.size);
         for (const [index, bytes] of settled) if (index < chunkCount(p.size)) p.captured.set(index, bytes);
       }
-      for (const [index, bytes] of p.captured) if (index < chunkCount(p.size)) await put(index, bytes);
+      const n = chunkCount(p.size);
+      for (const index of [...p.captured.keys()].sort((a, b) => a - b)) if (index < n) await put(index, p.captured.get(index)!);
+      await flush();
       // The replica holds these bytes already (chunks read twice, at a round's end and for the state before).
       if (!changed && table.size === p.size) return undefined;
       const committed = await sender.commit(table, p.durableAt);

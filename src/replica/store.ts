@@ -1,7 +1,8 @@
 /**
  * The replica in JetStream: one stream per NAME (`SHMFD_NAME`, subjects `shmfd.NAME.>`)
- * holding the backup's chunks ({@link CHUNK_SIZE} bytes) as data messages, a manifest per
- * state naming the message of each chunk, and fence markers.
+ * holding the backup's chunks ({@link CHUNK_SIZE} bytes; a data message holds up to
+ * {@link CHUNKS_PER_MESSAGE} consecutive ones), a manifest per state naming the message of
+ * each chunk, and fence markers.
  *
  * A state is committed when its manifest is stored: readers take the newest manifest and
  * the data messages it names, so a state whose manifest never arrived is invisible, never
@@ -29,7 +30,7 @@ import {
 } from '@nats-io/jetstream';
 import { ShmfdError } from '../base/errors.js';
 import { besideRounds } from '../restore/snapshotter.js';
-import { applyRuns, CHUNK_SIZE, chunkCount, chunkDigest, chunkLength, encodeRuns, setChunk, stateDigest, zeroTable, type ChunkTable } from './chunks.js';
+import { applyRuns, CHUNK_SIZE, chunkCount, chunkDigest, chunkLength, CHUNKS_PER_MESSAGE, encodeRuns, setChunk, stateDigest, zeroTable, type ChunkTable } from './chunks.js';
 import type { ReplicaCredentials, ReplicaUrl } from './url.js';
 
 /** The manifest format this code writes and reads. */
@@ -244,8 +245,13 @@ export class ReplicaStore {
     return new StateSender(this, writer, after);
   }
 
-  /** @internal Publishes chunk `index` of a state after sequence `after`. */
-  publishChunk(writer: Writer, after: number, index: number, bytes: Uint8Array): Promise<PubAck> {
+  /** Consecutive chunks one data message may hold: {@link CHUNKS_PER_MESSAGE}, fewer if the server's max_payload is smaller. */
+  get chunksPerMessage(): number {
+    return Math.max(1, Math.min(CHUNKS_PER_MESSAGE, Math.floor(((this.#nc.info?.max_payload ?? 1024 * 1024) - 4096) / CHUNK_SIZE)));
+  }
+
+  /** @internal Publishes consecutive chunks from `index` on (`bytes`) after sequence `after`. */
+  publishChunks(writer: Writer, after: number, index: number, bytes: Uint8Array): Promise<PubAck> {
     // Published while local rounds await their I/O: not their cost. (The client copies the
     // message into its buffer here; the socket write follows in a microtask.)
     return besideRounds(() => this.#publish(this.#subjects.data, bytes, writer, after, index * CHUNK_SIZE));
@@ -322,10 +328,9 @@ export class ReplicaStore {
     for (const seq of seqs) if (seq !== 0 && seq < oldest) oldest = seq;
     const doomed = garbage.filter((seq) => seq >= oldest);
     if (previous !== undefined) {
-      for (let i = 0; i < previous.seqs.length; i++) {
-        const seq = previous.seqs[i]!;
-        if (seq >= oldest && seq !== seqs[i]) doomed.push(seq);
-      }
+      // A message holds several chunks: it goes once none of them is named any more.
+      const named = new Set(seqs);
+      for (const seq of new Set(previous.seqs)) if (seq >= oldest && !named.has(seq)) doomed.push(seq);
       if (previous.manifestSeq >= oldest && previous.manifestSeq !== keepBase && previous.manifestSeq !== committed.seq) doomed.push(previous.manifestSeq);
     }
     if (this.#retiredBase !== undefined && this.#retiredBase !== keepBase && this.#retiredBase >= oldest) doomed.push(this.#retiredBase);
@@ -400,21 +405,33 @@ export class ReplicaStore {
     fs.ftruncateSync(fd, 0);
     fs.ftruncateSync(fd, manifest.size);
     const table = zeroTable(manifest.size);
-    const wanted: number[] = [];
-    for (let i = 0; i < seqs.length; i++) if (seqs[i] !== 0) wanted.push(i);
-    // A window of gets in flight all along, each chunk written as soon as its turn comes.
+    // Each message once, with the chunks the state takes from it.
+    const byMessage = new Map<number, number[]>();
+    for (let i = 0; i < seqs.length; i++) {
+      if (seqs[i] === 0) continue;
+      const chunks = byMessage.get(seqs[i]!);
+      if (chunks === undefined) byMessage.set(seqs[i]!, [i]);
+      else chunks.push(i);
+    }
+    const wanted = [...byMessage.keys()];
+    // A window of gets in flight all along, each message written as soon as its turn comes.
     const inFlight: Promise<StoredMsg | null>[] = [];
     let asked = 0;
-    for (const i of wanted) {
-      while (asked < wanted.length && inFlight.length < WINDOW) inFlight.push(this.#dataMessage(seqs[wanted[asked++]!]!));
+    for (const seq of wanted) {
+      while (asked < wanted.length && inFlight.length < WINDOW) inFlight.push(this.#dataMessage(wanted[asked++]!));
       const m = await inFlight.shift();
-      if (m === null || m === undefined) throw new MissingMessage(committed, `misses the message of chunk ${i} at sequence ${seqs[i]}`);
+      if (m === null || m === undefined) throw new MissingMessage(committed, `misses the data message at sequence ${seq}`);
       const offset = Number(m.header?.get(OFFSET_HEADER));
-      if (m.subject !== this.#subjects.data || offset !== i * CHUNK_SIZE || m.data.length !== chunkLength(manifest.size, i)) {
-        throw this.#damaged(committed, `names a message at sequence ${seqs[i]} that is not chunk ${i}`);
+      for (const i of byMessage.get(seq)!) {
+        const at = i * CHUNK_SIZE - offset;
+        const length = chunkLength(manifest.size, i);
+        if (m.subject !== this.#subjects.data || !Number.isSafeInteger(offset) || at < 0 || at + length > m.data.length) {
+          throw this.#damaged(committed, `names the message at sequence ${seq} for chunk ${i}, which it does not hold`);
+        }
+        const bytes = m.data.subarray(at, at + length);
+        writeFully(fd, bytes, i * CHUNK_SIZE);
+        setChunk(table, i, seq, chunkDigest(bytes));
       }
-      writeFully(fd, m.data, offset);
-      setChunk(table, i, seqs[i]!, chunkDigest(m.data));
     }
     if (stateDigest(table) !== manifest.digest) throw this.#damaged(committed, 'does not match its digest');
     return table;
@@ -469,8 +486,9 @@ export class StateSender {
   }
 
   /**
-   * Publishes chunk `index` (`bytes` must not change until the commit).
-   * @returns the stream sequence it gets once stored
+   * Publishes consecutive chunks from `index` on, at most {@link ReplicaStore.chunksPerMessage}
+   * (`bytes` must not change until the commit).
+   * @returns the stream sequence the message gets once stored
    * @throws the first failed publish's error
    */
   async publish(index: number, bytes: Uint8Array): Promise<number> {
@@ -478,7 +496,7 @@ export class StateSender {
     const seq = ++this.#seq;
     this.published.push(seq);
     this.#inFlight.push(
-      this.#store.publishChunk(this.#writer, seq - 1, index, bytes).catch((err: unknown) => {
+      this.#store.publishChunks(this.#writer, seq - 1, index, bytes).catch((err: unknown) => {
         this.#failure ??= err;
       }),
     );
