@@ -16,7 +16,6 @@ import {
   SLOT,
   SLOTS_PER_PAGE,
   SLOT_SIZE,
-  clearSlotsExcept,
   dataPages,
   readNewestSlot,
   readStreamEnd,
@@ -27,6 +26,7 @@ import {
   tailLength,
   tailStart,
 } from '../dist/snapshot/format.js';
+import { SlotTable } from '../dist/snapshot/pread.js';
 import { ROOT, seededRandom } from './helpers.js';
 
 /** A deterministic PRNG, so a failing random case can be replayed. */
@@ -426,19 +426,41 @@ test('readSlots: slots at equal offsets are listed by slot index, rotated or not
   assert.deepEqual(readNewestSlot(bytes, head), { index: 1, offset: 980, length: 8 });
 });
 
-test('clearSlotsExcept: empties every claiming slot except the kept ones (restore-v1 step 4)', () => {
+test('SlotTable: the slots valid in two readings with the same bytes, and a copy cleared of every other (restore-v1)', () => {
   const len = 4 * PAGE;
-  const bytes = headFile(len, { writeOffset: 300n });
-  setSlot(bytes, 0, 0, 100);
-  setSlot(bytes, 1, 100, 100);
-  setSlot(bytes, 2, 200, 100);
-  setSlot(bytes, 3, 5, 4096); // malformed: must go too
-  const head = parseHead(bytes, len);
-  const keep = [{ index: 1, offset: 100, length: 100 }, { index: 2, offset: 999, length: 100 }];
-  assert.equal(clearSlotsExcept(bytes, head, keep), 3);
-  assert.deepEqual(readSlots(bytes, head), [{ index: 1, offset: 100, length: 100 }]);
-  assert.equal(u64At(bytes, slotPosition(3) + 8), 0n);
-  assert.equal(u64At(bytes, slotPosition(2)), 200n, 'only the length is cleared');
+  const before = headFile(len, { writeOffset: 300n });
+  setSlot(before, 0, 0, 100);
+  setSlot(before, 1, 100, 100);
+  setSlot(before, 2, 200, 100);
+  setSlot(before, 3, 5, 4096); // malformed: never valid, must go from a copy too
+  setSlot(before, 4, 250, 10);
+  const a = new SlotTable(before, parseHead(before, len));
+  assert.equal(a.count, 4);
+  assert.equal(a.end, 300);
+  assert.deepEqual(a.newestOf(a.valid), { index: 4, offset: 250, length: 10 });
+
+  const after = before.slice();
+  setSlot(after, 0, 0, 0); // invalidated
+  setSlot(after, 2, 999, 100); // the slot reused for a newer snapshot
+  setSlot(after, 5, 300, 10); // published after the first reading
+  const keep = new Uint8Array(256);
+  assert.equal(a.validThrough(new SlotTable(after, parseHead(after, len)), keep), 2);
+  assert.deepEqual([...keep.keys()].filter((i) => keep[i] === 1), [1, 4]);
+  assert.deepEqual(a.newestOf(keep), { index: 4, offset: 250, length: 10 });
+
+  // Slot 4 is unchanged, but write_offset moved a ring (2 KiB) past it: a writer that never
+  // invalidates (the Rust crate) may have overwritten its bytes, so it is not kept.
+  const overrun = after.slice();
+  new DataView(overrun.buffer).setBigUint64(HEAD.writeOffset, 300n + 2048n, true);
+  assert.equal(a.validThrough(new SlotTable(overrun, parseHead(overrun, len)), keep), 0);
+
+  a.validThrough(new SlotTable(after, parseHead(after, len)), keep);
+  const copy = after.slice();
+  setSlot(copy, 1, 100, 99); // changed between the readings and back: not what was checked
+  assert.equal(a.clearOthersIn(copy, keep), 4, 'slots 1, 2, 3 and 5 are emptied');
+  assert.deepEqual(readSlots(copy, parseHead(copy, len)), [{ index: 4, offset: 250, length: 10 }]);
+  assert.equal(u64At(copy, slotPosition(3) + 8), 0n);
+  assert.equal(u64At(copy, slotPosition(2)), 999n, 'only the length is cleared');
 });
 
 test('garbage: random heads with the magic give a layout or a SnapshotFormatError, never another exception', () => {

@@ -13,14 +13,14 @@
 import fs from 'node:fs';
 import type { Log } from '../base/log.js';
 import { SnapshotFormatError } from '../snapshot/errors.js';
-import { clearSlotsExcept, MIN_FILE_LENGTH, PAGE, parseHead, readSlots, type Snapshot } from '../snapshot/format.js';
+import { countValidSlots, MIN_FILE_LENGTH, PAGE, parseHead, type Snapshot, type SnapshotLayout } from '../snapshot/format.js';
 import { DIRTY_MAX_BYTES, type DirtyPages } from '../fds/dirty-pages.js';
 import { recordOfRegion, type BackupFile } from './backup.js';
 import { applyRound, openJournal, writeJournal, type JournalRound } from './journal.js';
 import { describeError } from '../system/libc.js';
 import { directorySyncWarning, persistAtomically, type PersistFixup, type PersistResult } from './persist.js';
 import { formatBytes, formatDuration, withProgress } from './progress.js';
-import { intersectSlots, newestSlot, readHead, readSlotsAfter, readSlotState, type SlotState } from '../snapshot/pread.js';
+import { intersectSlots, readHead, readSlotRegion, readSlotState, SlotTable, type SlotState } from '../snapshot/pread.js';
 
 /**
  * Default pause between rounds, in milliseconds. A round that copies costs about 0.5 ms
@@ -64,6 +64,9 @@ export function besideRounds<T>(work: () => T): T {
  * random pages changed per 10 ms: about 100 KiB of sequential copy per scattered page.
  */
 const RUN_COST_BYTES = 100 * 1024;
+
+/** Largest buffer an in-place round keeps for the next one (see `Snapshotter.#copyBuffer`). */
+const KEEP_COPY_BUFFER = 64 << 20;
 
 /** Copies discarded in a row before a warning says that no snapshot is being made durable. */
 const DISCARDS_BEFORE_WARNING = 5;
@@ -122,6 +125,18 @@ export interface SnapshotterOptions {
   backupMatchesMemory?: boolean;
 }
 
+/** The snapshots a checked copy keeps. */
+interface Kept {
+  count: number;
+  newest: Snapshot | undefined;
+}
+
+/** The slots of a file now, or undefined when it is not (or no longer) a snapshot file. */
+function readSlotTable(fd: number, size: number): SlotTable | undefined {
+  const found = readHead(fd, size);
+  return found === undefined ? undefined : new SlotTable(readSlotRegion(fd, found), found.head);
+}
+
 /**
  * Lets a reader of the backup run between rounds: {@link quiet} runs its work now when no
  * round is running, else as soon as the running one ends, before the next can begin
@@ -151,14 +166,15 @@ export class RoundGate {
 }
 
 /**
- * The slots of `before` (read before a copy of the live memory began) that are still valid
- * after it, as read now: only those name bytes the copy holds intact. Undefined, with the
- * reason logged, when the memory was reconfigured or no slot stayed valid.
+ * Marks in `keep` the slots of `before` (read before a copy of the live memory began) that
+ * are still valid after it, as read now: only those name bytes the copy holds intact.
+ * Returns how many, or undefined, with the reason logged, when the memory was reconfigured
+ * or no slot stayed valid.
  */
-function slotsValidThroughCopy(memoryFd: number, before: SlotState, log: Log): Snapshot[] | undefined {
-  let after: SlotState | undefined;
+function slotsValidThroughCopy(memoryFd: number, before: SlotTable, log: Log, keep: Uint8Array): number | undefined {
+  let after: SlotTable | undefined;
   try {
-    after = readSlotState(memoryFd, sizeOf(memoryFd));
+    after = readSlotTable(memoryFd, sizeOf(memoryFd));
   } catch (err) {
     if (!(err instanceof SnapshotFormatError)) throw err;
   }
@@ -166,34 +182,57 @@ function slotsValidThroughCopy(memoryFd: number, before: SlotState, log: Log): S
     log.debug('snapshot discarded: the memory was reconfigured during the copy');
     return undefined;
   }
-  const keep = intersectSlots(before.slots, after.slots);
-  if (keep.length === 0) {
-    log.debug(`snapshot discarded: none of the ${before.slots.length} slots stayed valid during the copy`);
+  const count = before.validThrough(after, keep);
+  if (count === 0) {
+    log.debug(`snapshot discarded: none of the ${before.count} slots stayed valid during the copy`);
     return undefined;
   }
-  return keep;
+  return count;
+}
+
+/**
+ * Checks the head page and sequence region of a copy taken while the memory was live
+ * (`copy`, fixed up in place): finds the slots valid through the copy, empties every other
+ * slot in it, and checks that it then holds exactly those.
+ * @returns the number of slots emptied, or undefined (the reason logged) when the copy
+ *   must be discarded
+ */
+function fixUpCopy(memoryFd: number, before: SlotTable, log: Log, copy: Uint8Array, size: number, kept: Kept): number | undefined {
+  const keep = new Uint8Array(before.head.entries);
+  const count = slotsValidThroughCopy(memoryFd, before, log, keep);
+  if (count === undefined) return undefined;
+  const head = parseHead(copy, size);
+  if (head === undefined || !sameLayout({ head }, before)) {
+    log.debug('snapshot discarded: the copied head differs from the live one');
+    return undefined;
+  }
+  const cleared = before.clearOthersIn(copy, keep);
+  // Every slot left claiming a snapshot is one of `keep`: if as many are valid, all of them are.
+  if (countValidSlots(copy, head) !== count) {
+    log.debug('snapshot discarded: the copy does not hold the slots it was checked against');
+    return undefined;
+  }
+  kept.count = count;
+  kept.newest = before.newestOf(keep);
+  return cleared;
 }
 
 /**
  * Checks a temporary copy taken while the memory was live: reads the slots again (B),
  * keeps A ∩ B, clears every other slot in the copy, and verifies the result.
  */
-export function liveCopyFixup(memoryFd: number, before: SlotState, log: Log, kept: { slots: Snapshot[] }): PersistFixup {
+export function liveCopyFixup(memoryFd: number, before: SlotTable, log: Log, kept: Kept): PersistFixup {
   return (tempFd, size) => {
-    const keep = slotsValidThroughCopy(memoryFd, before, log);
-    if (keep === undefined) return false;
-    const copy = readSlotState(tempFd, size);
-    if (copy === undefined || !sameLayout(copy, before)) {
+    const found = readHead(tempFd, size);
+    if (found === undefined) {
       log.debug('snapshot discarded: the copied head differs from the live one');
       return false;
     }
-    if (clearSlotsExcept(copy.bytes, copy.head, keep) > 0) writeSequenceRegion(tempFd, copy);
-    // The bytes just written are the file's sequence region: check them, no need to read them back.
-    if (!sameSlots(readSlots(copy.bytes, copy.head), keep)) {
-      log.debug('snapshot discarded: the copy does not hold the slots it was checked against');
-      return false;
-    }
-    kept.slots = keep;
+    const copy = readSlotRegion(tempFd, found);
+    const cleared = fixUpCopy(memoryFd, before, log, copy, size, kept);
+    if (cleared === undefined) return false;
+    // The bytes written are the ones just checked: no need to read them back.
+    if (cleared > 0) writeSequenceRegion(tempFd, copy);
     return true;
   };
 }
@@ -238,6 +277,8 @@ export class Snapshotter {
   /** A journaled round whose in-place writes failed: applied again before anything else. */
   #unapplied: JournalRound | undefined;
   #sequence = 0;
+  /** The buffer of {@link #copyBuffer}. */
+  #runsBuffer = Buffer.alloc(0);
   /** The journal, open from the first in-place round until a whole copy removes it. */
   #journalFd: number | undefined;
   /** The newest backup made durable by this snapshotter. */
@@ -315,7 +356,7 @@ export class Snapshotter {
     const { log, memoryFd } = this.#o;
     this.#nextDelay = this.intervalMs;
     let size: number;
-    let before: SlotState;
+    let before: SlotTable;
     try {
       size = sizeOf(memoryFd);
       if (size < MIN_FILE_LENGTH) return this.#notReady(`the memory has ${size} bytes, too few for a snapshot file`);
@@ -323,7 +364,7 @@ export class Snapshotter {
       if (found === undefined) return this.#notReady('the memory is not configured as a snapshot file yet');
       // Nothing committed since the last persist: the slots need not be read.
       if (found.head.writeOffset === this.#persistedWriteOffset) return 'unchanged';
-      before = readSlotsAfter(memoryFd, found);
+      before = new SlotTable(readSlotRegion(memoryFd, found), found.head);
       // A snapshot in `before` was published after the data it refers to was written, so
       // the size now covers that data; the size read first may not (the file can grow).
       size = Math.max(size, sizeOf(memoryFd));
@@ -331,14 +372,15 @@ export class Snapshotter {
       if (err instanceof SnapshotFormatError) return this.#notReady(`the memory is not a valid snapshot file: ${err.message}`);
       return this.#failed(err);
     }
-    if (before.slots.length === 0) return this.#notReady('the memory holds no snapshot yet');
+    if (before.count === 0) return this.#notReady('the memory holds no snapshot yet');
     this.#lastNote = '';
 
     const takenAt = Date.now();
     const cpuBefore = process.cpuUsage();
     const besideBefore = besideMicros;
-    const kept = { slots: [] as Snapshot[] };
+    const kept: Kept = { count: 0, newest: undefined };
     let result: PersistResult | undefined;
+    let own = 0;
     const dirty = this.#o.dirtyPages;
     // The flag is read before the bits are taken: a whole copy that starts after both then
     // holds every write the program made before it began to mark them.
@@ -370,7 +412,7 @@ export class Snapshotter {
     } finally {
       // Every round that copied is paced, kept or not: discarded copies cost as much.
       const cpu = process.cpuUsage(cpuBefore);
-      const own = cpu.user + cpu.system - (besideMicros - besideBefore);
+      own = cpu.user + cpu.system - (besideMicros - besideBefore);
       this.#nextDelay = Math.max(this.intervalMs, (PACING_FACTOR * own) / 1000);
     }
     if (result === undefined) return this.#discarded();
@@ -386,12 +428,12 @@ export class Snapshotter {
     this.#lastError = '';
     // The slots are read after the head: a commit between the two reads is in the backup
     // though the head said less, and must not make the next round copy the same state again.
-    this.#persistedWriteOffset = before.slots.reduce((end, x) => Math.max(end, x.offset + x.length), before.head.writeOffset);
+    this.#persistedWriteOffset = before.end;
     const snapshot: DurableSnapshot = {
       takenAt,
       writeOffset: before.head.writeOffset,
-      count: kept.slots.length,
-      newest: newestSlot(kept.slots),
+      count: kept.count,
+      newest: kept.newest,
       size,
       incremental,
       changed: incremental ? spans : undefined,
@@ -401,9 +443,10 @@ export class Snapshotter {
     if (unsynced !== undefined) log.warn(unsynced);
     const t = result.timings;
     log.debug(
-      `snapshot persisted${incremental ? ' in place' : ''}: ${snapshot.count} of ${before.slots.length} slots kept, newest at ${snapshot.newest?.offset ?? '-'}; ` +
+      `snapshot persisted${incremental ? ' in place' : ''}: ${snapshot.count} of ${before.count} slots kept, newest at ${snapshot.newest?.offset ?? '-'}; ` +
         `copy ${ms(t.copyMs)} (${formatBytes(result.copied)} of ${formatBytes(size)}), validate ${ms(t.validateMs)}, ` +
-        (incremental ? `journal and write ${ms(t.fsyncMs)}` : `fsync ${ms(t.fsyncMs)}, rename ${ms(t.renameMs)}`),
+        (incremental ? `journal and write ${ms(t.fsyncMs)}` : `fsync ${ms(t.fsyncMs)}, rename ${ms(t.renameMs)}`) +
+        `; CPU ${ms(own / 1000)}`,
     );
     this.#o.onPersisted?.(snapshot, result);
     return 'persisted';
@@ -435,11 +478,11 @@ export class Snapshotter {
    * the slots as a whole copy is checked, journals the result durably, then writes it into
    * the backup in place.
    */
-  async #persistInPlace(spans: [number, number][], before: SlotState, size: number, kept: { slots: Snapshot[] }): Promise<PersistResult | undefined> {
+  async #persistInPlace(spans: [number, number][], before: SlotTable, size: number, kept: Kept): Promise<PersistResult | undefined> {
     const { memoryFd, backup, log } = this.#o;
     const t0 = performance.now();
     // One buffer for all the runs: a buffer per page costs more than its read.
-    const buffer = Buffer.allocUnsafe(spans.reduce((sum, [, length]) => sum + length, 0));
+    const buffer = this.#copyBuffer(spans.reduce((sum, [, length]) => sum + length, 0));
     const runs: JournalRound['runs'] = [];
     let copied = 0;
     let short = false;
@@ -463,20 +506,8 @@ export class Snapshotter {
       log.debug('snapshot discarded: the memory shrank during the copy');
       return undefined;
     }
-    const keep = slotsValidThroughCopy(memoryFd, before, log);
-    if (keep === undefined) return undefined;
     const copy = runs[0]!.data;
-    const head = parseHead(copy, size);
-    if (head === undefined || head.entries !== before.head.entries || head.data !== before.head.data) {
-      log.debug('snapshot discarded: the copied head differs from the live one');
-      return undefined;
-    }
-    clearSlotsExcept(copy, head, keep);
-    if (!sameSlots(readSlots(copy, head), keep)) {
-      log.debug('snapshot discarded: the copy does not hold the slots it was checked against');
-      return undefined;
-    }
-    kept.slots = keep;
+    if (fixUpCopy(memoryFd, before, log, copy, size, kept) === undefined) return undefined;
     const record = recordOfRegion(size, copy);
     this.#abort.signal.throwIfAborted();
     const t2 = performance.now();
@@ -498,6 +529,19 @@ export class Snapshotter {
     }
     const t3 = performance.now();
     return { size, copied, timings: { copyMs: t1 - t0, validateMs: t2 - t1, fsyncMs: t3 - t2, renameMs: 0 } };
+  }
+
+  /**
+   * A buffer of `bytes` bytes for the runs of an in-place round, the same one every round
+   * up to {@link KEEP_COPY_BUFFER} bytes. A new buffer each round is new memory each round:
+   * its page faults cost more than the copy (measured on a 1 GiB state with ~290 kB per
+   * round: 2.3 ms instead of 0.35 ms for the reads). Nothing of a round outlives it: a
+   * round whose writes failed is applied again before the next one reads.
+   */
+  #copyBuffer(bytes: number): Buffer {
+    if (bytes > KEEP_COPY_BUFFER) return Buffer.allocUnsafe(bytes);
+    if (this.#runsBuffer.length < bytes) this.#runsBuffer = Buffer.allocUnsafe(Math.min(KEEP_COPY_BUFFER, Math.max(bytes, 2 * this.#runsBuffer.length)));
+    return this.#runsBuffer.subarray(0, bytes);
   }
 
   /**
@@ -567,7 +611,7 @@ function sizeOf(fd: number): number {
   return fs.fstatSync(fd).size;
 }
 
-function sameLayout(a: SlotState, b: SlotState): boolean {
+function sameLayout(a: { head: SnapshotLayout }, b: { head: SnapshotLayout }): boolean {
   return a.head.entries === b.head.entries && a.head.data === b.head.data;
 }
 
@@ -575,9 +619,9 @@ function sameSlots(a: readonly Snapshot[], b: readonly Snapshot[]): boolean {
   return a.length === b.length && intersectSlots(a, b).length === a.length;
 }
 
-/** Writes the (fixed-up) slot region of `state.bytes` back into the file. */
-function writeSequenceRegion(fd: number, state: SlotState): void {
-  const region = state.bytes.subarray(PAGE);
+/** Writes the (fixed-up) sequence region of `bytes` (head page and sequence region) back into the file. */
+function writeSequenceRegion(fd: number, bytes: Uint8Array): void {
+  const region = bytes.subarray(PAGE);
   let done = 0;
   while (done < region.length) done += fs.writeSync(fd, region, done, region.length - done, PAGE + done);
 }

@@ -273,6 +273,27 @@ export function readStreamEnd(bytes: Uint8Array, head: DiscoveredHead): number {
   return scanSlots(bytes, head).end;
 }
 
+/**
+ * Sets `into[index]` to 1 for each slot {@link readSlots} would list and to 0 for every
+ * other slot (`into` has at least `head.entries` bytes), without building them.
+ * @returns how many slots were marked, and the {@link readStreamEnd} of the file
+ * @internal
+ */
+export function markValidSlots(bytes: Uint8Array, head: DiscoveredHead, into: Uint8Array): { count: number; end: number } {
+  const { count, end, table } = scanSlots(bytes, head);
+  into.fill(0, 0, head.entries);
+  for (let k = 0; k < count; k++) into[table[3 * k]!] = 1;
+  return { count, end };
+}
+
+/**
+ * How many snapshots {@link readSlots} would list, without building them.
+ * @internal
+ */
+export function countValidSlots(bytes: Uint8Array, head: DiscoveredHead): number {
+  return scanSlots(bytes, head).count;
+}
+
 /** What {@link scanSlots} found: `count` slots in `table`, stream order from triple `first` on. */
 interface SlotScan {
   readonly count: number;
@@ -403,33 +424,6 @@ export function streamEnd(writeOffset: number, slots: readonly Pick<Snapshot, 'o
   let end = writeOffset;
   for (const s of slots) if (s.offset + s.length > end) end = s.offset + s.length;
   return end;
-}
-
-/**
- * Sets `length = 0` in every slot of `bytes` that is not one of `keep` (same index,
- * offset and length). Meant for a private copy of the sequence region, such as the
- * restore host's temporary file; plain (non-atomic) stores.
- *
- * @returns the number of slots cleared
- */
-export function clearSlotsExcept(bytes: Uint8Array, head: SnapshotLayout, keep: readonly Snapshot[]): number {
-  const needed = slotPosition(head.entries);
-  if (bytes.length < needed) {
-    throw new SnapshotFormatError('ERR_SNAPSHOT_SHORT_BUFFER', `the sequence region ends at byte ${needed}, only ${bytes.length} bytes were given`);
-  }
-  const kept = new Map<number, Snapshot>();
-  for (const s of keep) kept.set(s.index, s);
-  const view = new DataView(bytes.buffer, bytes.byteOffset, needed);
-  let cleared = 0;
-  for (let index = 0, at = PAGE; index < head.entries; index++, at += SLOT_SIZE) {
-    const length = view.getBigUint64(at + SLOT.length, true);
-    if (length === 0n) continue;
-    const k = kept.get(index);
-    if (k !== undefined && BigInt(k.length) === length && BigInt(k.offset) === view.getBigUint64(at + SLOT.offset, true)) continue;
-    view.setBigUint64(at + SLOT.length, 0n, true);
-    cleared++;
-  }
-  return cleared;
 }
 
 /** True when two snapshots name the same slot contents. */
