@@ -378,6 +378,10 @@ test('readSlots, newest and the stream end agree with the rules of Discovery on 
     assert.deepEqual(listed, valid, `case ${i}: readSlots`);
     assert.equal(readStreamEnd(bytes, head), end, `case ${i}: stream end`);
     assert.deepEqual(readNewestSlot(bytes, head), valid.at(-1), `case ${i}: newest`);
+    const table = new SlotTable(bytes, head);
+    assert.deepEqual([...table.valid.keys()].filter((k) => table.valid[k] === 1), valid.map((s) => s.index).sort((a, b) => a - b), `case ${i}: SlotTable`);
+    assert.equal(table.end, end, `case ${i}: SlotTable end`);
+    assert.deepEqual(table.newestOf(table.valid), valid.at(-1), `case ${i}: SlotTable newest`);
     if (bytes.byteOffset % 8 === 0) {
       const found = new SnapshotFile(bytes).recover();
       assert.deepEqual(found.valid(), valid, `case ${i}: FileDiscovery.valid`);

@@ -258,10 +258,30 @@ export function readSlots(bytes: Uint8Array, head: DiscoveredHead): Snapshot[] {
  * @internal
  */
 export function readNewestSlot(bytes: Uint8Array, head: DiscoveredHead): Snapshot | undefined {
-  const { count, first, table } = scanSlots(bytes, head);
-  if (count === 0) return undefined;
-  const at = ((first + count - 1) % count) * 3;
-  return { index: table[at]! | 0, offset: table[at + 1]!, length: table[at + 2]! >>> 0 };
+  const entries = head.entries;
+  const words = slotWords(bytes, entries);
+  const data = head.data;
+  const lastEnd = Number.MAX_SAFE_INTEGER - data;
+  let end = head.writeOffset;
+  let newest = -1;
+  let newestOffset = -1;
+  // The rules of scanSlots, keeping only the largest offset (ties to the larger index, as
+  // readSlots orders them): every slot older than a ring before the end is older than it,
+  // so the last rule is one check at the end. Nothing is written per slot.
+  for (let index = 0, w = PAGE >>> 2; index < entries; index++, w += SLOT_SIZE >>> 2) {
+    const length = words[w + 2]!;
+    if (words[w + 3]! !== 0 || length === 0 || length >= data) continue;
+    const offset = words[w + 1]! * 0x1_0000_0000 + words[w]!;
+    const slotEnd = offset + length;
+    if (slotEnd > lastEnd) continue;
+    if (slotEnd > end) end = slotEnd;
+    if (offset >= newestOffset) {
+      newestOffset = offset;
+      newest = index;
+    }
+  }
+  if (newest < 0 || newestOffset < end - data) return undefined;
+  return { index: newest, offset: newestOffset, length: words[(PAGE >>> 2) + newest * (SLOT_SIZE >>> 2) + 2]! };
 }
 
 /**
@@ -321,16 +341,7 @@ const SCRATCH_KEEP = 3 * 65536;
  */
 function scanSlots(bytes: Uint8Array, head: DiscoveredHead): SlotScan {
   const entries = head.entries;
-  const needed = slotPosition(entries);
-  if (bytes.length < needed) {
-    throw new SnapshotFormatError('ERR_SNAPSHOT_SHORT_BUFFER', `the sequence region ends at byte ${needed}, only ${bytes.length} bytes were given`);
-  }
-  // u32 words of the little-endian u64 fields; an aligned array is several times faster
-  // than a DataView, so only an unaligned buffer pays for a copy.
-  const words =
-    bytes.byteOffset % 4 === 0
-      ? new Uint32Array(bytes.buffer, bytes.byteOffset, needed >>> 2)
-      : new Uint32Array(bytes.slice(0, needed).buffer);
+  const words = slotWords(bytes, entries);
   let table = scratch;
   if (table.length < 3 * entries) {
     table = new Float64Array(3 * entries);
@@ -396,6 +407,19 @@ function scanSlots(bytes: Uint8Array, head: DiscoveredHead): SlotScan {
   if (breaks === 1 && table[kept - 2]! < table[1]!) return { count, first, end, table };
   sortTable(table, count);
   return { count, first: 0, end, table };
+}
+
+/**
+ * The u32 words of the head page and sequence region of `bytes`, for `entries` slots: the
+ * little-endian u64 fields as halves. An aligned array is several times faster than a
+ * DataView, so only an unaligned buffer pays for a copy.
+ */
+function slotWords(bytes: Uint8Array, entries: number): Uint32Array {
+  const needed = slotPosition(entries);
+  if (bytes.length < needed) {
+    throw new SnapshotFormatError('ERR_SNAPSHOT_SHORT_BUFFER', `the sequence region ends at byte ${needed}, only ${bytes.length} bytes were given`);
+  }
+  return bytes.byteOffset % 4 === 0 ? new Uint32Array(bytes.buffer, bytes.byteOffset, needed >>> 2) : new Uint32Array(bytes.slice(0, needed).buffer);
 }
 
 /** Sorts the first `count` triples of `table` by offset, then index. */
