@@ -389,6 +389,16 @@ export function cleanEnv(updates = {}) {
   return env;
 }
 
+/** Changes bytes of `file` in place (as an in-place round does): the inode, and so its extended attributes, stay. */
+export function writeInPlace(file, position, bytes) {
+  const fd = fs.openSync(file, 'r+');
+  try {
+    fs.writeSync(fd, bytes, 0, bytes.length, position);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
 /** A new temporary directory, removed when the test `t` ends (once its processes have). */
 export function tempDir(t, prefix = 'shmfd-test-') {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));

@@ -10,21 +10,11 @@ import { test } from 'node:test';
 import { StderrLog } from '../dist/base/log.js';
 import { startReplica } from '../dist/replica/start.js';
 import { RoundGate } from '../dist/restore/snapshotter.js';
-import { decodeJournal, fixture, NODE, SHM_RESTORE, start, tempDir, waitFor } from './helpers.js';
+import { decodeJournal, fixture, NODE, SHM_RESTORE, start, tempDir, waitFor, writeInPlace } from './helpers.js';
 import { natsSkip, replicaReader, stateDigest, startNats } from './nats.js';
 import { CAPACITY, checkAllSnapshots } from './state-check.js';
 
 const CHUNK = 64 * 1024;
-
-/** Writes `bytes` at `offset` of `file` in place, as an in-place round does. */
-function writeInPlace(file, offset, bytes) {
-  const fd = fs.openSync(file, 'r+');
-  try {
-    fs.writeSync(fd, bytes, 0, bytes.length, offset);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
 
 test('a state read while a round changes the file in place is committed after that round, with its chunks; the next round sends one chunk', natsSkip, async (t) => {
   const dir = tempDir(t, 'shmfd-replica-rounds-');

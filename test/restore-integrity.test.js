@@ -12,7 +12,7 @@ import path from 'node:path';
 import { test } from 'node:test';
 import { BackupFile } from '../dist/restore/backup.js';
 import * as sys from '../dist/system/libc.js';
-import { COUNTER, fingerprint, RAW, readCounterBackup, run, runHost, seededRandom, SHM_RESTORE, startHost, tempDir, tempFiles } from './helpers.js';
+import { COUNTER, fingerprint, RAW, readCounterBackup, run, runHost, seededRandom, SHM_RESTORE, startHost, tempDir, tempFiles, writeInPlace } from './helpers.js';
 
 const CHECK = 'user.shmfd.check';
 const WRITE_OFFSET = 0x18;
@@ -31,16 +31,6 @@ function setAttribute(file, value, name = CHECK) {
   const fd = fs.openSync(file, 'r');
   try {
     return sys.setXattr(fd, name, value);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
-/** Changes bytes of `file` in place: the inode, and so its extended attributes, stay. */
-function patch(file, position, bytes) {
-  const fd = fs.openSync(file, 'r+');
-  try {
-    fs.writeSync(fd, bytes, 0, bytes.length, position);
   } finally {
     fs.closeSync(fd);
   }
@@ -124,11 +114,11 @@ test('a flipped bit in write_offset of a backup the host wrote is refused in bot
   flipBit(file, 0x1c, 5);
   for (const args of [['--snapshot=restore-v1'], []]) await expectRefusal(file, args, CHANGED);
   flipBit(file, 0x1c, 5);
-  patch(file, WRITE_OFFSET, u64(2n ** 40n));
+  writeInPlace(file, WRITE_OFFSET, u64(2n ** 40n));
   await expectRefusal(file, ['--snapshot=restore-v1'], CHANGED);
 
   // Put back, the backup restores its newest snapshot.
-  patch(file, WRITE_OFFSET, u64(BigInt(good.head.writeOffset)));
+  writeInPlace(file, WRITE_OFFSET, u64(BigInt(good.head.writeOffset)));
   const host = startHost(['--snapshot=restore-v1', file, process.execPath, COUNTER, '--commits', '1', '--exit']);
   assert.equal((await host.next()).recovered, good.counter);
   assert.equal((await host.exited).code, 0);
@@ -141,7 +131,7 @@ test('restore-v1: a copy without the record (cp) whose head shows no valid snaps
   const good = readCounterBackup(file);
   for (const [name, offset] of Object.entries({ 'bit-37': BigInt(good.head.writeOffset) ^ (1n << 37n), '2^40': 2n ** 40n })) {
     const copy = await plainCopy(file, path.join(dir, name));
-    patch(copy, WRITE_OFFSET, u64(offset));
+    writeInPlace(copy, WRITE_OFFSET, u64(offset));
     await expectRefusal(copy, ['--snapshot=restore-v1'], NO_SNAPSHOT);
   }
   // A copy that still shows its snapshots is restored (the Rust host's files have no record).
@@ -164,7 +154,7 @@ test('60 seeded single-bit flips in the head: with the record each is refused; w
     const bit = random.int(0, 7);
     const what = `flip of bit ${bit} of byte 0x${byte.toString(16)}`;
     for (const f of [file, copy]) {
-      patch(f, 0, original);
+      writeInPlace(f, 0, original);
       flipBit(f, byte, bit);
     }
     assert.throws(() => new BackupFile(file).inspect('snapshot'), { code: 'ERR_BACKUP_DAMAGED', message: CHANGED }, `${what}, with the record`);
@@ -201,7 +191,7 @@ test('status shows a changed backup as damaged, with the reason, in both modes',
   }
   const copy = await plainCopy(file, path.join(dir, 'copy'));
   flipBit(copy, 0, 0);
-  patch(copy, WRITE_OFFSET, u64(2n ** 40n));
+  writeInPlace(copy, WRITE_OFFSET, u64(2n ** 40n));
   const r = await runHost(['--snapshot=restore-v1', 'status', copy]);
   assert.equal(r.code, 1);
   assert.match(r.stdout, /^state: damaged: holds no valid snapshot though it has the snapshot magic/m);
