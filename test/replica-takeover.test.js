@@ -156,6 +156,23 @@ test('a new holder whose lease lapsed gets it back from the woken old holder, wh
   assert.doesNotMatch(b.err.text, /lost the lease|error/);
 });
 
+test('a host that stopped and starts again finds its state in the replica and sends only what changes', natsSkip, async (t) => {
+  const { server, reader, backup } = await setUp(t);
+  const url = `nats://${server.address}/again`;
+  // 16 MiB of data: sending it all again would be 256 chunks.
+  const args = ['--snapshot=restore-v1', '--log-level', 'debug', '--replica', url, backup('a'), NODE, COUNTER, '--size', String(16 * 2 ** 20), '--fill', '7', '--commits', '3', '--exit'];
+  const first = await runHost(args, { timeoutMs: 120_000 });
+  assert.equal(first.code, 0, first.stderr);
+  assert.equal((await reader.manifest('again')).digest, stateDigest(backup('a')), 'the final state reached the replica');
+
+  const again = await runHost(args, { timeoutMs: 120_000 });
+  assert.equal(again.code, 0, again.stderr);
+  assert.match(again.stderr, /starting from the local backup: .*; the replica holds the same state/);
+  const sent = [...again.stderr.matchAll(/replica \S+: committed \d+ bytes at sequence \d+: (\d+) of (\d+) chunks sent/g)].map((m) => Number(m[1]));
+  assert.ok(sent.length > 0 && sent.every((chunks) => chunks < 16), `only the chunks the commits changed are sent: ${sent.join(', ')}`);
+  assert.equal((await reader.manifest('again')).digest, stateDigest(backup('a')));
+});
+
 test('states sent while newer rounds end are whole: a host taking over starts from one', natsSkip, async (t) => {
   const { server, reader, backup } = await setUp(t);
   const url = `nats://${server.address}/overlap?lease=1`;

@@ -19,7 +19,7 @@ import { ShmfdError } from '../base/errors.js';
 import { heldMessage, Lease } from './lease.js';
 import { Replicator } from './replicator.js';
 import type { NatsConnection } from '@nats-io/transport-node';
-import type { ChunkTable } from './chunks.js';
+import { CHUNK_SIZE, chunkCount, chunkDigest, chunkLength, setChunk, stateDigest, zeroTable, type ChunkTable } from './chunks.js';
 import { connectReplica, isFenced, newWriter, ReplicaStore, type Committed, type Writer } from './store.js';
 import { credentialsFromEnv, parseReplicaUrl, type ReplicaUrl } from './url.js';
 
@@ -90,11 +90,11 @@ async function prepare(nc: NatsConnection, url: ReplicaUrl, writer: Writer, back
     if (err instanceof ShmfdError || isSystemError(err)) await lease.release().catch(() => undefined);
     throw err;
   }
-  // Started from the replica: the backup holds its state, and the next states change it.
+  // The backup holds the replica's state (fetched, or the same): the next states change it.
   if (fetched !== undefined) store.adopt(fetched.committed, fetched.table.seqs);
   const replicator = new Replicator({ nc, store, lease, writer, lastSeq, committed: fetched, gate, name: url.text, log });
   // A local backup newer than the replica is sent first: the replica catches up at once.
-  if (source === 'local') replicator.offer({ path: backup.path });
+  if (source === 'local' && fetched === undefined) replicator.offer({ path: backup.path });
   return { replicator, source };
 }
 
@@ -138,8 +138,10 @@ async function newerOfTwo(
   const { manifest } = committed;
   const replicaText = `the replica's newest state is ${formatDuration(Math.max(0, now - manifest.durableAt))} old (${formatBytes(manifest.size)}, from ${manifest.holder})`;
   if (local !== undefined && Math.round(local.mtimeMs) >= manifest.durableAt) {
-    log.info(`starting from the local backup: ${localText}, ${replicaText}`);
-    return { source: 'local' };
+    // A host that stopped and starts again: the replica holds its state, chunks and all.
+    const same = Math.round(local.mtimeMs) === manifest.durableAt && local.size === manifest.size ? await heldAlready(backup, committed, store) : undefined;
+    log.info(`starting from the local backup: ${localText}, ${replicaText}${same === undefined ? '' : '; the replica holds the same state'}`);
+    return { source: 'local', fetched: same };
   }
   const started = performance.now();
   const fetched = await download(backup, committed, store);
@@ -147,6 +149,32 @@ async function newerOfTwo(
     `starting from the replica ${name}: ${replicaText}, ${localText}; fetched in ${formatDuration(performance.now() - started)}`,
   );
   return { source: 'replica', fetched };
+}
+
+/** The local backup as a table of the replica's chunks, when it is the state `committed`: then nothing needs sending. */
+async function heldAlready(backup: BackupFile, committed: Committed, store: ReplicaStore): Promise<{ committed: Committed; table: ChunkTable } | undefined> {
+  const fd = fs.openSync(backup.path, 'r');
+  let table: ChunkTable;
+  try {
+    const size = fs.fstatSync(fd).size;
+    table = zeroTable(size);
+    const chunk = Buffer.allocUnsafe(CHUNK_SIZE);
+    for (let index = 0; index < chunkCount(size); index++) {
+      const length = chunkLength(size, index);
+      let done = 0;
+      while (done < length) {
+        const n = fs.readSync(fd, chunk, done, length - done, index * CHUNK_SIZE + done);
+        if (n === 0) return undefined;
+        done += n;
+      }
+      setChunk(table, index, 0, chunkDigest(chunk.subarray(0, length)));
+    }
+  } finally {
+    fs.closeSync(fd);
+  }
+  if (stateDigest(table) !== committed.manifest.digest) return undefined;
+  table.seqs = await store.chunkSeqs(committed);
+  return { committed, table };
 }
 
 /** Replaces the backup by the replica's state: temporary file, verified, synced, renamed. */
