@@ -399,9 +399,9 @@ export function writeInPlace(file, position, bytes) {
   }
 }
 
-/** A new temporary directory, removed when the test `t` ends (once its processes have). */
-export function tempDir(t, prefix = 'shmfd-test-') {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+/** A new temporary directory, removed when the test `t` ends (once its processes have); in `parent` if given. */
+export function tempDir(t, prefix = 'shmfd-test-', parent = os.tmpdir()) {
+  const dir = fs.mkdtempSync(path.join(parent, prefix));
   t.after(async () => {
     // The test's processes die first: one that has not died yet could still create a file
     // in the directory while it is being removed. (A test's abort signal fires after its

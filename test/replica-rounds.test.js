@@ -66,8 +66,6 @@ test('a state read while a round changes the file in place is committed after th
 
 test('a host that starts beside a replica with an interrupted round in its journal sends the backup with that round applied', natsSkip, async (t) => {
   const dir = tempDir(t, 'shmfd-replica-rounds-');
-  const server = await startNats(t, path.join(dir, 'js'));
-  const reader = await replicaReader(t, [server.address]);
   const backup = path.join(dir, 'state');
   // Rounds in place, then the tree killed: the journal of the last round stays beside the backup.
   const writer = start(NODE, [SHM_RESTORE, '--snapshot=restore-v1', '--interval', '5', '--log-level', 'debug', backup, NODE, fixture('incremental-writer.js'), String(CAPACITY)], { detached: true, t });
@@ -83,6 +81,8 @@ test('a host that starts beside a replica with an interrupted round in its journ
   for (const run of round.runs) fs.writeSync(torn, Buffer.alloc(run.data.length, 0xee), 0, run.data.length, run.offset);
   fs.closeSync(torn);
 
+  const server = await startNats(t, path.join(dir, 'js'));
+  const reader = await replicaReader(t, [server.address]);
   const url = `nats://${server.address}/journal`;
   const host = start(NODE, [SHM_RESTORE, '--snapshot=restore-v1', '--log-level', 'info', '--replica', url, backup, 'sh', '-c', 'echo ready; exec sleep 1000'], { detached: true, t });
   const committed = await waitFor(() => reader.manifest('journal'), 'the first replicated state', 120_000).catch((err) => assert.fail(`${err.message}: ${host.err.text}`));
