@@ -505,7 +505,7 @@ function touchedChunks(changed: readonly (readonly [number, number])[], size: nu
 }
 
 /** Chunk `index` of the first `size` bytes of `fd` (zeros past its end). */
-function readChunk(fd: number, size: number, index: number): Buffer {
+export function readChunk(fd: number, size: number, index: number): Buffer {
   const length = chunkLength(size, index);
   const buf = Buffer.allocUnsafe(length);
   let done = 0;

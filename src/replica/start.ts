@@ -17,9 +17,9 @@ import type { RoundGate } from '../restore/snapshotter.js';
 import { describeError, isSystemError } from '../system/libc.js';
 import { ShmfdError } from '../base/errors.js';
 import { heldMessage, Lease } from './lease.js';
-import { Replicator } from './replicator.js';
+import { readChunk, Replicator } from './replicator.js';
 import type { NatsConnection } from '@nats-io/transport-node';
-import { CHUNK_SIZE, chunkCount, chunkDigest, chunkLength, setChunk, stateDigest, zeroTable, type ChunkTable } from './chunks.js';
+import { chunkCount, chunkDigest, setChunk, stateDigest, zeroTable, type ChunkTable } from './chunks.js';
 import { connectReplica, isFenced, newWriter, ReplicaStore, type Committed, type Writer } from './store.js';
 import { credentialsFromEnv, parseReplicaUrl, type ReplicaUrl } from './url.js';
 
@@ -158,17 +158,7 @@ async function heldAlready(backup: BackupFile, committed: Committed, store: Repl
   try {
     const size = fs.fstatSync(fd).size;
     table = zeroTable(size);
-    const chunk = Buffer.allocUnsafe(CHUNK_SIZE);
-    for (let index = 0; index < chunkCount(size); index++) {
-      const length = chunkLength(size, index);
-      let done = 0;
-      while (done < length) {
-        const n = fs.readSync(fd, chunk, done, length - done, index * CHUNK_SIZE + done);
-        if (n === 0) return undefined;
-        done += n;
-      }
-      setChunk(table, index, 0, chunkDigest(chunk.subarray(0, length)));
-    }
+    for (let index = 0; index < chunkCount(size); index++) setChunk(table, index, 0, chunkDigest(readChunk(fd, size, index)));
   } finally {
     fs.closeSync(fd);
   }

@@ -328,9 +328,16 @@ export class ReplicaStore {
     for (const seq of seqs) if (seq !== 0 && seq < oldest) oldest = seq;
     const doomed = garbage.filter((seq) => seq >= oldest);
     if (previous !== undefined) {
-      // A message holds several chunks: it goes once none of them is named any more.
-      const named = new Set(seqs);
-      for (const seq of new Set(previous.seqs)) if (seq >= oldest && !named.has(seq)) doomed.push(seq);
+      // A message holds up to chunksPerMessage consecutive chunks: it goes once none of the
+      // chunks around one it held names it any more (looked at where a chunk changed only).
+      const span = CHUNKS_PER_MESSAGE - 1;
+      for (let i = 0; i < previous.seqs.length; i++) {
+        const seq = previous.seqs[i]!;
+        if (seq < oldest || seq === seqs[i] || doomed.includes(seq)) continue;
+        let named = false;
+        for (let j = Math.max(0, i - span); j <= Math.min(seqs.length - 1, i + span) && !named; j++) named = seqs[j] === seq;
+        if (!named) doomed.push(seq);
+      }
       if (previous.manifestSeq >= oldest && previous.manifestSeq !== keepBase && previous.manifestSeq !== committed.seq) doomed.push(previous.manifestSeq);
     }
     if (this.#retiredBase !== undefined && this.#retiredBase !== keepBase && this.#retiredBase >= oldest) doomed.push(this.#retiredBase);
