@@ -6,7 +6,10 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { MemoryFile, StateFile, appendLog, counterSet, versionedCell, recordBytes, keyValueMap, entryBytes, MAX_KEY_BYTES } from 'shmfd';
 import { SnapshotFile } from 'shmfd/snapshot';
+import fs from 'node:fs';
 import { planLayout } from '../dist/state/layout.js';
+import { mapGeometry } from '../dist/state/kv-map.js';
+import { rebuildIndex, REBUILT_SLOT_WORDS } from '../dist/state/kv-rebuild.js';
 import { seededRandom } from './helpers.js';
 
 const SEED = process.env.STATE_SEED === undefined ? Date.now() % 1_000_000_007 : Number(process.env.STATE_SEED);
@@ -636,6 +639,124 @@ test('a restored copy whose index header is gone rebuilds a large map: every ent
     n++;
   }
   assert.equal(n, model.size);
+});
+
+// Keys whose 32-bit record hashes are equal (found by search over `collide-N`): a rebuild
+// must tell them apart by their bytes. The test checks that their records' hash words match.
+const COLLIDING = [['collide-16517', 'collide-58230'], ['collide-16510', 'collide-58237']];
+
+/** The map region of `state`'s first structure: where it starts in the file, its geometry, and the committed window from its index header. */
+function mapRegion(state) {
+  const region = state.layout.structures[0];
+  const start = state.snapshotLayout.tailStart + region.offset;
+  return { start, length: region.length, geometry: mapGeometry(region.length) };
+}
+
+test('a rebuild tells apart keys whose hashes collide: overwrites and deletions reach the right one', (t) => {
+  const file = memory(t);
+  const decl = { m: keyValueMap({ maxBytes: 1 << 20 }) };
+  const state = StateFile.open(file, decl);
+  const { m } = state.structures;
+  const [[a, b], [c, d]] = COLLIDING;
+  m.set(a, enc('a1')).set(b, enc('b1')).set(c, enc('c1')).set(d, enc('d1'));
+  state.commit();
+  m.set(b, enc('b2')).set(c, enc('c2'));
+  m.delete(d);
+  state.commit();
+  m.set(a, enc('a3'));
+  state.commit();
+  const { start, geometry } = mapRegion(state);
+  const mapping = file.map();
+  const view = new DataView(mapping.bytes.buffer, mapping.bytes.byteOffset);
+  const hashOf = new Map();
+  for (let at = 0, ring = start + geometry.ringOffset; ; ) {
+    const word0 = view.getUint32(ring + at, true);
+    if (word0 === 0) break;
+    const keyBytes = word0 & 0xffffff;
+    hashOf.set(dec(mapping.bytes.subarray(ring + at + 16, ring + at + 16 + keyBytes)), view.getUint32(ring + at + 8, true));
+    at += 16 + Math.ceil((keyBytes + view.getUint32(ring + at + 4, true)) / 8) * 8;
+  }
+  mapping.unmap();
+  assert.equal(hashOf.get(a), hashOf.get(b), 'the test needs keys whose hashes collide');
+  assert.equal(hashOf.get(c), hashOf.get(d), 'the test needs keys whose hashes collide');
+  state.close();
+  const restored = StateFile.open(copyOf(t, file), decl, { log: { error() {}, warn() {}, info() {}, debug() {} } });
+  t.after(() => restored.close());
+  const r = restored.structures.m;
+  assert.equal(r.rebuilt, true);
+  assert.deepEqual([a, b, c, d].map((k) => r.get(k) && dec(r.get(k))), ['a3', 'b2', 'c2', undefined]);
+  assert.equal(r.size, 3);
+  assert.equal(r.liveBytes, entryBytes(a.length, 2) + entryBytes(b.length, 2) + entryBytes(c.length, 2));
+});
+
+test('a rebuild done range by range, from any table size, names exactly the records of a rebuild done at once', (t) => {
+  // Ranges of a few records put the older record of an overwritten key in an earlier range
+  // than the newer one: the keys are then compared in the ring, not in the gathered copy.
+  const file = memory(t);
+  const decl = { m: keyValueMap({ maxBytes: 4 << 20 }) };
+  const state = StateFile.open(file, decl);
+  const { m } = state.structures;
+  const rng = seededRandom(SEED + 2);
+  const keys = [...COLLIDING.flat(), ...Array.from({ length: 3000 }, (_, i) => (i % 7 === 0 ? `long-${'x'.repeat(rng.int(60, 300))}-${i}` : `k${i}`))];
+  for (let i = 0; i < 12_000; i++) {
+    const key = keys[rng.int(0, keys.length - 1)];
+    if (rng.next() < 0.15) m.delete(key);
+    else m.set(key, enc(`${key}=${i}`.slice(0, rng.int(0, 40))));
+    if (i % 97 === 96) state.commit();
+  }
+  state.commit();
+  const { start, length, geometry } = mapRegion(state);
+  const mapping = file.map();
+  const header = new DataView(mapping.bytes.buffer, mapping.bytes.byteOffset + start);
+  const tail = Number(header.getBigUint64(24, true));
+  const head = Number(header.getBigUint64(32, true));
+  const ringStart = start + geometry.ringOffset;
+  const input = {
+    name: 'm',
+    ring: geometry.ringBytes,
+    tail,
+    head,
+    maxSlots: geometry.maxSlots,
+    maxEntries: geometry.maxEntries,
+    maxRecordBytes: geometry.maxRecordBytes,
+    ringBytes: mapping.bytes.subarray(ringStart, ringStart + geometry.ringBytes),
+    ringWords: new Uint32Array(mapping.buffer, mapping.bytes.byteOffset + ringStart, geometry.ringBytes / 4),
+    read: (into, phys, limit) => fs.readSync(file.fd, into, 0, Math.min(into.length, limit), ringStart + phys),
+  };
+  const expected = decodeMapWindow(mapping.bytes, start, length, tail, head);
+  /** @param {import('../dist/state/kv-rebuild.js').RebuildInput} options */
+  const rebuilt = (options) => {
+    const r = rebuildIndex(options);
+    if (typeof r === 'string') assert.fail(r);
+    return r;
+  };
+  const named = (r) => {
+    const entries = [];
+    for (let s = 0; s < r.table.length; s += REBUILT_SLOT_WORDS) {
+      if (r.table[s] === 0) continue;
+      const phys = (r.table[s] - 1) * 8;
+      const keyBytes = input.ringWords[phys / 4] & 0xffffff;
+      const valueBytes = input.ringWords[phys / 4 + 1];
+      const at = phys + 16;
+      entries.push([hex(input.ringBytes.subarray(at, at + keyBytes)), hex(input.ringBytes.subarray(at + keyBytes, at + keyBytes + valueBytes))]);
+    }
+    return entries.sort();
+  };
+  const whole = rebuilt({ ...input, slots: 1024 });
+  assert.deepEqual(named(whole), expected, 'the rebuilt index names the newest record of every key present, and nothing else');
+  assert.equal(whole.count, expected.length);
+  assert.equal(whole.count, m.size);
+  assert.equal(whole.live, m.liveBytes);
+  for (const rangeRecords of [1, 7, 1000]) {
+    for (const slots of [1024, 16384]) {
+      const r = rebuilt({ ...input, slots, rangeRecords });
+      assert.deepEqual(named(r), expected, `ranges of ${rangeRecords} records, from ${slots} slots`);
+      assert.equal(r.count, whole.count);
+      assert.equal(r.live, whole.live);
+    }
+  }
+  mapping.unmap();
+  state.close();
 });
 
 // The map's model check: random sets, deletes, clears, discards, commits, and reopens (of

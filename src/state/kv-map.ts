@@ -14,30 +14,22 @@ import { storeU64 } from '../snapshot/mapped.js';
 import { writtenRing, type StructureContainer, type Structure } from './structure.js';
 import { fnv1a64, type KeyValueMapOptions, type MapDeclaration } from './layout.js';
 import { NamedPositions } from './named-positions.js';
+import { ENTRY_HEADER, entryBytes, FLAG_TOMBSTONE, FLAG_WRAP, hashBytes, KEY_MASK, CHECK_SALT, MAX_KEY_BYTES } from './kv-record.js';
+import { rebuildIndex, REBUILT_SLOT_WORDS } from './kv-rebuild.js';
+
+export { ENTRY_HEADER, entryBytes, MAX_KEY_BYTES } from './kv-record.js';
 
 export type { KeyValueMapOptions, MapDeclaration } from './layout.js';
 
-/** Longest key, in bytes (a string key counts its UTF-8 bytes). */
-export const MAX_KEY_BYTES = 4096;
-/** Bytes of an entry record's header: key length and flags, value length, hash, check. */
-export const ENTRY_HEADER = 16;
 /** Smallest `maxBytes` of a map. */
 export const MIN_MAP_BYTES = 16 * PAGE;
 /** Index slots a new (or cleared) index starts with; it doubles as entries are added. */
 const MIN_SLOTS = 1024;
-const FLAG_TOMBSTONE = 0x0100_0000;
-const FLAG_WRAP = 0x0200_0000;
-const KEY_MASK = 0x00ff_ffff;
-const CHECK_SALT = 0x6b76_6d70;
 /**
  * Ring bytes made writable ahead of the staged records at a time: one madvise instead of
  * a page fault per page (half the cost here) until the ring has been gone round once.
  */
 const POPULATE_BYTES = 256 * 1024;
-/** Bytes a rebuild reads at a time; more than the largest key and a record header. */
-const REBUILD_CHUNK = 1 << 20;
-/** Records a rebuild collects before it inserts them (12 bytes each, twice: 1.5 MiB). */
-const REBUILD_SEGMENT = 1 << 16;
 /** Windows from this size on take long enough to rebuild that opening warns first. */
 const LARGE_REBUILD = 64 * 2 ** 20;
 /** `"shmkvidx"` as two little-endian u32: the index header's first words. */
@@ -91,13 +83,6 @@ export function keyValueMap(options: KeyValueMapOptions): MapDeclaration {
   return { kind: 'map', maxBytes: options.maxBytes };
 }
 
-/** Bytes a record with a key of `keyBytes` and a value of `valueBytes` takes in the ring. */
-export function entryBytes(keyBytes: number, valueBytes: number): number {
-  // Modulo rather than `& ~7`: a length read from a damaged record may exceed 2^31.
-  const n = keyBytes + valueBytes + 7;
-  return ENTRY_HEADER + n - (n % 8);
-}
-
 /** A key: a string (stored as its UTF-8 bytes) or bytes. `'a'` and `Uint8Array [0x61]` are the same key. */
 export type MapKey = string | Uint8Array;
 
@@ -122,36 +107,6 @@ function memoryIdentity(fd: number): readonly [number, number] {
   return [Number(h & 0xffffffffn), Number(h >> 32n)];
 }
 
-/** 32-bit hash of `n` bytes of `b` (Murmur3's body and finalizer). */
-function hashBytes(b: Uint8Array, from: number, n: number): number {
-  let h = n ^ 0x9747b28c;
-  const end = from + (n & ~3);
-  let i = from;
-  for (; i < end; i += 4) {
-    let k = b[i]! | (b[i + 1]! << 8) | (b[i + 2]! << 16) | (b[i + 3]! << 24);
-    k = Math.imul(k, 0xcc9e2d51);
-    k = (k << 15) | (k >>> 17);
-    h ^= Math.imul(k, 0x1b873593);
-    h = (h << 13) | (h >>> 19);
-    h = (Math.imul(h, 5) + 0xe6546b64) | 0;
-  }
-  const rest = n & 3;
-  if (rest !== 0) {
-    let k = b[i]!;
-    if (rest > 1) k ^= b[i + 1]! << 8;
-    if (rest > 2) k ^= b[i + 2]! << 16;
-    k = Math.imul(k, 0xcc9e2d51);
-    k = (k << 15) | (k >>> 17);
-    h ^= Math.imul(k, 0x1b873593);
-  }
-  h ^= h >>> 16;
-  h = Math.imul(h, 0x85ebca6b);
-  h ^= h >>> 13;
-  h = Math.imul(h, 0xc2b2ae35);
-  h ^= h >>> 16;
-  return h >>> 0;
-}
-
 /**
  * Copies of values and keys are carved from shared 8 KiB buffers, as `Buffer.allocUnsafe`
  * does: a typed array over 64 bytes with its own buffer costs a malloc'd backing store
@@ -174,14 +129,6 @@ function copyOut(src: Uint8Array, from: number, n: number): Uint8Array {
   poolBytes.set(src.subarray(from, from + n), at);
   poolAt = (at + n + 7) & ~7;
   return new Uint8Array(pool, at, n);
-}
-
-/** Records found by a rebuild, in ring order or sorted by the part of the table they go to. */
-interface RebuildSegment {
-  readonly hashes: Uint32Array;
-  /** Ring byte / 8 + 1, plus 2^31 for a tombstone. */
-  readonly positions: Uint32Array;
-  readonly sizes: Uint32Array;
 }
 
 const NO_BYTES = new Uint8Array(0);
@@ -992,154 +939,43 @@ export class KeyValueMap implements Structure {
   }
 
   /**
-   * Rebuilds the index from the committed records; checks every record header and key
-   * hash on the way. The records are read in order with pread(2) into a buffer in the
-   * heap: the first access to each page of a new mapping costs several microseconds (a
-   * page fault per 16 pages, and more on a virtual machine), which made a pass over the
-   * mapping take seconds per GiB. Each segment of records found is then sorted by the part
-   * of the table its home slot lies in (a stable counting sort: the records of a key keep
-   * their order) and inserted part by part, so the table is written where it is cached,
-   * not at a random place per record. The table starts at the size the old index header
-   * suggests (a hint only) and doubles when a segment may not fit.
+   * Rebuilds the index from the committed records (see ./kv-rebuild.ts), starting at the
+   * table size the old index header suggests (a hint only), and writes it into the table.
    */
   #rebuild(): string | undefined {
     this.#rebuilt = true;
-    const ring = this.#ring;
     const u32 = this.#u32;
-    const tail = this.#tail;
-    const head = this.#head;
     u32[H_VALID] = 0;
     const maxSlots = this.#geometry.maxSlots;
     const hinted = u32[H_SLOTS]! + u32[H_SLOTS + 1]! * 0x1_0000_0000;
     let slots = Math.min(MIN_SLOTS, maxSlots);
     if (hinted > slots && hinted <= maxSlots && (hinted & (hinted - 1)) === 0) slots = hinted;
-    this.#resize(slots, false);
-    this.#count = 0;
-    this.#live = 0;
-    const chunk = Buffer.allocUnsafeSlow(Math.min(REBUILD_CHUNK, ring));
-    const view = new Uint32Array(chunk.buffer, chunk.byteOffset, chunk.length / 4);
-    const segment = Math.min(REBUILD_SEGMENT, Math.ceil((head - tail) / ENTRY_HEADER) + 1);
-    const found: RebuildSegment = { hashes: new Uint32Array(segment), positions: new Uint32Array(segment), sizes: new Uint32Array(segment) };
-    const sorted: RebuildSegment = { hashes: new Uint32Array(segment), positions: new Uint32Array(segment), sizes: new Uint32Array(segment) };
-    let n = 0;
-    let adds = 0;
-    // The ring bytes [chunkAt, chunkAt + chunkBytes) are in `chunk`.
-    let chunkAt = 0;
-    let chunkBytes = 0;
-    for (let at = tail; at < head; ) {
-      const phys = at % ring;
-      if (ring - phys < ENTRY_HEADER) {
-        at += ring - phys;
-        continue;
-      }
-      if (phys < chunkAt || phys + ENTRY_HEADER > chunkAt + chunkBytes) {
-        chunkAt = phys;
-        chunkBytes = this.#readRing(chunk, phys, Math.min(head - at, ring - phys));
-      }
-      const w = (phys - chunkAt) >>> 2;
-      const word0 = view[w]!;
-      const valueBytes = view[w + 1]!;
-      const hash = view[w + 2]!;
-      if (((word0 ^ valueBytes ^ hash ^ CHECK_SALT) >>> 0) !== view[w + 3] || (word0 & ~(KEY_MASK | FLAG_TOMBSTONE | FLAG_WRAP)) !== 0) {
-        return `map ${this.name}: the record at ring byte ${phys} (stream ${at}) has a damaged header`;
-      }
-      if ((word0 & FLAG_WRAP) !== 0) {
-        at += ring - phys;
-        continue;
-      }
-      const keyBytes = word0 & KEY_MASK;
-      const size = entryBytes(keyBytes, valueBytes);
-      if (keyBytes > MAX_KEY_BYTES || size > this.maxRecordBytes || phys + size > ring || at + size > head) {
-        return `map ${this.name}: the record at ring byte ${phys} (stream ${at}) does not fit the ring`;
-      }
-      if (phys + ENTRY_HEADER + keyBytes > chunkAt + chunkBytes) {
-        chunkAt = phys;
-        chunkBytes = this.#readRing(chunk, phys, Math.min(head - at, ring - phys));
-      }
-      if (hashBytes(chunk, phys - chunkAt + ENTRY_HEADER, keyBytes) !== hash) {
-        return `map ${this.name}: the record at ring byte ${phys} (stream ${at}) has a key that does not match its hash`;
-      }
-      const tombstone = (word0 & FLAG_TOMBSTONE) !== 0;
-      found.hashes[n] = hash;
-      // Ring bytes are below 2^32, so phys / 8 + 1 leaves the top bit for a tombstone.
-      found.positions[n] = (phys / 8 + 1 + (tombstone ? 0x8000_0000 : 0)) >>> 0;
-      found.sizes[n] = size;
-      n++;
-      if (!tombstone) adds++;
-      if (n === segment) {
-        const damage = this.#insertFound(found, sorted, n, adds);
-        if (damage !== undefined) return damage;
-        n = 0;
-        adds = 0;
-      }
-      at += size;
-    }
-    const damage = this.#insertFound(found, sorted, n, adds);
-    if (damage !== undefined) return damage;
-    this.#writeIndexHeader();
-    return undefined;
-  }
-
-  /** Inserts `n` records found by a rebuild (`adds` of them not tombstones), in their order per key. */
-  #insertFound(found: RebuildSegment, sorted: RebuildSegment, n: number, adds: number): string | undefined {
-    let slots = this.#slots;
-    while (this.#count + adds > (slots / 4) * 3 && slots < this.#geometry.maxSlots) slots *= 2;
-    if (slots !== this.#slots) this.#resize(slots, true);
-    const mask = slots - 1;
-    // Parts of 4096 slots (32 KiB of table).
-    const shift = Math.min(12, Math.log2(slots));
-    const parts = slots >>> shift;
-    let from = found;
-    if (parts > 1) {
-      const starts = new Uint32Array(parts + 1);
-      for (let i = 0; i < n; i++) starts[((found.hashes[i]! & mask) >>> shift) + 1]!++;
-      for (let p = 1; p <= parts; p++) starts[p]! += starts[p - 1]!;
-      for (let i = 0; i < n; i++) {
-        const hash = found.hashes[i]!;
-        const j = starts[(hash & mask) >>> shift]!++;
-        sorted.hashes[j] = hash;
-        sorted.positions[j] = found.positions[i]!;
-        sorted.sizes[j] = found.sizes[i]!;
-      }
-      from = sorted;
-    }
-    const u32 = this.#u32;
+    const ring = this.#bytes.subarray(this.#ringOffset, this.#ringOffset + this.#ring);
+    const rebuilt = rebuildIndex({
+      name: this.name,
+      ring: this.#ring,
+      tail: this.#tail,
+      head: this.#head,
+      slots,
+      maxSlots,
+      maxEntries: this.maxEntries,
+      maxRecordBytes: this.maxRecordBytes,
+      ringBytes: ring,
+      ringWords: this.#u32.subarray(this.#ringWord, this.#ringWord + this.#ring / 4),
+      read: (into, phys, limit) => this.#readRing(into, phys, limit),
+    });
+    if (typeof rebuilt === 'string') return rebuilt;
+    // Every slot is written, empty ones too: the table is written once, in order.
+    const t = rebuilt.table;
     const index = this.#indexWord;
-    const bytes = this.#bytes;
-    const keyAt = this.#ringOffset + ENTRY_HEADER;
-    let live = this.#live;
-    for (let i = 0; i < n; i++) {
-      const hash = from.hashes[i]!;
-      const position = from.positions[i]!;
-      const tombstone = position >= 0x8000_0000;
-      const record = tombstone ? position - 0x8000_0000 : position;
-      const phys = (record - 1) * 8;
-      // One probe sequence finds the key's slot or the empty slot where it goes.
-      let slot = hash & mask;
-      for (;;) {
-        const pos = u32[index + 2 * slot]!;
-        if (pos === 0) break;
-        if (u32[index + 2 * slot + 1] === hash && this.#sameKey((pos - 1) * 8, bytes, keyAt + phys, u32[this.#ringWord + (phys >>> 2)]! & KEY_MASK)) break;
-        slot = (slot + 1) & mask;
-      }
-      const pos = u32[index + 2 * slot]!;
-      if (tombstone) {
-        if (pos !== 0) {
-          live -= this.#recordBytesAt((pos - 1) * 8);
-          this.#remove(slot);
-        }
-      } else if (pos !== 0) {
-        live += from.sizes[i]! - this.#recordBytesAt((pos - 1) * 8);
-        u32[index + 2 * slot] = record;
-      } else {
-        if (this.#count >= this.maxEntries) return `map ${this.name}: the ring holds more than ${this.maxEntries} entries`;
-        u32[index + 2 * slot] = record;
-        u32[index + 2 * slot + 1] = hash;
-        this.#count++;
-        live += from.sizes[i]!;
-      }
+    for (let slot = 0, s = 0; slot < rebuilt.slots; slot++, s += REBUILT_SLOT_WORDS) {
+      u32[index + 2 * slot] = t[s]!;
+      u32[index + 2 * slot + 1] = t[s + 1]!;
     }
-    this.#live = live;
+    this.#slots = rebuilt.slots;
+    this.#count = rebuilt.count;
+    this.#live = rebuilt.live;
+    this.#writeIndexHeader();
     return undefined;
   }
 
