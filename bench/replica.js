@@ -266,7 +266,7 @@ try {
       rows,
     ),
   );
-  console.log(`\nOne run of ${WINDOW_MS / 1000} s per row (${(3 * WINDOW_MS) / 1000} s for 1 GiB) after set-up and 1 s of settling; CPU in % of one core. A state sends the 64 KiB chunks that changed since the replica's previous one; the first (all of it) is sent before the window.\n`);
+  console.log(`\nOne run of ${WINDOW_MS / 1000} s per row (${(3 * WINDOW_MS) / 1000} s for 1 GiB) after set-up and 1 s of settling; CPU in % of one core. A state sends the chunks (8 KiB at 100 MB, 64 KiB at 1 GiB) that changed since the replica's previous one; the first (all of it) is sent before the window.\n`);
   console.log('### --replica: start on a new host from the replica\n');
   console.log(table(['state', 'shm-restore start to first line: median (min–max)', 'NATS client copy out of JetStream + fsync', 'ratio', 'target met?'], startRows));
   console.log(`\n${STARTS} runs each, alternating; the start includes connecting, taking the lease, fetching, checking the digest, syncing, renaming, and restoring into memory.\n`);

@@ -173,13 +173,27 @@ export async function replicaReader(t, servers) {
 }
 
 /**
- * The digest a replica's manifest gives a state, computed here from a file (or its bytes): SHA-256 over
- * the SHA-256 of each 64 KiB chunk of it in order (the last one shorter).
+ * The chunk size of a replicated state of `size` bytes, as docs/replica.md gives it: the
+ * smallest power of two from 8 KiB that cuts it into at most 16 Ki chunks, at most 64 KiB.
+ * @param {number} size
  */
-export function stateDigest(file) {
+export function chunkSizeOf(size) {
+  let chunk = 8192;
+  while (chunk < 65536 && Math.ceil(size / chunk) > 16384) chunk *= 2;
+  return chunk;
+}
+
+/**
+ * The digest a replica's manifest gives a state, computed here from a file (or its bytes):
+ * SHA-256 over the SHA-256 of each chunk of it in order (the last one shorter).
+ * @param {string | Buffer} file
+ * @param {number} [chunk] bytes per chunk (by default the documented size for the state's)
+ */
+export function stateDigest(file, chunk) {
   const bytes = Buffer.isBuffer(file) ? file : fs.readFileSync(file);
+  const size = chunk ?? chunkSizeOf(bytes.length);
   const all = crypto.createHash('sha256');
-  for (let at = 0; at < bytes.length; at += 65536) all.update(crypto.createHash('sha256').update(bytes.subarray(at, at + 65536)).digest());
+  for (let at = 0; at < bytes.length; at += size) all.update(crypto.createHash('sha256').update(bytes.subarray(at, at + size)).digest());
   return all.digest('hex');
 }
 

@@ -8,20 +8,24 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { StderrLog } from '../dist/base/log.js';
+import { chunkDigest, setChunk, zeroTable } from '../dist/replica/chunks.js';
 import { startReplica } from '../dist/replica/start.js';
+import { connectReplica, newWriter, ReplicaStore } from '../dist/replica/store.js';
+import { parseReplicaUrl } from '../dist/replica/url.js';
 import { RoundGate } from '../dist/restore/snapshotter.js';
 import { decodeJournal, fixture, NODE, SHM_RESTORE, start, tempDir, waitFor, writeInPlace } from './helpers.js';
 import { natsSkip, replicaReader, stateDigest, startNats } from './nats.js';
 import { CAPACITY, checkAllSnapshots } from './state-check.js';
 
-const CHUNK = 64 * 1024;
+// The chunk size of a state of 4 MiB (docs/replica.md).
+const CHUNK = 8 * 1024;
 
 test('a state read while a round changes the file in place is committed after that round, with its chunks; the next round sends one chunk', natsSkip, async (t) => {
   const dir = tempDir(t, 'shmfd-replica-rounds-');
   const server = await startNats(t, path.join(dir, 'js'));
   const reader = await replicaReader(t, [server.address]);
   const backup = path.join(dir, 'state');
-  const bytes = Buffer.alloc(64 * CHUNK);
+  const bytes = Buffer.alloc(4 << 20);
   for (let i = 0; i < bytes.length; i += 4096) bytes.writeUInt32LE(i, i);
   fs.writeFileSync(backup, bytes);
 
@@ -49,6 +53,7 @@ test('a state read while a round changes the file in place is committed after th
   assert.ok(state.bytes.equals(fs.readFileSync(backup)), "the replica holds the round's state, its changed chunks included");
   assert.equal(first.digest, stateDigest(backup));
   assert.equal(first.base, 0, 'the first state is a base');
+  assert.equal(first.chunkSize, CHUNK);
 
   // The next round changes one chunk in place: only it is sent, as a delta of the first state.
   gate.enter();
@@ -95,4 +100,63 @@ test('a replica started beside a backup with an interrupted round in its journal
   const committed = await waitFor(() => reader.manifest('journal'), 'the first replicated state', 120_000);
   assert.ok((await reader.stateAt('journal', committed.seq)).bytes.equals(expected), 'the replica holds the backup with the round applied, never the torn one');
   checkAllSnapshots(expected, 'the backup with its journal applied');
+});
+
+test('a replica cut into chunks of another size (an earlier version) is read, and a round in place then sends the whole state in its own chunks', natsSkip, async (t) => {
+  const dir = tempDir(t, 'shmfd-replica-rounds-');
+  const server = await startNats(t, path.join(dir, 'js'));
+  const reader = await replicaReader(t, [server.address]);
+  const url = `nats://${server.address}/older`;
+  const backup = path.join(dir, 'state');
+  const bytes = Buffer.alloc(4 << 20);
+  for (let i = 0; i < bytes.length / 2; i += 4096) bytes.writeUInt32LE(i + 1, i);
+  fs.writeFileSync(backup, bytes);
+  const durableAt = Math.round(fs.statSync(backup).mtimeMs);
+
+  // The state as an earlier version sent it: 64 KiB chunks, one message each, through the
+  // store itself, so that the messages are what a host writes.
+  const OLD_CHUNK = 64 * 1024;
+  const nc = await connectReplica(parseReplicaUrl(url), {});
+  const store = await ReplicaStore.open(nc, parseReplicaUrl(url), true);
+  const sender = store.sendState(newWriter(), 0);
+  const table = zeroTable(bytes.length, OLD_CHUNK);
+  for (let i = 0; i < bytes.length / OLD_CHUNK; i++) {
+    const chunk = bytes.subarray(i * OLD_CHUNK, (i + 1) * OLD_CHUNK);
+    setChunk(table, i, chunk.some((b) => b !== 0) ? await sender.publish(i * OLD_CHUNK, chunk) : 0, chunkDigest(chunk));
+  }
+  const old = await sender.commit(table, durableAt);
+  await nc.close();
+  assert.equal(old.manifest.chunkSize, OLD_CHUNK);
+  assert.equal(old.manifest.digest, stateDigest(bytes, OLD_CHUNK));
+
+  // A new host reads it.
+  const elsewhere = path.join(dir, 'elsewhere');
+  fs.mkdirSync(elsewhere);
+  const quiet = new StderrLog('test', 'error');
+  const fresh = await startReplica(url, path.join(elsewhere, 'state'), new RoundGate(), process.env, quiet);
+  assert.equal(fresh.source, 'replica');
+  assert.ok(fs.readFileSync(path.join(elsewhere, 'state')).equals(bytes), 'the state written with other chunks is restored exactly');
+  await fresh.replicator.stop(0);
+
+  // The host of the backup: it holds the replica's state, so it sends nothing at start; its
+  // first round in place changes one page, and the replica then gets the whole state in the
+  // chunks of its own size: not that page alone over a table of zeros.
+  const gate = new RoundGate();
+  const { replicator, source } = await startReplica(url, backup, gate, process.env, quiet);
+  t.after(() => replicator.stop(0));
+  assert.equal(source, 'local');
+  replicator.start();
+  gate.enter();
+  writeInPlace(backup, 100 * 4096 + 8, Buffer.from('changed in place'));
+  replicator.offer({ path: backup, changed: [[100 * 4096 + 8, 16]] });
+  gate.leave();
+  const next = await waitFor(async () => {
+    const m = await reader.manifest('older');
+    return m !== undefined && m.seq > old.seq ? m : undefined;
+  }, 'the state of the round', 120_000);
+  assert.equal(next.chunkSize, CHUNK);
+  assert.equal(next.base, 0, 'chunks of another size make a new base');
+  const state = await reader.stateAt('older', next.seq);
+  assert.ok(state.bytes.equals(fs.readFileSync(backup)), 'the replica holds the whole state of the round');
+  assert.equal(next.digest, stateDigest(backup, CHUNK));
 });

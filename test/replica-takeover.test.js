@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { assertOneErrorLine, COUNTER, fixture, NODE, readCounterBackup, runHost, SHM_RESTORE, start, startHost, tempDir, waitFor } from './helpers.js';
-import { natsSkip, replicaReader, stateDigest, startNats, startWhenLeaseFree } from './nats.js';
+import { chunkSizeOf, natsSkip, replicaReader, stateDigest, startNats, startWhenLeaseFree } from './nats.js';
 import { CAPACITY, checkAllSnapshots } from './state-check.js';
 
 /** A directory per "host", and a server. */
@@ -159,7 +159,7 @@ test('a new holder whose lease lapsed gets it back from the woken old holder, wh
 test('a host that stopped and starts again finds its state in the replica and sends only what changes', natsSkip, async (t) => {
   const { server, reader, backup } = await setUp(t);
   const url = `nats://${server.address}/again`;
-  // 16 MiB of data: sending it all again would be 256 chunks.
+  // 16 MiB of data: sending it all again would be 16 MiB.
   const args = ['--snapshot=restore-v1', '--log-level', 'debug', '--replica', url, backup('a'), NODE, COUNTER, '--size', String(16 * 2 ** 20), '--fill', '7', '--commits', '3', '--exit'];
   const first = await runHost(args, { timeoutMs: 120_000 });
   assert.equal(first.code, 0, first.stderr);
@@ -168,8 +168,8 @@ test('a host that stopped and starts again finds its state in the replica and se
   const again = await runHost(args, { timeoutMs: 120_000 });
   assert.equal(again.code, 0, again.stderr);
   assert.match(again.stderr, /starting from the local backup: .*; the replica holds the same state/);
-  const sent = [...again.stderr.matchAll(/replica \S+: committed \d+ bytes at sequence \d+: (\d+) of (\d+) chunks sent/g)].map((m) => Number(m[1]));
-  assert.ok(sent.length > 0 && sent.every((chunks) => chunks < 16), `only the chunks the commits changed are sent: ${sent.join(', ')}`);
+  const sent = [...again.stderr.matchAll(/replica \S+: committed \d+ bytes at sequence \d+: (\d+) of \d+ chunks of (\d+) bytes sent/g)].map((m) => Number(m[1]) * Number(m[2]));
+  assert.ok(sent.length > 0 && sent.every((bytes) => bytes < 2 ** 20), `only the chunks the commits changed are sent: ${sent.join(', ')} bytes`);
   assert.equal((await reader.manifest('again')).digest, stateDigest(backup('a')));
 });
 
@@ -217,22 +217,24 @@ test('beside a replica, in-place rounds send only the chunks they change, and ev
     newest = got.newest;
     checked++;
   }
-  const COMMITTED = /replica \S+: committed \d+ bytes at sequence \d+: (\d+) of (\d+) chunks sent/;
+  const COMMITTED = /replica \S+: committed \d+ bytes at sequence \d+: (\d+) of (\d+) chunks of (\d+) bytes sent/;
   await waitFor(() => a.err.lines.filter((line) => COMMITTED.test(line)).length >= 40, '40 states replicated', 60_000);
   const sent = a.err.lines.flatMap((line) => {
     const m = COMMITTED.exec(line);
-    return m === null ? [] : [{ sent: Number(m[1]), of: Number(m[2]) }];
+    return m === null ? [] : [{ sent: Number(m[1]), of: Number(m[2]), chunk: Number(m[3]) }];
   });
   assert.ok(a.err.lines.some((line) => /snapshot persisted in place/.test(line)), 'rounds ran in place beside the replica');
   assert.ok(sent.some((c) => c.sent * 8 < c.of), `some states sent less than an eighth of the chunks: ${JSON.stringify(sent.slice(0, 20))}`);
   // Replaced chunks are removed: the stream holds about one state, not every state sent.
   const held = await reader.streamState('delta');
   const file = fs.readFileSync(backup('a'));
+  const chunk = sent[0].chunk;
+  assert.equal(chunk, chunkSizeOf(file.length), 'the state is cut into chunks of the documented size');
   let live = 0;
-  for (let at = 0; at < file.length; at += 65536) if (file.subarray(at, at + 65536).some((b) => b !== 0)) live++;
-  const sentBytes = sent.reduce((n, c) => n + c.sent, 0) * 65536;
-  assert.ok(sentBytes > 4 * live * 65536, `enough was sent to tell: ${sentBytes} bytes`);
-  assert.ok(held.bytes < 2 * live * 65536 + 65536, `the stream holds ${held.bytes} bytes for a state of ${live} chunks that are not zeros`);
+  for (let at = 0; at < file.length; at += chunk) if (file.subarray(at, at + chunk).some((b) => b !== 0)) live++;
+  const sentBytes = sent.reduce((n, c) => n + c.sent, 0) * chunk;
+  assert.ok(sentBytes > 4 * live * chunk, `enough was sent to tell: ${sentBytes} bytes`);
+  assert.ok(held.bytes < 2 * live * chunk + 65536, `the stream holds ${held.bytes} bytes for a state of ${live} chunks that are not zeros`);
 
   // The tree dies; another host, with no local backup, continues from the replica.
   a.kill('SIGKILL');

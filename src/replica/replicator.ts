@@ -1,7 +1,7 @@
 /**
  * Sends each new durable backup to the replica in the background, never in the way of the
  * host: a state is sent when the previous one is done, and only what changed since the
- * replica's state travels, as chunks ({@link CHUNK_SIZE} bytes). When the servers are
+ * replica's state travels, as chunks (see ./chunks.ts). When the servers are
  * unreachable or slow, local backups go on, one warning says so, and the replicator
  * retries with a growing pause until the newest state is sent (catch-up).
  *
@@ -25,7 +25,7 @@ import type { Log } from '../base/log.js';
 import type { DurableBackup } from '../restore/host.js';
 import { besideRounds, type RoundGate } from '../restore/snapshotter.js';
 import { describeError } from '../system/libc.js';
-import { CHUNK_SIZE, chunkCount, chunkDigest, chunkLength, copyTable, digestAt, resized, setChunk, zeroDigest, zeroTable, type ChunkTable } from './chunks.js';
+import { chunkCount, chunkDigest, chunkLength, chunkSizeFor, copyTable, digestAt, resized, setChunk, zeroDigest, zeroTable, type ChunkTable } from './chunks.js';
 import type { Lease } from './lease.js';
 import { isFenced, ManifestTooLarge, type Committed, type ReplicaStore, type Writer } from './store.js';
 
@@ -40,6 +40,9 @@ const COMMITS_PER_GARBAGE_CHECK = 64;
 interface Pending {
   /** A new backup file, held open: every chunk is compared. */
   file?: { fd: number; ino: number };
+  /** Where the state's file was, and which file it was. */
+  path: string;
+  ino: number;
   /** Chunks read at the ends of later rounds (in place): they win over the file's. */
   captured: Map<number, Buffer>;
   capturedBytes: number;
@@ -134,7 +137,7 @@ export class Replicator {
       return;
     }
     const stat = fs.fstatSync(fd);
-    const at = { size: stat.size, durableAt: Math.round(stat.mtimeMs) };
+    const at = { size: stat.size, durableAt: Math.round(stat.mtimeMs), path: durable.path, ino: stat.ino };
     const reading = this.#reading?.state.file?.ino === stat.ino ? this.#reading : undefined;
     // The file being read, if this is another, is not written any more: it stays as it is.
     if (reading === undefined) this.#reading = undefined;
@@ -142,7 +145,8 @@ export class Replicator {
     if (durable.changed !== undefined) {
       try {
         captured = new Map();
-        for (const index of touchedChunks(durable.changed, stat.size)) captured.set(index, readChunk(fd, stat.size, index));
+        const chunkSize = chunkSizeFor(stat.size);
+        for (const index of touchedChunks(durable.changed, stat.size, chunkSize)) captured.set(index, readChunk(fd, stat.size, chunkSize, index));
       } catch (err) {
         this.#o.log.debug(`cannot read the chunks a round changed in ${durable.path}: ${describeError(err)}; comparing the whole file instead`);
         captured = undefined;
@@ -239,7 +243,7 @@ export class Replicator {
         this.#pause = FIRST_PAUSE_MS;
         const m = committed.manifest;
         this.#o.log.debug(
-          `replica ${this.#o.name}: committed ${m.size} bytes at sequence ${committed.seq}: ${this.#sentChunks} of ${chunkCount(m.size)} chunks sent, ` +
+          `replica ${this.#o.name}: committed ${m.size} bytes at sequence ${committed.seq}: ${this.#sentChunks} of ${chunkCount(m.size, m.chunkSize)} chunks of ${m.chunkSize} bytes sent, ` +
             `${m.messages} named (${m.base === 0 ? 'a base manifest' : `a delta of the manifest at ${m.base}`})`,
         );
       } catch (err) {
@@ -300,18 +304,25 @@ export class Replicator {
     const previous = this.#rewrite ? undefined : this.#table;
     const sender = this.#o.store.sendState(this.#o.writer, this.#lastSeq);
     let table = previous === undefined ? zeroTable(p.size) : resized(copyTable(previous), p.size);
+    // A table that starts from zeros names no chunk of the replica: a state of the chunks
+    // its rounds changed would say the others are zeros. Every chunk of the file is read.
+    if (p.file === undefined && (previous === undefined || previous.chunkSize !== table.chunkSize)) {
+      const file = this.#reopen(p);
+      if (file === undefined) return undefined;
+      p.file = file;
+    }
     let read = 0;
     // The table starts as the replica's state (or zeros): a chunk whose digest it holds is there already.
-    let changed = previous === undefined || previous.size !== p.size;
+    let changed = previous === undefined || previous.size !== p.size || previous.chunkSize !== table.chunkSize;
     // Changed chunks gather into a run of consecutive ones, sent as one message when the
     // run breaks or is full. Chunks are put in increasing order, then the run is flushed.
-    const perMessage = this.#o.store.chunksPerMessage;
+    const perMessage = this.#o.store.chunksPerMessage(table.chunkSize);
     let run: { first: number; parts: Buffer[]; digests: Buffer[] } | undefined;
     const flush = async () => {
       const r = run;
       run = undefined;
       if (r === undefined) return;
-      const seq = await sender.publish(r.first, r.parts.length === 1 ? r.parts[0]! : Buffer.concat(r.parts));
+      const seq = await sender.publish(r.first * table.chunkSize, r.parts.length === 1 ? r.parts[0]! : Buffer.concat(r.parts));
       r.digests.forEach((digest, k) => setChunk(table, r.first + k, seq, digest));
     };
     const put = async (index: number, bytes: Buffer) => {
@@ -333,11 +344,12 @@ export class Replicator {
         this.#reading = reading;
         const file = p.file;
         const readSize = p.size;
-        const n = chunkCount(readSize);
+        const readChunkSize = table.chunkSize;
+        const n = chunkCount(readSize, readChunkSize);
         for (let index = 0; index < n; index++) {
           if (this.#stopped) throw new Error('the host is stopping');
           if (p.captured.has(index)) continue;
-          const bytes = besideRounds(() => readChunk(file.fd, readSize, index));
+          const bytes = besideRounds(() => readChunk(file.fd, readSize, readChunkSize, index));
           await put(index, bytes);
           // Reading from the page cache does not yield: let the host's rounds and signals in.
           if (++read % 64 === 0) await new Promise((resolve) => setImmediate(resolve));
@@ -348,11 +360,12 @@ export class Replicator {
         const settled = await this.#o.gate.quiet(() => {
           this.#reading = undefined;
           const late = reading.late;
-          if (late === undefined) return undefined;
+          // A round that changed the size to one cut into other chunks: nothing read fits.
+          if (late === undefined || chunkSizeFor(p.size) !== readChunkSize) return undefined;
           // A round that changed the size in place: the chunks from the old end on, read now.
-          const now = chunkCount(p.size);
+          const now = chunkCount(p.size, readChunkSize);
           for (let index = Math.max(0, Math.min(n, now) - 1); p.size !== readSize && index < now; index++) {
-            if (!late.has(index) && !p.captured.has(index)) late.set(index, readChunk(file.fd, p.size, index));
+            if (!late.has(index) && !p.captured.has(index)) late.set(index, readChunk(file.fd, p.size, readChunkSize, index));
           }
           return late;
         });
@@ -363,9 +376,9 @@ export class Replicator {
           return undefined;
         }
         table = resized(table, p.size);
-        for (const [index, bytes] of settled) if (index < chunkCount(p.size)) p.captured.set(index, bytes);
+        for (const [index, bytes] of settled) if (index < chunkCount(p.size, table.chunkSize)) p.captured.set(index, bytes);
       }
-      const n = chunkCount(p.size);
+      const n = chunkCount(p.size, table.chunkSize);
       for (const index of [...p.captured.keys()].sort((a, b) => a - b)) if (index < n) await put(index, p.captured.get(index)!);
       await flush();
       // The replica holds these bytes already (chunks read twice, at a round's end and for the state before).
@@ -385,6 +398,24 @@ export class Replicator {
       this.#garbage.push(...sender.published);
       throw err;
     }
+  }
+
+  /**
+   * The file of the state `p` (changed in place by its rounds), opened again to be read
+   * whole; undefined when it was replaced or resized since: a newer state, offered with
+   * its file, supersedes this one. The file holds this state's chunks or newer ones (of
+   * rounds since, whose states follow): the chunks this state captured are dropped.
+   */
+  #reopen(p: Pending): { fd: number; ino: number } | undefined {
+    const fd = fs.openSync(p.path, 'r');
+    const stat = fs.fstatSync(fd);
+    if (stat.ino !== p.ino || stat.size !== p.size) {
+      fs.closeSync(fd);
+      return undefined;
+    }
+    p.captured.clear();
+    p.capturedBytes = 0;
+    return { fd, ino: stat.ino };
   }
 
   /** Removes what the replica no longer needs; decides whether the next state sends every chunk again. */
@@ -493,24 +524,24 @@ export class Replicator {
   }
 }
 
-/** Indexes of the chunks that ranges `[offset, length]` touch, within `size` bytes. */
-function touchedChunks(changed: readonly (readonly [number, number])[], size: number): Set<number> {
+/** Indexes of the chunks of `chunkSize` bytes that ranges `[offset, length]` touch, within `size` bytes. */
+function touchedChunks(changed: readonly (readonly [number, number])[], size: number, chunkSize: number): Set<number> {
   const out = new Set<number>();
-  const n = chunkCount(size);
+  const n = chunkCount(size, chunkSize);
   for (const [offset, length] of changed) {
-    const last = Math.min(n - 1, Math.floor((offset + length - 1) / CHUNK_SIZE));
-    for (let index = Math.floor(offset / CHUNK_SIZE); index <= last; index++) out.add(index);
+    const last = Math.min(n - 1, Math.floor((offset + length - 1) / chunkSize));
+    for (let index = Math.floor(offset / chunkSize); index <= last; index++) out.add(index);
   }
   return out;
 }
 
-/** Chunk `index` of the first `size` bytes of `fd` (zeros past its end). */
-export function readChunk(fd: number, size: number, index: number): Buffer {
-  const length = chunkLength(size, index);
+/** Chunk `index` (of `chunkSize` bytes) of the first `size` bytes of `fd` (zeros past its end). */
+export function readChunk(fd: number, size: number, chunkSize: number, index: number): Buffer {
+  const length = chunkLength(size, chunkSize, index);
   const buf = Buffer.allocUnsafe(length);
   let done = 0;
   while (done < length) {
-    const n = fs.readSync(fd, buf, done, length - done, index * CHUNK_SIZE + done);
+    const n = fs.readSync(fd, buf, done, length - done, index * chunkSize + done);
     if (n === 0) {
       buf.fill(0, done);
       break;

@@ -157,8 +157,10 @@ async function heldAlready(backup: BackupFile, committed: Committed, store: Repl
   let table: ChunkTable;
   try {
     const size = fs.fstatSync(fd).size;
-    table = zeroTable(size);
-    for (let index = 0; index < chunkCount(size); index++) setChunk(table, index, 0, chunkDigest(readChunk(fd, size, index)));
+    // In the replica's chunks, which an earlier version may have cut otherwise.
+    const chunkSize = committed.manifest.chunkSize;
+    table = zeroTable(size, chunkSize);
+    for (let index = 0; index < chunkCount(size, chunkSize); index++) setChunk(table, index, 0, chunkDigest(readChunk(fd, size, chunkSize, index)));
   } finally {
     fs.closeSync(fd);
   }

@@ -1,8 +1,8 @@
 /**
  * The replica in JetStream: one stream per NAME (`SHMFD_NAME`, subjects `shmfd.NAME.>`)
- * holding the backup's chunks ({@link CHUNK_SIZE} bytes; a data message holds up to
- * {@link CHUNKS_PER_MESSAGE} consecutive ones), a manifest per state naming the message of
- * each chunk, and fence markers.
+ * holding the backup's chunks (of a size that grows with the state's, see ./chunks.ts; a
+ * data message holds up to {@link MESSAGE_BYTES} of consecutive ones), a manifest per state
+ * naming the message of each chunk, and fence markers.
  *
  * A state is committed when its manifest is stored: readers take the newest manifest and
  * the data messages it names, so a state whose manifest never arrived is invisible, never
@@ -30,7 +30,7 @@ import {
 } from '@nats-io/jetstream';
 import { ShmfdError } from '../base/errors.js';
 import { besideRounds } from '../restore/snapshotter.js';
-import { applyRuns, CHUNK_SIZE, chunkCount, chunkDigest, chunkLength, CHUNKS_PER_MESSAGE, encodeRuns, setChunk, stateDigest, zeroTable, type ChunkTable } from './chunks.js';
+import { applyRuns, chunkCount, chunkDigest, chunkLength, encodeRuns, MESSAGE_BYTES, readableChunkSize, setChunk, stateDigest, zeroTable, type ChunkTable } from './chunks.js';
 import type { ReplicaCredentials, ReplicaUrl } from './url.js';
 
 /** The manifest format this code writes and reads. */
@@ -135,7 +135,7 @@ export class ReplicaStore {
   readonly #nc: NatsConnection;
   readonly #url: ReplicaUrl;
   /** The base manifest this writer's deltas change. */
-  #base: { seq: number; seqs: Float64Array } | undefined;
+  #base: { seq: number; seqs: Float64Array; chunkSize: number } | undefined;
   #baseFragmented = false;
   /** Everything before this sequence was purged by this writer. */
   #purgedBelow = 0;
@@ -245,16 +245,16 @@ export class ReplicaStore {
     return new StateSender(this, writer, after);
   }
 
-  /** Consecutive chunks one data message may hold: {@link CHUNKS_PER_MESSAGE}, fewer if the server's max_payload is smaller. */
-  get chunksPerMessage(): number {
-    return Math.max(1, Math.min(CHUNKS_PER_MESSAGE, Math.floor(((this.#nc.info?.max_payload ?? 1024 * 1024) - 4096) / CHUNK_SIZE)));
+  /** Consecutive chunks of `chunkSize` bytes one data message may hold: {@link MESSAGE_BYTES} of them, fewer if the server's max_payload is smaller. */
+  chunksPerMessage(chunkSize: number): number {
+    return Math.max(1, Math.floor(Math.min(MESSAGE_BYTES, (this.#nc.info?.max_payload ?? 1024 * 1024) - 4096) / chunkSize));
   }
 
-  /** @internal Publishes consecutive chunks from `index` on (`bytes`) after sequence `after`. */
-  publishChunks(writer: Writer, after: number, index: number, bytes: Uint8Array): Promise<PubAck> {
+  /** @internal Publishes consecutive chunks from byte `offset` of the state on (`bytes`) after sequence `after`. */
+  publishChunks(writer: Writer, after: number, offset: number, bytes: Uint8Array): Promise<PubAck> {
     // Published while local rounds await their I/O: not their cost. (The client copies the
     // message into its buffer here; the socket write follows in a microtask.)
-    return besideRounds(() => this.#publish(this.#subjects.data, bytes, writer, after, index * CHUNK_SIZE));
+    return besideRounds(() => this.#publish(this.#subjects.data, bytes, writer, after, offset));
   }
 
   /**
@@ -269,17 +269,18 @@ export class ReplicaStore {
     if (text.length > room) throw new ManifestTooLarge(`a manifest of ${text.length} bytes does not fit the server's max_payload; the next state sends every chunk`);
     const ack = await besideRounds(() => this.#publish(this.#subjects.manifest, text, writer, after));
     if (base === 0) {
-      this.#base = { seq: ack.seq, seqs: table.seqs.slice() };
+      this.#base = { seq: ack.seq, seqs: table.seqs.slice(), chunkSize: table.chunkSize };
       this.#baseFragmented = text.length > room / 2;
     }
     return { manifest, seq: ack.seq };
   }
 
   #manifestOf(writer: Writer, table: ChunkTable, durableAt: number): { manifest: Manifest; base: number } {
-    const n = chunkCount(table.size);
+    const n = chunkCount(table.size, table.chunkSize);
     let base = 0;
     let chunks: number[] | undefined;
-    if (this.#base !== undefined) {
+    // A delta names chunks by index: only of a base cut into the same chunks.
+    if (this.#base !== undefined && this.#base.chunkSize === table.chunkSize) {
       const from = this.#base.seqs;
       let differing = Math.max(0, n - from.length);
       for (let i = 0; i < Math.min(n, from.length); i++) if (table.seqs[i] !== from[i]) differing++;
@@ -294,7 +295,7 @@ export class ReplicaStore {
     const manifest: Manifest = {
       format: MANIFEST_FORMAT,
       size: table.size,
-      chunkSize: CHUNK_SIZE,
+      chunkSize: table.chunkSize,
       digest: stateDigest(table),
       base,
       chunks,
@@ -328,9 +329,10 @@ export class ReplicaStore {
     for (const seq of seqs) if (seq !== 0 && seq < oldest) oldest = seq;
     const doomed = garbage.filter((seq) => seq >= oldest);
     if (previous !== undefined) {
-      // A message holds up to chunksPerMessage consecutive chunks: it goes once none of the
+      // A message holds up to MESSAGE_BYTES of consecutive chunks: it goes once none of the
       // chunks around one it held names it any more (looked at where a chunk changed only).
-      const span = CHUNKS_PER_MESSAGE - 1;
+      // After a change of chunk size every chunk was sent again: nothing old is named.
+      const span = Math.max(1, MESSAGE_BYTES / committed.manifest.chunkSize) - 1;
       for (let i = 0; i < previous.seqs.length; i++) {
         const seq = previous.seqs[i]!;
         if (seq < oldest || seq === seqs[i] || doomed.includes(seq)) continue;
@@ -358,7 +360,7 @@ export class ReplicaStore {
    */
   adopt(committed: Committed, seqs: Float64Array): void {
     // A delta's base is not at hand: the next manifest is a new base (it costs no data).
-    this.#base = committed.manifest.base === 0 ? { seq: committed.seq, seqs: seqs.slice() } : undefined;
+    this.#base = committed.manifest.base === 0 ? { seq: committed.seq, seqs: seqs.slice(), chunkSize: committed.manifest.chunkSize } : undefined;
     this.#retiredBase = committed.manifest.base === 0 ? committed.seq : committed.manifest.base;
   }
 
@@ -368,12 +370,12 @@ export class ReplicaStore {
    */
   async chunkSeqs(committed: Committed): Promise<Float64Array> {
     const { manifest } = committed;
-    const seqs = new Float64Array(chunkCount(manifest.size));
+    const seqs = new Float64Array(chunkCount(manifest.size, manifest.chunkSize));
     if (manifest.base !== 0) {
       const base = await this.#jsm.streams.getMessage(this.stream, { seq: manifest.base }).catch(() => null);
       if (base === null || base.subject !== this.#subjects.manifest) throw new MissingMessage(committed, `misses its base manifest at sequence ${manifest.base}`);
       const parsed = parseManifest(base.string(), this.#url);
-      const own = new Float64Array(chunkCount(parsed.size));
+      const own = new Float64Array(chunkCount(parsed.size, parsed.chunkSize));
       if (parsed.base !== 0 || parsed.chunkSize !== manifest.chunkSize || !applyRuns(own, parsed.chunks)) throw this.#damaged(committed, 'names a base manifest that is not one');
       seqs.set(own.subarray(0, seqs.length));
     }
@@ -407,11 +409,11 @@ export class ReplicaStore {
 
   async #receiveOnce(committed: Committed, fd: number): Promise<ChunkTable> {
     const { manifest } = committed;
-    if (manifest.chunkSize !== CHUNK_SIZE) throw this.#damaged(committed, `has chunks of ${manifest.chunkSize} bytes, which this version does not read`);
     const seqs = await this.chunkSeqs(committed);
     fs.ftruncateSync(fd, 0);
     fs.ftruncateSync(fd, manifest.size);
-    const table = zeroTable(manifest.size);
+    const chunkSize = manifest.chunkSize;
+    const table = zeroTable(manifest.size, chunkSize);
     // Each message once, with the chunks the state takes from it.
     const byMessage = new Map<number, number[]>();
     for (let i = 0; i < seqs.length; i++) {
@@ -430,13 +432,13 @@ export class ReplicaStore {
       if (m === null || m === undefined) throw new MissingMessage(committed, `misses the data message at sequence ${seq}`);
       const offset = Number(m.header?.get(OFFSET_HEADER));
       for (const i of byMessage.get(seq)!) {
-        const at = i * CHUNK_SIZE - offset;
-        const length = chunkLength(manifest.size, i);
+        const at = i * chunkSize - offset;
+        const length = chunkLength(manifest.size, chunkSize, i);
         if (m.subject !== this.#subjects.data || !Number.isSafeInteger(offset) || at < 0 || at + length > m.data.length) {
           throw this.#damaged(committed, `names the message at sequence ${seq} for chunk ${i}, which it does not hold`);
         }
         const bytes = m.data.subarray(at, at + length);
-        writeFully(fd, bytes, i * CHUNK_SIZE);
+        writeFully(fd, bytes, i * chunkSize);
         setChunk(table, i, seq, chunkDigest(bytes));
       }
     }
@@ -493,17 +495,17 @@ export class StateSender {
   }
 
   /**
-   * Publishes consecutive chunks from `index` on, at most {@link ReplicaStore.chunksPerMessage}
-   * (`bytes` must not change until the commit).
+   * Publishes consecutive chunks from byte `offset` of the state on, at most
+   * {@link ReplicaStore.chunksPerMessage} (`bytes` must not change until the commit).
    * @returns the stream sequence the message gets once stored
    * @throws the first failed publish's error
    */
-  async publish(index: number, bytes: Uint8Array): Promise<number> {
+  async publish(offset: number, bytes: Uint8Array): Promise<number> {
     if (this.#failure !== undefined) throw this.#failure;
     const seq = ++this.#seq;
     this.published.push(seq);
     this.#inFlight.push(
-      this.#store.publishChunks(this.#writer, seq - 1, index, bytes).catch((err: unknown) => {
+      this.#store.publishChunks(this.#writer, seq - 1, offset, bytes).catch((err: unknown) => {
         this.#failure ??= err;
       }),
     );
@@ -543,7 +545,7 @@ function parseManifest(text: string, url: ReplicaUrl): Manifest {
   const valid =
     m?.format === MANIFEST_FORMAT &&
     Number.isSafeInteger(m.size) &&
-    Number.isSafeInteger(m.chunkSize) &&
+    readableChunkSize(m.chunkSize) &&
     typeof m.digest === 'string' &&
     Number.isSafeInteger(m.base) &&
     Array.isArray(m.chunks) &&
