@@ -25,7 +25,7 @@ import type { Log } from '../base/log.js';
 import type { DurableBackup } from '../restore/host.js';
 import { besideRounds, type RoundGate } from '../restore/snapshotter.js';
 import { describeError } from '../system/libc.js';
-import { chunkCount, chunkDigest, chunkLength, chunkSizeFor, copyTable, digestAt, resized, setChunk, zeroDigest, zeroTable, type ChunkTable } from './chunks.js';
+import { chunkCount, chunkDigest, chunkSizeFor, copyTable, MESSAGE_BYTES, digestAt, resized, setChunk, zeroDigest, zeroTable, type ChunkTable } from './chunks.js';
 import type { Lease } from './lease.js';
 import { isFenced, ManifestTooLarge, type Committed, type ReplicaStore, type Writer } from './store.js';
 
@@ -311,7 +311,6 @@ export class Replicator {
       if (file === undefined) return undefined;
       p.file = file;
     }
-    let read = 0;
     // The table starts as the replica's state (or zeros): a chunk whose digest it holds is there already.
     let changed = previous === undefined || previous.size !== p.size || previous.chunkSize !== table.chunkSize;
     // Changed chunks gather into a run of consecutive ones, sent as one message when the
@@ -325,8 +324,7 @@ export class Replicator {
       const seq = await sender.publish(r.first * table.chunkSize, r.parts.length === 1 ? r.parts[0]! : Buffer.concat(r.parts));
       r.digests.forEach((digest, k) => setChunk(table, r.first + k, seq, digest));
     };
-    const put = async (index: number, bytes: Buffer) => {
-      const digest = besideRounds(() => chunkDigest(bytes));
+    const put = async (index: number, bytes: Buffer, digest: Buffer) => {
       if (digestAt(table, index).equals(digest)) return;
       changed = true;
       if (digest.equals(zeroDigest(bytes.length))) {
@@ -346,13 +344,15 @@ export class Replicator {
         const readSize = p.size;
         const readChunkSize = table.chunkSize;
         const n = chunkCount(readSize, readChunkSize);
-        for (let index = 0; index < n; index++) {
+        // Read and hashed a message's worth at a time: one read, and one CPU measurement
+        // (getrusage, 2.5 µs here) instead of two per 8 KiB chunk.
+        const group = Math.max(1, Math.floor(MESSAGE_BYTES / readChunkSize));
+        for (let first = 0; first < n; first += group) {
           if (this.#stopped) throw new Error('the host is stopping');
-          if (p.captured.has(index)) continue;
-          const bytes = besideRounds(() => readChunk(file.fd, readSize, readChunkSize, index));
-          await put(index, bytes);
+          const chunks = besideRounds(() => hashed(readChunks(file.fd, readSize, readChunkSize, first, Math.min(n, first + group))));
+          for (let k = 0; k < chunks.length; k++) if (!p.captured.has(first + k)) await put(first + k, chunks[k]!.bytes, chunks[k]!.digest);
           // Reading from the page cache does not yield: let the host's rounds and signals in.
-          if (++read % 64 === 0) await new Promise((resolve) => setImmediate(resolve));
+          await new Promise((resolve) => setImmediate(resolve));
         }
         await flush();
         // Now no round writes: chunks changed in place while the file was read were read
@@ -379,7 +379,9 @@ export class Replicator {
         for (const [index, bytes] of settled) if (index < chunkCount(p.size, table.chunkSize)) p.captured.set(index, bytes);
       }
       const n = chunkCount(p.size, table.chunkSize);
-      for (const index of [...p.captured.keys()].sort((a, b) => a - b)) if (index < n) await put(index, p.captured.get(index)!);
+      const indexes = [...p.captured.keys()].filter((index) => index < n).sort((a, b) => a - b);
+      const captured = besideRounds(() => hashed(indexes.map((index) => p.captured.get(index)!)));
+      for (let k = 0; k < indexes.length; k++) await put(indexes[k]!, captured[k]!.bytes, captured[k]!.digest);
       await flush();
       // The replica holds these bytes already (chunks read twice, at a round's end and for the state before).
       if (!changed && table.size === p.size) return undefined;
@@ -537,16 +539,29 @@ function touchedChunks(changed: readonly (readonly [number, number])[], size: nu
 
 /** Chunk `index` (of `chunkSize` bytes) of the first `size` bytes of `fd` (zeros past its end). */
 export function readChunk(fd: number, size: number, chunkSize: number, index: number): Buffer {
-  const length = chunkLength(size, chunkSize, index);
+  return readChunks(fd, size, chunkSize, index, index + 1)[0]!;
+}
+
+/** Chunks `first` to `end` (excluded) of the first `size` bytes of `fd`, read at once (zeros past its end). */
+export function readChunks(fd: number, size: number, chunkSize: number, first: number, end: number): Buffer[] {
+  const from = first * chunkSize;
+  const length = Math.min(size, end * chunkSize) - from;
   const buf = Buffer.allocUnsafe(length);
   let done = 0;
   while (done < length) {
-    const n = fs.readSync(fd, buf, done, length - done, index * chunkSize + done);
+    const n = fs.readSync(fd, buf, done, length - done, from + done);
     if (n === 0) {
       buf.fill(0, done);
       break;
     }
     done += n;
   }
-  return buf;
+  const chunks: Buffer[] = [];
+  for (let at = 0; at < length; at += chunkSize) chunks.push(buf.subarray(at, Math.min(length, at + chunkSize)));
+  return chunks;
+}
+
+/** Each chunk with its digest. */
+function hashed(chunks: Buffer[]): { bytes: Buffer; digest: Buffer }[] {
+  return chunks.map((bytes) => ({ bytes, digest: chunkDigest(bytes) }));
 }

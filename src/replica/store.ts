@@ -431,15 +431,23 @@ export class ReplicaStore {
       const m = await inFlight.shift();
       if (m === null || m === undefined) throw new MissingMessage(committed, `misses the data message at sequence ${seq}`);
       const offset = Number(m.header?.get(OFFSET_HEADER));
-      for (const i of byMessage.get(seq)!) {
+      const chunks = byMessage.get(seq)!;
+      for (const i of chunks) {
         const at = i * chunkSize - offset;
         const length = chunkLength(manifest.size, chunkSize, i);
         if (m.subject !== this.#subjects.data || !Number.isSafeInteger(offset) || at < 0 || at + length > m.data.length) {
           throw this.#damaged(committed, `names the message at sequence ${seq} for chunk ${i}, which it does not hold`);
         }
-        const bytes = m.data.subarray(at, at + length);
-        writeFully(fd, bytes, i * chunkSize);
-        setChunk(table, i, seq, chunkDigest(bytes));
+        setChunk(table, i, seq, chunkDigest(m.data.subarray(at, at + length)));
+      }
+      // Consecutive chunks lie together in the message as in the file: one write each run.
+      for (let k = 0; k < chunks.length; ) {
+        let end = k + 1;
+        while (end < chunks.length && chunks[end] === chunks[end - 1]! + 1) end++;
+        const from = chunks[k]! * chunkSize;
+        const to = Math.min(manifest.size, chunks[end - 1]! * chunkSize + chunkSize);
+        writeFully(fd, m.data.subarray(from - offset, to - offset), from);
+        k = end;
       }
     }
     if (stateDigest(table) !== manifest.digest) throw this.#damaged(committed, 'does not match its digest');
