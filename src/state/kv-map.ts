@@ -16,6 +16,7 @@ import { fnv1a64, type KeyValueMapOptions, type MapDeclaration } from './layout.
 import { NamedPositions } from './named-positions.js';
 import { ENTRY_HEADER, entryBytes, FLAG_TOMBSTONE, FLAG_WRAP, hashBytes, KEY_MASK, CHECK_SALT, MAX_KEY_BYTES } from './kv-record.js';
 import { rebuildIndex, REBUILT_SLOT_WORDS } from './kv-rebuild.js';
+import { removeSlot } from './kv-index.js';
 
 export { ENTRY_HEADER, entryBytes, MAX_KEY_BYTES } from './kv-record.js';
 
@@ -660,23 +661,7 @@ export class KeyValueMap implements Structure {
 
   /** Empties `slot`, moving later slots of the probe run back (no tombstones). */
   #remove(slot: number): void {
-    const u32 = this.#u32;
-    const base = this.#indexWord;
-    const mask = this.#slots - 1;
-    let hole = slot;
-    for (let i = (slot + 1) & mask; ; i = (i + 1) & mask) {
-      const pos = u32[base + 2 * i]!;
-      if (pos === 0) break;
-      const home = u32[base + 2 * i + 1]! & mask;
-      // Move the entry into the hole unless its home lies cyclically in (hole, i].
-      if (hole <= i ? home <= hole || home > i : home <= hole && home > i) {
-        u32[base + 2 * hole] = pos;
-        u32[base + 2 * hole + 1] = u32[base + 2 * i + 1]!;
-        hole = i;
-      }
-    }
-    u32[base + 2 * hole] = 0;
-    u32[base + 2 * hole + 1] = 0;
+    removeSlot(this.#u32, this.#indexWord, 2, this.#slots - 1, slot);
     this.#count--;
   }
 

@@ -17,6 +17,7 @@
  */
 import { Buffer } from 'node:buffer';
 import { CHECK_SALT, ENTRY_HEADER, entryBytes, FLAG_TOMBSTONE, FLAG_WRAP, hashBytes, KEY_MASK, MAX_KEY_BYTES } from './kv-record.js';
+import { removeSlot } from './kv-index.js';
 
 /** Bytes read at a time; more than the largest key and a record header. */
 const READ_BYTES = 1 << 20;
@@ -300,20 +301,7 @@ class Rebuild {
 
   /** Empties `slot`, moving later slots of the probe run back (no tombstones). */
   #remove(slot: number): void {
-    const t = this.#table;
-    const mask = this.#slots - 1;
-    let hole = slot;
-    for (let i = (slot + 1) & mask; ; i = (i + 1) & mask) {
-      const s = REBUILT_SLOT_WORDS * i;
-      if (t[s] === 0) break;
-      const home = t[s + 1]! & mask;
-      // Move the entry into the hole unless its home lies cyclically in (hole, i].
-      if (hole <= i ? home <= hole || home > i : home <= hole && home > i) {
-        for (let w = 0; w < REBUILT_SLOT_WORDS; w++) t[REBUILT_SLOT_WORDS * hole + w] = t[s + w]!;
-        hole = i;
-      }
-    }
-    for (let w = 0; w < REBUILT_SLOT_WORDS; w++) t[REBUILT_SLOT_WORDS * hole + w] = 0;
+    removeSlot(this.#table, 0, REBUILT_SLOT_WORDS, this.#slots - 1, slot);
     this.#count--;
   }
 
