@@ -18,7 +18,8 @@ const BACKUP = path.join(dir, 'state');
 const CACHE = JSON.stringify(path.join(ROOT, 'dist', 'cli', 'compile-cache.js'));
 const esm = (code) => [node, ['--input-type=module', '-e', `import ${CACHE};\n${code}`]];
 const dist = (file) => `await import(${JSON.stringify(path.join(ROOT, 'dist', file))});`;
-const requireKoffi = `(await import('node:module')).createRequire(${JSON.stringify(path.join(ROOT, 'package.json'))})('koffi');`;
+// koffi as the commands load it: its native module and libc, at the first libc call.
+const requireKoffi = `(await import(${JSON.stringify(path.join(ROOT, 'dist', 'system', 'libc.js'))})).kernelPageSize();`;
 const COMMANDS = {
   true: ['true', []],
   'node -e 0': [node, ['-e', '0']],
@@ -65,7 +66,7 @@ const rows = [
 ];
 const steps = [
   ["Node's start as an ES module (bin/ is one) over `node -e 0`", 'esm: nothing', 'node -e 0'],
-  ['koffi (the FFI and its native library)', 'esm: require koffi', 'esm: nothing'],
+  ['koffi (its native module and libc, at the first libc call)', 'esm: require koffi', 'esm: nothing'],
   ["shm-fd's modules (without koffi)", "esm: shm-fd true's modules", 'esm: nothing'],
   ['the work: parsing, the memfd, the exec (shm-fd true − its modules and koffi)', 'shm-fd true', "esm: shm-fd true's modules and koffi"],
   ["shm-restore's modules (without koffi)", "esm: shm-restore's modules and koffi", 'esm: require koffi'],
