@@ -306,13 +306,14 @@ export class Replicator {
     let table = previous === undefined ? zeroTable(p.size) : resized(copyTable(previous), p.size);
     // A table that starts from zeros names no chunk of the replica: a state of the chunks
     // its rounds changed would say the others are zeros. Every chunk of the file is read.
-    if (p.file === undefined && (previous === undefined || previous.chunkSize !== table.chunkSize)) {
+    const fromZeros = previous === undefined || previous.chunkSize !== table.chunkSize;
+    if (fromZeros && p.file === undefined) {
       const file = this.#reopen(p);
       if (file === undefined) return undefined;
       p.file = file;
     }
     // The table starts as the replica's state (or zeros): a chunk whose digest it holds is there already.
-    let changed = previous === undefined || previous.size !== p.size || previous.chunkSize !== table.chunkSize;
+    let changed = fromZeros || previous.size !== p.size;
     // Changed chunks gather into a run of consecutive ones, sent as one message when the
     // run breaks or is full. Chunks are put in increasing order, then the run is flushed.
     const perMessage = this.#o.store.chunksPerMessage(table.chunkSize);

@@ -20,3 +20,10 @@ export function removeSlot(t: Uint32Array, base: number, stride: number, mask: n
   }
   for (let w = 0; w < stride; w++) t[base + stride * hole + w] = 0;
 }
+
+/** The first empty slot of the probe run of `hash` in the table of `mask + 1` slots at word `base` of `t`. */
+export function emptySlot(t: Uint32Array, base: number, stride: number, mask: number, hash: number): number {
+  let i = hash & mask;
+  while (t[base + stride * i] !== 0) i = (i + 1) & mask;
+  return i;
+}

@@ -16,7 +16,7 @@ import { fnv1a64, type KeyValueMapOptions, type MapDeclaration } from './layout.
 import { NamedPositions } from './named-positions.js';
 import { ENTRY_HEADER, entryBytes, FLAG_TOMBSTONE, FLAG_WRAP, hashBytes, KEY_MASK, CHECK_SALT, MAX_KEY_BYTES } from './kv-record.js';
 import { rebuildIndex, REBUILT_SLOT_WORDS } from './kv-rebuild.js';
-import { removeSlot } from './kv-index.js';
+import { emptySlot, removeSlot } from './kv-index.js';
 
 export { ENTRY_HEADER, entryBytes, MAX_KEY_BYTES } from './kv-record.js';
 
@@ -652,9 +652,7 @@ export class KeyValueMap implements Structure {
   #insertNew(hash: number, phys: number): void {
     const u32 = this.#u32;
     const base = this.#indexWord;
-    const mask = this.#slots - 1;
-    let i = hash & mask;
-    while (u32[base + 2 * i] !== 0) i = (i + 1) & mask;
+    const i = emptySlot(u32, base, 2, this.#slots - 1, hash);
     u32[base + 2 * i] = phys / 8 + 1;
     u32[base + 2 * i + 1] = hash;
   }

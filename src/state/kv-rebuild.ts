@@ -17,7 +17,7 @@
  */
 import { Buffer } from 'node:buffer';
 import { CHECK_SALT, ENTRY_HEADER, entryBytes, FLAG_TOMBSTONE, FLAG_WRAP, hashBytes, KEY_MASK, MAX_KEY_BYTES } from './kv-record.js';
-import { removeSlot } from './kv-index.js';
+import { emptySlot, removeSlot } from './kv-index.js';
 
 /** Bytes read at a time; more than the largest key and a record header. */
 const READ_BYTES = 1 << 20;
@@ -311,8 +311,7 @@ class Rebuild {
     const mask = slots - 1;
     for (let s = 0; s < old.length; s += REBUILT_SLOT_WORDS) {
       if (old[s] === 0) continue;
-      let i = old[s + 1]! & mask;
-      while (t[REBUILT_SLOT_WORDS * i] !== 0) i = (i + 1) & mask;
+      const i = emptySlot(t, 0, REBUILT_SLOT_WORDS, mask, old[s + 1]!);
       for (let w = 0; w < REBUILT_SLOT_WORDS; w++) t[REBUILT_SLOT_WORDS * i + w] = old[s + w]!;
     }
     this.#table = t;
