@@ -59,6 +59,10 @@ to.bytes.set(from.bytes);
 from.unmap();
 to.unmap();
 const rebuilds = [];
+// The rebuild alone, as the map logs it: the open's CPU time also holds the collection
+// V8 runs for the new 1 GiB view, over this process's heap of a million key strings.
+const logged = [];
+const timing = { ...quiet, info: (m) => { const ms = /index rebuilt, \d+ entries, in (\d+) ms/.exec(m); if (ms) logged.push(Number(ms[1])); } };
 for (let r = 0; r < 3; r++) {
   const again = MemoryFile.create('kv-micro-again', { size: copy.size });
   const a = copy.map();
@@ -67,7 +71,7 @@ for (let r = 0; r < 3; r++) {
   a.unmap();
   b.unmap();
   t = cpu();
-  const s = StateFile.open(again, decl, { log: quiet });
+  const s = StateFile.open(again, decl, { log: timing });
   const ms = cpu() - t;
   if (!s.structures.m.rebuilt || s.structures.m.size !== KEYS) throw new Error('expected a rebuild of every key');
   s.close();
@@ -75,7 +79,7 @@ for (let r = 0; r < 3; r++) {
   rebuilds.push(ms);
 }
 const window = KEYS * 136; // entryBytes(16, 100) per live record, at least
-console.log(`rebuild of a restored copy: ${median(rebuilds).toFixed(0)} ms (${(median(rebuilds) / (window / 2 ** 30)).toFixed(0)} ms per GiB of live entries; runs ${rebuilds.map((x) => x.toFixed(0)).join(' ')})`);
+console.log(`rebuild of a restored copy: ${median(rebuilds).toFixed(0)} ms of CPU for the open (${(median(rebuilds) / (window / 2 ** 30)).toFixed(0)} ms per GiB of live entries; runs ${rebuilds.map((x) => x.toFixed(0)).join(' ')}); the rebuild as logged: ${median(logged)} ms (runs ${logged.join(' ')})`);
 copy.close();
 file.close();
 if (sink === 0) console.log('');

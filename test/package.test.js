@@ -197,7 +197,7 @@ test('importing shmfd loads neither koffi nor child_process, http, https, tls or
   const used = await loadedBy('shmfd', "m.MemoryFile.create('x', { size: 4096 }).close();");
   assert.ok(used.shared.some((s) => KOFFI.test(s)), 'koffi is seen loaded');
   // Its native module alone: koffi's JavaScript entry (platform and libc detection, wrappers
-  // of deprecated aliases) took 12-17 ms of a start, the native module 3.5-5 ms.
+  // of deprecated aliases) was most of koffi's load (BENCHMARKS.md §6, reattach).
   assert.deepEqual(used.cjs.filter((f) => /[/\\]koffi[/\\].*\.c?js$/.test(f)), [], "koffi's JavaScript entry is not loaded");
   assert.ok((await loadedBy('node:http')).builtins.includes('http'));
 });

@@ -346,7 +346,7 @@ export class Replicator {
         const readChunkSize = table.chunkSize;
         const n = chunkCount(readSize, readChunkSize);
         // Read and hashed a message's worth at a time: one read, and one CPU measurement
-        // (getrusage, 2.5 µs here) instead of two per 8 KiB chunk.
+        // (getrusage) instead of two per 8 KiB chunk.
         const group = Math.max(1, Math.floor(MESSAGE_BYTES / readChunkSize));
         for (let first = 0; first < n; first += group) {
           if (this.#stopped) throw new Error('the host is stopping');

@@ -103,8 +103,8 @@ function ffi(): typeof Koffi {
 /**
  * koffi's native module, loaded from where koffi's own entry finds it. The entry also reads
  * the ELF headers of the node binary to tell glibc from musl and wraps deprecated aliases
- * (none of which this module uses): 12-17 ms of a command's start here, against 3.5-5 ms
- * for the native module alone. The glibc build is tried first (it does not load on musl),
+ * (none of which this module uses): most of the cost of loading koffi (a program's
+ * reattach to its state went from 37.9 to 28.2 ms without it, BENCHMARKS.md §6). The glibc build is tried first (it does not load on musl),
  * then the musl one; a module of another version than koffi's, or any other layout, falls
  * back to the entry.
  */
