@@ -33,11 +33,11 @@ export async function freePort() {
  * it again on the same port and store.
  * @param {import('node:test').TestContext} t
  * @param {string} dir its store directory
- * @param {{ port?: number, name?: string, cluster?: { port: number, routes: number[] } }} [options]
+ * @param {{ port?: number, name?: string, cluster?: { port: number, routes: number[] }, jetstream?: false }} [options]
  */
 export async function startNats(t, dir, options = {}) {
   const port = options.port ?? (await freePort());
-  const args = ['-js', '-a', '127.0.0.1', '-p', String(port), '-sd', storeDir(t, dir)];
+  const args = options.jetstream === false ? ['-a', '127.0.0.1', '-p', String(port)] : ['-js', '-a', '127.0.0.1', '-p', String(port), '-sd', storeDir(t, dir)];
   if (options.cluster !== undefined) {
     args.push('-n', options.name ?? `n${port}`, '--cluster_name', 'shmfd', '--cluster', `nats://127.0.0.1:${options.cluster.port}`);
     args.push('--routes', options.cluster.routes.map((p) => `nats://127.0.0.1:${p}`).join(','));

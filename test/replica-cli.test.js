@@ -1,12 +1,13 @@
 // Issue 11: what `--replica` refuses before it touches anything: credentials on the
-// command line, a malformed URL, --replica without --snapshot, and servers that do not
-// answer; each one error line. Needs no NATS server.
+// command line, a malformed URL, --replica without --snapshot, servers that do not
+// answer, and a server without JetStream; each one error line. Only the last needs a
+// nats-server.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { assertOneErrorLine, COUNTER, NODE, runHost, tempDir } from './helpers.js';
-import { freePort } from './nats.js';
+import { freePort, natsSkip, startNats } from './nats.js';
 
 test('credentials in the replica URL are refused, never sent anywhere', async (t) => {
   const dir = tempDir(t);
@@ -49,4 +50,21 @@ test('a replica whose server does not answer stops the start with one line; stat
   const status = await runHost(['status', `nats://127.0.0.1:${port}/app`]);
   assert.equal(status.code, 1);
   assertOneErrorLine(status.stderr, /cannot connect to the replica/, 'shm-restore');
+});
+
+test('a server without JetStream stops the start at once with one line saying so; status too', natsSkip, async (t) => {
+  const dir = tempDir(t);
+  const server = await startNats(t, dir, { jetstream: false });
+  const url = `nats://${server.address}/app`;
+  const backupDir = path.join(dir, 'host');
+  fs.mkdirSync(backupDir);
+  // Waiting would not help: without the refusal the host retries for 30 s and then names
+  // the client's error, which this line does not match.
+  const r = await runHost(['--snapshot=restore-v1', '--replica', url, path.join(backupDir, 'state'), NODE, COUNTER]);
+  assert.equal(r.code, 125);
+  assertOneErrorLine(r.stderr, new RegExp(`cannot use the replica ${url.replace(/[.]/g, '\\.')}: its server has no JetStream \\(start nats-server with -js`), 'shm-restore');
+  assert.deepEqual(fs.readdirSync(backupDir), []);
+  const status = await runHost(['status', url]);
+  assert.equal(status.code, 1);
+  assertOneErrorLine(status.stderr, /its server has no JetStream/, 'shm-restore');
 });

@@ -205,9 +205,13 @@ test('beside a replica, in-place rounds send only the chunks they change, and ev
   let lastSeq = 0;
   while (checked < 8) {
     const committed = await waitFor(async () => {
+      if (a.ended() !== undefined) throw new Error(`the host ended after ${checked} states were checked:\n${a.err.text}`);
       const m = await reader.manifest('delta');
       return m !== undefined && m.seq !== lastSeq ? m : undefined;
-    }, 'a new state in the replica', 120_000);
+    }, 'a new state in the replica', 120_000).catch((err) => {
+      err.message += ` (${checked} checked, last at sequence ${lastSeq}); host log:\n${a.err.lines.slice(-30).join('\n')}`;
+      throw err;
+    });
     lastSeq = committed.seq;
     const state = await reader.stateAt('delta', committed.seq);
     if (state === undefined) continue; // replaced (and its messages removed) before it was read

@@ -49,24 +49,29 @@ export async function startReplica(text: string, backupPath: string, gate: Round
   const writer = newWriter();
   const backup = new BackupFile(backupPath);
   const deadline = Date.now() + START_PATIENCE_MS;
+  // What the start was doing when the servers failed it: named in the warning and the error.
+  const step = { now: '' };
   for (let warned = false; ; warned = true) {
     try {
-      return await prepare(nc, url, writer, backup, gate, log);
+      return await prepare(nc, url, writer, backup, gate, log, step);
     } catch (err) {
       // A cluster electing its leaders (a node just died) answers nothing for seconds.
-      if (err instanceof ShmfdError || isSystemError(err) || Date.now() > deadline) {
+      if (err instanceof ShmfdError || isSystemError(err) || noJetStream(err) || Date.now() > deadline) {
         await nc.close().catch(() => undefined);
-        throw asReplicaError(err, url.text);
+        throw asReplicaError(err, url.text, step.now);
       }
-      if (!warned) log.warn(`the replica ${url.text} does not answer yet (${describeError(err)}): trying again for up to ${START_PATIENCE_MS / 1000} s`);
+      if (!warned) log.warn(`the replica ${url.text} does not answer yet, ${step.now} (${describeError(err)}): trying again for up to ${START_PATIENCE_MS / 1000} s`);
       await new Promise((resolve) => setTimeout(resolve, 500));
     }
   }
 }
 
-async function prepare(nc: NatsConnection, url: ReplicaUrl, writer: Writer, backup: BackupFile, gate: RoundGate, log: Log): Promise<ReplicaStart> {
+async function prepare(nc: NatsConnection, url: ReplicaUrl, writer: Writer, backup: BackupFile, gate: RoundGate, log: Log, step: { now: string }): Promise<ReplicaStart> {
+  step.now = 'opening its stream';
   const store = await ReplicaStore.open(nc, url, true);
+  step.now = 'opening its lease';
   const lease = (await Lease.open(nc, url, writer, true)) as Lease;
+  step.now = 'taking its lease';
   // A refused host touches nothing, not even the lock file.
   await lease.take();
   let source: ReplicaStart['source'];
@@ -78,7 +83,9 @@ async function prepare(nc: NatsConnection, url: ReplicaUrl, writer: Writer, back
       // The local backup is compared, and maybe sent, as the host will restore it: whole.
       await replayJournal(backup, log);
       // From here on, whatever an earlier holder still sends is refused.
+      step.now = 'fencing off earlier holders';
       lastSeq = await fence(store, writer);
+      step.now = 'reading its newest state';
       const committed = await store.committed();
       const newer = await newerOfTwo(backup, committed, store, url.text, log);
       source = newer.source;
@@ -98,10 +105,22 @@ async function prepare(nc: NatsConnection, url: ReplicaUrl, writer: Writer, back
   return { replicator, source };
 }
 
+/**
+ * Whether the server answered that JetStream is off (no one serves its API, or the account
+ * has none): a setting, which waiting does not change. A cluster electing its leaders
+ * still serves the API and answers with other errors.
+ */
+function noJetStream(err: unknown): boolean {
+  return err instanceof Error && err.name === 'JetStreamNotEnabled';
+}
+
 /** Our own errors as they are; a failed request to the servers as `ERR_REPLICA_UNREACHABLE`. */
-function asReplicaError(err: unknown, name: string): unknown {
+function asReplicaError(err: unknown, name: string, step: string): unknown {
   if (err instanceof ShmfdError || isSystemError(err)) return err;
-  return new ShmfdError('ERR_REPLICA_UNREACHABLE', `cannot use the replica ${name}: ${describeError(err)}`, { cause: err });
+  if (noJetStream(err)) {
+    return new ShmfdError('ERR_REPLICA_UNREACHABLE', `cannot use the replica ${name}: its server has no JetStream (start nats-server with -js, or enable JetStream for the account)`, { cause: err });
+  }
+  return new ShmfdError('ERR_REPLICA_UNREACHABLE', `cannot use the replica ${name}, ${step}: ${describeError(err)}`, { cause: err });
 }
 
 async function fence(store: ReplicaStore, writer: Writer): Promise<number> {
@@ -215,7 +234,7 @@ export async function replicaStatus(text: string, env: Environment): Promise<{ o
     lines.push(holder === undefined || lease === undefined ? 'lease: free' : `lease: ${heldMessage(url, holder, lease.ttlMs).replace(/^the replica \S+ is /, '')}`);
     return { ok: committed !== undefined, lines };
   } catch (err) {
-    throw asReplicaError(err, url.text);
+    throw asReplicaError(err, url.text, 'reading its state and lease');
   } finally {
     await nc.close().catch(() => undefined);
   }
