@@ -1,7 +1,8 @@
 // Issue 11: what `--replica` refuses before it touches anything: credentials on the
 // command line, a malformed URL, --replica without --snapshot, servers that do not
-// answer, and a server without JetStream; each one error line. Only the last needs a
-// nats-server.
+// answer, and a server without JetStream; each one error line. And a program that never
+// configures its memory, which gives nothing to replicate and nothing to warn about. The
+// last two need a nats-server.
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -67,4 +68,15 @@ test('a server without JetStream stops the start at once with one line saying so
   const status = await runHost(['status', url]);
   assert.equal(status.code, 1);
   assertOneErrorLine(status.stderr, /its server has no JetStream/, 'shm-restore');
+});
+
+test('a program that never configures its memory: the host exits with its status and warns about nothing', natsSkip, async (t) => {
+  const dir = tempDir(t);
+  const server = await startNats(t, path.join(dir, 'js'));
+  const r = await runHost(['--snapshot=restore-v1', '--replica', `nats://${server.address}/idle`, path.join(dir, 'state'), NODE, '-e', 'process.exitCode = 3']);
+  assert.equal(r.code, 3, r.stderr);
+  // Nothing was written, so nothing is offered to the replica (it used to warn that the
+  // backup it was told about does not exist).
+  assert.doesNotMatch(r.stderr, /warning|error/);
+  assert.equal(fs.existsSync(path.join(dir, 'state')), false);
 });

@@ -35,15 +35,16 @@ export interface WriteBackOptions {
 }
 
 /**
- * The final write-back of quiescent memory. Returns false when it failed (the old backup
- * then stays, and the reason has been logged).
+ * The final write-back of quiescent memory: `written` when the memory is now the backup,
+ * `kept` when nothing needed writing (the backup, if any, stays as it was: the reason has
+ * been logged), `failed` when the write failed (the old backup stays, the reason logged).
  */
 export async function writeBack(
   backup: BackupFile,
   durable: DurableState,
   memory: MemoryFile,
   options: WriteBackOptions,
-): Promise<boolean> {
+): Promise<'written' | 'kept' | 'failed'> {
   const { log, mode } = options;
   let size: number;
   let expected: SlotState | undefined;
@@ -54,13 +55,13 @@ export async function writeBack(
       if (typeof verdict === 'string') {
         if (durable.exists) log.warn(`${verdict}; the backup ${backup.path} is kept as it was`);
         else if (size > 0) log.warn(`${verdict}; nothing was written to ${backup.path}`);
-        return true;
+        return 'kept';
       }
       expected = verdict;
     }
   } catch (err) {
     log.error(`cannot read the memory for the final write-back: ${describeError(err)}; the backup ${backup.path} is kept as it was`);
-    return false;
+    return 'failed';
   }
   let result: PersistResult | undefined;
   try {
@@ -76,11 +77,11 @@ export async function writeBack(
     );
   } catch (err) {
     log.error(`the final write-back to ${backup.path} failed: ${describeError(err)}; ${backup.whatIsLeft()}, the newest state is lost`);
-    return false;
+    return 'failed';
   }
   if (result === undefined) {
     log.error(`the final write-back to ${backup.path} failed: the memory changed during the copy (is another process still writing to it?); ${backup.whatIsLeft()}`);
-    return false;
+    return 'failed';
   }
   const unsynced = directorySyncWarning(backup, result);
   if (unsynced !== undefined) log.warn(unsynced);
@@ -89,7 +90,7 @@ export async function writeBack(
     `wrote back ${formatBytes(result.size)} to ${backup.path} (${formatBytes(result.copied)} of data): ` +
       `copy ${formatDuration(t.copyMs)}, validate ${formatDuration(t.validateMs)}, fsync ${formatDuration(t.fsyncMs)}, rename ${formatDuration(t.renameMs)}`,
   );
-  return true;
+  return 'written';
 }
 
 /**
