@@ -301,6 +301,14 @@ export class Snapshotter {
     this.#base = options.backupMatchesMemory === true;
   }
 
+  /**
+   * Whether a journaled round's writes into the backup failed and have not been applied
+   * again since: the backup alone may be torn, its journal repairs it.
+   */
+  get torn(): boolean {
+    return this.#unapplied !== undefined;
+  }
+
   /** The pause before the next round, in milliseconds: the interval, or longer after a costly round. */
   get pauseMs(): number {
     return this.#nextDelay;
@@ -599,7 +607,7 @@ export class Snapshotter {
   }
 
   #failed(err: unknown): RoundOutcome {
-    const message = `cannot persist a snapshot to ${this.#o.backup.path}: ${describeError(err)}; ${this.#o.backup.whatIsLeft()}`;
+    const message = `cannot persist a snapshot to ${this.#o.backup.path}: ${describeError(err)}; ${this.#o.backup.whatIsLeft(this.torn)}`;
     if (message !== this.#lastError) this.#o.log.error(message);
     else this.#o.log.debug(message);
     this.#lastError = message;

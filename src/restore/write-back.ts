@@ -32,6 +32,8 @@ export interface WriteBackOptions {
   log: Log;
   /** Show progress of a slow copy on a terminal. */
   progress: boolean;
+  /** Whether the backup may be torn until its journal is applied ({@link Snapshotter.torn}). */
+  torn?: boolean;
 }
 
 /**
@@ -53,7 +55,7 @@ export async function writeBack(
     if (options.snapshot) {
       const verdict = checkFinalSnapshot(memory.fd, size, durable);
       if (typeof verdict === 'string') {
-        if (durable.exists) log.warn(`${verdict}; the backup ${backup.path} is kept as it was`);
+        if (durable.exists) log.warn(`${verdict}; ${options.torn === true ? backup.whatIsLeft(true) : `the backup ${backup.path} is kept as it was`}`);
         else if (size > 0) log.warn(`${verdict}; nothing was written to ${backup.path}`);
         return 'kept';
       }
@@ -76,11 +78,11 @@ export async function writeBack(
       }),
     );
   } catch (err) {
-    log.error(`the final write-back to ${backup.path} failed: ${describeError(err)}; ${backup.whatIsLeft()}, the newest state is lost`);
+    log.error(`the final write-back to ${backup.path} failed: ${describeError(err)}; ${backup.whatIsLeft(options.torn)}, the newest state is lost`);
     return 'failed';
   }
   if (result === undefined) {
-    log.error(`the final write-back to ${backup.path} failed: the memory changed during the copy (is another process still writing to it?); ${backup.whatIsLeft()}`);
+    log.error(`the final write-back to ${backup.path} failed: the memory changed during the copy (is another process still writing to it?); ${backup.whatIsLeft(options.torn)}`);
     return 'failed';
   }
   const unsynced = directorySyncWarning(backup, result);
