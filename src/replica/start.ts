@@ -26,6 +26,9 @@ import { credentialsFromEnv, parseReplicaUrl, type ReplicaUrl } from './url.js';
 /** How long a start waits for servers that do not answer (a cluster electing its leaders). */
 const START_PATIENCE_MS = 30_000;
 
+/** How long the warning of a start that gets no answer waits for a ping's. */
+const PING_PATIENCE_MS = 2_000;
+
 /** Fence markers tried at start before giving up on a stream that keeps moving. */
 const FENCE_ATTEMPTS = 5;
 
@@ -60,7 +63,7 @@ export async function startReplica(text: string, backupPath: string, gate: Round
         await nc.close().catch(() => undefined);
         throw asReplicaError(err, url.text, step.now);
       }
-      if (!warned) log.warn(`the replica ${url.text} does not answer yet, ${step.now} (${describeError(err)}): trying again for up to ${START_PATIENCE_MS / 1000} s`);
+      if (!warned) log.warn(`the replica ${url.text} does not answer yet, ${step.now} (${describeError(err)}; ${await pingNote(nc)}): trying again for up to ${START_PATIENCE_MS / 1000} s`);
       await new Promise((resolve) => setTimeout(resolve, 500));
     }
   }
@@ -103,6 +106,23 @@ async function prepare(nc: NatsConnection, url: ReplicaUrl, writer: Writer, back
   // A local backup newer than the replica is sent first: the replica catches up at once.
   if (source === 'local' && fetched === undefined) replicator.offer({ path: backup.path });
   return { replicator, source };
+}
+
+/**
+ * Whether the connection itself answers (a protocol ping) while JetStream does not: tells a
+ * stalled link from a server whose JetStream is busy or electing, in the warning.
+ */
+async function pingNote(nc: NatsConnection): Promise<string> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<undefined>((resolve) => (timer = setTimeout(() => resolve(undefined), PING_PATIENCE_MS)));
+  try {
+    const rtt = await Promise.race([nc.rtt(), late]);
+    return rtt === undefined ? `the server does not answer a ping within ${PING_PATIENCE_MS / 1000} s either` : `the server answers a ping in ${Math.round(rtt)} ms`;
+  } catch (err) {
+    return `a ping fails too (${describeError(err)})`;
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 /**
