@@ -71,7 +71,7 @@ const steps = [
   ['the work: parsing, the memfd, the exec (shm-fd true − its modules and koffi)', 'shm-fd true', "esm: shm-fd true's modules and koffi"],
   ["shm-restore's modules (without koffi)", "esm: shm-restore's modules and koffi", 'esm: require koffi'],
   [
-    "shm-restore's work: the restore (with the setpriv probe beside it), the child (setpriv, sh, true), the write-back with fsync",
+    "shm-restore's work: the restore, the setpriv probe, the child (setpriv, sh, true), the write-back with fsync",
     'shm-restore BACKUP -- true',
     "esm: shm-restore's modules and koffi",
   ],

@@ -4,7 +4,7 @@
  * and its exit status.
  * @module
  */
-import { spawn, type ChildProcess, type StdioOptions } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess, type StdioOptions } from 'node:child_process';
 import os from 'node:os';
 import path from 'node:path';
 import type { Log } from '../base/log.js';
@@ -41,22 +41,18 @@ export function childStdio(descriptors: readonly PassedFd[], first: number = DEF
 
 /**
  * The `setpriv` (util-linux 2.33 or later) in `env.PATH` that can start the program with a
- * parent-death signal, or undefined when there is none. The probe runs beside the host's
- * own start (it costs a process, 7-9 ms here), so it is asked for early and awaited late.
+ * parent-death signal, or undefined when there is none.
  */
-export function findSetpriv(env: Environment): Promise<string | undefined> {
+export function findSetpriv(env: Environment): string | undefined {
   let file: string;
   try {
     file = resolveCommand('setpriv', env);
   } catch {
-    return Promise.resolve(undefined);
+    return undefined;
   }
-  return new Promise((resolve) => {
-    // Options are parsed in order: a setpriv without --pdeathsig fails before --version answers.
-    const probe = spawn(file, ['--pdeathsig', 'KILL', '--version'], { stdio: 'ignore' });
-    probe.on('error', () => resolve(undefined));
-    probe.on('exit', (code) => resolve(code === 0 ? file : undefined));
-  });
+  // Options are parsed in order: a setpriv without --pdeathsig fails before --version answers.
+  const probe = spawnSync(file, ['--pdeathsig', 'KILL', '--version'], { stdio: 'ignore' });
+  return probe.status === 0 ? file : undefined;
 }
 
 /**

@@ -127,7 +127,10 @@ async function host(o: RestoreHostOptions, name: string, backup: BackupFile, log
   if (leftovers.length > 0) log.info(`removed ${leftovers.length} temporary file(s) left by a host that was killed: ${leftovers.join(', ')}`);
   backup.checkWritable();
   const executable = resolveCommand(o.command, env);
-  const probingSetpriv = findSetpriv(env);
+  const setpriv = findSetpriv(env);
+  if (setpriv === undefined) {
+    log.warn(`no setpriv with --pdeathsig (util-linux 2.33 or later) in PATH: if shm-restore is killed, ${o.command} keeps running and nothing it does is persisted; install util-linux`);
+  }
   const passed = readListenFds({ env });
   describeInspection(log, backup, inspection);
 
@@ -141,10 +144,6 @@ async function host(o: RestoreHostOptions, name: string, backup: BackupFile, log
   // signal) reaches the store: it would win over the disk at the next start.
   if (relay.received !== undefined) return exitStatus(null, relay.received);
   if (created) parkMemory(env, name, memory, log);
-  const setpriv = await probingSetpriv;
-  if (setpriv === undefined) {
-    log.warn(`no setpriv with --pdeathsig (util-linux 2.33 or later) in PATH: if shm-restore is killed, ${o.command} keeps running and nothing it does is persisted; install util-linux`);
-  }
 
   const dirtyPages = o.snapshot !== undefined ? DirtyPages.create() : undefined;
   const descriptors = childDescriptors(
