@@ -250,7 +250,10 @@ export function start(command, args, options = {}) {
     child.on('exit', () => running.delete(child.pid));
   }
   // The test's signal aborts when it ends, before its after hooks: also when it timed out.
-  options.t?.signal.addEventListener('abort', () => kill('SIGKILL'), { once: true });
+  // Dropped once the child has ended, so a test may start any number of processes.
+  const onAbort = () => kill('SIGKILL');
+  options.t?.signal.addEventListener('abort', onAbort, { once: true });
+  child.on('exit', () => options.t?.signal.removeEventListener('abort', onAbort));
   return { child, pid: child.pid ?? -1, out, err, exit, exited, ended: () => ended, kill };
 }
 
