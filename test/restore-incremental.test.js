@@ -9,9 +9,11 @@
 // - SIGKILL of the program, of the host, and of the whole tree at random instants during
 //   incremental rounds; after each, the backup (with its journal applied, as the next host
 //   would) is checked as above, and the next run recovers at least that state;
-// - a disk that fills up during incremental rounds: the failures are reported once, the
-//   exit says the newest state is lost, and once space is free the backup left (with its
-//   journal) is checked as above and restored.
+// - a disk that fills up during incremental rounds, so that a round's writes into the
+//   backup fail after its journal was made durable: the failures are reported once each,
+//   the messages say the backup needs its journal and the exit that the newest state is
+//   lost, and once space is free the backup (with its journal) is checked as above and
+//   the next start applies the journal and restores it.
 //   SHMFD_KILLS=N sets the number of kills (npm run test:long: 200).
 // Kill moments come from a seeded generator; replay with STATE_SEED=<seed>.
 import assert from 'node:assert/strict';
@@ -247,19 +249,22 @@ test(`SIGKILL of the program, the host, or the whole tree during in-place rounds
 
 const canMount = isRoot && works('unshare', ['-m', 'true']);
 
-test('a disk that fills up during in-place rounds: one error line, the exit says what is lost, and the backup left restores', { skip: !canMount && 'needs root and unshare -m to mount a small tmpfs' }, async (t) => {
+test('a disk that fills up during in-place rounds: each failure one error line, the exit says what is lost, the torn backup restores with its journal', { skip: !canMount && 'needs root and unshare -m to mount a small tmpfs' }, async (t) => {
   const dir = tempDir(t, 'shmfd-incr-full-');
   fs.mkdirSync(path.join(dir, 'disk'));
   // In a private mount namespace with a small tmpfs as the backup's directory: in-place
-  // rounds run, then a file takes all the space left, so that the rounds' writes into
-  // pages the backup has not allocated yet fail; the host is stopped; the space is freed,
-  // the backup is checked where it lies (the journal names its inode), then restored.
+  // rounds run; the journal gets 2 MiB of allocated room past its end (bytes after its
+  // length mean nothing), then a file takes all the space left. The next rounds' journals
+  // fit, but their writes into pages the backup has not allocated yet fail: the backup is
+  // torn until its journal is applied, the hardest case. The host is stopped, the space
+  // freed, the backup checked where it lies (the journal names its inode), then restored.
   const script = `
     set -e
     mount -t tmpfs -o size=24m tmpfs "$1/disk"
     setsid "$2" "$3" --snapshot=restore-v1 --interval 5 --log-level debug "$1/disk/state" "$2" "$4" "$5" > "$1/out" 2> "$1/err" &
     host=$!
     i=0; until grep -q "persisted in place" "$1/err"; do sleep 0.02; i=$((i+1)); [ $i -lt 3000 ] || break; done
+    dd if=/dev/zero of="$1/disk/.state.journal" bs=1M count=2 oflag=append conv=notrunc 2>/dev/null
     dd if=/dev/zero of="$1/disk/filler" bs=64k 2>/dev/null || true
     i=0; until grep -q "cannot persist" "$1/err"; do sleep 0.02; i=$((i+1)); [ $i -lt 3000 ] || break; done
     kill -TERM $host
@@ -269,7 +274,7 @@ test('a disk that fills up during in-place rounds: one error line, the exit says
     rm "$1/disk/filler"
     "$2" "$6" "$1/disk/state" > "$1/check" 2>&1
     echo "check-status=$?"
-    "$2" "$3" --snapshot=restore-v1 "$1/disk/state" "$2" "$4" "$5" 8 > "$1/out2" 2> "$1/err2"
+    "$2" "$3" --snapshot=restore-v1 --log-level info "$1/disk/state" "$2" "$4" "$5" 8 > "$1/out2" 2> "$1/err2"
     echo "again-status=$?"
   `;
   const r = await run('unshare', ['-m', 'sh', '-c', script, 'sh', dir, NODE, SHM_RESTORE, PROGRAM, String(CAPACITY), fixture('check-settled-backup.js')]);
@@ -278,17 +283,23 @@ test('a disk that fills up during in-place rounds: one error line, the exit says
   assert.match(err, IN_PLACE, `in-place rounds ran before the disk filled:\n${err}`);
   const failures = err.split('\n').filter((l) => l.includes('cannot persist a snapshot'));
   assert.ok(failures.length > 0, `a round failed on the full disk:\n${err}`);
-  assert.match(failures[0], /^shm-restore: error: cannot persist a snapshot to .*: no space left on device \(ENOSPC\); the backup on disk is the previous one/);
-  assert.equal(failures.filter((l) => l.includes(': error: ')).length, 1, 'the same failure is an error once, then debug lines');
+  const torn = 'the backup on disk is the previous one once its journal .*/\\.state\\.journal is applied, as the next start does \\(a copy of the backup alone is not a state\\)';
+  assert.match(failures[0], new RegExp(`^shm-restore: error: cannot persist a snapshot to .*: no space left on device \\(ENOSPC\\); ${torn}$`));
+  // Each failure is an error line once; the same one again is a debug line.
+  const message = (/** @type {string} */ line) => line.replace(/^shm-restore: \w+: /, '');
+  const errors = failures.filter((l) => l.includes(': error: ')).map(message);
+  assert.equal(new Set(errors).size, errors.length, errors.join('\n'));
+  assert.ok(failures.every((l) => errors.includes(message(l))), failures.join('\n'));
   // The program stopped cleanly; the host could not write the memory back, and says so.
   assert.match(r.stdout, /^host-status=125$/m, r.stderr);
-  assert.match(err, /error: the final write-back to .* failed: no space left on device \(ENOSPC\); the backup on disk is the previous one.*, the newest state is lost$/m);
+  assert.match(err, new RegExp(`error: the final write-back to .* failed: no space left on device \\(ENOSPC\\); ${torn}, the newest state is lost$`, 'm'));
   // What is left on disk, with its journal applied, names committed states only...
   assert.match(r.stdout, /^check-status=0$/m, read('check'));
   const { newest } = JSON.parse(read('check'));
   assert.ok(newest > 0, read('check'));
-  // ...and the next host restores at least the newest of them.
+  // ...and the next host applies the journal, then restores at least the newest of them.
   assert.match(r.stdout, /^again-status=0$/m, read('err2'));
+  assert.match(read('err2'), /applied the journal of round \d+ to /);
   const recovered = Number(/^recovered (\d+)$/m.exec(read('out2'))?.[1]);
   assert.ok(recovered >= newest, `recovered ${recovered}, the backup held ${newest}`);
   assert.doesNotMatch(read('out2'), /^problem/m);
