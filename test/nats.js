@@ -37,7 +37,8 @@ export async function freePort() {
  */
 export async function startNats(t, dir, options = {}) {
   const port = options.port ?? (await freePort());
-  const args = options.jetstream === false ? ['-a', '127.0.0.1', '-p', String(port)] : ['-js', '-a', '127.0.0.1', '-p', String(port), '-sd', storeDir(t, dir)];
+  const args = ['-a', '127.0.0.1', '-p', String(port)];
+  if (options.jetstream !== false) args.push('-js', '-sd', storeDir(t, dir));
   if (options.cluster !== undefined) {
     args.push('-n', options.name ?? `n${port}`, '--cluster_name', 'shmfd', '--cluster', `nats://127.0.0.1:${options.cluster.port}`);
     args.push('--routes', options.cluster.routes.map((p) => `nats://127.0.0.1:${p}`).join(','));

@@ -205,7 +205,7 @@ test('beside a replica, in-place rounds send only the chunks they change, and ev
   let lastSeq = 0;
   while (checked < 8) {
     const committed = await waitFor(async () => {
-      if (a.ended() !== undefined) throw new Error(`the host ended after ${checked} states were checked:\n${a.err.text}`);
+      if (a.ended() !== undefined) throw new Error('the host ended');
       const m = await reader.manifest('delta');
       return m !== undefined && m.seq !== lastSeq ? m : undefined;
     }, 'a new state in the replica', 120_000).catch((err) => {
