@@ -50,12 +50,24 @@ export async function startNats(t, dir, options = {}) {
     /** @type {ReturnType<typeof start>} */
     process: undefined,
     async restart() {
-      server.process = start(/** @type {string} */ (NATS_SERVER), args, { t });
-      const line = await server.process.err.waitFor(ready);
-      if (line === undefined) throw new Error(`nats-server on port ${port} did not start: ${server.process.err.text}`);
+      const started = start(/** @type {string} */ (NATS_SERVER), args, { t });
+      server.process = started;
+      // A server that ends unasked is what a host that gets no answers would see (a host
+      // once lost its connection to a fresh server, on Node 22 and 24): say so, with its
+      // log. The helpers end what a test leaves with SIGKILL, which is not reported.
+      let stopping = false;
+      server.stopping = () => (stopping = true);
+      void started.exited.then(({ code, signal }) => {
+        if (!stopping && signal !== 'SIGKILL') process.stderr.write(`nats-server on port ${port} ended unasked (${signal ?? code}):\n${started.err.text}\n`);
+      });
+      const line = await started.err.waitFor(ready);
+      if (line === undefined) throw new Error(`nats-server on port ${port} did not start: ${started.err.text}`);
     },
+    /** Called before the test ends the server on purpose. */
+    stopping: () => {},
     /** @param {NodeJS.Signals} [signal] */
     async stop(signal = 'SIGKILL') {
+      server.stopping();
       server.process.kill(signal);
       await server.process.exited;
     },
