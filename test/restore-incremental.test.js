@@ -13,7 +13,9 @@
 //   backup fail after its journal was made durable: the failures are reported once each,
 //   the messages say the backup needs its journal and the exit that the newest state is
 //   lost, and once space is free the backup (with its journal) is checked as above and
-//   the next start applies the journal and restores it.
+//   the next start applies the journal and restores it;
+// - a disk with room for in-place rounds but not for the whole copy at exit: the round in
+//   place after the program exited keeps its last commit, checked as above.
 //   SHMFD_KILLS=N sets the number of kills (npm run test:long: 200).
 // Kill moments come from a seeded generator; replay with STATE_SEED=<seed>.
 import assert from 'node:assert/strict';
@@ -302,6 +304,61 @@ test('a disk that fills up during in-place rounds: each failure one error line, 
   assert.match(read('err2'), /applied the journal of round \d+ to /);
   const recovered = Number(/^recovered (\d+)$/m.exec(read('out2'))?.[1]);
   assert.ok(recovered >= newest, `recovered ${recovered}, the backup held ${newest}`);
+  assert.doesNotMatch(read('out2'), /^problem/m);
+});
+
+test('a disk with no room for the final whole copy: the round in place at exit keeps the newest state', { skip: !canMount && 'needs root and unshare -m to mount a small tmpfs' }, async (t) => {
+  const dir = tempDir(t, 'shmfd-incr-exit-');
+  fs.mkdirSync(path.join(dir, 'disk'));
+  // In a private mount namespace with a small tmpfs: once rounds run in place, the program
+  // is paused while every page of the backup gets allocated (fallocate keeps its bytes),
+  // the journal 2 MiB of room, and a file the rest of the space. In-place rounds still
+  // work; the whole copy at exit does not. Rounds every 200 ms: the program commits every
+  // 2 ms, so the last round before its exit is older than its last commit.
+  const script = `
+    set -e
+    mount -t tmpfs -o size=24m tmpfs "$1/disk"
+    setsid "$2" "$3" --snapshot=restore-v1 --interval 200 --log-level debug "$1/disk/state" "$2" "$4" "$5" > "$1/out" 2> "$1/err" &
+    host=$!
+    i=0; until grep -q "persisted in place" "$1/err"; do sleep 0.02; i=$((i+1)); [ $i -lt 3000 ] || break; done
+    program=$(sed -n 's/^pid //p' "$1/out")
+    kill -STOP $program
+    fallocate -l $(stat -c %s "$1/disk/state") "$1/disk/state"
+    dd if=/dev/zero of="$1/disk/.state.journal" bs=1M count=2 oflag=append conv=notrunc 2>/dev/null
+    dd if=/dev/zero of="$1/disk/filler" bs=64k 2>/dev/null || true
+    dd if=/dev/zero of="$1/disk/filler-4k" bs=4k 2>/dev/null || true
+    kill -CONT $program
+    full=$(grep -c "persisted in place" "$1/err")
+    i=0; until [ $(grep -c "persisted in place" "$1/err") -ge $((full + 2)) ]; do sleep 0.02; i=$((i+1)); [ $i -lt 3000 ] || break; done
+    kill -TERM $host
+    set +e
+    wait $host
+    echo "host-status=$?"
+    rm "$1/disk/filler" "$1/disk/filler-4k"
+    "$2" "$6" "$1/disk/state" > "$1/check" 2>&1
+    echo "check-status=$?"
+    "$2" "$3" --snapshot=restore-v1 --log-level info "$1/disk/state" "$2" "$4" "$5" 8 > "$1/out2" 2> "$1/err2"
+    echo "again-status=$?"
+  `;
+  const r = await run('unshare', ['-m', 'sh', '-c', script, 'sh', dir, NODE, SHM_RESTORE, PROGRAM, String(CAPACITY), fixture('check-settled-backup.js')]);
+  const read = (/** @type {string} */ name) => fs.readFileSync(path.join(dir, name), 'utf8');
+  const err = read('err');
+  assert.doesNotMatch(err, /cannot persist/, 'in-place rounds work on the full disk');
+  // The program stopped cleanly at its last commit; the whole copy found no room, which the
+  // host reports, and says that nothing is lost.
+  const stopped = Number(/^stopped at (\d+)$/m.exec(read('out'))?.[1]);
+  assert.ok(stopped > 0, read('out'));
+  assert.match(r.stdout, /^host-status=125$/m, r.stderr);
+  const errors = err.split('\n').filter((l) => l.includes(': error: '));
+  assert.deepEqual(errors, [
+    `shm-restore: error: the final write-back to ${path.join(dir, 'disk', 'state')} failed: no space left on device (ENOSPC); the backup on disk holds the newest state, written in place after the program exited`,
+  ]);
+  // The backup, checked independently of src/, holds exactly that last commit...
+  assert.match(r.stdout, /^check-status=0$/m, read('check'));
+  assert.equal(JSON.parse(read('check')).newest, stopped, read('check'));
+  // ...and the next host restores it.
+  assert.match(r.stdout, /^again-status=0$/m, read('err2'));
+  assert.equal(Number(/^recovered (\d+)$/m.exec(read('out2'))?.[1]), stopped, read('out2'));
   assert.doesNotMatch(read('out2'), /^problem/m);
 });
 

@@ -364,8 +364,9 @@ export class BackupFile {
    * What a failed write left at the backup's path, for its error line: the previous
    * backup, or what replaced it. `torn`: an in-place round was journaled and its writes
    * into the backup failed, so the file alone is not a state until its journal is applied.
+   * `newest`: a round in place after the program exited made the backup its last state.
    */
-  whatIsLeft(torn = false): string {
+  whatIsLeft(backup: 'previous' | 'torn' | 'newest' = 'previous'): string {
     let stat: fs.Stats;
     try {
       stat = fs.statSync(this.path);
@@ -373,9 +374,10 @@ export class BackupFile {
       if (!isSystemError(err, 'ENOENT') && !isSystemError(err, 'ENOTDIR')) return `${this.path} cannot be checked: ${describeError(err)}`;
       return fs.existsSync(this.dir) ? `there is no backup at ${this.path}` : `there is no backup: its directory ${this.dir} was removed`;
     }
-    if (stat.isFile() && torn) {
+    if (stat.isFile() && backup === 'torn') {
       return `the backup on disk is the previous one once its journal ${this.journalPath} is applied, as the next start does (a copy of the backup alone is not a state)`;
     }
+    if (stat.isFile() && backup === 'newest') return 'the backup on disk holds the newest state, written in place after the program exited';
     if (stat.isFile()) return 'the backup on disk is the previous one';
     return `there is no backup: ${this.path} is now ${stat.isDirectory() ? 'a directory' : 'not a regular file'}`;
   }

@@ -328,6 +328,21 @@ export class Snapshotter {
     this.#closeJournal();
   }
 
+  /**
+   * After the program exited: stops the rounds and, when a round would write only the
+   * pages changed since the last one, runs it on the quiescent memory. The whole copy of
+   * the final write-back needs room for a second file; when a full disk refuses it, this
+   * round has kept what the program committed last.
+   * @returns whether the backup now holds the memory's newest snapshot
+   */
+  async finish(): Promise<boolean> {
+    await this.stop();
+    this.#abort = new AbortController();
+    const outcome = await this.round(true);
+    this.#closeJournal();
+    return outcome === 'persisted' || outcome === 'unchanged';
+  }
+
   #closeJournal(): void {
     if (this.#journalFd !== undefined) fs.closeSync(this.#journalFd);
     this.#journalFd = undefined;
@@ -343,13 +358,16 @@ export class Snapshotter {
     this.#timer.unref();
   }
 
-  /** Runs one round now. Never throws: failures are logged and counted. */
-  async round(): Promise<RoundOutcome> {
+  /**
+   * Runs one round now. Never throws: failures are logged and counted.
+   * @param inPlaceOnly a round that would copy the whole memory is not taken ('not-ready')
+   */
+  async round(inPlaceOnly = false): Promise<RoundOutcome> {
     const gate = this.#o.gate;
     gate?.enter();
     let outcome: RoundOutcome;
     try {
-      outcome = await this.#roundInner();
+      outcome = await this.#roundInner(inPlaceOnly);
     } catch (err) {
       // Whatever went wrong, the host must outlive the program: log it and go on.
       outcome = this.#failed(err);
@@ -360,7 +378,7 @@ export class Snapshotter {
     return outcome;
   }
 
-  async #roundInner(): Promise<RoundOutcome> {
+  async #roundInner(inPlaceOnly: boolean): Promise<RoundOutcome> {
     const { log, memoryFd } = this.#o;
     this.#nextDelay = this.intervalMs;
     let size: number;
@@ -399,6 +417,7 @@ export class Snapshotter {
     // random write each) than one sequential copy of it: then the round copies it whole.
     const spans = tracking && this.#base && size <= DIRTY_MAX_BYTES ? this.#spans(before.head.tailStart, size) : undefined;
     const incremental = spans !== undefined && spans.length * RUN_COST_BYTES <= size;
+    if (inPlaceOnly && !incremental) return this.#notReady('no round in place is possible: the write-back copies the memory whole');
     try {
       if (this.#unapplied !== undefined) await this.#applyAgain(this.#unapplied);
       result = incremental
@@ -607,7 +626,7 @@ export class Snapshotter {
   }
 
   #failed(err: unknown): RoundOutcome {
-    const message = `cannot persist a snapshot to ${this.#o.backup.path}: ${describeError(err)}; ${this.#o.backup.whatIsLeft(this.torn)}`;
+    const message = `cannot persist a snapshot to ${this.#o.backup.path}: ${describeError(err)}; ${this.#o.backup.whatIsLeft(this.torn ? 'torn' : 'previous')}`;
     if (message !== this.#lastError) this.#o.log.error(message);
     else this.#o.log.debug(message);
     this.#lastError = message;

@@ -34,6 +34,8 @@ export interface WriteBackOptions {
   progress: boolean;
   /** Whether the backup may be torn until its journal is applied ({@link Snapshotter.torn}). */
   torn?: boolean;
+  /** Whether the backup already holds the memory's newest snapshot ({@link Snapshotter.finish}). */
+  newestInBackup?: boolean;
 }
 
 /**
@@ -55,7 +57,7 @@ export async function writeBack(
     if (options.snapshot) {
       const verdict = checkFinalSnapshot(memory.fd, size, durable);
       if (typeof verdict === 'string') {
-        if (durable.exists) log.warn(`${verdict}; ${options.torn === true ? backup.whatIsLeft(true) : `the backup ${backup.path} is kept as it was`}`);
+        if (durable.exists) log.warn(`${verdict}; ${options.torn === true ? backup.whatIsLeft('torn') : `the backup ${backup.path} is kept as it was`}`);
         else if (size > 0) log.warn(`${verdict}; nothing was written to ${backup.path}`);
         return 'kept';
       }
@@ -65,6 +67,9 @@ export async function writeBack(
     log.error(`cannot read the memory for the final write-back: ${describeError(err)}; the backup ${backup.path} is kept as it was`);
     return 'failed';
   }
+  // A failed copy leaves the backup as it was: the newest state, the previous one, or a torn one.
+  const left =
+    options.newestInBackup === true ? backup.whatIsLeft('newest') : `${backup.whatIsLeft(options.torn === true ? 'torn' : 'previous')}, the newest state is lost`;
   let result: PersistResult | undefined;
   try {
     result = await withProgress(`shm-restore: writing back to ${path.basename(backup.path)}`, options.progress, (progress) =>
@@ -78,11 +83,11 @@ export async function writeBack(
       }),
     );
   } catch (err) {
-    log.error(`the final write-back to ${backup.path} failed: ${describeError(err)}; ${backup.whatIsLeft(options.torn)}, the newest state is lost`);
+    log.error(`the final write-back to ${backup.path} failed: ${describeError(err)}; ${left}`);
     return 'failed';
   }
   if (result === undefined) {
-    log.error(`the final write-back to ${backup.path} failed: the memory changed during the copy (is another process still writing to it?); ${backup.whatIsLeft(options.torn)}`);
+    log.error(`the final write-back to ${backup.path} failed: the memory changed during the copy (is another process still writing to it?); ${left}`);
     return 'failed';
   }
   const unsynced = directorySyncWarning(backup, result);
