@@ -43,7 +43,6 @@ export async function startNats(t, dir, options = {}) {
     args.push('-n', options.name ?? `n${port}`, '--cluster_name', 'shmfd', '--cluster', `nats://127.0.0.1:${options.cluster.port}`);
     args.push('--routes', options.cluster.routes.map((p) => `nats://127.0.0.1:${p}`).join(','));
   }
-  const ready = options.cluster === undefined ? /Server is ready/ : /metadata leader/;
   const server = {
     port,
     address: `127.0.0.1:${port}`,
@@ -60,8 +59,9 @@ export async function startNats(t, dir, options = {}) {
       void started.exited.then(({ code, signal }) => {
         if (!stopping && signal !== 'SIGKILL') process.stderr.write(`nats-server on port ${port} ended unasked (${signal ?? code}):\n${started.err.text}\n`);
       });
-      const line = await started.err.waitFor(ready);
+      const line = await started.err.waitFor(/Server is ready/);
       if (line === undefined) throw new Error(`nats-server on port ${port} did not start: ${started.err.text}`);
+      if (options.cluster !== undefined) await untilMetaLeaderKnown(server, started);
     },
     /** Called before the test ends the server on purpose. */
     stopping: () => {},
@@ -93,6 +93,31 @@ function storeDir(t, dir) {
     // no /dev/shm
   }
   return free < 2 ** 31 ? dir : tempDir(t, 'shmfd-nats-', '/dev/shm');
+}
+
+/**
+ * Waits until a clustered server knows its cluster's metadata leader: until then its
+ * JetStream API answers with an error, or not at all. Asked, not read from its log: a
+ * server that joins after the others elected a leader logs no line about it (nats-server
+ * 2.9), and waiting for one hung a test until its timeout.
+ * @param {{ port: number, address: string }} server
+ * @param {ReturnType<typeof start>} started its process
+ */
+async function untilMetaLeaderKnown(server, started) {
+  const nc = await connect({ servers: server.address, maxReconnectAttempts: -1, reconnectTimeWait: 200 });
+  try {
+    for (let asked = 1; ; asked++) {
+      const answer = await nc.request('$JS.API.INFO', '', { timeout: 2000 }).then((m) => m.json()).catch((err) => ({ error: String(err) }));
+      if (answer.error === undefined) return;
+      if (started.ended() !== undefined) throw new Error(`nats-server on port ${server.port} ended: ${started.err.text}`);
+      // Elections take a few seconds, and longer on a loaded machine: a deadline here would
+      // only repeat the test's own.
+      if (asked % 30 === 0) process.stderr.write(`nats-server on port ${server.port}: no metadata leader yet (${JSON.stringify(answer.error)})\n`);
+      await new Promise((resolve) => setTimeout(resolve, 200));
+    }
+  } finally {
+    await nc.close();
+  }
 }
 
 /** Three clustered nats-servers on loopback, for streams with three replicas. */
