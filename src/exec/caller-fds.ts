@@ -27,12 +27,12 @@ function inheritable(): Map<number, string> {
   for (const entry of entries) {
     const fd = Number(entry);
     if (fd < 3) continue;
+    // Read from /proc, not with fcntl: taking this inventory loads no koffi. Most are
+    // close-on-exec, so the flag is read first and only the others' targets. Not open
+    // (undefined: the listing's own descriptor, or one closed meanwhile): not ours to pass.
+    if (fdCloseOnExec(fd) !== false) continue;
     const target = fdTarget(fd);
-    // Gone meanwhile: the listing's own descriptor.
-    if (target === undefined) continue;
-    // Read from /proc, not with fcntl: taking this inventory loads no koffi. Closed between
-    // the two reads (undefined): not ours to pass.
-    if (fdCloseOnExec(fd) === false) targets.set(fd, target);
+    if (target !== undefined) targets.set(fd, target);
   }
   return targets;
 }
