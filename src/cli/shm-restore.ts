@@ -61,8 +61,9 @@ it also prints the replica's newest committed state, its age, and the lease's ho
 
 Exit status: that of COMMAND (128+N when it died of signal N); 125 if shm-restore fails
 (e.g. an unreadable or invalid BACKUP, which is never overwritten, a BACKUP in use by
-another shm-restore, or a replica whose lease another host holds) or the final write-back fails after COMMAND succeeded; 126 if
-COMMAND cannot be executed, 127 if it is not found.
+another shm-restore, or a replica whose lease another host holds) or the final
+write-back fails after COMMAND succeeded; 126 if COMMAND cannot be executed, 127 if it
+is not found.
 
 Example: shm-restore --snapshot=restore-v1 /var/lib/primes/state node examples/primes-snapshot.js`;
 
