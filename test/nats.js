@@ -8,12 +8,19 @@ import path from 'node:path';
 import { connect } from '@nats-io/transport-node';
 import { jetstreamManager } from '@nats-io/jetstream';
 import assert from 'node:assert/strict';
-import { assertOneErrorLine, start, tempDir } from './helpers.js';
+import { assertOneErrorLine, start, tempDir, works } from './helpers.js';
 
 /** The nats-server binary (Debian installs it in /usr/sbin), or undefined. */
 export const NATS_SERVER = [...(process.env.PATH ?? '').split(':'), '/usr/sbin', '/usr/local/bin']
   .map((dir) => path.join(dir, 'nats-server'))
   .find((file) => fs.existsSync(file));
+
+/**
+ * `setpriv --pdeathsig KILL --`, which execs the server in place, when util-linux has it: a
+ * test file that times out is killed by the runner, and the servers it started must not
+ * outlive it (they did, holding their ports and stores in /dev/shm).
+ */
+const DIE_WITH_TEST = works('setpriv', ['--pdeathsig', 'KILL', '--', 'true']) ? ['setpriv', '--pdeathsig', 'KILL', '--'] : [];
 
 /** For `test(..., natsSkip, ...)`: skips, with the reason, where nats-server is missing; a guard against hangs. */
 export const natsSkip = { skip: NATS_SERVER === undefined && 'needs nats-server (Debian package nats-server, installed by .ci/run)', timeout: 180_000 };
@@ -49,7 +56,8 @@ export async function startNats(t, dir, options = {}) {
     /** @type {ReturnType<typeof start>} */
     process: undefined,
     async restart() {
-      const started = start(/** @type {string} */ (NATS_SERVER), args, { t });
+      const [command, ...rest] = [...DIE_WITH_TEST, /** @type {string} */ (NATS_SERVER), ...args];
+      const started = start(command, rest, { t });
       server.process = started;
       // A server that ends unasked is what a host that gets no answers would see (a host
       // once lost its connection to a fresh server, on Node 22 and 24): say so, with its
