@@ -10,6 +10,9 @@ const RUNS = Number(process.env.SHMFD_BENCH_STARTUP_RUNS ?? 30);
 const SHM_FD = path.join(ROOT, 'bin', 'shm-fd.js');
 const SHM_RESTORE = path.join(ROOT, 'bin', 'shm-restore.js');
 const node = process.execPath;
+// bin/ starts with `#!/usr/bin/env node`: the node found first on PATH must be the one
+// measured (run with another line's binary, the wrappers ran on the machine's Node).
+process.env.PATH = `${path.dirname(node)}:${process.env.PATH ?? ''}`;
 const dir = fs.mkdtempSync(path.join(benchDir(), 'shmfd-bench-startup-'));
 process.on('exit', () => fs.rmSync(dir, { recursive: true, force: true }));
 const BACKUP = path.join(dir, 'state');
