@@ -190,6 +190,15 @@ function shellWord(word: string): string {
   return /^[\w@%+=:,./-]+$/.test(word) ? word : `'${word.replace(/'/g, `'\\''`)}'`;
 }
 
+/**
+ * What the backup on disk holds, for the lines that say what a failed write left:
+ * `previous`, an earlier state than the memory's; `torn`, that earlier state once its
+ * journal is applied (an in-place round's writes into it failed, so the file alone is not
+ * a state); `newest`, the memory's newest snapshot (a round in place after the program
+ * exited, `Snapshotter.finish`).
+ */
+export type BackupState = 'previous' | 'torn' | 'newest';
+
 /** The backup file named on the command line. */
 export class BackupFile {
   /** The file that is read and replaced (a symbolic link is followed to its target). */
@@ -361,12 +370,10 @@ export class BackupFile {
   }
 
   /**
-   * What a failed write left at the backup's path, for its error line: the previous
-   * backup, or what replaced it. `torn`: an in-place round was journaled and its writes
-   * into the backup failed, so the file alone is not a state until its journal is applied.
-   * `newest`: a round in place after the program exited made the backup its last state.
+   * What a failed write left at the backup's path, for its error line: the backup as it
+   * was before the write (see {@link BackupState}), or what replaced it.
    */
-  whatIsLeft(backup: 'previous' | 'torn' | 'newest' = 'previous'): string {
+  whatIsLeft(backup: BackupState = 'previous'): string {
     let stat: fs.Stats;
     try {
       stat = fs.statSync(this.path);

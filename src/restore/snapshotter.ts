@@ -15,7 +15,7 @@ import type { Log } from '../base/log.js';
 import { SnapshotFormatError } from '../snapshot/errors.js';
 import { countValidSlots, MIN_FILE_LENGTH, PAGE, parseHead, type Snapshot, type SnapshotLayout } from '../snapshot/format.js';
 import { DIRTY_MAX_BYTES, type DirtyPages } from '../fds/dirty-pages.js';
-import { recordOfRegion, type BackupFile } from './backup.js';
+import { recordOfRegion, type BackupFile, type BackupState } from './backup.js';
 import { applyRound, openJournal, writeJournal, type JournalRound } from './journal.js';
 import { describeError } from '../system/libc.js';
 import { directorySyncWarning, persistAtomically, type PersistFixup, type PersistResult } from './persist.js';
@@ -301,12 +301,10 @@ export class Snapshotter {
     this.#base = options.backupMatchesMemory === true;
   }
 
-  /**
-   * Whether a journaled round's writes into the backup failed and have not been applied
-   * again since: the backup alone may be torn, its journal repairs it.
-   */
-  get torn(): boolean {
-    return this.#unapplied !== undefined;
+  /** What the backup on disk holds now, as far as this snapshotter changed it. */
+  get #backupState(): BackupState {
+    // A journaled round whose writes into the backup failed, not applied again since.
+    return this.#unapplied === undefined ? 'previous' : 'torn';
   }
 
   /** The pause before the next round, in milliseconds: the interval, or longer after a costly round. */
@@ -321,10 +319,7 @@ export class Snapshotter {
 
   /** Stops the timer and aborts a round in progress (its temporary file is removed). */
   async stop(): Promise<void> {
-    this.#stopped = true;
-    if (this.#timer !== undefined) clearTimeout(this.#timer);
-    this.#abort.abort(new Error('the snapshotter stopped'));
-    await this.#round;
+    await this.#halt();
     this.#closeJournal();
   }
 
@@ -333,14 +328,22 @@ export class Snapshotter {
    * pages changed since the last one, runs it on the quiescent memory. The whole copy of
    * the final write-back needs room for a second file; when a full disk refuses it, this
    * round has kept what the program committed last.
-   * @returns whether the backup now holds the memory's newest snapshot
+   * @returns what the backup holds then, for the write-back's error lines
    */
-  async finish(): Promise<boolean> {
-    await this.stop();
+  async finish(): Promise<BackupState> {
+    await this.#halt();
+    // The abort was for the round in progress, a whole copy the write-back makes anyway.
     this.#abort = new AbortController();
     const outcome = await this.round(true);
     this.#closeJournal();
-    return outcome === 'persisted' || outcome === 'unchanged';
+    return outcome === 'persisted' || outcome === 'unchanged' ? 'newest' : this.#backupState;
+  }
+
+  async #halt(): Promise<void> {
+    this.#stopped = true;
+    if (this.#timer !== undefined) clearTimeout(this.#timer);
+    this.#abort.abort(new Error('the snapshotter stopped'));
+    await this.#round;
   }
 
   #closeJournal(): void {
@@ -626,7 +629,7 @@ export class Snapshotter {
   }
 
   #failed(err: unknown): RoundOutcome {
-    const message = `cannot persist a snapshot to ${this.#o.backup.path}: ${describeError(err)}; ${this.#o.backup.whatIsLeft(this.torn ? 'torn' : 'previous')}`;
+    const message = `cannot persist a snapshot to ${this.#o.backup.path}: ${describeError(err)}; ${this.#o.backup.whatIsLeft(this.#backupState)}`;
     if (message !== this.#lastError) this.#o.log.error(message);
     else this.#o.log.debug(message);
     this.#lastError = message;

@@ -9,7 +9,7 @@ import type { Log } from '../base/log.js';
 import type { MemoryFile } from '../fds/memory-file.js';
 import { SnapshotFormatError } from '../snapshot/errors.js';
 import { describeError } from '../system/libc.js';
-import type { BackupFile } from './backup.js';
+import type { BackupFile, BackupState } from './backup.js';
 import { directorySyncWarning, persistAtomically, type PersistResult } from './persist.js';
 import { formatBytes, formatDuration, withProgress } from './progress.js';
 import { readSlotState, type SlotState } from '../snapshot/pread.js';
@@ -32,10 +32,8 @@ export interface WriteBackOptions {
   log: Log;
   /** Show progress of a slow copy on a terminal. */
   progress: boolean;
-  /** Whether the backup may be torn until its journal is applied ({@link Snapshotter.torn}). */
-  torn?: boolean;
-  /** Whether the backup already holds the memory's newest snapshot ({@link Snapshotter.finish}). */
-  newestInBackup?: boolean;
+  /** What the backup holds before the write-back ({@link Snapshotter.finish}); `previous` by default. */
+  backupState?: BackupState;
 }
 
 /**
@@ -57,7 +55,7 @@ export async function writeBack(
     if (options.snapshot) {
       const verdict = checkFinalSnapshot(memory.fd, size, durable);
       if (typeof verdict === 'string') {
-        if (durable.exists) log.warn(`${verdict}; ${options.torn === true ? backup.whatIsLeft('torn') : `the backup ${backup.path} is kept as it was`}`);
+        if (durable.exists) log.warn(`${verdict}; ${options.backupState === 'torn' ? backup.whatIsLeft('torn') : `the backup ${backup.path} is kept as it was`}`);
         else if (size > 0) log.warn(`${verdict}; nothing was written to ${backup.path}`);
         return 'kept';
       }
@@ -67,9 +65,11 @@ export async function writeBack(
     log.error(`cannot read the memory for the final write-back: ${describeError(err)}; the backup ${backup.path} is kept as it was`);
     return 'failed';
   }
-  // A failed copy leaves the backup as it was: the newest state, the previous one, or a torn one.
-  const left =
-    options.newestInBackup === true ? backup.whatIsLeft('newest') : `${backup.whatIsLeft(options.torn === true ? 'torn' : 'previous')}, the newest state is lost`;
+  // Asked once the copy failed: what is at the backup's path then is what the line describes.
+  const left = () => {
+    const state = options.backupState ?? 'previous';
+    return state === 'newest' ? backup.whatIsLeft(state) : `${backup.whatIsLeft(state)}, the newest state is lost`;
+  };
   let result: PersistResult | undefined;
   try {
     result = await withProgress(`shm-restore: writing back to ${path.basename(backup.path)}`, options.progress, (progress) =>
@@ -83,11 +83,11 @@ export async function writeBack(
       }),
     );
   } catch (err) {
-    log.error(`the final write-back to ${backup.path} failed: ${describeError(err)}; ${left}`);
+    log.error(`the final write-back to ${backup.path} failed: ${describeError(err)}; ${left()}`);
     return 'failed';
   }
   if (result === undefined) {
-    log.error(`the final write-back to ${backup.path} failed: the memory changed during the copy (is another process still writing to it?); ${left}`);
+    log.error(`the final write-back to ${backup.path} failed: the memory changed during the copy (is another process still writing to it?); ${left()}`);
     return 'failed';
   }
   const unsynced = directorySyncWarning(backup, result);
