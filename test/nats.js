@@ -50,6 +50,8 @@ export async function startNats(t, dir, options = {}) {
     args.push('-n', options.name ?? `n${port}`, '--cluster_name', 'shmfd', '--cluster', `nats://127.0.0.1:${options.cluster.port}`);
     args.push('--routes', options.cluster.routes.map((p) => `nats://127.0.0.1:${p}`).join(','));
   }
+  // Set by stop(): a server ended on purpose is not reported.
+  let stopping = false;
   const server = {
     port,
     address: `127.0.0.1:${port}`,
@@ -59,11 +61,10 @@ export async function startNats(t, dir, options = {}) {
       const [command, ...rest] = [...DIE_WITH_TEST, /** @type {string} */ (NATS_SERVER), ...args];
       const started = start(command, rest, { t });
       server.process = started;
+      stopping = false;
       // A server that ends unasked is what a host that gets no answers would see (a host
       // once lost its connection to a fresh server, on Node 22 and 24): say so, with its
       // log. The helpers end what a test leaves with SIGKILL, which is not reported.
-      let stopping = false;
-      server.stopping = () => (stopping = true);
       void started.exited.then(({ code, signal }) => {
         if (!stopping && signal !== 'SIGKILL') process.stderr.write(`nats-server on port ${port} ended unasked (${signal ?? code}):\n${started.err.text}\n`);
       });
@@ -71,11 +72,9 @@ export async function startNats(t, dir, options = {}) {
       if (line === undefined) throw new Error(`nats-server on port ${port} did not start: ${started.err.text}`);
       if (options.cluster !== undefined) await untilMetaLeaderKnown(server, started);
     },
-    /** Called before the test ends the server on purpose. */
-    stopping: () => {},
     /** @param {NodeJS.Signals} [signal] */
     async stop(signal = 'SIGKILL') {
-      server.stopping();
+      stopping = true;
       server.process.kill(signal);
       await server.process.exited;
     },
