@@ -151,6 +151,10 @@ export async function replicaReader(t, servers) {
      * @param {string} name
      */
     async manifest(name) {
+      // Not asked before the stream holds a message: nats-server 2.9.10 crashes on a get
+      // that arrives while the stream is being created (its store not made yet).
+      const info = await jsm.streams.info(`SHMFD_${name}`).catch(() => undefined);
+      if (info === undefined || info.state.last_seq === 0) return undefined;
       const stored = await jsm.streams.getMessage(`SHMFD_${name}`, { last_by_subj: `shmfd.${name}.manifest` }).catch(() => null);
       return stored === null ? undefined : { seq: stored.seq, ...stored.json() };
     },

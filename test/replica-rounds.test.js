@@ -160,3 +160,30 @@ test('a replica cut into chunks of another size (an earlier version) is read, an
   assert.ok(state.bytes.equals(fs.readFileSync(backup)), 'the replica holds the whole state of the round');
   assert.equal(next.digest, stateDigest(backup, CHUNK));
 });
+
+test('a host reading the replica while another creates its stream does not bring nats-server down', natsSkip, async (t) => {
+  // nats-server 2.9.10 (Debian 12's) lists a new stream before it has a store, and crashes on
+  // a message get that arrives in between: a host reading its replica while another host
+  // creates it, as happened here. Each stream is read without pause while it is created.
+  const dir = tempDir(t, 'shmfd-replica-rounds-');
+  const server = await startNats(t, path.join(dir, 'js'));
+  const creator = await connectReplica(parseReplicaUrl(`nats://${server.address}/x`), {});
+  const reader = await connectReplica(parseReplicaUrl(`nats://${server.address}/x`), {});
+  t.after(() => Promise.all([creator.close(), reader.close()]));
+  let reads = 0;
+  for (let i = 0; i < 40; i++) {
+    const url = parseReplicaUrl(`nats://${server.address}/race${i}`);
+    let created = false;
+    const creating = ReplicaStore.open(creator, url, true).then(() => {
+      created = true;
+    });
+    const store = await ReplicaStore.open(reader, url, false);
+    while (!created) {
+      assert.equal(await store.committed(), undefined, 'a stream being created holds no state');
+      reads++;
+    }
+    await creating;
+  }
+  assert.equal(server.process.ended(), undefined, 'the server still runs');
+  t.diagnostic(`${reads} reads while 40 streams were created`);
+});

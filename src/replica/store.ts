@@ -141,6 +141,8 @@ export class ReplicaStore {
   #purgedBelow = 0;
   /** The base manifest of the last state retired: removed once a newer base replaces it. */
   #retiredBase: number | undefined;
+  /** The stream was seen with its store: created by this writer, or holding a message. */
+  #storeSeen = false;
 
   private constructor(nc: NatsConnection, jsm: JetStreamManager, url: ReplicaUrl) {
     this.#jsm = jsm;
@@ -164,6 +166,7 @@ export class ReplicaStore {
         num_replicas: url.replicas,
         allow_direct: true,
       });
+      store.#storeSeen = true;
     }
     return store;
   }
@@ -186,7 +189,7 @@ export class ReplicaStore {
   async committed(): Promise<Committed | undefined> {
     let stored;
     try {
-      stored = await this.#jsm.streams.getMessage(this.stream, { last_by_subj: this.#subjects.manifest });
+      stored = await this.#get({ last_by_subj: this.#subjects.manifest });
     } catch (err) {
       if (isStreamNotFound(err) || (err instanceof JetStreamApiError && err.status === 404)) return undefined;
       throw err;
@@ -200,7 +203,7 @@ export class ReplicaStore {
    * fence markers and manifests carry (a data chunk's, by its writer's last one of those).
    */
   async writerAt(seq: number): Promise<{ id: string; description?: string } | undefined> {
-    const stored = await this.#jsm.streams.getMessage(this.stream, { seq }).catch(() => null);
+    const stored = await this.#get({ seq }).catch(() => null);
     const id = stored?.header?.get(HOLDER_HEADER);
     if (stored === null || stored === undefined || !id) return undefined;
     const described = stored.subject === this.#subjects.data ? await this.#lastDescribing(id) : stored;
@@ -216,7 +219,7 @@ export class ReplicaStore {
   /** The newest manifest or fence marker of writer `id` (one of the two survives the trimming). */
   async #lastDescribing(id: string): Promise<StoredMsg | undefined> {
     for (const subject of [this.#subjects.manifest, this.#subjects.fence]) {
-      const stored = await this.#jsm.streams.getMessage(this.stream, { last_by_subj: subject }).catch(() => null);
+      const stored = await this.#get({ last_by_subj: subject }).catch(() => null);
       if (stored !== null && stored.header?.get(HOLDER_HEADER) === id) return stored;
     }
     return undefined;
@@ -372,7 +375,7 @@ export class ReplicaStore {
     const { manifest } = committed;
     const seqs = new Float64Array(chunkCount(manifest.size, manifest.chunkSize));
     if (manifest.base !== 0) {
-      const base = await this.#jsm.streams.getMessage(this.stream, { seq: manifest.base }).catch(() => null);
+      const base = await this.#get({ seq: manifest.base }).catch(() => null);
       if (base === null || base.subject !== this.#subjects.manifest) throw new MissingMessage(committed, `misses its base manifest at sequence ${manifest.base}`);
       const parsed = parseManifest(base.string(), this.#url);
       const own = new Float64Array(chunkCount(parsed.size, parsed.chunkSize));
@@ -462,7 +465,23 @@ export class ReplicaStore {
    */
   async #dataMessage(seq: number): Promise<StoredMsg | null> {
     const direct = await this.#jsm.direct.getMessage(this.stream, { seq }).catch(() => null);
-    return direct ?? this.#jsm.streams.getMessage(this.stream, { seq }).catch(() => null);
+    return direct ?? this.#get({ seq }).catch(() => null);
+  }
+
+  /**
+   * The message `query` names, asked of the stream's leader (null when there is none).
+   * Asked only once the stream was seen with its store: nats-server 2.9.10 to 2.9.14 (2.9.10
+   * is Debian 12's) lists a new stream before it has one, and a get that arrives in between
+   * crashes the server, as a reader polling while a host created the stream did. Its info is
+   * safe then, and shows no messages.
+   */
+  async #get(query: { seq: number } | { last_by_subj: string }): Promise<StoredMsg | null> {
+    if (!this.#storeSeen) {
+      const info = await this.#info();
+      if (info === undefined || info.state.last_seq === 0) return null;
+      this.#storeSeen = true;
+    }
+    return this.#jsm.streams.getMessage(this.stream, query);
   }
 }
 
