@@ -146,6 +146,10 @@ async function scenario(dir, state, url, jsm, monitorPort, serverPid) {
 
 let NAME = 'bench';
 async function manifest(jsm) {
+  // Not before the stream holds a message: nats-server 2.9.10 crashes on a get that arrives
+  // while the host is creating the stream (docs/replica.md, "Server features used").
+  const info = await jsm.streams.info(`SHMFD_${NAME}`).catch(() => undefined);
+  if (info === undefined || info.state.last_seq === 0) return undefined;
   const m = await jsm.streams.getMessage(`SHMFD_${NAME}`, { last_by_subj: `shmfd.${NAME}.manifest` }).catch(() => null);
   return m === null ? undefined : m.json();
 }
