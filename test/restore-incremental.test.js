@@ -254,23 +254,26 @@ const canMount = isRoot && works('unshare', ['-m', 'true']);
 /**
  * Runs incremental-writer.js under a host (rounds every `interval` ms, debug log) whose
  * backup lies on a 24 MiB tmpfs of its own, in a private mount namespace: once a round ran
- * in place, the shell commands `fill` take the disk's space (in files named `filler*`;
- * `$program` is the program's pid), and once the shell condition `stopWhen` holds (or
- * after 60 s) the host is stopped with SIGTERM. Then the space is freed, the backup
+ * in place (with `unmarked`, once a round persisted: the program is then handed the memory
+ * alone, not the dirty-page map, and marks nothing), the shell commands `fill` take the
+ * disk's space (in files named `filler*`; `$program` is the program's pid), and once the
+ * shell condition `stopWhen` holds (or after 60 s) the host is stopped with SIGTERM. Then the space is freed, the backup
  * checked where it lies (the journal names its inode) by check-settled-backup.js, and
  * restored by a new host whose program commits 8 times.
  * @returns the statuses of the host, the check and the new host on stdout
  *   (`host-status=N` ...), and `read(name)` for their output files: out, err, check, out2, err2
  */
-async function onFullDisk(/** @type {import('node:test').TestContext} */ t, interval, fill, stopWhen) {
+async function onFullDisk(/** @type {import('node:test').TestContext} */ t, interval, fill, stopWhen, unmarked = false) {
   const dir = tempDir(t, 'shmfd-incr-full-');
   fs.mkdirSync(path.join(dir, 'disk'));
+  // The host passes the memory first, then the map: the program is told of the first only.
+  const program = unmarked ? `sh -c 'LISTEN_FDS=1 LISTEN_FDNAMES=SHM_SHARED_FD exec "$0" "$@"'` : '';
   const script = `
     set -e
     mount -t tmpfs -o size=24m tmpfs "$1/disk"
-    setsid "$2" "$3" --snapshot=restore-v1 --interval ${interval} --log-level debug "$1/disk/state" "$2" "$4" "$5" > "$1/out" 2> "$1/err" &
+    setsid "$2" "$3" --snapshot=restore-v1 --interval ${interval} --log-level debug "$1/disk/state" ${program} "$2" "$4" "$5" > "$1/out" 2> "$1/err" &
     host=$!
-    i=0; until grep -q "persisted in place" "$1/err"; do sleep 0.02; i=$((i+1)); [ $i -lt 3000 ] || break; done
+    i=0; until grep -q "${unmarked ? 'snapshot persisted:' : 'persisted in place'}" "$1/err"; do sleep 0.02; i=$((i+1)); [ $i -lt 3000 ] || break; done
     program=$(sed -n 's/^pid //p' "$1/out")
     ${fill}
     i=0; until ${stopWhen}; do sleep 0.02; i=$((i+1)); [ $i -lt 3000 ] || break; done
@@ -348,6 +351,40 @@ test('a disk with no room for the final whole copy: the round in place at exit k
   assert.equal(errors.length, 1, err);
   assert.match(errors[0], /^shm-restore: error: the final write-back to \S+\/disk\/state failed: no space left on device \(ENOSPC\); the backup on disk holds the newest state, written in place after the program exited$/);
   // The backup, checked independently of src/, holds exactly that last commit...
+  assert.match(r.stdout, /^check-status=0$/m, read('check'));
+  assert.equal(JSON.parse(read('check')).newest, stopped, read('check'));
+  // ...and the next host restores it.
+  assert.match(r.stdout, /^again-status=0$/m, read('err2'));
+  assert.equal(Number(/^recovered (\d+)$/m.exec(read('out2'))?.[1]), stopped, read('out2'));
+  assert.doesNotMatch(read('out2'), /^problem/m);
+});
+
+test('a disk with no room for the final whole copy, a program that marks nothing: the pages that differ are written in place at exit', { skip: !canMount && 'needs root and unshare -m to mount a small tmpfs' }, async (t) => {
+  // The program's rounds copy the memory whole. Once one persisted, the program is paused
+  // while every page of the backup gets allocated, the journal gets 2 MiB of room (as a
+  // disk too full for a copy may still have), and files take the rest: the rounds fail
+  // from then on, the program goes on committing, and the host is stopped after two
+  // failed rounds.
+  const fill = `
+    kill -STOP $program
+    fallocate -l $(stat -c %s "$1/disk/state") "$1/disk/state"
+    ${JOURNAL_ROOM}
+    dd if=/dev/zero of="$1/disk/filler" bs=64k 2>/dev/null || true
+    dd if=/dev/zero of="$1/disk/filler-4k" bs=4k 2>/dev/null || true
+    kill -CONT $program`;
+  const r = await onFullDisk(t, 200, fill, '[ $(grep -c "cannot persist" "$1/err") -ge 2 ]', true);
+  const { read } = r;
+  const err = read('err');
+  const exited = err.indexOf('sh exited with status 0');
+  assert.ok(exited > 0, err);
+  assert.doesNotMatch(err.slice(0, exited), IN_PLACE, 'no round ran in place while the program ran');
+  assert.match(err.slice(exited), IN_PLACE, 'one did after it exited');
+  assert.match(err, /error: cannot persist a snapshot to \S+: no space left on device \(ENOSPC\); the backup on disk is the previous one$/m, 'whole copies failed on the full disk');
+  const stopped = Number(/^stopped at (\d+)$/m.exec(read('out'))?.[1]);
+  assert.ok(stopped > 0, read('out'));
+  assert.match(r.stdout, /^host-status=125$/m, r.stderr);
+  assert.match(err, /^shm-restore: error: the final write-back to \S+\/disk\/state failed: no space left on device \(ENOSPC\); the backup on disk holds the newest state, written in place after the program exited$/m);
+  // The backup, checked independently of src/, holds exactly the program's last commit...
   assert.match(r.stdout, /^check-status=0$/m, read('check'));
   assert.equal(JSON.parse(read('check')).newest, stopped, read('check'));
   // ...and the next host restores it.

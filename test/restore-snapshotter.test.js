@@ -208,3 +208,31 @@ test("work beside a round on the host's thread, run through besideRounds, does n
   assert.ok(snapshotter.pauseMs >= (10 * counted.micros) / 1000, `paused ${snapshotter.pauseMs} ms after ${counted.micros} µs of CPU`);
   assert.deepEqual(backupPayloads(backup.path), ['warm-up', 'one', 'two']);
 });
+
+test('persistDifferences writes in place exactly the pages where the memory differs from the backup, past its end too: the backup then equals the memory', async (t) => {
+  const { memory, bytes, backup, snapshotter, persisted } = setUp(t, 64);
+  const writer = new SnapshotFile(bytes).configure({ entries: 16, data: 2 * PAGE });
+  writer.commit(Buffer.from('first'));
+  assert.equal(await snapshotter.round(), 'persisted');
+  // After the program exited: two pages changed, one more, a commit, and the file grown by
+  // 16 pages with one of them written.
+  bytes.fill(1, 10 * PAGE, 12 * PAGE);
+  bytes[40 * PAGE + 100] = 2;
+  writer.commit(Buffer.from('second'));
+  memory.resize(80 * PAGE);
+  const grown = memory.map();
+  t.after(() => grown.unmap());
+  grown.bytes[75 * PAGE] = 3;
+  assert.equal(await snapshotter.finish(), 'previous', 'no round in place without marks');
+  assert.equal(await snapshotter.persistDifferences(), 'newest');
+  assert.ok(fs.readFileSync(backup.path).equals(Buffer.from(grown.bytes)), 'the backup is the memory, byte for byte');
+  assert.deepEqual(backupPayloads(backup.path), ['first', 'second']);
+  const round = persisted.at(-1);
+  assert.equal(round?.incremental, true);
+  const region = round?.changed?.[0]?.[1] ?? 0;
+  assert.ok(region > 0 && region % PAGE === 0 && region <= 10 * PAGE, `head, slots and ring first: ${region}`);
+  assert.deepEqual(round?.changed, [[0, region], [10 * PAGE, 2 * PAGE], [40 * PAGE, PAGE], [75 * PAGE, PAGE]]);
+  assert.ok(fs.existsSync(backup.journalPath), 'its journal stays beside the backup');
+  const found = backup.inspect('snapshot');
+  assert.ok(found.state === 'present' && found.record !== undefined, 'with a verified record');
+});

@@ -212,7 +212,14 @@ async function host(o: RestoreHostOptions, name: string, backup: BackupFile, log
     exists: (inspection.state === 'present' && inspection.size > 0) || snapshotter?.lastPersisted !== undefined,
     snapshots: snapshotter?.lastPersisted?.count ?? (inspection.state === 'present' ? (inspection.slots?.slots.length ?? 0) : 0),
   };
-  const outcome = await writeBack(backup, durable, memory, { snapshot: o.snapshot !== undefined, mode, log, progress: showProgress, backupState });
+  const outcome = await writeBack(backup, durable, memory, {
+    snapshot: o.snapshot !== undefined,
+    mode,
+    log,
+    progress: showProgress,
+    backupState,
+    writeInPlace: snapshotter === undefined ? undefined : () => snapshotter.persistDifferences(),
+  });
   if (outcome === 'failed') return status === 0 ? EXIT_HOST_FAILURE : status;
   // A backup kept as it was has been told already (by its round, or at start).
   if (outcome === 'written') o.onDurable?.({ path: backup.path });

@@ -17,7 +17,7 @@ import { countValidSlots, MIN_FILE_LENGTH, PAGE, parseHead, type Snapshot, type 
 import { DIRTY_MAX_BYTES, type DirtyPages } from '../fds/dirty-pages.js';
 import { recordOfRegion, type BackupFile, type BackupState } from './backup.js';
 import { applyRound, openJournal, writeJournal, type JournalRound } from './journal.js';
-import { describeError } from '../system/libc.js';
+import { describeError, isSystemError } from '../system/libc.js';
 import { directorySyncWarning, persistAtomically, type PersistFixup, type PersistResult } from './persist.js';
 import { formatBytes, formatDuration, withProgress } from './progress.js';
 import { intersectSlots, readHead, readSlotRegion, readSlotState, SlotTable, type SlotState } from '../snapshot/pread.js';
@@ -65,6 +65,9 @@ export function besideRounds<T>(work: () => T): T {
  */
 const RUN_COST_BYTES = 100 * 1024;
 
+/** Bytes of memory and backup compared at a time when the pages that differ are looked for. */
+const COMPARE_BYTES = 1 << 20;
+
 /** Largest buffer an in-place round keeps for the next one (see `Snapshotter.#copyBuffer`). */
 const KEEP_COPY_BUFFER = 64 << 20;
 
@@ -91,6 +94,13 @@ export interface DurableSnapshot {
 
 /** What one round did. */
 export type RoundOutcome = 'persisted' | 'unchanged' | 'not-ready' | 'discarded' | 'failed' | 'aborted';
+
+/**
+ * Which rounds may be taken: `timed` copies whole or in place as the marks decide;
+ * `in-place` only in place (not-ready otherwise); `differences` in place, with the pages
+ * found by comparing the memory with the backup instead of by marks.
+ */
+type RoundKind = 'timed' | 'in-place' | 'differences';
 
 /** Options of {@link Snapshotter}. */
 export interface SnapshotterOptions {
@@ -334,7 +344,21 @@ export class Snapshotter {
     await this.#halt();
     // The abort was for the round in progress, a whole copy the write-back makes anyway.
     this.#abort = new AbortController();
-    const outcome = await this.round(true);
+    const outcome = await this.#guardedRound('in-place');
+    this.#closeJournal();
+    return outcome === 'persisted' || outcome === 'unchanged' ? 'newest' : this.#backupState;
+  }
+
+  /**
+   * After {@link finish}, when the write-back's whole copy found no room: writes into the
+   * backup in place, through the journal, every page where the quiescent memory differs
+   * from it, found by reading both. It needs room for the journal of those pages only. The
+   * way a program that marks no pages (its rounds copy the memory whole) keeps its newest
+   * state on a full disk.
+   * @returns what the backup holds then
+   */
+  async persistDifferences(): Promise<BackupState> {
+    const outcome = await this.#guardedRound('differences');
     this.#closeJournal();
     return outcome === 'persisted' || outcome === 'unchanged' ? 'newest' : this.#backupState;
   }
@@ -361,16 +385,17 @@ export class Snapshotter {
     this.#timer.unref();
   }
 
-  /**
-   * Runs one round now. Never throws: failures are logged and counted.
-   * @param inPlaceOnly a round that would copy the whole memory is not taken ('not-ready')
-   */
-  async round(inPlaceOnly = false): Promise<RoundOutcome> {
+  /** Runs one round now. Never throws: failures are logged and counted. */
+  round(): Promise<RoundOutcome> {
+    return this.#guardedRound('timed');
+  }
+
+  async #guardedRound(kind: RoundKind): Promise<RoundOutcome> {
     const gate = this.#o.gate;
     gate?.enter();
     let outcome: RoundOutcome;
     try {
-      outcome = await this.#roundInner(inPlaceOnly);
+      outcome = await this.#roundInner(kind);
     } catch (err) {
       // Whatever went wrong, the host must outlive the program: log it and go on.
       outcome = this.#failed(err);
@@ -381,7 +406,7 @@ export class Snapshotter {
     return outcome;
   }
 
-  async #roundInner(inPlaceOnly: boolean): Promise<RoundOutcome> {
+  async #roundInner(kind: RoundKind): Promise<RoundOutcome> {
     const { log, memoryFd } = this.#o;
     this.#nextDelay = this.intervalMs;
     let size: number;
@@ -416,15 +441,28 @@ export class Snapshotter {
     const tracking = dirty?.tracking === true;
     const pages = Math.ceil(Math.min(size, DIRTY_MAX_BYTES) / PAGE);
     if (dirty !== undefined) this.#take(dirty, pages);
+    let spans: [number, number][] | undefined;
+    if (kind === 'differences') {
+      try {
+        // Compared with the backup as the round will find it.
+        if (this.#unapplied !== undefined) await this.#applyAgain(this.#unapplied);
+        spans = this.#differingSpans(before.head.tailStart, size);
+      } catch (err) {
+        return this.#failed(err);
+      }
+      if (spans === undefined) return 'not-ready';
+    } else if (tracking && this.#base && size <= DIRTY_MAX_BYTES) {
+      spans = this.#spans(before.head.tailStart, size);
+    }
     // Pages changed all over the file cost more in place (a read, a journaled write and a
     // random write each) than one sequential copy of it: then the round copies it whole.
-    const spans = tracking && this.#base && size <= DIRTY_MAX_BYTES ? this.#spans(before.head.tailStart, size) : undefined;
-    const incremental = spans !== undefined && spans.length * RUN_COST_BYTES <= size;
-    if (inPlaceOnly && !incremental) return this.#notReady('no round in place is possible: the write-back copies the memory whole');
+    const inPlace = spans !== undefined && (kind === 'differences' || spans.length * RUN_COST_BYTES <= size) ? spans : undefined;
+    const incremental = inPlace !== undefined;
+    if (kind === 'in-place' && !incremental) return this.#notReady('no round in place is possible: the write-back copies the memory whole');
     try {
       if (this.#unapplied !== undefined) await this.#applyAgain(this.#unapplied);
-      result = incremental
-        ? await this.#persistInPlace(spans, before, size, kept)
+      result = inPlace
+        ? await this.#persistInPlace(inPlace, before, size, kept)
         : await withProgress('shm-restore: persisting snapshot', this.#o.progress === true, (progress) =>
             persistAtomically(this.#o.backup, memoryFd, size, {
               fixup: liveCopyFixup(memoryFd, before, log, kept),
@@ -466,7 +504,7 @@ export class Snapshotter {
       newest: kept.newest,
       size,
       incremental,
-      changed: incremental ? spans : undefined,
+      changed: inPlace,
     };
     this.lastPersisted = snapshot;
     const unsynced = directorySyncWarning(this.#o.backup, result);
@@ -600,6 +638,47 @@ export class Snapshotter {
     return spans;
   }
 
+  /**
+   * The spans of an in-place round that makes the backup equal to the memory: the head,
+   * slots and ring (up to `region`, always a span of their own: the round checks them), then
+   * each run of pages after them where the two differ, read a MiB at a time. Undefined, the
+   * reason logged, when their journal needs more room than the disk has.
+   */
+  #differingSpans(region: number, size: number): [number, number][] | undefined {
+    const { memoryFd, backup, log } = this.#o;
+    const spans: [number, number][] = [[0, region]];
+    let journaled = region;
+    const memory = Buffer.allocUnsafe(COMPARE_BYTES);
+    const onDisk = Buffer.allocUnsafe(COMPARE_BYTES);
+    const fd = fs.openSync(backup.path, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW);
+    try {
+      for (let at = region; at < size; at += COMPARE_BYTES) {
+        const length = Math.min(COMPARE_BYTES, size - at);
+        readFully(memoryFd, memory, length, at);
+        // Past the backup's end it reads as zeros, as the round's resize leaves it.
+        onDisk.fill(0, readFully(fd, onDisk, length, at), length);
+        if (memory.compare(onDisk, 0, length, 0, length) === 0) continue;
+        for (let page = 0; page < length; page += PAGE) {
+          const end = Math.min(page + PAGE, length);
+          if (memory.compare(onDisk, page, end, page, end) === 0) continue;
+          const last = spans[spans.length - 1]!;
+          if (spans.length > 1 && last[0] + last[1] === at + page) last[1] += end - page;
+          else spans.push([at + page, end - page]);
+          journaled += end - page;
+        }
+      }
+    } finally {
+      fs.closeSync(fd);
+    }
+    // The journal is written over its old bytes: their blocks are room too.
+    const room = freeBytes(backup.dir) + allocatedBytes(backup.journalPath);
+    if (journaled > room) {
+      log.debug(`no round in place: the journal of the ${formatBytes(journaled)} that differ needs more room than the ${formatBytes(room)} left`);
+      return undefined;
+    }
+    return spans;
+  }
+
   /** Applies a journaled round whose in-place writes failed; throws while it still fails. */
   async #applyAgain(round: JournalRound): Promise<void> {
     const fd = fs.openSync(this.#o.backup.path, fs.constants.O_RDWR | fs.constants.O_NOFOLLOW);
@@ -634,6 +713,33 @@ export class Snapshotter {
     else this.#o.log.debug(message);
     this.#lastError = message;
     return 'failed';
+  }
+}
+
+/** Reads `length` bytes at `position` into the start of `buffer`; fewer only at the end of the file. */
+function readFully(fd: number, buffer: Buffer, length: number, position: number): number {
+  let done = 0;
+  while (done < length) {
+    const n = fs.readSync(fd, buffer, done, length - done, position + done);
+    if (n === 0) break;
+    done += n;
+  }
+  return done;
+}
+
+/** Bytes an unprivileged process may still allocate on the filesystem of `dir`. */
+function freeBytes(dir: string): number {
+  const stat = fs.statfsSync(dir);
+  return stat.bavail * stat.bsize;
+}
+
+/** Bytes allocated to `file`, 0 when it does not exist. */
+function allocatedBytes(file: string): number {
+  try {
+    return fs.lstatSync(file).blocks * 512;
+  } catch (err) {
+    if (isSystemError(err, 'ENOENT')) return 0;
+    throw err;
   }
 }
 

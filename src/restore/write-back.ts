@@ -8,7 +8,7 @@ import path from 'node:path';
 import type { Log } from '../base/log.js';
 import type { MemoryFile } from '../fds/memory-file.js';
 import { SnapshotFormatError } from '../snapshot/errors.js';
-import { describeError } from '../system/libc.js';
+import { describeError, isSystemError } from '../system/libc.js';
 import type { BackupFile, BackupState } from './backup.js';
 import { directorySyncWarning, persistAtomically, type PersistResult } from './persist.js';
 import { formatBytes, formatDuration, withProgress } from './progress.js';
@@ -34,6 +34,11 @@ export interface WriteBackOptions {
   progress: boolean;
   /** What the backup holds before the write-back ({@link Snapshotter.finish}); `previous` by default. */
   backupState?: BackupState;
+  /**
+   * When the whole copy finds no room: writes what differs in place instead
+   * ({@link Snapshotter.persistDifferences}), returning what the backup holds then.
+   */
+  writeInPlace?: () => Promise<BackupState>;
 }
 
 /**
@@ -65,11 +70,10 @@ export async function writeBack(
     log.error(`cannot read the memory for the final write-back: ${describeError(err)}; the backup ${backup.path} is kept as it was`);
     return 'failed';
   }
+  let state = options.backupState ?? 'previous';
   // Asked once the copy failed: what is at the backup's path then is what the line describes.
-  const left = () => {
-    const state = options.backupState ?? 'previous';
-    return state === 'newest' ? backup.whatIsLeft(state) : `${backup.whatIsLeft(state)}, the newest state is lost`;
-  };
+  const left = () => (state === 'newest' ? backup.whatIsLeft(state) : `${backup.whatIsLeft(state)}, the newest state is lost`);
+  let released = false;
   let result: PersistResult | undefined;
   try {
     result = await withProgress(`shm-restore: writing back to ${path.basename(backup.path)}`, options.progress, (progress) =>
@@ -79,10 +83,16 @@ export async function writeBack(
         mode,
         // The host is done with the memory: unless the fd store (or a grandchild) holds it
         // too, its pages are freed while the copy is synced.
-        releaseSource: () => memory.close(),
+        releaseSource: () => {
+          released = true;
+          memory.close();
+        },
       }),
     );
   } catch (err) {
+    if ((isSystemError(err, 'ENOSPC') || isSystemError(err, 'EDQUOT')) && !released && state !== 'newest' && options.writeInPlace !== undefined) {
+      state = await options.writeInPlace();
+    }
     log.error(`the final write-back to ${backup.path} failed: ${describeError(err)}; ${left()}`);
     return 'failed';
   }
