@@ -294,6 +294,34 @@ async function onFullDisk(/** @type {import('node:test').TestContext} */ t, inte
 /** Shell: 2 MiB of allocated room past the journal's end (bytes after its length mean nothing). */
 const JOURNAL_ROOM = 'dd if=/dev/zero of="$1/disk/.state.journal" bs=1M count=2 oflag=append conv=notrunc 2>/dev/null';
 
+/**
+ * Shell, for `onFullDisk`: with the program paused, every page of the backup gets allocated
+ * (fallocate keeps its bytes), the journal its room, and files the rest of the space: writes
+ * in place still work, a whole copy does not.
+ */
+const NO_ROOM_FOR_A_COPY = `
+    kill -STOP $program
+    fallocate -l $(stat -c %s "$1/disk/state") "$1/disk/state"
+    ${JOURNAL_ROOM}
+    dd if=/dev/zero of="$1/disk/filler" bs=64k 2>/dev/null || true
+    dd if=/dev/zero of="$1/disk/filler-4k" bs=4k 2>/dev/null || true
+    kill -CONT $program`;
+
+/**
+ * Asserts, from what `onFullDisk` returned, that the backup (checked independently of src/)
+ * holds exactly commit `stopped`, and that the next host restored it.
+ * @param {Awaited<ReturnType<typeof onFullDisk>>} r
+ * @param {number} stopped
+ */
+function assertBackupHolds(r, stopped) {
+  const { read } = r;
+  assert.match(r.stdout, /^check-status=0$/m, read('check'));
+  assert.equal(JSON.parse(read('check')).newest, stopped, read('check'));
+  assert.match(r.stdout, /^again-status=0$/m, read('err2'));
+  assert.equal(Number(/^recovered (\d+)$/m.exec(read('out2'))?.[1]), stopped, read('out2'));
+  assert.doesNotMatch(read('out2'), /^problem/m);
+}
+
 test('a disk that fills up during in-place rounds: each failure one error line, the exit says what is lost, the torn backup restores with its journal', { skip: !canMount && 'needs root and unshare -m to mount a small tmpfs' }, async (t) => {
   // The next rounds' journals fit in their room, but their writes into pages the backup has
   // not allocated yet fail: the backup is torn until its journal is applied, the hardest case.
@@ -326,18 +354,10 @@ test('a disk that fills up during in-place rounds: each failure one error line, 
 });
 
 test('a disk with no room for the final whole copy: the round in place at exit keeps the newest state', { skip: !canMount && 'needs root and unshare -m to mount a small tmpfs' }, async (t) => {
-  // The program is paused while every page of the backup gets allocated (fallocate keeps
-  // its bytes), the journal room, and files the rest of the space: in-place rounds still
-  // work, the whole copy at exit does not. Rounds every 200 ms: the program commits every
-  // 2 ms, so the last round before its exit is older than its last commit.
-  const fill = `
-    kill -STOP $program
-    fallocate -l $(stat -c %s "$1/disk/state") "$1/disk/state"
-    ${JOURNAL_ROOM}
-    dd if=/dev/zero of="$1/disk/filler" bs=64k 2>/dev/null || true
-    dd if=/dev/zero of="$1/disk/filler-4k" bs=4k 2>/dev/null || true
-    kill -CONT $program
-    full=$(grep -c "persisted in place" "$1/err")`;
+  // Once rounds run in place, the disk is left with no room for a copy: in-place rounds
+  // still work, the whole copy at exit does not. Rounds every 200 ms: the program commits
+  // every 2 ms, so the last round before its exit is older than its last commit.
+  const fill = `${NO_ROOM_FOR_A_COPY}; full=$(grep -c "persisted in place" "$1/err")`;
   const r = await onFullDisk(t, 200, fill, '[ $(grep -c "persisted in place" "$1/err") -ge $((full + 2)) ]');
   const { read } = r;
   const err = read('err');
@@ -350,29 +370,15 @@ test('a disk with no room for the final whole copy: the round in place at exit k
   const errors = err.split('\n').filter((l) => l.includes(': error: '));
   assert.equal(errors.length, 1, err);
   assert.match(errors[0], /^shm-restore: error: the final write-back to \S+\/disk\/state failed: no space left on device \(ENOSPC\); the backup on disk holds the newest state, written in place after the program exited$/);
-  // The backup, checked independently of src/, holds exactly that last commit...
-  assert.match(r.stdout, /^check-status=0$/m, read('check'));
-  assert.equal(JSON.parse(read('check')).newest, stopped, read('check'));
-  // ...and the next host restores it.
-  assert.match(r.stdout, /^again-status=0$/m, read('err2'));
-  assert.equal(Number(/^recovered (\d+)$/m.exec(read('out2'))?.[1]), stopped, read('out2'));
-  assert.doesNotMatch(read('out2'), /^problem/m);
+  assertBackupHolds(r, stopped);
 });
 
 test('a disk with no room for the final whole copy, a program that marks nothing: the pages that differ are written in place at exit', { skip: !canMount && 'needs root and unshare -m to mount a small tmpfs' }, async (t) => {
-  // The program's rounds copy the memory whole. Once one persisted, the program is paused
-  // while every page of the backup gets allocated, the journal gets 2 MiB of room (as a
-  // disk too full for a copy may still have), and files take the rest: the rounds fail
-  // from then on, the program goes on committing, and the host is stopped after two
-  // failed rounds.
-  const fill = `
-    kill -STOP $program
-    fallocate -l $(stat -c %s "$1/disk/state") "$1/disk/state"
-    ${JOURNAL_ROOM}
-    dd if=/dev/zero of="$1/disk/filler" bs=64k 2>/dev/null || true
-    dd if=/dev/zero of="$1/disk/filler-4k" bs=4k 2>/dev/null || true
-    kill -CONT $program`;
-  const r = await onFullDisk(t, 200, fill, '[ $(grep -c "cannot persist" "$1/err") -ge 2 ]', true);
+  // The program's rounds copy the memory whole. Once one persisted, the disk is left with
+  // no room for a copy, only the journal's 2 MiB (as a disk too full for a copy may still
+  // have): the rounds fail from then on, the program goes on committing, and the host is
+  // stopped after two failed rounds.
+  const r = await onFullDisk(t, 200, NO_ROOM_FOR_A_COPY, '[ $(grep -c "cannot persist" "$1/err") -ge 2 ]', true);
   const { read } = r;
   const err = read('err');
   const exited = err.indexOf('sh exited with status 0');
@@ -384,13 +390,7 @@ test('a disk with no room for the final whole copy, a program that marks nothing
   assert.ok(stopped > 0, read('out'));
   assert.match(r.stdout, /^host-status=125$/m, r.stderr);
   assert.match(err, /^shm-restore: error: the final write-back to \S+\/disk\/state failed: no space left on device \(ENOSPC\); the backup on disk holds the newest state, written in place after the program exited$/m);
-  // The backup, checked independently of src/, holds exactly the program's last commit...
-  assert.match(r.stdout, /^check-status=0$/m, read('check'));
-  assert.equal(JSON.parse(read('check')).newest, stopped, read('check'));
-  // ...and the next host restores it.
-  assert.match(r.stdout, /^again-status=0$/m, read('err2'));
-  assert.equal(Number(/^recovered (\d+)$/m.exec(read('out2'))?.[1]), stopped, read('out2'));
-  assert.doesNotMatch(read('out2'), /^problem/m);
+  assertBackupHolds(r, stopped);
 });
 
 test('DirtyPages.mark sets exactly the pages of each range, and take moves them out once', () => {
