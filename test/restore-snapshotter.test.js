@@ -236,3 +236,12 @@ test('persistDifferences writes in place exactly the pages where the memory diff
   const found = backup.inspect('snapshot');
   assert.ok(found.state === 'present' && found.record !== undefined, 'with a verified record');
 });
+
+test('persistDifferences with no backup to write into writes nothing and says the backup is as it was', async (t) => {
+  const { bytes, backup, log, snapshotter } = setUp(t);
+  new SnapshotFile(bytes).configure({ entries: 16, data: 2 * PAGE }).commit(Buffer.from('first'));
+  assert.equal(await snapshotter.persistDifferences(), 'previous');
+  assert.equal(fs.existsSync(backup.path), false);
+  assert.equal(fs.existsSync(backup.journalPath), false);
+  assert.deepEqual(log.lines, ['debug: no round in place: there is no backup to write into']);
+});

@@ -642,7 +642,7 @@ export class Snapshotter {
    * The spans of an in-place round that makes the backup equal to the memory: the head,
    * slots and ring (up to `region`, always a span of their own: the round checks them), then
    * each run of pages after them where the two differ, read a MiB at a time. Undefined, the
-   * reason logged, when their journal needs more room than the disk has.
+   * reason logged, when there is no backup or their journal needs more room than the disk has.
    */
   #differingSpans(region: number, size: number): [number, number][] | undefined {
     const { memoryFd, backup, log } = this.#o;
@@ -650,7 +650,14 @@ export class Snapshotter {
     let journaled = region;
     const memory = Buffer.allocUnsafe(COMPARE_BYTES);
     const onDisk = Buffer.allocUnsafe(COMPARE_BYTES);
-    const fd = fs.openSync(backup.path, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW);
+    let fd: number;
+    try {
+      fd = fs.openSync(backup.path, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW);
+    } catch (err) {
+      if (!isSystemError(err, 'ENOENT')) throw err;
+      log.debug('no round in place: there is no backup to write into');
+      return undefined;
+    }
     try {
       for (let at = region; at < size; at += COMPARE_BYTES) {
         const length = Math.min(COMPARE_BYTES, size - at);
