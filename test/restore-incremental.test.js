@@ -35,6 +35,8 @@ const rng = seededRandom(SEED);
 console.log(`# restore-incremental seed ${SEED} (replay with STATE_SEED=${SEED})`);
 
 const IN_PLACE = /snapshot persisted in place/;
+/** The line of a host whose rounds found no room for a whole copy and went on in place. */
+const WORKS_IN_PLACE = /^shm-restore: persisting snapshots works again: in place, the pages that differ from the backup \(no room for a whole copy\)$/m;
 
 /** The lines of `watcher` matching `pattern`, once there are `count` of them (or the stream ended). */
 async function waitForCount(watcher, pattern, count) {
@@ -257,13 +259,16 @@ const canMount = isRoot && works('unshare', ['-m', 'true']);
  * in place (with `unmarked`, once a round persisted: the program is then handed the memory
  * alone, not the dirty-page map, and marks nothing), the shell commands `fill` take the
  * disk's space (in files named `filler*`; `$program` is the program's pid), and once the
- * shell condition `stopWhen` holds (or after 60 s) the host is stopped with SIGTERM. Then the space is freed, the backup
+ * shell condition `stopWhen` holds (or after 60 s) the host is stopped with SIGTERM (with
+ * `kill: 'KILL'`, the whole tree is killed). A copy `fill` makes at `$1/at-fill` is
+ * checked too. Then the space is freed, the backup
  * checked where it lies (the journal names its inode) by check-settled-backup.js, and
  * restored by a new host whose program commits 8 times.
  * @returns the statuses of the host, the check and the new host on stdout
- *   (`host-status=N` ...), and `read(name)` for their output files: out, err, check, out2, err2
+ *   (`host-status=N` ...), and `read(name)` for their output files: out, err, check,
+ *   check-at-fill, out2, err2
  */
-async function onFullDisk(/** @type {import('node:test').TestContext} */ t, interval, fill, stopWhen, unmarked = false) {
+async function onFullDisk(/** @type {import('node:test').TestContext} */ t, interval, fill, stopWhen, { unmarked = false, kill = 'TERM' } = {}) {
   const dir = tempDir(t, 'shmfd-incr-full-');
   fs.mkdirSync(path.join(dir, 'disk'));
   // The host passes the memory first, then the map: the program is told of the first only.
@@ -277,13 +282,15 @@ async function onFullDisk(/** @type {import('node:test').TestContext} */ t, inte
     program=$(sed -n 's/^pid //p' "$1/out")
     ${fill}
     i=0; until ${stopWhen}; do sleep 0.02; i=$((i+1)); [ $i -lt 3000 ] || break; done
-    kill -TERM $host
+    kill -${kill} ${kill === 'KILL' ? '-$host' : '$host'}
     set +e
     wait $host
     echo "host-status=$?"
-    rm "$1/disk"/filler*
+    [ -e "$1/disk/.state.journal" ] && echo journal-left=yes || echo journal-left=no
+    rm -f "$1/disk"/filler*
     "$2" "$6" "$1/disk/state" > "$1/check" 2>&1
     echo "check-status=$?"
+    if [ -e "$1/at-fill" ]; then "$2" "$6" "$1/at-fill" > "$1/check-at-fill" 2>&1; echo "check-at-fill-status=$?"; fi
     "$2" "$3" --snapshot=restore-v1 --log-level info "$1/disk/state" "$2" "$4" "$5" 8 > "$1/out2" 2> "$1/err2"
     echo "again-status=$?"
   `;
@@ -295,12 +302,15 @@ async function onFullDisk(/** @type {import('node:test').TestContext} */ t, inte
 const JOURNAL_ROOM = 'dd if=/dev/zero of="$1/disk/.state.journal" bs=1M count=2 oflag=append conv=notrunc 2>/dev/null';
 
 /**
- * Shell, for `onFullDisk`: with the program paused, every page of the backup gets allocated
- * (fallocate keeps its bytes), the journal its room, and files the rest of the space: writes
- * in place still work, a whole copy does not.
+ * Shell, for `onFullDisk`: with the program paused, and once the backup holds its last
+ * commit (its head page is the memory's: no round copies any more), every page of the
+ * backup gets allocated (fallocate keeps its bytes), the journal its room, and files the
+ * rest of the space: writes in place still work, a whole copy does not. (A whole copy that
+ * succeeded after the journal got its room would remove the journal.)
  */
 const NO_ROOM_FOR_A_COPY = `
     kill -STOP $program
+    i=0; until cmp -s -n 4096 /proc/$program/fd/3 "$1/disk/state"; do sleep 0.02; i=$((i+1)); [ $i -lt 3000 ] || break; done
     fallocate -l $(stat -c %s "$1/disk/state") "$1/disk/state"
     ${JOURNAL_ROOM}
     dd if=/dev/zero of="$1/disk/filler" bs=64k 2>/dev/null || true
@@ -373,24 +383,64 @@ test('a disk with no room for the final whole copy: the round in place at exit k
   assertBackupHolds(r, stopped);
 });
 
-test('a disk with no room for the final whole copy, a program that marks nothing: the pages that differ are written in place at exit', { skip: !canMount && 'needs root and unshare -m to mount a small tmpfs' }, async (t) => {
+test('a disk with no room for a whole copy, a program that marks nothing: rounds go on in place with the pages that differ, the exit too', { skip: !canMount && 'needs root and unshare -m to mount a small tmpfs' }, async (t) => {
   // The program's rounds copy the memory whole. Once one persisted, the disk is left with
   // no room for a copy, only the journal's 2 MiB (as a disk too full for a copy may still
-  // have): the rounds fail from then on, the program goes on committing, and the host is
-  // stopped after two failed rounds.
-  const r = await onFullDisk(t, 200, NO_ROOM_FOR_A_COPY, '[ $(grep -c "cannot persist" "$1/err") -ge 2 ]', true);
+  // have): a copy fails, the rounds after it compare the memory with the backup and write
+  // what differs in place, and the host is stopped after two of them; the program has
+  // committed since the last (it commits every 2 ms, rounds run every 200 ms).
+  const r = await onFullDisk(t, 200, NO_ROOM_FOR_A_COPY, '[ $(grep -c "persisted in place" "$1/err") -ge 2 ]', { unmarked: true });
   const { read } = r;
   const err = read('err');
   const exited = err.indexOf('sh exited with status 0');
   assert.ok(exited > 0, err);
-  assert.doesNotMatch(err.slice(0, exited), IN_PLACE, 'no round ran in place while the program ran');
-  assert.match(err.slice(exited), IN_PLACE, 'one did after it exited');
-  assert.match(err, /error: cannot persist a snapshot to \S+: no space left on device \(ENOSPC\); the backup on disk is the previous one$/m, 'whole copies failed on the full disk');
+  assert.match(err, /error: cannot persist a snapshot to \S+: no space left on device \(ENOSPC\); the backup on disk is the previous one$/m, 'a whole copy failed on the full disk');
+  assert.match(err.slice(0, exited), WORKS_IN_PLACE, 'rounds went on in place');
+  assert.match(err.slice(exited), IN_PLACE, 'and one more after the program exited');
   const stopped = Number(/^stopped at (\d+)$/m.exec(read('out'))?.[1]);
   assert.ok(stopped > 0, read('out'));
   assert.match(r.stdout, /^host-status=125$/m, r.stderr);
   assert.match(err, /^shm-restore: error: the final write-back to \S+\/disk\/state failed: no space left on device \(ENOSPC\); the backup on disk holds the newest state, written in place after the program exited$/m);
   assertBackupHolds(r, stopped);
+});
+
+test('a disk with no room for a whole copy, a program that marks nothing: a SIGKILL of the tree keeps what the rounds in place wrote', { skip: !canMount && 'needs root and unshare -m to mount a small tmpfs' }, async (t) => {
+  // As above; the backup as the disk filled is copied aside, and the tree is killed after
+  // two rounds in place.
+  const fill = `${NO_ROOM_FOR_A_COPY}; cp "$1/disk/state" "$1/at-fill"`;
+  const r = await onFullDisk(t, 200, fill, '[ $(grep -c "persisted in place" "$1/err") -ge 2 ]', { unmarked: true, kill: 'KILL' });
+  const { read } = r;
+  assert.match(read('err'), WORKS_IN_PLACE);
+  assert.match(r.stdout, /^host-status=137$/m, r.stderr);
+  // Both backups, checked independently of src/ (the journal applied), name committed states
+  // only, and the one the rounds in place left is newer than the one before them...
+  assert.match(r.stdout, /^check-at-fill-status=0$/m, read('check-at-fill'));
+  assert.match(r.stdout, /^check-status=0$/m, read('check'));
+  const atFill = JSON.parse(read('check-at-fill')).newest;
+  const { newest } = JSON.parse(read('check'));
+  assert.ok(newest > atFill, `the backup holds commit ${newest}, against ${atFill} when the disk filled`);
+  // ...and the next host restores it.
+  assert.match(r.stdout, /^again-status=0$/m, read('err2'));
+  const recovered = Number(/^recovered (\d+)$/m.exec(read('out2'))?.[1]);
+  assert.ok(recovered >= newest, `recovered ${recovered}, the backup held ${newest}`);
+  assert.doesNotMatch(read('out2'), /^problem/m);
+});
+
+test('a disk with no room for a whole copy, a program that marks nothing: once room is back, rounds copy whole again and the exit leaves no journal', { skip: !canMount && 'needs root and unshare -m to mount a small tmpfs' }, async (t) => {
+  // As above; after two rounds in place the filler is removed, and the host is stopped
+  // after the next whole copy.
+  const stopWhen = `[ $(grep -c "persisted in place" "$1/err") -ge 2 ] && rm -f "$1/disk/filler" && [ $(grep -c "snapshot persisted:" "$1/err") -gt $(cat "$1/whole") ]`;
+  const fill = `${NO_ROOM_FOR_A_COPY}; grep -c "snapshot persisted:" "$1/err" > "$1/whole"`;
+  const r = await onFullDisk(t, 200, fill, stopWhen, { unmarked: true });
+  const { read } = r;
+  const err = read('err');
+  const back = err.lastIndexOf('persisted in place');
+  assert.ok(back > 0 && /snapshot persisted: /.test(err.slice(back)), `a whole copy after the rounds in place:\n${err}`);
+  assert.match(r.stdout, /^host-status=0$/m, err);
+  assert.match(err, /^shm-restore: wrote back /m);
+  assert.match(r.stdout, /^journal-left=no$/m, 'the exit wrote the backup whole and removed its journal');
+  assert.match(r.stdout, /^check-status=0$/m, read('check'));
+  assert.equal(JSON.parse(read('check')).newest, Number(/^stopped at (\d+)$/m.exec(read('out'))?.[1]), read('check'));
 });
 
 test('DirtyPages.mark sets exactly the pages of each range, and take moves them out once', () => {

@@ -68,6 +68,9 @@ const RUN_COST_BYTES = 100 * 1024;
 /** Bytes of memory and backup compared at a time when the pages that differ are looked for. */
 const COMPARE_BYTES = 1 << 20;
 
+/** Bytes compared between two turns of the event loop. */
+const YIELD_BYTES = 64 << 20;
+
 /** Largest buffer an in-place round keeps for the next one (see `Snapshotter.#copyBuffer`). */
 const KEEP_COPY_BUFFER = 64 << 20;
 
@@ -289,6 +292,8 @@ export class Snapshotter {
   #sequence = 0;
   /** The buffer of {@link #copyBuffer}. */
   #runsBuffer = Buffer.alloc(0);
+  /** A whole copy failed for room (ENOSPC, EDQUOT), and none succeeded since. */
+  #copyRefusedForRoom = false;
   /** The journal, open from the first in-place round until a whole copy removes it. */
   #journalFd: number | undefined;
   /** The newest backup made durable by this snapshotter. */
@@ -442,21 +447,27 @@ export class Snapshotter {
     const pages = Math.ceil(Math.min(size, DIRTY_MAX_BYTES) / PAGE);
     if (dirty !== undefined) this.#take(dirty, pages);
     let spans: [number, number][] | undefined;
-    if (kind === 'differences') {
+    if (kind !== 'differences' && tracking && this.#base && size <= DIRTY_MAX_BYTES) {
+      spans = this.#spans(before.head.tailStart, size);
+      // Pages changed all over the file cost more in place (a read, a journaled write and a
+      // random write each) than one sequential copy of it: then the round copies it whole.
+      if (spans.length * RUN_COST_BYTES > size) spans = undefined;
+    }
+    // Where a whole copy finds no room, the pages that differ from the backup go in place.
+    const byComparison = spans === undefined && (kind === 'differences' || (kind === 'timed' && this.#noRoomForCopy()));
+    if (byComparison) {
       try {
         // Compared with the backup as the round will find it.
         if (this.#unapplied !== undefined) await this.#applyAgain(this.#unapplied);
-        spans = this.#differingSpans(before.head.tailStart, size);
+        spans = await this.#differingSpans(before.head.tailStart, size);
       } catch (err) {
+        if (this.#abort.signal.aborted) return 'aborted';
         return this.#failed(err);
       }
-      if (spans === undefined) return 'not-ready';
-    } else if (tracking && this.#base && size <= DIRTY_MAX_BYTES) {
-      spans = this.#spans(before.head.tailStart, size);
+      // Without room for the journal either, a timed round tries the copy, which says why it fails.
+      if (spans === undefined && kind === 'differences') return 'not-ready';
     }
-    // Pages changed all over the file cost more in place (a read, a journaled write and a
-    // random write each) than one sequential copy of it: then the round copies it whole.
-    const inPlace = spans !== undefined && (kind === 'differences' || spans.length * RUN_COST_BYTES <= size) ? spans : undefined;
+    const inPlace = spans;
     const incremental = inPlace !== undefined;
     if (kind === 'in-place' && !incremental) return this.#notReady('no round in place is possible: the write-back copies the memory whole');
     try {
@@ -476,6 +487,7 @@ export class Snapshotter {
       // A backup that cannot be written in place (removed, replaced by a directory) gets
       // a whole copy next, unless a journaled round must be finished first.
       if (incremental && this.#unapplied === undefined) this.#base = false;
+      if (!incremental && (isSystemError(err, 'ENOSPC') || isSystemError(err, 'EDQUOT'))) this.#copyRefusedForRoom = true;
       return this.#failed(err);
     } finally {
       // Every round that copied is paced, kept or not: discarded copies cost as much.
@@ -488,11 +500,12 @@ export class Snapshotter {
     this.#settle(pages);
     if (!incremental) {
       this.#base = tracking;
+      this.#copyRefusedForRoom = false;
       // The rename removed the journal: the next in-place round creates it again.
       this.#closeJournal();
     }
     this.#discardedInARow = 0;
-    if (this.#lastError !== '') log.info('persisting snapshots works again');
+    if (this.#lastError !== '') log.info(`persisting snapshots works again${byComparison ? ': in place, the pages that differ from the backup (no room for a whole copy)' : ''}`);
     this.#lastError = '';
     // The slots are read after the head: a commit between the two reads is in the backup
     // though the head said less, and must not make the next round copy the same state again.
@@ -644,7 +657,7 @@ export class Snapshotter {
    * each run of pages after them where the two differ, read a MiB at a time. Undefined, the
    * reason logged, when there is no backup or their journal needs more room than the disk has.
    */
-  #differingSpans(region: number, size: number): [number, number][] | undefined {
+  async #differingSpans(region: number, size: number): Promise<[number, number][] | undefined> {
     const { memoryFd, backup, log } = this.#o;
     const spans: [number, number][] = [[0, region]];
     let journaled = region;
@@ -660,6 +673,11 @@ export class Snapshotter {
     }
     try {
       for (let at = region; at < size; at += COMPARE_BYTES) {
+        // The host's other work goes on between chunks (a GiB takes about a second).
+        if ((at - region) % YIELD_BYTES === 0 && at > region) {
+          await new Promise((resolve) => setImmediate(resolve));
+          this.#abort.signal.throwIfAborted();
+        }
         const length = Math.min(COMPARE_BYTES, size - at);
         readFully(memoryFd, memory, length, at);
         // Past the backup's end it reads as zeros, as the round's resize leaves it.
@@ -684,6 +702,22 @@ export class Snapshotter {
       return undefined;
     }
     return spans;
+  }
+
+  /**
+   * Whether whole copies were refused for room and still would be: the disk has less room
+   * than the memory's data. A copy is tried again once it has enough.
+   */
+  #noRoomForCopy(): boolean {
+    if (!this.#copyRefusedForRoom) return false;
+    let free: number;
+    try {
+      free = freeBytes(this.#o.backup.dir);
+    } catch {
+      // The copy says what is wrong with the directory.
+      return false;
+    }
+    return free < fs.fstatSync(this.#o.memoryFd).blocks * 512;
   }
 
   /** Applies a journaled round whose in-place writes failed; throws while it still fails. */
