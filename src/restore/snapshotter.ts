@@ -569,12 +569,7 @@ export class Snapshotter {
     let short = false;
     for (const [offset, length] of spans) {
       const data = buffer.subarray(copied, copied + length);
-      let done = 0;
-      while (done < length) {
-        const n = fs.readSync(memoryFd, data, done, length - done, offset + done);
-        if (n === 0) break;
-        done += n;
-      }
+      const done = readFully(memoryFd, data, length, offset);
       runs.push({ offset, data });
       copied += done;
       if (done < length) {
