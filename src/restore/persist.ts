@@ -57,6 +57,11 @@ export interface PersistOptions {
 
 const TEMP_FLAGS = fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL;
 
+/** True for a write refused for lack of room (`ENOSPC`, or `EDQUOT` past a quota). */
+export function refusedForRoom(err: unknown): boolean {
+  return isSystemError(err, 'ENOSPC') || isSystemError(err, 'EDQUOT');
+}
+
 /**
  * Writes the first `size` bytes of `source` to `backup` atomically.
  * @returns the result, or undefined when the fix-up discarded the copy

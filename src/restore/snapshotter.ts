@@ -18,7 +18,7 @@ import { DIRTY_MAX_BYTES, type DirtyPages } from '../fds/dirty-pages.js';
 import { recordOfRegion, type BackupFile, type BackupState } from './backup.js';
 import { applyRound, openJournal, writeJournal, type JournalRound } from './journal.js';
 import { describeError, isSystemError } from '../system/libc.js';
-import { directorySyncWarning, persistAtomically, type PersistFixup, type PersistResult } from './persist.js';
+import { directorySyncWarning, persistAtomically, refusedForRoom, type PersistFixup, type PersistResult } from './persist.js';
 import { formatBytes, formatDuration, withProgress } from './progress.js';
 import { intersectSlots, readHead, readSlotRegion, readSlotState, SlotTable, type SlotState } from '../snapshot/pread.js';
 
@@ -487,7 +487,7 @@ export class Snapshotter {
       // A backup that cannot be written in place (removed, replaced by a directory) gets
       // a whole copy next, unless a journaled round must be finished first.
       if (incremental && this.#unapplied === undefined) this.#base = false;
-      if (!incremental && (isSystemError(err, 'ENOSPC') || isSystemError(err, 'EDQUOT'))) this.#copyRefusedForRoom = true;
+      if (!incremental && refusedForRoom(err)) this.#copyRefusedForRoom = true;
       return this.#failed(err);
     } finally {
       // Every round that copied is paced, kept or not: discarded copies cost as much.

@@ -8,9 +8,9 @@ import path from 'node:path';
 import type { Log } from '../base/log.js';
 import type { MemoryFile } from '../fds/memory-file.js';
 import { SnapshotFormatError } from '../snapshot/errors.js';
-import { describeError, isSystemError } from '../system/libc.js';
+import { describeError } from '../system/libc.js';
 import type { BackupFile, BackupState } from './backup.js';
-import { directorySyncWarning, persistAtomically, type PersistResult } from './persist.js';
+import { directorySyncWarning, persistAtomically, refusedForRoom, type PersistResult } from './persist.js';
 import { formatBytes, formatDuration, withProgress } from './progress.js';
 import { readSlotState, type SlotState } from '../snapshot/pread.js';
 import { quiescentCopyFixup } from './snapshotter.js';
@@ -90,7 +90,7 @@ export async function writeBack(
       }),
     );
   } catch (err) {
-    if ((isSystemError(err, 'ENOSPC') || isSystemError(err, 'EDQUOT')) && !released && state !== 'newest' && options.writeInPlace !== undefined) {
+    if (refusedForRoom(err) && !released && state !== 'newest' && options.writeInPlace !== undefined) {
       state = await options.writeInPlace();
     }
     log.error(`the final write-back to ${backup.path} failed: ${describeError(err)}; ${left()}`);
