@@ -535,6 +535,49 @@ export async function eachVersion(file, running, check) {
 }
 
 /**
+ * Runs a restore-v1 tree `rounds` times and kills it whole (SIGKILL of its group) each time:
+ * each run must recover what the backup held; while it runs, every version of the backup
+ * must restore to a committed state no older than the last (`check`), for a random 150–700
+ * ms, and every other run until a newer one shows up (at most 60 s); after each kill the
+ * backup, its journal applied, is checked too.
+ * @param {{ rounds: number, backup: string, seed: number, rng: ReturnType<typeof seededRandom>,
+ *   startTree: () => ReturnType<typeof start>, check: (file: string, what: string, atLeast: number) => number }} o
+ *   `check` asserts on the backup copy `file` and returns the commit it holds
+ * @returns {Promise<{ kills: number, backupsSeen: number, grewWhileRunning: number, durable: number }>}
+ */
+export async function killTreeRounds({ rounds, backup, seed, rng, startTree, check }) {
+  const stats = { kills: 0, backupsSeen: 0, grewWhileRunning: 0, durable: 0 };
+  for (let round = 1; round <= rounds; round++) {
+    const tree = startTree();
+    const recovered = await tree.out.waitFor(/^recovered (\d+)$/);
+    if (recovered !== undefined) assert.equal(Number(recovered[1]), stats.durable, `seed ${seed}, round ${round}: the program recovered what the backup held`);
+    const until = Date.now() + rng.int(150, 700);
+    const mustGrow = round % 2 === 0;
+    const startDurable = stats.durable;
+    const guard = Date.now() + 60_000;
+    const running = () => {
+      if (Date.now() > guard) throw new Error(`seed ${seed}, round ${round}: no newer backup within 60 s`);
+      return Date.now() < until || (mustGrow && stats.durable === startDurable);
+    };
+    await eachVersion(backup, running, (file) => {
+      stats.durable = check(file, `round ${round}, a backup persisted while the program ran`, stats.durable);
+      stats.backupsSeen++;
+    });
+    if (stats.durable > startDurable) stats.grewWhileRunning++;
+    try {
+      process.kill(-tree.pid, 'SIGKILL');
+      stats.kills++;
+    } catch (e) {
+      if (/** @type {NodeJS.ErrnoException} */ (e).code !== 'ESRCH') throw e;
+    }
+    await tree.exited;
+    assert.ok(!tree.out.lines.some((l) => l.startsWith('problem')), tree.out.lines.join('\n'));
+    if (fs.existsSync(backup)) stats.durable = check(/** @type {string} */ (settledBackup(backup)), `round ${round}, after the kill`, stats.durable);
+  }
+  return stats;
+}
+
+/**
  * The round in a restore-v1 journal (`.NAME.journal` beside backup NAME), decoded from the
  * layout docs/restore.md gives, independently of src/: undefined when there is none or it
  * is incomplete (its SHA-256 does not match), as a host starting up would discard it.

@@ -8,11 +8,10 @@
 //   to a committed state, and never to an older one than before.
 // Kill instants come from a seeded generator; replay with STATE_SEED=<seed>.
 import assert from 'node:assert/strict';
-import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { MemoryFile } from 'shmfd';
-import { cleanEnv, fixture, NODE, seededRandom, SHM_RESTORE, eachVersion, settledBackup, sleep, start, tempDir } from './helpers.js';
+import { cleanEnv, fixture, NODE, seededRandom, SHM_RESTORE, killTreeRounds, sleep, start, tempDir } from './helpers.js';
 import { recoverFrom } from './fixtures/log-retention-model.js';
 
 const PROGRAM = fixture('log-retention.js');
@@ -68,39 +67,16 @@ function startTree(backup) {
 test('SIGKILL of the whole tree under shm-restore --snapshot=restore-v1 while retained logs wrap: every backup restores to a committed state, never an older one', async (t) => {
   const dir = tempDir(t, 'shmfd-retention-');
   const backup = path.join(dir, 'state.backup');
-  const stats = { kills: 0, backupsSeen: 0, grewWhileRunning: 0 };
-  let durable = 0;
+  // Every version of the backup (each an atomic rename) must restore to a committed state,
+  // and they never go back.
   let records = 0;
-  for (let round = 1; round <= 8; round++) {
-    const tree = startTree(backup);
-    const recovered = await tree.out.waitFor(/^recovered (\d+)$/);
-    if (recovered !== undefined) assert.equal(Number(recovered[1]), durable, `seed ${SEED}, round ${round}: the program recovered what the backup held`);
-    // Every version of the backup (each an atomic rename) must restore to a committed
-    // state, and they never go back. Every other round runs at least until a backup newer
-    // than the last one shows up, however slow.
-    const until = Date.now() + rng.int(150, 700);
-    const mustGrow = round % 2 === 0;
-    const startDurable = durable;
-    const guard = Date.now() + 60_000;
-    const running = () => {
-      if (Date.now() > guard) throw new Error(`seed ${SEED}, round ${round}: no newer backup within 60 s`);
-      return Date.now() < until || (mustGrow && durable === startDurable);
-    };
-    await eachVersion(backup, running, (file) => {
-      ({ sequence: durable, records } = checkRecovered(recoverFrom(file), `round ${round}, a backup persisted while the program ran`, { atLeast: durable }));
-      stats.backupsSeen++;
-    });
-    if (durable > startDurable) stats.grewWhileRunning++;
-    try {
-      process.kill(-tree.pid, 'SIGKILL');
-      stats.kills++;
-    } catch (e) {
-      if (e.code !== 'ESRCH') throw e;
-    }
-    await tree.exited;
-    assert.ok(!tree.out.lines.some((l) => l.startsWith('problem')), tree.out.lines.join('\n'));
-    if (fs.existsSync(backup)) ({ sequence: durable, records } = checkRecovered(recoverFrom(settledBackup(backup)), `round ${round}, after the kill`, { atLeast: durable }));
-  }
+  const check = (file, what, atLeast) => {
+    const found = checkRecovered(recoverFrom(file), what, { atLeast });
+    records = found.records;
+    return found.sequence;
+  };
+  const stats = await killTreeRounds({ rounds: 8, backup, seed: SEED, rng, startTree: () => startTree(backup), check });
+  const { durable } = stats;
   t.diagnostic(`seed ${SEED}: ${stats.kills} tree kills, ${stats.backupsSeen} backups checked while running, durable state grew during ${stats.grewWhileRunning} runs; final commit ${durable}, ${records} records per log`);
   assert.ok(stats.grewWhileRunning >= 2, 'restore-v1 persisted new states while the program ran');
   assert.ok(records * 116 > 2 * 2048, `the 2 KiB ring wrapped (${records} records)`);
