@@ -535,6 +535,45 @@ export async function eachVersion(file, running, check) {
 }
 
 /**
+ * The last commit a state fixture reported (its "committed N" lines), 0 for none.
+ * @param {{ numbers: (re: RegExp) => number[] }} watcher its stdout
+ */
+export function lastCommitted(watcher) {
+  return Math.max(0, ...watcher.numbers(/^committed (\d+)$/));
+}
+
+/**
+ * Runs the state program `NODE ...args` on the memfd `memoryFd` (at fd 3) `rounds` times and
+ * SIGKILLs it each time, a random 5–150 ms after it recovered (every other run only once it
+ * reported a commit, so that the runs make progress however slow): each run must recover
+ * what the last check found, and after each kill the memfd must hold a committed state at
+ * least as new as the last one it reported (`check`).
+ * @param {{ rounds: number, memoryFd: number, args: string[], rng: ReturnType<typeof seededRandom>,
+ *   check: (file: string, what: string, atLeast: number) => number }} o
+ *   `check` asserts on the file `file` (the memfd) and returns the commit it holds
+ * @returns {Promise<{ midStream: number, durable: number }>} how many kills hit a running writer
+ */
+export async function killWriterRounds({ rounds, memoryFd, args, rng, check }) {
+  const env = cleanEnv({ LISTEN_FDS: '1', LISTEN_FDNAMES: 'SHM_SHARED_FD' });
+  let durable = 0;
+  let midStream = 0;
+  for (let round = 1; round <= rounds; round++) {
+    const { child, out, err, exited } = start(NODE, args, { env, extraFds: [memoryFd] });
+    const recovered = await out.waitFor(/^recovered (\d+)$/);
+    assert.ok(recovered !== undefined, `round ${round}: the program started: ${err.lines.join('\n')}`);
+    assert.equal(Number(recovered[1]), durable, `round ${round}: the program recovered what the last check found`);
+    if (round % 2 === 0) await out.waitFor(/^committed \d+$/);
+    await Promise.race([sleep(rng.int(5, 150)), exited]);
+    child.kill('SIGKILL');
+    const { signal } = await exited;
+    assert.ok(!out.lines.some((l) => l.startsWith('problem')), `round ${round}: ${out.lines.join('\n')}`);
+    if (signal === 'SIGKILL') midStream++;
+    durable = check(`/proc/self/fd/${memoryFd}`, `round ${round}`, Math.max(durable, lastCommitted(out)));
+  }
+  return { midStream, durable };
+}
+
+/**
  * Runs a restore-v1 tree `rounds` times and kills it whole (SIGKILL of its group) each time:
  * each run must recover what the backup held; while it runs, every version of the backup
  * must restore to a committed state no older than the last (`check`), for a random 150–700

@@ -11,7 +11,7 @@ import assert from 'node:assert/strict';
 import path from 'node:path';
 import { test } from 'node:test';
 import { MemoryFile } from 'shmfd';
-import { cleanEnv, fixture, NODE, run, seededRandom, SHM_RESTORE, killTreeRounds, sleep, start, tempDir } from './helpers.js';
+import { cleanEnv, fixture, killTreeRounds, killWriterRounds, lastCommitted, NODE, run, seededRandom, SHM_RESTORE, start, tempDir } from './helpers.js';
 import { recoverFrom } from './fixtures/state-model.js';
 
 const PROGRAM = fixture('state-sequence.js');
@@ -19,7 +19,6 @@ const SEED = process.env.STATE_SEED === undefined ? Date.now() % 1_000_000_007 :
 const rng = seededRandom(SEED);
 console.log(`# state-process seed ${SEED} (replay with STATE_SEED=${SEED})`);
 
-const lastCommitted = (watcher) => Math.max(0, ...watcher.numbers(/^committed (\d+)$/));
 
 function checkRecovered(found, what, { atLeast }) {
   assert.equal(found.problem, undefined, `seed ${SEED}, ${what}: recovered state is not the one after commit ${found.sequence}: ${found.problem}`);
@@ -45,26 +44,10 @@ test('SIGKILL of the writer at random moments: the memfd always holds exactly a 
   // touches it; a kill leaves it exactly as the program's stores left it.
   const memory = MemoryFile.create('state-kill');
   t.after(() => memory.close());
-  const env = cleanEnv({ LISTEN_FDS: '1', LISTEN_FDNAMES: 'SHM_SHARED_FD' });
   const capacity = 1 << 26; // room for every commit the rounds can reach: the log never fills
-  let durable = 0;
   const rounds = 10;
-  let midStream = 0;
-  for (let round = 1; round <= rounds; round++) {
-    const { child, out, err, exited } = start(NODE, [PROGRAM, '0', '0', String(capacity)], { env, extraFds: [memory.fd] });
-    const recovered = await out.waitFor(/^recovered (\d+)$/);
-    assert.ok(recovered !== undefined, `round ${round}: the program started: ${err.lines.join('\n')}`);
-    assert.equal(Number(recovered[1]), durable, `round ${round}: the program recovered what the last check found`);
-    // Every other kill comes after a commit was reported, so the rounds make progress however slow.
-    if (round % 2 === 0) await out.waitFor(/^committed \d+$/);
-    await Promise.race([sleep(rng.int(5, 150)), exited]);
-    child.kill('SIGKILL');
-    const { signal } = await exited;
-    assert.ok(!out.lines.some((l) => l.startsWith('problem')), `round ${round}: ${out.lines.join('\n')}`);
-    if (signal === 'SIGKILL') midStream++;
-    const reported = lastCommitted(out);
-    durable = checkRecovered(recoverFrom(`/proc/self/fd/${memory.fd}`, capacity), `round ${round}`, { atLeast: Math.max(durable, reported) });
-  }
+  const check = (file, what, atLeast) => checkRecovered(recoverFrom(file, capacity), what, { atLeast });
+  const { midStream, durable } = await killWriterRounds({ rounds, memoryFd: memory.fd, args: [PROGRAM, '0', '0', String(capacity)], rng, check });
   t.diagnostic(`seed ${SEED}: ${midStream} of ${rounds} kills hit a running writer; final commit ${durable}`);
   assert.ok(midStream >= rounds - 1, 'the kills hit a running writer');
   assert.ok(durable > 0);
