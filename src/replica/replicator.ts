@@ -22,7 +22,9 @@
 import fs from 'node:fs';
 import type { NatsConnection } from '@nats-io/transport-node';
 import type { Log } from '../base/log.js';
+import { readAt } from '../base/read-at.js';
 import type { DurableBackup } from '../restore/host.js';
+import { yieldToLoop } from '../restore/copy.js';
 import { besideRounds, type RoundGate } from '../restore/snapshotter.js';
 import { describeError } from '../system/libc.js';
 import { chunkCount, chunkDigest, chunkSizeFor, copyTable, MESSAGE_BYTES, digestAt, resized, setChunk, zeroDigest, zeroTable, type ChunkTable } from './chunks.js';
@@ -353,7 +355,7 @@ export class Replicator {
           const chunks = besideRounds(() => hashed(readChunks(file.fd, readSize, readChunkSize, first, Math.min(n, first + group))));
           for (let k = 0; k < chunks.length; k++) if (!p.captured.has(first + k)) await put(first + k, chunks[k]!.bytes, chunks[k]!.digest);
           // Reading from the page cache does not yield: let the host's rounds and signals in.
-          await new Promise((resolve) => setImmediate(resolve));
+          await yieldToLoop();
         }
         await flush();
         // Now no round writes: chunks changed in place while the file was read were read
@@ -548,15 +550,7 @@ export function readChunks(fd: number, size: number, chunkSize: number, first: n
   const from = first * chunkSize;
   const length = Math.min(size, end * chunkSize) - from;
   const buf = Buffer.allocUnsafe(length);
-  let done = 0;
-  while (done < length) {
-    const n = fs.readSync(fd, buf, done, length - done, from + done);
-    if (n === 0) {
-      buf.fill(0, done);
-      break;
-    }
-    done += n;
-  }
+  buf.fill(0, readAt(fd, buf, length, from));
   const chunks: Buffer[] = [];
   for (let at = 0; at < length; at += chunkSize) chunks.push(buf.subarray(at, Math.min(length, at + chunkSize)));
   return chunks;

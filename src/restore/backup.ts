@@ -7,6 +7,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { ShmfdError } from '../base/errors.js';
+import { readAt } from '../base/read-at.js';
 import { SnapshotFormatError } from '../snapshot/errors.js';
 import { describeError, getXattr, isSystemError, setXattr } from '../system/libc.js';
 import { CHUNK, copySparse, dataExtents, yieldToLoop, type CopyResult, type CopySparseOptions } from './copy.js';
@@ -105,12 +106,8 @@ function* blockDigests(fd: number, length: number): Generator<{ digest: Buffer; 
       yield { digest: zerosDigest(end - start), read: 0 };
       continue;
     }
-    let n = 0;
-    while (n < end - start) {
-      const got = fs.readSync(fd, buffer, n, end - start - n, start + n);
-      if (got === 0) break; // the file ended early: the digest then differs
-      n += got;
-    }
+    // Short where the file ended early: the digest then differs.
+    const n = readAt(fd, buffer, end - start, start);
     yield { digest: sha256(buffer.subarray(0, n)), read: n };
   }
 }

@@ -12,12 +12,14 @@
  */
 import fs from 'node:fs';
 import type { Log } from '../base/log.js';
+import { readAt } from '../base/read-at.js';
 import { SnapshotFormatError } from '../snapshot/errors.js';
 import { countValidSlots, MIN_FILE_LENGTH, PAGE, parseHead, type Snapshot, type SnapshotLayout } from '../snapshot/format.js';
 import { DIRTY_MAX_BYTES, type DirtyPages } from '../fds/dirty-pages.js';
 import { recordOfRegion, type BackupFile, type BackupState } from './backup.js';
 import { applyRound, openJournal, writeJournal, type JournalRound } from './journal.js';
 import { describeError, isSystemError } from '../system/libc.js';
+import { CHUNK, yieldToLoop } from './copy.js';
 import { directorySyncWarning, persistAtomically, refusedForRoom, type PersistFixup, type PersistResult } from './persist.js';
 import { formatBytes, formatDuration, withProgress } from './progress.js';
 import { intersectSlots, readHead, readSlotRegion, readSlotState, SlotTable, type SlotState } from '../snapshot/pread.js';
@@ -67,9 +69,6 @@ const RUN_COST_BYTES = 100 * 1024;
 
 /** Bytes of memory and backup compared at a time when the pages that differ are looked for. */
 const COMPARE_BYTES = 1 << 20;
-
-/** Bytes compared between two turns of the event loop. */
-const YIELD_BYTES = 64 << 20;
 
 /** Largest buffer an in-place round keeps for the next one (see `Snapshotter.#copyBuffer`). */
 const KEEP_COPY_BUFFER = 64 << 20;
@@ -569,7 +568,7 @@ export class Snapshotter {
     let short = false;
     for (const [offset, length] of spans) {
       const data = buffer.subarray(copied, copied + length);
-      const done = readFully(memoryFd, data, length, offset);
+      const done = readAt(memoryFd, data, length, offset);
       runs.push({ offset, data });
       copied += done;
       if (done < length) {
@@ -668,15 +667,15 @@ export class Snapshotter {
     }
     try {
       for (let at = region; at < size; at += COMPARE_BYTES) {
-        // The host's other work goes on between chunks (a GiB takes about a second).
-        if ((at - region) % YIELD_BYTES === 0 && at > region) {
-          await new Promise((resolve) => setImmediate(resolve));
+        // The host's other work goes on between copy chunks' worth (a GiB takes about a second).
+        if ((at - region) % CHUNK === 0 && at > region) {
+          await yieldToLoop();
           this.#abort.signal.throwIfAborted();
         }
         const length = Math.min(COMPARE_BYTES, size - at);
-        readFully(memoryFd, memory, length, at);
+        readAt(memoryFd, memory, length, at);
         // Past the backup's end it reads as zeros, as the round's resize leaves it.
-        onDisk.fill(0, readFully(fd, onDisk, length, at), length);
+        onDisk.fill(0, readAt(fd, onDisk, length, at), length);
         if (memory.compare(onDisk, 0, length, 0, length) === 0) continue;
         for (let page = 0; page < length; page += PAGE) {
           const end = Math.min(page + PAGE, length);
@@ -750,17 +749,6 @@ export class Snapshotter {
     this.#lastError = message;
     return 'failed';
   }
-}
-
-/** Reads `length` bytes at `position` into the start of `buffer`; fewer only at the end of the file. */
-function readFully(fd: number, buffer: Buffer, length: number, position: number): number {
-  let done = 0;
-  while (done < length) {
-    const n = fs.readSync(fd, buffer, done, length - done, position + done);
-    if (n === 0) break;
-    done += n;
-  }
-  return done;
 }
 
 /** Bytes an unprivileged process may still allocate on the filesystem of `dir`. */

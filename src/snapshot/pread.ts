@@ -4,7 +4,7 @@
  * the host fault.
  * @module
  */
-import fs from 'node:fs';
+import { readAt } from '../base/read-at.js';
 import { SnapshotFormatError } from './errors.js';
 import { LENGTH_U32, slotU32 } from './mapped.js';
 import { PAGE, SLOT, markValidSlots, parseHead, readSlots, slotPosition, type DiscoveredHead, type Snapshot } from './format.js';
@@ -21,12 +21,7 @@ export interface SlotState {
 /** Up to `length` bytes of `fd` from `position`: fewer only where the file ends. */
 export function preadFully(fd: number, length: number, position: number): Buffer {
   const buf = Buffer.alloc(length);
-  let done = 0;
-  while (done < length) {
-    const n = fs.readSync(fd, buf, done, length - done, position + done);
-    if (n === 0) break;
-    done += n;
-  }
+  const done = readAt(fd, buf, length, position);
   return done === length ? buf : buf.subarray(0, done);
 }
 
@@ -78,13 +73,9 @@ export function readSlotRegion(fd: number, { head, page }: HeadPage): Buffer {
   const needed = slotPosition(head.entries);
   const bytes = Buffer.allocUnsafe(needed);
   page.copy(bytes, 0, 0, PAGE);
-  let done = PAGE;
-  while (done < needed) {
-    const n = fs.readSync(fd, bytes, done, needed - done, done);
-    if (n === 0) {
-      throw new SnapshotFormatError('ERR_SNAPSHOT_TOO_SMALL', `the file ended at byte ${done}, inside its sequence region (which ends at ${needed})`);
-    }
-    done += n;
+  const done = PAGE + readAt(fd, bytes, needed - PAGE, PAGE, PAGE);
+  if (done < needed) {
+    throw new SnapshotFormatError('ERR_SNAPSHOT_TOO_SMALL', `the file ended at byte ${done}, inside its sequence region (which ends at ${needed})`);
   }
   return bytes;
 }

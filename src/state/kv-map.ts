@@ -8,6 +8,7 @@ import fs from 'node:fs';
 import { Buffer } from 'node:buffer';
 import { ShmfdError } from '../base/errors.js';
 import type { Log } from '../base/log.js';
+import { readAt } from '../base/read-at.js';
 import type { Mapping } from '../fds/memory-file.js';
 import { PAGE } from '../snapshot/format.js';
 import { storeU64 } from '../snapshot/mapped.js';
@@ -964,13 +965,6 @@ export class KeyValueMap implements Structure {
 
   /** Reads ring bytes from `phys` into `into`, at most `limit`; returns how many. */
   #readRing(into: Uint8Array, phys: number, limit: number): number {
-    const n = Math.min(into.length, limit);
-    let done = 0;
-    while (done < n) {
-      const got = fs.readSync(this.#fd, into, done, n - done, this.#fileOffset + this.#ringOffset + phys + done);
-      if (got === 0) break;
-      done += got;
-    }
-    return done;
+    return readAt(this.#fd, into, Math.min(into.length, limit), this.#fileOffset + this.#ringOffset + phys);
   }
 }
