@@ -348,9 +348,7 @@ export class Snapshotter {
     await this.#halt();
     // The abort was for the round in progress, a whole copy the write-back makes anyway.
     this.#abort = new AbortController();
-    const outcome = await this.#guardedRound('in-place');
-    this.#closeJournal();
-    return outcome === 'persisted' || outcome === 'unchanged' ? 'newest' : this.#backupState;
+    return this.#lastRound('in-place');
   }
 
   /**
@@ -361,8 +359,13 @@ export class Snapshotter {
    * state on a full disk.
    * @returns what the backup holds then
    */
-  async persistDifferences(): Promise<BackupState> {
-    const outcome = await this.#guardedRound('differences');
+  persistDifferences(): Promise<BackupState> {
+    return this.#lastRound('differences');
+  }
+
+  /** A round after the program exited: what the backup holds after it. */
+  async #lastRound(kind: RoundKind): Promise<BackupState> {
+    const outcome = await this.#guardedRound(kind);
     this.#closeJournal();
     return outcome === 'persisted' || outcome === 'unchanged' ? 'newest' : this.#backupState;
   }
@@ -466,13 +469,12 @@ export class Snapshotter {
       // Without room for the journal either, a timed round tries the copy, which says why it fails.
       if (spans === undefined && kind === 'differences') return 'not-ready';
     }
-    const inPlace = spans;
-    const incremental = inPlace !== undefined;
+    const incremental = spans !== undefined;
     if (kind === 'in-place' && !incremental) return this.#notReady('no round in place is possible: the write-back copies the memory whole');
     try {
       if (this.#unapplied !== undefined) await this.#applyAgain(this.#unapplied);
-      result = inPlace
-        ? await this.#persistInPlace(inPlace, before, size, kept)
+      result = spans
+        ? await this.#persistInPlace(spans, before, size, kept)
         : await withProgress('shm-restore: persisting snapshot', this.#o.progress === true, (progress) =>
             persistAtomically(this.#o.backup, memoryFd, size, {
               fixup: liveCopyFixup(memoryFd, before, log, kept),
@@ -516,7 +518,7 @@ export class Snapshotter {
       newest: kept.newest,
       size,
       incremental,
-      changed: inPlace,
+      changed: spans,
     };
     this.lastPersisted = snapshot;
     const unsynced = directorySyncWarning(this.#o.backup, result);
@@ -562,7 +564,7 @@ export class Snapshotter {
     const { memoryFd, backup, log } = this.#o;
     const t0 = performance.now();
     // One buffer for all the runs: a buffer per page costs more than its read.
-    const buffer = this.#copyBuffer(spans.reduce((sum, [, length]) => sum + length, 0));
+    const buffer = this.#copyBuffer(bytesOf(spans));
     const runs: JournalRound['runs'] = [];
     let copied = 0;
     let short = false;
@@ -654,7 +656,6 @@ export class Snapshotter {
   async #differingSpans(region: number, size: number): Promise<[number, number][] | undefined> {
     const { memoryFd, backup, log } = this.#o;
     const spans: [number, number][] = [[0, region]];
-    let journaled = region;
     const memory = Buffer.allocUnsafe(COMPARE_BYTES);
     const onDisk = Buffer.allocUnsafe(COMPARE_BYTES);
     let fd: number;
@@ -683,12 +684,12 @@ export class Snapshotter {
           const last = spans[spans.length - 1]!;
           if (spans.length > 1 && last[0] + last[1] === at + page) last[1] += end - page;
           else spans.push([at + page, end - page]);
-          journaled += end - page;
         }
       }
     } finally {
       fs.closeSync(fd);
     }
+    const journaled = bytesOf(spans);
     // The journal is written over its old bytes: their blocks are room too.
     const room = freeBytes(backup.dir) + allocatedBytes(backup.journalPath);
     if (journaled > room) {
@@ -749,6 +750,11 @@ export class Snapshotter {
     this.#lastError = message;
     return 'failed';
   }
+}
+
+/** Bytes the `[offset, length]` spans cover. */
+function bytesOf(spans: [number, number][]): number {
+  return spans.reduce((sum, [, length]) => sum + length, 0);
 }
 
 /** Bytes an unprivileged process may still allocate on the filesystem of `dir`. */
