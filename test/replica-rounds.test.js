@@ -174,7 +174,8 @@ test('a host reading the replica while another creates its stream does not bring
   for (let i = 0; i < 40; i++) {
     const url = parseReplicaUrl(`nats://${server.address}/race${i}`);
     let created = false;
-    const creating = ReplicaStore.open(creator, url, true).then(() => {
+    // Settled either way: a creation that fails must end the reads, then fail the test.
+    const creating = ReplicaStore.open(creator, url, true).finally(() => {
       created = true;
     });
     const store = await ReplicaStore.open(reader, url, false);
