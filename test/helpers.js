@@ -501,7 +501,6 @@ export async function waitFor(check, what, timeoutMs = 60_000, intervalMs = 20) 
   }
 }
 
-/** A unique abstract socket address for this test process. */
 /**
  * Calls `check(copy)` once for each version of the restore-v1 backup `file` while
  * `running()` holds, `copy` being {@link settledBackup}'s copy of it: each atomic rename
@@ -691,6 +690,30 @@ export function settledBackup(file) {
   return copy;
 }
 
+/**
+ * SIGKILLs the detached host `tree` after its `count`-th line matching `roundLine` (an
+ * in-place round), at an instant its journal `journalPath` holds a complete round: the
+ * tree is stopped first, and let go on to its next round while the next round's journal
+ * is being written. Returns that round, decoded.
+ */
+export async function killWithCompleteJournal(tree, journalPath, roundLine, count = 1) {
+  let seen = 0;
+  for (let i = 0; ; i++) {
+    const line = await tree.err.line(i);
+    if (line === undefined) throw new Error(`the host ended before an in-place round:\n${tree.err.lines.join('\n')}`);
+    if (!roundLine.test(line) || ++seen < count) continue;
+    tree.kill('SIGSTOP');
+    const round = decodeJournal(fs.existsSync(journalPath) ? fs.readFileSync(journalPath) : undefined);
+    if (round !== undefined) {
+      tree.kill('SIGKILL');
+      await tree.exited;
+      return round;
+    }
+    tree.kill('SIGCONT');
+  }
+}
+
+/** A unique abstract socket address for this test process. */
 export function abstractAddress(tag) {
   return `@shmfd-test-${tag}-${process.pid}-${Math.random().toString(36).slice(2)}`;
 }

@@ -13,7 +13,7 @@ import { startReplica } from '../dist/replica/start.js';
 import { connectReplica, newWriter, ReplicaStore } from '../dist/replica/store.js';
 import { parseReplicaUrl } from '../dist/replica/url.js';
 import { RoundGate } from '../dist/restore/snapshotter.js';
-import { decodeJournal, fixture, NODE, SHM_RESTORE, start, tempDir, waitFor, writeInPlace } from './helpers.js';
+import { fixture, killWithCompleteJournal, NODE, SHM_RESTORE, start, tempDir, waitFor, writeInPlace } from './helpers.js';
 import { natsSkip, replicaReader, stateDigest, startNats } from './nats.js';
 import { CAPACITY, checkAllSnapshots } from './state-check.js';
 
@@ -74,11 +74,7 @@ test('a replica started beside a backup with an interrupted round in its journal
   const backup = path.join(dir, 'state');
   // Rounds in place, then the tree killed: the journal of the last round stays beside the backup.
   const writer = start(NODE, [SHM_RESTORE, '--snapshot=restore-v1', '--interval', '5', '--log-level', 'debug', backup, NODE, fixture('incremental-writer.js'), String(CAPACITY)], { detached: true, t });
-  await writer.err.waitFor(/snapshot persisted in place/);
-  writer.kill('SIGKILL');
-  await writer.exited;
-  const round = decodeJournal(fs.readFileSync(path.join(dir, '.state.journal')));
-  assert.ok(round !== undefined, 'a complete journal is left after an in-place round');
+  const round = await killWithCompleteJournal(writer, path.join(dir, '.state.journal'), /snapshot persisted in place/);
   const expected = fs.readFileSync(backup);
   for (const run of round.runs) run.data.copy(expected, run.offset);
   // As if the host had died in the middle of the round's in-place writes.

@@ -24,7 +24,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { DIRTY_PAGES_NAME, DirtyPages } from 'shmfd';
-import { decodeJournal, fixture, isRoot, NODE, run, seededRandom, settledBackup, SHM_RESTORE, sleep, start, tempDir, works } from './helpers.js';
+import { fixture, isRoot, killWithCompleteJournal, NODE, run, seededRandom, settledBackup, SHM_RESTORE, sleep, start, tempDir, works } from './helpers.js';
 import { CAPACITY, checkAllSnapshots, validSnapshots } from './state-check.js';
 import { pattern } from './fixtures/marked-writer.js';
 
@@ -133,14 +133,9 @@ test('a backup removed while in-place rounds run is written again whole', async 
 /** A backup with in-place rounds, its host killed after one: returns the backup's bytes and the (applied) journal's. */
 async function killedAfterRounds(dir) {
   const backup = path.join(dir, 'state');
-  const tree = host(backup);
-  assert.equal(await waitForCount(tree.err, IN_PLACE, 5), 5, tree.err.lines.join('\n'));
-  tree.kill('SIGKILL');
-  await tree.exited;
-  const journal = fs.readFileSync(path.join(dir, '.state.journal'));
-  const round = decodeJournal(journal);
-  assert.ok(round !== undefined, 'a complete journal is left after an in-place round');
-  return { backup, journalPath: path.join(dir, '.state.journal'), journal, round };
+  const journalPath = path.join(dir, '.state.journal');
+  const round = await killWithCompleteJournal(host(backup), journalPath, IN_PLACE, 5);
+  return { backup, journalPath, journal: fs.readFileSync(journalPath), round };
 }
 
 /** Runs the host with `true`: it replays or discards the journal, restores, and writes the memory back whole. */

@@ -176,7 +176,9 @@ test('a host killed before setpriv set the parent-death signal leaves no program
   const waiting = path.join(dir, 'waiting');
   fs.writeFileSync(
     path.join(bin, 'setpriv'),
-    `#!/bin/sh\n[ "$3" = --version ] && exec ${real} "$@"\necho $$ > ${waiting}.new && mv ${waiting}.new ${waiting}\nread go < ${fifo}\nexec ${real} "$@"\n`,
+    // The fifo is opened (read-write: no wait for a writer) before the test is told, so
+    // the test's write never finds it without a reader.
+    `#!/bin/sh\n[ "$3" = --version ] && exec ${real} "$@"\nexec 3<> ${fifo}\necho $$ > ${waiting}.new && mv ${waiting}.new ${waiting}\nread go <&3\nexec 3<&-\nexec ${real} "$@"\n`,
     { mode: 0o755 },
   );
   const ran = path.join(dir, 'ran');
