@@ -74,7 +74,11 @@ const hasFlushCompileCache = typeof (/** @type {{ flushCompileCache?: unknown }}
 /** The files of Node's compile cache under `dir` (Node puts them in one directory per Node version). */
 function cacheFiles(dir) {
   if (!fs.existsSync(dir)) return [];
-  return fs.readdirSync(dir, { recursive: true, encoding: 'utf8' }).filter((f) => fs.statSync(path.join(dir, f)).isFile());
+  // Commands of other test files write entries meanwhile (a temporary file, renamed).
+  return fs
+    .readdirSync(dir, { recursive: true, withFileTypes: true })
+    .filter((e) => e.isFile())
+    .map((e) => path.relative(dir, path.join(e.parentPath ?? e.path, e.name)));
 }
 
 test(

@@ -264,7 +264,7 @@ test('a second process mapping the same descriptor sees our writes, we see its w
   Atomics.store(table, 3, 0xbeefn);
   const done = run(NODE, [fixture('atomic-adder.js'), String(COUNT)], { extraFds: [file.fd] });
   // Wait until the child has mapped the file, then start both loops together.
-  const deadline = Date.now() + 20_000;
+  const deadline = Date.now() + 60_000;
   while (Atomics.load(table, 0) === 0n) {
     if (Date.now() > deadline) break;
     await new Promise((resolve) => setImmediate(resolve));

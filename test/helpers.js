@@ -52,7 +52,7 @@ export const isRoot = typeof process.getuid === 'function' && process.getuid() =
 export const SANDBOX = path.join(ROOT, 'test', 'systemd-sandbox.sh');
 
 /** The environment of a run of {@link SANDBOX} keeping its files in `dir`. */
-export function sandboxEnv(dir, timeoutSeconds = 100) {
+export function sandboxEnv(dir, timeoutSeconds = 240) {
   return { ...process.env, SANDBOX_DIR: dir, SANDBOX_TIMEOUT: String(timeoutSeconds), SANDBOX_NODE: NODE };
 }
 
@@ -167,7 +167,7 @@ export function fixture(name) {
  * @returns {Promise<RunResult>}
  */
 export async function run(command, args, options = {}) {
-  const started = start(command, args, { ...options, input: options.input ?? '', guardMs: options.timeoutMs ?? 30_000 });
+  const started = start(command, args, { ...options, input: options.input ?? '', guardMs: options.timeoutMs ?? 120_000 });
   options.onSpawn?.(started.child);
   return { ...(await started.exited), pid: started.pid };
 }
@@ -453,7 +453,7 @@ export function datagramReceiver(address) {
       }
     },
     /** Waits (polling) until a datagram arrives; throws after `timeoutMs`. */
-    next(timeoutMs = 10_000) {
+    next(timeoutMs = 60_000) {
       return waitFor(() => this.receive(), `a datagram on ${address}`, timeoutMs, 10);
     },
     close() {

@@ -43,7 +43,25 @@ export async function freePort() {
  * @param {{ port?: number, name?: string, cluster?: { port: number, routes: number[] }, jetstream?: false }} [options]
  */
 export async function startNats(t, dir, options = {}) {
-  const port = options.port ?? (await freePort());
+  // A port found free may be taken before the server binds it (by another test file's
+  // connection): then the server is started on another one.
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await startNatsOn(t, dir, options.port ?? (await freePort()), options);
+    } catch (err) {
+      if (options.port !== undefined || attempt === 5 || !/address already in use/.test(String(err))) throw err;
+    }
+  }
+}
+
+/**
+ * {@link startNats} on `port`.
+ * @param {import('node:test').TestContext} t
+ * @param {string} dir
+ * @param {number} port
+ * @param {{ port?: number, name?: string, cluster?: { port: number, routes: number[] }, jetstream?: false }} options
+ */
+async function startNatsOn(t, dir, port, options) {
   const args = ['-a', '127.0.0.1', '-p', String(port)];
   if (options.jetstream !== false) args.push('-js', '-sd', storeDir(t, dir));
   if (options.cluster !== undefined) {

@@ -218,7 +218,7 @@ test('the program gets its memory file at offset 0, and snapshot rounds never mo
   const host = startHost(['--snapshot=restore-v1', '--interval', '20', '--log-level', 'debug', live, process.execPath, COUNTER, '--commits', '3', '--report-offset']);
   const first = await host.next();
   assert.equal(first.offset, 0);
-  await waitFor(() => /snapshot persisted/.test(host.stderr), 'a persisted round', 20_000);
+  await waitFor(() => /snapshot persisted/.test(host.stderr), 'a persisted round', 60_000);
   host.child.kill('SIGTERM');
   const end = await host.exited;
   assert.equal(end.code, 0, end.stderr);

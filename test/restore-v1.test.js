@@ -50,15 +50,19 @@ test('backups appear on disk while the program runs, each a valid snapshot file 
   assert.equal((await host.next()).recovered, 0);
   const seen = [];
   const inodes = new Set();
+  // Each version seen is held open: its inode number cannot be handed to a later one.
+  const held = [];
+  t.after(() => held.forEach((fd) => fs.closeSync(fd)));
   await waitFor(() => {
     assert.equal(host.child.exitCode, null, 'the program is still running');
     const b = readCounterBackup(backup);
     if (b === undefined) return false;
     assertSlotsIntact(b);
     if (seen.at(-1) !== b.counter) seen.push(b.counter);
-    inodes.add(fs.statSync(backup).ino);
+    held.push(fs.openSync(backup, 'r'));
+    inodes.add(fs.fstatSync(held.at(-1)).ino);
     return seen.length >= 3;
-  }, 'three successive backups while the program runs', 30_000, 5);
+  }, 'three successive backups while the program runs', 60_000, 5);
   for (let i = 1; i < seen.length; i++) assert.ok(seen[i] > seen[i - 1], `counters only grow: ${seen}`);
   assert.ok(inodes.size >= 2, 'each backup replaced the previous file');
   host.child.kill('SIGTERM');
@@ -229,7 +233,7 @@ test('SIGKILL of the host during persistence, again and again: the backup is alw
       async () => {
         if (!hit()) return false;
         process.kill(host.child.pid, 'SIGSTOP');
-        await waitFor(() => isStopped(host.child.pid), 'the host to stop', 20_000, 1);
+        await waitFor(() => isStopped(host.child.pid), 'the host to stop', 60_000, 1);
         if (aim === 'renamed' || tempFiles(dir).length > 0) return true;
         process.kill(host.child.pid, 'SIGCONT'); // the persist ended meanwhile: aim at the next one
         return false;
@@ -242,7 +246,7 @@ test('SIGKILL of the host during persistence, again and again: the backup is alw
     host.child.kill('SIGKILL');
     await host.exit;
     killIfThere(start.pid);
-    await waitFor(() => isDead(start.pid), 'the orphaned program to end', 20_000, 5);
+    await waitFor(() => isDead(start.pid), 'the orphaned program to end', 60_000, 5);
     leftovers = tempFiles(dir);
     landed.push(`${aim}${aim === 'copy' ? ` ${(fraction * 100).toFixed(0)}%` : ''}: ${during ? 'during a persist' : 'between persists'}`);
     if (aim !== 'renamed') assert.ok(leftovers.length > 0, 'the kill hit a persist in progress: its temporary file is left');

@@ -34,7 +34,7 @@ async function sandbox(t, dir, units) {
   fs.mkdirSync(unitDir);
   for (const [name, text] of Object.entries(units)) fs.writeFileSync(path.join(unitDir, name), text);
   const child = spawn(SANDBOX, [unitDir, NODE, fixture('sockets-systemctl-relay.js')], {
-    env: sandboxEnv(path.join(dir, 'sandbox'), 110),
+    env: sandboxEnv(path.join(dir, 'sandbox'), 240),
     stdio: ['pipe', 'pipe', 'pipe'],
   });
   let stderr = '';

@@ -49,7 +49,7 @@ systemctl --user show -p NFileDescriptorStore -p ActiveState -p SubState -p Resu
   );
   const r = await run(SANDBOX, [units, 'bash', script], {
     env: sandboxEnv(path.join(dir, 'sandbox')),
-    timeoutMs: 120_000,
+    timeoutMs: 300_000,
   });
   const logs = () =>
     `stdout:\n${r.stdout}\nstderr:\n${r.stderr}\nunit stderr:\n${fs.existsSync(err) ? fs.readFileSync(err, 'utf8') : ''}`;

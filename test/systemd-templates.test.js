@@ -39,7 +39,7 @@ async function drive(t, dir, sandboxDir, unitFile, unitText, scenario, extra = [
   const result = path.join(dir, `${scenario}.json`);
   const r = await run(SANDBOX, [units, NODE, DRIVER, scenario, unitFile, path.join(dir, 'out.log'), path.join(dir, 'err.log'), result, ...extra], {
     env: sandboxEnv(sandboxDir),
-    timeoutMs: 120_000,
+    timeoutMs: 300_000,
   });
   const observed = fs.existsSync(result) ? JSON.parse(fs.readFileSync(result, 'utf8')) : { steps: [] };
   const logs = () =>
