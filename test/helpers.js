@@ -654,9 +654,10 @@ export function decodeJournal(bytes) {
  * bytes are those of one round. Undefined when the journal changed while reading (the
  * caller reads again later); throws ENOENT when there is no backup.
  * @param {string} file
+ * @param {string} [into] the directory of the copy, when not the backup's (a full disk)
  * @returns {string | undefined}
  */
-export function settledBackup(file) {
+export function settledBackup(file, into = path.dirname(file)) {
   const journalPath = path.join(path.dirname(file), `.${path.basename(file)}.journal`);
   const readJournal = () => {
     try {
@@ -685,7 +686,7 @@ export function settledBackup(file) {
     for (const run of round.runs) run.data.copy(out, run.offset);
     bytes = out;
   }
-  const copy = path.join(path.dirname(file), `settled.${path.basename(file)}`);
+  const copy = path.join(into, `settled.${path.basename(file)}`);
   fs.writeFileSync(copy, bytes);
   return copy;
 }

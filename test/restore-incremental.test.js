@@ -15,8 +15,12 @@
 //   lost, and once space is free the backup (with its journal) is checked as above and
 //   the next start applies the journal and restores it;
 // - a disk with room for in-place rounds but not for the whole copy at exit: the round in
-//   place after the program exited keeps its last commit, checked as above.
-//   SHMFD_KILLS=N sets the number of kills (npm run test:long: 200).
+//   place after the program exited keeps its last commit, checked as above;
+// - a disk with no room for a whole copy and a program that marks nothing: rounds compare
+//   the memory with the backup and write what differs in place; SIGKILL of the whole tree
+//   at random instants during them, each backup left checked as above and recovered.
+//   SHMFD_KILLS=N sets the number of kills (npm run test:long: 201; a tenth of it, at least
+//   6, for the rounds by comparison).
 // Kill moments come from a seeded generator; replay with STATE_SEED=<seed>.
 import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
@@ -436,6 +440,66 @@ test('a disk with no room for a whole copy, a program that marks nothing: once r
   assert.match(r.stdout, /^journal-left=no$/m, 'the exit wrote the backup whole and removed its journal');
   assert.match(r.stdout, /^check-status=0$/m, read('check'));
   assert.equal(JSON.parse(read('check')).newest, Number(/^stopped at (\d+)$/m.exec(read('out'))?.[1]), read('check'));
+});
+
+/** Kills of the chain below: a tenth of the long mode's, at least 6. */
+const COMPARISON_KILLS = Math.max(6, Math.ceil(KILLS / 10));
+
+test(`SIGKILL of the whole tree at random instants while rounds go in place by comparison (${COMPARISON_KILLS} kills): every backup names committed states, and the next run recovers it`, { skip: !canMount && 'needs root and unshare -m to mount a small tmpfs' }, async (t) => {
+  // A program that marks nothing, on a disk left without room for a whole copy (as above):
+  // each run's rounds compare the memory with the backup and write what differs in place.
+  // Each run is killed whole at a random instant after its first such round; the next
+  // starts from what is left (a leftover copy is removed, the journal applied). The journal
+  // removed at a start frees its room: the program's wrapper allocates every page of the
+  // restored memory (fill-holes.js), so that a whole copy still needs more room than that.
+  const dir = tempDir(t, 'shmfd-incr-compare-');
+  fs.mkdirSync(path.join(dir, 'disk'));
+  const delays = Array.from({ length: COMPARISON_KILLS }, () => (rng.int(0, 300) / 1000).toFixed(3));
+  const script = `
+    mount -t tmpfs -o size=24m tmpfs "$1/disk"
+    k=0
+    for delay in ${delays.join(' ')} last; do
+      k=$((k+1))
+      if [ $delay = last ]; then commits=8; else commits=; fi
+      setsid "$2" "$3" --snapshot=restore-v1 --interval 20 --log-level debug "$1/disk/state" sh -c '"$0" "$1" && shift && LISTEN_FDS=1 LISTEN_FDNAMES=SHM_SHARED_FD exec "$0" "$@"' "$2" "$7" "$4" "$5" $commits > "$1/out-$k" 2> "$1/err-$k" &
+      host=$!
+      if [ $delay = last ]; then wait $host; echo "run-$k status=$? recovered=$(sed -n 's/^recovered //p' "$1/out-$k")"; break; fi
+      if [ $k = 1 ]; then
+        i=0; until grep -q "snapshot persisted:" "$1/err-$k"; do sleep 0.02; i=$((i+1)); [ $i -lt 3000 ] || break; done
+        program=$(sed -n 's/^pid //p' "$1/out-$k")
+        ${NO_ROOM_FOR_A_COPY.replaceAll('"$1/err"', '"$1/err-$k"')}
+      fi
+      i=0; until grep -q "persisted in place" "$1/err-$k"; do sleep 0.02; i=$((i+1)); [ $i -lt 3000 ] || break; done
+      sleep $delay
+      kill -KILL -$host
+      wait $host
+      "$2" "$6" "$1/disk/state" "$1" > "$1/check-$k" 2>&1
+      checked=$?
+      echo "run-$k status=$checked recovered=$(sed -n 's/^recovered //p' "$1/out-$k") in-place=$(grep -c "persisted in place" "$1/err-$k") check=$(cat "$1/check-$k" | tr '\n' ' ')"
+      [ $checked = 0 ] || break
+    done
+  `;
+  const r = await run('unshare', ['-m', 'sh', '-c', script, 'sh', dir, NODE, SHM_RESTORE, PROGRAM, String(CAPACITY), fixture('check-settled-backup.js'), fixture('fill-holes.js')], { timeoutMs: 600_000 });
+  const runs = [...r.stdout.matchAll(/^run-(\d+) status=(\d+) recovered=(\d*)(?: in-place=(\d+) check=(.*))?$/gm)];
+  const log = (/** @type {number} */ k) => `seed ${SEED}, run ${k}:\n${r.stdout}${r.stderr}${fs.existsSync(path.join(dir, `err-${k}`)) ? fs.readFileSync(path.join(dir, `err-${k}`), 'utf8') : ''}`;
+  let newest = 0;
+  for (const [, k, status, recovered, inPlace, check] of runs) {
+    assert.ok(Number(recovered) >= newest, `${log(Number(k))}\nrecovered ${recovered}, but the backup held ${newest}`);
+    if (check === undefined) {
+      // The last run commits 8 times and exits; its whole copy at exit finds no room either.
+      assert.equal(status, '125', log(Number(k)));
+      assert.match(fs.readFileSync(path.join(dir, `err-${k}`), 'utf8'), /error: the final write-back to .* failed: no space left on device \(ENOSPC\); the backup on disk holds the newest state, written in place after the program exited$/m);
+      break;
+    }
+    assert.equal(status, '0', `the backup after the kill is checked (independently of src/): ${log(Number(k))}`);
+    assert.ok(Number(inPlace) > 0, log(Number(k)));
+    const checked = JSON.parse(check).newest;
+    assert.ok(checked >= newest, `${log(Number(k))}\nthe backup went back from ${newest} to ${checked}`);
+    newest = checked;
+  }
+  assert.equal(runs.length, COMPARISON_KILLS + 1, log(runs.length + 1));
+  assert.match(fs.readFileSync(path.join(dir, 'err-2'), 'utf8'), WORKS_IN_PLACE, 'a run after a kill also found no room for a copy and went on in place');
+  t.diagnostic(`seed ${SEED}: ${COMPARISON_KILLS} kills, final commit checked ${newest}`);
 });
 
 test('DirtyPages.mark sets exactly the pages of each range, and take moves them out once', () => {
