@@ -18,13 +18,6 @@ export interface SlotState {
   bytes: Buffer;
 }
 
-/** Up to `length` bytes of `fd` from `position`: fewer only where the file ends. */
-export function preadFully(fd: number, length: number, position: number): Buffer {
-  const buf = Buffer.alloc(length);
-  const done = readAt(fd, buf, length, position);
-  return done === length ? buf : buf.subarray(0, done);
-}
-
 /** The parsed head of a file and its first page as read. */
 export interface HeadPage {
   head: DiscoveredHead;
@@ -37,9 +30,10 @@ export interface HeadPage {
  * @throws {@link SnapshotFormatError} for a file too small or with impossible masks
  */
 export function readHead(fd: number, size: number): HeadPage | undefined {
-  const page = preadFully(fd, PAGE, 0);
-  if (page.length < PAGE) {
-    throw new SnapshotFormatError('ERR_SNAPSHOT_TOO_SMALL', `a snapshot file needs at least one page (${PAGE} bytes) for its head; this one has ${Math.min(size, page.length)}`);
+  const page = Buffer.allocUnsafe(PAGE);
+  const read = readAt(fd, page, PAGE, 0);
+  if (read < PAGE) {
+    throw new SnapshotFormatError('ERR_SNAPSHOT_TOO_SMALL', `a snapshot file needs at least one page (${PAGE} bytes) for its head; this one has ${Math.min(size, read)}`);
   }
   const head = parseHead(page, size);
   return head === undefined ? undefined : { head, page };
