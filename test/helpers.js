@@ -691,6 +691,21 @@ export function settledBackup(file, into = path.dirname(file)) {
   return copy;
 }
 
+/** The state letter of process `pid` in /proc (R, S, T, Z, ...), or undefined once it is reaped. */
+export function processState(pid) {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
+    return stat[stat.lastIndexOf(')') + 2];
+  } catch {
+    return undefined;
+  }
+}
+
+/** True once `pid` is stopped: kill(2) returns before SIGSTOP has taken effect. */
+export function isStopped(pid) {
+  return /^[Tt]$/.test(processState(pid) ?? '');
+}
+
 /**
  * SIGKILLs the detached host `tree` after its `count`-th line matching `roundLine` (an
  * in-place round), at an instant its journal `journalPath` holds a complete round: the
@@ -704,6 +719,8 @@ export async function killWithCompleteJournal(tree, journalPath, roundLine, coun
     if (line === undefined) throw new Error(`the host ended before an in-place round:\n${tree.err.lines.join('\n')}`);
     if (!roundLine.test(line) || ++seen < count) continue;
     tree.kill('SIGSTOP');
+    // Until the host has stopped, it may still be writing the next round's journal.
+    await waitFor(() => isStopped(tree.pid), 'the host to stop', 60_000, 1);
     const round = decodeJournal(fs.existsSync(journalPath) ? fs.readFileSync(journalPath) : undefined);
     if (round !== undefined) {
       tree.kill('SIGKILL');
