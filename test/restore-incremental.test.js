@@ -301,14 +301,16 @@ async function onFullDisk(/** @type {import('node:test').TestContext} */ t, inte
 const JOURNAL_ROOM = 'dd if=/dev/zero of="$1/disk/.state.journal" bs=1M count=2 oflag=append conv=notrunc 2>/dev/null';
 
 /**
- * Shell, for `onFullDisk`: with the program paused, and once the backup holds its last
- * commit (its head page is the memory's: no round copies any more), every page of the
+ * Shell, for `onFullDisk`: with the program stopped (the state /proc shows, not only the
+ * signal sent), and once the backup holds its last commit (its head page is the memory's:
+ * no round copies any more), every page of the
  * backup gets allocated (fallocate keeps its bytes), the journal its room, and files the
  * rest of the space: writes in place still work, a whole copy does not. (A whole copy that
  * succeeded after the journal got its room would remove the journal.)
  */
 const NO_ROOM_FOR_A_COPY = `
     kill -STOP $program
+    until grep -q "^State:[[:space:]]*T" /proc/$program/status; do sleep 0.01; done
     i=0; until cmp -s -n 4096 /proc/$program/fd/3 "$1/disk/state"; do sleep 0.02; i=$((i+1)); [ $i -lt 3000 ] || break; done
     fallocate -l $(stat -c %s "$1/disk/state") "$1/disk/state"
     ${JOURNAL_ROOM}
@@ -467,7 +469,7 @@ test(`SIGKILL of the whole tree at random instants while rounds go in place by c
       if [ $k = 1 ]; then
         i=0; until grep -q "snapshot persisted:" "$1/err-$k"; do sleep 0.02; i=$((i+1)); [ $i -lt 3000 ] || break; done
         program=$(sed -n 's/^pid //p' "$1/out-$k")
-        ${NO_ROOM_FOR_A_COPY.replaceAll('"$1/err"', '"$1/err-$k"')}
+        ${NO_ROOM_FOR_A_COPY}
       fi
       i=0; until grep -q "persisted in place" "$1/err-$k"; do sleep 0.02; i=$((i+1)); [ $i -lt 3000 ] || break; done
       sleep $delay
