@@ -691,19 +691,9 @@ export function settledBackup(file, into = path.dirname(file)) {
   return copy;
 }
 
-/** The state letter of process `pid` in /proc (R, S, T, Z, ...), or undefined once it is reaped. */
-export function processState(pid) {
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
-    return stat[stat.lastIndexOf(')') + 2];
-  } catch {
-    return undefined;
-  }
-}
-
 /** True once `pid` is stopped: kill(2) returns before SIGSTOP has taken effect. */
 export function isStopped(pid) {
-  return /^[Tt]$/.test(processState(pid) ?? '');
+  return /^[Tt]$/.test(processInfo(pid)?.state ?? '');
 }
 
 /**

@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { cleanEnv, COUNTER, datagramReceiver, fingerprint, isRoot, processState, RAW, readCounterBackup, run, runHost, SHM_RESTORE, startHost, tempDir, tempFiles, waitFor, works } from './helpers.js';
+import { cleanEnv, COUNTER, datagramReceiver, fingerprint, isRoot, processInfo, RAW, readCounterBackup, run, runHost, SHM_RESTORE, startHost, tempDir, tempFiles, waitFor, works } from './helpers.js';
 
 test('fresh start with a missing backup: the program gets an empty memory; the backup is written at exit, mode 0600', async (t) => {
   const dir = tempDir(t);
@@ -192,7 +192,7 @@ test('a signal during the restore ends the host without running the program, exi
     // Stopped, or ended already: a run so late is not counted either.
     const state = await waitFor(
       () => {
-        const now = processState(host.child.pid) ?? 'Z';
+        const now = processInfo(host.child.pid)?.state ?? 'Z';
         return /^[TtZ]$/.test(now) && now;
       },
       'the host to stop',

@@ -8,7 +8,7 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { childrenOf, cleanEnv, COUNTER, processInfo, RAW, readCounterBackup, run, runHost, seededRandom, SHM_RESTORE, sleep, startHost, tempDir, tempFiles, waitFor, works } from './helpers.js';
+import { childrenOf, cleanEnv, COUNTER, isStopped, processInfo, RAW, readCounterBackup, run, runHost, seededRandom, SHM_RESTORE, sleep, startHost, tempDir, tempFiles, waitFor, works } from './helpers.js';
 
 const pdeathsig = works('setpriv', ['--pdeathsig', 'KILL', '--version']) || 'needs setpriv with --pdeathsig (util-linux 2.33 or later)';
 const needsSetpriv = { skip: pdeathsig !== true && pdeathsig };
@@ -34,7 +34,7 @@ function childrenWithInfo(pid) {
 async function killHostAlone(host) {
   const pid = host.child.pid;
   process.kill(pid, 'SIGSTOP');
-  await waitFor(() => processInfo(pid)?.state === 'T', 'the host to stop');
+  await waitFor(() => isStopped(pid), 'the host to stop');
   const children = childrenWithInfo(pid);
   process.kill(pid, 'SIGKILL');
   await host.exit;

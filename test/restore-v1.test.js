@@ -7,11 +7,11 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { SnapshotFile } from 'shmfd/snapshot';
-import { COUNTER, fingerprint, fixture, isStopped, processState, RAW, readCounterBackup, runHost, seededRandom, sleep, startHost, tempDir, tempFiles, waitFor } from './helpers.js';
+import { COUNTER, fingerprint, fixture, isStopped, processInfo, RAW, readCounterBackup, runHost, seededRandom, sleep, startHost, tempDir, tempFiles, waitFor } from './helpers.js';
 
 /** True once `pid` is gone or a zombie (its reaper may take its time). */
 function isDead(pid) {
-  return (processState(pid) ?? 'Z') === 'Z';
+  return (processInfo(pid)?.state ?? 'Z') === 'Z';
 }
 
 /** Entries of restore-counter's log in the tail. */
