@@ -6,6 +6,8 @@
 //   payload, log records, cell copies), independently of src/;
 // - a complete journal is replayed at start, an incomplete one or one of another file is
 //   discarded, byte for byte;
+// - a host run as root gives the files it creates beside a service's backup (backup,
+//   journal, lock) the backup's owner and group, and leaves a file already there alone;
 // - SIGKILL of the program, of the host, and of the whole tree at random instants during
 //   incremental rounds; after each, the backup (with its journal applied, as the next host
 //   would) is checked as above, and the next run recovers at least that state;
@@ -28,7 +30,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { DIRTY_PAGES_NAME, DirtyPages } from 'shmfd';
-import { fixture, isRoot, killWithCompleteJournal, NODE, run, seededRandom, settledBackup, SHM_RESTORE, sleep, start, tempDir, works } from './helpers.js';
+import { fixture, isRoot, killWithCompleteJournal, NODE, run, seededRandom, settledBackup, SHM_RESTORE, sleep, start, tempDir, waitFor, works } from './helpers.js';
 import { CAPACITY, checkAllSnapshots, validSnapshots } from './state-check.js';
 import { pattern } from './fixtures/marked-writer.js';
 
@@ -112,6 +114,45 @@ test('a program that writes its own tail and marks it (DirtyPages) gets in-place
       durable = Math.max(durable, end);
     }
   }
+});
+
+test('a host run as root gives the files it creates beside the backup the backup\'s owner, and no file that was there already', { skip: !isRoot && 'needs root' }, async (t) => {
+  const dir = tempDir(t, 'shmfd-incr-');
+  const backup = path.join(dir, 'state');
+  // A service's backup (an empty one: a fresh start), owned by nobody, group nogroup.
+  const service = { uid: 65534, gid: 65534 };
+  fs.writeFileSync(backup, '', { mode: 0o640 });
+  fs.chownSync(backup, service.uid, service.gid);
+  // A file that was there before the host, of root's, in the place of a file the host
+  // creates: a hard link to it must not be handed to the service.
+  const rootsFile = path.join(dir, 'roots-file');
+  fs.writeFileSync(rootsFile, 'root only', { mode: 0o600 });
+  fs.linkSync(rootsFile, path.join(dir, '.state.lock'));
+  const tree = host(backup);
+  t.after(() => tree.kill('SIGKILL'));
+  assert.equal(await waitForCount(tree.err, IN_PLACE, 3), 3, tree.err.lines.join('\n'));
+  /** Owner and group of each file in the directory, and its permission bits. */
+  const owners = () => Object.fromEntries(fs.readdirSync(dir).sort().flatMap((name) => {
+    const s = fs.statSync(path.join(dir, name), { throwIfNoEntry: false });
+    return s === undefined ? [] : [[name, `${s.uid}:${s.gid} ${(s.mode & 0o777).toString(8)}`]];
+  }));
+  const theService = `${service.uid}:${service.gid}`;
+  // While rounds go in place: the backup (a whole copy first) and the journal (which a
+  // round that copies the file whole removes again: read while it is there).
+  const journal = await waitFor(() => owners()['.state.journal'], 'the journal of in-place rounds');
+  assert.equal(journal, `${theService} 600`);
+  const others = owners();
+  delete others['.state.journal'];
+  assert.deepEqual(others, { '.state.lock': '0:0 600', 'roots-file': '0:0 600', state: `${theService} 640` });
+  tree.kill('SIGTERM');
+  assert.equal((await tree.exited).code, 0, tree.err.lines.join('\n'));
+  // The write-back at exit replaced the backup and removed the journal.
+  assert.deepEqual(owners(), { '.state.lock': '0:0 600', 'roots-file': '0:0 600', state: `${theService} 640` });
+  // A lock file the host creates is the service's too.
+  fs.rmSync(path.join(dir, '.state.lock'));
+  const again = await run(NODE, [SHM_RESTORE, '--snapshot=restore-v1', backup, 'true']);
+  assert.equal(again.code, 0, again.stderr);
+  assert.equal(owners()['.state.lock'], `${theService} 600`);
 });
 
 test('a backup removed while in-place rounds run is written again whole', async (t) => {

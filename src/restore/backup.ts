@@ -230,6 +230,28 @@ export class BackupFile {
     return path.join(this.dir, `${this.#tempPrefix}${crypto.randomBytes(6).toString('hex')}`);
   }
 
+  /**
+   * Gives a file this host has just created beside the backup (exclusively: the next
+   * backup, the journal, the lock file) the backup's owner and group, when this host runs
+   * as root. A root host on a service's backup is an administrator's one-off run; the
+   * service, run as its own user, must still open every file afterwards. Any other host
+   * creates files it owns, as whoever may write the backup may. Failing to change the owner
+   * (a file system that refuses it, an id unmapped in a user namespace) leaves the file as
+   * before this method existed, and stops nothing: the file is there, only root's.
+   * @param fd a file created here with `O_EXCL`, never one that was already there: a hard
+   *   link left in the directory must not be handed to anyone
+   */
+  giveToOwner(fd: number): void {
+    if (process.geteuid?.() !== 0) return;
+    const owner = fs.statSync(this.path, { throwIfNoEntry: false });
+    if (owner === undefined) return;
+    try {
+      fs.fchownSync(fd, owner.uid, owner.gid);
+    } catch {
+      // As documented above: the file stays root's.
+    }
+  }
+
   /** True for names of this backup's temporary files. */
   isTempName(name: string): boolean {
     return name.startsWith(this.#tempPrefix) && /^[0-9a-f]+$/.test(name.slice(this.#tempPrefix.length));

@@ -91,6 +91,7 @@ export async function openJournal(backup: BackupFile): Promise<number> {
   }
   const fd = fs.openSync(backup.journalPath, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW, 0o600);
   try {
+    backup.giveToOwner(fd);
     await syncDirectory(backup.dir);
   } catch (err) {
     fs.closeSync(fd);

@@ -37,7 +37,7 @@ export class BackupLock {
     try {
       // Close-on-exec: the program (and anything it starts) must never hold the lock, or
       // it would outlive the host and refuse the next one.
-      fd = fs.openSync(file, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_NOFOLLOW | sys.O_CLOEXEC, 0o600);
+      fd = openLockFile(backup, file);
     } catch (err) {
       const verb = fs.lstatSync(file, { throwIfNoEntry: false }) === undefined ? 'create' : 'open';
       throw new ShmfdError('ERR_BACKUP_ACCESS', `backup ${backup.path}: cannot ${verb} its lock file ${file}: ${sys.describeError(err)}`, { cause: err });
@@ -65,6 +65,22 @@ export class BackupLock {
   release(): void {
     fs.closeSync(this.fd);
   }
+}
+
+/**
+ * Opens the lock file, creating it if missing; only a file created here is given the
+ * backup's owner ({@link BackupFile.giveToOwner}).
+ */
+function openLockFile(backup: BackupFile, file: string): number {
+  const flags = fs.constants.O_RDWR | fs.constants.O_NOFOLLOW | sys.O_CLOEXEC;
+  try {
+    const fd = fs.openSync(file, flags | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600);
+    backup.giveToOwner(fd);
+    return fd;
+  } catch (err) {
+    if (!sys.isSystemError(err, 'EEXIST')) throw err;
+  }
+  return fs.openSync(file, flags);
 }
 
 /**

@@ -83,6 +83,8 @@ export async function persistAtomically(
     const t1 = performance.now();
     if (options.fixup !== undefined && !options.fixup(handle.fd, size)) return undefined;
     await recordBackupCheck(handle.fd, size, options.signal);
+    // Owner first: a change of owner clears the set-id bits that the mode may restore.
+    backup.giveToOwner(handle.fd);
     if (options.mode !== undefined && options.mode !== 0o600) await handle.chmod(options.mode);
     const t2 = performance.now();
     const synced = handle.sync();
