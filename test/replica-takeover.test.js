@@ -49,6 +49,10 @@ test('a host in another directory continues from the replica after the first hos
   a.kill('SIGKILL');
   await a.exited;
 
+  // b's directory holds an empty backup (nothing to start from) that its group may read:
+  // the state fetched from the replica, and every backup after it, keep its permission bits.
+  fs.writeFileSync(backup('b'), '');
+  fs.chmodSync(backup('b'), 0o640);
   // The lease of the dead host expires; then the new host takes over with its state.
   const { host: b, first } = await startWhenLeaseFree(() => host(t, url, backup('b'), ['--commits', '5', '--exit']), a.pid);
   assert.equal(first.recovered, 300);
@@ -57,6 +61,7 @@ test('a host in another directory continues from the replica after the first hos
   assert.equal(end.code, 0, end.stderr);
   assert.match(end.stderr, /starting from the replica nats:\/\/\S+: the replica's newest state is \S+ \S+ old \(65\.5 kB, from \S+ pid \d+\), no local backup/);
   assert.equal(readCounterBackup(backup('b')).counter, 305);
+  assert.equal(fs.statSync(backup('b')).mode & 0o7777, 0o640);
   // Its final state is replicated too, and status reads it without any local file.
   const manifest = await reader.manifest('takeover');
   assert.equal(manifest.digest, stateDigest(backup('b')));

@@ -1,7 +1,8 @@
 // Atomic persistence (src/restore/persist.ts) with a real memfd and real files: the copy
 // goes to a temporary file next to the backup (mode 0600, the backup untouched meanwhile),
-// gets its integrity record, and replaces the backup by rename; a fix-up that refuses, a
-// failing step or an abort leave the old backup as it was and no temporary file behind.
+// gets its integrity record and the permission bits of the backup it replaces, and replaces
+// the backup by rename; a fix-up that refuses, a failing step or an abort leave the old
+// backup as it was and no temporary file behind.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -30,7 +31,7 @@ function memoryWith(t, /** @type {string} */ text, size = 4 * MiB) {
 function oldBackup(/** @type {import('node:test').TestContext} */ t, old = 'the old backup') {
   const dir = tempDir(t);
   const file = path.join(dir, 'state');
-  fs.writeFileSync(file, old);
+  fs.writeFileSync(file, old, { mode: 0o600 });
   return { dir, file, backup: new BackupFile(file) };
 }
 
@@ -79,11 +80,19 @@ test('the new backup replaces the old one by rename, with the memory bytes, mode
   assert.deepEqual(found.record && { size: found.record.size, region: found.record.region }, { size: 4 * MiB, region: 4 * MiB }, 'the record covers the whole raw file');
 });
 
-test('the mode of the new backup is the one asked for', async (t) => {
-  const { file, backup } = oldBackup(t);
+test('the new backup keeps the permission bits of the one it replaces, as they are then; a first one is 0600', async (t) => {
+  const { dir, file, backup } = oldBackup(t);
   const memory = memoryWith(t, 'x', 8192);
-  await persistAtomically(backup, memory.fd, memory.size, { mode: 0o640 });
-  assert.equal(fs.statSync(file).mode & 0o777, 0o640);
+  fs.chmodSync(file, 0o640);
+  await persistAtomically(backup, memory.fd, memory.size);
+  assert.equal(fs.statSync(file).mode & 0o7777, 0o640);
+  // Changed between two copies, as by a chmod while the host runs: the next copy keeps it.
+  fs.chmodSync(file, 0o2604);
+  await persistAtomically(backup, memory.fd, memory.size);
+  assert.equal(fs.statSync(file).mode & 0o7777, 0o2604);
+  const first = new BackupFile(path.join(dir, 'first'));
+  await persistAtomically(first, memory.fd, memory.size);
+  assert.equal(fs.statSync(first.path).mode & 0o7777, 0o600);
 });
 
 test('a fix-up that refuses the copy: undefined, the old backup stays as it was, no temporary file', async (t) => {

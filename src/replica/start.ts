@@ -216,6 +216,7 @@ async function download(backup: BackupFile, committed: Committed, store: Replica
   try {
     const received = await store.receive(committed, handle.fd);
     await recordBackupCheck(handle.fd, received.committed.manifest.size);
+    await backup.giveAttributes(handle);
     // Its mtime is when the state became durable on the host that sent it: the next start
     // compares ages, and status reports them, from that.
     const when = new Date(received.committed.manifest.durableAt);

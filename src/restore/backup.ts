@@ -25,8 +25,6 @@ export type BackupInspection =
       size: number;
       /** Last modification: when the newest durable copy was taken. */
       mtimeMs: number;
-      /** Permission bits, kept for the files that replace it. */
-      mode: number;
       /** Bytes allocated on disk. */
       allocated: number;
       /** The snapshot configuration and valid slots, for a configured file. */
@@ -237,19 +235,33 @@ export class BackupFile {
    * service, run as its own user, must still open every file afterwards. Any other host
    * creates files it owns, as whoever may write the backup may. Failing to change the owner
    * (a file system that refuses it, an id unmapped in a user namespace) leaves the file as
-   * before this method existed, and stops nothing: the file is there, only root's.
+   * it was created, and stops nothing: the file is there, only root's.
    * @param fd a file created here with `O_EXCL`, never one that was already there: a hard
    *   link left in the directory must not be handed to anyone
+   * @returns the backup's status as read for this, if it exists
    */
-  giveToOwner(fd: number): void {
-    if (process.geteuid?.() !== 0) return;
-    const owner = fs.statSync(this.path, { throwIfNoEntry: false });
-    if (owner === undefined) return;
+  giveToOwner(fd: number): fs.Stats | undefined {
+    const backup = fs.statSync(this.path, { throwIfNoEntry: false });
+    if (backup === undefined || process.geteuid?.() !== 0) return backup;
     try {
-      fs.fchownSync(fd, owner.uid, owner.gid);
+      fs.fchownSync(fd, backup.uid, backup.gid);
     } catch {
       // As documented above: the file stays root's.
     }
+    return backup;
+  }
+
+  /**
+   * Gives the next backup, a file created here with `O_EXCL` and about to be renamed over
+   * the backup, what it must keep of the file it replaces: its permission bits (0600 for
+   * a first backup) and, in a root host, its owner ({@link giveToOwner}). Read from the
+   * backup as it is now, so that a `chmod` while the host runs is kept too.
+   */
+  async giveAttributes(next: fs.promises.FileHandle): Promise<void> {
+    // Owner first: a change of owner clears the set-id bits that the mode may restore.
+    const backup = this.giveToOwner(next.fd);
+    const mode = backup === undefined ? 0o600 : backup.mode & 0o7777;
+    if (mode !== 0o600) await next.chmod(mode);
   }
 
   /** True for names of this backup's temporary files. */
@@ -312,7 +324,6 @@ export class BackupFile {
         state: 'present',
         size: stat.size,
         mtimeMs: stat.mtimeMs,
-        mode: stat.mode & 0o7777,
         allocated: stat.blocks * 512,
         slots,
         record,

@@ -168,7 +168,6 @@ async function host(o: RestoreHostOptions, name: string, backup: BackupFile, log
   const ended = waitForChild(child);
   relay.child = child;
 
-  const mode = inspection.state === 'present' ? inspection.mode : 0o600;
   let snapshotter: Snapshotter | undefined;
   let statusTimer: NodeJS.Timeout | undefined;
   if (o.snapshot !== undefined && child.pid !== undefined) {
@@ -178,7 +177,6 @@ async function host(o: RestoreHostOptions, name: string, backup: BackupFile, log
       intervalMs: o.intervalMs,
       log,
       baselineWriteOffset: inspection.state === 'present' ? inspection.slots?.head.writeOffset : undefined,
-      mode,
       progress: showProgress,
       dirtyPages,
       gate: o.gate,
@@ -214,7 +212,6 @@ async function host(o: RestoreHostOptions, name: string, backup: BackupFile, log
   };
   const outcome = await writeBack(backup, durable, memory, {
     snapshot: o.snapshot !== undefined,
-    mode,
     log,
     progress: showProgress,
     backupState,

@@ -1,7 +1,8 @@
 /**
  * Atomic persistence of a memory file to the backup: a temporary file next to the backup
  * (mode 0600), a sparse copy, an optional fix-up, its size and digest recorded in an
- * extended attribute, `fsync`, `rename` over the backup,
+ * extended attribute, the old backup's permission bits (and owner, in a root host),
+ * `fsync`, `rename` over the backup,
  * `fsync` of the directory. A crash at any instant leaves the old backup or the new one;
  * every path out of here that this process controls removes the temporary file.
  * @module
@@ -45,8 +46,6 @@ export interface PersistOptions {
   /** Aborts between chunks of the copy and before the rename; the old backup stays. */
   signal?: AbortSignal;
   progress?: CopyProgress;
-  /** Permission bits of the new backup (default 0600); the host keeps those of the old one. */
-  mode?: number;
   /**
    * Called once nothing more is read from the source (after the copy and the fix-up),
    * while the temporary file is being synced: closing the last descriptor of a large
@@ -83,9 +82,7 @@ export async function persistAtomically(
     const t1 = performance.now();
     if (options.fixup !== undefined && !options.fixup(handle.fd, size)) return undefined;
     await recordBackupCheck(handle.fd, size, options.signal);
-    // Owner first: a change of owner clears the set-id bits that the mode may restore.
-    backup.giveToOwner(handle.fd);
-    if (options.mode !== undefined && options.mode !== 0o600) await handle.chmod(options.mode);
+    await backup.giveAttributes(handle);
     const t2 = performance.now();
     const synced = handle.sync();
     try {

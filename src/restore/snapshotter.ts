@@ -113,8 +113,6 @@ export interface SnapshotterOptions {
   log: Log;
   /** `write_offset` of the backup on disk, so an unchanged memory is not copied again. */
   baselineWriteOffset?: number;
-  /** Permission bits of new backups. */
-  mode?: number;
   /** Show progress of slow copies on a terminal. */
   progress?: boolean;
   /**
@@ -480,7 +478,6 @@ export class Snapshotter {
               fixup: liveCopyFixup(memoryFd, before, log, kept),
               signal: this.#abort.signal,
               progress,
-              mode: this.#o.mode,
             }),
           );
     } catch (err) {

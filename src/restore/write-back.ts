@@ -27,8 +27,6 @@ export interface DurableState {
 export interface WriteBackOptions {
   /** The memory is a snapshot file (`--snapshot`): it may replace the backup only when valid. */
   snapshot: boolean;
-  /** Permission bits of the new backup. */
-  mode: number;
   log: Log;
   /** Show progress of a slow copy on a terminal. */
   progress: boolean;
@@ -52,7 +50,7 @@ export async function writeBack(
   memory: MemoryFile,
   options: WriteBackOptions,
 ): Promise<'written' | 'kept' | 'failed'> {
-  const { log, mode } = options;
+  const { log } = options;
   let size: number;
   let expected: SlotState | undefined;
   try {
@@ -80,7 +78,6 @@ export async function writeBack(
       persistAtomically(backup, memory.fd, size, {
         fixup: expected === undefined ? undefined : quiescentCopyFixup(expected),
         progress,
-        mode,
         // The host is done with the memory: unless the fd store (or a grandchild) holds it
         // too, its pages are freed while the copy is synced.
         releaseSource: () => {
