@@ -73,14 +73,20 @@ export class BackupLock {
  */
 function openLockFile(backup: BackupFile, file: string): number {
   const flags = fs.constants.O_RDWR | fs.constants.O_NOFOLLOW | sys.O_CLOEXEC;
+  let fd: number;
   try {
-    const fd = fs.openSync(file, flags | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600);
-    backup.giveToOwner(fd);
-    return fd;
+    fd = fs.openSync(file, flags | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600);
   } catch (err) {
     if (!sys.isSystemError(err, 'EEXIST')) throw err;
+    return fs.openSync(file, flags);
   }
-  return fs.openSync(file, flags);
+  try {
+    backup.giveToOwner(fd);
+  } catch (err) {
+    fs.closeSync(fd);
+    throw err;
+  }
+  return fd;
 }
 
 /**
