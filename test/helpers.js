@@ -691,6 +691,11 @@ export function settledBackup(file, into = path.dirname(file)) {
   return copy;
 }
 
+/** True once `pid` is gone or a zombie (its reaper may take its time). */
+export function isDead(pid) {
+  return (processInfo(pid)?.state ?? 'Z') === 'Z';
+}
+
 /** True once `pid` is stopped: kill(2) returns before SIGSTOP has taken effect. */
 export function isStopped(pid) {
   return /^[Tt]$/.test(processInfo(pid)?.state ?? '');

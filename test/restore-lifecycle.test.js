@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { cleanEnv, COUNTER, datagramReceiver, fingerprint, isRoot, processInfo, RAW, readCounterBackup, run, runHost, SHM_RESTORE, startHost, tempDir, tempFiles, waitFor, works } from './helpers.js';
+import { cleanEnv, COUNTER, datagramReceiver, fingerprint, isDead, isRoot, isStopped, RAW, readCounterBackup, run, runHost, SHM_RESTORE, startHost, tempDir, tempFiles, waitFor, works } from './helpers.js';
 
 test('fresh start with a missing backup: the program gets an empty memory; the backup is written at exit, mode 0600', async (t) => {
   const dir = tempDir(t);
@@ -190,16 +190,9 @@ test('a signal during the restore ends the host without running the program, exi
     await waitFor(() => host.stderr.includes('restoring'), 'the restore to start', 60_000, 1);
     host.child.kill('SIGSTOP');
     // Stopped, or ended already: a run so late is not counted either.
-    const state = await waitFor(
-      () => {
-        const now = processInfo(host.child.pid)?.state ?? 'Z';
-        return /^[TtZ]$/.test(now) && now;
-      },
-      'the host to stop',
-      60_000,
-      1,
-    );
-    const copying = state !== 'Z' && restoredBytes(host.child.pid) < 16 * chunk.length;
+    const pid = host.child.pid;
+    await waitFor(() => isStopped(pid) || isDead(pid), 'the host to stop', 60_000, 1);
+    const copying = !isDead(pid) && restoredBytes(pid) < 16 * chunk.length;
     host.child.kill(copying ? 'SIGTERM' : 'SIGKILL');
     host.child.kill('SIGCONT');
     const ended = await host.exited;

@@ -7,12 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { SnapshotFile } from 'shmfd/snapshot';
-import { COUNTER, fingerprint, fixture, isStopped, processInfo, RAW, readCounterBackup, runHost, seededRandom, sleep, startHost, tempDir, tempFiles, waitFor } from './helpers.js';
-
-/** True once `pid` is gone or a zombie (its reaper may take its time). */
-function isDead(pid) {
-  return (processInfo(pid)?.state ?? 'Z') === 'Z';
-}
+import { COUNTER, fingerprint, fixture, isDead, isStopped, RAW, readCounterBackup, runHost, seededRandom, sleep, startHost, tempDir, tempFiles, waitFor } from './helpers.js';
 
 /** Entries of restore-counter's log in the tail. */
 const LOG_ENTRIES = 8192;
@@ -127,7 +122,6 @@ function killIfThere(pid) {
     if (err.code !== 'ESRCH') throw err;
   }
 }
-
 
 /** Bytes the file system holds for `file` (its allocated blocks), 0 when it is gone. */
 function allocated(file) {
