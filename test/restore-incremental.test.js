@@ -8,6 +8,8 @@
 //   discarded, byte for byte;
 // - a host run as root gives the files it creates beside a service's backup (backup,
 //   journal, lock) the backup's owner and group, and leaves a file already there alone;
+// - a hard link made to the backup while rounds go in place keeps its bytes from the next
+//   round on (that round copies whole), and the rounds after it go in place again;
 // - SIGKILL of the program, of the host, and of the whole tree at random instants during
 //   incremental rounds; after each, the backup (with its journal applied, as the next host
 //   would) is checked as above, and the next run recovers at least that state;
@@ -44,10 +46,10 @@ const IN_PLACE = /snapshot persisted in place/;
 /** The line of a host whose rounds found no room for a whole copy and went on in place. */
 const WORKS_IN_PLACE = /^shm-restore: persisting snapshots works again: in place, the pages that differ from the backup \(no room for a whole copy\)$/m;
 
-/** The lines of `watcher` matching `pattern`, once there are `count` of them (or the stream ended). */
-async function waitForCount(watcher, pattern, count) {
+/** The lines of `watcher` from line `from` on matching `pattern`, once there are `count` of them (or the stream ended). */
+async function waitForCount(watcher, pattern, count, from = 0) {
   let seen = 0;
-  for (let i = 0; seen < count; i++) {
+  for (let i = from; seen < count; i++) {
     const line = await watcher.line(i);
     if (line === undefined) return seen;
     if (pattern.test(line)) seen++;
@@ -123,11 +125,11 @@ test('a host run as root gives the files it creates beside the backup the backup
   const service = { uid: 65534, gid: 65534 };
   fs.writeFileSync(backup, '', { mode: 0o640 });
   fs.chownSync(backup, service.uid, service.gid);
-  // A file that was there before the host, of root's, in the place of a file the host
-  // creates: a hard link to it must not be handed to the service.
+  // A file of root's with a second name where the host puts its journal: the host must
+  // neither hand it to the service nor write into it.
   const rootsFile = path.join(dir, 'roots-file');
   fs.writeFileSync(rootsFile, 'root only', { mode: 0o600 });
-  fs.linkSync(rootsFile, path.join(dir, '.state.lock'));
+  fs.linkSync(rootsFile, path.join(dir, '.state.journal'));
   const tree = host(backup);
   t.after(() => tree.kill('SIGKILL'));
   assert.equal(await waitForCount(tree.err, IN_PLACE, 3), 3, tree.err.lines.join('\n'));
@@ -143,16 +145,17 @@ test('a host run as root gives the files it creates beside the backup the backup
   assert.equal(journal, `${theService} 600`);
   const others = owners();
   delete others['.state.journal'];
-  assert.deepEqual(others, { '.state.lock': '0:0 600', 'roots-file': '0:0 600', state: `${theService} 640` });
+  assert.deepEqual(others, { '.state.lock': `${theService} 600`, 'roots-file': '0:0 600', state: `${theService} 640` });
   tree.kill('SIGTERM');
   assert.equal((await tree.exited).code, 0, tree.err.lines.join('\n'));
   // The write-back at exit replaced the backup and removed the journal.
-  assert.deepEqual(owners(), { '.state.lock': '0:0 600', 'roots-file': '0:0 600', state: `${theService} 640` });
-  // A lock file the host creates is the service's too.
-  fs.rmSync(path.join(dir, '.state.lock'));
+  assert.deepEqual(owners(), { '.state.lock': `${theService} 600`, 'roots-file': '0:0 600', state: `${theService} 640` });
+  assert.equal(fs.readFileSync(rootsFile, 'utf8'), 'root only');
+  // A lock file that is there already keeps its owner.
+  fs.chownSync(path.join(dir, '.state.lock'), 0, 0);
   const again = await run(NODE, [SHM_RESTORE, '--snapshot=restore-v1', backup, 'true']);
   assert.equal(again.code, 0, again.stderr);
-  assert.equal(owners()['.state.lock'], `${theService} 600`);
+  assert.equal(owners()['.state.lock'], '0:0 600');
 });
 
 test('a backup removed while in-place rounds run is written again whole', async (t) => {
@@ -173,6 +176,29 @@ test('a backup removed while in-place rounds run is written again whole', async 
   assert.ok(checkAllSnapshots(fs.readFileSync(settled), 'the backup written again').newest > 0);
   tree.kill('SIGTERM');
   assert.equal((await tree.exited).code, 0);
+});
+
+test('a backup given a second name (a hard link) while rounds go in place: that name keeps its bytes from the next round on, and rounds go in place again', async (t) => {
+  const dir = tempDir(t, 'shmfd-incr-');
+  const backup = path.join(dir, 'state');
+  const monday = path.join(dir, 'state.monday');
+  const tree = host(backup);
+  t.after(() => tree.kill('SIGKILL'));
+  assert.equal(await waitForCount(tree.err, IN_PLACE, 3), 3, tree.err.lines.join('\n'));
+  fs.linkSync(backup, monday);
+  const noticed = new RegExp(`^shm-restore: ${backup.replaceAll('.', '\\.')} has 2 names \\(hard links\\): this round copies the memory whole, so that the other names keep what they hold \\(writing in place would change them too\\)$`);
+  assert.ok((await tree.err.waitFor(noticed)) !== undefined, tree.err.lines.join('\n'));
+  // From here on nothing writes into the file both names had: the round that noticed
+  // renames a whole copy over the backup's name, and later rounds write into that copy.
+  const kept = fs.readFileSync(monday);
+  assert.equal(await waitForCount(tree.err, IN_PLACE, 5, tree.err.lines.length), 5, tree.err.lines.join('\n'));
+  assert.ok(fs.readFileSync(monday).equals(kept), 'the second name keeps its bytes while rounds go in place');
+  assert.equal(fs.statSync(monday).nlink, 1);
+  assert.ok(checkAllSnapshots(kept, 'the second name').newest > 0, 'and they are a whole backup');
+  tree.kill('SIGTERM');
+  assert.equal((await tree.exited).code, 0, tree.err.lines.join('\n'));
+  assert.ok(fs.readFileSync(monday).equals(kept), 'the exit leaves it alone too');
+  assert.ok(!fs.readFileSync(backup).equals(kept), 'while the backup moved on');
 });
 
 /** A backup with in-place rounds, its host killed after one: returns the backup's bytes and the (applied) journal's. */

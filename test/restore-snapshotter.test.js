@@ -3,7 +3,8 @@
 // never persisted; a round after a commit persists a backup that holds exactly the
 // committed snapshots; a round with nothing new committed writes nothing; a failing
 // round is counted and logged once, and the old backup stays; the pause after a round
-// counts its own CPU time, not that of work run beside it through besideRounds.
+// counts its own CPU time, not that of work run beside it through besideRounds; a backup
+// with other names (hard links) is never written in place, nor a file at the journal's name.
 import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
@@ -244,4 +245,55 @@ test('persistDifferences with no backup to write into writes nothing and says th
   assert.equal(fs.existsSync(backup.path), false);
   assert.equal(fs.existsSync(backup.journalPath), false);
   assert.deepEqual(log.lines, ['debug: no round in place: there is no backup to write into']);
+});
+
+test('a backup with other names (hard links) is not written in place: they keep their bytes; a file at the journal\'s name is not written through', async (t) => {
+  const { bytes, dir, backup, log, snapshotter } = setUp(t, 16);
+  const writer = new SnapshotFile(bytes).configure({ entries: 16, data: 2 * PAGE });
+  writer.commit(Buffer.from('first'));
+  assert.equal(await snapshotter.round(), 'persisted');
+  const monday = path.join(dir, 'monday');
+  fs.linkSync(backup.path, monday);
+  const kept = fs.readFileSync(monday);
+  writer.commit(Buffer.from('second'));
+  bytes.fill(1, 10 * PAGE, 11 * PAGE);
+  assert.equal(await snapshotter.persistDifferences(), 'previous', 'nothing written in place');
+  assert.match(
+    log.lines.at(-1) ?? '',
+    /^error: cannot persist a snapshot to \/.*\/state: it has 2 names \(hard links\): writing it in place would change the others too, and there is no room for a whole copy; /,
+  );
+  assert.ok(fs.readFileSync(monday).equals(kept));
+  assert.equal(fs.existsSync(backup.journalPath), false, 'no journal either');
+  // A round that may copy whole does: the backup is a new file, the other name keeps its bytes.
+  assert.equal(await snapshotter.round(), 'persisted');
+  assert.deepEqual(backupPayloads(backup.path), ['first', 'second']);
+  assert.equal(fs.statSync(backup.path).nlink, 1);
+  assert.ok(fs.readFileSync(monday).equals(kept));
+  // In place again, with another file's hard link where the journal goes.
+  const other = path.join(dir, 'other');
+  fs.writeFileSync(other, 'not a journal');
+  fs.linkSync(other, backup.journalPath);
+  writer.commit(Buffer.from('third'));
+  assert.equal(await snapshotter.persistDifferences(), 'newest');
+  assert.deepEqual(backupPayloads(backup.path), ['first', 'second', 'third']);
+  assert.equal(fs.readFileSync(other, 'utf8'), 'not a journal');
+  assert.equal(fs.statSync(other).nlink, 1, 'the journal is a file of its own');
+  assert.ok(fs.readFileSync(monday).equals(kept));
+  assert.deepEqual(backupPayloads(monday), ['first']);
+  if (process.geteuid?.() !== 0) return;
+  // A file someone else made at the journal's name (in a directory others may write) is
+  // not written into either: it would hand them the state. (A whole copy removes the journal first.)
+  assert.equal(await snapshotter.round(), 'unchanged');
+  writer.commit(Buffer.from('fourth'));
+  assert.equal(await snapshotter.round(), 'persisted');
+  assert.equal(fs.existsSync(backup.journalPath), false);
+  fs.writeFileSync(backup.journalPath, 'someone else\'s');
+  fs.chownSync(backup.journalPath, 65534, 65534);
+  const theirs = fs.openSync(backup.journalPath, 'r');
+  t.after(() => fs.closeSync(theirs));
+  writer.commit(Buffer.from('fifth'));
+  assert.equal(await snapshotter.persistDifferences(), 'newest');
+  assert.deepEqual(backupPayloads(backup.path), ['first', 'second', 'third', 'fourth', 'fifth']);
+  assert.equal(fs.readFileSync(theirs, 'utf8'), 'someone else\'s');
+  assert.equal(fs.statSync(backup.journalPath).uid, 0);
 });

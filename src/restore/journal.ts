@@ -81,14 +81,14 @@ function encode(round: JournalRound): Buffer[] {
 
 /**
  * Opens the journal file for writing rounds, creating it (and making its name durable)
- * when missing. The descriptor serves every round until a whole copy removes the file.
+ * when there is none to write over. The descriptor serves every round until a whole copy
+ * removes the file.
  */
 export async function openJournal(backup: BackupFile): Promise<number> {
-  try {
-    return fs.openSync(backup.journalPath, fs.constants.O_WRONLY | fs.constants.O_NOFOLLOW);
-  } catch (err) {
-    if (!isSystemError(err, 'ENOENT')) throw err;
-  }
+  const existing = openOwnJournal(backup);
+  if (existing !== undefined) return existing;
+  // Whatever else has the name is removed, not written through.
+  await removeJournal(backup);
   const fd = fs.openSync(backup.journalPath, fs.constants.O_WRONLY | fs.constants.O_CREAT | fs.constants.O_EXCL | fs.constants.O_NOFOLLOW, 0o600);
   try {
     backup.giveToOwner(fd);
@@ -98,6 +98,32 @@ export async function openJournal(backup: BackupFile): Promise<number> {
     throw err;
   }
   return fd;
+}
+
+/**
+ * The file at the journal's name, open for writing, when a round may write over it: a
+ * regular file with no other name (a hard link would carry the round's bytes into another
+ * file), owned by this host's user or the backup's (a file someone else made there in
+ * advance, in a directory others may write, would hand them the state). Its blocks are
+ * then reused, which a full disk may need. Undefined for anything else, or nothing.
+ */
+function openOwnJournal(backup: BackupFile): number | undefined {
+  let fd: number;
+  try {
+    // Non-blocking: opening a FIFO for writing would wait for a reader.
+    fd = fs.openSync(backup.journalPath, fs.constants.O_WRONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK);
+  } catch {
+    return undefined;
+  }
+  let own = false;
+  try {
+    const stat = fs.fstatSync(fd);
+    const owners = [process.geteuid?.(), fs.statSync(backup.path, { throwIfNoEntry: false })?.uid];
+    own = stat.isFile() && stat.nlink === 1 && owners.includes(stat.uid);
+  } finally {
+    if (!own) fs.closeSync(fd);
+  }
+  return own ? fd : undefined;
 }
 
 /**

@@ -29,7 +29,8 @@ export class BackupLock {
    * Takes the lock of `backup`, creating the lock file (mode 0600) if needed, and writes
    * this process's pid into it. Never waits: a held lock is a refusal.
    * @throws ShmfdError `ERR_BACKUP_IN_USE` (another process holds the lock, named by its
-   *   pid), `ERR_BACKUP_ACCESS` (the lock file cannot be created or opened)
+   *   pid), `ERR_BACKUP_ACCESS` (the lock file cannot be created or opened, is not a
+   *   regular file, or has other names)
    */
   static acquire(backup: BackupFile): BackupLock {
     const file = lockFilePath(backup);
@@ -43,8 +44,17 @@ export class BackupLock {
       throw new ShmfdError('ERR_BACKUP_ACCESS', `backup ${backup.path}: cannot ${verb} its lock file ${file}: ${sys.describeError(err)}`, { cause: err });
     }
     try {
-      if (!fs.fstatSync(fd).isFile()) {
+      const stat = fs.fstatSync(fd);
+      if (!stat.isFile()) {
         throw new ShmfdError('ERR_BACKUP_ACCESS', `backup ${backup.path}: its lock file ${file} is not a regular file`);
+      }
+      // The pid written below would land in the file's other names too: whatever a hard
+      // link there stands for (in a root host, any file of root's) is not to be written.
+      if (stat.nlink !== 1) {
+        throw new ShmfdError(
+          'ERR_BACKUP_ACCESS',
+          `backup ${backup.path}: its lock file ${file} has ${stat.nlink} names (hard links), and writing into it would change the others; remove it while no host runs`,
+        );
       }
       if (!sys.flock(fd, sys.LOCK_EX | sys.LOCK_NB)) {
         const holder = flockHolder(fs.fstatSync(fd, { bigint: true })) ?? pidIn(fd);

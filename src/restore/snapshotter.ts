@@ -467,6 +467,17 @@ export class Snapshotter {
       // Without room for the journal either, a timed round tries the copy, which says why it fails.
       if (spans === undefined && kind === 'differences') return 'not-ready';
     }
+    // Another name of the backup (a hard link: `ln state state.monday`, `cp -al`) shares its
+    // bytes, and writes in place would change it too. A whole copy is a new file under the
+    // backup's name only: the other names keep what they hold, and rounds go in place again.
+    if (spans !== undefined) {
+      const names = namesOf(this.#o.backup.path);
+      if (names > 1) {
+        if (byComparison) return this.#failed(new Error(`it has ${names} names (hard links): writing it in place would change the others too, and there is no room for a whole copy`));
+        log.info(`${this.#o.backup.path} has ${names} names (hard links): this round copies the memory whole, so that the other names keep what they hold (writing in place would change them too)`);
+        spans = undefined;
+      }
+    }
     const incremental = spans !== undefined;
     if (kind === 'in-place' && !incremental) return this.#notReady('no round in place is possible: the write-back copies the memory whole');
     try {
@@ -767,6 +778,15 @@ function allocatedBytes(file: string): number {
   } catch (err) {
     if (isSystemError(err, 'ENOENT')) return 0;
     throw err;
+  }
+}
+
+/** How many names (hard links) `file` has; 0 when it cannot be found (the round that writes it says why). */
+function namesOf(file: string): number {
+  try {
+    return fs.statSync(file).nlink;
+  } catch {
+    return 0;
   }
 }
 
