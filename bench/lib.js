@@ -3,6 +3,7 @@
 // BENCHMARKS.md) and progress notes on stderr.
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -196,4 +197,16 @@ export function newestDurable(backup, clock) {
   } finally {
     fs.closeSync(fd);
   }
+}
+
+/** A free TCP port on 127.0.0.1: asked from the kernel (listen on port 0), then released. */
+export async function freePort() {
+  const server = net.createServer();
+  await new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => resolve(undefined));
+  });
+  const { port } = server.address();
+  await new Promise((resolve) => server.close(resolve));
+  return port;
 }

@@ -19,12 +19,11 @@
 import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import http from 'node:http';
-import net from 'node:net';
 import path from 'node:path';
 import { connect } from '@nats-io/transport-node';
 import { jetstreamManager } from '@nats-io/jetstream';
 import { Kvm } from '@nats-io/kv';
-import { ROOT, benchDir, bytes, met, ms, newestDurable, note, ratio, sig, stats, table, withSpread } from './lib.js';
+import { ROOT, benchDir, bytes, freePort, met, ms, newestDurable, note, ratio, sig, stats, table, withSpread } from './lib.js';
 
 const BIG_STATE = path.join(ROOT, 'bench', 'fixtures', 'big-state.js');
 /** The 1 GiB state's change, as in the restore-v1 benchmark's large states. */
@@ -55,14 +54,6 @@ function cpuSeconds(pid) {
   } catch {
     return undefined;
   }
-}
-
-async function freePort() {
-  const server = net.createServer();
-  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const { port } = server.address();
-  await new Promise((resolve) => server.close(resolve));
-  return port;
 }
 
 function varz(port) {

@@ -4,6 +4,7 @@
 // sending several commands before awaiting them.
 import { spawn } from 'node:child_process';
 import net from 'node:net';
+import { freePort } from './lib.js';
 
 const INCOMPLETE = Symbol('incomplete');
 
@@ -136,18 +137,6 @@ function encode(args) {
   return Buffer.concat(parts);
 }
 const CRLF = Buffer.from('\r\n', 'latin1');
-
-/** A free TCP port on 127.0.0.1 (asked from the kernel, then released). */
-export function freePort() {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address();
-      server.close(() => resolve(port));
-    });
-  });
-}
 
 /**
  * Starts `redis-server` on a free loopback port with no persistence except what the

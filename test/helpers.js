@@ -5,6 +5,7 @@ import assert from 'node:assert/strict';
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { after } from 'node:test';
@@ -924,4 +925,16 @@ export function fingerprint(file) {
   const stat = fs.statSync(file);
   const content = stat.isFile() ? crypto.createHash('sha256').update(fs.readFileSync(file)).digest('hex') : null;
   return { content, mtimeMs: stat.mtimeMs, mode: stat.mode, ino: stat.ino };
+}
+
+/** A free TCP port on 127.0.0.1: asked from the kernel (listen on port 0), then released. */
+export async function freePort() {
+  const server = net.createServer();
+  await new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => resolve(undefined));
+  });
+  const { port } = /** @type {net.AddressInfo} */ (server.address());
+  await new Promise((resolve) => server.close(resolve));
+  return port;
 }

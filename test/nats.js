@@ -3,12 +3,11 @@
 // and a client to look at what a replica holds.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
 import { connect } from '@nats-io/transport-node';
 import { jetstreamManager } from '@nats-io/jetstream';
 import assert from 'node:assert/strict';
-import { assertOneErrorLine, start, tempDir, works } from './helpers.js';
+import { assertOneErrorLine, freePort, start, tempDir, works } from './helpers.js';
 
 /** The nats-server binary (Debian installs it in /usr/sbin), or undefined. */
 export const NATS_SERVER = [...(process.env.PATH ?? '').split(':'), '/usr/sbin', '/usr/local/bin']
@@ -24,15 +23,6 @@ const DIE_WITH_TEST = works('setpriv', ['--pdeathsig', 'KILL', '--', 'true']) ? 
 
 /** For `test(..., natsSkip, ...)`: skips, with the reason, where nats-server is missing; a guard against hangs. */
 export const natsSkip = { skip: NATS_SERVER === undefined && 'needs nats-server (Debian package nats-server, installed by .ci/run)', timeout: 180_000 };
-
-/** A free TCP port on 127.0.0.1. */
-export async function freePort() {
-  const server = net.createServer();
-  await new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve(undefined)));
-  const { port } = /** @type {net.AddressInfo} */ (server.address());
-  await new Promise((resolve) => server.close(resolve));
-  return port;
-}
 
 /**
  * One nats-server with JetStream. `ready` resolves once it accepts clients (and, in a

@@ -7,8 +7,8 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
-import { assertOneErrorLine, COUNTER, NODE, runHost, tempDir } from './helpers.js';
-import { freePort, natsSkip, startNats } from './nats.js';
+import { assertOneErrorLine, COUNTER, freePort, NODE, runHost, tempDir } from './helpers.js';
+import { natsSkip, startNats } from './nats.js';
 
 test('credentials in the replica URL are refused, never sent anywhere', async (t) => {
   const dir = tempDir(t);

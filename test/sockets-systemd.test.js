@@ -10,23 +10,14 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import http from 'node:http';
-import net from 'node:net';
 import path from 'node:path';
 import readline from 'node:readline';
 import { test } from 'node:test';
-import { fixture, NODE, ROOT, SANDBOX, sandboxEnv, SHM_FD, SHM_RESTORE, systemdSkip, tempDir, waitFor } from './helpers.js';
+import { fixture, freePort, NODE, ROOT, SANDBOX, sandboxEnv, SHM_FD, SHM_RESTORE, systemdSkip, tempDir, waitFor } from './helpers.js';
 
 
 const COUNTER = path.join(ROOT, 'examples', 'http-counter.js');
 const skip = systemdSkip;
-
-async function freePort() {
-  const s = net.createServer().listen(0, '127.0.0.1');
-  await new Promise((r) => s.once('listening', r));
-  const { port } = /** @type {import('node:net').AddressInfo} */ (s.address());
-  await new Promise((r) => s.close(r));
-  return port;
-}
 
 /** Starts the sandbox with the relay; `sh(...)` runs a command next to the manager. */
 async function sandbox(t, dir, units) {
