@@ -9,7 +9,9 @@
 // - a host run as root gives the files it creates beside a service's backup (backup,
 //   journal, lock) the backup's owner and group, and leaves a file already there alone;
 // - a hard link made to the backup while rounds go in place keeps its bytes from the next
-//   round on (that round copies whole), and the rounds after it go in place again;
+//   round on (that round copies whole), and the rounds after it go in place again; a
+//   backup replaced or rewritten behind the host gets a whole copy, then rounds in place
+//   whose backups name committed bytes;
 // - SIGKILL of the program, of the host, and of the whole tree at random instants during
 //   incremental rounds; after each, the backup (with its journal applied, as the next host
 //   would) is checked as above, and the next run recovers at least that state;
@@ -32,7 +34,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { DIRTY_PAGES_NAME, DirtyPages } from 'shmfd';
-import { fixture, isRoot, killWithCompleteJournal, NODE, run, seededRandom, settledBackup, SHM_RESTORE, sleep, start, tempDir, waitFor, works } from './helpers.js';
+import { fixture, isRoot, isStopped, killWithCompleteJournal, NODE, run, seededRandom, settledBackup, SHM_RESTORE, sleep, start, tempDir, waitFor, works } from './helpers.js';
 import { CAPACITY, checkAllSnapshots, validSnapshots } from './state-check.js';
 import { pattern } from './fixtures/marked-writer.js';
 
@@ -199,6 +201,41 @@ test('a backup given a second name (a hard link) while rounds go in place: that 
   assert.equal((await tree.exited).code, 0, tree.err.lines.join('\n'));
   assert.ok(fs.readFileSync(monday).equals(kept), 'the exit leaves it alone too');
   assert.ok(!fs.readFileSync(backup).equals(kept), 'while the backup moved on');
+});
+
+test('a backup replaced (mv) or rewritten (cp) behind the host while rounds go in place: the next round copies the memory whole, and the backup names committed bytes', async (t) => {
+  for (const how of ['mv', 'cp']) {
+    const dir = tempDir(t, 'shmfd-incr-');
+    const backup = path.join(dir, 'state');
+    const older = path.join(dir, 'older');
+    const tree = host(backup);
+    t.after(() => tree.kill('SIGKILL'));
+    const program = Number((await tree.out.waitFor(/^pid (\d+)$/))?.[1]);
+    assert.equal(await waitForCount(tree.err, IN_PLACE, 3), 3, tree.err.lines.join('\n'));
+    let settled;
+    while ((settled = settledBackup(backup)) === undefined) await sleep(1);
+    fs.renameSync(settled, older);
+    // Rounds after the copy write pages it lacks, which no mark names again.
+    assert.equal(await waitForCount(tree.err, IN_PLACE, 10, tree.err.lines.length), 10, tree.err.lines.join('\n'));
+    // Put back between two rounds: with the program stopped, once the round that persisted
+    // its last commit has ended (the rounds after it find nothing new and write nothing).
+    process.kill(program, 'SIGSTOP');
+    await waitFor(() => isStopped(program), 'the program to stop');
+    const memory = fs.readFileSync(`/proc/${program}/fd/3`);
+    const newest = Math.max(...validSnapshots(memory, 'the memory').snapshots.map((s) => s.offset));
+    assert.ok((await tree.err.waitFor(new RegExp(`snapshot persisted( in place)?: .*, newest at ${newest};`))) !== undefined, tree.err.lines.join('\n'));
+    const from = tree.err.lines.length;
+    if (how === 'mv') fs.renameSync(older, backup);
+    else fs.copyFileSync(older, backup);
+    process.kill(program, 'SIGCONT');
+    const noticed = /^shm-restore: \S+\/state changed since this host last wrote it \(replaced, removed, or written by another process\): this round copies the memory whole$/;
+    assert.ok((await tree.err.waitFor(noticed)) !== undefined, `${how}:\n${tree.err.lines.join('\n')}`);
+    assert.equal(await waitForCount(tree.err, IN_PLACE, 5, from), 5, tree.err.lines.join('\n'));
+    tree.kill('SIGKILL');
+    await tree.exited;
+    const { newest: commit, checked } = checkAllSnapshots(fs.readFileSync(settledBackup(backup)), `after ${how} and 5 rounds in place`);
+    assert.ok(commit > 0 && checked > 0, `${how}: newest ${commit}, checked ${checked}`);
+  }
 });
 
 /** A backup with in-place rounds, its host killed after one: returns the backup's bytes and the (applied) journal's. */
@@ -439,15 +476,26 @@ test('a disk with no room for the final whole copy: the round in place at exit k
   const r = await onFullDisk(t, 200, fill, '[ $(grep -c "persisted in place" "$1/err") -ge $((full + 2)) ]');
   const { read } = r;
   const err = read('err');
-  assert.doesNotMatch(err, /cannot persist/, 'in-place rounds work on the full disk');
+  // Filling the disk allocated the backup's holes (fallocate), a change the host did not
+  // make: the next round copies the memory whole, which finds no room, and the rounds after
+  // it write in place, by comparison once, then by the marks again.
+  const lines = err.split('\n');
+  const changed = lines.findIndex((l) => /^shm-restore: \S+\/disk\/state changed since this host last wrote it \(replaced, removed, or written by another process\): this round copies the memory whole$/.test(l));
+  assert.ok(changed > 0, err);
+  const failed = lines.filter((l) => l.includes('cannot persist'));
+  assert.deepEqual(failed, [lines[changed + 1]], err);
+  assert.match(failed[0] ?? '', /^shm-restore: error: cannot persist a snapshot to \S+\/disk\/state: no space left on device \(ENOSPC\); the backup on disk is the previous one$/);
+  assert.match(err, WORKS_IN_PLACE);
+  const after = lines.slice(lines.findIndex((l) => WORKS_IN_PLACE.test(l)));
+  assert.ok(after.filter((l) => IN_PLACE.test(l)).length >= 3, `in-place rounds go on on the full disk:\n${err}`);
   // The program stopped cleanly at its last commit; the whole copy found no room, which the
   // host reports, and says that nothing is lost.
   const stopped = Number(/^stopped at (\d+)$/m.exec(read('out'))?.[1]);
   assert.ok(stopped > 0, read('out'));
   assert.match(r.stdout, /^host-status=125$/m, r.stderr);
-  const errors = err.split('\n').filter((l) => l.includes(': error: '));
-  assert.equal(errors.length, 1, err);
-  assert.match(errors[0], /^shm-restore: error: the final write-back to \S+\/disk\/state failed: no space left on device \(ENOSPC\); the backup on disk holds the newest state, written in place after the program exited$/);
+  const errors = lines.filter((l) => l.includes(': error: '));
+  assert.equal(errors.length, 2, err);
+  assert.match(errors[1], /^shm-restore: error: the final write-back to \S+\/disk\/state failed: no space left on device \(ENOSPC\); the backup on disk holds the newest state, written in place after the program exited$/);
   assertBackupHolds(r, stopped);
 });
 

@@ -70,7 +70,7 @@ export function validSnapshots(bytes, what) {
   const snapshots = slots.filter((x) => x.offset >= end - data).map((s) => {
     const payload = Buffer.alloc(s.length);
     for (let b = 0; b < s.length; b++) payload[b] = bytes[ringStart + ((s.offset + b) % data)];
-    return { i: s.i, payload };
+    return { i: s.i, offset: s.offset, payload };
   });
   return { tailStart, snapshots };
 }

@@ -28,6 +28,11 @@ export interface PersistResult {
   copied: number;
   timings: PersistTimings;
   /**
+   * The backup's status once written (after the rename, which changes its ctime): a later
+   * look at the file that finds another inode or ctime knows someone else changed it.
+   */
+  written: fs.BigIntStats;
+  /**
    * Set when the rename worked but the directory's fsync failed: the new backup is in
    * place, but a power loss may still bring back the previous one.
    */
@@ -94,6 +99,7 @@ export async function persistAtomically(
     const t3 = performance.now();
     await fs.promises.rename(temp, backup.path);
     renamed = true;
+    const written = await handle.stat({ bigint: true });
     // After the rename, not before: a torn backup waiting for its journal must never be
     // left without it. A journal left by a crash here names the old file's inode, which
     // the new file (it existed beside the old one) cannot have: it is discarded at start.
@@ -103,7 +109,7 @@ export async function persistAtomically(
       (err: unknown) => err,
     );
     const t4 = performance.now();
-    return { size, copied, timings: { copyMs: t1 - t0, validateMs: t2 - t1, fsyncMs: t3 - t2, renameMs: t4 - t3 }, directorySyncError };
+    return { size, copied, timings: { copyMs: t1 - t0, validateMs: t2 - t1, fsyncMs: t3 - t2, renameMs: t4 - t3 }, written, directorySyncError };
   } finally {
     await handle.close().catch(() => undefined);
     if (!renamed) await fs.promises.unlink(temp).catch(() => undefined);

@@ -276,12 +276,14 @@ export class Snapshotter {
   #nextDelay: number;
   #discardedInARow = 0;
   /**
-   * Whether the backup on disk plus the pages marked since (taken into {@link #pending}
-   * or still in the map) make the memory: true once a whole copy taken after the program
-   * set its tracking flag is durable, or from the start when the host restored the memory
-   * from the backup.
+   * The backup file that, with the pages marked since (taken into {@link #pending} or still
+   * in the map), makes the memory, as this host last left it ({@link fileIdentity}): set
+   * once a whole copy taken after the program set its tracking flag is durable, or from
+   * the start when the host restored the memory from the backup. A backup that no longer
+   * has this identity was replaced or written by someone else, and only a whole copy
+   * makes it the memory again.
    */
-  #base: boolean;
+  #base: string | undefined;
   /** Pages taken from the map and not yet durable in the backup, one bit each. */
   #pending = new Uint32Array(0);
   /** A journaled round whose in-place writes failed: applied again before anything else. */
@@ -310,7 +312,8 @@ export class Snapshotter {
     this.intervalMs = options.intervalMs ?? DEFAULT_INTERVAL_MS;
     this.#nextDelay = this.intervalMs;
     this.#persistedWriteOffset = options.baselineWriteOffset;
-    this.#base = options.backupMatchesMemory === true;
+    const restoredFrom = options.backupMatchesMemory === true ? statOf(options.backup.path) : undefined;
+    this.#base = restoredFrom === undefined ? undefined : fileIdentity(restoredFrom);
   }
 
   /** What the backup on disk holds now, as far as this snapshotter changed it. */
@@ -447,7 +450,23 @@ export class Snapshotter {
     const pages = Math.ceil(Math.min(size, DIRTY_MAX_BYTES) / PAGE);
     if (dirty !== undefined) this.#take(dirty, pages);
     let spans: [number, number][] | undefined;
-    if (kind !== 'differences' && tracking && this.#base && size <= DIRTY_MAX_BYTES) {
+    // The backup as it is now. Another name of it (a hard link: `ln state state.monday`,
+    // `cp -al`) shares its bytes, which writes in place would change too; a file replaced,
+    // or written by someone else, since this host wrote it is no longer the base that the
+    // marked pages complete. A whole copy is a new file under the backup's name only: the
+    // other names keep what they hold, and it is the base of the rounds after it.
+    const path = this.#o.backup.path;
+    const backupFile = statOf(path);
+    const names = Number(backupFile?.nlink ?? 0);
+    if (this.#base !== undefined && (names > 1 || fileIdentity(backupFile) !== this.#base)) {
+      log.info(
+        names > 1
+          ? `${path} has ${names} names (hard links): this round copies the memory whole, so that the other names keep what they hold (writing in place would change them too)`
+          : `${path} changed since this host last wrote it (replaced, removed, or written by another process): this round copies the memory whole`,
+      );
+      this.#base = undefined;
+    }
+    if (kind !== 'differences' && tracking && this.#base !== undefined && size <= DIRTY_MAX_BYTES) {
       spans = this.#spans(before.head.tailStart, size);
       // Pages changed all over the file cost more in place (a read, a journaled write and a
       // random write each) than one sequential copy of it: then the round copies it whole.
@@ -456,6 +475,7 @@ export class Snapshotter {
     // Where a whole copy finds no room, the pages that differ from the backup go in place.
     const byComparison = spans === undefined && (kind === 'differences' || (kind === 'timed' && this.#noRoomForCopy()));
     if (byComparison) {
+      if (names > 1) return this.#failed(new Error(`it has ${names} names (hard links): writing it in place would change the others too, and there is no room for a whole copy`));
       try {
         // Compared with the backup as the round will find it.
         if (this.#unapplied !== undefined) await this.#applyAgain(this.#unapplied);
@@ -466,17 +486,6 @@ export class Snapshotter {
       }
       // Without room for the journal either, a timed round tries the copy, which says why it fails.
       if (spans === undefined && kind === 'differences') return 'not-ready';
-    }
-    // Another name of the backup (a hard link: `ln state state.monday`, `cp -al`) shares its
-    // bytes, and writes in place would change it too. A whole copy is a new file under the
-    // backup's name only: the other names keep what they hold, and rounds go in place again.
-    if (spans !== undefined) {
-      const names = namesOf(this.#o.backup.path);
-      if (names > 1) {
-        if (byComparison) return this.#failed(new Error(`it has ${names} names (hard links): writing it in place would change the others too, and there is no room for a whole copy`));
-        log.info(`${this.#o.backup.path} has ${names} names (hard links): this round copies the memory whole, so that the other names keep what they hold (writing in place would change them too)`);
-        spans = undefined;
-      }
     }
     const incremental = spans !== undefined;
     if (kind === 'in-place' && !incremental) return this.#notReady('no round in place is possible: the write-back copies the memory whole');
@@ -495,7 +504,7 @@ export class Snapshotter {
       if (this.#abort.signal.aborted) return 'aborted';
       // A backup that cannot be written in place (removed, replaced by a directory) gets
       // a whole copy next, unless a journaled round must be finished first.
-      if (incremental && this.#unapplied === undefined) this.#base = false;
+      if (incremental && this.#unapplied === undefined) this.#base = undefined;
       if (!incremental && refusedForRoom(err)) this.#copyRefusedForRoom = true;
       return this.#failed(err);
     } finally {
@@ -507,8 +516,11 @@ export class Snapshotter {
     if (result === undefined) return this.#discarded();
     // Durable: the pages it copied are in the backup; bits taken beyond the size stay.
     this.#settle(pages);
+    // A whole round, or one by comparison, read every page after taking the marks (which
+    // the program sets after each write), one by marks every page marked: the backup and
+    // what the program marks from now on make the memory.
+    this.#base = tracking ? fileIdentity(result.written) : undefined;
     if (!incremental) {
-      this.#base = tracking;
       this.#copyRefusedForRoom = false;
       // The rename removed the journal: the next in-place round creates it again.
       this.#closeJournal();
@@ -597,6 +609,7 @@ export class Snapshotter {
     this.#abort.signal.throwIfAborted();
     const t2 = performance.now();
     const fd = fs.openSync(backup.path, fs.constants.O_RDWR | fs.constants.O_NOFOLLOW);
+    let written: fs.BigIntStats;
     try {
       const stat = fs.fstatSync(fd);
       const round: JournalRound = { sequence: ++this.#sequence, inode: stat.ino, baseSize: stat.size, size, record, runs };
@@ -608,12 +621,14 @@ export class Snapshotter {
         // The backup may be torn now; the journal that repairs it must stay until it is applied.
         this.#unapplied = round;
         throw err;
+      } finally {
+        written = this.#wrote(fd);
       }
     } finally {
       fs.closeSync(fd);
     }
     const t3 = performance.now();
-    return { size, copied, timings: { copyMs: t1 - t0, validateMs: t2 - t1, fsyncMs: t3 - t2, renameMs: 0 } };
+    return { size, copied, timings: { copyMs: t1 - t0, validateMs: t2 - t1, fsyncMs: t3 - t2, renameMs: 0 }, written };
   }
 
   /**
@@ -729,9 +744,20 @@ export class Snapshotter {
     try {
       await applyRound(fd, round);
     } finally {
+      this.#wrote(fd);
       fs.closeSync(fd);
     }
     this.#unapplied = undefined;
+  }
+
+  /**
+   * The status of the backup open at `fd` after this host wrote into it: the base goes on
+   * being this file, whose ctime the writes changed (a failed write too).
+   */
+  #wrote(fd: number): fs.BigIntStats {
+    const written = fs.fstatSync(fd, { bigint: true });
+    if (this.#base !== undefined) this.#base = fileIdentity(written);
+    return written;
   }
 
   #discarded(): RoundOutcome {
@@ -781,13 +807,22 @@ function allocatedBytes(file: string): number {
   }
 }
 
-/** How many names (hard links) `file` has; 0 when it cannot be found (the round that writes it says why). */
-function namesOf(file: string): number {
+/** The status of `file`, undefined when it cannot be read (the round that writes it says why). */
+function statOf(file: string): fs.BigIntStats | undefined {
   try {
-    return fs.statSync(file).nlink;
+    return fs.statSync(file, { bigint: true });
   } catch {
-    return 0;
+    return undefined;
   }
+}
+
+/**
+ * What tells a file as this host left it from one replaced (another inode) or written by
+ * someone else since (the kernel sets the ctime on every write, and no one can set it
+ * back): device, inode, ctime in nanoseconds, size; `none` for no file.
+ */
+function fileIdentity(stat: fs.BigIntStats | undefined): string {
+  return stat === undefined ? 'none' : `${stat.dev}:${stat.ino}:${stat.ctimeNs}:${stat.size}`;
 }
 
 function sizeOf(fd: number): number {
