@@ -703,21 +703,26 @@ export function isStopped(pid) {
 }
 
 /**
- * SIGKILLs the detached host `tree` after its `count`-th line matching `roundLine` (an
- * in-place round), at an instant its journal `journalPath` holds a complete round: the
- * tree is stopped first, and let go on to its next round while the next round's journal
- * is being written. Returns that round, decoded.
+ * SIGKILLs the detached host `tree`, after its `count`-th line matching `roundLine` (an
+ * in-place round), at an instant its journal `journalPath` holds a complete round: from the
+ * journal's fdatasync until its round is durable in the backup, when the host marks it
+ * spent. The journal is read until it holds one, the tree stopped, and the journal read
+ * again: still complete, the tree is killed; else it goes on to its next round. Returns
+ * that round, decoded.
  */
 export async function killWithCompleteJournal(tree, journalPath, roundLine, count = 1) {
-  let seen = 0;
-  for (let i = 0; ; i++) {
+  for (let i = 0, seen = 0; seen < count; i++) {
     const line = await tree.err.line(i);
     if (line === undefined) throw new Error(`the host ended before an in-place round:\n${tree.err.lines.join('\n')}`);
-    if (!roundLine.test(line) || ++seen < count) continue;
+    if (roundLine.test(line)) seen++;
+  }
+  const journal = () => decodeJournal(fs.existsSync(journalPath) ? fs.readFileSync(journalPath) : undefined);
+  for (;;) {
+    await waitFor(journal, 'a complete journal', 60_000, 1);
     tree.kill('SIGSTOP');
-    // Until the host has stopped, it may still be writing the next round's journal.
+    // Until the host has stopped, it may still be writing into the backup and spend the journal.
     await waitFor(() => isStopped(tree.pid), 'the host to stop', 60_000, 1);
-    const round = decodeJournal(fs.existsSync(journalPath) ? fs.readFileSync(journalPath) : undefined);
+    const round = journal();
     if (round !== undefined) {
       tree.kill('SIGKILL');
       await tree.exited;

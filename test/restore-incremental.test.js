@@ -5,7 +5,8 @@
 //   the committed state it claims, decoded here from the format's bytes (head, slots,
 //   payload, log records, cell copies), independently of src/;
 // - a complete journal is replayed at start, an incomplete one or one of another file is
-//   discarded, byte for byte;
+//   discarded, byte for byte; a round durable in the backup leaves its journal spent, so a
+//   backup put back by hand (cp) after its host was killed between rounds gets no replay;
 // - a host run as root gives the files it creates beside a service's backup (backup,
 //   journal, lock) the backup's owner and group, and leaves a file already there alone;
 // - a hard link made to the backup while rounds go in place keeps its bytes from the next
@@ -34,7 +35,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { DIRTY_PAGES_NAME, DirtyPages } from 'shmfd';
-import { fixture, isRoot, isStopped, killWithCompleteJournal, NODE, run, seededRandom, settledBackup, SHM_RESTORE, sleep, start, tempDir, waitFor, works } from './helpers.js';
+import { decodeJournal, fixture, isRoot, isStopped, killWithCompleteJournal, NODE, run, seededRandom, settledBackup, SHM_RESTORE, sleep, start, tempDir, waitFor, works } from './helpers.js';
 import { CAPACITY, checkAllSnapshots, validSnapshots } from './state-check.js';
 import { pattern } from './fixtures/marked-writer.js';
 
@@ -271,6 +272,43 @@ test('a complete journal is replayed at start: the pages its round had not writt
   checkAllSnapshots(expected, 'the replayed backup');
 });
 
+test('a backup put back by hand (cp, same inode) after its host was killed between rounds: no round of the old host is replayed into it', async (t) => {
+  const dir = tempDir(t, 'shmfd-incr-');
+  const backup = path.join(dir, 'state');
+  const older = path.join(dir, 'older');
+  const tree = host(backup);
+  t.after(() => tree.kill('SIGKILL'));
+  const program = Number((await tree.out.waitFor(/^pid (\d+)$/))?.[1]);
+  assert.equal(await waitForCount(tree.err, IN_PLACE, 3), 3, tree.err.lines.join('\n'));
+  let settled;
+  while ((settled = settledBackup(backup)) === undefined) await sleep(1);
+  fs.renameSync(settled, older);
+  const olderCommit = checkAllSnapshots(fs.readFileSync(older), 'the older copy').newest;
+  assert.equal(await waitForCount(tree.err, IN_PLACE, 10, tree.err.lines.length), 10, tree.err.lines.join('\n'));
+  // Killed between two rounds: the program stopped, the round with its last commit ended.
+  process.kill(program, 'SIGSTOP');
+  await waitFor(() => isStopped(program), 'the program to stop');
+  const memory = fs.readFileSync(`/proc/${program}/fd/3`);
+  const newest = Math.max(...validSnapshots(memory, 'the memory').snapshots.map((s) => s.offset));
+  assert.ok((await tree.err.waitFor(new RegExp(`snapshot persisted in place: .*, newest at ${newest};`))) !== undefined, tree.err.lines.join('\n'));
+  tree.kill('SIGKILL');
+  await tree.exited;
+  // Written into the backup's inode, which keeps the record of the state it held.
+  fs.copyFileSync(older, backup);
+  const refused = await run(NODE, [SHM_RESTORE, '--snapshot=restore-v1', '--log-level', 'info', backup, 'true']);
+  assert.equal(refused.code, 125, refused.stderr);
+  assert.doesNotMatch(refused.stderr, /applied the journal/);
+  assert.match(refused.stderr, /^shm-restore: error: backup \S+\/state: changed since shm-restore wrote it: .* \(to restore it anyway, drop the record: cp /m);
+  assert.ok(fs.readFileSync(backup).equals(fs.readFileSync(older)), 'nothing written into it');
+  // As the line says: a copy without the record, moved over it.
+  fs.copyFileSync(older, `${backup}.unchecked`);
+  fs.renameSync(`${backup}.unchecked`, backup);
+  const stderr = await startAndExit(backup);
+  assert.doesNotMatch(stderr, /applied the journal/);
+  const { newest: commit } = checkAllSnapshots(fs.readFileSync(backup), 'the backup put back, restored and written back');
+  assert.equal(commit, olderCommit, 'the state put back, nothing else');
+});
+
 test('an incomplete journal, or one of another file, is discarded at start and the backup is left as it was', async (t) => {
   const dir = tempDir(t, 'shmfd-incr-');
   const { backup, journalPath, journal, round } = await killedAfterRounds(dir);
@@ -316,6 +354,7 @@ test('an incomplete journal, or one of another file, is discarded at start and t
  */
 async function killChain(dir, kills, stats) {
   const backup = path.join(dir, 'state');
+  const journalPath = path.join(dir, '.state.journal');
   const targets = ['program', 'host', 'tree'];
   let durable = 0;
   for (let kill = 0; kill < kills; kill++) {
@@ -335,7 +374,7 @@ async function killChain(dir, kills, stats) {
     const ended = await tree.exited;
     assert.ok(!tree.out.lines.some((l) => l.startsWith('problem')), tree.out.lines.join('\n'));
     if (target === 'program') assert.equal(ended.code, 137, `seed ${SEED}: the host reports the program's SIGKILL after writing it back:\n${ended.stderr}`);
-    if (fs.existsSync(path.join(dir, '.state.journal'))) stats.journaled++;
+    if (decodeJournal(fs.existsSync(journalPath) ? fs.readFileSync(journalPath) : undefined) !== undefined) stats.journaled++;
     const { newest } = checkAllSnapshots(fs.readFileSync(settledBackup(backup)), `seed ${SEED}, kill ${kill} (${target})`);
     assert.ok(newest >= durable, `seed ${SEED}, kill ${kill}: the backup went back from ${durable} to ${newest}`);
     durable = newest;

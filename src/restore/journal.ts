@@ -11,7 +11,8 @@
  * record text, u32 0, the record text padded with zeros to a multiple of 8, then each run
  * as u64 file offset and u64 length, then the runs' bytes in that order, then the SHA-256
  * of everything before it. The journal file is written over in place by the next round;
- * bytes after its total length mean nothing.
+ * bytes after its total length mean nothing. Once its round is durable in the backup, its
+ * magic is overwritten with `shmfdnil`: a spent journal, which nothing replays.
  * @module
  */
 import crypto from 'node:crypto';
@@ -22,6 +23,7 @@ import { isSystemError, setXattr } from '../system/libc.js';
 import { removeJournal, syncDirectory } from './persist.js';
 
 const MAGIC = Buffer.from('shmfdjnl');
+const SPENT = Buffer.from('shmfdnil');
 const VERSION = 1;
 const FIXED = 56;
 const DIGEST = 32;
@@ -141,6 +143,17 @@ export async function writeJournal(fd: number, round: JournalRound): Promise<voi
   await new Promise<void>((resolve, reject) => fs.fdatasync(fd, (err) => (err === null ? resolve() : reject(err))));
 }
 
+/**
+ * Marks the journal open at `fd` spent, once its round is durable in the backup. A host
+ * killed between rounds then leaves nothing to replay: were the backup put back by hand
+ * before the next start (`cp` keeps its inode), the last round's pages would be written
+ * into another state. Not synced: until it is, a replay writes what the backup already
+ * holds.
+ */
+export function spendJournal(fd: number): void {
+  fs.writeSync(fd, SPENT, 0, SPENT.length, 0);
+}
+
 /** Writes `round` into the backup open at `fd` in place, sets its record, and syncs it. */
 export async function applyRound(fd: number, round: JournalRound): Promise<void> {
   if (fs.fstatSync(fd).size !== round.size) fs.ftruncateSync(fd, round.size);
@@ -152,7 +165,7 @@ export async function applyRound(fd: number, round: JournalRound): Promise<void>
   await new Promise<void>((resolve, reject) => fs.fsync(fd, (err) => (err === null ? resolve() : reject(err))));
 }
 
-/** The round in the journal at `file`, or why there is none to replay. */
+/** The round in the journal at `file`, or why there is none to replay; undefined when there is no journal, or a spent one. */
 export function readJournal(file: string): JournalRound | { problem: string } | undefined {
   let bytes: Buffer;
   try {
@@ -161,6 +174,7 @@ export function readJournal(file: string): JournalRound | { problem: string } | 
     if (isSystemError(err, 'ENOENT')) return undefined;
     throw err;
   }
+  if (bytes.subarray(0, 8).equals(SPENT)) return undefined;
   if (bytes.length < FIXED + 8 + DIGEST || !bytes.subarray(0, 8).equals(MAGIC)) return { problem: 'it is incomplete (no journal header)' };
   if (bytes.readUInt32LE(8) !== VERSION) return { problem: `its version ${bytes.readUInt32LE(8)} is unknown` };
   const total = Number(bytes.readBigUInt64LE(48));

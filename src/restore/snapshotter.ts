@@ -17,7 +17,7 @@ import { SnapshotFormatError } from '../snapshot/errors.js';
 import { countValidSlots, MIN_FILE_LENGTH, PAGE, parseHead, type Snapshot, type SnapshotLayout } from '../snapshot/format.js';
 import { DIRTY_MAX_BYTES, type DirtyPages } from '../fds/dirty-pages.js';
 import { recordOfRegion, type BackupFile, type BackupState } from './backup.js';
-import { applyRound, openJournal, writeJournal, type JournalRound } from './journal.js';
+import { applyRound, openJournal, spendJournal, writeJournal, type JournalRound } from './journal.js';
 import { describeError, isSystemError } from '../system/libc.js';
 import { CHUNK, yieldToLoop } from './copy.js';
 import { directorySyncWarning, persistAtomically, refusedForRoom, type PersistFixup, type PersistResult } from './persist.js';
@@ -624,6 +624,7 @@ export class Snapshotter {
       } finally {
         written = this.#wrote(fd);
       }
+      spendJournal(this.#journalFd);
     } finally {
       fs.closeSync(fd);
     }
@@ -748,6 +749,7 @@ export class Snapshotter {
       fs.closeSync(fd);
     }
     this.#unapplied = undefined;
+    if (this.#journalFd !== undefined) spendJournal(this.#journalFd);
   }
 
   /**
