@@ -204,27 +204,36 @@ test('a backup given a second name (a hard link) while rounds go in place: that 
   assert.ok(!fs.readFileSync(backup).equals(kept), 'while the backup moved on');
 });
 
+/**
+ * A host on `dir/state` with in-place rounds, an older copy of its backup at `dir/older`
+ * (taken after 3 rounds, followed by 10 more whose pages it lacks and no mark names again),
+ * and the host caught between two rounds: its program stopped, the round that persisted
+ * the last commit ended (the rounds after it find nothing new and write nothing).
+ * @param {import('node:test').TestContext} t
+ */
+async function olderCopyBetweenRounds(t) {
+  const dir = tempDir(t, 'shmfd-incr-');
+  const backup = path.join(dir, 'state');
+  const older = path.join(dir, 'older');
+  const tree = host(backup);
+  t.after(() => tree.kill('SIGKILL'));
+  const program = Number((await tree.out.waitFor(/^pid (\d+)$/))?.[1]);
+  assert.equal(await waitForCount(tree.err, IN_PLACE, 3), 3, tree.err.lines.join('\n'));
+  let settled;
+  while ((settled = settledBackup(backup)) === undefined) await sleep(1);
+  fs.renameSync(settled, older);
+  assert.equal(await waitForCount(tree.err, IN_PLACE, 10, tree.err.lines.length), 10, tree.err.lines.join('\n'));
+  process.kill(program, 'SIGSTOP');
+  await waitFor(() => isStopped(program), 'the program to stop');
+  const memory = fs.readFileSync(`/proc/${program}/fd/3`);
+  const newest = Math.max(...validSnapshots(memory, 'the memory').snapshots.map((s) => s.offset));
+  assert.ok((await tree.err.waitFor(new RegExp(`snapshot persisted( in place)?: .*, newest at ${newest};`))) !== undefined, tree.err.lines.join('\n'));
+  return { backup, older, tree, program };
+}
+
 test('a backup replaced (mv) or rewritten (cp) behind the host while rounds go in place: the next round copies the memory whole, and the backup names committed bytes', async (t) => {
   for (const how of ['mv', 'cp']) {
-    const dir = tempDir(t, 'shmfd-incr-');
-    const backup = path.join(dir, 'state');
-    const older = path.join(dir, 'older');
-    const tree = host(backup);
-    t.after(() => tree.kill('SIGKILL'));
-    const program = Number((await tree.out.waitFor(/^pid (\d+)$/))?.[1]);
-    assert.equal(await waitForCount(tree.err, IN_PLACE, 3), 3, tree.err.lines.join('\n'));
-    let settled;
-    while ((settled = settledBackup(backup)) === undefined) await sleep(1);
-    fs.renameSync(settled, older);
-    // Rounds after the copy write pages it lacks, which no mark names again.
-    assert.equal(await waitForCount(tree.err, IN_PLACE, 10, tree.err.lines.length), 10, tree.err.lines.join('\n'));
-    // Put back between two rounds: with the program stopped, once the round that persisted
-    // its last commit has ended (the rounds after it find nothing new and write nothing).
-    process.kill(program, 'SIGSTOP');
-    await waitFor(() => isStopped(program), 'the program to stop');
-    const memory = fs.readFileSync(`/proc/${program}/fd/3`);
-    const newest = Math.max(...validSnapshots(memory, 'the memory').snapshots.map((s) => s.offset));
-    assert.ok((await tree.err.waitFor(new RegExp(`snapshot persisted( in place)?: .*, newest at ${newest};`))) !== undefined, tree.err.lines.join('\n'));
+    const { backup, older, tree, program } = await olderCopyBetweenRounds(t);
     const from = tree.err.lines.length;
     if (how === 'mv') fs.renameSync(older, backup);
     else fs.copyFileSync(older, backup);
@@ -273,24 +282,8 @@ test('a complete journal is replayed at start: the pages its round had not writt
 });
 
 test('a backup put back by hand (cp, same inode) after its host was killed between rounds: no round of the old host is replayed into it', async (t) => {
-  const dir = tempDir(t, 'shmfd-incr-');
-  const backup = path.join(dir, 'state');
-  const older = path.join(dir, 'older');
-  const tree = host(backup);
-  t.after(() => tree.kill('SIGKILL'));
-  const program = Number((await tree.out.waitFor(/^pid (\d+)$/))?.[1]);
-  assert.equal(await waitForCount(tree.err, IN_PLACE, 3), 3, tree.err.lines.join('\n'));
-  let settled;
-  while ((settled = settledBackup(backup)) === undefined) await sleep(1);
-  fs.renameSync(settled, older);
+  const { backup, older, tree } = await olderCopyBetweenRounds(t);
   const olderCommit = checkAllSnapshots(fs.readFileSync(older), 'the older copy').newest;
-  assert.equal(await waitForCount(tree.err, IN_PLACE, 10, tree.err.lines.length), 10, tree.err.lines.join('\n'));
-  // Killed between two rounds: the program stopped, the round with its last commit ended.
-  process.kill(program, 'SIGSTOP');
-  await waitFor(() => isStopped(program), 'the program to stop');
-  const memory = fs.readFileSync(`/proc/${program}/fd/3`);
-  const newest = Math.max(...validSnapshots(memory, 'the memory').snapshots.map((s) => s.offset));
-  assert.ok((await tree.err.waitFor(new RegExp(`snapshot persisted in place: .*, newest at ${newest};`))) !== undefined, tree.err.lines.join('\n'));
   tree.kill('SIGKILL');
   await tree.exited;
   // Written into the backup's inode, which keeps the record of the state it held.
