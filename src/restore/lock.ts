@@ -27,14 +27,16 @@ export class BackupLock {
 
   /**
    * Takes the lock of `backup`, creating the lock file (mode 0600) if needed, and writes
-   * this process's pid into it. Never waits: a held lock is a refusal.
+   * this process's pid into it when it has no other name. Never waits: a held lock is a
+   * refusal.
    * @throws ShmfdError `ERR_BACKUP_IN_USE` (another process holds the lock, named by its
-   *   pid), `ERR_BACKUP_ACCESS` (the lock file cannot be created or opened, is not a
-   *   regular file, or has other names)
+   *   pid), `ERR_BACKUP_ACCESS` (the lock file cannot be created or opened, or is not a
+   *   regular file)
    */
   static acquire(backup: BackupFile): BackupLock {
     const file = lockFilePath(backup);
     let fd: number;
+    let stat: fs.Stats;
     try {
       // Close-on-exec: the program (and anything it starts) must never hold the lock, or
       // it would outlive the host and refuse the next one.
@@ -44,17 +46,9 @@ export class BackupLock {
       throw new ShmfdError('ERR_BACKUP_ACCESS', `backup ${backup.path}: cannot ${verb} its lock file ${file}: ${sys.describeError(err)}`, { cause: err });
     }
     try {
-      const stat = fs.fstatSync(fd);
+      stat = fs.fstatSync(fd);
       if (!stat.isFile()) {
         throw new ShmfdError('ERR_BACKUP_ACCESS', `backup ${backup.path}: its lock file ${file} is not a regular file`);
-      }
-      // The pid written below would land in the file's other names too: whatever a hard
-      // link there stands for (in a root host, any file of root's) is not to be written.
-      if (stat.nlink !== 1) {
-        throw new ShmfdError(
-          'ERR_BACKUP_ACCESS',
-          `backup ${backup.path}: its lock file ${file} has ${stat.nlink} names (hard links), and writing into it would change the others; remove it while no host runs`,
-        );
       }
       if (!sys.flock(fd, sys.LOCK_EX | sys.LOCK_NB)) {
         const holder = flockHolder(fs.fstatSync(fd, { bigint: true })) ?? pidIn(fd);
@@ -67,7 +61,9 @@ export class BackupLock {
       fs.closeSync(fd);
       throw err;
     }
-    writePid(fd);
+    // The pid is a hint for people; a file with other names (a hard link: `cp -al` of the
+    // directory, or, in a root host, a link to any file of root's) is locked, not written.
+    if (stat.nlink === 1) writePid(fd);
     return new BackupLock(file, fd);
   }
 
