@@ -261,7 +261,11 @@ export function quiescentCopyFixup(expected: SlotState): PersistFixup {
  * Pacing: the next round starts `intervalMs` after the previous one ended, or
  * {@link PACING_FACTOR} times the CPU time it used if that is longer, so a large state
  * that changes constantly costs a bounded share of a core. Work that the host's thread
- * runs meanwhile through {@link besideRounds} is not the round's and is not counted.
+ * runs meanwhile through {@link besideRounds} is not the round's and is not counted. One
+ * exception: a whole copy made because too many pages were marked since the last round
+ * is followed by a round at the interval, unless the round before it was one too. Marks
+ * pile up with the pause, so a paced pause would make the next round as crowded, and a
+ * program whose rounds go in place at the interval would get whole copies for ever.
  */
 export class Snapshotter {
   readonly intervalMs: number;
@@ -275,6 +279,8 @@ export class Snapshotter {
   #lastError = '';
   #nextDelay: number;
   #discardedInARow = 0;
+  /** Whether the last round copied whole because of the pages marked since the one before. */
+  #lastCrowded = false;
   /**
    * The backup file that, with the pages marked since (taken into {@link #pending} or still
    * in the map), makes the memory, as this host last left it ({@link fileIdentity}): set
@@ -450,6 +456,7 @@ export class Snapshotter {
     const pages = Math.ceil(Math.min(size, DIRTY_MAX_BYTES) / PAGE);
     if (dirty !== undefined) this.#take(dirty, pages);
     let spans: [number, number][] | undefined;
+    let crowded = false;
     // The backup as it is now. Another name of it (a hard link: `ln state state.monday`,
     // `cp -al`) shares its bytes, which writes in place would change too; a file replaced,
     // or written by someone else, since this host wrote it is no longer the base that the
@@ -470,7 +477,10 @@ export class Snapshotter {
       spans = this.#spans(before.head.tailStart, size);
       // Pages changed all over the file cost more in place (a read, a journaled write and a
       // random write each) than one sequential copy of it: then the round copies it whole.
-      if (spans.length * RUN_COST_BYTES > size) spans = undefined;
+      if (spans.length * RUN_COST_BYTES > size) {
+        spans = undefined;
+        crowded = true;
+      }
     }
     // Where a whole copy finds no room, the pages that differ from the backup go in place.
     const byComparison = spans === undefined && (kind === 'differences' || (kind === 'timed' && this.#noRoomForCopy()));
@@ -511,7 +521,8 @@ export class Snapshotter {
       // Every round that copied is paced, kept or not: discarded copies cost as much.
       const cpu = process.cpuUsage(cpuBefore);
       own = cpu.user + cpu.system - (besideMicros - besideBefore);
-      this.#nextDelay = Math.max(this.intervalMs, (PACING_FACTOR * own) / 1000);
+      this.#nextDelay = crowded && !this.#lastCrowded ? this.intervalMs : Math.max(this.intervalMs, (PACING_FACTOR * own) / 1000);
+      this.#lastCrowded = crowded;
     }
     if (result === undefined) return this.#discarded();
     // Durable: the pages it copied are in the backup; bits taken beyond the size stay.
