@@ -284,8 +284,9 @@ export class Snapshotter {
   /**
    * The backup file that, with the pages marked since (taken into {@link #pending} or still
    * in the map), makes the memory, as this host last left it ({@link fileIdentity}): set
-   * once a whole copy taken after the program set its tracking flag is durable, or from
-   * the start when the host restored the memory from the backup. A backup that no longer
+   * once a round that read every page after the program set its tracking flag (a whole
+   * copy, or one by comparison) is durable, or from the start when the host restored the
+   * memory from the backup. A backup that no longer
    * has this identity was replaced or written by someone else, and only a whole copy
    * makes it the memory again.
    */
