@@ -319,7 +319,7 @@ export class Snapshotter {
     this.intervalMs = options.intervalMs ?? DEFAULT_INTERVAL_MS;
     this.#nextDelay = this.intervalMs;
     this.#persistedWriteOffset = options.baselineWriteOffset;
-    const restoredFrom = options.backupMatchesMemory === true ? statOf(options.backup.path) : undefined;
+    const restoredFrom = options.backupMatchesMemory === true ? fs.statSync(options.backup.path, { bigint: true, throwIfNoEntry: false }) : undefined;
     this.#base = restoredFrom === undefined ? undefined : fileIdentity(restoredFrom);
   }
 
@@ -464,7 +464,7 @@ export class Snapshotter {
     // marked pages complete. A whole copy is a new file under the backup's name only: the
     // other names keep what they hold, and it is the base of the rounds after it.
     const path = this.#o.backup.path;
-    const backupFile = statOf(path);
+    const backupFile = fs.statSync(path, { bigint: true, throwIfNoEntry: false });
     const names = Number(backupFile?.nlink ?? 0);
     if (this.#base !== undefined && (names > 1 || fileIdentity(backupFile) !== this.#base)) {
       log.info(
@@ -818,15 +818,6 @@ function allocatedBytes(file: string): number {
   } catch (err) {
     if (isSystemError(err, 'ENOENT')) return 0;
     throw err;
-  }
-}
-
-/** The status of `file`, undefined when it cannot be read (the round that writes it says why). */
-function statOf(file: string): fs.BigIntStats | undefined {
-  try {
-    return fs.statSync(file, { bigint: true });
-  } catch {
-    return undefined;
   }
 }
 
