@@ -252,6 +252,18 @@ export class BackupFile {
   }
 
   /**
+   * Whether this host may write into `file`, a file found beside the backup (its lock
+   * file, its journal) rather than created here: a regular file with no other name (a hard
+   * link would carry the bytes into another file, in a root host any file of root's),
+   * owned by this host's user or the backup's (a file someone else made there in advance,
+   * in a directory others may write, would hand them what is written).
+   */
+  mayWriteInto(file: fs.Stats): boolean {
+    const owners = [process.geteuid?.(), fs.statSync(this.path, { throwIfNoEntry: false })?.uid];
+    return file.isFile() && file.nlink === 1 && owners.includes(file.uid);
+  }
+
+  /**
    * Gives the next backup, a file created here with `O_EXCL` and about to be renamed over
    * the backup, what it must keep of the file it replaces: its permission bits (0600 for
    * a first backup) and, in a root host, its owner ({@link giveToOwner}). Read from the

@@ -103,11 +103,9 @@ export async function openJournal(backup: BackupFile): Promise<number> {
 }
 
 /**
- * The file at the journal's name, open for writing, when a round may write over it: a
- * regular file with no other name (a hard link would carry the round's bytes into another
- * file), owned by this host's user or the backup's (a file someone else made there in
- * advance, in a directory others may write, would hand them the state). Its blocks are
- * then reused, which a full disk may need. Undefined for anything else, or nothing.
+ * The file at the journal's name, open for writing, when a round may write over it
+ * ({@link BackupFile.mayWriteInto}): its blocks are then reused, which a full disk may
+ * need. Undefined for anything else, or nothing.
  */
 function openOwnJournal(backup: BackupFile): number | undefined {
   let fd: number;
@@ -119,9 +117,7 @@ function openOwnJournal(backup: BackupFile): number | undefined {
   }
   let own = false;
   try {
-    const stat = fs.fstatSync(fd);
-    const owners = [process.geteuid?.(), fs.statSync(backup.path, { throwIfNoEntry: false })?.uid];
-    own = stat.isFile() && stat.nlink === 1 && owners.includes(stat.uid);
+    own = backup.mayWriteInto(fs.fstatSync(fd));
   } finally {
     if (!own) fs.closeSync(fd);
   }

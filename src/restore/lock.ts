@@ -27,7 +27,7 @@ export class BackupLock {
 
   /**
    * Takes the lock of `backup`, creating the lock file (mode 0600) if needed, and writes
-   * this process's pid into it when it has no other name. Never waits: a held lock is a
+   * this process's pid into it when it may ({@link BackupFile.mayWriteInto}). Never waits: a held lock is a
    * refusal.
    * @throws ShmfdError `ERR_BACKUP_IN_USE` (another process holds the lock, named by its
    *   pid), `ERR_BACKUP_ACCESS` (the lock file cannot be created or opened, or is not a
@@ -61,9 +61,9 @@ export class BackupLock {
       fs.closeSync(fd);
       throw err;
     }
-    // The pid is a hint for people; a file with other names (a hard link: `cp -al` of the
-    // directory, or, in a root host, a link to any file of root's) is locked, not written.
-    if (stat.nlink === 1) writePid(fd);
+    // The pid is a hint for people: a lock file with other names (a hard link, from `cp -al`
+    // of the directory or to another file) or of someone else's is locked, not written.
+    if (backup.mayWriteInto(stat)) writePid(fd);
     return new BackupLock(file, fd);
   }
 
