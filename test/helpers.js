@@ -732,6 +732,25 @@ export async function killWithCompleteJournal(tree, journalPath, roundLine, coun
   }
 }
 
+/**
+ * SIGKILLs the detached host `tree` between two of its rounds: at an instant its journal
+ * `journalPath` holds no round to replay (none, or spent). Only the host is stopped to
+ * look, and let go on when it is inside a round: a program the caller stopped stays so.
+ */
+export async function killBetweenRounds(tree, journalPath) {
+  for (;;) {
+    process.kill(tree.pid, 'SIGSTOP');
+    await waitFor(() => isStopped(tree.pid), 'the host to stop', 60_000, 1);
+    if (decodeJournal(fs.existsSync(journalPath) ? fs.readFileSync(journalPath) : undefined) === undefined) {
+      tree.kill('SIGKILL');
+      await tree.exited;
+      return;
+    }
+    process.kill(tree.pid, 'SIGCONT');
+    await sleep(1);
+  }
+}
+
 /** A unique abstract socket address for this test process. */
 export function abstractAddress(tag) {
   return `@shmfd-test-${tag}-${process.pid}-${Math.random().toString(36).slice(2)}`;
