@@ -272,13 +272,21 @@ test('a complete journal is replayed at start: the pages its round had not writt
   const torn = fs.openSync(backup, 'r+');
   for (const run of round.runs) fs.writeSync(torn, Buffer.alloc(run.data.length, 0xee), 0, run.data.length, run.offset);
   fs.closeSync(torn);
+  // status describes what the next start restores, not the torn file (which it would call
+  // damaged, with a way out that drops the journal: a new inode).
   const status = await run(NODE, [SHM_RESTORE, '--snapshot=restore-v1', 'status', backup]);
-  assert.match(status.stdout, new RegExp(`^journal: .*\\.state\\.journal: round ${round.sequence}, complete; a host applies it at start`, 'm'), status.stdout);
+  assert.equal(status.code, 0, status.stdout);
+  assert.match(status.stdout, new RegExp(`^journal: .*\\.state\\.journal: round ${round.sequence}, complete; a host applies it at start \\(the facts below are of the backup with it applied\\)$`, 'm'), status.stdout);
   const stderr = await startAndExit(backup);
   assert.match(stderr, new RegExp(`applied the journal of round ${round.sequence}`));
   assert.ok(fs.readFileSync(backup).equals(expected), 'the backup is the round, complete');
   assert.ok(!fs.existsSync(journalPath), 'the journal is removed once applied');
   checkAllSnapshots(expected, 'the replayed backup');
+  const after = await run(NODE, [SHM_RESTORE, '--snapshot=restore-v1', 'status', backup]);
+  /** The lines of what the backup holds; its blocks on disk and its age change with the write-back. */
+  const holds = (/** @type {string} */ out) => out.split('\n').filter((l) => /^(backup size|integrity record|state|snapshots|newest snapshot size):/.test(l)).map((l) => l.replace(/, [^,]* on disk$/, ''));
+  assert.equal(holds(status.stdout).length, 5, status.stdout);
+  assert.deepEqual(holds(status.stdout), holds(after.stdout), `before the start:\n${status.stdout}\nafter it:\n${after.stdout}`);
 });
 
 test('a backup put back by hand (cp, same inode) after its host was killed between rounds: no round of the old host is replayed into it', async (t) => {
@@ -334,12 +342,32 @@ test('an incomplete journal, or one of another file, is discarded at start and t
         return Buffer.concat([j, Buffer.from(crypto.createHash('sha256').update(j).digest())]);
       })();
     fs.writeFileSync(journalPath, bytes);
+    const status = await run(NODE, [SHM_RESTORE, '--snapshot=restore-v1', 'status', backup]);
+    assert.match(status.stdout, new RegExp(`^journal: .*${reason.source}.*; a host discards it at start$`, 'm'), `${what}:\n${status.stdout}`);
     const stderr = await startAndExit(backup);
     assert.match(stderr, /discarded the journal/, what);
     assert.match(stderr, reason, what);
     assert.ok(!fs.existsSync(journalPath), `${what}: the journal is removed`);
     assert.ok(fs.readFileSync(backup).equals(before), `${what}: the backup is unchanged`);
   }
+});
+
+test('status and a start agree on a complete journal whose round does not match the record it sets: damaged, refused once applied', async (t) => {
+  const dir = tempDir(t, 'shmfd-incr-');
+  const { backup, journalPath, journal } = await killedAfterRounds(dir);
+  // Another digest in the record text (at byte 64, after its length), the checksum made anew.
+  const total = Number(journal.readBigUInt64LE(48));
+  const forged = Buffer.from(journal.subarray(0, total - 32));
+  const last = 64 + forged.readUInt32LE(56) - 1;
+  forged[last] = forged[last] === 0x30 ? 0x31 : 0x30;
+  fs.writeFileSync(journalPath, Buffer.concat([forged, crypto.createHash('sha256').update(forged).digest()]));
+  const status = await run(NODE, [SHM_RESTORE, '--snapshot=restore-v1', 'status', backup]);
+  assert.equal(status.code, 1, status.stdout);
+  assert.match(status.stdout, /^state: damaged: its journal's round does not match the user\.shmfd\.check record it sets/m, status.stdout);
+  const started = await run(NODE, [SHM_RESTORE, '--snapshot=restore-v1', '--log-level', 'info', backup, 'true']);
+  assert.equal(started.code, 125, started.stderr);
+  assert.match(started.stderr, /applied the journal/);
+  assert.match(started.stderr, /^shm-restore: error: backup \S+: changed since shm-restore wrote it/m);
 });
 
 /**

@@ -66,7 +66,7 @@ export interface BackupRecord {
 const RECORD = /^v1 size=([0-9]+) region=([0-9]+) sha256-1m=([0-9a-f]{64})$/;
 
 /** The record in {@link CHECK_ATTRIBUTE}, or why it cannot be one (strictly: decimal digits, no spaces). */
-function parseRecord(text: string): BackupRecord | string {
+export function parseRecord(text: string): BackupRecord | string {
   const m = RECORD.exec(text);
   if (m === null) {
     return /^v[0-9]+ /.test(text) && !text.startsWith('v1 ')

@@ -18,7 +18,10 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import type { Log } from '../base/log.js';
-import { CHECK_ATTRIBUTE, type BackupFile } from './backup.js';
+import { BackupDamagedError, CHECK_ATTRIBUTE, parseRecord, recordOfRegion, type BackupFile, type BackupInspection } from './backup.js';
+import { SnapshotFormatError } from '../snapshot/errors.js';
+import { parseHead, readSlots, slotPosition } from '../snapshot/format.js';
+import type { SlotState } from '../snapshot/pread.js';
 import { isSystemError, setXattr } from '../system/libc.js';
 import { removeJournal, syncDirectory } from './persist.js';
 
@@ -199,6 +202,50 @@ export function readJournal(file: string): JournalRound | { problem: string } | 
   };
 }
 
+/**
+ * Why a start would not apply the complete journal `round` to `backup`, whose status is
+ * `stat` (undefined: there is none); undefined when it would.
+ */
+export function whyNotApplied(round: JournalRound, backup: BackupFile, stat: fs.Stats | undefined): string | undefined {
+  if (stat === undefined) return `there is no backup ${backup.path} to apply it to`;
+  if (stat.ino !== round.inode) return `it belongs to another file (inode ${round.inode}; the backup was replaced since)`;
+  if (stat.size !== round.baseSize && stat.size !== round.size) return `the backup has ${stat.size} bytes, neither the ${round.baseSize} before the round nor the ${round.size} after it`;
+  return undefined;
+}
+
+/**
+ * The backup whose status is `stat` as applying the complete `round` will leave it, read
+ * from the journal alone, without writing: a round's first run is the whole checked region
+ * (head page, slots and data ring), and it carries the record it sets. The backup may be
+ * torn until then, and checking it as it is would call it damaged. `durableAtMs`: when the
+ * journal, and so the round, became durable.
+ */
+export function inspectApplied(round: JournalRound, backup: BackupFile, stat: fs.Stats, durableAtMs: number): BackupInspection {
+  const region = round.runs[0];
+  const record = round.record === '' ? undefined : parseRecord(round.record);
+  // As a host checks the backup once it applied the round.
+  if (record !== undefined && (typeof record === 'string' || region?.offset !== 0 || recordOfRegion(round.size, region.data) !== round.record)) {
+    throw new BackupDamagedError(backup.path, `its journal's round does not match the ${CHECK_ATTRIBUTE} record it sets: a host applies it, then refuses the backup`);
+  }
+  let slots: SlotState | undefined;
+  if (region !== undefined && region.offset === 0) {
+    try {
+      const head = parseHead(region.data, round.size);
+      if (head !== undefined && slotPosition(head.entries) <= region.data.length) slots = { head, slots: readSlots(region.data, head), bytes: region.data };
+    } catch (err) {
+      if (!(err instanceof SnapshotFormatError)) throw err;
+    }
+  }
+  return {
+    state: 'present',
+    size: round.size,
+    mtimeMs: durableAtMs,
+    allocated: stat.blocks * 512,
+    slots,
+    record,
+  };
+}
+
 /** What {@link replayJournal} did. */
 export type ReplayOutcome = { action: 'none' } | { action: 'replayed'; round: JournalRound } | { action: 'discarded'; problem: string };
 
@@ -228,20 +275,17 @@ async function replay(backup: BackupFile): Promise<ReplayOutcome> {
     } catch (err) {
       if (!isSystemError(err, 'ENOENT')) throw err;
     }
-    if (fd === undefined) {
-      outcome = { action: 'discarded', problem: `there is no backup ${backup.path} to apply it to` };
-    } else {
-      try {
-        const stat = fs.fstatSync(fd);
-        if (stat.ino !== found.inode) outcome = { action: 'discarded', problem: `it belongs to another file (inode ${found.inode}; the backup was replaced since)` };
-        else if (stat.size !== found.baseSize && stat.size !== found.size) outcome = { action: 'discarded', problem: `the backup has ${stat.size} bytes, neither the ${found.baseSize} before the round nor the ${found.size} after it` };
-        else {
-          await applyRound(fd, found);
-          outcome = { action: 'replayed', round: found };
-        }
-      } finally {
-        fs.closeSync(fd);
+    try {
+      const problem = whyNotApplied(found, backup, fd === undefined ? undefined : fs.fstatSync(fd));
+      if (problem !== undefined) {
+        outcome = { action: 'discarded', problem };
+      } else {
+        // Without a file there is a problem.
+        await applyRound(fd!, found);
+        outcome = { action: 'replayed', round: found };
       }
+    } finally {
+      if (fd !== undefined) fs.closeSync(fd);
     }
   }
   if (await removeJournal(backup)) await syncDirectory(backup.dir);

@@ -2,10 +2,11 @@
  * `shm-restore status BACKUP`: what a backup holds and how old it is, read-only.
  * @module
  */
+import fs from 'node:fs';
 import { BackupDamagedError, BackupFile, CHECK_ATTRIBUTE, type BackupFormat, type BackupInspection } from './backup.js';
 import { formatBytes, formatDuration } from './progress.js';
 import { newestSlot } from '../snapshot/pread.js';
-import { readJournal } from './journal.js';
+import { inspectApplied, readJournal, whyNotApplied, type JournalRound } from './journal.js';
 
 /** Facts about a backup, one `key: value` line each. */
 export interface BackupStatus {
@@ -23,18 +24,23 @@ export interface BackupStatus {
 export function backupStatus(file: string, format: BackupFormat, now: number = Date.now()): BackupStatus {
   const backup = new BackupFile(file);
   const lines = [`backup: ${backup.path}`];
-  // A host killed during an in-place round leaves the backup to be finished from it.
+  // A host killed during an in-place round leaves the backup to be finished from it. The
+  // facts are those of the backup as the next start finds it, after it decides.
   const journal = readJournal(backup.journalPath);
+  let applied: { round: JournalRound; stat: fs.Stats } | undefined;
   if (journal !== undefined) {
+    const stat = fs.lstatSync(backup.path, { throwIfNoEntry: false });
+    const problem = 'problem' in journal ? journal.problem : whyNotApplied(journal, backup, stat);
+    if (problem === undefined && !('problem' in journal) && stat !== undefined) applied = { round: journal, stat };
     lines.push(
-      'problem' in journal
-        ? `journal: ${backup.journalPath}: ${journal.problem}; a host discards it at start`
-        : `journal: ${backup.journalPath}: round ${journal.sequence}, complete; a host applies it at start (the facts below are of the backup without it)`,
+      applied === undefined
+        ? `journal: ${backup.journalPath}: ${problem}; a host discards it at start`
+        : `journal: ${backup.journalPath}: round ${applied.round.sequence}, complete; a host applies it at start (the facts below are of the backup with it applied)`,
     );
   }
   let found: BackupInspection;
   try {
-    found = backup.inspect(format);
+    found = applied === undefined ? backup.inspect(format) : inspectApplied(applied.round, backup, applied.stat, fs.statSync(backup.journalPath).mtimeMs);
   } catch (err) {
     if (!(err instanceof BackupDamagedError)) throw err;
     lines.push(`state: damaged: ${err.problem}`);
