@@ -40,7 +40,7 @@ export function backupStatus(file: string, format: BackupFormat, now: number = D
   }
   let found: BackupInspection;
   try {
-    found = applied === undefined ? backup.inspect(format) : inspectApplied(applied.round, backup, applied.stat, fs.statSync(backup.journalPath).mtimeMs);
+    found = applied === undefined ? backup.inspect(format) : inspectApplied(applied.round, backup, applied.stat, journalTime(backup, applied.stat));
   } catch (err) {
     if (!(err instanceof BackupDamagedError)) throw err;
     lines.push(`state: damaged: ${err.problem}`);
@@ -77,4 +77,12 @@ export function backupStatus(file: string, format: BackupFormat, now: number = D
     }
   }
   return { ok: true, lines };
+}
+
+/**
+ * When the round in the journal became durable: the journal's last write. A host that
+ * starts meanwhile removes the journal once applied; then the backup's last write as found.
+ */
+function journalTime(backup: BackupFile, stat: fs.Stats): number {
+  return fs.statSync(backup.journalPath, { throwIfNoEntry: false })?.mtimeMs ?? stat.mtimeMs;
 }
