@@ -248,6 +248,44 @@ test('a backup replaced (mv) or rewritten (cp) behind the host while rounds go i
   }
 });
 
+/** The syscalls in which Node's main thread waits for its event loop, by architecture. */
+const EPOLL_WAITS = /** @type {Record<string, number[]>} */ ({ x64: [232, 281, 441], arm64: [22, 441] })[process.arch];
+
+test('a backup rewritten (cp) while a round in place waits for the disk: the round is discarded, the next copies whole, and the backup names committed bytes', { skip: EPOLL_WAITS === undefined && 'knows the epoll syscalls of x64 and arm64 only' }, async (t) => {
+  const dir = tempDir(t, 'shmfd-incr-');
+  const backup = path.join(dir, 'state');
+  const older = path.join(dir, 'older');
+  const journalPath = path.join(dir, '.state.journal');
+  const tree = host(backup);
+  t.after(() => tree.kill('SIGKILL'));
+  assert.equal(await waitForCount(tree.err, IN_PLACE, 3), 3, tree.err.lines.join('\n'));
+  let settled;
+  while ((settled = settledBackup(backup)) === undefined) await sleep(1);
+  fs.renameSync(settled, older);
+  assert.equal(await waitForCount(tree.err, IN_PLACE, 10, tree.err.lines.length), 10, tree.err.lines.join('\n'));
+  // The host stopped inside a round (its journal complete, not yet spent) while its main
+  // thread waits for the event loop: for the journal's fdatasync or the backup's fsync.
+  const journal = () => decodeJournal(fs.existsSync(journalPath) ? fs.readFileSync(journalPath) : undefined);
+  for (;;) {
+    await waitFor(journal, 'a complete journal', 60_000, 1);
+    process.kill(tree.pid, 'SIGSTOP');
+    await waitFor(() => isStopped(tree.pid), 'the host to stop', 60_000, 1);
+    const syscall = Number(fs.readFileSync(`/proc/${tree.pid}/syscall`, 'utf8').split(' ')[0]);
+    if (journal() !== undefined && EPOLL_WAITS?.includes(syscall)) break;
+    process.kill(tree.pid, 'SIGCONT');
+  }
+  const from = tree.err.lines.length;
+  fs.copyFileSync(older, backup);
+  process.kill(tree.pid, 'SIGCONT');
+  const noticed = /^shm-restore: \S+\/state changed while a round wrote it in place \(replaced, or written by another process\): the round is discarded, the next copies the memory whole$/;
+  assert.ok((await tree.err.waitFor(noticed)) !== undefined, tree.err.lines.join('\n'));
+  assert.equal(await waitForCount(tree.err, IN_PLACE, 5, from), 5, tree.err.lines.join('\n'));
+  tree.kill('SIGKILL');
+  await tree.exited;
+  const { newest, checked } = checkAllSnapshots(fs.readFileSync(settledBackup(backup)), 'after a cp during a round and 5 rounds in place');
+  assert.ok(newest > 0 && checked > 0, `newest ${newest}, checked ${checked}`);
+});
+
 /** A backup with in-place rounds, its host killed after one: returns the backup's bytes and the (applied) journal's. */
 async function killedAfterRounds(dir) {
   const backup = path.join(dir, 'state');

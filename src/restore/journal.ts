@@ -155,13 +155,23 @@ export function spendJournal(fd: number): void {
 
 /** Writes `round` into the backup open at `fd` in place, sets its record, and syncs it. */
 export async function applyRound(fd: number, round: JournalRound): Promise<void> {
+  writeRound(fd, round);
+  await syncFile(fd);
+}
+
+/** Writes `round` into the backup open at `fd` in place and sets its record; not synced. */
+export function writeRound(fd: number, round: JournalRound): void {
   if (fs.fstatSync(fd).size !== round.size) fs.ftruncateSync(fd, round.size);
   for (const r of round.runs) {
     let done = 0;
     while (done < r.data.length) done += fs.writeSync(fd, r.data, done, r.data.length - done, r.offset + done);
   }
   if (round.record !== '') setXattr(fd, CHECK_ATTRIBUTE, round.record);
-  await new Promise<void>((resolve, reject) => fs.fsync(fd, (err) => (err === null ? resolve() : reject(err))));
+}
+
+/** `fsync(2)` of `fd`, on the thread pool. */
+export function syncFile(fd: number): Promise<void> {
+  return new Promise<void>((resolve, reject) => fs.fsync(fd, (err) => (err === null ? resolve() : reject(err))));
 }
 
 /** The round in the journal at `file`, or why there is none to replay; undefined when there is no journal, or a spent one. */

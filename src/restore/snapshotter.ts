@@ -17,7 +17,7 @@ import { SnapshotFormatError } from '../snapshot/errors.js';
 import { countValidSlots, MIN_FILE_LENGTH, PAGE, parseHead, type Snapshot, type SnapshotLayout } from '../snapshot/format.js';
 import { DIRTY_MAX_BYTES, type DirtyPages } from '../fds/dirty-pages.js';
 import { recordOfRegion, type BackupFile, type BackupState } from './backup.js';
-import { applyRound, openJournal, spendJournal, writeJournal, type JournalRound } from './journal.js';
+import { applyRound, openJournal, spendJournal, syncFile, writeJournal, writeRound, type JournalRound } from './journal.js';
 import { describeError, isSystemError } from '../system/libc.js';
 import { CHUNK, yieldToLoop } from './copy.js';
 import { directorySyncWarning, persistAtomically, refusedForRoom, type PersistFixup, type PersistResult } from './persist.js';
@@ -623,12 +623,25 @@ export class Snapshotter {
     const fd = fs.openSync(backup.path, fs.constants.O_RDWR | fs.constants.O_NOFOLLOW);
     let written: fs.BigIntStats;
     try {
-      const stat = fs.fstatSync(fd);
-      const round: JournalRound = { sequence: ++this.#sequence, inode: stat.ino, baseSize: stat.size, size, record, runs };
+      // The marked pages complete the file this host last left, and no other: one replaced
+      // or written by someone else since the round began, or while it waits for the disk
+      // (where a round spends its time), gets no pages, and the next round copies whole.
+      const stat = fs.fstatSync(fd, { bigint: true });
+      if (!this.#isBase(stat)) return this.#changedUnderRound();
+      const round: JournalRound = { sequence: ++this.#sequence, inode: Number(stat.ino), baseSize: Number(stat.size), size, record, runs };
       this.#journalFd ??= await openJournal(backup);
       await writeJournal(this.#journalFd, round);
+      if (!this.#isBase(fs.fstatSync(fd, { bigint: true }))) {
+        // Durably, or a crash could leave the round to the next start to apply into that file.
+        spendJournal(this.#journalFd);
+        await syncFile(this.#journalFd);
+        return this.#changedUnderRound();
+      }
+      let ours: string;
       try {
-        await applyRound(fd, round);
+        writeRound(fd, round);
+        ours = fileIdentity(fs.fstatSync(fd, { bigint: true }));
+        await syncFile(fd);
       } catch (err) {
         // The backup may be torn now; the journal that repairs it must stay until it is applied.
         this.#unapplied = round;
@@ -637,6 +650,8 @@ export class Snapshotter {
         written = this.#wrote(fd);
       }
       spendJournal(this.#journalFd);
+      // Written by someone else during the sync: what is durable is no longer the round.
+      if (fileIdentity(written) !== ours) return this.#changedUnderRound();
     } finally {
       fs.closeSync(fd);
     }
@@ -762,6 +777,18 @@ export class Snapshotter {
     }
     this.#unapplied = undefined;
     if (this.#journalFd !== undefined) spendJournal(this.#journalFd);
+  }
+
+  /** Whether `stat` is the file this host last left, where rounds go by the marks (else any file is). */
+  #isBase(stat: fs.BigIntStats): boolean {
+    return this.#base === undefined || fileIdentity(stat) === this.#base;
+  }
+
+  /** A round in place that found the backup changed under it: discarded, and the next copies whole. */
+  #changedUnderRound(): undefined {
+    this.#o.log.info(`${this.#o.backup.path} changed while a round wrote it in place (replaced, or written by another process): the round is discarded, the next copies the memory whole`);
+    this.#base = undefined;
+    return undefined;
   }
 
   /**
