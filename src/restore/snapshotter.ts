@@ -627,7 +627,7 @@ export class Snapshotter {
       // or written by someone else since the round began, or while it waits for the disk
       // (where a round spends its time), gets no pages, and the next round copies whole.
       const stat = fs.fstatSync(fd, { bigint: true });
-      if (!this.#isBase(stat)) return this.#changedUnderRound();
+      if (!this.#isBase(stat)) return this.#changedUnderRound(fd);
       const round: JournalRound = { sequence: ++this.#sequence, inode: Number(stat.ino), baseSize: Number(stat.size), size, record, runs };
       this.#journalFd ??= await openJournal(backup);
       await writeJournal(this.#journalFd, round);
@@ -635,7 +635,7 @@ export class Snapshotter {
         // Durably, or a crash could leave the round to the next start to apply into that file.
         spendJournal(this.#journalFd);
         await syncFile(this.#journalFd);
-        return this.#changedUnderRound();
+        return this.#changedUnderRound(fd);
       }
       let ours: string;
       try {
@@ -651,7 +651,7 @@ export class Snapshotter {
       }
       spendJournal(this.#journalFd);
       // Written by someone else during the sync: what is durable is no longer the round.
-      if (fileIdentity(written) !== ours) return this.#changedUnderRound();
+      if (fileIdentity(written) !== ours) return this.#changedUnderRound(fd);
     } finally {
       fs.closeSync(fd);
     }
@@ -784,9 +784,14 @@ export class Snapshotter {
     return this.#base === undefined || fileIdentity(stat) === this.#base;
   }
 
-  /** A round in place that found the backup changed under it: discarded, and the next copies whole. */
-  #changedUnderRound(): undefined {
-    this.#o.log.info(`${this.#o.backup.path} changed while a round wrote it in place (replaced, or written by another process): the round is discarded, the next copies the memory whole`);
+  /** A round in place that found the backup open at `fd` changed under it: discarded, and the next copies whole. */
+  #changedUnderRound(fd: number): undefined {
+    const names = fs.fstatSync(fd).nlink;
+    this.#o.log.info(
+      names > 1
+        ? `${this.#o.backup.path} got ${names} names (hard links) while a round wrote it in place: the round is discarded, the next copies the memory whole, so that the other names keep what they hold`
+        : `${this.#o.backup.path} changed while a round wrote it in place (replaced, or written by another process): the round is discarded, the next copies the memory whole`,
+    );
     this.#base = undefined;
     return undefined;
   }
