@@ -702,13 +702,35 @@ export function isStopped(pid) {
   return /^[Tt]$/.test(processInfo(pid)?.state ?? '');
 }
 
+/** The round in the journal at `journalPath` that a start would replay; undefined for none (or a spent one). */
+export function journalRound(journalPath) {
+  return decodeJournal(fs.existsSync(journalPath) ? fs.readFileSync(journalPath) : undefined);
+}
+
+/**
+ * Stops the host of the detached `tree` (SIGSTOP to it alone: a program the caller stopped
+ * stays so) at an instant `holds()` is true, once `ready()` is (awaited first, when given);
+ * otherwise it lets the host go on and looks again.
+ * @param {{ pid: number }} tree
+ * @param {() => boolean} holds
+ * @param {() => unknown} [ready]
+ */
+export async function stopHostWhen(tree, holds, ready) {
+  for (;;) {
+    if (ready !== undefined) await waitFor(ready, 'the host to be ready to stop', 60_000, 1);
+    process.kill(tree.pid, 'SIGSTOP');
+    await waitFor(() => isStopped(tree.pid), 'the host to stop', 60_000, 1);
+    if (holds()) return;
+    process.kill(tree.pid, 'SIGCONT');
+    await sleep(1);
+  }
+}
+
 /**
  * SIGKILLs the detached host `tree`, after its `count`-th line matching `roundLine` (an
  * in-place round), at an instant its journal `journalPath` holds a complete round: from the
- * journal's fdatasync until its round is durable in the backup, when the host marks it
- * spent. The journal is read until it holds one, the tree stopped, and the journal read
- * again: still complete, the tree is killed; else it goes on to its next round. Returns
- * that round, decoded.
+ * journal's writes until its round is durable in the backup, when the host marks it spent.
+ * Returns that round, decoded.
  */
 export async function killWithCompleteJournal(tree, journalPath, roundLine, count = 1) {
   for (let i = 0, seen = 0; seen < count; i++) {
@@ -716,39 +738,20 @@ export async function killWithCompleteJournal(tree, journalPath, roundLine, coun
     if (line === undefined) throw new Error(`the host ended before an in-place round:\n${tree.err.lines.join('\n')}`);
     if (roundLine.test(line)) seen++;
   }
-  const journal = () => decodeJournal(fs.existsSync(journalPath) ? fs.readFileSync(journalPath) : undefined);
-  for (;;) {
-    await waitFor(journal, 'a complete journal', 60_000, 1);
-    tree.kill('SIGSTOP');
-    // Until the host has stopped, it may still be writing into the backup and spend the journal.
-    await waitFor(() => isStopped(tree.pid), 'the host to stop', 60_000, 1);
-    const round = journal();
-    if (round !== undefined) {
-      tree.kill('SIGKILL');
-      await tree.exited;
-      return round;
-    }
-    tree.kill('SIGCONT');
-  }
+  /** @type {ReturnType<typeof decodeJournal>} */
+  let round;
+  await stopHostWhen(tree, () => (round = journalRound(journalPath)) !== undefined, () => journalRound(journalPath));
+  tree.kill('SIGKILL');
+  await tree.exited;
+  if (round === undefined) throw new Error('stopHostWhen returned without a complete journal');
+  return round;
 }
 
-/**
- * SIGKILLs the detached host `tree` between two of its rounds: at an instant its journal
- * `journalPath` holds no round to replay (none, or spent). Only the host is stopped to
- * look, and let go on when it is inside a round: a program the caller stopped stays so.
- */
+/** SIGKILLs the detached host `tree` between two of its rounds: at an instant its journal `journalPath` holds no round to replay. */
 export async function killBetweenRounds(tree, journalPath) {
-  for (;;) {
-    process.kill(tree.pid, 'SIGSTOP');
-    await waitFor(() => isStopped(tree.pid), 'the host to stop', 60_000, 1);
-    if (decodeJournal(fs.existsSync(journalPath) ? fs.readFileSync(journalPath) : undefined) === undefined) {
-      tree.kill('SIGKILL');
-      await tree.exited;
-      return;
-    }
-    process.kill(tree.pid, 'SIGCONT');
-    await sleep(1);
-  }
+  await stopHostWhen(tree, () => journalRound(journalPath) === undefined);
+  tree.kill('SIGKILL');
+  await tree.exited;
 }
 
 /** A unique abstract socket address for this test process. */

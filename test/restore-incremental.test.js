@@ -35,7 +35,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import { DIRTY_PAGES_NAME, DirtyPages } from 'shmfd';
-import { decodeJournal, fixture, isRoot, isStopped, killBetweenRounds, killWithCompleteJournal, NODE, run, seededRandom, settledBackup, SHM_RESTORE, sleep, start, tempDir, waitFor, works } from './helpers.js';
+import { fixture, isRoot, isStopped, journalRound, killBetweenRounds, killWithCompleteJournal, NODE, run, seededRandom, settledBackup, SHM_RESTORE, sleep, start, stopHostWhen, tempDir, waitFor, works } from './helpers.js';
 import { CAPACITY, checkAllSnapshots, validSnapshots } from './state-check.js';
 import { pattern } from './fixtures/marked-writer.js';
 
@@ -270,15 +270,8 @@ test('a backup rewritten (cp) while a round in place waits for the disk: the rou
   assert.equal(await waitForCount(tree.err, IN_PLACE, 10, tree.err.lines.length), 10, tree.err.lines.join('\n'));
   // The host stopped inside a round (its journal complete, not yet spent) while its main
   // thread waits for the event loop: for the journal's fdatasync or the backup's fsync.
-  const journal = () => decodeJournal(fs.existsSync(journalPath) ? fs.readFileSync(journalPath) : undefined);
-  for (;;) {
-    await waitFor(journal, 'a complete journal', 60_000, 1);
-    process.kill(tree.pid, 'SIGSTOP');
-    await waitFor(() => isStopped(tree.pid), 'the host to stop', 60_000, 1);
-    const syscall = Number(fs.readFileSync(`/proc/${tree.pid}/syscall`, 'utf8').split(' ')[0]);
-    if (journal() !== undefined && EPOLL_WAITS?.includes(syscall)) break;
-    process.kill(tree.pid, 'SIGCONT');
-  }
+  const waitsForTheDisk = () => EPOLL_WAITS?.includes(Number(fs.readFileSync(`/proc/${tree.pid}/syscall`, 'utf8').split(' ')[0])) === true;
+  await stopHostWhen(tree, () => journalRound(journalPath) !== undefined && waitsForTheDisk(), () => journalRound(journalPath));
   const from = tree.err.lines.length;
   fs.copyFileSync(older, backup);
   process.kill(tree.pid, 'SIGCONT');
@@ -441,7 +434,7 @@ async function killChain(dir, kills, stats) {
     const ended = await tree.exited;
     assert.ok(!tree.out.lines.some((l) => l.startsWith('problem')), tree.out.lines.join('\n'));
     if (target === 'program') assert.equal(ended.code, 137, `seed ${SEED}: the host reports the program's SIGKILL after writing it back:\n${ended.stderr}`);
-    if (decodeJournal(fs.existsSync(journalPath) ? fs.readFileSync(journalPath) : undefined) !== undefined) stats.journaled++;
+    if (journalRound(journalPath) !== undefined) stats.journaled++;
     const { newest } = checkAllSnapshots(fs.readFileSync(settledBackup(backup)), `seed ${SEED}, kill ${kill} (${target})`);
     assert.ok(newest >= durable, `seed ${SEED}, kill ${kill}: the backup went back from ${durable} to ${newest}`);
     durable = newest;
