@@ -139,7 +139,7 @@ export async function writeJournal(fd: number, round: JournalRound): Promise<voi
     while (done < part.length) done += fs.writeSync(fd, part, done, part.length - done, at + done);
     at += part.length;
   }
-  await new Promise<void>((resolve, reject) => fs.fdatasync(fd, (err) => (err === null ? resolve() : reject(err))));
+  await syncFile(fd, true);
 }
 
 /**
@@ -169,9 +169,10 @@ export function writeRound(fd: number, round: JournalRound): void {
   if (round.record !== '') setXattr(fd, CHECK_ATTRIBUTE, round.record);
 }
 
-/** `fsync(2)` of `fd`, on the thread pool. */
-export function syncFile(fd: number): Promise<void> {
-  return new Promise<void>((resolve, reject) => fs.fsync(fd, (err) => (err === null ? resolve() : reject(err))));
+/** `fsync(2)` of `fd` on the thread pool; `fdatasync(2)` with `dataOnly`. */
+export function syncFile(fd: number, dataOnly = false): Promise<void> {
+  const sync = dataOnly ? fs.fdatasync : fs.fsync;
+  return new Promise<void>((resolve, reject) => sync(fd, (err) => (err === null ? resolve() : reject(err))));
 }
 
 /** The round in the journal at `file`, or why there is none to replay; undefined when there is no journal, or a spent one. */
@@ -231,17 +232,17 @@ export function whyNotApplied(round: JournalRound, backup: BackupFile, stat: fs.
  * journal, and so the round, became durable.
  */
 export function inspectApplied(round: JournalRound, backup: BackupFile, stat: fs.Stats, durableAtMs: number): BackupInspection {
-  const region = round.runs[0];
+  const region = round.runs[0]?.offset === 0 ? round.runs[0].data : undefined;
   const record = round.record === '' ? undefined : parseRecord(round.record);
   // As a host checks the backup once it applied the round.
-  if (record !== undefined && (typeof record === 'string' || region?.offset !== 0 || recordOfRegion(round.size, region.data) !== round.record)) {
+  if (record !== undefined && (typeof record === 'string' || region === undefined || recordOfRegion(round.size, region) !== round.record)) {
     throw new BackupDamagedError(backup.path, `its journal's round does not match the ${CHECK_ATTRIBUTE} record it sets: a host applies it, then refuses the backup`);
   }
   let slots: SlotState | undefined;
-  if (region !== undefined && region.offset === 0) {
+  if (region !== undefined) {
     try {
-      const head = parseHead(region.data, round.size);
-      if (head !== undefined && slotPosition(head.entries) <= region.data.length) slots = { head, slots: readSlots(region.data, head), bytes: region.data };
+      const head = parseHead(region, round.size);
+      if (head !== undefined && slotPosition(head.entries) <= region.length) slots = { head, slots: readSlots(region, head), bytes: region };
     } catch (err) {
       if (!(err instanceof SnapshotFormatError)) throw err;
     }

@@ -466,7 +466,7 @@ export class Snapshotter {
     const path = this.#o.backup.path;
     const backupFile = fs.statSync(path, { bigint: true, throwIfNoEntry: false });
     const names = Number(backupFile?.nlink ?? 0);
-    if (this.#base !== undefined && (names > 1 || fileIdentity(backupFile) !== this.#base)) {
+    if (this.#base !== undefined && (names > 1 || !this.#isBase(backupFile))) {
       log.info(
         names > 1
           ? `${path} has ${names} names (hard links): this round copies the memory whole, so that the other names keep what they hold (writing in place would change them too)`
@@ -627,15 +627,16 @@ export class Snapshotter {
       // or written by someone else since the round began, or while it waits for the disk
       // (where a round spends its time), gets no pages, and the next round copies whole.
       const stat = fs.fstatSync(fd, { bigint: true });
-      if (!this.#isBase(stat)) return this.#changedUnderRound(fd);
+      if (!this.#isBase(stat)) return this.#changedUnderRound(stat);
       const round: JournalRound = { sequence: ++this.#sequence, inode: Number(stat.ino), baseSize: Number(stat.size), size, record, runs };
       this.#journalFd ??= await openJournal(backup);
       await writeJournal(this.#journalFd, round);
-      if (!this.#isBase(fs.fstatSync(fd, { bigint: true }))) {
+      const journaled = fs.fstatSync(fd, { bigint: true });
+      if (!this.#isBase(journaled)) {
         // Durably, or a crash could leave the round to the next start to apply into that file.
         spendJournal(this.#journalFd);
-        await syncFile(this.#journalFd);
-        return this.#changedUnderRound(fd);
+        await syncFile(this.#journalFd, true);
+        return this.#changedUnderRound(journaled);
       }
       let ours: string;
       try {
@@ -651,7 +652,7 @@ export class Snapshotter {
       }
       spendJournal(this.#journalFd);
       // Written by someone else during the sync: what is durable is no longer the round.
-      if (fileIdentity(written) !== ours) return this.#changedUnderRound(fd);
+      if (fileIdentity(written) !== ours) return this.#changedUnderRound(written);
     } finally {
       fs.closeSync(fd);
     }
@@ -780,13 +781,13 @@ export class Snapshotter {
   }
 
   /** Whether `stat` is the file this host last left, where rounds go by the marks (else any file is). */
-  #isBase(stat: fs.BigIntStats): boolean {
+  #isBase(stat: fs.BigIntStats | undefined): boolean {
     return this.#base === undefined || fileIdentity(stat) === this.#base;
   }
 
-  /** A round in place that found the backup open at `fd` changed under it: discarded, and the next copies whole. */
-  #changedUnderRound(fd: number): undefined {
-    const names = fs.fstatSync(fd).nlink;
+  /** A round in place that found the backup changed under it (now `stat`): discarded, and the next copies whole. */
+  #changedUnderRound(stat: fs.BigIntStats): undefined {
+    const names = Number(stat.nlink);
     this.#o.log.info(
       names > 1
         ? `${this.#o.backup.path} got ${names} names (hard links) while a round wrote it in place: the round is discarded, the next copies the memory whole, so that the other names keep what they hold`
