@@ -209,13 +209,12 @@ test('a backup given a second name (a hard link) while rounds go in place: that 
 });
 
 /**
- * A host on `dir/state` with in-place rounds, an older copy of its backup at `dir/older`
- * (taken after 3 rounds, followed by 10 more whose pages it lacks and no mark names again),
- * and its program stopped once the round that persisted its last commit ended (one more
- * round may still write what the program wrote after that round took its marks).
+ * A host on `dir/state` with in-place rounds, running on, and an older copy of its backup at
+ * `dir/older` (taken after 3 rounds, followed by 10 more whose pages it lacks and no mark
+ * names again).
  * @param {import('node:test').TestContext} t
  */
-async function olderCopyBetweenRounds(t) {
+async function hostWithOlderCopy(t) {
   const dir = tempDir(t, 'shmfd-incr-');
   const backup = path.join(dir, 'state');
   const older = path.join(dir, 'older');
@@ -227,6 +226,17 @@ async function olderCopyBetweenRounds(t) {
   while ((settled = settledBackup(backup)) === undefined) await sleep(1);
   fs.renameSync(settled, older);
   assert.equal(await waitForCount(tree.err, IN_PLACE, 10, tree.err.lines.length), 10, tree.err.lines.join('\n'));
+  return { dir, backup, older, tree, program };
+}
+
+/**
+ * {@link hostWithOlderCopy}, with its program stopped once the round that persisted its last
+ * commit ended (one more round may still write what the program wrote after that round
+ * took its marks).
+ * @param {import('node:test').TestContext} t
+ */
+async function olderCopyBetweenRounds(t) {
+  const { backup, older, tree, program } = await hostWithOlderCopy(t);
   process.kill(program, 'SIGSTOP');
   await waitFor(() => isStopped(program), 'the program to stop');
   const memory = fs.readFileSync(`/proc/${program}/fd/3`);
@@ -234,6 +244,11 @@ async function olderCopyBetweenRounds(t) {
   assert.ok((await tree.err.waitFor(new RegExp(`snapshot persisted( in place)?: .*, newest at ${newest};`))) !== undefined, tree.err.lines.join('\n'));
   return { backup, older, tree, program };
 }
+
+/** How a round that found the backup changed during it says so: discarded, the next copies whole. */
+const DURING_A_ROUND = 'while a round wrote it in place \\(replaced, or written by another process\\): the round is discarded, the next copies the memory whole';
+/** The line of a host that found BACKUP (at a path ending in `/state`) changed, as a round begins or during one: both lead to the same whole copy. */
+const CHANGED = new RegExp(`^shm-restore: \\S+/state changed (since this host last wrote it \\(replaced, removed, or written by another process\\): this round copies the memory whole|${DURING_A_ROUND})$`);
 
 test('a backup replaced (mv) or rewritten (cp) behind the host while rounds go in place: the next round copies the memory whole, and the backup names committed bytes', async (t) => {
   for (const how of ['mv', 'cp']) {
@@ -243,8 +258,7 @@ test('a backup replaced (mv) or rewritten (cp) behind the host while rounds go i
     else fs.copyFileSync(older, backup);
     process.kill(program, 'SIGCONT');
     // Seen as a round begins, or by the round the program's last writes make, if it was waiting for the disk.
-    const noticed = /^shm-restore: \S+\/state changed (since this host last wrote it \(replaced, removed, or written by another process\): this round copies the memory whole|while a round wrote it in place \(replaced, or written by another process\): the round is discarded, the next copies the memory whole)$/;
-    assert.ok((await tree.err.waitFor(noticed)) !== undefined, `${how}:\n${tree.err.lines.join('\n')}`);
+    assert.ok((await tree.err.waitFor(CHANGED)) !== undefined, `${how}:\n${tree.err.lines.join('\n')}`);
     assert.equal(await waitForCount(tree.err, IN_PLACE, 5, from), 5, tree.err.lines.join('\n'));
     tree.kill('SIGKILL');
     await tree.exited;
@@ -257,17 +271,8 @@ test('a backup replaced (mv) or rewritten (cp) behind the host while rounds go i
 const EPOLL_WAITS = /** @type {Record<string, number[]>} */ ({ x64: [232, 281, 441], arm64: [22, 441] })[process.arch];
 
 test('a backup rewritten (cp) while a round in place waits for the disk: the round is discarded, the next copies whole, and the backup names committed bytes', { skip: EPOLL_WAITS === undefined && 'knows the epoll syscalls of x64 and arm64 only' }, async (t) => {
-  const dir = tempDir(t, 'shmfd-incr-');
-  const backup = path.join(dir, 'state');
-  const older = path.join(dir, 'older');
+  const { dir, backup, older, tree } = await hostWithOlderCopy(t);
   const journalPath = path.join(dir, '.state.journal');
-  const tree = host(backup);
-  t.after(() => tree.kill('SIGKILL'));
-  assert.equal(await waitForCount(tree.err, IN_PLACE, 3), 3, tree.err.lines.join('\n'));
-  let settled;
-  while ((settled = settledBackup(backup)) === undefined) await sleep(1);
-  fs.renameSync(settled, older);
-  assert.equal(await waitForCount(tree.err, IN_PLACE, 10, tree.err.lines.length), 10, tree.err.lines.join('\n'));
   // The host stopped inside a round (its journal complete, not yet spent) while its main
   // thread waits for the event loop: for the journal's fdatasync or the backup's fsync.
   const waitsForTheDisk = () => EPOLL_WAITS?.includes(Number(fs.readFileSync(`/proc/${tree.pid}/syscall`, 'utf8').split(' ')[0])) === true;
@@ -275,8 +280,7 @@ test('a backup rewritten (cp) while a round in place waits for the disk: the rou
   const from = tree.err.lines.length;
   fs.copyFileSync(older, backup);
   process.kill(tree.pid, 'SIGCONT');
-  const noticed = /^shm-restore: \S+\/state changed while a round wrote it in place \(replaced, or written by another process\): the round is discarded, the next copies the memory whole$/;
-  assert.ok((await tree.err.waitFor(noticed)) !== undefined, tree.err.lines.join('\n'));
+  assert.ok((await tree.err.waitFor(new RegExp(`^shm-restore: \\S+/state changed ${DURING_A_ROUND}$`))) !== undefined, tree.err.lines.join('\n'));
   assert.equal(await waitForCount(tree.err, IN_PLACE, 5, from), 5, tree.err.lines.join('\n'));
   tree.kill('SIGKILL');
   await tree.exited;
@@ -290,6 +294,11 @@ async function killedAfterRounds(dir) {
   const journalPath = path.join(dir, '.state.journal');
   const round = await killWithCompleteJournal(host(backup), journalPath, IN_PLACE, 5);
   return { backup, journalPath, journal: fs.readFileSync(journalPath), round };
+}
+
+/** `shm-restore status` of `backup`, read-only. */
+function statusOf(backup) {
+  return run(NODE, [SHM_RESTORE, '--snapshot=restore-v1', 'status', backup]);
 }
 
 /** Runs the host with `true`: it replays or discards the journal, restores, and writes the memory back whole. */
@@ -310,7 +319,7 @@ test('a complete journal is replayed at start: the pages its round had not writt
   fs.closeSync(torn);
   // status describes what the next start restores, not the torn file (which it would call
   // damaged, with a way out that drops the journal: a new inode).
-  const status = await run(NODE, [SHM_RESTORE, '--snapshot=restore-v1', 'status', backup]);
+  const status = await statusOf(backup);
   assert.equal(status.code, 0, status.stdout);
   assert.match(status.stdout, new RegExp(`^journal: .*\\.state\\.journal: round ${round.sequence}, complete; a host applies it at start \\(the facts below are of the backup with it applied\\)$`, 'm'), status.stdout);
   const stderr = await startAndExit(backup);
@@ -318,7 +327,7 @@ test('a complete journal is replayed at start: the pages its round had not writt
   assert.ok(fs.readFileSync(backup).equals(expected), 'the backup is the round, complete');
   assert.ok(!fs.existsSync(journalPath), 'the journal is removed once applied');
   checkAllSnapshots(expected, 'the replayed backup');
-  const after = await run(NODE, [SHM_RESTORE, '--snapshot=restore-v1', 'status', backup]);
+  const after = await statusOf(backup);
   /** The lines of what the backup holds; its blocks on disk and its age change with the write-back. */
   const holds = (/** @type {string} */ out) => out.split('\n').filter((l) => /^(backup size|integrity record|state|snapshots|newest snapshot size):/.test(l)).map((l) => l.replace(/, [^,]* on disk$/, ''));
   assert.equal(holds(status.stdout).length, 5, status.stdout);
@@ -378,7 +387,7 @@ test('an incomplete journal, or one of another file, is discarded at start and t
         return Buffer.concat([j, Buffer.from(crypto.createHash('sha256').update(j).digest())]);
       })();
     fs.writeFileSync(journalPath, bytes);
-    const status = await run(NODE, [SHM_RESTORE, '--snapshot=restore-v1', 'status', backup]);
+    const status = await statusOf(backup);
     assert.match(status.stdout, new RegExp(`^journal: .*${reason.source}.*; a host discards it at start$`, 'm'), `${what}:\n${status.stdout}`);
     const stderr = await startAndExit(backup);
     assert.match(stderr, /discarded the journal/, what);
@@ -397,7 +406,7 @@ test('status and a start agree on a complete journal whose round does not match 
   const last = 64 + forged.readUInt32LE(56) - 1;
   forged[last] = forged[last] === 0x30 ? 0x31 : 0x30;
   fs.writeFileSync(journalPath, Buffer.concat([forged, crypto.createHash('sha256').update(forged).digest()]));
-  const status = await run(NODE, [SHM_RESTORE, '--snapshot=restore-v1', 'status', backup]);
+  const status = await statusOf(backup);
   assert.equal(status.code, 1, status.stdout);
   assert.match(status.stdout, /^state: damaged: its journal's round does not match the user\.shmfd\.check record it sets/m, status.stdout);
   const started = await run(NODE, [SHM_RESTORE, '--snapshot=restore-v1', '--log-level', 'info', backup, 'true']);
@@ -580,9 +589,7 @@ test('a disk with no room for the final whole copy: the round in place at exit k
   // it write in place, by comparison once, then by the marks again.
   const lines = err.split('\n');
   // Noticed as the next round begins, or by a round that was waiting for the disk meanwhile.
-  const changed = lines.findIndex((l) =>
-    /^shm-restore: \S+\/disk\/state changed (since this host last wrote it \(replaced, removed, or written by another process\): this round copies the memory whole|while a round wrote it in place \(replaced, or written by another process\): the round is discarded, the next copies the memory whole)$/.test(l),
-  );
+  const changed = lines.findIndex((l) => CHANGED.test(l));
   assert.ok(changed > 0, err);
   const failed = lines.filter((l) => l.includes('cannot persist'));
   assert.deepEqual(failed, [lines[changed + 1]], err);
